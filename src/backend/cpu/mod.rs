@@ -1,0 +1,481 @@
+//! The CPU reference backend: the Llama forward pass in plain Rust over a memory-mapped GGUF.
+//!
+//! It is the default backend (runs anywhere) and the oracle the TPU backend is checked against.
+//! The shape follows llama2.c: a config, weights borrowed from the file, and run state (scratch
+//! activations and the KV cache) allocated once; `forward` allocates nothing.
+//!
+//! Matrix products and attention are spread over a [`pool::Pool`]; the calling thread does the
+//! small per-token steps (norms, RoPE, residual adds) between them.
+
+pub mod pool;
+pub mod weights;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use multiversion::multiversion;
+
+use super::{Backend, BackendError, BackendInfo, Next};
+use crate::kernels::matmul::{matmul_rows, Activations};
+use crate::kernels::ops;
+use crate::kernels::quant::{self, BlockQ8, QK};
+use crate::model::config::ConfigError;
+use crate::model::{Gguf, GgufError, LlamaConfig, MappedFile};
+use pool::{Executor, Pool};
+use weights::{ModelWeights, TensorRef};
+
+/// Rows of one matrix per work item: small enough to balance two to eight threads on a
+/// 576-row matrix, large enough that claiming an item costs nothing next to computing it.
+const ROWS_PER_ITEM: usize = 16;
+/// Default KV cache length when the model's own context is longer (memory on small boards).
+pub const DEFAULT_CONTEXT: usize = 4096;
+/// Tokens per forward batch during prompt processing (activation buffers scale with it).
+pub const DEFAULT_BATCH: usize = 512;
+
+/// Why a CPU backend could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum CpuError {
+    /// The file could not be read.
+    #[error("cannot open {path}: {source}")]
+    Io {
+        /// The model path.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Container problem.
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    /// Metadata problem.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A tensor the architecture needs is absent.
+    #[error("tensor '{0}' is missing")]
+    MissingTensor(String),
+    /// A tensor's type has no kernel.
+    #[error("unsupported tensor type {ty} in tensor '{tensor}' (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K)")]
+    UnsupportedType {
+        /// The type.
+        ty: String,
+        /// The tensor.
+        tensor: String,
+    },
+    /// A tensor's dimensions disagree with the configuration.
+    #[error("tensor '{tensor}' has shape {found:?}, expected {expected:?}")]
+    Shape {
+        /// The tensor.
+        tensor: String,
+        /// Its dims.
+        found: Vec<u64>,
+        /// What the config implies.
+        expected: Vec<u64>,
+    },
+    /// Worker threads could not start.
+    #[error("cannot start worker threads: {0}")]
+    Threads(std::io::Error),
+}
+
+/// Settings of the CPU backend.
+#[derive(Debug, Clone)]
+pub struct CpuOptions {
+    /// Threads for matrix work (the calling thread included); 0 means all available cores.
+    pub threads: usize,
+    /// KV cache length; `None` means the model's context, capped at [`DEFAULT_CONTEXT`].
+    pub context: Option<usize>,
+    /// Tokens per prompt batch.
+    pub batch: usize,
+}
+
+impl Default for CpuOptions {
+    fn default() -> Self {
+        CpuOptions {
+            threads: 0,
+            context: None,
+            batch: DEFAULT_BATCH,
+        }
+    }
+}
+
+/// Keys and values of every layer and position, `[layer][pos][kv_dim]`.
+struct KvCache {
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
+/// What the worker threads share with the calling thread: weights and the buffers a job reads
+/// or fills. Buffers written by the caller between jobs sit behind uncontended locks; buffers
+/// written by workers are atomics (each element stored once per job).
+struct Compute {
+    file: Arc<MappedFile>,
+    weights: ModelWeights,
+    cfg: LlamaConfig,
+    context: usize,
+    /// Quantized input of the current matrix job, `[tokens][cols / 32]`.
+    xq: RwLock<Vec<BlockQ8>>,
+    /// Float input of the current matrix job (float weights), `[tokens][cols]`.
+    xf: RwLock<Vec<f32>>,
+    /// Rotated queries, `[tokens][dim]`.
+    q: RwLock<Vec<f32>>,
+    kv: RwLock<KvCache>,
+    /// Outputs of the matrices of a job (up to three: Q/K/V or gate/up), `[tokens][rows]`.
+    out: [Vec<AtomicU32>; 3],
+    /// Per-thread attention scratch: scores `[context]` then an accumulator `[head_dim]`.
+    scratch: Vec<Mutex<Vec<f32>>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Job {
+    /// Multiply the current input by up to three matrices.
+    MatMul { weights: [Option<TensorRef>; 3], n_tokens: usize },
+    /// Causal attention for `n_tokens` queries at positions `start..`, one item per (token, head).
+    Attention { layer: usize, n_tokens: usize, start: usize },
+}
+
+impl Executor for Compute {
+    type Job = Job;
+
+    fn run(&self, job: &Job, worker: usize, next: &AtomicUsize) {
+        match *job {
+            Job::MatMul { weights, n_tokens } => self.run_matmul(&weights, n_tokens, next),
+            Job::Attention { layer, n_tokens, start } => self.run_attention(layer, n_tokens, start, worker, next),
+        }
+    }
+}
+
+impl Compute {
+    fn run_matmul(&self, weights: &[Option<TensorRef>; 3], n_tokens: usize, next: &AtomicUsize) {
+        let xq = self.xq.read().unwrap_or_else(|e| e.into_inner());
+        let xf = self.xf.read().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let mut item = next.fetch_add(1, Ordering::Relaxed);
+            let mut found = None;
+            for (i, w) in weights.iter().enumerate() {
+                let Some(w) = w else { continue };
+                let items = w.rows.div_ceil(ROWS_PER_ITEM);
+                if item < items {
+                    found = Some((i, w, item));
+                    break;
+                }
+                item -= items;
+            }
+            let Some((i, w, chunk)) = found else { return };
+            let rows = chunk * ROWS_PER_ITEM..((chunk + 1) * ROWS_PER_ITEM).min(w.rows);
+            let x = if quant::uses_q8_activations(w.ty) {
+                Activations::Q8(&xq[..n_tokens * w.cols / QK])
+            } else {
+                Activations::F32(&xf[..n_tokens * w.cols])
+            };
+            matmul_rows(&w.view(&self.file), x, n_tokens, rows, &self.out[i], w.rows);
+        }
+    }
+
+    fn run_attention(&self, layer: usize, n_tokens: usize, start: usize, worker: usize, next: &AtomicUsize) {
+        let cfg = &self.cfg;
+        let (dim, hd, kvd) = (cfg.dim, cfg.head_dim, cfg.kv_dim());
+        let group = cfg.n_heads / cfg.n_kv_heads;
+        let q = self.q.read().unwrap_or_else(|e| e.into_inner());
+        let kv = self.kv.read().unwrap_or_else(|e| e.into_inner());
+        let mut scratch = self.scratch[worker].lock().unwrap_or_else(|e| e.into_inner());
+        let (scores, acc) = scratch.split_at_mut(self.context);
+        let base = layer * self.context * kvd;
+        let layer_k = &kv.k[base..base + self.context * kvd];
+        let layer_v = &kv.v[base..base + self.context * kvd];
+        loop {
+            let item = next.fetch_add(1, Ordering::Relaxed);
+            if item >= n_tokens * cfg.n_heads {
+                return;
+            }
+            let (t, h) = (item / cfg.n_heads, item % cfg.n_heads);
+            let pos = start + t;
+            let qh = &q[t * dim + h * hd..t * dim + (h + 1) * hd];
+            attend(qh, layer_k, layer_v, kvd, (h / group) * hd, pos + 1, &mut scores[..=pos], &mut acc[..hd]);
+            let out = &self.out[0][t * dim + h * hd..t * dim + (h + 1) * hd];
+            for (o, &a) in out.iter().zip(acc.iter()) {
+                o.store(a.to_bits(), Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// One query head against `n` cached positions: `acc = softmax(q·k / sqrt(d)) · v`.
+#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
+#[allow(clippy::too_many_arguments)]
+fn attend(q: &[f32], k: &[f32], v: &[f32], stride: usize, offset: usize, n: usize, scores: &mut [f32], acc: &mut [f32]) {
+    let scale = 1.0 / (q.len() as f32).sqrt();
+    for (p, s) in scores.iter_mut().enumerate().take(n) {
+        let kp = &k[p * stride + offset..p * stride + offset + q.len()];
+        let mut lanes = [0f32; 8];
+        for (a, b) in q.chunks_exact(8).zip(kp.chunks_exact(8)) {
+            for j in 0..8 {
+                lanes[j] += a[j] * b[j];
+            }
+        }
+        *s = lanes.iter().sum::<f32>() * scale;
+    }
+    ops::softmax(&mut scores[..n]);
+    acc.fill(0.0);
+    for (p, &s) in scores.iter().enumerate().take(n) {
+        let vp = &v[p * stride + offset..p * stride + offset + acc.len()];
+        for (a, &x) in acc.iter_mut().zip(vp) {
+            *a += s * x;
+        }
+    }
+}
+
+/// The CPU backend. See the module documentation.
+pub struct CpuBackend {
+    info: BackendInfo,
+    compute: Arc<Compute>,
+    pool: Pool<Compute>,
+    batch: usize,
+    /// Residual stream, `[batch][dim]`.
+    x: Vec<f32>,
+    /// Normalized input of a matrix job, `[batch][max(dim, ffn_dim)]`.
+    xb: Vec<f32>,
+    /// FFN up projection, `[batch][ffn_dim]`.
+    up: Vec<f32>,
+    /// Logits of the last token, `[vocab]`.
+    logits: Vec<f32>,
+}
+
+impl CpuBackend {
+    /// Maps and validates a GGUF model and allocates all run state.
+    ///
+    /// # Errors
+    /// The file is unreadable, malformed, not a llama-family model, or uses unsupported types.
+    pub fn load(path: &Path, opts: &CpuOptions) -> Result<CpuBackend, CpuError> {
+        let file = MappedFile::open(path).map_err(|source| CpuError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let gguf = Gguf::parse(&file)?;
+        Self::from_parts(Arc::new(file), &gguf, opts)
+    }
+
+    /// Builds the backend from an already parsed file.
+    ///
+    /// # Errors
+    /// As for [`CpuBackend::load`].
+    pub fn from_parts(file: Arc<MappedFile>, gguf: &Gguf, opts: &CpuOptions) -> Result<CpuBackend, CpuError> {
+        let cfg = LlamaConfig::from_gguf(gguf)?;
+        let weights = ModelWeights::load(gguf, &file, &cfg)?;
+        let context = opts
+            .context
+            .unwrap_or_else(|| cfg.context_length.min(DEFAULT_CONTEXT))
+            .max(1);
+        let batch = opts.batch.clamp(1, context);
+        let threads = match opts.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let (dim, kvd, ffn, vocab) = (cfg.dim, cfg.kv_dim(), cfg.ffn_dim, cfg.vocab_size);
+        let widest = dim.max(ffn);
+        let out_len = (batch * widest).max(vocab);
+        let kv_len = cfg.n_layers * context * kvd;
+        let atomics = |n: usize| (0..n).map(|_| AtomicU32::new(0)).collect::<Vec<_>>();
+        let dtype = describe_types(&weights);
+        let compute = Arc::new(Compute {
+            file: Arc::clone(&file),
+            cfg: cfg.clone(),
+            context,
+            xq: RwLock::new(vec![BlockQ8::default(); batch * widest / QK + 1]),
+            xf: RwLock::new(vec![0.0; batch * widest]),
+            q: RwLock::new(vec![0.0; batch * dim]),
+            kv: RwLock::new(KvCache {
+                k: vec![0.0; kv_len],
+                v: vec![0.0; kv_len],
+            }),
+            out: [atomics(out_len), atomics(batch * widest), atomics(batch * widest)],
+            scratch: (0..threads).map(|_| Mutex::new(vec![0.0; context + cfg.head_dim])).collect(),
+            weights,
+        });
+        let pool = Pool::new(Arc::clone(&compute), threads).map_err(CpuError::Threads)?;
+        let name = file.path().file_name().map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned());
+        let info = BackendInfo {
+            backend: "cpu",
+            model: format!("{name} ({}, {} layers, dim {})", cfg.arch, cfg.n_layers, cfg.dim),
+            context_length: context,
+            vocab_size: vocab,
+            dtype,
+            weight_bytes: compute.weights.bytes(),
+            kv_cache_bytes: (2 * kv_len * 4) as u64,
+            max_batch: batch,
+        };
+        Ok(CpuBackend {
+            info,
+            pool,
+            batch,
+            x: vec![0.0; batch * dim],
+            xb: vec![0.0; batch * widest],
+            up: vec![0.0; batch * ffn],
+            logits: vec![0.0; vocab],
+            compute,
+        })
+    }
+
+    /// The model configuration.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.compute.cfg
+    }
+
+    /// Threads used for matrix work.
+    pub fn threads(&self) -> usize {
+        self.pool.threads()
+    }
+
+    fn check(&self, tokens: &[u32], start: usize) -> Result<(), BackendError> {
+        if start + tokens.len() > self.info.context_length {
+            return Err(BackendError::ContextOverflow {
+                pos: start,
+                len: tokens.len(),
+                context: self.info.context_length,
+            });
+        }
+        match tokens.iter().find(|&&t| t as usize >= self.info.vocab_size) {
+            Some(&t) => Err(BackendError::BadToken(t)),
+            None => Ok(()),
+        }
+    }
+
+    /// Puts `self.xb[..n * cols]` where the next matrix job reads it.
+    fn stage_input(&self, n: usize, cols: usize, weights: &[Option<TensorRef>; 3]) {
+        let c = &*self.compute;
+        let needs_q8 = weights.iter().flatten().any(|w| quant::uses_q8_activations(w.ty));
+        let needs_f32 = weights.iter().flatten().any(|w| !quant::uses_q8_activations(w.ty));
+        if needs_q8 {
+            let mut xq = c.xq.write().unwrap_or_else(|e| e.into_inner());
+            quant::quantize_q8(&self.xb[..n * cols], &mut xq[..n * cols / QK]);
+        }
+        if needs_f32 {
+            let mut xf = c.xf.write().unwrap_or_else(|e| e.into_inner());
+            xf[..n * cols].copy_from_slice(&self.xb[..n * cols]);
+        }
+    }
+
+    fn matmul(&self, n: usize, cols: usize, weights: [Option<TensorRef>; 3]) {
+        self.stage_input(n, cols, &weights);
+        self.pool.run(Job::MatMul { weights, n_tokens: n });
+    }
+
+    /// One batch of at most `self.batch` tokens; fills `self.logits` for the last if asked.
+    fn forward_batch(&mut self, tokens: &[u32], start: usize, want_logits: bool) {
+        let c = Arc::clone(&self.compute);
+        let cfg = &c.cfg;
+        let (dim, kvd, ffn, hd) = (cfg.dim, cfg.kv_dim(), cfg.ffn_dim, cfg.head_dim);
+        let n = tokens.len();
+        let embd = c.weights.token_embd.view(&c.file);
+        for (t, &tok) in tokens.iter().enumerate() {
+            quant::dequantize_row(embd.ty, embd.row(tok as usize), &mut self.x[t * dim..(t + 1) * dim]);
+        }
+        for (l, lw) in c.weights.layers.iter().enumerate() {
+            // Attention block.
+            for t in 0..n {
+                let r = t * dim..(t + 1) * dim;
+                ops::rms_norm(&mut self.xb[r.clone()], &self.x[r], &lw.attn_norm, cfg.rms_eps);
+            }
+            self.matmul(n, dim, [Some(lw.attn_q), Some(lw.attn_k), Some(lw.attn_v)]);
+            {
+                let mut q = c.q.write().unwrap_or_else(|e| e.into_inner());
+                let mut kv = c.kv.write().unwrap_or_else(|e| e.into_inner());
+                let base = l * c.context * kvd;
+                for t in 0..n {
+                    let pos = start + t;
+                    let qt = &mut q[t * dim..(t + 1) * dim];
+                    read_atomics(&c.out[0][t * dim..(t + 1) * dim], qt);
+                    for head in qt.chunks_exact_mut(hd) {
+                        ops::rope(&mut head[..cfg.rope_dims], pos, &c.weights.rope_inv_freq);
+                    }
+                    let at = base + pos * kvd;
+                    let kt = &mut kv.k[at..at + kvd];
+                    read_atomics(&c.out[1][t * kvd..(t + 1) * kvd], kt);
+                    for head in kt.chunks_exact_mut(hd) {
+                        ops::rope(&mut head[..cfg.rope_dims], pos, &c.weights.rope_inv_freq);
+                    }
+                    read_atomics(&c.out[2][t * kvd..(t + 1) * kvd], &mut kv.v[at..at + kvd]);
+                }
+            }
+            self.pool.run(Job::Attention { layer: l, n_tokens: n, start });
+            read_atomics(&c.out[0][..n * dim], &mut self.xb[..n * dim]);
+            self.matmul(n, dim, [Some(lw.attn_output), None, None]);
+            add_atomics(&mut self.x[..n * dim], &c.out[0][..n * dim]);
+
+            // Feed-forward block.
+            for t in 0..n {
+                let r = t * dim..(t + 1) * dim;
+                ops::rms_norm(&mut self.xb[r.clone()], &self.x[r], &lw.ffn_norm, cfg.rms_eps);
+            }
+            self.matmul(n, dim, [Some(lw.ffn_gate), Some(lw.ffn_up), None]);
+            read_atomics(&c.out[0][..n * ffn], &mut self.xb[..n * ffn]);
+            read_atomics(&c.out[1][..n * ffn], &mut self.up[..n * ffn]);
+            ops::swiglu(&mut self.xb[..n * ffn], &self.up[..n * ffn]);
+            self.matmul(n, ffn, [Some(lw.ffn_down), None, None]);
+            add_atomics(&mut self.x[..n * dim], &c.out[0][..n * dim]);
+        }
+        if want_logits {
+            let last = (n - 1) * dim..n * dim;
+            ops::rms_norm(&mut self.xb[..dim], &self.x[last], &c.weights.output_norm, cfg.rms_eps);
+            self.matmul(1, dim, [Some(c.weights.output), None, None]);
+            read_atomics(&c.out[0][..cfg.vocab_size], &mut self.logits);
+        }
+    }
+}
+
+fn read_atomics(src: &[AtomicU32], dst: &mut [f32]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = f32::from_bits(s.load(Ordering::Relaxed));
+    }
+}
+
+fn add_atomics(acc: &mut [f32], src: &[AtomicU32]) {
+    for (a, s) in acc.iter_mut().zip(src) {
+        *a += f32::from_bits(s.load(Ordering::Relaxed));
+    }
+}
+
+fn describe_types(w: &ModelWeights) -> String {
+    let mut types: Vec<String> = Vec::new();
+    let mut note = |t: &TensorRef| {
+        let s = t.ty.to_string();
+        if !types.contains(&s) {
+            types.push(s);
+        }
+    };
+    for l in &w.layers {
+        for t in [&l.attn_q, &l.attn_k, &l.attn_v, &l.attn_output, &l.ffn_gate, &l.ffn_up, &l.ffn_down] {
+            note(t);
+        }
+    }
+    note(&w.token_embd);
+    note(&w.output);
+    types.join("/")
+}
+
+impl Backend for CpuBackend {
+    fn info(&self) -> &BackendInfo {
+        &self.info
+    }
+
+    fn prefill(&mut self, tokens: &[u32], start: usize) -> Result<Next<'_>, BackendError> {
+        if tokens.is_empty() {
+            return Err(BackendError::Empty);
+        }
+        self.check(tokens, start)?;
+        let chunks = tokens.len().div_ceil(self.batch);
+        for (i, chunk) in tokens.chunks(self.batch).enumerate() {
+            self.forward_batch(chunk, start + i * self.batch, i + 1 == chunks);
+        }
+        Ok(Next::Logits(&self.logits))
+    }
+
+    fn decode(&mut self, token: u32, pos: usize) -> Result<Next<'_>, BackendError> {
+        self.check(&[token], pos)?;
+        self.forward_batch(&[token], pos, true);
+        Ok(Next::Logits(&self.logits))
+    }
+
+    fn reset(&mut self) {
+        // Positions are always written before they are read (attention covers 0..=pos and the
+        // engine fills them in order), so forgetting needs no clearing.
+    }
+}

@@ -1,0 +1,205 @@
+//! The Llama weights of a GGUF file as validated views into the mapping.
+
+use crate::kernels::matmul::Weight;
+use crate::kernels::quant;
+use crate::model::{GgmlType, Gguf, LlamaConfig, MappedFile};
+
+use super::CpuError;
+
+/// Where a matrix lies in the mapped file; `Copy` so that jobs can carry it to worker threads.
+#[derive(Debug, Clone, Copy)]
+pub struct TensorRef {
+    /// Row encoding.
+    pub ty: GgmlType,
+    /// Byte offset in the file.
+    pub offset: usize,
+    /// Byte length.
+    pub len: usize,
+    /// Elements per row (input width).
+    pub cols: usize,
+    /// Rows (output width).
+    pub rows: usize,
+}
+
+impl TensorRef {
+    /// The matrix view over the mapped bytes.
+    pub fn view<'a>(&self, file: &'a MappedFile) -> Weight<'a> {
+        Weight {
+            ty: self.ty,
+            data: &file[self.offset..self.offset + self.len],
+            cols: self.cols,
+            rows: self.rows,
+        }
+    }
+}
+
+/// One decoder layer. Field names follow the GGUF tensor names `blk.N.<name>.weight`.
+#[derive(Debug, Clone)]
+pub struct LayerWeights {
+    /// RMSNorm before attention, `[dim]`.
+    pub attn_norm: Vec<f32>,
+    /// Query projection, `[dim] -> [dim]`.
+    pub attn_q: TensorRef,
+    /// Key projection, `[dim] -> [kv_dim]`.
+    pub attn_k: TensorRef,
+    /// Value projection, `[dim] -> [kv_dim]`.
+    pub attn_v: TensorRef,
+    /// Output projection, `[dim] -> [dim]`.
+    pub attn_output: TensorRef,
+    /// RMSNorm before the FFN, `[dim]`.
+    pub ffn_norm: Vec<f32>,
+    /// FFN gate, `[dim] -> [ffn_dim]`.
+    pub ffn_gate: TensorRef,
+    /// FFN up, `[dim] -> [ffn_dim]`.
+    pub ffn_up: TensorRef,
+    /// FFN down, `[ffn_dim] -> [dim]`.
+    pub ffn_down: TensorRef,
+}
+
+/// All weights. Matrices stay in the file mapping; only the small norm vectors are expanded
+/// to f32 (a few KiB per layer) so the per-token code has one form to read.
+#[derive(Debug, Clone)]
+pub struct ModelWeights {
+    /// Token embeddings, `[vocab]` rows of `[dim]`.
+    pub token_embd: TensorRef,
+    /// Final RMSNorm, `[dim]`.
+    pub output_norm: Vec<f32>,
+    /// Output projection `[dim] -> [vocab]`; the embedding matrix when the model ties them.
+    pub output: TensorRef,
+    /// Whether `output` is the tied embedding.
+    pub tied_output: bool,
+    /// Decoder layers.
+    pub layers: Vec<LayerWeights>,
+    /// Per-pair RoPE inverse frequencies, `[rope_dims / 2]`.
+    pub rope_inv_freq: Vec<f32>,
+}
+
+impl ModelWeights {
+    /// Finds, checks and maps every tensor the config calls for.
+    ///
+    /// # Errors
+    /// A tensor is missing, has the wrong shape, or has a type without kernels.
+    pub fn load(g: &Gguf, file: &MappedFile, cfg: &LlamaConfig) -> Result<ModelWeights, CpuError> {
+        let matrix = |name: &str, cols: usize, rows: usize| -> Result<TensorRef, CpuError> {
+            let t = g.tensor(name).ok_or_else(|| CpuError::MissingTensor(name.to_string()))?;
+            if !t.ty.is_supported() {
+                return Err(CpuError::UnsupportedType {
+                    ty: t.ty.to_string(),
+                    tensor: name.to_string(),
+                });
+            }
+            let want = [cols as u64, rows as u64];
+            if t.dims != want {
+                return Err(CpuError::Shape {
+                    tensor: name.to_string(),
+                    found: t.dims.clone(),
+                    expected: want.to_vec(),
+                });
+            }
+            if quant::uses_q8_activations(t.ty) && cols % t.ty.block_elements().max(quant::QK) != 0 {
+                return Err(CpuError::Shape {
+                    tensor: name.to_string(),
+                    found: t.dims.clone(),
+                    expected: want.to_vec(),
+                });
+            }
+            if !quant::uses_q8_activations(t.ty) && cols % 8 != 0 {
+                return Err(CpuError::Shape {
+                    tensor: name.to_string(),
+                    found: t.dims.clone(),
+                    expected: want.to_vec(),
+                });
+            }
+            Ok(TensorRef {
+                ty: t.ty,
+                offset: t.offset as usize,
+                len: t.size as usize,
+                cols,
+                rows,
+            })
+        };
+        let vector = |name: &str, len: usize| -> Result<Vec<f32>, CpuError> {
+            let t = matrix(name, len, 1).or_else(|_| {
+                // Vectors are stored with one dimension.
+                let t = g.tensor(name).ok_or_else(|| CpuError::MissingTensor(name.to_string()))?;
+                if t.dims != [len as u64] || !t.ty.is_supported() || t.ty.block_elements() != 1 {
+                    return Err(CpuError::Shape {
+                        tensor: name.to_string(),
+                        found: t.dims.clone(),
+                        expected: vec![len as u64],
+                    });
+                }
+                Ok(TensorRef {
+                    ty: t.ty,
+                    offset: t.offset as usize,
+                    len: t.size as usize,
+                    cols: len,
+                    rows: 1,
+                })
+            })?;
+            let mut out = vec![0f32; len];
+            quant::dequantize_row(t.ty, &file[t.offset..t.offset + t.len], &mut out);
+            Ok(out)
+        };
+
+        let (dim, kv, ffn, vocab) = (cfg.dim, cfg.kv_dim(), cfg.ffn_dim, cfg.vocab_size);
+        let token_embd = matrix("token_embd.weight", dim, vocab)?;
+        let (output, tied_output) = match g.tensor("output.weight") {
+            Some(_) => (matrix("output.weight", dim, vocab)?, false),
+            None => (token_embd, true),
+        };
+        if tied_output && !quant::uses_q8_activations(token_embd.ty) && dim % 8 != 0 {
+            return Err(CpuError::MissingTensor("output.weight".into()));
+        }
+        let mut layers = Vec::with_capacity(cfg.n_layers);
+        for i in 0..cfg.n_layers {
+            let n = |s: &str| format!("blk.{i}.{s}.weight");
+            layers.push(LayerWeights {
+                attn_norm: vector(&n("attn_norm"), dim)?,
+                attn_q: matrix(&n("attn_q"), dim, dim)?,
+                attn_k: matrix(&n("attn_k"), dim, kv)?,
+                attn_v: matrix(&n("attn_v"), dim, kv)?,
+                attn_output: matrix(&n("attn_output"), dim, dim)?,
+                ffn_norm: vector(&n("ffn_norm"), dim)?,
+                ffn_gate: matrix(&n("ffn_gate"), dim, ffn)?,
+                ffn_up: matrix(&n("ffn_up"), dim, ffn)?,
+                ffn_down: matrix(&n("ffn_down"), ffn, dim)?,
+            });
+        }
+        let output_norm = vector("output_norm.weight", dim)?;
+
+        // Llama-3.1 style frequency factors, when present, divide the base frequencies.
+        let factors = match g.tensor("rope_freqs.weight") {
+            Some(_) => Some(vector("rope_freqs.weight", cfg.rope_dims / 2)?),
+            None => None,
+        };
+        let rope_inv_freq = (0..cfg.rope_dims / 2)
+            .map(|i| {
+                let f = cfg.rope_theta.powf(-2.0 * i as f32 / cfg.rope_dims as f32) / cfg.rope_scale;
+                factors.as_ref().map_or(f, |fs| f / fs[i])
+            })
+            .collect();
+        Ok(ModelWeights {
+            token_embd,
+            output_norm,
+            output,
+            tied_output,
+            layers,
+            rope_inv_freq,
+        })
+    }
+
+    /// Bytes of all matrices (what the mapping keeps resident once touched).
+    pub fn bytes(&self) -> u64 {
+        let mut b = self.token_embd.len as u64;
+        if !self.tied_output {
+            b += self.output.len as u64;
+        }
+        for l in &self.layers {
+            for t in [l.attn_q, l.attn_k, l.attn_v, l.attn_output, l.ffn_gate, l.ffn_up, l.ffn_down] {
+                b += t.len as u64;
+            }
+        }
+        b
+    }
+}

@@ -1,0 +1,113 @@
+//! Backends run the model: the CPU reference backend here, the Sophon TPU backend later. They
+//! know nothing of serving: the engine drives them through [`Backend`] only.
+//!
+//! The interface is shaped for a device that keeps its KV cache resident: the caller says
+//! which positions a call covers and the backend writes keys/values there in place. Nothing
+//! but token ids goes in, and logits (or, for a device that samples on chip, a token id) come out.
+
+pub mod cpu;
+
+use std::fmt;
+
+/// What a backend can do and how big it is.
+#[derive(Debug, Clone)]
+pub struct BackendInfo {
+    /// Backend name (`cpu`, `sophon`).
+    pub backend: &'static str,
+    /// Model description for humans (file name, architecture, size).
+    pub model: String,
+    /// Longest sequence the KV cache holds (prompt + generated).
+    pub context_length: usize,
+    /// Vocabulary size (length of the logits).
+    pub vocab_size: usize,
+    /// Compute data type of the weights or device, for display (`Q4_1`, `f16`, ...).
+    pub dtype: String,
+    /// Bytes of weights (mapped or resident).
+    pub weight_bytes: u64,
+    /// Bytes of KV cache.
+    pub kv_cache_bytes: u64,
+    /// Most tokens one `prefill` call accepts; longer prompts are fed in pieces.
+    pub max_batch: usize,
+}
+
+/// The result of a forward step.
+#[derive(Debug, Clone, Copy)]
+pub enum Next<'a> {
+    /// Logits over the vocabulary for the last position; the caller samples.
+    Logits(&'a [f32]),
+    /// The device chose the token itself (on-chip greedy or sampling head).
+    Token(u32),
+}
+
+/// A backend failure. Carries the operation's name so that a device error says which call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// A position outside the KV cache was asked for.
+    #[error("position {pos} + {len} tokens is beyond the context length {context}")]
+    ContextOverflow {
+        /// First position.
+        pos: usize,
+        /// Tokens in the call.
+        len: usize,
+        /// Context length.
+        context: usize,
+    },
+    /// A token id outside the vocabulary.
+    #[error("token id {0} is outside the vocabulary")]
+    BadToken(u32),
+    /// An empty prefill.
+    #[error("prefill called with no tokens")]
+    Empty,
+    /// The device or its runtime failed.
+    #[error("device call {call} failed: {detail}")]
+    Device {
+        /// The runtime function.
+        call: &'static str,
+        /// What it said.
+        detail: String,
+    },
+}
+
+/// A model held by a compute device.
+///
+/// Positions are explicit: `prefill(tokens, start)` computes positions `start..start+len` and
+/// `decode(token, pos)` position `pos`, writing the KV cache there, attending to everything
+/// before. The engine keeps track of what the cache holds (and may reuse a common prefix by
+/// starting past it); a backend that cannot start a prefill at `start > 0` may run those
+/// tokens one decode step at a time.
+pub trait Backend: Send {
+    /// Limits and sizes.
+    fn info(&self) -> &BackendInfo;
+
+    /// Runs `tokens` at positions `start..start + tokens.len()` and returns the output for the
+    /// last one. `tokens.len()` may exceed `info().max_batch`; the backend splits it.
+    ///
+    /// # Errors
+    /// Positions past the context, bad token ids, device failures.
+    fn prefill(&mut self, tokens: &[u32], start: usize) -> Result<Next<'_>, BackendError>;
+
+    /// Runs one token at position `pos`.
+    ///
+    /// # Errors
+    /// As for [`Backend::prefill`].
+    fn decode(&mut self, token: u32, pos: usize) -> Result<Next<'_>, BackendError>;
+
+    /// Forgets the KV cache contents (a new conversation).
+    fn reset(&mut self);
+}
+
+impl fmt::Display for BackendInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} backend, {} ({}), context {}, vocab {}, weights {:.1} MiB, KV cache {:.1} MiB",
+            self.backend,
+            self.model,
+            self.dtype,
+            self.context_length,
+            self.vocab_size,
+            self.weight_bytes as f64 / (1 << 20) as f64,
+            self.kv_cache_bytes as f64 / (1 << 20) as f64
+        )
+    }
+}

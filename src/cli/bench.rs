@@ -1,0 +1,82 @@
+//! `llama-tpu bench`: prompt processing and generation speed, like llama.cpp's llama-bench.
+
+use std::time::Instant;
+
+use clap::Args;
+
+use super::{open_gguf, CliError, Exit, ModelArgs};
+use crate::backend::cpu::{CpuBackend, CpuOptions};
+use crate::backend::Backend;
+
+/// Arguments of `bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt length for the prompt-processing test (0 skips it).
+    #[arg(short = 'p', long, default_value_t = 512)]
+    n_prompt: usize,
+    /// Tokens for the generation test (0 skips it).
+    #[arg(short = 'n', long, default_value_t = 128)]
+    n_gen: usize,
+    /// Repetitions; the median is reported.
+    #[arg(short = 'r', long, default_value_t = 5)]
+    repetitions: usize,
+}
+
+pub(super) fn bench(a: &BenchArgs) -> Result<(), CliError> {
+    let opened = open_gguf(&a.model.model)?;
+    let context = a.model.ctx_size.unwrap_or(a.n_prompt.max(a.n_gen).max(1));
+    let opts = CpuOptions {
+        threads: a.model.threads,
+        context: Some(context),
+        ..CpuOptions::default()
+    };
+    let mut backend = CpuBackend::from_parts(opened.file.clone(), &opened.gguf, &opts)
+        .map_err(|e| CliError::new(Exit::BadModel, format!("{}: {e}", a.model.model.display())))?;
+    let vocab = backend.info().vocab_size as u32;
+    let fail = |e: crate::backend::BackendError| CliError::new(Exit::Failure, e.to_string());
+    let mut rng = fastrand::Rng::with_seed(1);
+    let reps = a.repetitions.max(1);
+    println!(
+        "| model | size | backend | threads | test | t/s (median of {reps}) |\n| --- | ---: | --- | ---: | --- | ---: |"
+    );
+    let size = format!("{:.2} MiB", backend.info().weight_bytes as f64 / (1 << 20) as f64);
+    let name = a.model.model.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    let threads = backend.threads();
+    let report = |test: String, mut rates: Vec<f64>| {
+        rates.sort_by(f64::total_cmp);
+        let median = rates[rates.len() / 2];
+        let (lo, hi) = (rates[0], rates[rates.len() - 1]);
+        println!("| {name} | {size} | cpu | {threads} | {test} | {median:.2} ({lo:.2} - {hi:.2}) |");
+    };
+    // One untimed warm-up pass touches the weights (page faults of the mapping).
+    let warm: Vec<u32> = (0..a.n_prompt.clamp(1, 32)).map(|_| rng.u32(..vocab)).collect();
+    backend.prefill(&warm, 0).map_err(fail)?;
+    if a.n_prompt > 0 {
+        let mut rates = Vec::with_capacity(reps);
+        for _ in 0..reps {
+            let tokens: Vec<u32> = (0..a.n_prompt).map(|_| rng.u32(..vocab)).collect();
+            backend.reset();
+            let t = Instant::now();
+            backend.prefill(&tokens, 0).map_err(fail)?;
+            rates.push(a.n_prompt as f64 / t.elapsed().as_secs_f64());
+        }
+        report(format!("pp{}", a.n_prompt), rates);
+    }
+    if a.n_gen > 0 {
+        let mut rates = Vec::with_capacity(reps);
+        for _ in 0..reps {
+            backend.reset();
+            let mut token = rng.u32(..vocab);
+            let t = Instant::now();
+            for pos in 0..a.n_gen {
+                backend.decode(token, pos).map_err(fail)?;
+                token = rng.u32(..vocab);
+            }
+            rates.push(a.n_gen as f64 / t.elapsed().as_secs_f64());
+        }
+        report(format!("tg{}", a.n_gen), rates);
+    }
+    Ok(())
+}

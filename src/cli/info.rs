@@ -1,0 +1,90 @@
+//! `llama-tpu info`: what a model file is.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use clap::Args;
+
+use super::{choose_template, open_gguf, CliError};
+use crate::model::gguf::Value;
+use crate::model::LlamaConfig;
+use crate::tokenizer::Tokenizer;
+
+/// Arguments of `info`.
+#[derive(Debug, Args)]
+pub struct InfoArgs {
+    /// The model file.
+    model: PathBuf,
+    /// Also list every metadata key and every tensor.
+    #[arg(long)]
+    verbose: bool,
+}
+
+pub(super) fn info(a: &InfoArgs) -> Result<(), CliError> {
+    let m = open_gguf(&a.model)?;
+    let g = &m.gguf;
+    println!("file:          {} ({:.1} MiB)", a.model.display(), m.file.len() as f64 / (1 << 20) as f64);
+    println!("format:        GGUF v{}, {} metadata keys, {} tensors", g.version, g.metadata.len(), g.tensors.len());
+    if let Ok(Some(name)) = g.str_opt("general.name") {
+        println!("name:          {name}");
+    }
+    match LlamaConfig::from_gguf(g) {
+        Ok(c) => {
+            println!("architecture:  {} ({} layers, hidden {}, FFN {})", c.arch, c.n_layers, c.dim, c.ffn_dim);
+            println!(
+                "attention:     {} heads, {} KV heads, head dim {}, rope theta {}, rms eps {:e}",
+                c.n_heads, c.n_kv_heads, c.head_dim, c.rope_theta, c.rms_eps
+            );
+            println!("context:       {} tokens (trained), vocab {}", c.context_length, c.vocab_size);
+            let params: u64 = g.tensors.iter().map(|t| t.elements()).sum();
+            println!("parameters:    {:.1} M", params as f64 / 1e6);
+        }
+        Err(e) => println!("architecture:  not runnable here: {e}"),
+    }
+    let mut types: BTreeMap<String, (usize, u64)> = BTreeMap::new();
+    for t in &g.tensors {
+        let e = types.entry(t.ty.to_string()).or_default();
+        e.0 += 1;
+        e.1 += t.size;
+    }
+    let list: Vec<String> = types
+        .iter()
+        .map(|(ty, (n, b))| format!("{ty} x{n} ({:.1} MiB)", *b as f64 / (1 << 20) as f64))
+        .collect();
+    println!("tensor types:  {}", list.join(", "));
+    match Tokenizer::from_gguf(g) {
+        Ok(t) => {
+            let pre = g.str_opt("tokenizer.ggml.pre").ok().flatten().unwrap_or("-");
+            let name = |id: Option<u32>| id.map_or("-".to_string(), |i| format!("{i} {:?}", g_token(g, i)));
+            println!("tokenizer:     {}, pre-tokenizer {pre}", t.description);
+            println!("special:       bos {}, eos {}, add bos {}", name(t.bos), name(t.eos), t.add_bos);
+        }
+        Err(e) => println!("tokenizer:     unusable: {e}"),
+    }
+    match choose_template(None, Some(g)) {
+        Ok(Some(t)) => println!("chat template: {t} (recognized from the model)"),
+        _ if g.get("tokenizer.chat_template").is_some() => println!("chat template: not recognized; pass --chat-template"),
+        _ => println!("chat template: none in the file"),
+    }
+    if a.verbose {
+        println!("\nmetadata:");
+        for (k, v) in &g.metadata {
+            println!("  {k} = {v}");
+        }
+        println!("\ntensors:");
+        for t in &g.tensors {
+            println!("  {:32} {:6} {:?}", t.name, t.ty.to_string(), t.dims);
+        }
+    }
+    Ok(())
+}
+
+fn g_token(g: &crate::model::Gguf, id: u32) -> String {
+    match g.array_opt("tokenizer.ggml.tokens") {
+        Ok(Some(a)) => match a.get(id as usize) {
+            Some(Value::Str(s)) => s.clone(),
+            _ => String::new(),
+        },
+        _ => String::new(),
+    }
+}

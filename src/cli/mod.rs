@@ -1,0 +1,208 @@
+//! The `llama-tpu` command line. Each subcommand has its own file; this one holds the shared
+//! options, model loading and the exit codes.
+
+mod bench;
+mod info;
+mod run;
+mod tokenize;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::backend::cpu::{CpuBackend, CpuOptions};
+use crate::chat::ChatTemplate;
+use crate::engine::Engine;
+use crate::model::{Gguf, MappedFile};
+use crate::tokenizer::Tokenizer;
+
+/// The embedded default model, fetched by `make model`.
+pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// Exit codes (sysexits.h values where one fits), documented in the README.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Exit {
+    /// Success.
+    Ok = 0,
+    /// A runtime failure (generation or backend error).
+    Failure = 1,
+    /// Bad command line (clap's own code).
+    Usage = 2,
+    /// A model or tokenizer file is malformed or unsupported (EX_DATAERR).
+    BadModel = 65,
+    /// A model or input file cannot be opened (EX_NOINPUT).
+    NoInput = 66,
+    /// A device or runtime library is unavailable (EX_UNAVAILABLE).
+    Unavailable = 69,
+    /// Writing the output failed (EX_IOERR).
+    Io = 74,
+    /// Bad configuration (EX_CONFIG).
+    Config = 78,
+}
+
+/// An error with the exit code it maps to.
+#[derive(Debug)]
+pub struct CliError {
+    /// Process exit code.
+    pub exit: Exit,
+    /// Message for stderr.
+    pub message: String,
+}
+
+impl CliError {
+    /// An error with a code.
+    pub fn new(exit: Exit, message: impl Into<String>) -> CliError {
+        CliError {
+            exit,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for CliError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// llama-tpu: Llama models on the Sophgo BM1684X TPU, or on the CPU.
+#[derive(Debug, Parser)]
+#[command(name = "llama-tpu", version, about, long_about = None, after_help = EXIT_CODES)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+const EXIT_CODES: &str = "Exit codes: 0 ok, 1 runtime failure, 2 usage, 65 bad model file, 66 model file not found, \
+69 device unavailable, 74 output error, 78 bad configuration.";
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Generate text from a prompt and stream it to stdout (timings to stderr).
+    Run(run::RunArgs),
+    /// Describe a model file: architecture, sizes, tensor types, tokenizer, chat template.
+    Info(info::InfoArgs),
+    /// Print the token ids of a text, space-separated, on one line.
+    Tokenize(tokenize::TokenizeArgs),
+    /// Measure prompt processing and generation speed (tokens/s, median of several runs).
+    Bench(bench::BenchArgs),
+}
+
+/// Options that choose and load a model.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// Model file (GGUF for the cpu backend).
+    #[arg(short, long, default_value = DEFAULT_MODEL)]
+    pub model: PathBuf,
+    /// Compute backend.
+    #[arg(long, default_value = "cpu", value_parser = ["cpu"])]
+    pub backend: String,
+    /// Threads for matrix work (0 = all cores).
+    #[arg(short, long, default_value_t = 0)]
+    pub threads: usize,
+    /// KV cache length in tokens (default: the model's, at most 4096).
+    #[arg(short = 'c', long)]
+    pub ctx_size: Option<usize>,
+    /// Tokenizer file (tokenizer.json) instead of the model's own vocabulary.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Chat template (chatml, llama2, llama3); default: recognized from the model.
+    #[arg(long)]
+    pub chat_template: Option<String>,
+}
+
+/// A mapped and parsed GGUF.
+pub struct OpenedModel {
+    /// The mapping.
+    pub file: Arc<MappedFile>,
+    /// The parsed header.
+    pub gguf: Gguf,
+}
+
+/// Maps and parses a GGUF, with errors that name the file.
+///
+/// # Errors
+/// Missing file (66) or malformed content (65).
+pub fn open_gguf(path: &Path) -> Result<OpenedModel, CliError> {
+    let file = MappedFile::open(path).map_err(|e| {
+        let hint = if path == Path::new(DEFAULT_MODEL) { " (run `make model` to fetch the default model)" } else { "" };
+        CliError::new(Exit::NoInput, format!("{}: cannot open: {e}{hint}", path.display()))
+    })?;
+    let gguf = Gguf::parse(&file).map_err(|e| CliError::new(Exit::BadModel, format!("{}: {e}", path.display())))?;
+    Ok(OpenedModel {
+        file: Arc::new(file),
+        gguf,
+    })
+}
+
+/// The chat template: `--chat-template`, else recognized from the GGUF.
+///
+/// # Errors
+/// An unknown template name (the message lists the known ones).
+pub fn choose_template(name: Option<&str>, gguf: Option<&Gguf>) -> Result<Option<ChatTemplate>, CliError> {
+    if let Some(n) = name {
+        return n.parse::<ChatTemplate>().map(Some).map_err(|e| CliError::new(Exit::Usage, e.to_string()));
+    }
+    let jinja = gguf.and_then(|g| g.str_opt("tokenizer.chat_template").ok().flatten());
+    Ok(jinja.and_then(ChatTemplate::detect))
+}
+
+/// Loads the tokenizer for a model.
+///
+/// # Errors
+/// Unreadable or inconsistent tokenizer data (65 or 66).
+pub fn load_tokenizer(args: &ModelArgs, gguf: &Gguf) -> Result<Tokenizer, CliError> {
+    match &args.tokenizer {
+        Some(p) => Tokenizer::from_file(p).map_err(|e| CliError::new(Exit::BadModel, e.to_string())),
+        None => Tokenizer::from_gguf(gguf).map_err(|e| CliError::new(Exit::BadModel, format!("{}: {e}", args.model.display()))),
+    }
+}
+
+/// Loads model, tokenizer, template and backend into an engine.
+///
+/// # Errors
+/// As for the pieces.
+pub fn load_engine(args: &ModelArgs) -> Result<Engine, CliError> {
+    let opened = open_gguf(&args.model)?;
+    let tokenizer = load_tokenizer(args, &opened.gguf)?;
+    let template = choose_template(args.chat_template.as_deref(), Some(&opened.gguf))?;
+    let backend = load_cpu(args, &opened)?;
+    Ok(Engine::new(Box::new(backend), tokenizer, template))
+}
+
+fn load_cpu(args: &ModelArgs, opened: &OpenedModel) -> Result<CpuBackend, CliError> {
+    let opts = CpuOptions {
+        threads: args.threads,
+        context: args.ctx_size,
+        ..CpuOptions::default()
+    };
+    CpuBackend::from_parts(Arc::clone(&opened.file), &opened.gguf, &opts)
+        .map_err(|e| CliError::new(Exit::BadModel, format!("{}: {e}", args.model.display())))
+}
+
+/// Parses the command line and runs it; returns the exit code.
+pub fn main() -> u8 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { Exit::Usage as u8 } else { Exit::Ok as u8 };
+        }
+    };
+    let result = match cli.command {
+        Command::Run(a) => run::run(&a),
+        Command::Info(a) => info::info(&a),
+        Command::Tokenize(a) => tokenize::tokenize(&a),
+        Command::Bench(a) => bench::bench(&a),
+    };
+    match result {
+        Ok(()) => Exit::Ok as u8,
+        Err(e) => {
+            eprintln!("llama-tpu: {e}");
+            e.exit as u8
+        }
+    }
+}

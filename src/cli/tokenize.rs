@@ -1,0 +1,49 @@
+//! `llama-tpu tokenize`: token ids of a text, like llama.cpp's llama-tokenize.
+
+use std::io::Read;
+
+use clap::Args;
+
+use super::{load_tokenizer, open_gguf, CliError, Exit, ModelArgs};
+
+/// Arguments of `tokenize`.
+#[derive(Debug, Args)]
+pub struct TokenizeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The text; read from stdin when absent or "-".
+    text: Option<String>,
+    /// Do not add the BOS token even if the model asks for one.
+    #[arg(long)]
+    no_bos: bool,
+    /// Print each id with its text, one per line.
+    #[arg(long)]
+    pieces: bool,
+}
+
+pub(super) fn tokenize(a: &TokenizeArgs) -> Result<(), CliError> {
+    let text = match a.text.as_deref() {
+        Some(t) if t != "-" => t.to_string(),
+        _ => {
+            let mut s = String::new();
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .map_err(|e| CliError::new(Exit::NoInput, format!("cannot read stdin: {e}")))?;
+            s
+        }
+    };
+    let opened = open_gguf(&a.model.model)?;
+    let tok = load_tokenizer(&a.model, &opened.gguf)?;
+    let ids = tok
+        .encode(&text, !a.no_bos)
+        .map_err(|e| CliError::new(Exit::Failure, e.to_string()))?;
+    if a.pieces {
+        for id in ids {
+            println!("{id:6} {:?}", String::from_utf8_lossy(tok.token_bytes(id)));
+        }
+    } else {
+        let line: Vec<String> = ids.iter().map(u32::to_string).collect();
+        println!("{}", line.join(" "));
+    }
+    Ok(())
+}

@@ -1,0 +1,404 @@
+//! The engine: one backend, its tokenizer and chat template, and the loop that turns a request
+//! into a stream of text pieces and a final [`Summary`].
+//!
+//! It does not know which backend it drives. It remembers which tokens the backend's KV cache
+//! holds, so a conversation that grows by one turn only prefills the new turn. Every buffer of
+//! the per-token loop is allocated when the engine is made; a decoded token allocates nothing.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::backend::{Backend, BackendError, BackendInfo, Next};
+use crate::chat::{ChatTemplate, Message};
+use crate::sampler::{Sampler, SamplerConfig};
+use crate::tokenizer::{TextStream, Tokenizer, TokenizerError};
+
+/// Held-back text is at most this many bytes plus the longest stop string.
+const TEXT_CAPACITY: usize = 1024;
+
+/// What to generate from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    /// Raw prompt text (BOS added if the model wants it; special tokens in it are parsed).
+    Text(String),
+    /// A conversation, rendered with the chat template.
+    Chat(Vec<Message>),
+    /// Token ids as they are.
+    Tokens(Vec<u32>),
+}
+
+/// One generation request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    /// The prompt.
+    pub input: Input,
+    /// Sampling settings.
+    pub sampling: SamplerConfig,
+    /// Most tokens to generate; `None` means until end of generation or the context is full.
+    pub max_tokens: Option<usize>,
+    /// Generation stops when one of these appears in the output (it is not sent).
+    pub stop: Vec<String>,
+    /// Generation stops (reason `cancelled`) when this instant passes.
+    pub deadline: Option<Instant>,
+}
+
+impl Request {
+    /// A request with default settings.
+    pub fn new(input: Input) -> Request {
+        Request {
+            input,
+            sampling: SamplerConfig::default(),
+            max_tokens: None,
+            stop: Vec::new(),
+            deadline: None,
+        }
+    }
+}
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// The model produced an end-of-generation token.
+    Eos,
+    /// `max_tokens` reached.
+    Length,
+    /// A stop string appeared.
+    Stop,
+    /// Cancelled: flag, client gone, or deadline.
+    Cancelled,
+    /// The KV cache is full.
+    Context,
+}
+
+impl FinishReason {
+    /// Protocol spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Eos => "eos",
+            FinishReason::Length => "length",
+            FinishReason::Stop => "stop",
+            FinishReason::Cancelled => "cancelled",
+            FinishReason::Context => "context",
+        }
+    }
+}
+
+/// The outcome of a generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summary {
+    /// Why it ended.
+    pub reason: FinishReason,
+    /// Tokens in the prompt.
+    pub prompt_tokens: usize,
+    /// Prompt tokens found already in the KV cache (not recomputed).
+    pub cached_tokens: usize,
+    /// Tokens generated (including one that ended on a stop string, excluding EOS).
+    pub completion_tokens: usize,
+    /// Time spent on the prompt.
+    pub prompt_time: Duration,
+    /// From the start of the request to the first generated token.
+    pub time_to_first_token: Duration,
+    /// Time spent generating after the first token.
+    pub generation_time: Duration,
+}
+
+impl Summary {
+    /// Prompt tokens computed per second.
+    pub fn prompt_tokens_per_second(&self) -> f64 {
+        rate(self.prompt_tokens - self.cached_tokens, self.prompt_time)
+    }
+
+    /// Generated tokens per second (after the first).
+    pub fn generation_tokens_per_second(&self) -> f64 {
+        rate(self.completion_tokens.saturating_sub(1), self.generation_time)
+    }
+}
+
+fn rate(n: usize, t: Duration) -> f64 {
+    if t.is_zero() {
+        0.0
+    } else {
+        n as f64 / t.as_secs_f64()
+    }
+}
+
+/// Receives generated text. Returning `false` stops the generation (reason `cancelled`).
+pub trait Sink {
+    /// A piece of valid UTF-8 text (one token's worth, or held-back text released).
+    fn text(&mut self, piece: &str) -> bool;
+}
+
+impl<F: FnMut(&str) -> bool> Sink for F {
+    fn text(&mut self, piece: &str) -> bool {
+        self(piece)
+    }
+}
+
+/// Why a request could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// Tokenization failed.
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    /// The backend failed.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// The prompt does not leave room for one generated token.
+    #[error("prompt is {tokens} tokens, the context holds {context}")]
+    PromptTooLong {
+        /// Prompt length.
+        tokens: usize,
+        /// Context length.
+        context: usize,
+    },
+    /// Nothing to generate from.
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    /// Chat input without a template.
+    #[error("this model has no known chat template; choose one with --chat-template ({})", crate::chat::KNOWN.join(", "))]
+    NoTemplate,
+    /// Bad sampling settings.
+    #[error("{0}")]
+    Sampling(String),
+}
+
+/// See the module documentation.
+pub struct Engine {
+    backend: Box<dyn Backend>,
+    tokenizer: Tokenizer,
+    template: Option<ChatTemplate>,
+    sampler: Sampler,
+    /// Logits copied out of the backend so the sampler may modify them.
+    logits: Vec<f32>,
+    /// Tokens whose keys and values are in the backend's cache, in position order.
+    cached: Vec<u32>,
+    stream: TextStream,
+    /// Text of the current token.
+    piece: String,
+    /// Text not yet sent because it may be the start of a stop string.
+    held: String,
+}
+
+impl Engine {
+    /// An engine over a loaded backend and its tokenizer.
+    pub fn new(backend: Box<dyn Backend>, tokenizer: Tokenizer, template: Option<ChatTemplate>) -> Engine {
+        let info = backend.info().clone();
+        Engine {
+            sampler: Sampler::new(info.vocab_size, SamplerConfig::default()),
+            logits: vec![0.0; info.vocab_size],
+            cached: Vec::with_capacity(info.context_length),
+            stream: TextStream::new(),
+            piece: String::with_capacity(TEXT_CAPACITY),
+            held: String::with_capacity(TEXT_CAPACITY),
+            backend,
+            tokenizer,
+            template,
+        }
+    }
+
+    /// Backend limits.
+    pub fn info(&self) -> &BackendInfo {
+        self.backend.info()
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// The chat template in use.
+    pub fn template(&self) -> Option<ChatTemplate> {
+        self.template
+    }
+
+    /// Forgets the KV cache contents.
+    pub fn reset(&mut self) {
+        self.cached.clear();
+        self.backend.reset();
+    }
+
+    /// Token ids of a request's prompt.
+    ///
+    /// # Errors
+    /// Tokenizer failure, or chat input without a template.
+    pub fn prompt_tokens(&self, input: &Input) -> Result<Vec<u32>, EngineError> {
+        Ok(match input {
+            Input::Text(t) => self.tokenizer.encode(t, true)?,
+            Input::Chat(messages) => {
+                let template = self.template.ok_or(EngineError::NoTemplate)?;
+                self.tokenizer.encode(&template.render(messages), true)?
+            }
+            Input::Tokens(ids) => ids.clone(),
+        })
+    }
+
+    /// Runs a request to its end, streaming text into `sink`. `cancel` is checked between
+    /// tokens; setting it ends the generation with reason `cancelled` within one token.
+    ///
+    /// # Errors
+    /// Bad settings, a prompt that does not fit, tokenizer or backend failures.
+    pub fn generate(&mut self, req: &Request, cancel: &AtomicBool, sink: &mut dyn Sink) -> Result<Summary, EngineError> {
+        let started = Instant::now();
+        req.sampling.validate().map_err(EngineError::Sampling)?;
+        let prompt = self.prompt_tokens(&req.input)?;
+        if prompt.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        let context = self.backend.info().context_length;
+        if prompt.len() >= context {
+            return Err(EngineError::PromptTooLong {
+                tokens: prompt.len(),
+                context,
+            });
+        }
+        let vocab = self.backend.info().vocab_size as u32;
+        if let Some(&bad) = prompt.iter().find(|&&t| t >= vocab) {
+            return Err(BackendError::BadToken(bad).into());
+        }
+
+        // Reuse the cached prefix; at least the last prompt token is recomputed for its logits.
+        let common = self.cached.iter().zip(&prompt).take_while(|(a, b)| a == b).count();
+        let reuse = common.min(prompt.len() - 1);
+        self.cached.truncate(reuse);
+        self.sampler.reconfigure(req.sampling.clone());
+        self.sampler.reset(Some(&prompt));
+        self.stream.clear();
+        self.held.clear();
+
+        let mut summary = Summary {
+            reason: FinishReason::Eos,
+            prompt_tokens: prompt.len(),
+            cached_tokens: reuse,
+            completion_tokens: 0,
+            prompt_time: Duration::ZERO,
+            time_to_first_token: Duration::ZERO,
+            generation_time: Duration::ZERO,
+        };
+        if cancel.load(Ordering::Relaxed) {
+            summary.reason = FinishReason::Cancelled;
+            return Ok(summary);
+        }
+        let prefill_start = Instant::now();
+        let mut next = match self.backend.prefill(&prompt[reuse..], reuse) {
+            Ok(n) => copy_out(n, &mut self.logits),
+            Err(e) => {
+                self.cached.clear();
+                return Err(e.into());
+            }
+        };
+        self.cached.extend_from_slice(&prompt[reuse..]);
+        summary.prompt_time = prefill_start.elapsed();
+        let mut first_token_at: Option<Instant> = None;
+
+        let reason = loop {
+            if cancel.load(Ordering::Relaxed) || req.deadline.is_some_and(|d| Instant::now() >= d) {
+                break FinishReason::Cancelled;
+            }
+            let token = match next {
+                Some(t) => t,
+                None => self.sampler.sample(&mut self.logits),
+            };
+            self.sampler.accept(token);
+            if first_token_at.is_none() {
+                let now = Instant::now();
+                summary.time_to_first_token = now - started;
+                first_token_at = Some(now);
+            }
+            if self.tokenizer.is_eog(token) {
+                break FinishReason::Eos;
+            }
+            summary.completion_tokens += 1;
+            self.piece.clear();
+            self.stream.push(self.tokenizer.token_bytes(token), &mut self.piece);
+            match self.release_text(&req.stop, sink) {
+                Release::Continue => {}
+                Release::Stopped => break FinishReason::Stop,
+                Release::SinkClosed => break FinishReason::Cancelled,
+            }
+            if req.max_tokens.is_some_and(|m| summary.completion_tokens >= m) {
+                break FinishReason::Length;
+            }
+            let pos = self.cached.len();
+            if pos >= context {
+                break FinishReason::Context;
+            }
+            next = match self.backend.decode(token, pos) {
+                Ok(n) => copy_out(n, &mut self.logits),
+                Err(e) => {
+                    self.cached.clear();
+                    return Err(e.into());
+                }
+            };
+            self.cached.push(token);
+        };
+        // Text held for a possible stop string is real output when no stop string came.
+        if reason != FinishReason::Stop && reason != FinishReason::Cancelled {
+            self.piece.clear();
+            self.stream.finish(&mut self.piece);
+            self.held.push_str(&self.piece);
+            if !self.held.is_empty() {
+                sink.text(&self.held);
+            }
+        }
+        summary.reason = reason;
+        if let Some(t) = first_token_at {
+            summary.generation_time = t.elapsed();
+        }
+        Ok(summary)
+    }
+
+    /// Moves `piece` into the held text and sends what can no longer be part of a stop string.
+    fn release_text(&mut self, stop: &[String], sink: &mut dyn Sink) -> Release {
+        self.held.push_str(&self.piece);
+        if stop.is_empty() {
+            let ok = self.held.is_empty() || sink.text(&self.held);
+            self.held.clear();
+            return if ok { Release::Continue } else { Release::SinkClosed };
+        }
+        if let Some(at) = stop.iter().filter(|s| !s.is_empty()).filter_map(|s| self.held.find(s.as_str())).min() {
+            if at > 0 {
+                sink.text(&self.held[..at]);
+            }
+            self.held.clear();
+            return Release::Stopped;
+        }
+        // Keep the longest tail that is a prefix of a stop string.
+        let mut keep = 0;
+        for s in stop {
+            for (i, _) in self.held.char_indices() {
+                let tail = &self.held[i..];
+                if tail.len() > keep && s.starts_with(tail) {
+                    keep = tail.len();
+                }
+            }
+        }
+        let send = self.held.len() - keep;
+        let mut ok = true;
+        if send > 0 {
+            ok = sink.text(&self.held[..send]);
+            self.held.drain(..send);
+        }
+        if ok {
+            Release::Continue
+        } else {
+            Release::SinkClosed
+        }
+    }
+}
+
+enum Release {
+    Continue,
+    Stopped,
+    SinkClosed,
+}
+
+/// Copies logits into the engine's buffer (`None`), or passes on a device-chosen token.
+fn copy_out(next: Next<'_>, logits: &mut [f32]) -> Option<u32> {
+    match next {
+        Next::Logits(l) => {
+            logits.copy_from_slice(l);
+            None
+        }
+        Next::Token(t) => Some(t),
+    }
+}

@@ -1,0 +1,84 @@
+//! The small float operations of a Llama layer, over plain slices.
+
+/// `out = x / rms(x) * weight`, with `rms(x) = sqrt(mean(x^2) + eps)`.
+pub fn rms_norm(out: &mut [f32], x: &[f32], weight: &[f32], eps: f32) {
+    let ss: f32 = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let inv = 1.0 / (ss + eps).sqrt();
+    for ((o, &v), &w) in out.iter_mut().zip(x).zip(weight) {
+        *o = v * inv * w;
+    }
+}
+
+/// In-place softmax; returns nothing, `x` sums to 1 afterwards.
+pub fn softmax(x: &mut [f32]) {
+    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let mut sum = 0f32;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// SwiGLU: `gate = silu(gate) * up`.
+pub fn swiglu(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+}
+
+/// `acc += x`.
+pub fn add_assign(acc: &mut [f32], x: &[f32]) {
+    for (a, &v) in acc.iter_mut().zip(x) {
+        *a += v;
+    }
+}
+
+/// Rotary position embedding on one head, ggml's "normal" layout: dimension pairs
+/// `(2i, 2i+1)` are rotated by `pos * inv_freq[i]`. (GGUF converters permute the Q/K weights
+/// of Hugging Face checkpoints so that this layout is the right one; the NeoX layout, pairs
+/// `(i, i + d/2)`, is not used by the llama architecture.)
+pub fn rope(head: &mut [f32], pos: usize, inv_freq: &[f32]) {
+    let pos = pos as f32;
+    for (pair, &f) in head.chunks_exact_mut(2).zip(inv_freq) {
+        let (sin, cos) = (pos * f).sin_cos();
+        let (a, b) = (pair[0], pair[1]);
+        pair[0] = a * cos - b * sin;
+        pair[1] = a * sin + b * cos;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn softmax_sums_to_one_and_keeps_order() {
+        let mut x = [1.0, 3.0, 2.0, -50.0];
+        softmax(&mut x);
+        assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert!(x[1] > x[2] && x[2] > x[0] && x[0] > x[3]);
+    }
+
+    #[test]
+    fn rms_norm_of_constant_is_weight() {
+        let x = [2.0f32; 8];
+        let w = [0.5f32; 8];
+        let mut o = [0f32; 8];
+        rms_norm(&mut o, &x, &w, 0.0);
+        assert!(o.iter().all(|v| (v - 0.5).abs() < 1e-6));
+    }
+
+    #[test]
+    fn rope_at_zero_is_identity_and_preserves_norm() {
+        let mut h = [1.0f32, 2.0, 3.0, 4.0];
+        rope(&mut h, 0, &[1.0, 0.01]);
+        assert_eq!(h, [1.0, 2.0, 3.0, 4.0]);
+        rope(&mut h, 7, &[1.0, 0.01]);
+        let n: f32 = h.iter().map(|v| v * v).sum();
+        assert!((n - 30.0).abs() < 1e-4);
+    }
+}

@@ -1,0 +1,29 @@
+//! llama-tpu: a Llama daemon for the Sophgo BM1684X TPU, with a pure-Rust CPU reference backend.
+//!
+//! # Layout
+//! Data flows one way: transport → protocol → queue → engine → backend, and tokens back.
+//!
+//! - [`model`]: model files: the GGUF parser (pure, capped), tensor types, the read-only
+//!   mapping, the Llama hyper-parameters.
+//! - [`kernels`]: numeric kernels over slices: block formats and dot products, matrix rows,
+//!   norms, RoPE, softmax.
+//! - [`backend`]: the [`backend::Backend`] interface (prefill, decode, reset, limits) and its
+//!   implementations; backends know nothing of serving.
+//! - [`tokenizer`]: text ↔ token ids through the `tokenizers` crate, built from a GGUF vocabulary
+//!   or a `tokenizer.json`, and a streaming detokenizer that only emits whole UTF-8 characters.
+//! - [`sampler`]: seeded, allocation-free token choice (greedy, temperature, top-k/p, min-p,
+//!   repetition penalty).
+//! - [`chat`]: chat templates (ChatML, Llama-2, Llama-3), recognized from GGUF metadata.
+//! - [`engine`]: turns a request into streamed text and a summary; owns the backend.
+//! - [`cli`]: the `llama-tpu` command line (`run`, `info`, `tokenize`, `bench`).
+#![deny(missing_docs)]
+#![deny(unsafe_code)]
+
+pub mod backend;
+pub mod chat;
+pub mod cli;
+pub mod engine;
+pub mod kernels;
+pub mod model;
+pub mod sampler;
+pub mod tokenizer;

@@ -1,0 +1,326 @@
+//! Token choice from logits: greedy, or temperature sampling narrowed by top-k, top-p and
+//! min-p, with a repetition penalty over a window of recent tokens. Seeded and reproducible;
+//! all scratch is allocated once, and no step sorts the whole vocabulary.
+
+/// Candidates examined first when only top-p/min-p narrow the choice (no top-k): enough for
+/// nearly every token; the set grows by doubling when their mass is short of top-p.
+const NUCLEUS_START: usize = 64;
+
+/// Sampling settings of one request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplerConfig {
+    /// 0 means greedy (argmax).
+    pub temperature: f32,
+    /// Keep the k most likely tokens; 0 disables.
+    pub top_k: usize,
+    /// Keep the smallest set whose probability reaches p; 1 disables.
+    pub top_p: f32,
+    /// Drop tokens less likely than `min_p` times the most likely; 0 disables.
+    pub min_p: f32,
+    /// Divide positive logits (multiply negative ones) of recent tokens; 1 disables.
+    pub repeat_penalty: f32,
+    /// How many recent tokens the penalty looks at.
+    pub repeat_last_n: usize,
+    /// RNG seed: the same seed, settings and logits give the same tokens.
+    pub seed: u64,
+}
+
+impl Default for SamplerConfig {
+    /// llama.cpp's defaults, except the seed which is fixed (reproducible unless asked).
+    fn default() -> Self {
+        SamplerConfig {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.95,
+            min_p: 0.05,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
+            seed: 0,
+        }
+    }
+}
+
+impl SamplerConfig {
+    /// Checks the ranges; the message names the setting.
+    ///
+    /// # Errors
+    /// A value outside its meaningful range.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return Err(format!("temperature must be >= 0, got {}", self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(format!("min_p must be in [0, 1], got {}", self.min_p));
+        }
+        if !(self.repeat_penalty > 0.0 && self.repeat_penalty.is_finite()) {
+            return Err(format!("repeat_penalty must be > 0, got {}", self.repeat_penalty));
+        }
+        Ok(())
+    }
+
+    /// Whether the choice is plain argmax (what an on-chip greedy head can do).
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == 0.0 && self.repeat_penalty == 1.0
+    }
+}
+
+/// The sampler: settings, RNG, and scratch sized for the vocabulary.
+#[derive(Debug)]
+pub struct Sampler {
+    cfg: SamplerConfig,
+    rng: fastrand::Rng,
+    /// (logit, token) candidates.
+    candidates: Vec<(f32, u32)>,
+    /// Marks tokens already penalized this step.
+    seen: Vec<bool>,
+    /// Ring of recent tokens for the penalty.
+    recent: Vec<u32>,
+    recent_pos: usize,
+}
+
+impl Sampler {
+    /// A sampler for a vocabulary of `vocab` tokens.
+    pub fn new(vocab: usize, cfg: SamplerConfig) -> Sampler {
+        let mut s = Sampler {
+            rng: fastrand::Rng::with_seed(cfg.seed),
+            candidates: Vec::with_capacity(vocab),
+            seen: vec![false; vocab],
+            recent: Vec::with_capacity(cfg.repeat_last_n.max(1)),
+            recent_pos: 0,
+            cfg,
+        };
+        s.reset(None);
+        s
+    }
+
+    /// Starts a new generation with new settings (keeps the buffers when they are big enough).
+    pub fn reconfigure(&mut self, cfg: SamplerConfig) {
+        if self.recent.capacity() < cfg.repeat_last_n {
+            self.recent.reserve(cfg.repeat_last_n - self.recent.len());
+        }
+        self.cfg = cfg;
+        self.reset(None);
+    }
+
+    /// Reseeds and clears the penalty window; `history` (e.g. the prompt) fills the window.
+    pub fn reset(&mut self, history: Option<&[u32]>) {
+        self.rng = fastrand::Rng::with_seed(self.cfg.seed);
+        self.recent.clear();
+        self.recent_pos = 0;
+        if let Some(h) = history {
+            for &t in h {
+                self.accept(t);
+            }
+        }
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &SamplerConfig {
+        &self.cfg
+    }
+
+    /// Records a chosen (or prompt) token for the repetition penalty.
+    pub fn accept(&mut self, token: u32) {
+        let n = self.cfg.repeat_last_n;
+        if n == 0 {
+            return;
+        }
+        if self.recent.len() < n {
+            self.recent.push(token);
+        } else {
+            self.recent[self.recent_pos] = token;
+            self.recent_pos = (self.recent_pos + 1) % n;
+        }
+    }
+
+    /// Chooses the next token. `logits` is modified (penalties applied in place).
+    pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
+        self.apply_penalty(logits);
+        if self.cfg.temperature == 0.0 {
+            return argmax(logits);
+        }
+        let inv_t = 1.0 / self.cfg.temperature;
+        self.candidates.clear();
+        self.candidates
+            .extend(logits.iter().enumerate().map(|(i, &l)| (l * inv_t, i as u32)));
+
+        // Narrow to a sorted prefix of the best candidates without sorting them all.
+        let k = match self.cfg.top_k {
+            0 => self.candidates.len(),
+            k => k.min(self.candidates.len()),
+        };
+        let mut m = if self.cfg.top_p < 1.0 || self.cfg.min_p > 0.0 {
+            NUCLEUS_START.min(k)
+        } else {
+            k
+        };
+        let max = self.candidates.iter().fold(f32::NEG_INFINITY, |a, c| a.max(c.0));
+        let total: f32 = self.candidates.iter().map(|c| (c.0 - max).exp()).sum();
+        loop {
+            let prefix = select_top(&mut self.candidates, m);
+            let mass: f32 = prefix.iter().map(|c| (c.0 - max).exp()).sum::<f32>() / total;
+            // The prefix is enough when it holds the top-p mass, or when min-p already cuts
+            // inside it, or when it is all that top-k allows.
+            let min_p_cut = self.cfg.min_p > 0.0 && prefix.last().is_some_and(|c| (c.0 - max).exp() < self.cfg.min_p);
+            if m == k || mass >= self.cfg.top_p || min_p_cut {
+                break;
+            }
+            m = (m * 2).min(k);
+        }
+        let mut keep = m;
+        // min-p: relative to the best token.
+        if self.cfg.min_p > 0.0 {
+            keep = self.candidates[..keep]
+                .iter()
+                .position(|c| (c.0 - max).exp() < self.cfg.min_p)
+                .unwrap_or(keep)
+                .max(1);
+        }
+        // top-p over what remains (probabilities renormalized over the whole vocabulary).
+        if self.cfg.top_p < 1.0 {
+            let mut cum = 0.0;
+            for (i, c) in self.candidates[..keep].iter().enumerate() {
+                cum += (c.0 - max).exp() / total;
+                if cum >= self.cfg.top_p {
+                    keep = i + 1;
+                    break;
+                }
+            }
+        }
+        let kept = &self.candidates[..keep.max(1)];
+        let sum: f32 = kept.iter().map(|c| (c.0 - max).exp()).sum();
+        let mut r = self.rng.f32() * sum;
+        for c in kept {
+            r -= (c.0 - max).exp();
+            if r <= 0.0 {
+                return c.1;
+            }
+        }
+        kept[kept.len() - 1].1
+    }
+
+    fn apply_penalty(&mut self, logits: &mut [f32]) {
+        let p = self.cfg.repeat_penalty;
+        if p == 1.0 {
+            return;
+        }
+        for &t in &self.recent {
+            let i = t as usize;
+            if i < logits.len() && !self.seen[i] {
+                self.seen[i] = true;
+                logits[i] = if logits[i] > 0.0 { logits[i] / p } else { logits[i] * p };
+            }
+        }
+        for &t in &self.recent {
+            if let Some(s) = self.seen.get_mut(t as usize) {
+                *s = false;
+            }
+        }
+    }
+}
+
+/// Index of the largest logit (the first one on ties, as llama.cpp).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Moves the `m` best candidates to the front, sorted best first, in O(n + m log m).
+fn select_top(c: &mut [(f32, u32)], m: usize) -> &[(f32, u32)] {
+    let by_best = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+    if m < c.len() {
+        c.select_nth_unstable_by(m, by_best);
+    }
+    let m = m.min(c.len());
+    c[..m].sort_unstable_by(by_best);
+    &c[..m]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn logits(n: usize, seed: u64) -> Vec<f32> {
+        let mut r = fastrand::Rng::with_seed(seed);
+        (0..n).map(|_| r.f32() * 10.0).collect()
+    }
+
+    #[test]
+    fn greedy_is_argmax() {
+        let mut s = Sampler::new(100, SamplerConfig { temperature: 0.0, ..Default::default() });
+        let mut l = logits(100, 1);
+        let want = argmax(&l);
+        assert_eq!(s.sample(&mut l), want);
+    }
+
+    #[test]
+    fn same_seed_same_tokens_other_seed_differs() {
+        let run = |seed| {
+            let mut s = Sampler::new(1000, SamplerConfig { seed, top_k: 0, top_p: 1.0, min_p: 0.0, temperature: 5.0, ..Default::default() });
+            (0..50).map(|i| s.sample(&mut logits(1000, i))).collect::<Vec<_>>()
+        };
+        assert_eq!(run(7), run(7));
+        assert_ne!(run(7), run(8));
+    }
+
+    #[test]
+    fn top_k_one_is_greedy() {
+        let mut s = Sampler::new(500, SamplerConfig { top_k: 1, temperature: 1.0, ..Default::default() });
+        for i in 0..20 {
+            let mut l = logits(500, i);
+            let want = argmax(&l);
+            assert_eq!(s.sample(&mut l), want);
+        }
+    }
+
+    #[test]
+    fn top_p_keeps_only_the_nucleus() {
+        // One token holds almost all mass: a small top-p can only ever pick it.
+        let mut l = vec![0.0f32; 1000];
+        l[123] = 20.0;
+        let mut s = Sampler::new(1000, SamplerConfig { top_k: 0, top_p: 0.5, min_p: 0.0, temperature: 1.0, ..Default::default() });
+        for _ in 0..100 {
+            assert_eq!(s.sample(&mut l.clone()), 123);
+        }
+    }
+
+    #[test]
+    fn top_p_grows_past_the_first_candidates_when_needed() {
+        // A flat distribution: top-p 0.9 needs ~900 of 1000 tokens, far beyond NUCLEUS_START.
+        let l = vec![1.0f32; 1000];
+        let mut s = Sampler::new(1000, SamplerConfig { top_k: 0, top_p: 0.9, min_p: 0.0, temperature: 1.0, seed: 3, ..Default::default() });
+        let picks: std::collections::HashSet<u32> = (0..2000).map(|_| s.sample(&mut l.clone())).collect();
+        assert!(picks.len() > 300, "only {} distinct tokens", picks.len());
+        assert!(picks.iter().all(|&t| t < 1000));
+    }
+
+    #[test]
+    fn min_p_drops_unlikely_tokens() {
+        let mut l = vec![-100.0f32; 50];
+        l[1] = 10.0;
+        l[2] = 9.0; // e^-1 = 0.37 of the best: kept at min_p 0.3
+        l[3] = 5.0; // e^-5: dropped
+        let mut s = Sampler::new(50, SamplerConfig { top_k: 0, top_p: 1.0, min_p: 0.3, temperature: 1.0, ..Default::default() });
+        for _ in 0..300 {
+            let t = s.sample(&mut l.clone());
+            assert!(t == 1 || t == 2, "picked {t}");
+        }
+    }
+
+    #[test]
+    fn repetition_penalty_changes_the_choice() {
+        let mut s = Sampler::new(10, SamplerConfig { temperature: 0.0, repeat_penalty: 2.0, ..Default::default() });
+        let base = [0.0, 5.0, 4.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0];
+        assert_eq!(s.sample(&mut base.to_vec()), 1);
+        s.accept(1);
+        assert_eq!(s.sample(&mut base.to_vec()), 2);
+    }
+}
