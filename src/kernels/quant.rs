@@ -46,11 +46,35 @@ pub fn quantize_q8(x: &[f32], out: &mut [BlockQ8]) {
 
 #[inline(always)]
 fn dot_i8_32(a: &[i8; QK], b: &[i8; QK]) -> i32 {
-    let mut s = 0i32;
-    for j in 0..QK {
-        s += (a[j] as i16 * b[j] as i16) as i32;
+    block_lanes(a, b).iter().sum()
+}
+
+/// Products of one block folded into 8 lanes (lane j sums elements j, j+8, j+16, j+24). Kept
+/// as lanes so that the caller scales and accumulates them as one vector: no horizontal sum
+/// per block, which is what made the first version of these loops slow.
+#[inline(always)]
+fn block_lanes(a: &[i8; QK], b: &[i8; QK]) -> [i32; 8] {
+    let mut lanes = [0i32; 8];
+    for j in 0..8 {
+        let mut s = 0i16;
+        s += a[j] as i16 * b[j] as i16;
+        let mut t = 0i16;
+        t += a[j + 8] as i16 * b[j + 8] as i16;
+        let mut u = 0i16;
+        u += a[j + 16] as i16 * b[j + 16] as i16;
+        let mut v = 0i16;
+        v += a[j + 24] as i16 * b[j + 24] as i16;
+        lanes[j] = s as i32 + t as i32 + u as i32 + v as i32;
     }
-    s
+    lanes
+}
+
+/// `acc += lanes * scale`, lane by lane.
+#[inline(always)]
+fn fold(acc: &mut [f32; 8], lanes: [i32; 8], scale: f32) {
+    for j in 0..8 {
+        acc[j] += lanes[j] as f32 * scale;
+    }
 }
 
 #[inline(always)]
@@ -77,34 +101,43 @@ fn unpack_nibbles(qs: &[u8; 16], offset: i8) -> [i8; QK] {
 /// Q4_0 row · activations.
 #[inline(always)]
 pub fn dot_q4_0(row: &[u8], x: &[BlockQ8]) -> f32 {
-    let mut acc = 0f32;
+    let mut acc = [0f32; 8];
     for (b, xb) in row.chunks_exact(18).zip(x) {
         let w = unpack_nibbles(block::<16>(b, 2), 8);
-        acc += scale(b, 0) * xb.d * dot_i8_32(&w, &xb.qs) as f32;
+        fold(&mut acc, block_lanes(&w, &xb.qs), scale(b, 0) * xb.d);
     }
-    acc
+    acc.iter().sum()
 }
 
 /// Q4_1 row · activations.
 #[inline(always)]
 pub fn dot_q4_1(row: &[u8], x: &[BlockQ8]) -> f32 {
-    let mut acc = 0f32;
+    let mut acc = [0f32; 8];
+    let mut mins = 0f32;
     for (b, xb) in row.chunks_exact(20).zip(x) {
         let w = unpack_nibbles(block::<16>(b, 4), 0);
-        acc += scale(b, 0) * xb.d * dot_i8_32(&w, &xb.qs) as f32 + scale(b, 2) * xb.s;
+        fold(&mut acc, block_lanes(&w, &xb.qs), scale(b, 0) * xb.d);
+        mins += scale(b, 2) * xb.s;
     }
-    acc
+    acc.iter().sum::<f32>() + mins
 }
 
 /// Q8_0 row · activations.
 #[inline(always)]
 pub fn dot_q8_0(row: &[u8], x: &[BlockQ8]) -> f32 {
-    let mut acc = 0f32;
+    let mut acc = [0f32; 8];
     for (b, xb) in row.chunks_exact(34).zip(x) {
         let w: &[i8; QK] = &block::<QK>(b, 2).map(|v| v as i8);
-        acc += scale(b, 0) * xb.d * dot_i8_32(w, &xb.qs) as f32;
+        // i16 lanes would overflow for 8-bit weights (127 * 127 * 4): widen first.
+        let mut lanes = [0i32; 8];
+        for j in 0..8 {
+            for k in 0..4 {
+                lanes[j] += w[j + 8 * k] as i32 * xb.qs[j + 8 * k] as i32;
+            }
+        }
+        fold(&mut acc, lanes, scale(b, 0) * xb.d);
     }
-    acc
+    acc.iter().sum()
 }
 
 /// The 6-bit scale and minimum of sub-block `j` of a Q4_K super-block.
