@@ -10,6 +10,11 @@ use multiversion::multiversion;
 use super::quant::{self, BlockQ8};
 use crate::model::GgmlType;
 
+thread_local! {
+    /// Each thread's buffer for one expanded row (made on the thread's first prompt, reused).
+    static UNPACKED: std::cell::RefCell<Box<quant::UnpackedRow>> = std::cell::RefCell::new(quant::UnpackedRow::new());
+}
+
 /// Tokens multiplied per pass over a block of rows: 32 tokens of activations (a few KiB to a
 /// few tens of KiB) stay in L1/L2 while the rows are reused.
 const TOKEN_TILE: usize = 32;
@@ -73,7 +78,8 @@ pub fn matmul_rows<'a>(w: &Weight<'a>, x: Activations<'a>, n_tokens: usize, rows
                 for r0 in rows.clone().step_by(ROW_TILE) {
                     let r1 = (r0 + ROW_TILE).min(rows.end);
                     if t0 == 0 {
-                        touch_ahead(w, r1, (r1 + ROW_TILE).min(w.rows));
+                        let next = &w.data[r1 * w.row_bytes()..(r1 + ROW_TILE).min(w.rows) * w.row_bytes()];
+                        crate::model::mmap::prefetch(next);
                     }
                     for r in r0..r1 {
                         let row = w.row(r);
@@ -85,6 +91,26 @@ pub fn matmul_rows<'a>(w: &Weight<'a>, x: Activations<'a>, n_tokens: usize, rows
                 }
             }
         }};
+    }
+    // Prompts: expand each row once and reuse it for every token of the tile.
+    if let Activations::Q8(x) = x {
+        if n_tokens > 1 && quant::unpackable(w.ty) && w.cols <= quant::MAX_UNPACKED_COLS {
+            let blocks = w.cols / quant::QK;
+            UNPACKED.with(|cell| {
+                let mut row_buf = cell.borrow_mut();
+                for r0 in rows.clone().step_by(ROW_TILE) {
+                    let r1 = (r0 + ROW_TILE).min(rows.end);
+                    for r in r0..r1 {
+                        quant::unpack_row(w.ty, w.row(r), &mut row_buf);
+                        for t in 0..n_tokens {
+                            let v = quant::dot_unpacked(&row_buf, blocks, &x[t * blocks..(t + 1) * blocks]);
+                            out[t * out_stride + r].store(v.to_bits(), Ordering::Relaxed);
+                        }
+                    }
+                }
+            });
+            return;
+        }
     }
     match (w.ty, x) {
         (GgmlType::Q4_0, Activations::Q8(x)) => tiles!(x, w.cols / quant::QK, quant::dot_q4_0),
@@ -99,21 +125,3 @@ pub fn matmul_rows<'a>(w: &Weight<'a>, x: Activations<'a>, n_tokens: usize, rows
     }
 }
 
-/// Reads one byte of every cache line of rows `from..to`, so that their misses overlap with the
-/// computation on the rows before them. One-token products stream each weight byte once and are
-/// bound by memory latency; the hardware prefetcher alone left them at a fraction of the
-/// bandwidth (and does not cross 4 KiB pages of the mapped file). Safe Rust has no prefetch
-/// instruction, and these loads do the same job: they are independent of the arithmetic.
-#[inline(always)]
-fn touch_ahead(w: &Weight<'_>, from: usize, to: usize) {
-    if from >= to {
-        return;
-    }
-    let n = w.row_bytes();
-    let bytes = &w.data[from * n..to * n];
-    let mut acc = 0u8;
-    for i in (0..bytes.len()).step_by(64) {
-        acc ^= bytes[i];
-    }
-    std::hint::black_box(acc);
-}

@@ -140,6 +140,101 @@ pub fn dot_q8_0(row: &[u8], x: &[BlockQ8]) -> f32 {
     acc.iter().sum()
 }
 
+/// Longest row [`unpack_row`] handles (the FFN width of 70B-class models is 28672).
+pub const MAX_UNPACKED_COLS: usize = 32768;
+
+/// A row expanded once for reuse across many tokens: block `b` stands for
+/// `q[32b..32b+32] * scale[b] + min[b]`.
+pub struct UnpackedRow {
+    /// Integer values.
+    pub q: [i8; MAX_UNPACKED_COLS],
+    /// Per-block scales.
+    pub scale: [f32; MAX_UNPACKED_COLS / QK],
+    /// Per-block offsets.
+    pub min: [f32; MAX_UNPACKED_COLS / QK],
+}
+
+impl UnpackedRow {
+    /// A zeroed row (heap-allocate it once per thread: it is 40 KiB).
+    pub fn new() -> Box<UnpackedRow> {
+        Box::new(UnpackedRow {
+            q: [0; MAX_UNPACKED_COLS],
+            scale: [0.0; MAX_UNPACKED_COLS / QK],
+            min: [0.0; MAX_UNPACKED_COLS / QK],
+        })
+    }
+}
+
+/// Whether [`unpack_row`] handles this type (formats whose scale is per 32 elements).
+pub fn unpackable(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q4K)
+}
+
+/// Expands `row` (`cols` elements, at most [`MAX_UNPACKED_COLS`]) into `out`.
+#[inline(always)]
+pub fn unpack_row(ty: GgmlType, row: &[u8], out: &mut UnpackedRow) {
+    let blocks = out.q.chunks_exact_mut(QK).zip(out.scale.iter_mut().zip(out.min.iter_mut()));
+    match ty {
+        GgmlType::Q4_0 | GgmlType::Q4_1 => {
+            let (bytes, offset) = if ty == GgmlType::Q4_0 { (18, 8) } else { (20, 0) };
+            for (b, (q, (s, m))) in row.chunks_exact(bytes).zip(blocks) {
+                q.copy_from_slice(&unpack_nibbles(block::<16>(b, bytes - 16), offset));
+                *s = scale(b, 0);
+                *m = if ty == GgmlType::Q4_1 { scale(b, 2) } else { 0.0 };
+            }
+        }
+        GgmlType::Q8_0 => {
+            for (b, (q, (s, m))) in row.chunks_exact(34).zip(blocks) {
+                for (d, &v) in q.iter_mut().zip(&b[2..34]) {
+                    *d = v as i8;
+                }
+                *s = scale(b, 0);
+                *m = 0.0;
+            }
+        }
+        GgmlType::Q4K => {
+            let mut blocks = blocks;
+            for b in row.chunks_exact(144) {
+                let (d, dmin) = (scale(b, 0), scale(b, 2));
+                let scales = block::<12>(b, 4);
+                for j in 0..8 {
+                    let Some((q, (s, m))) = blocks.next() else { return };
+                    let (sc, mn) = q4k_scale_min(scales, j);
+                    let src = block::<32>(b, 16 + 32 * (j / 2));
+                    for l in 0..32 {
+                        q[l] = if j % 2 == 0 { src[l] & 0x0f } else { src[l] >> 4 } as i8;
+                    }
+                    *s = d * sc as f32;
+                    *m = -dmin * mn as f32;
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// An unpacked row (`blocks` blocks) · activations.
+#[inline(always)]
+pub fn dot_unpacked(w: &UnpackedRow, blocks: usize, x: &[BlockQ8]) -> f32 {
+    // Two independent accumulator sets (even and odd blocks): with one, every block waited on
+    // the previous block's add, and that latency chain bounded the whole loop.
+    let mut acc = [[0f32; 8]; 2];
+    let mut mins = [0f32; 2];
+    let q = &w.q[..blocks * QK];
+    for (i, ((q, (&s, &m)), xb)) in q.chunks_exact(QK).zip(w.scale.iter().zip(&w.min)).zip(x).enumerate() {
+        let q: &[i8; QK] = q.try_into().expect("block of 32");
+        let mut lanes = [0i32; 8];
+        for j in 0..8 {
+            for k in 0..4 {
+                lanes[j] += (q[j + 8 * k] as i16 * xb.qs[j + 8 * k] as i16) as i32;
+            }
+        }
+        fold(&mut acc[i & 1], lanes, s * xb.d);
+        mins[i & 1] += m * xb.s;
+    }
+    acc[0].iter().chain(&acc[1]).sum::<f32>() + mins[0] + mins[1]
+}
+
 /// The 6-bit scale and minimum of sub-block `j` of a Q4_K super-block.
 #[inline(always)]
 fn q4k_scale_min(scales: &[u8; 12], j: usize) -> (u8, u8) {

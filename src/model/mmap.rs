@@ -45,3 +45,38 @@ impl Deref for MappedFile {
         &self.map
     }
 }
+
+/// Asks the CPU to start loading every cache line of `bytes` (normally rows of a mapped
+/// weight matrix about to be read), without waiting for them.
+///
+/// Matrix-vector products read each weight byte once per token and are bound by memory
+/// latency; the hardware prefetcher does not cross the 4 KiB pages of a file mapping, and
+/// without this hint generation ran at well under half the machine's bandwidth.
+#[inline(always)]
+pub fn prefetch(bytes: &[u8]) {
+    for i in (0..bytes.len()).step_by(64) {
+        prefetch_line(bytes[i..].as_ptr());
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_line(p: *const u8) {
+    // SAFETY: a prefetch is a hint: it never faults, reads nothing into the program and has
+    // no effect on memory contents; `p` points into a live slice anyway. SSE is part of the
+    // x86_64 baseline, so the instruction exists on every CPU this code runs on.
+    unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast()) }
+}
+
+#[cfg(target_arch = "aarch64")]
+#[inline(always)]
+fn prefetch_line(p: *const u8) {
+    // SAFETY: PRFM is a hint that never faults and changes no architectural state besides the
+    // caches; `p` points into a live slice. (The intrinsic is not stable; the instruction is
+    // in every ARMv8-A core, the Cortex-A53 included.)
+    unsafe { std::arch::asm!("prfm pldl1keep, [{0}]", in(reg) p, options(nostack, preserves_flags, readonly)) }
+}
+
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+#[inline(always)]
+fn prefetch_line(_p: *const u8) {}
