@@ -44,11 +44,6 @@ pub fn quantize_q8(x: &[f32], out: &mut [BlockQ8]) {
     }
 }
 
-#[inline(always)]
-fn dot_i8_32(a: &[i8; QK], b: &[i8; QK]) -> i32 {
-    block_lanes(a, b).iter().sum()
-}
-
 /// Products of one block folded into 8 lanes (lane j sums elements j, j+8, j+16, j+24). Kept
 /// as lanes so that the caller scales and accumulates them as one vector: no horizontal sum
 /// per block, which is what made the first version of these loops slow.
@@ -56,24 +51,41 @@ fn dot_i8_32(a: &[i8; QK], b: &[i8; QK]) -> i32 {
 fn block_lanes(a: &[i8; QK], b: &[i8; QK]) -> [i32; 8] {
     let mut lanes = [0i32; 8];
     for j in 0..8 {
-        let mut s = 0i16;
-        s += a[j] as i16 * b[j] as i16;
-        let mut t = 0i16;
-        t += a[j + 8] as i16 * b[j + 8] as i16;
-        let mut u = 0i16;
-        u += a[j + 16] as i16 * b[j + 16] as i16;
-        let mut v = 0i16;
-        v += a[j + 24] as i16 * b[j + 24] as i16;
-        lanes[j] = s as i32 + t as i32 + u as i32 + v as i32;
+        for k in 0..4 {
+            // One product fits i16 (|-128 * -128| = 2^14); their sum may not, so widen each.
+            lanes[j] += (a[j + 8 * k] as i16 * b[j + 8 * k] as i16) as i32;
+        }
     }
     lanes
 }
 
-/// `acc += lanes * scale`, lane by lane.
-#[inline(always)]
-fn fold(acc: &mut [f32; 8], lanes: [i32; 8], scale: f32) {
-    for j in 0..8 {
-        acc[j] += lanes[j] as f32 * scale;
+/// The running sum of a quantized dot product. Every kernel (one-token rows and expanded
+/// prompt rows) adds blocks through this one type in the same order, so the two paths give
+/// bit-identical results: activations are re-quantized at every layer, which makes the model
+/// discontinuous, and a last-bit difference between paths grew to half a logit over 30 layers
+/// (a cached prompt then sampled other tokens than a fresh one).
+/// Even and odd blocks go to separate accumulators so consecutive blocks do not wait on each
+/// other's additions.
+#[derive(Default)]
+struct Acc {
+    lanes: [[f32; 8]; 2],
+    mins: [f32; 2],
+}
+
+impl Acc {
+    /// Adds block `i`: `lanes * scale + min`.
+    #[inline(always)]
+    fn add(&mut self, i: usize, lanes: [i32; 8], scale: f32, min: f32) {
+        let acc = &mut self.lanes[i & 1];
+        for j in 0..8 {
+            acc[j] += lanes[j] as f32 * scale;
+        }
+        self.mins[i & 1] += min;
+    }
+
+    #[inline(always)]
+    fn sum(&self) -> f32 {
+        self.lanes[0].iter().chain(&self.lanes[1]).sum::<f32>() + self.mins[0] + self.mins[1]
     }
 }
 
@@ -101,43 +113,34 @@ fn unpack_nibbles(qs: &[u8; 16], offset: i8) -> [i8; QK] {
 /// Q4_0 row · activations.
 #[inline(always)]
 pub fn dot_q4_0(row: &[u8], x: &[BlockQ8]) -> f32 {
-    let mut acc = [0f32; 8];
-    for (b, xb) in row.chunks_exact(18).zip(x) {
+    let mut acc = Acc::default();
+    for (i, (b, xb)) in row.chunks_exact(18).zip(x).enumerate() {
         let w = unpack_nibbles(block::<16>(b, 2), 8);
-        fold(&mut acc, block_lanes(&w, &xb.qs), scale(b, 0) * xb.d);
+        acc.add(i, block_lanes(&w, &xb.qs), scale(b, 0) * xb.d, 0.0 * xb.s);
     }
-    acc.iter().sum()
+    acc.sum()
 }
 
 /// Q4_1 row · activations.
 #[inline(always)]
 pub fn dot_q4_1(row: &[u8], x: &[BlockQ8]) -> f32 {
-    let mut acc = [0f32; 8];
-    let mut mins = 0f32;
-    for (b, xb) in row.chunks_exact(20).zip(x) {
+    let mut acc = Acc::default();
+    for (i, (b, xb)) in row.chunks_exact(20).zip(x).enumerate() {
         let w = unpack_nibbles(block::<16>(b, 4), 0);
-        fold(&mut acc, block_lanes(&w, &xb.qs), scale(b, 0) * xb.d);
-        mins += scale(b, 2) * xb.s;
+        acc.add(i, block_lanes(&w, &xb.qs), scale(b, 0) * xb.d, scale(b, 2) * xb.s);
     }
-    acc.iter().sum::<f32>() + mins
+    acc.sum()
 }
 
 /// Q8_0 row · activations.
 #[inline(always)]
 pub fn dot_q8_0(row: &[u8], x: &[BlockQ8]) -> f32 {
-    let mut acc = [0f32; 8];
-    for (b, xb) in row.chunks_exact(34).zip(x) {
+    let mut acc = Acc::default();
+    for (i, (b, xb)) in row.chunks_exact(34).zip(x).enumerate() {
         let w: &[i8; QK] = &block::<QK>(b, 2).map(|v| v as i8);
-        // i16 lanes would overflow for 8-bit weights (127 * 127 * 4): widen first.
-        let mut lanes = [0i32; 8];
-        for j in 0..8 {
-            for k in 0..4 {
-                lanes[j] += w[j + 8 * k] as i32 * xb.qs[j + 8 * k] as i32;
-            }
-        }
-        fold(&mut acc, lanes, scale(b, 0) * xb.d);
+        acc.add(i, block_lanes(w, &xb.qs), scale(b, 0) * xb.d, 0.0 * xb.s);
     }
-    acc.iter().sum()
+    acc.sum()
 }
 
 /// Longest row [`unpack_row`] handles (the FFN width of 70B-class models is 28672).
@@ -216,23 +219,13 @@ pub fn unpack_row(ty: GgmlType, row: &[u8], out: &mut UnpackedRow) {
 /// An unpacked row (`blocks` blocks) · activations.
 #[inline(always)]
 pub fn dot_unpacked(w: &UnpackedRow, blocks: usize, x: &[BlockQ8]) -> f32 {
-    // Two independent accumulator sets (even and odd blocks): with one, every block waited on
-    // the previous block's add, and that latency chain bounded the whole loop.
-    let mut acc = [[0f32; 8]; 2];
-    let mut mins = [0f32; 2];
+    let mut acc = Acc::default();
     let q = &w.q[..blocks * QK];
     for (i, ((q, (&s, &m)), xb)) in q.chunks_exact(QK).zip(w.scale.iter().zip(&w.min)).zip(x).enumerate() {
         let q: &[i8; QK] = q.try_into().expect("block of 32");
-        let mut lanes = [0i32; 8];
-        for j in 0..8 {
-            for k in 0..4 {
-                lanes[j] += (q[j + 8 * k] as i16 * xb.qs[j + 8 * k] as i16) as i32;
-            }
-        }
-        fold(&mut acc[i & 1], lanes, s * xb.d);
-        mins[i & 1] += m * xb.s;
+        acc.add(i, block_lanes(q, &xb.qs), s * xb.d, m * xb.s);
     }
-    acc[0].iter().chain(&acc[1]).sum::<f32>() + mins[0] + mins[1]
+    acc.sum()
 }
 
 /// The 6-bit scale and minimum of sub-block `j` of a Q4_K super-block.
@@ -251,7 +244,7 @@ fn q4k_scale_min(scales: &[u8; 12], j: usize) -> (u8, u8) {
 /// Q4_K row · activations (eight activation blocks per super-block).
 #[inline(always)]
 pub fn dot_q4_k(row: &[u8], x: &[BlockQ8]) -> f32 {
-    let mut acc = 0f32;
+    let mut acc = Acc::default();
     for (b, xs) in row.chunks_exact(144).zip(x.chunks_exact(8)) {
         let d = scale(b, 0);
         let dmin = scale(b, 2);
@@ -268,11 +261,11 @@ pub fn dot_q4_k(row: &[u8], x: &[BlockQ8]) -> f32 {
             for (k, w) in [(2 * pair, lo), (2 * pair + 1, hi)] {
                 let (sc, m) = q4k_scale_min(scales, k);
                 let xb = &xs[k];
-                acc += d * sc as f32 * xb.d * dot_i8_32(&w, &xb.qs) as f32 - dmin * m as f32 * xb.s;
+                acc.add(k, block_lanes(&w, &xb.qs), d * sc as f32 * xb.d, -dmin * m as f32 * xb.s);
             }
         }
     }
-    acc
+    acc.sum()
 }
 
 /// Q6_K row · activations (eight activation blocks per super-block).
@@ -523,6 +516,29 @@ mod tests {
                 (got as f64 - want).abs() <= 1e-4 * mag + 1e-6,
                 "{ty}: got {got}, want {want} (magnitude {mag})"
             );
+        }
+    }
+
+    /// The prompt path (rows expanded once) computes the same sums as the one-token path.
+    #[test]
+    fn unpacked_rows_match_direct_dot_products() {
+        let mut rng = fastrand::Rng::with_seed(9);
+        let n = 1024;
+        let mut buf = UnpackedRow::new();
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4K] {
+            let row = rand_row(&mut rng, ty, n);
+            let x: Vec<f32> = (0..n).map(|_| rng.f32() * 2.0 - 1.0).collect();
+            let mut xq = vec![BlockQ8::default(); n / QK];
+            quantize_q8(&x, &mut xq);
+            unpack_row(ty, &row, &mut buf);
+            let got = dot_unpacked(&buf, n / QK, &xq);
+            let want = match ty {
+                GgmlType::Q4_0 => dot_q4_0(&row, &xq),
+                GgmlType::Q4_1 => dot_q4_1(&row, &xq),
+                GgmlType::Q8_0 => dot_q8_0(&row, &xq),
+                _ => dot_q4_k(&row, &xq),
+            };
+            assert!((got - want).abs() <= 1e-5 * want.abs().max(1.0), "{ty}: unpacked {got}, direct {want}");
         }
     }
 

@@ -75,7 +75,8 @@ pub(super) fn build(g: &Gguf) -> Result<Tokenizer, TokenizerError> {
                         _ => Err(invalid("tokenizer.ggml.merges holds a non-string")),
                     })
                     .collect::<Result<Vec<_>, _>>()?,
-                None => return Err(invalid("a gpt2 tokenizer needs tokenizer.ggml.merges")),
+                // A vocabulary of single bytes has nothing to merge (writers omit the key).
+                None => Vec::new(),
             };
             let pre = g.str_opt("tokenizer.ggml.pre").ok().flatten().unwrap_or("default");
             let bpe = BPE::builder()

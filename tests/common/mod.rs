@@ -1,0 +1,41 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The embedded default model. Tests that need it fail (never skip) when it is absent.
+pub fn default_model() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(llama_tpu::cli::DEFAULT_MODEL);
+    assert!(p.exists(), "{} is missing: run `make model` first (the README's test command does)", p.display());
+    p
+}
+
+/// A fresh scratch directory under the target directory.
+pub fn scratch(name: &str) -> PathBuf {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("create scratch dir");
+    d
+}
+
+/// Runs the numpy reference generator into `dir` (toy GGUFs + expected logits). Fails loudly
+/// when python3, numpy or gguf are missing: `make test` installs them.
+pub fn numpy_reference(dir: &Path) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/llama_reference.py");
+    let out = Command::new("python3").arg(&script).arg(dir).output().expect("python3 must be installed (make test-deps)");
+    assert!(
+        out.status.success(),
+        "the numpy reference failed (pip install numpy gguf; see `make test-deps`):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Reads little-endian f32s.
+pub fn read_f32s(path: &Path) -> Vec<f32> {
+    std::fs::read(path)
+        .expect("read logits")
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
