@@ -15,9 +15,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let file = MappedFile::open(Path::new(model))?;
     let gguf = Gguf::parse(&file)?;
     let tok = Tokenizer::from_gguf(&gguf)?;
-    let mut backend = CpuBackend::from_parts(std::sync::Arc::new(MappedFile::open(Path::new(model))?), &gguf, &CpuOptions::default())?;
+    let mut backend = CpuBackend::from_parts(
+        std::sync::Arc::new(MappedFile::open(Path::new(model))?),
+        &gguf,
+        &CpuOptions::default(),
+    )?;
     let ids = tok.encode(prompt, true)?;
-    let Next::Logits(logits) = backend.prefill(&ids, 0)? else { return Err("no logits".into()) };
+    let Next::Logits(logits) = backend.prefill(&ids, 0)? else {
+        return Err("no logits".into());
+    };
     let mut order: Vec<usize> = (0..logits.len()).collect();
     order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
     for &i in order.iter().take(k) {

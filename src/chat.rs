@@ -205,13 +205,22 @@ mod tests {
     #[test]
     fn llama3() {
         let s = ChatTemplate::Llama3.render(&convo()[1..2]);
-        assert_eq!(s, "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n");
+        assert_eq!(
+            s,
+            "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+        );
     }
 
     #[test]
     fn detection_and_names() {
-        assert_eq!(ChatTemplate::detect("{% for m in messages %}<|im_start|>"), Some(ChatTemplate::ChatMl));
-        assert_eq!(ChatTemplate::detect("[INST] {{ m }} [/INST]"), Some(ChatTemplate::Llama2));
+        assert_eq!(
+            ChatTemplate::detect("{% for m in messages %}<|im_start|>"),
+            Some(ChatTemplate::ChatMl)
+        );
+        assert_eq!(
+            ChatTemplate::detect("[INST] {{ m }} [/INST]"),
+            Some(ChatTemplate::Llama2)
+        );
         assert_eq!(ChatTemplate::detect("<|start_header_id|>"), Some(ChatTemplate::Llama3));
         assert_eq!(ChatTemplate::detect("{{ whatever }}"), None);
         let e = "vicuna".parse::<ChatTemplate>().unwrap_err().to_string();

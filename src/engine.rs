@@ -237,7 +237,12 @@ impl Engine {
     ///
     /// # Errors
     /// Bad settings, a prompt that does not fit, tokenizer or backend failures.
-    pub fn generate(&mut self, req: &Request, cancel: &AtomicBool, sink: &mut dyn Sink) -> Result<Summary, EngineError> {
+    pub fn generate(
+        &mut self,
+        req: &Request,
+        cancel: &AtomicBool,
+        sink: &mut dyn Sink,
+    ) -> Result<Summary, EngineError> {
         let started = Instant::now();
         req.sampling.validate().map_err(EngineError::Sampling)?;
         let prompt = self.prompt_tokens(&req.input)?;
@@ -355,7 +360,12 @@ impl Engine {
             self.held.clear();
             return if ok { Release::Continue } else { Release::SinkClosed };
         }
-        if let Some(at) = stop.iter().filter(|s| !s.is_empty()).filter_map(|s| self.held.find(s.as_str())).min() {
+        if let Some(at) = stop
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min()
+        {
             if at > 0 {
                 sink.text(&self.held[..at]);
             }

@@ -255,7 +255,13 @@ mod tests {
 
     #[test]
     fn greedy_is_argmax() {
-        let mut s = Sampler::new(100, SamplerConfig { temperature: 0.0, ..Default::default() });
+        let mut s = Sampler::new(
+            100,
+            SamplerConfig {
+                temperature: 0.0,
+                ..Default::default()
+            },
+        );
         let mut l = logits(100, 1);
         let want = argmax(&l);
         assert_eq!(s.sample(&mut l), want);
@@ -264,7 +270,17 @@ mod tests {
     #[test]
     fn same_seed_same_tokens_other_seed_differs() {
         let run = |seed| {
-            let mut s = Sampler::new(1000, SamplerConfig { seed, top_k: 0, top_p: 1.0, min_p: 0.0, temperature: 5.0, ..Default::default() });
+            let mut s = Sampler::new(
+                1000,
+                SamplerConfig {
+                    seed,
+                    top_k: 0,
+                    top_p: 1.0,
+                    min_p: 0.0,
+                    temperature: 5.0,
+                    ..Default::default()
+                },
+            );
             (0..50).map(|i| s.sample(&mut logits(1000, i))).collect::<Vec<_>>()
         };
         assert_eq!(run(7), run(7));
@@ -273,7 +289,14 @@ mod tests {
 
     #[test]
     fn top_k_one_is_greedy() {
-        let mut s = Sampler::new(500, SamplerConfig { top_k: 1, temperature: 1.0, ..Default::default() });
+        let mut s = Sampler::new(
+            500,
+            SamplerConfig {
+                top_k: 1,
+                temperature: 1.0,
+                ..Default::default()
+            },
+        );
         for i in 0..20 {
             let mut l = logits(500, i);
             let want = argmax(&l);
@@ -286,7 +309,16 @@ mod tests {
         // One token holds almost all mass: a small top-p can only ever pick it.
         let mut l = vec![0.0f32; 1000];
         l[123] = 20.0;
-        let mut s = Sampler::new(1000, SamplerConfig { top_k: 0, top_p: 0.5, min_p: 0.0, temperature: 1.0, ..Default::default() });
+        let mut s = Sampler::new(
+            1000,
+            SamplerConfig {
+                top_k: 0,
+                top_p: 0.5,
+                min_p: 0.0,
+                temperature: 1.0,
+                ..Default::default()
+            },
+        );
         for _ in 0..100 {
             assert_eq!(s.sample(&mut l.clone()), 123);
         }
@@ -296,7 +328,17 @@ mod tests {
     fn top_p_grows_past_the_first_candidates_when_needed() {
         // A flat distribution: top-p 0.9 needs ~900 of 1000 tokens, far beyond NUCLEUS_START.
         let l = vec![1.0f32; 1000];
-        let mut s = Sampler::new(1000, SamplerConfig { top_k: 0, top_p: 0.9, min_p: 0.0, temperature: 1.0, seed: 3, ..Default::default() });
+        let mut s = Sampler::new(
+            1000,
+            SamplerConfig {
+                top_k: 0,
+                top_p: 0.9,
+                min_p: 0.0,
+                temperature: 1.0,
+                seed: 3,
+                ..Default::default()
+            },
+        );
         let picks: std::collections::HashSet<u32> = (0..2000).map(|_| s.sample(&mut l.clone())).collect();
         assert!(picks.len() > 300, "only {} distinct tokens", picks.len());
         assert!(picks.iter().all(|&t| t < 1000));
@@ -308,7 +350,16 @@ mod tests {
         l[1] = 10.0;
         l[2] = 9.0; // e^-1 = 0.37 of the best: kept at min_p 0.3
         l[3] = 5.0; // e^-5: dropped
-        let mut s = Sampler::new(50, SamplerConfig { top_k: 0, top_p: 1.0, min_p: 0.3, temperature: 1.0, ..Default::default() });
+        let mut s = Sampler::new(
+            50,
+            SamplerConfig {
+                top_k: 0,
+                top_p: 1.0,
+                min_p: 0.3,
+                temperature: 1.0,
+                ..Default::default()
+            },
+        );
         for _ in 0..300 {
             let t = s.sample(&mut l.clone());
             assert!(t == 1 || t == 2, "picked {t}");
@@ -317,7 +368,14 @@ mod tests {
 
     #[test]
     fn repetition_penalty_changes_the_choice() {
-        let mut s = Sampler::new(10, SamplerConfig { temperature: 0.0, repeat_penalty: 2.0, ..Default::default() });
+        let mut s = Sampler::new(
+            10,
+            SamplerConfig {
+                temperature: 0.0,
+                repeat_penalty: 2.0,
+                ..Default::default()
+            },
+        );
         let base = [0.0, 5.0, 4.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0];
         assert_eq!(s.sample(&mut base.to_vec()), 1);
         s.accept(1);

@@ -32,7 +32,11 @@ fn rel_err(ours: &[f32], want: &[f32]) -> f32 {
 }
 
 fn argmax(v: &[f32]) -> usize {
-    v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap()
+    v.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map(|(i, _)| i)
+        .unwrap()
 }
 
 #[test]
@@ -46,13 +50,22 @@ fn logits_match_the_numpy_reference_for_every_weight_type() {
         let file = Arc::new(MappedFile::open(&path).unwrap());
         let gguf = Gguf::parse(&file).unwrap();
         for threads in [1, 3] {
-            let opts = CpuOptions { threads, context: Some(32), batch: 3 };
+            let opts = CpuOptions {
+                threads,
+                context: Some(32),
+                batch: 3,
+            };
             let mut b = CpuBackend::from_parts(Arc::clone(&file), &gguf, &opts).unwrap();
             let check = |pos: usize, next: Next<'_>| {
-                let Next::Logits(ours) = next else { panic!("cpu backend returns logits") };
+                let Next::Logits(ours) = next else {
+                    panic!("cpu backend returns logits")
+                };
                 let row = &want[pos * meta.vocab..(pos + 1) * meta.vocab];
                 let e = rel_err(ours, row);
-                assert!(e <= tolerance(ty), "{ty}, {threads} threads, position {pos}: relative error {e}");
+                assert!(
+                    e <= tolerance(ty),
+                    "{ty}, {threads} threads, position {pos}: relative error {e}"
+                );
                 assert_eq!(argmax(ours), argmax(row), "{ty}: greedy token differs at {pos}");
                 e
             };
@@ -69,7 +82,9 @@ fn logits_match_the_numpy_reference_for_every_weight_type() {
             // The same tokens as one prompt give bit-identical logits: a cached prefix never
             // changes what a request produces.
             let mut fresh = CpuBackend::from_parts(Arc::clone(&file), &gguf, &opts).unwrap();
-            let Next::Logits(whole) = fresh.prefill(&meta.tokens, 0).unwrap() else { unreachable!() };
+            let Next::Logits(whole) = fresh.prefill(&meta.tokens, 0).unwrap() else {
+                unreachable!()
+            };
             assert!(whole == last.as_slice(), "{ty}: prompt and step-by-step logits differ");
             eprintln!("{ty:5} threads {threads}: worst relative error {worst:.2e}");
         }
@@ -88,9 +103,19 @@ mod serde_json_lite {
         let s = std::fs::read_to_string(path).unwrap();
         let v: serde_json::Value = serde_json::from_str(&s).unwrap();
         Meta {
-            tokens: v["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect(),
+            tokens: v["tokens"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.as_u64().unwrap() as u32)
+                .collect(),
             vocab: v["vocab"].as_u64().unwrap() as usize,
-            types: v["types"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()).collect(),
+            types: v["types"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.as_str().unwrap().to_string())
+                .collect(),
         }
     }
 }

@@ -23,9 +23,17 @@ fn open() -> (Arc<MappedFile>, Gguf) {
 fn engine(context: usize) -> Engine {
     let (file, gguf) = open();
     let tok = Tokenizer::from_gguf(&gguf).unwrap();
-    let opts = CpuOptions { threads: 2, context: Some(context), ..CpuOptions::default() };
+    let opts = CpuOptions {
+        threads: 2,
+        context: Some(context),
+        ..CpuOptions::default()
+    };
     let backend = CpuBackend::from_parts(file, &gguf, &opts).unwrap();
-    Engine::new(Box::new(backend), tok, ChatTemplate::detect(gguf.str("tokenizer.chat_template").unwrap()))
+    Engine::new(
+        Box::new(backend),
+        tok,
+        ChatTemplate::detect(gguf.str("tokenizer.chat_template").unwrap()),
+    )
 }
 
 fn generate(e: &mut Engine, req: &Request) -> (String, Summary) {
@@ -43,13 +51,18 @@ fn generate(e: &mut Engine, req: &Request) -> (String, Summary) {
 fn greedy(input: Input, max_tokens: usize) -> Request {
     Request {
         max_tokens: Some(max_tokens),
-        sampling: SamplerConfig { temperature: 0.0, ..SamplerConfig::default() },
+        sampling: SamplerConfig {
+            temperature: 0.0,
+            ..SamplerConfig::default()
+        },
         ..Request::new(input)
     }
 }
 
 fn golden(name: &str) -> serde_json::Value {
-    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name);
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(name);
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 
@@ -62,10 +75,20 @@ fn token_ids_equal_llama_cpp_on_a_varied_text_set() {
     assert!(cases.len() >= 30);
     for c in cases {
         let text = c["text"].as_str().unwrap();
-        let want: Vec<u32> = c["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let want: Vec<u32> = c["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
         assert_eq!(tok.encode(text, true).unwrap(), want, "text {text:?}");
         // And the ids decode back to the text (byte-level BPE is lossless).
-        assert_eq!(tok.decode(&want), text.replace("<|im_start|>", "").replace("<|im_end|>", "").replace("<|endoftext|>", ""));
+        assert_eq!(
+            tok.decode(&want),
+            text.replace("<|im_start|>", "")
+                .replace("<|im_end|>", "")
+                .replace("<|endoftext|>", "")
+        );
     }
 }
 
@@ -80,7 +103,11 @@ fn greedy_decoding_follows_llama_cpp() {
     const MARGIN: f32 = 0.5;
     let (file, gguf) = open();
     let tok = Tokenizer::from_gguf(&gguf).unwrap();
-    let opts = CpuOptions { threads: 2, context: Some(256), ..CpuOptions::default() };
+    let opts = CpuOptions {
+        threads: 2,
+        context: Some(256),
+        ..CpuOptions::default()
+    };
     let mut b = CpuBackend::from_parts(file, &gguf, &opts).unwrap();
     let vocab = b.info().vocab_size as u32;
     let (mut steps, mut exact, mut worst) = (0, 0, 0f32);
@@ -89,21 +116,32 @@ fn greedy_decoding_follows_llama_cpp() {
         let mut rest = case["continuation"].as_str().unwrap().as_bytes();
         let ids = tok.encode(prompt, true).unwrap();
         let mut pos = ids.len();
-        let Next::Logits(l) = b.prefill(&ids, 0).unwrap() else { unreachable!() };
+        let Next::Logits(l) = b.prefill(&ids, 0).unwrap() else {
+            unreachable!()
+        };
         let mut logits = l.to_vec();
         while !rest.is_empty() {
-            let best = (0..vocab).max_by(|&a, &c| logits[a as usize].total_cmp(&logits[c as usize])).unwrap();
+            let best = (0..vocab)
+                .max_by(|&a, &c| logits[a as usize].total_cmp(&logits[c as usize]))
+                .unwrap();
             let theirs = (0..vocab)
                 .filter(|&t| !tok.token_bytes(t).is_empty() && rest.starts_with(tok.token_bytes(t)))
                 .max_by(|&a, &c| logits[a as usize].total_cmp(&logits[c as usize]))
                 .expect("some token spells the continuation");
             let gap = logits[best as usize] - logits[theirs as usize];
-            assert!(gap <= MARGIN, "{prompt:?}: step {steps}: llama.cpp's {:?} is {gap} below our {:?}", tok.decode(&[theirs]), tok.decode(&[best]));
+            assert!(
+                gap <= MARGIN,
+                "{prompt:?}: step {steps}: llama.cpp's {:?} is {gap} below our {:?}",
+                tok.decode(&[theirs]),
+                tok.decode(&[best])
+            );
             worst = worst.max(gap);
             exact += (best == theirs) as usize;
             steps += 1;
             rest = &rest[tok.token_bytes(theirs).len()..];
-            let Next::Logits(l) = b.decode(theirs, pos).unwrap() else { unreachable!() };
+            let Next::Logits(l) = b.decode(theirs, pos).unwrap() else {
+                unreachable!()
+            };
             logits.copy_from_slice(l);
             pos += 1;
         }
@@ -116,7 +154,10 @@ fn greedy_decoding_follows_llama_cpp() {
 #[test]
 fn answers_the_capital_of_france_through_the_chat_template() {
     let mut e = engine(512);
-    let q = Input::Chat(vec![Message::new(Role::User, "What is the capital of France? Answer in one sentence.")]);
+    let q = Input::Chat(vec![Message::new(
+        Role::User,
+        "What is the capital of France? Answer in one sentence.",
+    )]);
     let (text, s) = generate(&mut e, &greedy(q, 40));
     assert!(text.contains("Paris"), "answer: {text:?}");
     assert_eq!(s.reason, FinishReason::Eos);
@@ -128,7 +169,14 @@ fn seeded_sampling_is_reproducible() {
     let mut e = engine(256);
     let req = |seed| Request {
         max_tokens: Some(30),
-        sampling: SamplerConfig { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: 0.0, seed, ..SamplerConfig::default() },
+        sampling: SamplerConfig {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            seed,
+            ..SamplerConfig::default()
+        },
         ..Request::new(Input::Text("Once upon a time".into()))
     };
     let (a, _) = generate(&mut e, &req(42));
@@ -170,7 +218,12 @@ fn stop_strings_limits_cancellation_and_context_end() {
     // The sink saying stop (a client gone) and the cancel flag both end within one token.
     let cancel = AtomicBool::new(false);
     let mut n = 0;
-    let s = e.generate(&greedy(count.clone(), 40), &cancel, &mut |_: &str| { n += 1; n < 3 }).unwrap();
+    let s = e
+        .generate(&greedy(count.clone(), 40), &cancel, &mut |_: &str| {
+            n += 1;
+            n < 3
+        })
+        .unwrap();
     assert_eq!((s.reason, s.completion_tokens), (FinishReason::Cancelled, 3));
     let mut n = 0;
     let s = e
@@ -191,6 +244,8 @@ fn stop_strings_limits_cancellation_and_context_end() {
 
     // A prompt that does not fit is an error naming both sizes.
     let long = Input::Text("word ".repeat(100));
-    let err = e.generate(&greedy(long, 5), &AtomicBool::new(false), &mut |_: &str| true).unwrap_err();
+    let err = e
+        .generate(&greedy(long, 5), &AtomicBool::new(false), &mut |_: &str| true)
+        .unwrap_err();
     assert!(err.to_string().contains("context holds 64"), "{err}");
 }

@@ -42,7 +42,11 @@ pub(super) fn bench(a: &BenchArgs) -> Result<(), CliError> {
         "| model | size | backend | threads | test | t/s (median of {reps}) |\n| --- | ---: | --- | ---: | --- | ---: |"
     );
     let size = format!("{:.2} MiB", backend.info().weight_bytes as f64 / (1 << 20) as f64);
-    let name = a.model.model.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    let name = a
+        .model
+        .model
+        .file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
     let threads = backend.threads();
     let report = |test: String, mut rates: Vec<f64>| {
         rates.sort_by(f64::total_cmp);

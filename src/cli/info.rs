@@ -23,19 +23,34 @@ pub struct InfoArgs {
 pub(super) fn info(a: &InfoArgs) -> Result<(), CliError> {
     let m = open_gguf(&a.model)?;
     let g = &m.gguf;
-    println!("file:          {} ({:.1} MiB)", a.model.display(), m.file.len() as f64 / (1 << 20) as f64);
-    println!("format:        GGUF v{}, {} metadata keys, {} tensors", g.version, g.metadata.len(), g.tensors.len());
+    println!(
+        "file:          {} ({:.1} MiB)",
+        a.model.display(),
+        m.file.len() as f64 / (1 << 20) as f64
+    );
+    println!(
+        "format:        GGUF v{}, {} metadata keys, {} tensors",
+        g.version,
+        g.metadata.len(),
+        g.tensors.len()
+    );
     if let Ok(Some(name)) = g.str_opt("general.name") {
         println!("name:          {name}");
     }
     match LlamaConfig::from_gguf(g) {
         Ok(c) => {
-            println!("architecture:  {} ({} layers, hidden {}, FFN {})", c.arch, c.n_layers, c.dim, c.ffn_dim);
+            println!(
+                "architecture:  {} ({} layers, hidden {}, FFN {})",
+                c.arch, c.n_layers, c.dim, c.ffn_dim
+            );
             println!(
                 "attention:     {} heads, {} KV heads, head dim {}, rope theta {}, rms eps {:e}",
                 c.n_heads, c.n_kv_heads, c.head_dim, c.rope_theta, c.rms_eps
             );
-            println!("context:       {} tokens (trained), vocab {}", c.context_length, c.vocab_size);
+            println!(
+                "context:       {} tokens (trained), vocab {}",
+                c.context_length, c.vocab_size
+            );
             let params: u64 = g.tensors.iter().map(|t| t.elements()).sum();
             println!("parameters:    {:.1} M", params as f64 / 1e6);
         }
@@ -57,13 +72,20 @@ pub(super) fn info(a: &InfoArgs) -> Result<(), CliError> {
             let pre = g.str_opt("tokenizer.ggml.pre").ok().flatten().unwrap_or("-");
             let name = |id: Option<u32>| id.map_or("-".to_string(), |i| format!("{i} {:?}", g_token(g, i)));
             println!("tokenizer:     {}, pre-tokenizer {pre}", t.description);
-            println!("special:       bos {}, eos {}, add bos {}", name(t.bos), name(t.eos), t.add_bos);
+            println!(
+                "special:       bos {}, eos {}, add bos {}",
+                name(t.bos),
+                name(t.eos),
+                t.add_bos
+            );
         }
         Err(e) => println!("tokenizer:     unusable: {e}"),
     }
     match choose_template(None, Some(g)) {
         Ok(Some(t)) => println!("chat template: {t} (recognized from the model)"),
-        _ if g.get("tokenizer.chat_template").is_some() => println!("chat template: not recognized; pass --chat-template"),
+        _ if g.get("tokenizer.chat_template").is_some() => {
+            println!("chat template: not recognized; pass --chat-template")
+        }
         _ => println!("chat template: none in the file"),
     }
     if a.verbose {

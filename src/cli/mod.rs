@@ -128,7 +128,11 @@ pub struct OpenedModel {
 /// Missing file (66) or malformed content (65).
 pub fn open_gguf(path: &Path) -> Result<OpenedModel, CliError> {
     let file = MappedFile::open(path).map_err(|e| {
-        let hint = if path == Path::new(DEFAULT_MODEL) { " (run `make model` to fetch the default model)" } else { "" };
+        let hint = if path == Path::new(DEFAULT_MODEL) {
+            " (run `make model` to fetch the default model)"
+        } else {
+            ""
+        };
         CliError::new(Exit::NoInput, format!("{}: cannot open: {e}{hint}", path.display()))
     })?;
     let gguf = Gguf::parse(&file).map_err(|e| CliError::new(Exit::BadModel, format!("{}: {e}", path.display())))?;
@@ -144,7 +148,10 @@ pub fn open_gguf(path: &Path) -> Result<OpenedModel, CliError> {
 /// An unknown template name (the message lists the known ones).
 pub fn choose_template(name: Option<&str>, gguf: Option<&Gguf>) -> Result<Option<ChatTemplate>, CliError> {
     if let Some(n) = name {
-        return n.parse::<ChatTemplate>().map(Some).map_err(|e| CliError::new(Exit::Usage, e.to_string()));
+        return n
+            .parse::<ChatTemplate>()
+            .map(Some)
+            .map_err(|e| CliError::new(Exit::Usage, e.to_string()));
     }
     let jinja = gguf.and_then(|g| g.str_opt("tokenizer.chat_template").ok().flatten());
     Ok(jinja.and_then(ChatTemplate::detect))
@@ -157,7 +164,8 @@ pub fn choose_template(name: Option<&str>, gguf: Option<&Gguf>) -> Result<Option
 pub fn load_tokenizer(args: &ModelArgs, gguf: &Gguf) -> Result<Tokenizer, CliError> {
     match &args.tokenizer {
         Some(p) => Tokenizer::from_file(p).map_err(|e| CliError::new(Exit::BadModel, e.to_string())),
-        None => Tokenizer::from_gguf(gguf).map_err(|e| CliError::new(Exit::BadModel, format!("{}: {e}", args.model.display()))),
+        None => Tokenizer::from_gguf(gguf)
+            .map_err(|e| CliError::new(Exit::BadModel, format!("{}: {e}", args.model.display()))),
     }
 }
 
@@ -167,9 +175,10 @@ pub fn load_tokenizer(args: &ModelArgs, gguf: &Gguf) -> Result<Tokenizer, CliErr
 /// As for the pieces.
 pub fn load_engine(args: &ModelArgs) -> Result<Engine, CliError> {
     let opened = open_gguf(&args.model)?;
-    let tokenizer = load_tokenizer(args, &opened.gguf)?;
     let template = choose_template(args.chat_template.as_deref(), Some(&opened.gguf))?;
+    // The model first: "unsupported architecture" says more than a missing tokenizer key.
     let backend = load_cpu(args, &opened)?;
+    let tokenizer = load_tokenizer(args, &opened.gguf)?;
     Ok(Engine::new(Box::new(backend), tokenizer, template))
 }
 
@@ -189,7 +198,11 @@ pub fn main() -> u8 {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { Exit::Usage as u8 } else { Exit::Ok as u8 };
+            return if e.use_stderr() {
+                Exit::Usage as u8
+            } else {
+                Exit::Ok as u8
+            };
         }
     };
     let result = match cli.command {

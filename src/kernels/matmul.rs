@@ -67,7 +67,14 @@ pub enum Activations<'a> {
 /// If the activation form does not match the weight type (a programming error: the caller
 /// picks the form with [`quant::uses_q8_activations`]).
 #[multiversion(targets("x86_64+avx2+fma+f16c", "x86_64+sse4.1", "aarch64+neon"))]
-pub fn matmul_rows<'a>(w: &Weight<'a>, x: Activations<'a>, n_tokens: usize, rows: Range<usize>, out: &[AtomicU32], out_stride: usize) {
+pub fn matmul_rows<'a>(
+    w: &Weight<'a>,
+    x: Activations<'a>,
+    n_tokens: usize,
+    rows: Range<usize>,
+    out: &[AtomicU32],
+    out_stride: usize,
+) {
     // A macro rather than a generic helper taking the dot product as a closure: the closure
     // call was not inlined into the per-target clones, which left the hot loop unvectorized.
     macro_rules! tiles {
@@ -124,4 +131,3 @@ pub fn matmul_rows<'a>(w: &Weight<'a>, x: Activations<'a>, n_tokens: usize, rows
         (ty, _) => panic!("matmul_rows: no kernel for {ty} with these activations"),
     }
 }
-

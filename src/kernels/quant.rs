@@ -176,7 +176,10 @@ pub fn unpackable(ty: GgmlType) -> bool {
 /// Expands `row` (`cols` elements, at most [`MAX_UNPACKED_COLS`]) into `out`.
 #[inline(always)]
 pub fn unpack_row(ty: GgmlType, row: &[u8], out: &mut UnpackedRow) {
-    let blocks = out.q.chunks_exact_mut(QK).zip(out.scale.iter_mut().zip(out.min.iter_mut()));
+    let blocks = out
+        .q
+        .chunks_exact_mut(QK)
+        .zip(out.scale.iter_mut().zip(out.min.iter_mut()));
     match ty {
         GgmlType::Q4_0 | GgmlType::Q4_1 => {
             let (bytes, offset) = if ty == GgmlType::Q4_0 { (18, 8) } else { (20, 0) };
@@ -261,7 +264,12 @@ pub fn dot_q4_k(row: &[u8], x: &[BlockQ8]) -> f32 {
             for (k, w) in [(2 * pair, lo), (2 * pair + 1, hi)] {
                 let (sc, m) = q4k_scale_min(scales, k);
                 let xb = &xs[k];
-                acc.add(k, block_lanes(&w, &xb.qs), d * sc as f32 * xb.d, -dmin * m as f32 * xb.s);
+                acc.add(
+                    k,
+                    block_lanes(&w, &xb.qs),
+                    d * sc as f32 * xb.d,
+                    -dmin * m as f32 * xb.s,
+                );
             }
         }
     }
@@ -342,7 +350,10 @@ pub fn dot_bf16(row: &[u8], x: &[f32]) -> f32 {
 
 /// Whether rows of this type are multiplied with [`BlockQ8`] activations (else with f32).
 pub fn uses_q8_activations(ty: GgmlType) -> bool {
-    matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q4K | GgmlType::Q6K)
+    matches!(
+        ty,
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q4K | GgmlType::Q6K
+    )
 }
 
 /// Expands one row of any supported type into f32 (for embeddings lookups and tests).
@@ -538,7 +549,10 @@ mod tests {
                 GgmlType::Q8_0 => dot_q8_0(&row, &xq),
                 _ => dot_q4_k(&row, &xq),
             };
-            assert!((got - want).abs() <= 1e-5 * want.abs().max(1.0), "{ty}: unpacked {got}, direct {want}");
+            assert!(
+                (got - want).abs() <= 1e-5 * want.abs().max(1.0),
+                "{ty}: unpacked {got}, direct {want}"
+            );
         }
     }
 

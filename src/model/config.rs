@@ -52,7 +52,9 @@ impl LlamaConfig {
         let dim = g.u64(&key("embedding_length"))? as usize;
         let ffn_dim = g.u64(&key("feed_forward_length"))? as usize;
         let n_heads = g.u64(&key("attention.head_count"))? as usize;
-        let n_kv_heads = g.u64_opt(&key("attention.head_count_kv"))?.map_or(n_heads, |v| v as usize);
+        let n_kv_heads = g
+            .u64_opt(&key("attention.head_count_kv"))?
+            .map_or(n_heads, |v| v as usize);
         let context_length = g.u64(&key("context_length"))? as usize;
         let rms_eps = g.f64_opt(&key("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5) as f32;
         let rope_theta = g.f64_opt(&key("rope.freq_base"))?.unwrap_or(10000.0) as f32;
@@ -66,22 +68,35 @@ impl LlamaConfig {
             return invalid("layer count, sizes and head counts must be positive".into());
         }
         if dim % n_heads != 0 {
-            return invalid(format!("hidden size {dim} is not a multiple of the head count {n_heads}"));
+            return invalid(format!(
+                "hidden size {dim} is not a multiple of the head count {n_heads}"
+            ));
         }
-        let head_dim = g.u64_opt(&key("attention.key_length"))?.map_or(dim / n_heads, |v| v as usize);
+        let head_dim = g
+            .u64_opt(&key("attention.key_length"))?
+            .map_or(dim / n_heads, |v| v as usize);
         if head_dim * n_heads != dim || head_dim % 2 != 0 {
-            return invalid(format!("head dim {head_dim} x {n_heads} heads does not give hidden size {dim}"));
+            return invalid(format!(
+                "head dim {head_dim} x {n_heads} heads does not give hidden size {dim}"
+            ));
         }
         if n_heads % n_kv_heads != 0 {
             return invalid(format!("{n_heads} heads are not a multiple of {n_kv_heads} kv heads"));
         }
-        let rope_dims = g.u64_opt(&key("rope.dimension_count"))?.map_or(head_dim, |v| v as usize);
+        let rope_dims = g
+            .u64_opt(&key("rope.dimension_count"))?
+            .map_or(head_dim, |v| v as usize);
         if rope_dims > head_dim || rope_dims % 2 != 0 {
-            return invalid(format!("rope dimension count {rope_dims} does not fit head dim {head_dim}"));
+            return invalid(format!(
+                "rope dimension count {rope_dims} does not fit head dim {head_dim}"
+            ));
         }
         let vocab_size = match g.u64_opt(&key("vocab_size"))? {
             Some(v) => v as usize,
-            None => g.tensor("token_embd.weight").map(|t| t.dims.get(1).copied().unwrap_or(0) as usize).unwrap_or(0),
+            None => g
+                .tensor("token_embd.weight")
+                .map(|t| t.dims.get(1).copied().unwrap_or(0) as usize)
+                .unwrap_or(0),
         };
         if vocab_size == 0 {
             return invalid("vocabulary size unknown (no vocab_size key and no token_embd.weight)".into());

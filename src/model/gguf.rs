@@ -146,7 +146,9 @@ impl fmt::Display for Value {
             Value::I64(v) => write!(f, "{v}"),
             Value::F64(v) => write!(f, "{v}"),
             Value::Bool(v) => write!(f, "{v}"),
-            Value::Str(s) if s.len() > 60 => write!(f, "{:?}... ({} bytes)", &s[..s.floor_char_boundary_compat(60)], s.len()),
+            Value::Str(s) if s.len() > 60 => {
+                write!(f, "{:?}... ({} bytes)", &s[..s.floor_char_boundary_compat(60)], s.len())
+            }
             Value::Str(s) => write!(f, "{s:?}"),
             Value::Array(a) => write!(f, "[{} items]", a.len()),
         }
@@ -682,7 +684,10 @@ mod tests {
     #[test]
     fn wrong_type_and_missing_key_are_named() {
         let g = Gguf::parse(&sample()).unwrap();
-        assert!(matches!(g.u64("general.architecture"), Err(GgufError::WrongType { .. })));
+        assert!(matches!(
+            g.u64("general.architecture"),
+            Err(GgufError::WrongType { .. })
+        ));
         assert_eq!(g.u64("nope").unwrap_err(), GgufError::MissingKey("nope".into()));
     }
 }

@@ -26,7 +26,10 @@ fn lib(e: impl std::fmt::Display) -> TokenizerError {
 
 pub(super) fn build(g: &Gguf) -> Result<Tokenizer, TokenizerError> {
     let model = g.str("tokenizer.ggml.model").map_err(|e| invalid(e.to_string()))?;
-    let tokens: Vec<String> = match g.array_opt("tokenizer.ggml.tokens").map_err(|e| invalid(e.to_string()))? {
+    let tokens: Vec<String> = match g
+        .array_opt("tokenizer.ggml.tokens")
+        .map_err(|e| invalid(e.to_string()))?
+    {
         Some(a) => a
             .iter()
             .map(|v| match v {
@@ -40,8 +43,14 @@ pub(super) fn build(g: &Gguf) -> Result<Tokenizer, TokenizerError> {
         return Err(invalid("empty vocabulary"));
     }
     let n = tokens.len();
-    let types: Vec<TokenType> = match g.array_opt("tokenizer.ggml.token_type").map_err(|e| invalid(e.to_string()))? {
-        Some(a) if a.len() == n => a.iter().map(|v| TokenType::from_gguf(v.as_f64().unwrap_or(1.0) as i64)).collect(),
+    let types: Vec<TokenType> = match g
+        .array_opt("tokenizer.ggml.token_type")
+        .map_err(|e| invalid(e.to_string()))?
+    {
+        Some(a) if a.len() == n => a
+            .iter()
+            .map(|v| TokenType::from_gguf(v.as_f64().unwrap_or(1.0) as i64))
+            .collect(),
         Some(a) => return Err(invalid(format!("{} token types for {n} tokens", a.len()))),
         None => vec![TokenType::Normal; n],
     };
@@ -64,7 +73,10 @@ pub(super) fn build(g: &Gguf) -> Result<Tokenizer, TokenizerError> {
     let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
     let (kind, mut inner, add_bos_default) = match model {
         "gpt2" => {
-            let merges = match g.array_opt("tokenizer.ggml.merges").map_err(|e| invalid(e.to_string()))? {
+            let merges = match g
+                .array_opt("tokenizer.ggml.merges")
+                .map_err(|e| invalid(e.to_string()))?
+            {
                 Some(a) => a
                     .iter()
                     .map(|v| match v {
@@ -89,15 +101,21 @@ pub(super) fn build(g: &Gguf) -> Result<Tokenizer, TokenizerError> {
             let pre_tok: PreTokenizerWrapper = match pre {
                 "smollm" => Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into(),
                 "llama-bpe" | "llama3" | "llama-v3" => Sequence::new(vec![
-                    Split::new(SplitPattern::Regex(LLAMA3_REGEX.into()), SplitDelimiterBehavior::Isolated, false)
-                        .map_err(lib)?
-                        .into(),
+                    Split::new(
+                        SplitPattern::Regex(LLAMA3_REGEX.into()),
+                        SplitDelimiterBehavior::Isolated,
+                        false,
+                    )
+                    .map_err(lib)?
+                    .into(),
                     ByteLevel::new(false, true, false).into(),
                 ])
                 .into(),
                 "default" | "gpt-2" | "gpt2" => byte_level.into(),
                 other => {
-                    log::warn!("tokenizer pre-type '{other}' is not known here; using GPT-2's, ids may differ from llama.cpp");
+                    log::warn!(
+                        "tokenizer pre-type '{other}' is not known here; using GPT-2's, ids may differ from llama.cpp"
+                    );
                     byte_level.into()
                 }
             };
@@ -105,12 +123,18 @@ pub(super) fn build(g: &Gguf) -> Result<Tokenizer, TokenizerError> {
             (VocabKind::ByteLevel, t, false)
         }
         "llama" => {
-            let scores: Vec<f32> = match g.array_opt("tokenizer.ggml.scores").map_err(|e| invalid(e.to_string()))? {
+            let scores: Vec<f32> = match g
+                .array_opt("tokenizer.ggml.scores")
+                .map_err(|e| invalid(e.to_string()))?
+            {
                 Some(a) if a.len() == n => a.iter().map(|v| v.as_f64().unwrap_or(0.0) as f32).collect(),
                 _ => return Err(invalid("a llama tokenizer needs tokenizer.ggml.scores, one per token")),
             };
             let merges = merges_from_scores(&tokens, &types, &scores);
-            let mut builder = BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(true).fuse_unk(true);
+            let mut builder = BPE::builder()
+                .vocab_and_merges(vocab, merges)
+                .byte_fallback(true)
+                .fuse_unk(true);
             if let Some(u) = unk {
                 builder = builder.unk_token(tokens[u as usize].clone());
             }
@@ -123,7 +147,11 @@ pub(super) fn build(g: &Gguf) -> Result<Tokenizer, TokenizerError> {
             t.with_normalizer(Some(NormSeq::new(norms)));
             (VocabKind::SentencePiece, t, true)
         }
-        other => return Err(invalid(format!("unsupported tokenizer model '{other}' (supported: gpt2, llama)"))),
+        other => {
+            return Err(invalid(format!(
+                "unsupported tokenizer model '{other}' (supported: gpt2, llama)"
+            )))
+        }
     };
 
     // Control and user-defined tokens are matched in the text before anything else.

@@ -93,7 +93,11 @@ impl Tokenizer {
             detail: e.to_string(),
         })?;
         let byte_level = matches!(inner.get_decoder(), Some(tokenizers::DecoderWrapper::ByteLevel(_)));
-        let kind = if byte_level { VocabKind::ByteLevel } else { VocabKind::SentencePiece };
+        let kind = if byte_level {
+            VocabKind::ByteLevel
+        } else {
+            VocabKind::SentencePiece
+        };
         let vocab = inner.get_vocab(true);
         let n = vocab.values().max().map_or(0, |&m| m as usize + 1);
         let mut texts = vec![String::new(); n];
@@ -101,12 +105,20 @@ impl Tokenizer {
             texts[id as usize] = t.clone();
         }
         let special: Vec<bool> = (0..n)
-            .map(|i| inner.get_added_tokens_decoder().get(&(i as u32)).is_some_and(|t| t.special))
+            .map(|i| {
+                inner
+                    .get_added_tokens_decoder()
+                    .get(&(i as u32))
+                    .is_some_and(|t| t.special)
+            })
             .collect();
         let find = |names: &[&str]| names.iter().find_map(|n| vocab.get(*n).copied());
         let bos = find(&["<s>", "<|begin_of_text|>", "<|im_start|>"]);
         let eos = find(&["</s>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>"]);
-        let kinds: Vec<TokenType> = special.iter().map(|&s| if s { TokenType::Control } else { TokenType::Normal }).collect();
+        let kinds: Vec<TokenType> = special
+            .iter()
+            .map(|&s| if s { TokenType::Control } else { TokenType::Normal })
+            .collect();
         let mut t = Tokenizer::assemble(inner, kind, &texts, &kinds, bos, eos, None)?;
         // Llama-2/3 style tokenizer.json files put BOS through their post-processor.
         t.add_bos = kind == VocabKind::SentencePiece || vocab.contains_key("<|begin_of_text|>");
@@ -129,7 +141,8 @@ impl Tokenizer {
         offsets.push(0u32);
         for (text, ty) in texts.iter().zip(types) {
             token_bytes(kind, text, *ty, &mut bytes);
-            let end = u32::try_from(bytes.len()).map_err(|_| TokenizerError::Invalid("vocabulary text too large".into()))?;
+            let end =
+                u32::try_from(bytes.len()).map_err(|_| TokenizerError::Invalid("vocabulary text too large".into()))?;
             offsets.push(end);
         }
         // End-of-generation: eos/eot plus the end-of-turn markers of the templates we know,
@@ -272,7 +285,11 @@ fn token_bytes(kind: VocabKind, text: &str, ty: TokenType, out: &mut Vec<u8>) {
                 None => {
                     for c in text.chars() {
                         let mut buf = [0u8; 4];
-                        out.extend_from_slice(if c == '▁' { b" " } else { c.encode_utf8(&mut buf).as_bytes() });
+                        out.extend_from_slice(if c == '▁' {
+                            b" "
+                        } else {
+                            c.encode_utf8(&mut buf).as_bytes()
+                        });
                     }
                 }
             },

@@ -7,7 +7,11 @@ use std::process::Command;
 /// The embedded default model. Tests that need it fail (never skip) when it is absent.
 pub fn default_model() -> PathBuf {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(llama_tpu::cli::DEFAULT_MODEL);
-    assert!(p.exists(), "{} is missing: run `make model` first (the README's test command does)", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run `make model` first (the README's test command does)",
+        p.display()
+    );
     p
 }
 
@@ -23,7 +27,11 @@ pub fn scratch(name: &str) -> PathBuf {
 /// when python3, numpy or gguf are missing: `make test` installs them.
 pub fn numpy_reference(dir: &Path) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/llama_reference.py");
-    let out = Command::new("python3").arg(&script).arg(dir).output().expect("python3 must be installed (make test-deps)");
+    let out = Command::new("python3")
+        .arg(&script)
+        .arg(dir)
+        .output()
+        .expect("python3 must be installed (make test-deps)");
     assert!(
         out.status.success(),
         "the numpy reference failed (pip install numpy gguf; see `make test-deps`):\n{}",

@@ -54,7 +54,9 @@ pub enum CpuError {
     #[error("tensor '{0}' is missing")]
     MissingTensor(String),
     /// A tensor's type has no kernel.
-    #[error("unsupported tensor type {ty} in tensor '{tensor}' (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K)")]
+    #[error(
+        "unsupported tensor type {ty} in tensor '{tensor}' (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K)"
+    )]
     UnsupportedType {
         /// The type.
         ty: String,
@@ -127,9 +129,16 @@ struct Compute {
 #[derive(Debug, Clone, Copy)]
 enum Job {
     /// Multiply the current input by up to three matrices.
-    MatMul { weights: [Option<TensorRef>; 3], n_tokens: usize },
+    MatMul {
+        weights: [Option<TensorRef>; 3],
+        n_tokens: usize,
+    },
     /// Causal attention for `n_tokens` queries at positions `start..`, one item per (token, head).
-    Attention { layer: usize, n_tokens: usize, start: usize },
+    Attention {
+        layer: usize,
+        n_tokens: usize,
+        start: usize,
+    },
 }
 
 impl Executor for Compute {
@@ -189,7 +198,16 @@ impl Compute {
             let (t, h) = (item / cfg.n_heads, item % cfg.n_heads);
             let pos = start + t;
             let qh = &q[t * dim + h * hd..t * dim + (h + 1) * hd];
-            attend(qh, layer_k, layer_v, kvd, (h / group) * hd, pos + 1, &mut scores[..=pos], &mut acc[..hd]);
+            attend(
+                qh,
+                layer_k,
+                layer_v,
+                kvd,
+                (h / group) * hd,
+                pos + 1,
+                &mut scores[..=pos],
+                &mut acc[..hd],
+            );
             let out = &self.out[0][t * dim + h * hd..t * dim + (h + 1) * hd];
             for (o, &a) in out.iter().zip(acc.iter()) {
                 o.store(a.to_bits(), Ordering::Relaxed);
@@ -201,7 +219,16 @@ impl Compute {
 /// One query head against `n` cached positions: `acc = softmax(q·k / sqrt(d)) · v`.
 #[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
 #[allow(clippy::too_many_arguments)]
-fn attend(q: &[f32], k: &[f32], v: &[f32], stride: usize, offset: usize, n: usize, scores: &mut [f32], acc: &mut [f32]) {
+fn attend(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    stride: usize,
+    offset: usize,
+    n: usize,
+    scores: &mut [f32],
+    acc: &mut [f32],
+) {
     let scale = 1.0 / (q.len() as f32).sqrt();
     for (p, s) in scores.iter_mut().enumerate().take(n) {
         let kp = &k[p * stride + offset..p * stride + offset + q.len()];
@@ -287,11 +314,16 @@ impl CpuBackend {
                 v: vec![0.0; kv_len],
             }),
             out: [atomics(out_len), atomics(batch * widest), atomics(batch * widest)],
-            scratch: (0..threads).map(|_| Mutex::new(vec![0.0; context + cfg.head_dim])).collect(),
+            scratch: (0..threads)
+                .map(|_| Mutex::new(vec![0.0; context + cfg.head_dim]))
+                .collect(),
             weights,
         });
         let pool = Pool::new(Arc::clone(&compute), threads).map_err(CpuError::Threads)?;
-        let name = file.path().file_name().map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned());
+        let name = file
+            .path()
+            .file_name()
+            .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned());
         let info = BackendInfo {
             backend: "cpu",
             model: format!("{name} ({}, {} layers, dim {})", cfg.arch, cfg.n_layers, cfg.dim),
@@ -395,7 +427,11 @@ impl CpuBackend {
                     read_atomics(&c.out[2][t * kvd..(t + 1) * kvd], &mut kv.v[at..at + kvd]);
                 }
             }
-            self.pool.run(Job::Attention { layer: l, n_tokens: n, start });
+            self.pool.run(Job::Attention {
+                layer: l,
+                n_tokens: n,
+                start,
+            });
             read_atomics(&c.out[0][..n * dim], &mut self.xb[..n * dim]);
             self.matmul(n, dim, [Some(lw.attn_output), None, None]);
             add_atomics(&mut self.x[..n * dim], &c.out[0][..n * dim]);
@@ -442,7 +478,15 @@ fn describe_types(w: &ModelWeights) -> String {
         }
     };
     for l in &w.layers {
-        for t in [&l.attn_q, &l.attn_k, &l.attn_v, &l.attn_output, &l.ffn_gate, &l.ffn_up, &l.ffn_down] {
+        for t in [
+            &l.attn_q,
+            &l.attn_k,
+            &l.attn_v,
+            &l.attn_output,
+            &l.ffn_gate,
+            &l.ffn_up,
+            &l.ffn_down,
+        ] {
             note(t);
         }
     }

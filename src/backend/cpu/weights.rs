@@ -81,7 +81,9 @@ impl ModelWeights {
     /// A tensor is missing, has the wrong shape, or has a type without kernels.
     pub fn load(g: &Gguf, file: &MappedFile, cfg: &LlamaConfig) -> Result<ModelWeights, CpuError> {
         let matrix = |name: &str, cols: usize, rows: usize| -> Result<TensorRef, CpuError> {
-            let t = g.tensor(name).ok_or_else(|| CpuError::MissingTensor(name.to_string()))?;
+            let t = g
+                .tensor(name)
+                .ok_or_else(|| CpuError::MissingTensor(name.to_string()))?;
             if !t.ty.is_supported() {
                 return Err(CpuError::UnsupportedType {
                     ty: t.ty.to_string(),
@@ -121,7 +123,9 @@ impl ModelWeights {
         let vector = |name: &str, len: usize| -> Result<Vec<f32>, CpuError> {
             let t = matrix(name, len, 1).or_else(|_| {
                 // Vectors are stored with one dimension.
-                let t = g.tensor(name).ok_or_else(|| CpuError::MissingTensor(name.to_string()))?;
+                let t = g
+                    .tensor(name)
+                    .ok_or_else(|| CpuError::MissingTensor(name.to_string()))?;
                 if t.dims != [len as u64] || !t.ty.is_supported() || t.ty.block_elements() != 1 {
                     return Err(CpuError::Shape {
                         tensor: name.to_string(),
@@ -196,7 +200,15 @@ impl ModelWeights {
             b += self.output.len as u64;
         }
         for l in &self.layers {
-            for t in [l.attn_q, l.attn_k, l.attn_v, l.attn_output, l.ffn_gate, l.ffn_up, l.ffn_down] {
+            for t in [
+                l.attn_q,
+                l.attn_k,
+                l.attn_v,
+                l.attn_output,
+                l.ffn_gate,
+                l.ffn_up,
+                l.ffn_down,
+            ] {
                 b += t.len as u64;
             }
         }

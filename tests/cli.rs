@@ -1,0 +1,201 @@
+//! The `llama-tpu` binary as a user meets it: help, output, and clear errors with documented
+//! exit codes for every kind of bad input.
+mod common;
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use llama_tpu::model::gguf::writer::{write, Meta};
+use llama_tpu::model::GgmlType;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_llama-tpu"))
+}
+
+fn run(args: &[&str]) -> Output {
+    bin().args(args).output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn help_everywhere() {
+    for sub in [&[][..], &["run"], &["info"], &["tokenize"], &["bench"]] {
+        let mut args = sub.to_vec();
+        args.push("--help");
+        let o = run(&args);
+        assert!(o.status.success(), "{args:?}");
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(out.contains("Usage:"), "{args:?}: {out}");
+    }
+    let o = run(&["--help"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("Exit codes"));
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let o = run(&["frobnicate"]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = run(&["run", "--temperature=-1", "hi"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("temperature"), "{}", stderr(&o));
+    let m = common::default_model();
+    let o = run(&[
+        "run",
+        "-m",
+        m.to_str().unwrap(),
+        "--chat",
+        "--chat-template",
+        "vicuna",
+        "hi",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("chatml, llama2, llama3"), "{}", stderr(&o));
+}
+
+fn bad_model(name: &str, bytes: &[u8]) -> (std::path::PathBuf, Output) {
+    let dir = common::scratch("cli-bad");
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    let o = run(&["run", "-m", p.to_str().unwrap(), "-n", "1", "hi"]);
+    (p, o)
+}
+
+fn assert_refused(p: &Path, o: &Output, code: i32, needle: &str) {
+    let e = stderr(o);
+    assert_eq!(o.status.code(), Some(code), "{e}");
+    assert!(
+        e.contains(&p.display().to_string()),
+        "error does not name the file: {e}"
+    );
+    assert!(e.contains(needle), "error does not say '{needle}': {e}");
+    assert!(!e.contains("panicked"), "{e}");
+}
+
+#[test]
+fn bad_model_files_are_refused_clearly() {
+    let o = run(&["run", "-m", "/nonexistent/model.gguf", "hi"]);
+    assert_eq!(o.status.code(), Some(66));
+    assert!(stderr(&o).contains("/nonexistent/model.gguf"));
+
+    let (p, o) = bad_model("magic.gguf", b"NOT A GGUF FILE AT ALL, JUST TEXT");
+    assert_refused(&p, &o, 65, "not a GGUF file");
+
+    let real = std::fs::read(common::default_model()).unwrap();
+    let (p, o) = bad_model("truncated.gguf", &real[..real.len() / 2]);
+    assert_refused(&p, &o, 65, "truncated");
+    let (p, o) = bad_model("header-only.gguf", &real[..100_000]);
+    assert_refused(&p, &o, 65, "truncated");
+
+    let arch = write(&[("general.architecture", Meta::Str("mamba".into()))], &[]);
+    let (p, o) = bad_model("arch.gguf", &arch);
+    assert_refused(&p, &o, 65, "unsupported architecture 'mamba'");
+
+    let tensors = [("token_embd.weight", vec![64, 10], GgmlType::Q5_0, vec![0u8; 10 * 44])];
+    let meta = [
+        ("general.architecture", Meta::Str("llama".into())),
+        ("llama.block_count", Meta::U32(1)),
+        ("llama.embedding_length", Meta::U32(64)),
+        ("llama.feed_forward_length", Meta::U32(128)),
+        ("llama.attention.head_count", Meta::U32(4)),
+        ("llama.context_length", Meta::U32(32)),
+        ("tokenizer.ggml.model", Meta::Str("gpt2".into())),
+        (
+            "tokenizer.ggml.tokens",
+            Meta::StrArray((0..10).map(|i| format!("t{i}")).collect()),
+        ),
+    ];
+    let (p, o) = bad_model("q5.gguf", &write(&meta, &tensors));
+    assert_refused(&p, &o, 65, "unsupported tensor type Q5_0 in tensor 'token_embd.weight'");
+}
+
+#[test]
+fn tokenize_prints_ids_on_one_line() {
+    let m = common::default_model();
+    let o = run(&["tokenize", "-m", m.to_str().unwrap(), "Hello world"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "19556 905\n");
+    let o = run(&["tokenize", "-m", m.to_str().unwrap(), "<|im_start|>user"]);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "1 4093\n",
+        "special tokens are parsed"
+    );
+}
+
+#[test]
+fn run_reads_the_prompt_from_stdin_and_reports_timings() {
+    let m = common::default_model();
+    let mut child = bin()
+        .args([
+            "run",
+            "-m",
+            m.to_str().unwrap(),
+            "--chat",
+            "--temperature",
+            "0",
+            "-n",
+            "30",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"What is the capital of France? Answer in one sentence.")
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("Paris"));
+    let e = stderr(&o);
+    assert!(
+        e.contains("tokens/s") && e.contains("first token") && e.contains("stop: eos"),
+        "{e}"
+    );
+}
+
+#[test]
+fn info_describes_the_model() {
+    let m = common::default_model();
+    let o = run(&["info", m.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    for needle in [
+        "llama (30 layers, hidden 576, FFN 1536)",
+        "9 heads, 3 KV heads, head dim 64",
+        "Q4_1 x210",
+        "Q8_0 x1",
+        "byte-level BPE",
+        "chatml",
+    ] {
+        assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
+    }
+}
+
+#[test]
+fn bench_prints_figures() {
+    let m = common::default_model();
+    let o = run(&[
+        "bench",
+        "-m",
+        m.to_str().unwrap(),
+        "-p",
+        "16",
+        "-n",
+        "8",
+        "-r",
+        "1",
+        "-t",
+        "2",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("| pp16 |") && out.contains("| tg8 |"), "{out}");
+}
