@@ -20,6 +20,9 @@ thread_local! {
 const TOKEN_TILE: usize = 32;
 /// Rows per pass: their bytes stay in L1 across the token tile.
 const ROW_TILE: usize = 8;
+/// How far ahead weight rows are prefetched during one-token products (rows are a few hundred
+/// bytes; this is a few microseconds of work ahead, about one memory latency).
+const PREFETCH_ROWS: usize = 4;
 
 /// A row-major weight matrix borrowed from the model file.
 #[derive(Debug, Clone, Copy)]
@@ -84,11 +87,12 @@ pub fn matmul_rows<'a>(
                 let t1 = (t0 + TOKEN_TILE).min(n_tokens);
                 for r0 in rows.clone().step_by(ROW_TILE) {
                     let r1 = (r0 + ROW_TILE).min(rows.end);
-                    if t0 == 0 {
-                        let next = &w.data[r1 * w.row_bytes()..(r1 + ROW_TILE).min(w.rows) * w.row_bytes()];
-                        crate::model::mmap::prefetch(next);
-                    }
                     for r in r0..r1 {
+                        // One row's lines at a time, PREFETCH_ROWS ahead: a burst for a whole
+                        // tile filled the line-fill buffers and stalled on its own prefetches.
+                        if t0 == 0 && r + PREFETCH_ROWS < w.rows {
+                            crate::model::mmap::prefetch(w.row(r + PREFETCH_ROWS));
+                        }
                         let row = w.row(r);
                         for t in t0..t1 {
                             let v = $dot(row, &x[t * per_token..(t + 1) * per_token]);

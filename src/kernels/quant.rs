@@ -7,6 +7,8 @@
 //! that LLVM vectorizes them (NEON on aarch64, SSE2 or AVX2 on x86_64; the callers are compiled
 //! in several versions and the best one is picked at run time, see `matmul`).
 
+use wide::{f32x8, i16x16, i32x8, i8x16};
+
 use super::half::{bf16_to_f32, f16_to_f32};
 use crate::model::GgmlType;
 
@@ -47,16 +49,15 @@ pub fn quantize_q8(x: &[f32], out: &mut [BlockQ8]) {
 /// Products of one block folded into 8 lanes (lane j sums elements j, j+8, j+16, j+24). Kept
 /// as lanes so that the caller scales and accumulates them as one vector: no horizontal sum
 /// per block, which is what made the first version of these loops slow.
+/// One block's products folded into 8 lanes: lane j sums elements 2j, 2j+1, 16+2j and 17+2j.
+/// That is two `i16x16::dot`s (x86 `pmaddwd`, NEON widening multiply and pairwise add), which
+/// plain loops did not vectorize into. Weights come already widened to i16 (nibbles unpack
+/// straight into them; prompt rows are expanded once); pair sums fit: |w·x| <= 128·127.
 #[inline(always)]
-fn block_lanes(a: &[i8; QK], b: &[i8; QK]) -> [i32; 8] {
-    let mut lanes = [0i32; 8];
-    for j in 0..8 {
-        for k in 0..4 {
-            // One product fits i16 (|-128 * -128| = 2^14); their sum may not, so widen each.
-            lanes[j] += (a[j + 8 * k] as i16 * b[j + 8 * k] as i16) as i32;
-        }
-    }
-    lanes
+fn block_lanes(w: &[i16; QK], x: &[i8; QK]) -> i32x8 {
+    let wh = |at: usize| i16x16::new(w[at..at + 16].try_into().expect("16 of 32"));
+    let xh = |at: usize| i16x16::from_i8x16(i8x16::new(x[at..at + 16].try_into().expect("16 of 32")));
+    wh(0).dot(xh(0)) + wh(16).dot(xh(16))
 }
 
 /// The running sum of a quantized dot product. Every kernel (one-token rows and expanded
@@ -66,26 +67,35 @@ fn block_lanes(a: &[i8; QK], b: &[i8; QK]) -> [i32; 8] {
 /// (a cached prompt then sampled other tokens than a fresh one).
 /// Even and odd blocks go to separate accumulators so consecutive blocks do not wait on each
 /// other's additions.
-#[derive(Default)]
 struct Acc {
-    lanes: [[f32; 8]; 2],
+    even: f32x8,
+    odd: f32x8,
     mins: [f32; 2],
 }
 
 impl Acc {
-    /// Adds block `i`: `lanes * scale + min`.
     #[inline(always)]
-    fn add(&mut self, i: usize, lanes: [i32; 8], scale: f32, min: f32) {
-        let acc = &mut self.lanes[i & 1];
-        for j in 0..8 {
-            acc[j] += lanes[j] as f32 * scale;
+    fn new() -> Acc {
+        Acc {
+            even: f32x8::ZERO,
+            odd: f32x8::ZERO,
+            mins: [0.0; 2],
         }
-        self.mins[i & 1] += min;
+    }
+
+    /// Adds the next block: `lanes * scale + min`. Blocks alternate between the two
+    /// accumulators by swapping them after each add (register renaming makes that free).
+    #[inline(always)]
+    fn add(&mut self, lanes: i32x8, scale: f32, min: f32) {
+        self.even += lanes.round_float() * f32x8::splat(scale);
+        self.mins[0] += min;
+        std::mem::swap(&mut self.even, &mut self.odd);
+        self.mins.swap(0, 1);
     }
 
     #[inline(always)]
     fn sum(&self) -> f32 {
-        self.lanes[0].iter().chain(&self.lanes[1]).sum::<f32>() + self.mins[0] + self.mins[1]
+        self.even.to_array().iter().chain(&self.odd.to_array()).sum::<f32>() + self.mins[0] + self.mins[1]
     }
 }
 
@@ -101,11 +111,11 @@ fn scale(b: &[u8], at: usize) -> f32 {
 }
 
 #[inline(always)]
-fn unpack_nibbles(qs: &[u8; 16], offset: i8) -> [i8; QK] {
-    let mut w = [0i8; QK];
+fn unpack_nibbles(qs: &[u8; 16], offset: i16) -> [i16; QK] {
+    let mut w = [0i16; QK];
     for j in 0..16 {
-        w[j] = (qs[j] & 0x0f) as i8 - offset;
-        w[j + 16] = (qs[j] >> 4) as i8 - offset;
+        w[j] = (qs[j] & 0x0f) as i16 - offset;
+        w[j + 16] = (qs[j] >> 4) as i16 - offset;
     }
     w
 }
@@ -113,10 +123,10 @@ fn unpack_nibbles(qs: &[u8; 16], offset: i8) -> [i8; QK] {
 /// Q4_0 row · activations.
 #[inline(always)]
 pub fn dot_q4_0(row: &[u8], x: &[BlockQ8]) -> f32 {
-    let mut acc = Acc::default();
-    for (i, (b, xb)) in row.chunks_exact(18).zip(x).enumerate() {
+    let mut acc = Acc::new();
+    for (b, xb) in row.chunks_exact(18).zip(x) {
         let w = unpack_nibbles(block::<16>(b, 2), 8);
-        acc.add(i, block_lanes(&w, &xb.qs), scale(b, 0) * xb.d, 0.0 * xb.s);
+        acc.add(block_lanes(&w, &xb.qs), scale(b, 0) * xb.d, 0.0 * xb.s);
     }
     acc.sum()
 }
@@ -124,10 +134,10 @@ pub fn dot_q4_0(row: &[u8], x: &[BlockQ8]) -> f32 {
 /// Q4_1 row · activations.
 #[inline(always)]
 pub fn dot_q4_1(row: &[u8], x: &[BlockQ8]) -> f32 {
-    let mut acc = Acc::default();
-    for (i, (b, xb)) in row.chunks_exact(20).zip(x).enumerate() {
+    let mut acc = Acc::new();
+    for (b, xb) in row.chunks_exact(20).zip(x) {
         let w = unpack_nibbles(block::<16>(b, 4), 0);
-        acc.add(i, block_lanes(&w, &xb.qs), scale(b, 0) * xb.d, scale(b, 2) * xb.s);
+        acc.add(block_lanes(&w, &xb.qs), scale(b, 0) * xb.d, scale(b, 2) * xb.s);
     }
     acc.sum()
 }
@@ -135,10 +145,10 @@ pub fn dot_q4_1(row: &[u8], x: &[BlockQ8]) -> f32 {
 /// Q8_0 row · activations.
 #[inline(always)]
 pub fn dot_q8_0(row: &[u8], x: &[BlockQ8]) -> f32 {
-    let mut acc = Acc::default();
-    for (i, (b, xb)) in row.chunks_exact(34).zip(x).enumerate() {
-        let w: &[i8; QK] = &block::<QK>(b, 2).map(|v| v as i8);
-        acc.add(i, block_lanes(w, &xb.qs), scale(b, 0) * xb.d, 0.0 * xb.s);
+    let mut acc = Acc::new();
+    for (b, xb) in row.chunks_exact(34).zip(x) {
+        let w: [i16; QK] = block::<QK>(b, 2).map(|v| v as i8 as i16);
+        acc.add(block_lanes(&w, &xb.qs), scale(b, 0) * xb.d, 0.0 * xb.s);
     }
     acc.sum()
 }
@@ -149,8 +159,8 @@ pub const MAX_UNPACKED_COLS: usize = 32768;
 /// A row expanded once for reuse across many tokens: block `b` stands for
 /// `q[32b..32b+32] * scale[b] + min[b]`.
 pub struct UnpackedRow {
-    /// Integer values.
-    pub q: [i8; MAX_UNPACKED_COLS],
+    /// Integer values, already widened to 16 bits (the row is reused for every token).
+    pub q: [i16; MAX_UNPACKED_COLS],
     /// Per-block scales.
     pub scale: [f32; MAX_UNPACKED_COLS / QK],
     /// Per-block offsets.
@@ -192,7 +202,7 @@ pub fn unpack_row(ty: GgmlType, row: &[u8], out: &mut UnpackedRow) {
         GgmlType::Q8_0 => {
             for (b, (q, (s, m))) in row.chunks_exact(34).zip(blocks) {
                 for (d, &v) in q.iter_mut().zip(&b[2..34]) {
-                    *d = v as i8;
+                    *d = v as i8 as i16;
                 }
                 *s = scale(b, 0);
                 *m = 0.0;
@@ -208,7 +218,7 @@ pub fn unpack_row(ty: GgmlType, row: &[u8], out: &mut UnpackedRow) {
                     let (sc, mn) = q4k_scale_min(scales, j);
                     let src = block::<32>(b, 16 + 32 * (j / 2));
                     for l in 0..32 {
-                        q[l] = if j % 2 == 0 { src[l] & 0x0f } else { src[l] >> 4 } as i8;
+                        q[l] = if j % 2 == 0 { src[l] & 0x0f } else { src[l] >> 4 } as i16;
                     }
                     *s = d * sc as f32;
                     *m = -dmin * mn as f32;
@@ -222,11 +232,11 @@ pub fn unpack_row(ty: GgmlType, row: &[u8], out: &mut UnpackedRow) {
 /// An unpacked row (`blocks` blocks) · activations.
 #[inline(always)]
 pub fn dot_unpacked(w: &UnpackedRow, blocks: usize, x: &[BlockQ8]) -> f32 {
-    let mut acc = Acc::default();
+    let mut acc = Acc::new();
     let q = &w.q[..blocks * QK];
-    for (i, ((q, (&s, &m)), xb)) in q.chunks_exact(QK).zip(w.scale.iter().zip(&w.min)).zip(x).enumerate() {
-        let q: &[i8; QK] = q.try_into().expect("block of 32");
-        acc.add(i, block_lanes(q, &xb.qs), s * xb.d, m * xb.s);
+    for ((q, (&s, &m)), xb) in q.chunks_exact(QK).zip(w.scale.iter().zip(&w.min)).zip(x) {
+        let q: &[i16; QK] = q.try_into().expect("block of 32");
+        acc.add(block_lanes(q, &xb.qs), s * xb.d, m * xb.s);
     }
     acc.sum()
 }
@@ -247,7 +257,7 @@ fn q4k_scale_min(scales: &[u8; 12], j: usize) -> (u8, u8) {
 /// Q4_K row · activations (eight activation blocks per super-block).
 #[inline(always)]
 pub fn dot_q4_k(row: &[u8], x: &[BlockQ8]) -> f32 {
-    let mut acc = Acc::default();
+    let mut acc = Acc::new();
     for (b, xs) in row.chunks_exact(144).zip(x.chunks_exact(8)) {
         let d = scale(b, 0);
         let dmin = scale(b, 2);
@@ -255,21 +265,16 @@ pub fn dot_q4_k(row: &[u8], x: &[BlockQ8]) -> f32 {
         let qs = &b[16..144];
         for pair in 0..4 {
             let q: &[u8; 32] = block::<32>(qs, pair * 32);
-            let mut lo = [0i8; QK];
-            let mut hi = [0i8; QK];
+            let mut lo = [0i16; QK];
+            let mut hi = [0i16; QK];
             for j in 0..32 {
-                lo[j] = (q[j] & 0x0f) as i8;
-                hi[j] = (q[j] >> 4) as i8;
+                lo[j] = (q[j] & 0x0f) as i16;
+                hi[j] = (q[j] >> 4) as i16;
             }
             for (k, w) in [(2 * pair, lo), (2 * pair + 1, hi)] {
                 let (sc, m) = q4k_scale_min(scales, k);
                 let xb = &xs[k];
-                acc.add(
-                    k,
-                    block_lanes(&w, &xb.qs),
-                    d * sc as f32 * xb.d,
-                    -dmin * m as f32 * xb.s,
-                );
+                acc.add(block_lanes(&w, &xb.qs), d * sc as f32 * xb.d, -dmin * m as f32 * xb.s);
             }
         }
     }
