@@ -147,6 +147,11 @@ impl Sampler {
         self.candidates
             .extend(logits.iter().enumerate().map(|(i, &l)| (l * inv_t, i as u32)));
 
+        let max = self.candidates.iter().fold(f32::NEG_INFINITY, |a, c| a.max(c.0));
+        if self.cfg.top_k == 0 && self.cfg.top_p >= 1.0 && self.cfg.min_p <= 0.0 {
+            // Plain temperature sampling: draw from the softmax in vocabulary order, no sort.
+            return draw(&self.candidates, max, &mut self.rng);
+        }
         // Narrow to a sorted prefix of the best candidates without sorting them all.
         let k = match self.cfg.top_k {
             0 => self.candidates.len(),
@@ -157,7 +162,6 @@ impl Sampler {
         } else {
             k
         };
-        let max = self.candidates.iter().fold(f32::NEG_INFINITY, |a, c| a.max(c.0));
         let total: f32 = self.candidates.iter().map(|c| (c.0 - max).exp()).sum();
         loop {
             let prefix = select_top(&mut self.candidates, m);
@@ -190,16 +194,7 @@ impl Sampler {
                 }
             }
         }
-        let kept = &self.candidates[..keep.max(1)];
-        let sum: f32 = kept.iter().map(|c| (c.0 - max).exp()).sum();
-        let mut r = self.rng.f32() * sum;
-        for c in kept {
-            r -= (c.0 - max).exp();
-            if r <= 0.0 {
-                return c.1;
-            }
-        }
-        kept[kept.len() - 1].1
+        draw(&self.candidates[..keep.max(1)], max, &mut self.rng)
     }
 
     fn apply_penalty(&mut self, logits: &mut [f32]) {
@@ -220,6 +215,19 @@ impl Sampler {
             }
         }
     }
+}
+
+/// Draws one candidate with probability proportional to `exp(logit - max)`.
+fn draw(candidates: &[(f32, u32)], max: f32, rng: &mut fastrand::Rng) -> u32 {
+    let sum: f32 = candidates.iter().map(|c| (c.0 - max).exp()).sum();
+    let mut r = rng.f32() * sum;
+    for c in candidates {
+        r -= (c.0 - max).exp();
+        if r <= 0.0 {
+            return c.1;
+        }
+    }
+    candidates[candidates.len() - 1].1
 }
 
 /// Index of the largest logit (the first one on ties, as llama.cpp).
@@ -342,6 +350,30 @@ mod tests {
         let picks: std::collections::HashSet<u32> = (0..2000).map(|_| s.sample(&mut l.clone())).collect();
         assert!(picks.len() > 300, "only {} distinct tokens", picks.len());
         assert!(picks.iter().all(|&t| t < 1000));
+    }
+
+    #[test]
+    fn plain_temperature_follows_the_softmax() {
+        // Logits ln(1), ln(2), ln(7): probabilities 0.1, 0.2, 0.7.
+        let l = [1f32.ln(), 2f32.ln(), 7f32.ln()];
+        let mut s = Sampler::new(
+            3,
+            SamplerConfig {
+                top_k: 0,
+                top_p: 1.0,
+                min_p: 0.0,
+                temperature: 1.0,
+                seed: 1,
+                ..Default::default()
+            },
+        );
+        let mut counts = [0usize; 3];
+        for _ in 0..20000 {
+            counts[s.sample(&mut l.to_vec()) as usize] += 1;
+        }
+        for (c, p) in counts.iter().zip([0.1, 0.2, 0.7]) {
+            assert!((*c as f64 / 20000.0 - p).abs() < 0.015, "{counts:?}");
+        }
     }
 
     #[test]

@@ -249,3 +249,31 @@ fn stop_strings_limits_cancellation_and_context_end() {
         .unwrap_err();
     assert!(err.to_string().contains("context holds 64"), "{err}");
 }
+
+/// A tokenizer saved as tokenizer.json and loaded back (the Sophon backend's path) gives the
+/// same ids, the same token bytes and the same special tokens.
+#[test]
+fn tokenizer_json_round_trip() {
+    let (_, gguf) = open();
+    let built = Tokenizer::from_gguf(&gguf).unwrap();
+    let path = common::scratch("tokenizer-json").join("tokenizer.json");
+    std::fs::write(&path, built.to_json().unwrap()).unwrap();
+    let loaded = Tokenizer::from_file(&path).unwrap();
+    assert_eq!(loaded.kind(), built.kind());
+    assert_eq!(loaded.vocab_size(), built.vocab_size());
+    assert_eq!(
+        (loaded.bos, loaded.eos, loaded.add_bos),
+        (built.bos, built.eos, built.add_bos)
+    );
+    for id in 0..built.vocab_size() as u32 {
+        assert_eq!(loaded.token_bytes(id), built.token_bytes(id), "token {id}");
+    }
+    for c in golden("smollm2_tokens_llamacpp.json").as_array().unwrap() {
+        let text = c["text"].as_str().unwrap();
+        assert_eq!(
+            loaded.encode(text, true).unwrap(),
+            built.encode(text, true).unwrap(),
+            "{text:?}"
+        );
+    }
+}

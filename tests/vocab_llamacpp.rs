@@ -18,7 +18,16 @@ fn check(name: &str) {
         gguf_path.display()
     );
     let file = MappedFile::open(&gguf_path).unwrap();
-    let tok = Tokenizer::from_gguf(&Gguf::parse(&file).unwrap()).unwrap();
+    let built = Tokenizer::from_gguf(&Gguf::parse(&file).unwrap()).unwrap();
+    // The same pipeline through tokenizer.json (the Sophon backend's path) must agree too.
+    let json = common::scratch(name).join("tokenizer.json");
+    std::fs::write(&json, built.to_json().unwrap()).unwrap();
+    let loaded = Tokenizer::from_file(&json).unwrap();
+    assert_eq!(
+        (loaded.kind(), loaded.bos, loaded.eos),
+        (built.kind(), built.bos, built.eos),
+        "{name}"
+    );
     let inputs = std::fs::read_to_string(dir.join(format!("{name}.gguf.inp"))).unwrap();
     let outputs = std::fs::read_to_string(dir.join(format!("{name}.gguf.out"))).unwrap();
     let inputs: Vec<&str> = inputs.split("\n__ggml_vocab_test__\n").collect();
@@ -26,7 +35,12 @@ fn check(name: &str) {
     assert!(inputs.len() >= 40, "{name}: only {} test texts", inputs.len());
     for (text, want) in inputs.iter().zip(&outputs) {
         let want: Vec<u32> = want.split_whitespace().map(|t| t.parse().unwrap()).collect();
-        assert_eq!(tok.encode(text, false).unwrap(), want, "{name}: {text:?}");
+        assert_eq!(built.encode(text, false).unwrap(), want, "{name}: {text:?}");
+        assert_eq!(
+            loaded.encode(text, false).unwrap(),
+            want,
+            "{name} via tokenizer.json: {text:?}"
+        );
     }
 }
 

@@ -2,6 +2,10 @@
 
 use std::collections::HashMap;
 
+use tokenizers::decoders::byte_fallback::ByteFallback;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::decoders::sequence::Sequence as DecSeq;
+use tokenizers::decoders::strip::Strip;
 use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::normalizers::{Prepend, Replace, Sequence as NormSeq};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -120,6 +124,7 @@ pub(super) fn build(g: &Gguf) -> Result<Tokenizer, TokenizerError> {
                 }
             };
             t.with_pre_tokenizer(Some(pre_tok));
+            t.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::default()));
             (VocabKind::ByteLevel, t, false)
         }
         "llama" => {
@@ -145,6 +150,14 @@ pub(super) fn build(g: &Gguf) -> Result<Tokenizer, TokenizerError> {
             }
             norms.push(Replace::new(" ", "▁").map_err(lib)?.into());
             t.with_normalizer(Some(NormSeq::new(norms)));
+            // What Hugging Face's Llama tokenizer.json declares; `from_file` recognizes the kind
+            // by it. (Our own streaming decode uses the byte table instead.)
+            t.with_decoder(Some(DecSeq::new(vec![
+                Replace::new("▁", " ").map_err(lib)?.into(),
+                ByteFallback::new().into(),
+                Fuse::new().into(),
+                Strip::new(' ', 1, 0).into(),
+            ])));
             (VocabKind::SentencePiece, t, true)
         }
         other => {

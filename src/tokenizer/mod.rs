@@ -170,6 +170,16 @@ impl Tokenizer {
         })
     }
 
+    /// The pipeline as a Hugging Face `tokenizer.json` (e.g. to ship beside a bmodel).
+    ///
+    /// # Errors
+    /// Serialization failed.
+    pub fn to_json(&self) -> Result<String, TokenizerError> {
+        self.inner
+            .to_string(true)
+            .map_err(|e| TokenizerError::Library(e.to_string()))
+    }
+
     /// Number of tokens.
     pub fn vocab_size(&self) -> usize {
         self.offsets.len() - 1
