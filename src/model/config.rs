@@ -67,7 +67,7 @@ impl LlamaConfig {
         if n_layers == 0 || dim == 0 || ffn_dim == 0 || n_heads == 0 || n_kv_heads == 0 {
             return invalid("layer count, sizes and head counts must be positive".into());
         }
-        if dim % n_heads != 0 {
+        if !dim.is_multiple_of(n_heads) {
             return invalid(format!(
                 "hidden size {dim} is not a multiple of the head count {n_heads}"
             ));
@@ -80,7 +80,7 @@ impl LlamaConfig {
                 "head dim {head_dim} x {n_heads} heads does not give hidden size {dim}"
             ));
         }
-        if n_heads % n_kv_heads != 0 {
+        if !n_heads.is_multiple_of(n_kv_heads) {
             return invalid(format!("{n_heads} heads are not a multiple of {n_kv_heads} kv heads"));
         }
         let rope_dims = g

@@ -98,14 +98,14 @@ impl ModelWeights {
                     expected: want.to_vec(),
                 });
             }
-            if quant::uses_q8_activations(t.ty) && cols % t.ty.block_elements().max(quant::QK) != 0 {
+            if quant::uses_q8_activations(t.ty) && !cols.is_multiple_of(t.ty.block_elements().max(quant::QK)) {
                 return Err(CpuError::Shape {
                     tensor: name.to_string(),
                     found: t.dims.clone(),
                     expected: want.to_vec(),
                 });
             }
-            if !quant::uses_q8_activations(t.ty) && cols % 8 != 0 {
+            if !quant::uses_q8_activations(t.ty) && !cols.is_multiple_of(8) {
                 return Err(CpuError::Shape {
                     tensor: name.to_string(),
                     found: t.dims.clone(),
