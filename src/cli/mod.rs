@@ -103,7 +103,7 @@ pub struct ModelArgs {
     /// Threads for matrix work (0 = all cores).
     #[arg(short, long, default_value_t = 0)]
     pub threads: usize,
-    /// KV cache length in tokens (default: the model's, at most 4096).
+    /// KV cache length in tokens (default: the model's trained context, at most 4096; never more than it).
     #[arg(short = 'c', long)]
     pub ctx_size: Option<usize>,
     /// Tokenizer file (tokenizer.json) instead of the model's own vocabulary.

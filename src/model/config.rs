@@ -5,6 +5,13 @@ use super::gguf::{Gguf, GgufError};
 /// Architectures whose GGUF files follow the llama layout (same tensors and metadata keys).
 pub const LLAMA_LIKE: &[&str] = &["llama", "mistral"];
 
+/// Most layers accepted (the largest Llama has 126).
+const MAX_LAYERS: usize = 1024;
+/// Widest hidden or FFN size accepted (Llama-3 405B: 16384 and 53248).
+const MAX_WIDTH: usize = 1 << 18;
+/// Most attention heads accepted.
+const MAX_HEADS: usize = 1024;
+
 /// The shape of a Llama-family decoder.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaConfig {
@@ -66,6 +73,18 @@ impl LlamaConfig {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
         if n_layers == 0 || dim == 0 || ffn_dim == 0 || n_heads == 0 || n_kv_heads == 0 {
             return invalid("layer count, sizes and head counts must be positive".into());
+        }
+        // Far beyond any real model, small enough that buffers sized from them cannot overflow.
+        for (what, v, cap) in [
+            ("block count", n_layers, MAX_LAYERS),
+            ("embedding length", dim, MAX_WIDTH),
+            ("feed-forward length", ffn_dim, MAX_WIDTH),
+            ("head count", n_heads, MAX_HEADS),
+            ("kv head count", n_kv_heads, MAX_HEADS),
+        ] {
+            if v > cap {
+                return invalid(format!("{what} {v} is larger than {cap}"));
+            }
         }
         if !dim.is_multiple_of(n_heads) {
             return invalid(format!(

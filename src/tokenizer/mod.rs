@@ -100,6 +100,13 @@ impl Tokenizer {
         };
         let vocab = inner.get_vocab(true);
         let n = vocab.values().max().map_or(0, |&m| m as usize + 1);
+        // Ids are dense in real files; a sparse forged one must not size a huge table.
+        if n > 2 * vocab.len() + 1024 {
+            return Err(TokenizerError::File {
+                path: path.display().to_string(),
+                detail: format!("token ids go up to {n} for {} tokens", vocab.len()),
+            });
+        }
         let mut texts = vec![String::new(); n];
         for (t, &id) in &vocab {
             texts[id as usize] = t.clone();

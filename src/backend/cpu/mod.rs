@@ -73,6 +73,9 @@ pub enum CpuError {
         /// What the config implies.
         expected: Vec<u64>,
     },
+    /// The requested context cannot be had.
+    #[error("{0}")]
+    Context(String),
     /// Worker threads could not start.
     #[error("cannot start worker threads: {0}")]
     Threads(std::io::Error),
@@ -291,6 +294,12 @@ impl CpuBackend {
             .context
             .unwrap_or_else(|| cfg.context_length.min(DEFAULT_CONTEXT))
             .max(1);
+        if context > cfg.context_length.max(1) {
+            return Err(CpuError::Context(format!(
+                "a context of {context} tokens is longer than the model's {} (it was not trained for more)",
+                cfg.context_length
+            )));
+        }
         let batch = opts.batch.clamp(1, context);
         let threads = match opts.threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -300,6 +309,15 @@ impl CpuBackend {
         let widest = dim.max(ffn);
         let out_len = (batch * widest).max(vocab);
         let kv_len = cfg.n_layers * context * kvd;
+        // The KV cache is the one large allocation; refuse it with a message, not an abort.
+        let kv_vec = || -> Result<Vec<f32>, CpuError> {
+            let mut v = Vec::new();
+            v.try_reserve_exact(kv_len).map_err(|_| {
+                CpuError::Context(format!("cannot allocate a KV cache of {} MiB", kv_len * 8 >> 20))
+            })?;
+            v.resize(kv_len, 0.0);
+            Ok(v)
+        };
         let atomics = |n: usize| (0..n).map(|_| AtomicU32::new(0)).collect::<Vec<_>>();
         let dtype = describe_types(&weights);
         let compute = Arc::new(Compute {
@@ -309,10 +327,7 @@ impl CpuBackend {
             xq: RwLock::new(vec![BlockQ8::default(); batch * widest / QK + 1]),
             xf: RwLock::new(vec![0.0; batch * widest]),
             q: RwLock::new(vec![0.0; batch * dim]),
-            kv: RwLock::new(KvCache {
-                k: vec![0.0; kv_len],
-                v: vec![0.0; kv_len],
-            }),
+            kv: RwLock::new(KvCache { k: kv_vec()?, v: kv_vec()? }),
             out: [atomics(out_len), atomics(batch * widest), atomics(batch * widest)],
             scratch: (0..threads)
                 .map(|_| Mutex::new(vec![0.0; context + cfg.head_dim]))
@@ -521,5 +536,92 @@ impl Backend for CpuBackend {
     fn reset(&mut self) {
         // Positions are always written before they are read (attention covers 0..=pos and the
         // engine fills them in order), so forgetting needs no clearing.
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::gguf::writer::{write, Meta};
+    use crate::model::GgmlType;
+
+    /// A tiny F32 llama (dim 32, 2 heads, 1 layer, vocab 8) with one metadata value replaced.
+    fn tiny(replace: Option<(&str, u32)>) -> Vec<u8> {
+        let (dim, ffn, vocab) = (32u64, 64u64, 8u64);
+        let f32s = |n: u64| vec![0u8; n as usize * 4];
+        let mut meta = vec![
+            ("general.architecture", Meta::Str("llama".into())),
+            ("llama.block_count", Meta::U32(1)),
+            ("llama.embedding_length", Meta::U32(dim as u32)),
+            ("llama.feed_forward_length", Meta::U32(ffn as u32)),
+            ("llama.attention.head_count", Meta::U32(2)),
+            ("llama.attention.head_count_kv", Meta::U32(2)),
+            ("llama.context_length", Meta::U32(16)),
+        ];
+        if let Some((key, v)) = replace {
+            for m in meta.iter_mut().filter(|m| m.0 == key) {
+                m.1 = Meta::U32(v);
+            }
+        }
+        let t = |name: &'static str, dims: Vec<u64>| {
+            let n = dims.iter().product();
+            (name, dims, GgmlType::F32, f32s(n))
+        };
+        let tensors = vec![
+            t("token_embd.weight", vec![dim, vocab]),
+            t("output_norm.weight", vec![dim]),
+            t("blk.0.attn_norm.weight", vec![dim]),
+            t("blk.0.attn_q.weight", vec![dim, dim]),
+            t("blk.0.attn_k.weight", vec![dim, dim]),
+            t("blk.0.attn_v.weight", vec![dim, dim]),
+            t("blk.0.attn_output.weight", vec![dim, dim]),
+            t("blk.0.ffn_norm.weight", vec![dim]),
+            t("blk.0.ffn_gate.weight", vec![dim, ffn]),
+            t("blk.0.ffn_up.weight", vec![dim, ffn]),
+            t("blk.0.ffn_down.weight", vec![ffn, dim]),
+        ];
+        write(&meta, &tensors)
+    }
+
+    fn load(bytes: &[u8], opts: &CpuOptions) -> Result<CpuBackend, CpuError> {
+        let dir = std::env::temp_dir().join(format!("llama-tpu-tiny-{}-{}", std::process::id(), fastrand::u64(..)));
+        std::fs::write(&dir, bytes).unwrap();
+        let r = CpuBackend::load(&dir, opts);
+        let _ = std::fs::remove_file(&dir);
+        r
+    }
+
+    #[test]
+    fn the_tiny_model_runs() {
+        let mut b = load(&tiny(None), &CpuOptions { threads: 2, ..CpuOptions::default() }).unwrap();
+        assert_eq!(b.info().context_length, 16);
+        assert!(matches!(b.prefill(&[1, 2, 3], 0), Ok(Next::Logits(l)) if l.len() == 8));
+        assert!(matches!(b.decode(9, 3), Err(BackendError::BadToken(9))));
+        assert!(matches!(b.decode(1, 16), Err(BackendError::ContextOverflow { .. })));
+    }
+
+    #[test]
+    fn extreme_metadata_is_an_error_never_a_panic() {
+        for key in [
+            "llama.block_count",
+            "llama.embedding_length",
+            "llama.feed_forward_length",
+            "llama.attention.head_count",
+            "llama.attention.head_count_kv",
+            "llama.context_length",
+        ] {
+            for v in [0, 1, 3, 7, 4096, u32::MAX] {
+                // Whatever the value, loading returns (Ok only where the file is consistent).
+                let _ = load(&tiny(Some((key, v))), &CpuOptions::default());
+            }
+        }
+        assert!(load(&tiny(Some(("llama.block_count", u32::MAX))), &CpuOptions::default()).is_err());
+    }
+
+    #[test]
+    fn oversized_context_is_refused_clearly() {
+        let opts = CpuOptions { context: Some(1 << 40), ..CpuOptions::default() };
+        let e = load(&tiny(None), &opts).err().expect("refused").to_string();
+        assert!(e.contains("longer than the model's 16"), "{e}");
     }
 }
