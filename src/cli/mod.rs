@@ -192,6 +192,29 @@ fn load_cpu(args: &ModelArgs, opened: &OpenedModel) -> Result<CpuBackend, CliErr
         .map_err(|e| CliError::new(Exit::BadModel, format!("{}: {e}", args.model.display())))
 }
 
+/// Longest text read from stdin (64 MiB): far beyond any context, small enough to refuse a
+/// runaway pipe before it eats memory.
+const MAX_STDIN_TEXT: u64 = 64 << 20;
+
+/// The text argument, or stdin when it is absent or "-".
+///
+/// # Errors
+/// stdin cannot be read or is not UTF-8 (66).
+pub fn text_or_stdin(arg: Option<&str>) -> Result<String, CliError> {
+    use std::io::Read;
+    match arg {
+        Some(t) if t != "-" => Ok(t.to_string()),
+        _ => {
+            let mut s = String::new();
+            std::io::stdin()
+                .take(MAX_STDIN_TEXT)
+                .read_to_string(&mut s)
+                .map_err(|e| CliError::new(Exit::NoInput, format!("cannot read the text from stdin: {e}")))?;
+            Ok(s)
+        }
+    }
+}
+
 /// Parses the command line and runs it; returns the exit code.
 pub fn main() -> u8 {
     let cli = match Cli::try_parse() {

@@ -1,19 +1,15 @@
 //! `llama-tpu run`: one prompt, streamed to stdout.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use clap::Args;
 
-use super::{load_engine, CliError, Exit, ModelArgs};
+use super::{load_engine, text_or_stdin, CliError, Exit, ModelArgs};
 use crate::chat::{Message, Role};
 use crate::engine::{Input, Request};
 use crate::sampler::SamplerConfig;
-
-/// Longest prompt read from stdin (64 MiB): far beyond any context, small enough to refuse a
-/// runaway pipe before it eats memory.
-const MAX_STDIN_PROMPT: u64 = 64 << 20;
 
 /// Arguments of `run`.
 #[derive(Debug, Args)]
@@ -61,17 +57,7 @@ pub struct RunArgs {
 }
 
 pub(super) fn run(a: &RunArgs) -> Result<(), CliError> {
-    let prompt = match a.prompt.as_deref() {
-        Some(p) if p != "-" => p.to_string(),
-        _ => {
-            let mut s = String::new();
-            std::io::stdin()
-                .take(MAX_STDIN_PROMPT)
-                .read_to_string(&mut s)
-                .map_err(|e| CliError::new(Exit::NoInput, format!("cannot read the prompt from stdin: {e}")))?;
-            s
-        }
-    };
+    let prompt = text_or_stdin(a.prompt.as_deref())?;
     let sampling = SamplerConfig {
         temperature: a.temperature,
         top_k: a.top_k,

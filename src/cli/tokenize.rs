@@ -1,10 +1,8 @@
 //! `llama-tpu tokenize`: token ids of a text, like llama.cpp's llama-tokenize.
 
-use std::io::Read;
-
 use clap::Args;
 
-use super::{load_tokenizer, open_gguf, CliError, Exit, ModelArgs};
+use super::{load_tokenizer, open_gguf, text_or_stdin, CliError, Exit, ModelArgs};
 
 /// Arguments of `tokenize`.
 #[derive(Debug, Args)]
@@ -22,16 +20,7 @@ pub struct TokenizeArgs {
 }
 
 pub(super) fn tokenize(a: &TokenizeArgs) -> Result<(), CliError> {
-    let text = match a.text.as_deref() {
-        Some(t) if t != "-" => t.to_string(),
-        _ => {
-            let mut s = String::new();
-            std::io::stdin()
-                .read_to_string(&mut s)
-                .map_err(|e| CliError::new(Exit::NoInput, format!("cannot read stdin: {e}")))?;
-            s
-        }
-    };
+    let text = text_or_stdin(a.text.as_deref())?;
     let opened = open_gguf(&a.model.model)?;
     let tok = load_tokenizer(&a.model, &opened.gguf)?;
     let ids = tok

@@ -312,9 +312,8 @@ impl CpuBackend {
         // The KV cache is the one large allocation; refuse it with a message, not an abort.
         let kv_vec = || -> Result<Vec<f32>, CpuError> {
             let mut v = Vec::new();
-            v.try_reserve_exact(kv_len).map_err(|_| {
-                CpuError::Context(format!("cannot allocate a KV cache of {} MiB", kv_len * 8 >> 20))
-            })?;
+            v.try_reserve_exact(kv_len)
+                .map_err(|_| CpuError::Context(format!("cannot allocate a KV cache of {} MiB", (kv_len * 8) >> 20)))?;
             v.resize(kv_len, 0.0);
             Ok(v)
         };
@@ -327,7 +326,10 @@ impl CpuBackend {
             xq: RwLock::new(vec![BlockQ8::default(); batch * widest / QK + 1]),
             xf: RwLock::new(vec![0.0; batch * widest]),
             q: RwLock::new(vec![0.0; batch * dim]),
-            kv: RwLock::new(KvCache { k: kv_vec()?, v: kv_vec()? }),
+            kv: RwLock::new(KvCache {
+                k: kv_vec()?,
+                v: kv_vec()?,
+            }),
             out: [atomics(out_len), atomics(batch * widest), atomics(batch * widest)],
             scratch: (0..threads)
                 .map(|_| Mutex::new(vec![0.0; context + cfg.head_dim]))
@@ -593,7 +595,14 @@ mod tests {
 
     #[test]
     fn the_tiny_model_runs() {
-        let mut b = load(&tiny(None), &CpuOptions { threads: 2, ..CpuOptions::default() }).unwrap();
+        let mut b = load(
+            &tiny(None),
+            &CpuOptions {
+                threads: 2,
+                ..CpuOptions::default()
+            },
+        )
+        .unwrap();
         assert_eq!(b.info().context_length, 16);
         assert!(matches!(b.prefill(&[1, 2, 3], 0), Ok(Next::Logits(l)) if l.len() == 8));
         assert!(matches!(b.decode(9, 3), Err(BackendError::BadToken(9))));
@@ -620,7 +629,10 @@ mod tests {
 
     #[test]
     fn oversized_context_is_refused_clearly() {
-        let opts = CpuOptions { context: Some(1 << 40), ..CpuOptions::default() };
+        let opts = CpuOptions {
+            context: Some(1 << 40),
+            ..CpuOptions::default()
+        };
         let e = load(&tiny(None), &opts).err().expect("refused").to_string();
         assert!(e.contains("longer than the model's 16"), "{e}");
     }
