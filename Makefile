@@ -14,7 +14,13 @@ VOCAB_DIR    := .cache/llama-vocab
 VENV         := .cache/venv
 BIN          := target/release/llama-tpu
 
-.PHONY: all build run model test-data venv test check bench clean help
+CROSS_TARGET := aarch64-unknown-linux-gnu
+CROSS_BIN    := target/$(CROSS_TARGET)/release/llama-tpu
+# Debian's rustc carries the aarch64 std; zig (from the venv) links against glibc 2.31.
+CROSS_ENV    := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc
+QEMU         := qemu-aarch64 -cpu cortex-a53
+
+.PHONY: all build run model test-data venv test check bench clean help cross-setup cross cross-check cross-test
 
 all: build
 
@@ -24,6 +30,9 @@ help:
 	@echo "make model      fetch SmolLM2-135M-Instruct (Q4_1 GGUF) into models/ and check it"
 	@echo "make bench      prompt and generation speed on the default model (THREADS=n)"
 	@echo "make build      release build of target/release/llama-tpu"
+	@echo "make cross      aarch64 release binary for the BM1684X SoC (glibc 2.31 floor)"
+	@echo "make cross-check  the cross binary needs nothing newer than glibc 2.31 and no other library"
+	@echo "make cross-test the whole test suite built for aarch64, run under qemu (Cortex-A53)"
 
 build:
 	$(CARGO) build --release
@@ -71,3 +80,19 @@ bench: build model
 clean:
 	$(CARGO) clean
 	rm -rf .cache
+
+# --- aarch64 (BM1684X SoC) -------------------------------------------------------------
+cross-setup:
+	./cross/setup.sh
+
+cross: cross-setup
+	$(CROSS_ENV) $(CARGO) zigbuild --release --target $(CROSS_TARGET).2.31
+
+cross-check: cross
+	./cross/check-binary.sh $(CROSS_BIN)
+
+# Test binaries run under qemu through the cargo runner (.cargo/config.toml); tests that start
+# the llama-tpu binary themselves go through LLAMA_TPU_TEST_RUNNER.
+cross-test: cross-setup model test-data venv
+	LLAMA_TPU_PYTHON=$(VENV)/bin/python LLAMA_TPU_TEST_RUNNER="$(QEMU)" \
+		RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc $(CARGO) test --profile test-opt --target $(CROSS_TARGET)
