@@ -43,7 +43,7 @@ fn argmax(v: &[f32]) -> usize {
 fn logits_match_the_numpy_reference_for_every_weight_type() {
     let dir = common::scratch("reference");
     common::numpy_reference(&dir);
-    let meta: serde_json_lite::Meta = serde_json_lite::read(&dir.join("toy.json"));
+    let meta: toy_meta::Meta = toy_meta::read(&dir.join("toy.json"));
     for ty in &meta.types {
         let path = dir.join(format!("toy_{ty}.gguf"));
         let want = common::read_f32s(&dir.join(format!("toy_{ty}.logits")));
@@ -91,8 +91,8 @@ fn logits_match_the_numpy_reference_for_every_weight_type() {
     }
 }
 
-/// Just enough JSON for toy.json, to keep the dev-dependencies short.
-mod serde_json_lite {
+/// What toy.json says: the token sequence, vocabulary size and weight types.
+mod toy_meta {
     pub struct Meta {
         pub tokens: Vec<u32>,
         pub vocab: usize,

@@ -91,21 +91,13 @@ impl ModelWeights {
                 });
             }
             let want = [cols as u64, rows as u64];
-            if t.dims != want {
-                return Err(CpuError::Shape {
-                    tensor: name.to_string(),
-                    found: t.dims.clone(),
-                    expected: want.to_vec(),
-                });
-            }
-            if quant::uses_q8_activations(t.ty) && !cols.is_multiple_of(t.ty.block_elements().max(quant::QK)) {
-                return Err(CpuError::Shape {
-                    tensor: name.to_string(),
-                    found: t.dims.clone(),
-                    expected: want.to_vec(),
-                });
-            }
-            if !quant::uses_q8_activations(t.ty) && !cols.is_multiple_of(8) {
+            // Rows must also split into whole kernel blocks (32 for 8-bit activations, 8 floats).
+            let row_unit = if quant::uses_q8_activations(t.ty) {
+                t.ty.block_elements().max(quant::QK)
+            } else {
+                8
+            };
+            if t.dims != want || !cols.is_multiple_of(row_unit) {
                 return Err(CpuError::Shape {
                     tensor: name.to_string(),
                     found: t.dims.clone(),
