@@ -15,6 +15,8 @@
 //!   repetition penalty).
 //! - [`chat`]: chat templates (ChatML, Llama-2, Llama-3), recognized from GGUF metadata.
 //! - [`engine`]: turns a request into streamed text and a summary; owns the backend.
+//! - [`server`]: what the daemon's transports share: line framing and the pure request parser
+//!   (the daemon itself is in progress).
 //! - [`cli`]: the `llama-tpu` command line (`run`, `info`, `tokenize`, `bench`).
 #![deny(missing_docs)]
 #![deny(unsafe_code)]
@@ -26,4 +28,5 @@ pub mod engine;
 pub mod kernels;
 pub mod model;
 pub mod sampler;
+pub mod server;
 pub mod tokenizer;
