@@ -647,6 +647,15 @@ mod tests {
     }
 
     #[test]
+    fn version_2_is_read_like_version_3() {
+        // v2 and v3 share the layout (v3 added big-endian files, which carry a swapped version).
+        let mut bytes = sample();
+        bytes[4] = 2;
+        let g = Gguf::parse(&bytes).unwrap();
+        assert_eq!((g.version, g.tensors.len()), (2, 1));
+    }
+
+    #[test]
     fn wrong_magic_and_version_are_named() {
         let mut bytes = sample();
         bytes[0] = b'X';
