@@ -21,11 +21,6 @@ pub fn bf16_to_f32(h: u16) -> f32 {
     f32::from_bits((h as u32) << 16)
 }
 
-/// f32 to IEEE f16 bits, rounding to nearest even.
-pub fn f32_to_f16(v: f32) -> u16 {
-    half::f16::from_f32(v).to_bits()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -30,13 +30,6 @@ pub fn swiglu(gate: &mut [f32], up: &[f32]) {
     }
 }
 
-/// `acc += x`.
-pub fn add_assign(acc: &mut [f32], x: &[f32]) {
-    for (a, &v) in acc.iter_mut().zip(x) {
-        *a += v;
-    }
-}
-
 /// Rotary position embedding on one head, ggml's "normal" layout: dimension pairs
 /// `(2i, 2i+1)` are rotated by `pos * inv_freq[i]`. (GGUF converters permute the Q/K weights
 /// of Hugging Face checkpoints so that this layout is the right one; the NeoX layout, pairs

@@ -363,11 +363,6 @@ impl CpuBackend {
         })
     }
 
-    /// The model configuration.
-    pub fn config(&self) -> &LlamaConfig {
-        &self.compute.cfg
-    }
-
     /// Threads used for matrix work.
     pub fn threads(&self) -> usize {
         self.pool.threads()
