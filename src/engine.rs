@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::backend::{Backend, BackendError, BackendInfo, Next};
-use crate::chat::{ChatTemplate, Message};
+use crate::chat::{ChatTemplate, Message, Role};
 use crate::sampler::{Sampler, SamplerConfig};
 use crate::tokenizer::{TextStream, Tokenizer, TokenizerError};
 
@@ -38,8 +38,12 @@ pub struct Request {
     pub max_tokens: Option<usize>,
     /// Generation stops when one of these appears in the output (it is not sent).
     pub stop: Vec<String>,
-    /// Generation stops (reason `cancelled`) when this instant passes.
+    /// Generation stops (reason `time_limit`) when this instant passes.
     pub deadline: Option<Instant>,
+    /// For chat input that does not fit the context with room for the answer: drop the oldest
+    /// turns (a leading system message stays) until it does, and count them in the summary.
+    /// Without it such a prompt is refused ([`EngineError::PromptTooLong`]).
+    pub drop_old_turns: bool,
 }
 
 impl Request {
@@ -51,6 +55,7 @@ impl Request {
             max_tokens: None,
             stop: Vec::new(),
             deadline: None,
+            drop_old_turns: false,
         }
     }
 }
@@ -64,8 +69,10 @@ pub enum FinishReason {
     Length,
     /// A stop string appeared.
     Stop,
-    /// Cancelled: flag, client gone, or deadline.
+    /// Cancelled: flag set or the sink refused more text (client gone).
     Cancelled,
+    /// The request's deadline passed.
+    TimeLimit,
     /// The KV cache is full.
     Context,
 }
@@ -78,6 +85,7 @@ impl FinishReason {
             FinishReason::Length => "length",
             FinishReason::Stop => "stop",
             FinishReason::Cancelled => "cancelled",
+            FinishReason::TimeLimit => "time_limit",
             FinishReason::Context => "context",
         }
     }
@@ -94,6 +102,9 @@ pub struct Summary {
     pub cached_tokens: usize,
     /// Tokens generated (including one that ended on a stop string, excluding EOS).
     pub completion_tokens: usize,
+    /// Chat messages dropped from the front of the conversation (after a system message) to
+    /// fit the context ([`Request::drop_old_turns`]).
+    pub dropped_messages: usize,
     /// Time spent on the prompt.
     pub prompt_time: Duration,
     /// From the start of the request to the first generated token.
@@ -126,6 +137,10 @@ fn rate(n: usize, t: Duration) -> f64 {
 pub trait Sink {
     /// A piece of valid UTF-8 text (one token's worth, or held-back text released).
     fn text(&mut self, piece: &str) -> bool;
+
+    /// Called after every backend step (a prompt chunk or a token), so a watchdog can see that
+    /// the device still answers even while no text comes out.
+    fn progress(&mut self) {}
 }
 
 impl<F: FnMut(&str) -> bool> Sink for F {
@@ -245,11 +260,16 @@ impl Engine {
     ) -> Result<Summary, EngineError> {
         let started = Instant::now();
         req.sampling.validate().map_err(EngineError::Sampling)?;
-        let prompt = self.prompt_tokens(&req.input)?;
+        let context = self.backend.info().context_length;
+        let (prompt, dropped_messages) = match &req.input {
+            Input::Chat(messages) if req.drop_old_turns => {
+                self.fit_conversation(messages, answer_room(req, context))?
+            }
+            input => (self.prompt_tokens(input)?, 0),
+        };
         if prompt.is_empty() {
             return Err(EngineError::EmptyPrompt);
         }
-        let context = self.backend.info().context_length;
         if prompt.len() >= context {
             return Err(EngineError::PromptTooLong {
                 tokens: prompt.len(),
@@ -275,6 +295,7 @@ impl Engine {
             prompt_tokens: prompt.len(),
             cached_tokens: reuse,
             completion_tokens: 0,
+            dropped_messages,
             prompt_time: Duration::ZERO,
             time_to_first_token: Duration::ZERO,
             generation_time: Duration::ZERO,
@@ -284,20 +305,39 @@ impl Engine {
             return Ok(summary);
         }
         let prefill_start = Instant::now();
-        let mut next = match self.backend.prefill(&prompt[reuse..], reuse) {
-            Ok(n) => copy_out(n, &mut self.logits),
-            Err(e) => {
-                self.cached.clear();
-                return Err(e.into());
+        // In chunks of the backend's batch, so a cancel or a deadline is seen during a long
+        // prompt too, and the watchdog sees progress.
+        let batch = self.backend.info().max_batch.max(1);
+        let mut next = None;
+        for chunk in prompt[reuse..].chunks(batch) {
+            if cancel.load(Ordering::Relaxed) {
+                summary.reason = FinishReason::Cancelled;
+                return Ok(summary);
             }
-        };
-        self.cached.extend_from_slice(&prompt[reuse..]);
+            if req.deadline.is_some_and(|d| Instant::now() >= d) {
+                summary.reason = FinishReason::TimeLimit;
+                return Ok(summary);
+            }
+            let pos = self.cached.len();
+            next = match self.backend.prefill(chunk, pos) {
+                Ok(n) => copy_out(n, &mut self.logits),
+                Err(e) => {
+                    self.cached.clear();
+                    return Err(e.into());
+                }
+            };
+            self.cached.extend_from_slice(chunk);
+            sink.progress();
+        }
         summary.prompt_time = prefill_start.elapsed();
         let mut first_token_at: Option<Instant> = None;
 
         let reason = loop {
-            if cancel.load(Ordering::Relaxed) || req.deadline.is_some_and(|d| Instant::now() >= d) {
+            if cancel.load(Ordering::Relaxed) {
                 break FinishReason::Cancelled;
+            }
+            if req.deadline.is_some_and(|d| Instant::now() >= d) {
+                break FinishReason::TimeLimit;
             }
             let token = match next {
                 Some(t) => t,
@@ -335,9 +375,13 @@ impl Engine {
                 }
             };
             self.cached.push(token);
+            sink.progress();
         };
         // Text held for a possible stop string is real output when no stop string came.
-        if reason != FinishReason::Stop && reason != FinishReason::Cancelled {
+        if !matches!(
+            reason,
+            FinishReason::Stop | FinishReason::Cancelled | FinishReason::TimeLimit
+        ) {
             self.piece.clear();
             self.stream.finish(&mut self.piece);
             self.held.push_str(&self.piece);
@@ -350,6 +394,30 @@ impl Engine {
             summary.generation_time = t.elapsed();
         }
         Ok(summary)
+    }
+
+    /// Tokens of a conversation that leaves `room` tokens for the answer, dropping the oldest
+    /// turns (never a leading system message, never the last message) until it does. Returns
+    /// the tokens and how many messages were dropped.
+    fn fit_conversation(&self, messages: &[Message], room: usize) -> Result<(Vec<u32>, usize), EngineError> {
+        let template = self.template.ok_or(EngineError::NoTemplate)?;
+        let context = self.backend.info().context_length;
+        let keep_first = usize::from(messages.first().is_some_and(|m| m.role == Role::System));
+        let mut dropped = 0;
+        let mut kept: Vec<Message> = messages.to_vec();
+        loop {
+            let tokens = self.tokenizer.encode(&template.render(&kept), true)?;
+            if tokens.len() + room <= context || kept.len() <= keep_first + 1 {
+                return Ok((tokens, dropped));
+            }
+            // A turn is a user message and the answers after it: drop through to the next user.
+            let mut end = keep_first + 1;
+            while end < kept.len() - 1 && kept[end].role != Role::User {
+                end += 1;
+            }
+            dropped += end - keep_first;
+            kept.drain(keep_first..end);
+        }
     }
 
     /// Moves `piece` into the held text and sends what can no longer be part of a stop string.
@@ -400,6 +468,13 @@ enum Release {
     Continue,
     Stopped,
     SinkClosed,
+}
+
+/// Tokens a conversation must leave free for the answer: `max_tokens`, or a quarter of the
+/// context without it; never more than half the context, so a long answer limit does not
+/// empty a conversation.
+fn answer_room(req: &Request, context: usize) -> usize {
+    req.max_tokens.unwrap_or(context / 4).clamp(1, (context / 2).max(1))
 }
 
 /// Copies logits into the engine's buffer (`None`), or passes on a device-chosen token.

@@ -15,9 +15,11 @@
 //!   repetition penalty).
 //! - [`chat`]: chat templates (ChatML, Llama-2, Llama-3), recognized from GGUF metadata.
 //! - [`engine`]: turns a request into streamed text and a summary; owns the backend.
-//! - [`server`]: what the daemon's transports share: line framing and the pure request parser
-//!   (the daemon itself is in progress).
-//! - [`cli`]: the `llama-tpu` command line (`run`, `info`, `tokenize`, `bench`).
+//! - [`server`]: the daemon's serving side: UNIX-socket and serial transports, line framing,
+//!   the pure request parser, sessions, the bounded queue and the engine thread.
+//! - [`sys`]: systemd notification and watchdog, signals, journal-friendly logging.
+//! - [`cli`]: the `llama-tpu` command line (`run`, `info`, `tokenize`, `bench`, `serve`, `ask`,
+//!   `chat`).
 #![deny(missing_docs)]
 #![deny(unsafe_code)]
 
@@ -29,4 +31,5 @@ pub mod kernels;
 pub mod model;
 pub mod sampler;
 pub mod server;
+pub mod sys;
 pub mod tokenizer;

@@ -72,6 +72,7 @@ fn decoding_a_token_allocates_nothing() {
         max_tokens: Some(60),
         stop: vec!["never appears in this story \u{1f409}".into()],
         deadline: None,
+        drop_old_turns: false,
     };
     for round in 0..2 {
         let mut counts: Vec<usize> = Vec::with_capacity(1000);

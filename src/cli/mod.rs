@@ -1,9 +1,12 @@
-//! The `llama-tpu` command line. Each subcommand has its own file; this one holds the shared
-//! options, model loading and the exit codes.
+//! The `llama-tpu` command line. Each subcommand has its own file (`serve` the daemon, `ask`
+//! and `chat` its clients); this one holds the shared options, model loading and the exit codes.
 
 mod bench;
+mod client;
+pub mod config;
 mod info;
 mod run;
+mod serve;
 mod tokenize;
 
 use std::fmt;
@@ -89,6 +92,12 @@ enum Command {
     Tokenize(tokenize::TokenizeArgs),
     /// Measure prompt processing and generation speed (tokens/s, median of several runs).
     Bench(bench::BenchArgs),
+    /// Run the daemon: keep the model loaded and answer over a UNIX socket and serial lines.
+    Serve(serve::ServeArgs),
+    /// Ask a running daemon one question; the answer streams to stdout.
+    Ask(client::AskArgs),
+    /// Talk with a running daemon interactively.
+    Chat(client::ChatArgs),
 }
 
 /// Options that choose and load a model.
@@ -233,6 +242,9 @@ pub fn main() -> u8 {
         Command::Info(a) => info::info(&a),
         Command::Tokenize(a) => tokenize::tokenize(&a),
         Command::Bench(a) => bench::bench(&a),
+        Command::Serve(a) => serve::serve(&a),
+        Command::Ask(a) => client::ask(&a),
+        Command::Chat(a) => client::chat(&a),
     };
     match result {
         Ok(()) => Exit::Ok as u8,

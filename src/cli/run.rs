@@ -85,6 +85,7 @@ pub(super) fn run(a: &RunArgs) -> Result<(), CliError> {
         max_tokens: a.max_tokens,
         stop: a.stop.clone(),
         deadline: None,
+        drop_old_turns: false,
     };
 
     // Ctrl-C ends the generation (reason "cancelled"); a second one exits at once.

@@ -83,20 +83,32 @@ impl EventWriter {
     }
 
     /// `{"id":..,"event":"done","reason":..,"prompt_tokens":..,"completion_tokens":..,
-    /// "cached_tokens":..,"time_to_first_token_ms":..,"tokens_per_second":..,"dropped_turns":..}`.
-    pub fn done(&mut self, id: &EventId, s: &Summary, dropped_turns: usize) -> &[u8] {
+    /// "cached_tokens":..,"time_to_first_token_ms":..,"tokens_per_second":..,"dropped_messages":..}`.
+    pub fn done(&mut self, id: &EventId, s: &Summary) -> &[u8] {
         self.start(id, "done");
         self.string_field("reason", s.reason.as_str());
         let _ = write!(
             self.buf,
-            ",\"prompt_tokens\":{},\"completion_tokens\":{},\"cached_tokens\":{},\"time_to_first_token_ms\":{:.1},\"tokens_per_second\":{:.2},\"dropped_turns\":{}",
+            ",\"prompt_tokens\":{},\"completion_tokens\":{},\"cached_tokens\":{},\"time_to_first_token_ms\":{:.1},\"tokens_per_second\":{:.2},\"dropped_messages\":{}",
             s.prompt_tokens,
             s.completion_tokens,
             s.cached_tokens,
             s.time_to_first_token.as_secs_f64() * 1000.0,
             s.generation_tokens_per_second(),
-            dropped_turns
+            s.dropped_messages
         );
+        self.finish()
+    }
+
+    /// `{"id":..,"event":NAME,...fields}`: replies to control requests (status, pong, ...).
+    pub fn reply(&mut self, id: &EventId, event: &str, fields: &serde_json::Map<String, Value>) -> &[u8] {
+        self.start(id, event);
+        for (name, value) in fields {
+            self.buf.extend_from_slice(b",");
+            let _ = serde_json::to_writer(&mut self.buf, name);
+            self.buf.push(b':');
+            let _ = serde_json::to_writer(&mut self.buf, value);
+        }
         self.finish()
     }
 
@@ -143,14 +155,24 @@ mod tests {
             prompt_tokens: 12,
             cached_tokens: 4,
             completion_tokens: 9,
+            dropped_messages: 2,
             prompt_time: Duration::from_millis(30),
             time_to_first_token: Duration::from_millis(45),
             generation_time: Duration::from_millis(80),
         };
-        let v = parse(w.done(&id, &s, 1));
+        let v = parse(w.done(&id, &s));
         assert_eq!(v["reason"], "stop");
         assert_eq!(v["completion_tokens"], 9);
-        assert_eq!(v["dropped_turns"], 1);
+        assert_eq!(v["dropped_messages"], 2);
+        let mut fields = serde_json::Map::new();
+        fields.insert("queue_depth".into(), 3.into());
+        fields.insert("model".into(), "a \"b\"".into());
+        let v = parse(w.reply(&id, "status", &fields));
+        assert_eq!(
+            (v["event"].as_str(), v["queue_depth"].as_u64()),
+            (Some("status"), Some(3))
+        );
+        assert_eq!(v["model"], "a \"b\"");
         assert_eq!(v["time_to_first_token_ms"].as_f64(), Some(45.0));
         assert_eq!(v["tokens_per_second"].as_f64(), Some(100.0));
     }

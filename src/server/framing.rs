@@ -96,6 +96,18 @@ impl LineFramer {
             }
         }
     }
+
+    /// At the end of the input: the last line if it had no terminator (a client may close
+    /// without a final newline). Call after [`LineFramer::next_frame`] returned `None`.
+    pub fn finish(&mut self) -> Option<Frame<'_>> {
+        self.compact();
+        if std::mem::take(&mut self.discarding) || self.buf.is_empty() {
+            self.buf.clear();
+            return None;
+        }
+        self.consumed = self.buf.len();
+        Some(Frame::Line(&self.buf))
+    }
 }
 
 #[cfg(test)]
@@ -137,6 +149,16 @@ mod tests {
         assert_eq!(frames(&mut f, b"qrs\nok\n"), vec![Ok("ok".into())]);
         assert_eq!(frames(&mut f, b"0123456789\nfine\n"), vec![Err(()), Ok("fine".into())]);
         assert_eq!(frames(&mut f, b"12345678\n"), vec![Ok("12345678".into())]);
+    }
+
+    #[test]
+    fn an_unterminated_last_line_is_given_at_the_end() {
+        let mut f = LineFramer::new(8);
+        assert_eq!(frames(&mut f, b"a\nlast"), vec![Ok("a".into())]);
+        assert_eq!(f.finish(), Some(Frame::Line(b"last")));
+        assert_eq!(f.finish(), None);
+        assert_eq!(frames(&mut f, b"0123456789"), vec![Err(())]);
+        assert_eq!(f.finish(), None);
     }
 
     #[test]

@@ -1,8 +1,134 @@
-//! Serving (issue 3, in progress): what the transports share. So far the pure layers: line
-//! framing ([`framing`]), the request parser ([`protocol`]) and the event encoder
-//! ([`events`]). The queue, the engine thread and the UNIX-socket and serial transports come
-//! with the daemon; this module will know the engine only through its request and event types.
+//! The daemon's serving side: transports, the pure protocol, the queue and the engine thread.
+//!
+//! Data flows one way: a transport ([`unix`], [`serial`]) frames bytes into lines
+//! ([`framing`]), the pure parser turns lines into requests ([`protocol`]), a [`session`] turns
+//! requests into jobs on the bounded [`queue`], and the [`engine_thread`], the only owner of
+//! the engine, streams each job's text back through the job's reply ([`events`] for JSON
+//! clients). This module knows the engine only through its request and summary types.
 
+pub mod engine_thread;
 pub mod events;
 pub mod framing;
 pub mod protocol;
+pub mod queue;
+pub mod serial;
+pub mod session;
+pub mod shared;
+pub mod unix;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::engine::Engine;
+
+use self::engine_thread::DeviceFailure;
+use self::queue::Outcome;
+use self::serial::SerialSpec;
+use self::shared::Shared;
+use self::unix::{Connections, Listener};
+
+/// What to serve on.
+pub struct Transports {
+    /// The UNIX socket, bound or adopted.
+    pub listener: Option<Listener>,
+    /// Most socket connections open at once.
+    pub max_connections: usize,
+    /// Serial lines.
+    pub serial: Vec<SerialSpec>,
+}
+
+/// A running daemon's threads.
+pub struct Server {
+    shared: Arc<Shared>,
+    conns: Arc<Connections>,
+    engine: JoinHandle<Result<(), DeviceFailure>>,
+    accept: Option<JoinHandle<()>>,
+    serial: Vec<JoinHandle<()>>,
+}
+
+fn spawn<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> std::io::Result<JoinHandle<T>> {
+    std::thread::Builder::new().name(name.into()).spawn(f)
+}
+
+impl Server {
+    /// Starts the engine thread and the transports.
+    ///
+    /// # Errors
+    /// A thread cannot be started.
+    pub fn start(engine: Engine, shared: Arc<Shared>, transports: Transports) -> std::io::Result<Server> {
+        let conns = Arc::new(Connections::default());
+        let s = Arc::clone(&shared);
+        let engine = spawn("engine", move || engine_thread::serve(engine, s))?;
+        let accept = match transports.listener {
+            Some(listener) => {
+                let (s, c) = (Arc::clone(&shared), Arc::clone(&conns));
+                let max = transports.max_connections;
+                Some(spawn("accept", move || unix::accept_loop(listener, s, c, max))?)
+            }
+            None => None,
+        };
+        let mut serial = Vec::new();
+        for spec in transports.serial {
+            let s = Arc::clone(&shared);
+            serial.push(spawn("serial", move || serial::serve_port(spec, s))?);
+        }
+        Ok(Server {
+            shared,
+            conns,
+            engine,
+            accept,
+            serial,
+        })
+    }
+
+    /// The shared state (settings, counters).
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Whether the engine thread still runs (it ends only on a device failure or shutdown).
+    pub fn engine_running(&self) -> bool {
+        !self.engine.is_finished()
+    }
+
+    /// Stops serving: refuses new work, tells queued clients, lets the running request finish
+    /// for up to `grace` and then cancels it, closes every connection and removes the socket
+    /// file. Returns the engine thread's device failure, if it had one.
+    pub fn shutdown(self, grace: Duration) -> Option<DeviceFailure> {
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        for mut job in self.shared.queue.close() {
+            job.reply.finish(Outcome::Failed {
+                code: "shutting_down",
+                message: "the daemon is shutting down",
+            });
+        }
+        let deadline = Instant::now() + grace;
+        while self.shared.queue.busy() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.shared.queue.cancel_running();
+        // A cancelled request ends within one token; a prompt chunk may take longer, and
+        // exiting does not need to wait for it.
+        let deadline = Instant::now() + Duration::from_millis(1000);
+        while !self.engine.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.conns.close_all();
+        if let Some(a) = self.accept {
+            let _ = a.join();
+        }
+        drop(self.serial);
+        if self.engine.is_finished() {
+            match self.engine.join() {
+                Ok(Err(failure)) => return Some(failure),
+                Ok(Ok(())) => {}
+                Err(_) => return Some(DeviceFailure("the engine thread panicked".into())),
+            }
+        } else {
+            log::warn!("the engine is still busy with a prompt; exiting without waiting for it");
+        }
+        None
+    }
+}

@@ -1,0 +1,305 @@
+//! The daemon's configuration: a TOML file (every setting optional; see
+//! `systemd/llama-tpu.toml` for each one with its default), overridden by `serve`'s flags.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use log::LevelFilter;
+use serde::Deserialize;
+
+use super::{CliError, Exit, ModelArgs, DEFAULT_MODEL};
+use crate::sampler::SamplerConfig;
+use crate::server::serial::SerialSpec;
+use crate::server::shared::Defaults;
+
+/// Where the socket goes by default (systemd's RuntimeDirectory=llama-tpu).
+pub const DEFAULT_SOCKET: &str = "/run/llama-tpu/llama-tpu.sock";
+
+/// Largest configuration file read (a runaway file is an error, not a memory problem).
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// The file's contents. Every field has a default.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Model file; unset: the working tree's default model (`make model`).
+    pub model: Option<PathBuf>,
+    /// Backend name.
+    pub backend: String,
+    /// tokenizer.json instead of the model's vocabulary.
+    pub tokenizer: Option<PathBuf>,
+    /// Chat template name.
+    pub chat_template: Option<String>,
+    /// Matrix threads (0 = all cores).
+    pub threads: usize,
+    /// KV cache length.
+    pub ctx_size: Option<usize>,
+    /// Socket path.
+    pub socket: PathBuf,
+    /// Socket file mode, octal.
+    pub socket_mode: String,
+    /// Socket file group.
+    pub socket_group: Option<String>,
+    /// Peers allowed by uid.
+    pub allow_uids: Vec<u32>,
+    /// Peers allowed by gid.
+    pub allow_gids: Vec<u32>,
+    /// Most socket connections.
+    pub max_connections: usize,
+    /// Serial lines, `DEVICE[:BAUD]`.
+    pub serial: Vec<String>,
+    /// Requests waiting at most.
+    pub queue_depth: usize,
+    /// Seconds a request may run (0 = no limit).
+    pub request_timeout: u64,
+    /// Seconds a running request may go on after SIGTERM before it is cancelled.
+    pub shutdown_grace: f64,
+    /// error, warn, info, debug, trace.
+    pub log_level: String,
+    /// Defaults for requests.
+    pub generation: Generation,
+}
+
+/// `[generation]`: what a request does not say itself.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Generation {
+    /// Most tokens per answer (0 = until end of text or context).
+    pub max_tokens: usize,
+    /// Temperature (0 = greedy).
+    pub temperature: f32,
+    /// Top-k (0 = off).
+    pub top_k: usize,
+    /// Top-p (1 = off).
+    pub top_p: f32,
+    /// Min-p (0 = off).
+    pub min_p: f32,
+    /// Repetition penalty (1 = off).
+    pub repeat_penalty: f32,
+    /// Tokens the penalty looks back over.
+    pub repeat_last_n: usize,
+    /// Fixed seed; absent: a new one per request.
+    pub seed: Option<u64>,
+    /// System message of text-mode conversations.
+    pub system_prompt: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            model: None,
+            backend: "cpu".into(),
+            tokenizer: None,
+            chat_template: None,
+            threads: 0,
+            ctx_size: None,
+            socket: DEFAULT_SOCKET.into(),
+            socket_mode: "0660".into(),
+            socket_group: None,
+            allow_uids: Vec::new(),
+            allow_gids: Vec::new(),
+            max_connections: 16,
+            serial: Vec::new(),
+            queue_depth: 8,
+            request_timeout: 300,
+            shutdown_grace: 0.0,
+            log_level: "info".into(),
+            generation: Generation::default(),
+        }
+    }
+}
+
+impl Default for Generation {
+    fn default() -> Self {
+        let s = SamplerConfig::default();
+        Generation {
+            max_tokens: 512,
+            temperature: s.temperature,
+            top_k: s.top_k,
+            top_p: s.top_p,
+            min_p: s.min_p,
+            repeat_penalty: s.repeat_penalty,
+            repeat_last_n: s.repeat_last_n,
+            seed: None,
+            system_prompt: None,
+        }
+    }
+}
+
+fn bad(message: impl Into<String>) -> CliError {
+    CliError::new(Exit::Config, message)
+}
+
+impl Config {
+    /// Reads a configuration file.
+    ///
+    /// # Errors
+    /// Unreadable file, TOML syntax, unknown keys, wrong types (all exit 78).
+    pub fn read(path: &Path) -> Result<Config, CliError> {
+        use std::io::Read;
+        let mut text = String::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(MAX_CONFIG_BYTES).read_to_string(&mut text))
+            .map_err(|e| bad(format!("{}: cannot read the configuration: {e}", path.display())))?;
+        toml::from_str(&text).map_err(|e| bad(format!("{}: {e}", path.display())))
+    }
+
+    /// Checks values that parse but make no sense.
+    ///
+    /// # Errors
+    /// The first bad value (exit 78).
+    pub fn validate(&self) -> Result<(), CliError> {
+        self.socket_mode()?;
+        self.log_level()?;
+        self.serial_lines()?;
+        self.defaults()?;
+        if self.queue_depth == 0 || self.max_connections == 0 {
+            return Err(bad("queue_depth and max_connections must be at least 1"));
+        }
+        if !(self.shutdown_grace.is_finite() && (0.0..=3600.0).contains(&self.shutdown_grace)) {
+            return Err(bad("shutdown_grace must be between 0 and 3600 seconds"));
+        }
+        Ok(())
+    }
+
+    /// The socket's file mode.
+    ///
+    /// # Errors
+    /// Not an octal mode.
+    pub fn socket_mode(&self) -> Result<u32, CliError> {
+        u32::from_str_radix(self.socket_mode.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .ok_or_else(|| {
+                bad(format!(
+                    "socket_mode '{}' is not an octal file mode such as 0660",
+                    self.socket_mode
+                ))
+            })
+    }
+
+    /// The log level.
+    ///
+    /// # Errors
+    /// An unknown level name.
+    pub fn log_level(&self) -> Result<LevelFilter, CliError> {
+        self.log_level.parse().map_err(|_| {
+            bad(format!(
+                "log_level '{}': use error, warn, info, debug or trace",
+                self.log_level
+            ))
+        })
+    }
+
+    /// The serial lines.
+    ///
+    /// # Errors
+    /// A malformed `DEVICE[:BAUD]`.
+    pub fn serial_lines(&self) -> Result<Vec<SerialSpec>, CliError> {
+        self.serial.iter().map(|s| s.parse().map_err(bad)).collect()
+    }
+
+    /// The request defaults (what SIGHUP re-reads).
+    ///
+    /// # Errors
+    /// Invalid sampling values.
+    pub fn defaults(&self) -> Result<Defaults, CliError> {
+        let g = &self.generation;
+        let sampling = SamplerConfig {
+            temperature: g.temperature,
+            top_k: g.top_k,
+            top_p: g.top_p,
+            min_p: g.min_p,
+            repeat_penalty: g.repeat_penalty,
+            repeat_last_n: g.repeat_last_n,
+            seed: 0,
+        };
+        sampling.validate().map_err(|e| bad(format!("[generation]: {e}")))?;
+        Ok(Defaults {
+            sampling,
+            seed: g.seed,
+            max_tokens: (g.max_tokens > 0).then_some(g.max_tokens),
+            system_prompt: g.system_prompt.clone().filter(|s| !s.is_empty()),
+            request_timeout: (self.request_timeout > 0).then(|| Duration::from_secs(self.request_timeout)),
+            allow_uids: self.allow_uids.clone(),
+            allow_gids: self.allow_gids.clone(),
+        })
+    }
+
+    /// The model options for [`super::load_engine`].
+    pub fn model_args(&self) -> ModelArgs {
+        ModelArgs {
+            model: self.model.clone().unwrap_or_else(|| DEFAULT_MODEL.into()),
+            backend: self.backend.clone(),
+            threads: self.threads,
+            ctx_size: self.ctx_size,
+            tokenizer: self.tokenizer.clone(),
+            chat_template: self.chat_template.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_file_is_the_defaults() {
+        // Every setting is written out with its default value, but the model, which the
+        // administrator must choose (the unit does not start until then).
+        let text = include_str!("../../systemd/llama-tpu.toml");
+        let shipped: Config = toml::from_str(text).unwrap();
+        assert_eq!(shipped, Config::default());
+        let written: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.split_once(" = ").map(|(k, _)| k.trim_start_matches("# ")))
+            .collect();
+        for key in [
+            "model",
+            "backend",
+            "tokenizer",
+            "chat_template",
+            "threads",
+            "ctx_size",
+            "socket",
+            "socket_mode",
+            "socket_group",
+            "allow_uids",
+            "allow_gids",
+            "max_connections",
+            "serial",
+            "queue_depth",
+            "request_timeout",
+            "shutdown_grace",
+            "log_level",
+            "max_tokens",
+            "temperature",
+            "top_k",
+            "top_p",
+            "min_p",
+            "repeat_penalty",
+            "repeat_last_n",
+            "seed",
+            "system_prompt",
+        ] {
+            assert!(written.contains(&key), "{key} is not documented in llama-tpu.toml");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_configuration_errors() {
+        let unknown = toml::from_str::<Config>("modle = \"x\"").unwrap_err().to_string();
+        assert!(unknown.contains("unknown field `modle`"), "{unknown}");
+        assert!(toml::from_str::<Config>("[generation]\ntemprature = 1").is_err());
+        assert!(toml::from_str::<Config>("queue_depth = \"8\"").is_err());
+        let c: Config = toml::from_str("socket_mode = \"0999\"").unwrap();
+        assert_eq!(c.validate().unwrap_err().exit, Exit::Config);
+        let c: Config = toml::from_str("[generation]\ntop_p = 0").unwrap();
+        assert!(c.validate().unwrap_err().message.contains("top_p"));
+        let c: Config = toml::from_str("serial = [\"/dev/ttyS1:fast\"]").unwrap();
+        assert!(c.validate().is_err());
+        let c: Config = toml::from_str("socket_mode = \"0600\"\nrequest_timeout = 0").unwrap();
+        assert_eq!(c.socket_mode().unwrap(), 0o600);
+        assert_eq!(c.defaults().unwrap().request_timeout, None);
+    }
+}

@@ -1,0 +1,322 @@
+//! `llama-tpu serve`: the daemon. Loads the model once and serves it over a UNIX socket and
+//! serial lines until SIGTERM, speaking systemd's notify protocol.
+
+use std::path::PathBuf;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+
+use super::config::Config;
+use super::{load_engine, CliError, Exit};
+use crate::server::shared::{ModelFacts, Shared};
+use crate::server::unix::Listener;
+use crate::server::{Server, Transports};
+use crate::sys::notify::Notifier;
+use crate::sys::{logging, signals};
+
+/// Arguments of `serve`. Each overrides the configuration file's setting of the same name.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Configuration file (TOML; see systemd/llama-tpu.toml for every setting).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Model file (default: models/SmolLM2-135M-Instruct.Q4_1.gguf).
+    #[arg(short, long)]
+    model: Option<PathBuf>,
+    /// Compute backend.
+    #[arg(long, value_parser = ["cpu"])]
+    backend: Option<String>,
+    /// Threads for matrix work (0 = all cores).
+    #[arg(short, long)]
+    threads: Option<usize>,
+    /// KV cache length in tokens.
+    #[arg(short = 'c', long)]
+    ctx_size: Option<usize>,
+    /// Tokenizer file (tokenizer.json) instead of the model's vocabulary.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Chat template (chatml, llama2, llama3).
+    #[arg(long)]
+    chat_template: Option<String>,
+    /// UNIX socket path [default: /run/llama-tpu/llama-tpu.sock].
+    #[arg(short, long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Socket file mode, octal [default: 0660].
+    #[arg(long, value_name = "MODE")]
+    socket_mode: Option<String>,
+    /// Socket file group.
+    #[arg(long, value_name = "GROUP")]
+    socket_group: Option<String>,
+    /// Serve a serial line (repeatable; replaces the file's list).
+    #[arg(long, value_name = "DEVICE[:BAUD]")]
+    serial: Vec<String>,
+    /// Requests that may wait behind the running one [default: 8].
+    #[arg(long)]
+    queue_depth: Option<usize>,
+    /// Most socket connections at once [default: 16].
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Seconds a request may run, 0 = no limit [default: 300].
+    #[arg(long, value_name = "SECONDS")]
+    request_timeout: Option<u64>,
+    /// Seconds a running request may go on after SIGTERM [default: 0].
+    #[arg(long, value_name = "SECONDS")]
+    shutdown_grace: Option<f64>,
+    /// error, warn, info, debug, trace [default: info].
+    #[arg(long)]
+    log_level: Option<String>,
+    /// Default temperature [default: 0.8].
+    #[arg(long)]
+    temperature: Option<f32>,
+    /// Default most tokens per answer, 0 = no limit [default: 512].
+    #[arg(short = 'n', long)]
+    max_tokens: Option<usize>,
+    /// Fixed seed for every request [default: a new one per request].
+    #[arg(long)]
+    seed: Option<u64>,
+    /// System message of text-mode conversations.
+    #[arg(long)]
+    system_prompt: Option<String>,
+    /// Only check: exit 1 when no model is configured or its file is missing, 255 when the
+    /// configuration is invalid, 0 otherwise (for systemd's ExecCondition=).
+    #[arg(long)]
+    check: bool,
+}
+
+impl ServeArgs {
+    /// The file's settings with the flags applied.
+    fn config(&self) -> Result<Config, CliError> {
+        let mut c = match &self.config {
+            Some(path) => Config::read(path)?,
+            None => Config::default(),
+        };
+        macro_rules! flag {
+            ($($f:ident),*) => { $( if let Some(v) = &self.$f { c.$f = v.clone().into(); } )* };
+        }
+        flag!(model, tokenizer, chat_template, socket_group);
+        macro_rules! plain {
+            ($($f:ident),*) => { $( if let Some(v) = &self.$f { c.$f = v.clone(); } )* };
+        }
+        plain!(
+            backend,
+            threads,
+            socket,
+            socket_mode,
+            queue_depth,
+            max_connections,
+            request_timeout,
+            shutdown_grace,
+            log_level
+        );
+        if self.ctx_size.is_some() {
+            c.ctx_size = self.ctx_size;
+        }
+        if !self.serial.is_empty() {
+            c.serial = self.serial.clone();
+        }
+        if let Some(t) = self.temperature {
+            c.generation.temperature = t;
+        }
+        if let Some(n) = self.max_tokens {
+            c.generation.max_tokens = n;
+        }
+        if self.seed.is_some() {
+            c.generation.seed = self.seed;
+        }
+        if self.system_prompt.is_some() {
+            c.generation.system_prompt = self.system_prompt.clone();
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+/// Messages for the main thread.
+enum Event {
+    Signal(signals::Request),
+}
+
+impl From<signals::Request> for Event {
+    fn from(r: signals::Request) -> Event {
+        Event::Signal(r)
+    }
+}
+
+/// How often the main thread wakes up when no watchdog asks for more.
+const TICK: Duration = Duration::from_secs(1);
+
+pub(super) fn serve(a: &ServeArgs) -> Result<(), CliError> {
+    let config = match a.config() {
+        Ok(c) => c,
+        Err(e) if a.check => {
+            eprintln!("llama-tpu: {e}");
+            std::process::exit(255);
+        }
+        Err(e) => return Err(e),
+    };
+    if a.check {
+        return check(&config);
+    }
+    logging::set_level(config.log_level()?);
+    let notifier = Notifier::from_env();
+    let listener = match Listener::from_systemd().map_err(|e| CliError::new(Exit::Config, e.to_string()))? {
+        Some(l) => l,
+        None => Listener::bind(&config.socket, config.socket_mode()?, config.socket_group.as_deref())
+            .map_err(|e| CliError::new(Exit::Config, e.to_string()))?,
+    };
+    let model_args = config.model_args();
+    notifier.status(&format!("loading {}", model_args.model.display()));
+    log::info!("loading {}", model_args.model.display());
+    let engine = load_engine(&model_args)?;
+    let info = engine.info().clone();
+    let facts = ModelFacts {
+        model: model_args.model.file_name().map_or_else(
+            || model_args.model.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        ),
+        backend: info.backend.to_string(),
+        context_length: info.context_length,
+        has_chat_template: engine.template().is_some(),
+    };
+    let shared = Arc::new(Shared::new(facts, config.queue_depth, config.defaults()?));
+    let (tx, rx) = mpsc::channel::<Event>();
+    signals::forward(tx).map_err(|e| CliError::new(Exit::Failure, format!("cannot install signal handlers: {e}")))?;
+    let where_ = listener.describe();
+    let serial = config.serial_lines()?;
+    let serial_names: Vec<String> = serial.iter().map(|s| s.path.display().to_string()).collect();
+    let server = Server::start(
+        engine,
+        Arc::clone(&shared),
+        Transports {
+            listener: Some(listener),
+            max_connections: config.max_connections,
+            serial,
+        },
+    )
+    .map_err(|e| CliError::new(Exit::Failure, format!("cannot start the server threads: {e}")))?;
+    let serving = format!(
+        "serving {} ({}, context {}) on {where_}{}",
+        shared.facts.model,
+        shared.facts.backend,
+        shared.facts.context_length,
+        if serial_names.is_empty() {
+            String::new()
+        } else {
+            format!(" and {}", serial_names.join(", "))
+        }
+    );
+    log::info!("{serving}");
+    notifier.ready(&serving);
+
+    let watchdog = notifier.watchdog_timeout();
+    let wake = watchdog.map_or(TICK, |w| (w / 4).clamp(Duration::from_millis(50), TICK));
+    let mut last_status = String::new();
+    let mut warned_stall = false;
+    let mut last_ping = Instant::now() - Duration::from_secs(3600);
+    let reason = loop {
+        match rx.recv_timeout(wake) {
+            Ok(Event::Signal(signals::Request::Stop(name))) => break name,
+            Ok(Event::Signal(signals::Request::Reload)) => {
+                notifier.reloading();
+                reload(a, &config, &shared);
+                notifier.ready(&serving);
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break "signal thread ended",
+        }
+        if !server.engine_running() {
+            notifier.stopping();
+            let failure = server.shutdown(Duration::ZERO);
+            let why = failure.map_or_else(|| "the engine stopped".to_string(), |f| f.0);
+            return Err(CliError::new(Exit::Unavailable, format!("device failure: {why}")));
+        }
+        if let Some(timeout) = watchdog {
+            // Fed only while the engine thread shows life: a hung device gets the service
+            // restarted.
+            if shared.stats.since_heartbeat() < timeout / 2 {
+                if last_ping.elapsed() >= timeout / 4 {
+                    notifier.watchdog();
+                    last_ping = Instant::now();
+                }
+                warned_stall = false;
+            } else if !warned_stall {
+                log::error!(
+                    "the engine has shown no progress for {:?}; no longer feeding the watchdog",
+                    shared.stats.since_heartbeat()
+                );
+                warned_stall = true;
+            }
+        }
+        let status = status_line(&shared);
+        if status != last_status {
+            notifier.status(&status);
+            last_status = status;
+        }
+    };
+    log::info!("{reason}: shutting down");
+    notifier.stopping();
+    let grace = Duration::from_secs_f64(config.shutdown_grace);
+    match server.shutdown(grace) {
+        Some(f) => Err(CliError::new(Exit::Unavailable, format!("device failure: {}", f.0))),
+        None => {
+            log::info!("stopped");
+            Ok(())
+        }
+    }
+}
+
+fn status_line(shared: &Shared) -> String {
+    use std::sync::atomic::Ordering::Relaxed;
+    format!(
+        "{}: {} requests, {} tokens served, {} waiting, {} connections",
+        if shared.queue.busy() { "busy" } else { "idle" },
+        shared.stats.requests.load(Relaxed),
+        shared.stats.tokens.load(Relaxed),
+        shared.queue.waiting(),
+        shared.stats.connections.load(Relaxed),
+    )
+}
+
+/// SIGHUP: re-read the configuration; apply what can change without reloading the model.
+fn reload(a: &ServeArgs, running: &Config, shared: &Shared) {
+    let fresh = match a.config() {
+        Ok(c) => c,
+        Err(e) => return log::error!("reload: {e}; keeping the current settings"),
+    };
+    let defaults = match fresh.defaults() {
+        Ok(d) => d,
+        Err(e) => return log::error!("reload: {e}; keeping the current settings"),
+    };
+    if let Ok(level) = fresh.log_level() {
+        logging::set_level(level);
+    }
+    shared.set_defaults(defaults);
+    let fixed = Config {
+        generation: running.generation.clone(),
+        request_timeout: running.request_timeout,
+        allow_uids: running.allow_uids.clone(),
+        allow_gids: running.allow_gids.clone(),
+        log_level: running.log_level.clone(),
+        ..fresh
+    };
+    if &fixed != running {
+        log::warn!("reload: settings other than [generation], request_timeout, allow_uids, allow_gids and log_level changed; they apply after a restart");
+    }
+    log::info!("reloaded the configuration");
+}
+
+/// `--check`: whether the service can start.
+fn check(config: &Config) -> Result<(), CliError> {
+    let Some(model) = &config.model else {
+        eprintln!("llama-tpu: no model configured: set `model` in the configuration file");
+        std::process::exit(1);
+    };
+    if !model.is_file() {
+        eprintln!("llama-tpu: model {} does not exist", model.display());
+        std::process::exit(1);
+    }
+    println!("configuration valid, model {}", model.display());
+    Ok(())
+}

@@ -1,0 +1,587 @@
+//! One client's conversation with the daemon, whatever the transport: lines in, requests to
+//! the queue, events or text out.
+//!
+//! A session owns the client's text-mode history and its per-connection settings (`/set`),
+//! and knows whether its one request is still running. Its [`Output`] is shared with the
+//! request's reply, which the engine thread writes through.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use serde_json::{json, Map, Value};
+
+use crate::chat::{Message, Role};
+use crate::engine::{FinishReason, Input, Request};
+use crate::sampler::SamplerConfig;
+
+use super::events::{EventId, EventWriter};
+use super::framing::{Frame, MAX_LINE};
+use super::protocol::{self, Command, Generate, Line, Prompt, ProtocolError, RequestKind, Settings};
+use super::queue::{Job, Outcome, Refused, Reply};
+use super::shared::Shared;
+
+/// Ends every text-mode reply (answers, command output, errors): ASCII EOT. A script reads up
+/// to it; model output never contains it (control characters are removed from text-mode
+/// answers) and terminals do not show it.
+pub const END_OF_REPLY: u8 = 0x04;
+
+/// The serial console's prompt.
+pub const PROMPT: &str = "> ";
+
+/// Initial room for a text-mode answer kept for the history (grows only for long answers).
+const ANSWER_CAPACITY: usize = 8 * 1024;
+
+const HELP: &str = "Type a message and press Enter to talk to the model; the conversation is kept until /reset.
+Commands:
+  /help                 this text
+  /reset                forget the conversation
+  /status               daemon, model and queue state
+  /set NAME VALUE       change a setting for this connection: temperature, top_k, top_p, min_p,
+                        repeat_penalty, max_tokens, seed
+  /quit                 close the connection
+A line starting with { is a JSON request (see docs/protocol.md).
+Every reply ends with the byte 0x04 (EOT).";
+
+/// Where a session's bytes go. Writes fail for good once the client is gone.
+pub struct Output {
+    writer: Box<dyn Write + Send>,
+    /// Serial consoles want CR LF line ends.
+    crlf: bool,
+    events: EventWriter,
+    scratch: Vec<u8>,
+    gone: bool,
+}
+
+impl Output {
+    /// An output over a writer; `crlf` turns every `\n` into `\r\n`.
+    pub fn new(writer: Box<dyn Write + Send>, crlf: bool) -> Output {
+        Output {
+            writer,
+            crlf,
+            events: EventWriter::new(),
+            scratch: Vec::with_capacity(4096),
+            gone: false,
+        }
+    }
+
+    /// Writes bytes; `false` once the client is gone.
+    pub fn write(&mut self, bytes: &[u8]) -> bool {
+        send(&mut *self.writer, self.crlf, &mut self.scratch, &mut self.gone, bytes)
+    }
+
+    /// Writes an event made by `make` from the reused event buffer.
+    fn event(&mut self, make: impl FnOnce(&mut EventWriter) -> &[u8]) -> bool {
+        let line = make(&mut self.events);
+        send(&mut *self.writer, self.crlf, &mut self.scratch, &mut self.gone, line)
+    }
+
+    /// Whether a write has failed.
+    pub fn is_gone(&self) -> bool {
+        self.gone
+    }
+}
+
+fn send(w: &mut dyn Write, crlf: bool, scratch: &mut Vec<u8>, gone: &mut bool, bytes: &[u8]) -> bool {
+    if *gone {
+        return false;
+    }
+    let result = if crlf && bytes.contains(&b'\n') {
+        scratch.clear();
+        let mut previous = 0;
+        for &b in bytes {
+            if b == b'\n' && previous != b'\r' {
+                scratch.push(b'\r');
+            }
+            scratch.push(b);
+            previous = b;
+        }
+        w.write_all(scratch)
+    } else {
+        w.write_all(bytes)
+    };
+    if result.and_then(|()| w.flush()).is_err() {
+        *gone = true;
+    }
+    !*gone
+}
+
+type SharedOutput = Arc<Mutex<Output>>;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section here is a single write or a single list update, so data behind
+    // a lock poisoned by a panicking holder is still consistent.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// What the transport should do after a line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// Keep reading.
+    Continue,
+    /// Close the connection (`/quit`).
+    Quit,
+}
+
+/// The running request of a session.
+struct Running {
+    cancel: Arc<AtomicBool>,
+    done: Arc<AtomicBool>,
+}
+
+/// See the module documentation.
+pub struct Session {
+    out: SharedOutput,
+    shared: Arc<Shared>,
+    /// A person at a serial terminal: prompts after replies.
+    console: bool,
+    /// Text-mode turns (without the system message, which comes from the settings).
+    history: Arc<Mutex<Vec<Message>>>,
+    running: Option<Running>,
+    /// `/set` values for this connection.
+    overrides: Settings,
+    /// Who the client is, for logs.
+    peer: String,
+}
+
+impl Session {
+    /// A session writing to `out`; `console` for a person at a serial terminal.
+    pub fn new(out: Output, shared: Arc<Shared>, console: bool, peer: String) -> Session {
+        Session {
+            out: Arc::new(Mutex::new(out)),
+            shared,
+            console,
+            history: Arc::default(),
+            running: None,
+            overrides: Settings::default(),
+            peer,
+        }
+    }
+
+    /// Writes raw bytes (echo, prompts) unless a reply is streaming.
+    pub fn write_raw(&self, bytes: &[u8]) {
+        lock(&self.out).write(bytes);
+    }
+
+    /// Whether the client can no longer be written to.
+    pub fn is_gone(&self) -> bool {
+        lock(&self.out).is_gone()
+    }
+
+    /// Whether this session's request is queued or running.
+    pub fn busy(&self) -> bool {
+        self.running.as_ref().is_some_and(|r| !r.done.load(Ordering::Acquire))
+    }
+
+    /// Cancels the running or queued request (client gone, Ctrl-C, `cancel`). Returns whether
+    /// there was one.
+    pub fn cancel(&mut self) -> bool {
+        match &self.running {
+            Some(r) if !r.done.load(Ordering::Acquire) => {
+                r.cancel.store(true, Ordering::Relaxed);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Handles a framed line.
+    pub fn frame(&mut self, frame: Frame<'_>) -> Flow {
+        match frame {
+            Frame::Line(line) => self.line(line),
+            Frame::TooLong => {
+                let message = format!("the line is longer than {MAX_LINE} bytes; it was ignored");
+                self.error(!self.console, &EventId::default(), "line_too_long", &message);
+                Flow::Continue
+            }
+        }
+    }
+
+    /// Handles one complete line (without its terminator).
+    pub fn line(&mut self, line: &[u8]) -> Flow {
+        let json_like = line.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+        match protocol::parse_line(line) {
+            Ok(Line::Empty) => {
+                if self.console {
+                    self.write_raw(PROMPT.as_bytes());
+                }
+                Flow::Continue
+            }
+            Ok(Line::Json(req)) => {
+                let id = EventId::new(req.id.as_ref());
+                self.json(req.kind, id);
+                Flow::Continue
+            }
+            Ok(Line::Text(text)) => {
+                self.chat_turn(text);
+                Flow::Continue
+            }
+            Ok(Line::Command(cmd)) => self.command(cmd),
+            Err(e) => {
+                let id = EventId::default();
+                self.protocol_error(json_like, &id, &e);
+                Flow::Continue
+            }
+        }
+    }
+
+    fn protocol_error(&self, json: bool, id: &EventId, e: &ProtocolError) {
+        log::debug!("{}: {e}", self.peer);
+        self.error(json, id, e.code(), &e.to_string());
+    }
+
+    /// Reports bad input found by the transport (line noise, an over-long line).
+    pub fn input_error(&self, json: bool, id: &EventId, code: &str, message: &str) {
+        log::debug!("{}: {message}", self.peer);
+        self.error(json, id, code, message);
+    }
+
+    /// An error as a JSON event or as a text-mode reply.
+    fn error(&self, json: bool, id: &EventId, code: &str, message: &str) {
+        let mut out = lock(&self.out);
+        if json {
+            out.event(|w| w.error(id, code, message));
+        } else {
+            out.write(format!("error: {message}\n").as_bytes());
+            end_text_reply(&mut out, self.console);
+        }
+    }
+
+    fn reply(&self, id: &EventId, event: &str, fields: Map<String, Value>) {
+        lock(&self.out).event(|w| w.reply(id, event, &fields));
+    }
+
+    fn text_reply(&self, text: &str) {
+        let mut out = lock(&self.out);
+        out.write(text.as_bytes());
+        out.write(b"\n");
+        end_text_reply(&mut out, self.console);
+    }
+
+    fn json(&mut self, kind: RequestKind, id: EventId) {
+        match kind {
+            RequestKind::Generate(g) => {
+                if self.busy() {
+                    return self.error(true, &id, "connection_busy", BUSY_MESSAGE);
+                }
+                let Generate { prompt, settings, stop } = g;
+                let (input, drop_old_turns) = match prompt {
+                    Prompt::Text(t) => (Input::Text(t), false),
+                    Prompt::Messages(m) => (Input::Chat(m), true),
+                };
+                let reply = JobReply::json(Arc::clone(&self.out), id.clone());
+                self.submit(input, drop_old_turns, &settings, stop, reply, Some(&id));
+            }
+            RequestKind::Ping => self.reply(&id, "pong", Map::new()),
+            RequestKind::Status => self.reply(&id, "status", self.status()),
+            RequestKind::Cancel => {
+                let running = self.cancel();
+                let mut fields = Map::new();
+                fields.insert("cancelled".into(), running.into());
+                self.reply(&id, "cancel", fields);
+            }
+            RequestKind::Reset => {
+                if self.busy() {
+                    return self.error(true, &id, "connection_busy", BUSY_MESSAGE);
+                }
+                lock(&self.history).clear();
+                self.reply(&id, "reset", Map::new());
+            }
+        }
+    }
+
+    fn command(&mut self, cmd: Command) -> Flow {
+        match cmd {
+            Command::Help => self.text_reply(HELP),
+            Command::Reset => {
+                if self.busy() {
+                    self.error(false, &EventId::default(), "connection_busy", BUSY_MESSAGE);
+                } else {
+                    lock(&self.history).clear();
+                    self.text_reply("conversation forgotten");
+                }
+            }
+            Command::Status => {
+                let status = self.status();
+                let text: Vec<String> = status.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+                self.text_reply(&text.join("\n").replace('"', ""));
+            }
+            Command::Set(s) => {
+                merge_settings(&mut self.overrides, &s);
+                self.text_reply(&format!("ok ({})", describe(&self.overrides)));
+            }
+            Command::Quit => {
+                self.text_reply("bye");
+                return Flow::Quit;
+            }
+        }
+        Flow::Continue
+    }
+
+    fn chat_turn(&mut self, text: String) {
+        if self.busy() {
+            return self.error(false, &EventId::default(), "connection_busy", BUSY_MESSAGE);
+        }
+        let defaults = self.shared.defaults();
+        let mut messages = Vec::new();
+        if let Some(system) = &defaults.system_prompt {
+            messages.push(Message::new(Role::System, system.clone()));
+        }
+        {
+            let mut history = lock(&self.history);
+            history.push(Message::new(Role::User, text));
+            messages.extend(history.iter().cloned());
+        }
+        let reply = JobReply::text(Arc::clone(&self.out), Arc::clone(&self.history), self.console);
+        self.submit(
+            Input::Chat(messages),
+            true,
+            &Settings::default(),
+            Vec::new(),
+            reply,
+            None,
+        );
+    }
+
+    /// Queues a generation; `json` carries the id for a `queued` event (none in text mode).
+    fn submit(
+        &mut self,
+        input: Input,
+        drop_old_turns: bool,
+        settings: &Settings,
+        stop: Vec<String>,
+        reply: JobReply,
+        json: Option<&EventId>,
+    ) {
+        let defaults = self.shared.defaults();
+        let mut sampling = defaults.sampling.clone();
+        apply_settings(&mut sampling, &self.overrides);
+        apply_settings(&mut sampling, settings);
+        sampling.seed = settings
+            .seed
+            .or(self.overrides.seed)
+            .or(defaults.seed)
+            .unwrap_or_else(|| fastrand::u64(..));
+        let request = Request {
+            input,
+            sampling,
+            max_tokens: settings
+                .max_tokens
+                .or(self.overrides.max_tokens)
+                .or(defaults.max_tokens),
+            stop,
+            deadline: None,
+            drop_old_turns,
+        };
+        let cancel = Arc::new(AtomicBool::new(false));
+        let done = Arc::clone(&reply.done);
+        let job = Job {
+            request,
+            time_limit: defaults.request_timeout,
+            cancel: Arc::clone(&cancel),
+            reply: Box::new(reply),
+        };
+        match self.shared.queue.push(job) {
+            Ok(ahead) => {
+                self.running = Some(Running { cancel, done });
+                if let Some(id) = json {
+                    lock(&self.out).event(|w| w.queued(id, ahead));
+                }
+            }
+            Err((mut job, refused)) => {
+                let (code, message) = match refused {
+                    Refused::Full => ("busy", "the queue is full; try again later"),
+                    Refused::Closed => ("shutting_down", "the daemon is shutting down"),
+                };
+                log::info!("{}: refused a request: {message}", self.peer);
+                job.reply.finish(Outcome::Failed { code, message });
+            }
+        }
+    }
+
+    fn status(&self) -> Map<String, Value> {
+        let s = &self.shared;
+        let state = if s.is_stopping() {
+            "stopping"
+        } else if s.queue.busy() {
+            "busy"
+        } else {
+            "idle"
+        };
+        let v = json!({
+            "state": state,
+            "model": s.facts.model,
+            "backend": s.facts.backend,
+            "context_length": s.facts.context_length,
+            "queue_depth": s.queue.waiting(),
+            "requests_served": s.stats.requests.load(Ordering::Relaxed),
+            "tokens_served": s.stats.tokens.load(Ordering::Relaxed),
+            "connections": s.stats.connections.load(Ordering::Relaxed),
+            "uptime_s": s.stats.uptime().as_secs(),
+        });
+        match v {
+            Value::Object(m) => m,
+            _ => Map::new(),
+        }
+    }
+}
+
+const BUSY_MESSAGE: &str =
+    "this connection already has a request running; wait for its end or cancel it (one request per connection)";
+
+fn end_text_reply(out: &mut Output, console: bool) {
+    out.write(&[END_OF_REPLY]);
+    if console {
+        out.write(PROMPT.as_bytes());
+    }
+}
+
+/// Overwrites the fields `over` sets.
+fn merge_settings(into: &mut Settings, over: &Settings) {
+    macro_rules! take {
+        ($($f:ident),*) => { $( if over.$f.is_some() { into.$f = over.$f; } )* };
+    }
+    take!(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed);
+}
+
+fn apply_settings(cfg: &mut SamplerConfig, s: &Settings) {
+    if let Some(v) = s.temperature {
+        cfg.temperature = v;
+    }
+    if let Some(v) = s.top_k {
+        cfg.top_k = v;
+    }
+    if let Some(v) = s.top_p {
+        cfg.top_p = v;
+    }
+    if let Some(v) = s.min_p {
+        cfg.min_p = v;
+    }
+    if let Some(v) = s.repeat_penalty {
+        cfg.repeat_penalty = v;
+    }
+}
+
+fn describe(s: &Settings) -> String {
+    let mut parts = Vec::new();
+    macro_rules! show {
+        ($($f:ident),*) => { $( if let Some(v) = s.$f { parts.push(format!("{} {}", stringify!($f), v)); } )* };
+    }
+    show!(temperature, top_k, top_p, min_p, repeat_penalty, max_tokens, seed);
+    parts.join(", ")
+}
+
+enum Mode {
+    Json(EventId),
+    Text {
+        history: Arc<Mutex<Vec<Message>>>,
+        console: bool,
+        answer: String,
+        clean: String,
+    },
+}
+
+/// A request's reply: what the engine thread writes through.
+struct JobReply {
+    out: SharedOutput,
+    mode: Mode,
+    done: Arc<AtomicBool>,
+}
+
+impl JobReply {
+    fn json(out: SharedOutput, id: EventId) -> JobReply {
+        JobReply {
+            out,
+            mode: Mode::Json(id),
+            done: Arc::default(),
+        }
+    }
+
+    fn text(out: SharedOutput, history: Arc<Mutex<Vec<Message>>>, console: bool) -> JobReply {
+        JobReply {
+            out,
+            mode: Mode::Text {
+                history,
+                console,
+                answer: String::with_capacity(ANSWER_CAPACITY),
+                clean: String::with_capacity(1024),
+            },
+            done: Arc::default(),
+        }
+    }
+}
+
+impl Reply for JobReply {
+    fn text(&mut self, piece: &str) -> bool {
+        match &mut self.mode {
+            Mode::Json(id) => lock(&self.out).event(|w| w.token(id, piece)),
+            Mode::Text { answer, clean, .. } => {
+                answer.push_str(piece);
+                // A model can emit terminal escape sequences and the end-of-reply byte; a
+                // person's terminal and a script's framing must not see them.
+                let text = if piece.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
+                    clean.clear();
+                    clean.extend(piece.chars().filter(|&c| !c.is_control() || c == '\n' || c == '\t'));
+                    clean.as_str()
+                } else {
+                    piece
+                };
+                lock(&self.out).write(text.as_bytes())
+            }
+        }
+    }
+
+    fn finish(&mut self, outcome: Outcome<'_>) {
+        let mut out = lock(&self.out);
+        let history = match &self.mode {
+            Mode::Text { history, .. } => Some(Arc::clone(history)),
+            Mode::Json(_) => None,
+        };
+        let mut history = history.as_deref().map(lock);
+        // Not busy any more before the client can read the end of the reply: the output and
+        // the history stay locked until the reply is complete, so whatever the session does
+        // next comes after it.
+        self.done.store(true, Ordering::Release);
+        match &mut self.mode {
+            Mode::Json(id) => {
+                match outcome {
+                    Outcome::Done(s) => out.event(|w| w.done(id, s)),
+                    Outcome::Failed { code, message } => out.event(|w| w.error(id, code, message)),
+                };
+            }
+            Mode::Text { console, answer, .. } => {
+                let Some(history) = history.as_mut() else { return };
+                match outcome {
+                    Outcome::Done(s) => {
+                        let dropped = s.dropped_messages.min(history.len());
+                        history.drain(..dropped);
+                        history.push(Message::new(Role::Assistant, std::mem::take(answer)));
+                        out.write(b"\n");
+                        if dropped > 0 {
+                            out.write(
+                                format!("[the {dropped} oldest messages were dropped to fit the context]\n").as_bytes(),
+                            );
+                        }
+                        let note = match s.reason {
+                            FinishReason::Eos | FinishReason::Stop => None,
+                            FinishReason::Length => Some("[answer cut at the max_tokens limit]"),
+                            FinishReason::Cancelled => Some("[cancelled]"),
+                            FinishReason::TimeLimit => Some("[stopped at the request time limit]"),
+                            FinishReason::Context => Some("[the context is full: /reset to start over]"),
+                        };
+                        if let Some(n) = note {
+                            out.write(n.as_bytes());
+                            out.write(b"\n");
+                        }
+                    }
+                    Outcome::Failed { message, .. } => {
+                        // The turn was not answered: it leaves the history.
+                        history.pop();
+                        out.write(format!("error: {message}\n").as_bytes());
+                    }
+                }
+                end_text_reply(&mut out, *console);
+            }
+        }
+    }
+}
