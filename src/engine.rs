@@ -382,9 +382,7 @@ impl Engine {
             reason,
             FinishReason::Stop | FinishReason::Cancelled | FinishReason::TimeLimit
         ) {
-            self.piece.clear();
-            self.stream.finish(&mut self.piece);
-            self.held.push_str(&self.piece);
+            self.stream.finish();
             if !self.held.is_empty() {
                 sink.text(&self.held);
             }

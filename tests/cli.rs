@@ -9,19 +9,8 @@ use std::process::{Command, Output, Stdio};
 use llama_tpu::model::gguf::writer::{write, Meta};
 use llama_tpu::model::GgmlType;
 
-/// The binary, started through `$LLAMA_TPU_TEST_RUNNER` when set (`make cross-test` sets it
-/// to qemu: an aarch64 binary cannot be started directly on the x86_64 build machine).
 fn bin() -> Command {
-    let exe = env!("CARGO_BIN_EXE_llama-tpu");
-    match std::env::var("LLAMA_TPU_TEST_RUNNER") {
-        Ok(runner) if !runner.trim().is_empty() => {
-            let mut parts = runner.split_whitespace();
-            let mut c = Command::new(parts.next().unwrap_or_default());
-            c.args(parts).arg(exe);
-            c
-        }
-        _ => Command::new(exe),
-    }
+    common::bin(env!("CARGO_BIN_EXE_llama-tpu"))
 }
 
 fn run(args: &[&str]) -> Output {

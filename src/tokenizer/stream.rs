@@ -51,12 +51,10 @@ impl TextStream {
         self.pending.drain(..consumed);
     }
 
-    /// Ends the stream: held bytes that never completed become U+FFFD.
-    pub fn finish(&mut self, out: &mut String) {
-        if !self.pending.is_empty() {
-            out.push(char::REPLACEMENT_CHARACTER);
-            self.pending.clear();
-        }
+    /// Ends the stream. Held bytes are the start of a character that generation stopped in the
+    /// middle of (a token limit, say): they are dropped, not sent as U+FFFD.
+    pub fn finish(&mut self) {
+        self.pending.clear();
     }
 
     /// Forgets held bytes (a new generation).
@@ -94,7 +92,7 @@ mod tests {
                 for part in [&b[..i], &b[i..j], &b[j..]] {
                     s.push(part, &mut out);
                 }
-                s.finish(&mut out);
+                s.finish();
                 assert_eq!(out, text, "split at {i},{j}");
             }
         }
@@ -106,7 +104,7 @@ mod tests {
         let mut out = String::new();
         s.push(&[b'a', 0xff, b'b', 0xe2, 0x82], &mut out);
         assert_eq!(out, "a\u{fffd}b");
-        s.finish(&mut out);
-        assert_eq!(out, "a\u{fffd}b\u{fffd}");
+        s.finish();
+        assert_eq!(out, "a\u{fffd}b", "a character cut off at the end is dropped");
     }
 }

@@ -15,6 +15,20 @@ pub fn default_model() -> PathBuf {
     p
 }
 
+/// The binary `exe`, started through `$LLAMA_TPU_TEST_RUNNER` when set (`make cross-test`
+/// sets it to qemu: an aarch64 binary cannot be started directly on the x86_64 build machine).
+pub fn bin(exe: &str) -> Command {
+    match std::env::var("LLAMA_TPU_TEST_RUNNER") {
+        Ok(runner) if !runner.trim().is_empty() => {
+            let mut parts = runner.split_whitespace();
+            let mut c = Command::new(parts.next().unwrap_or_default());
+            c.args(parts).arg(exe);
+            c
+        }
+        _ => Command::new(exe),
+    }
+}
+
 /// A fresh scratch directory under the target directory.
 pub fn scratch(name: &str) -> PathBuf {
     let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));

@@ -1,0 +1,717 @@
+//! The daemon as its clients meet it: the real `llama-tpu serve` binary on the default model,
+//! real UNIX sockets, a pseudo-terminal pair as the serial line, real signals.
+mod common;
+
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::{json, Value};
+
+/// Generous: under qemu (`make cross-test`) everything is ~20 times slower.
+const PATIENCE: Duration = Duration::from_secs(240);
+
+struct Daemon {
+    child: Child,
+    dir: PathBuf,
+    socket: PathBuf,
+}
+
+fn bin() -> std::process::Command {
+    common::bin(env!("CARGO_BIN_EXE_llama-tpu"))
+}
+
+impl Daemon {
+    /// Starts `serve` on the default model with a socket in a scratch directory and waits
+    /// until it answers a ping.
+    fn start(name: &str, extra: &[&str]) -> Daemon {
+        let dir = common::scratch(name);
+        Daemon::start_in(dir, extra)
+    }
+
+    fn start_in(dir: PathBuf, extra: &[&str]) -> Daemon {
+        let socket = dir.join("llama.sock");
+        let child = Daemon::spawn(&dir, &socket, extra);
+        let mut d = Daemon { child, dir, socket };
+        d.wait_ready();
+        d
+    }
+
+    fn spawn(dir: &Path, socket: &Path, extra: &[&str]) -> Child {
+        let log = std::fs::File::create(dir.join(format!("log-{}", fastrand::u32(..)))).unwrap();
+        bin()
+            .arg("serve")
+            .arg("--model")
+            .arg(common::default_model())
+            .arg("--socket")
+            .arg(socket)
+            .args(["--threads", "1", "--log-level", "debug"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    }
+
+    fn log(&self) -> String {
+        let mut all = String::new();
+        for e in std::fs::read_dir(&self.dir).unwrap().flatten() {
+            if e.file_name().to_string_lossy().starts_with("log-") {
+                all += &std::fs::read_to_string(e.path()).unwrap_or_default();
+            }
+        }
+        all
+    }
+
+    fn wait_ready(&mut self) {
+        let until = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("the daemon exited ({status}) before serving:\n{}", self.log());
+            }
+            if let Ok(s) = UnixStream::connect(&self.socket) {
+                let mut c = Client::new(s);
+                c.send(r#"{"type":"ping"}"#);
+                if c.event()["event"] == "pong" {
+                    return;
+                }
+            }
+            assert!(Instant::now() < until, "the daemon never answered:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn client(&self) -> Client {
+        Client::new(UnixStream::connect(&self.socket).unwrap())
+    }
+
+    fn signal(&self, sig: Signal) {
+        kill(Pid::from_raw(self.child.id() as i32), sig).unwrap();
+    }
+
+    /// Sends SIGTERM; returns the exit status and how long the exit took.
+    fn stop(mut self) -> (ExitStatus, Duration) {
+        let t = Instant::now();
+        self.signal(Signal::SIGTERM);
+        let until = t + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status, t.elapsed());
+            }
+            assert!(Instant::now() < until, "the daemon did not exit:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Client {
+    stream: UnixStream,
+    buf: Vec<u8>,
+}
+
+impl Client {
+    fn new(stream: UnixStream) -> Client {
+        stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        Client {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    fn send(&mut self, line: &str) {
+        self.send_bytes(line.as_bytes());
+        self.send_bytes(b"\n");
+    }
+
+    fn send_bytes(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    fn generate(&mut self, req: Value) {
+        self.send(&req.to_string());
+    }
+
+    /// Reads up to and including `end`.
+    fn read_until(&mut self, end: u8) -> Vec<u8> {
+        loop {
+            if let Some(i) = self.buf.iter().position(|&b| b == end) {
+                return self.buf.drain(..=i).collect();
+            }
+            let mut chunk = [0u8; 4096];
+            let n = self.stream.read(&mut chunk).expect("read from the daemon");
+            assert!(
+                n > 0,
+                "the daemon closed the connection; had {:?}",
+                String::from_utf8_lossy(&self.buf)
+            );
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    fn event(&mut self) -> Value {
+        let line = self.read_until(b'\n');
+        serde_json::from_slice(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&line)))
+    }
+
+    /// Events up to `done` or `error`: (concatenated text, token events, last event).
+    fn answer(&mut self) -> (String, usize, Value) {
+        let mut text = String::new();
+        let mut tokens = 0;
+        loop {
+            let e = self.event();
+            match e["event"].as_str() {
+                Some("token") => {
+                    tokens += 1;
+                    text += e["text"].as_str().unwrap();
+                }
+                Some("done") | Some("error") => return (text, tokens, e),
+                _ => {}
+            }
+        }
+    }
+
+    /// A text-mode reply, up to its end byte (EOT), as text.
+    fn text_reply(&mut self) -> String {
+        let r = self.read_until(0x04);
+        String::from_utf8(r).expect("text-mode output is UTF-8")
+    }
+
+    /// Whether the daemon closed the connection (after reading what it sent).
+    fn closed(&mut self) -> bool {
+        let mut rest = Vec::new();
+        self.stream.read_to_end(&mut rest).is_ok()
+    }
+}
+
+fn capital_of_france(id: u64, max_tokens: usize) -> Value {
+    json!({"id": id, "messages": [{"role": "user", "content": "What is the capital of France?"}],
+           "temperature": 0, "max_tokens": max_tokens})
+}
+
+fn long_story(id: u64) -> Value {
+    json!({"id": id, "messages": [{"role": "user", "content": "Write a very long story about a dragon."}],
+           "temperature": 0.9, "seed": 1, "max_tokens": 4000})
+}
+
+#[test]
+fn json_and_text_mode_stream_answers_over_the_socket() {
+    let d = Daemon::start("daemon-stream", &[]);
+    let mut c = d.client();
+    c.generate(capital_of_france(7, 40));
+    let queued = c.event();
+    assert_eq!(
+        (queued["event"].as_str(), queued["id"].as_u64()),
+        (Some("queued"), Some(7))
+    );
+    let (text, tokens, done) = c.answer();
+    assert!(text.contains("Paris"), "{text}");
+    assert_eq!(done["event"], "done", "{done}");
+    assert_eq!((done["id"].as_u64(), done["reason"].as_str()), (Some(7), Some("eos")));
+    assert_eq!(done["completion_tokens"].as_u64(), Some(tokens as u64));
+    assert!(done["prompt_tokens"].as_u64().unwrap() > 5);
+    assert!(done["tokens_per_second"].as_f64().unwrap() > 0.0);
+
+    c.send(r#"{"type":"status","id":"s"}"#);
+    let s = c.event();
+    assert_eq!((s["event"].as_str(), s["id"].as_str()), (Some("status"), Some("s")));
+    assert_eq!(s["backend"], "cpu");
+    assert_eq!(s["state"], "idle");
+    assert_eq!(s["requests_served"].as_u64(), Some(1));
+    assert!(s["context_length"].as_u64().unwrap() >= 512);
+    assert!(s["tokens_served"].as_u64().unwrap() >= tokens as u64);
+
+    // Text mode: a conversation kept per connection; every reply ends with EOT.
+    let mut t = d.client();
+    t.send("/set temperature 0");
+    assert!(t.text_reply().starts_with("ok (temperature 0)"));
+    t.send("/set max_tokens 40");
+    t.text_reply();
+    t.send("What is the capital of France?");
+    let a = t.text_reply();
+    assert!(a.contains("Paris") && a.ends_with("\n\u{4}"), "{a:?}");
+    t.send("/bogus");
+    assert!(t.text_reply().starts_with("error: unknown command '/bogus'"));
+    t.send("/reset");
+    assert_eq!(t.text_reply(), "conversation forgotten\n\u{4}");
+    t.send("/help");
+    assert!(t.text_reply().contains("/set NAME VALUE"));
+    t.send("/quit");
+    assert_eq!(t.text_reply(), "bye\n\u{4}");
+    assert!(t.closed());
+    let (status, _) = d.stop();
+    assert!(status.success());
+}
+
+#[test]
+fn clients_at_once_are_served_in_order_and_none_is_lost() {
+    let d = Daemon::start("daemon-order", &["--queue-depth", "8"]);
+    let mut clients: Vec<Client> = (0..4).map(|_| d.client()).collect();
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.generate(json!({"id": i, "prompt": format!("Count to {}:", i + 3), "temperature": 0, "max_tokens": 6}));
+        assert_eq!(c.event()["position"].as_u64(), Some(i as u64), "position of client {i}");
+    }
+    let handles: Vec<_> = clients
+        .into_iter()
+        .map(|mut c| {
+            std::thread::spawn(move || {
+                let (_, tokens, done) = c.answer();
+                (tokens, done, Instant::now())
+            })
+        })
+        .collect();
+    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    for (i, (tokens, done, _)) in results.iter().enumerate() {
+        assert_eq!(done["event"], "done", "client {i}: {done}");
+        assert_eq!(done["id"].as_u64(), Some(i as u64));
+        assert!(*tokens > 0 && done["completion_tokens"].as_u64().unwrap() <= 6);
+    }
+    for w in results.windows(2) {
+        assert!(w[0].2 <= w[1].2, "answers finished out of queue order");
+    }
+}
+
+#[test]
+fn a_full_queue_says_busy_and_a_client_that_leaves_is_cancelled_at_once() {
+    let d = Daemon::start("daemon-busy", &["--queue-depth", "1"]);
+    let mut a = d.client();
+    a.generate(long_story(1));
+    assert_eq!(a.event()["event"], "queued");
+    assert_eq!(a.event()["event"], "token", "A is running");
+    let mut b = d.client();
+    b.generate(capital_of_france(2, 20));
+    assert_eq!(b.event()["position"].as_u64(), Some(1));
+    let mut c = d.client();
+    c.generate(capital_of_france(3, 20));
+    let busy = c.event();
+    assert_eq!(
+        (busy["event"].as_str(), busy["code"].as_str()),
+        (Some("error"), Some("busy")),
+        "{busy}"
+    );
+    // The refused client's connection still works.
+    c.send(r#"{"type":"ping"}"#);
+    assert_eq!(c.event()["event"], "pong");
+
+    // A leaves: its story is cancelled and B starts right away (not after 4000 tokens).
+    drop(a);
+    let t = Instant::now();
+    let (text, _, done) = b.answer();
+    assert!(text.contains("Paris") && done["reason"] == "eos", "{text} {done}");
+    assert!(t.elapsed() < Duration::from_secs(60), "B waited {:?}", t.elapsed());
+    assert!(d.log().contains("disconnected"));
+
+    // An explicit cancel ends a running answer with reason "cancelled".
+    b.generate(long_story(4));
+    assert_eq!(b.event()["event"], "queued");
+    assert_eq!(b.event()["event"], "token");
+    b.send(r#"{"type":"cancel"}"#);
+    let (_, _, done) = loop {
+        let e = b.event();
+        if e["event"] == "cancel" {
+            assert_eq!(e["cancelled"], true);
+            break b.answer();
+        }
+    };
+    assert_eq!(done["reason"], "cancelled", "{done}");
+    b.generate(long_story(5));
+    b.event();
+    b.generate(capital_of_france(6, 5));
+    let e = loop {
+        let e = b.event();
+        if e["event"] == "error" {
+            break e;
+        }
+    };
+    assert_eq!(e["code"], "connection_busy", "one request per connection: {e}");
+}
+
+#[test]
+fn bad_input_gets_an_error_and_the_connection_keeps_working() {
+    let d = Daemon::start("daemon-bad", &["--ctx-size", "128"]);
+    let mut other = d.client();
+    let mut c = d.client();
+    let mut long = vec![b'x'; 70 * 1024];
+    long.push(b'\n');
+    c.send_bytes(&long);
+    let cases: &[(&[u8], &str)] = &[
+        (b"{\"prompt\": \"\xff\xfe\"}\n", "invalid_utf8"),
+        (b"{not json\n", "invalid_json"),
+        (b"{\"prompt\": \"hi\", \"bogus\": 1}\n", "unknown_field"),
+        (b"{\"prompt\": 5}\n", "invalid_field"),
+        (b"{\"prompt\": \"hi\", \"temperature\": -1}\n", "invalid_field"),
+        (b"{\"prompt\": \"hi\", \"messages\": []}\n", "invalid_field"),
+        (b"{\"max_tokens\": 3}\n", "invalid_prompt"),
+        (b"{\"type\": \"dance\"}\n", "unknown_type"),
+    ];
+    let e = c.event();
+    assert_eq!(e["code"], "line_too_long", "{e}");
+    for (line, code) in cases {
+        c.send_bytes(line);
+        let e = c.event();
+        assert_eq!(
+            (e["event"].as_str(), e["code"].as_str()),
+            (Some("error"), Some(*code)),
+            "{line:?}: {e}"
+        );
+        assert!(!e["message"].as_str().unwrap().is_empty());
+    }
+    // A prompt longer than the context is refused, not truncated.
+    let words = "word ".repeat(300);
+    c.generate(json!({"id": "long", "prompt": words}));
+    let (_, _, e) = c.answer();
+    assert_eq!(
+        (e["code"].as_str(), e["id"].as_str()),
+        (Some("prompt_too_long"), Some("long")),
+        "{e}"
+    );
+    c.send(r#"{"type":"ping"}"#);
+    assert_eq!(c.event()["event"], "pong");
+    other.generate(capital_of_france(1, 30));
+    let (text, _, _) = other.answer();
+    assert!(text.contains("Paris"));
+}
+
+#[test]
+fn a_conversation_that_outgrows_the_context_drops_its_oldest_turns() {
+    let d = Daemon::start("daemon-overflow", &["--ctx-size", "256"]);
+    let mut c = d.client();
+    let filler = "Tell me about the history of the city and its rivers and its bridges. ".repeat(3);
+    let mut messages = vec![json!({"role": "system", "content": "You are brief."})];
+    for i in 0..6 {
+        messages.push(json!({"role": "user", "content": format!("{filler} ({i})")}));
+        messages.push(json!({"role": "assistant", "content": "It is old and has many bridges."}));
+    }
+    messages.push(json!({"role": "user", "content": "What is the capital of France?"}));
+    c.generate(json!({"messages": messages, "temperature": 0, "max_tokens": 30}));
+    let (text, _, done) = c.answer();
+    assert_eq!(done["event"], "done", "{done}");
+    let dropped = done["dropped_messages"].as_u64().unwrap();
+    assert!(dropped >= 2 && dropped % 2 == 0, "whole turns dropped: {done}");
+    assert!(done["prompt_tokens"].as_u64().unwrap() + 30 <= 256, "{done}");
+    assert!(text.contains("Paris"), "the last question survives: {text}");
+
+    // Text mode: the same policy on the connection's own history, said in the reply.
+    let mut t = d.client();
+    t.send("/set max_tokens 60");
+    t.text_reply();
+    let mut said = false;
+    for i in 0..8 {
+        t.send(&format!("{filler} Part {i}."));
+        let r = t.text_reply();
+        if r.contains("oldest messages were dropped to fit the context") {
+            said = true;
+            break;
+        }
+    }
+    assert!(said, "a long text-mode conversation never dropped a turn");
+}
+
+#[test]
+fn utf8_characters_split_across_tokens_are_sent_whole() {
+    let d = Daemon::start("daemon-utf8", &[]);
+    let mut c = d.client();
+    c.generate(json!({"prompt": "日本の首都は東京です。日本語で説明します:", "temperature": 0, "max_tokens": 40}));
+    let (text, token_events, done) = c.answer();
+    assert!(!text.contains('\u{fffd}'), "a replacement character was sent: {text}");
+    assert!(
+        text.chars().any(|ch| ch.len_utf8() > 1),
+        "no multi-byte characters: {text}"
+    );
+    let generated = done["completion_tokens"].as_u64().unwrap() as usize;
+    assert!(
+        token_events < generated,
+        "{token_events} events for {generated} tokens: no character spanned two tokens"
+    );
+}
+
+#[test]
+fn sigterm_mid_generation_cancels_tells_the_queue_and_exits_cleanly() {
+    let d = Daemon::start("daemon-term", &[]);
+    let mut a = d.client();
+    a.generate(long_story(1));
+    a.event();
+    assert_eq!(a.event()["event"], "token");
+    let mut b = d.client();
+    b.generate(capital_of_france(2, 20));
+    assert_eq!(b.event()["event"], "queued");
+    let socket = d.socket.clone();
+    let (status, took) = d.stop();
+    assert!(status.success(), "{status}");
+    assert!(
+        took < Duration::from_secs(2) || std::env::var_os("LLAMA_TPU_TEST_RUNNER").is_some(),
+        "{took:?}"
+    );
+    let (_, _, done) = a.answer();
+    assert_eq!(done["reason"], "cancelled", "{done}");
+    let (_, _, e) = b.answer();
+    assert_eq!(e["code"], "shutting_down", "{e}");
+    assert!(!socket.exists(), "the socket file was left behind");
+}
+
+#[test]
+fn stale_socket_is_replaced_a_live_one_refused() {
+    let dir = common::scratch("daemon-stale");
+    let socket = dir.join("llama.sock");
+    // A socket file with nobody behind it, as a crash leaves.
+    drop(UnixListener::bind(&socket).unwrap());
+    assert!(socket.exists());
+    let d = Daemon::start_in(dir.clone(), &[]);
+    assert!(d.log().contains("stale socket"));
+
+    let second = bin()
+        .args(["serve", "--socket"])
+        .arg(&socket)
+        .arg("--model")
+        .arg(common::default_model())
+        .output()
+        .unwrap();
+    assert_eq!(second.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(err.contains("another llama-tpu daemon is already serving"), "{err}");
+    // The first one is unharmed.
+    let mut c = d.client();
+    c.send(r#"{"type":"ping"}"#);
+    assert_eq!(c.event()["event"], "pong");
+
+    let file = dir.join("not-a-socket");
+    std::fs::write(&file, "precious").unwrap();
+    let third = bin().args(["serve", "--socket"]).arg(&file).output().unwrap();
+    assert_eq!(third.status.code(), Some(78));
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "precious");
+}
+
+#[test]
+fn socket_mode_allow_list_and_reload() {
+    let dir = common::scratch("daemon-perm");
+    let config = dir.join("llama-tpu.toml");
+    let me = nix::unistd::getuid().as_raw();
+    std::fs::write(&config, format!("socket_mode = \"0600\"\nallow_uids = [{}]\n", me + 1)).unwrap();
+    let socket = dir.join("llama.sock");
+    let _child = Daemon::spawn(&dir, &socket, &["--config", config.to_str().unwrap()]);
+    let until = Instant::now() + PATIENCE;
+    let mut c = loop {
+        if let Ok(s) = UnixStream::connect(&socket) {
+            break Client::new(s);
+        }
+        assert!(Instant::now() < until);
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let e = c.event();
+    assert_eq!(e["code"], "permission_denied", "{e}");
+    assert!(c.closed());
+
+    // SIGHUP re-reads the allow-list.
+    std::fs::write(&config, format!("socket_mode = \"0600\"\nallow_uids = [{me}]\n")).unwrap();
+    let mut d = Daemon {
+        child: _child,
+        dir: dir.clone(),
+        socket: socket.clone(),
+    };
+    d.signal(Signal::SIGHUP);
+    let until = Instant::now() + PATIENCE;
+    while !d.log().contains("reloaded the configuration") {
+        assert!(Instant::now() < until, "{}", d.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    d.wait_ready();
+    assert!(d.log().contains(&format!("uid {me}")));
+    // Bad configuration: its own exit code, so systemd does not restart in a loop.
+    std::fs::write(dir.join("bad.toml"), "queue_depht = 3\n").unwrap();
+    let bad = bin()
+        .args(["serve", "--config"])
+        .arg(dir.join("bad.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("queue_depht"));
+}
+
+#[test]
+fn ask_and_chat_clients() {
+    let d = Daemon::start("daemon-ask", &["--temperature", "0", "--max-tokens", "40"]);
+    let ask = bin()
+        .arg("ask")
+        .arg("--socket")
+        .arg(&d.socket)
+        .arg("What is the capital of France?")
+        .output()
+        .unwrap();
+    assert!(ask.status.success(), "{}", String::from_utf8_lossy(&ask.stderr));
+    assert!(String::from_utf8_lossy(&ask.stdout).contains("Paris"));
+
+    let mut chat = bin()
+        .arg("chat")
+        .arg("--socket")
+        .arg(&d.socket)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    chat.stdin
+        .take()
+        .unwrap()
+        .write_all(b"What is the capital of France?\n/reset\nWhat is the capital of Italy?\n")
+        .unwrap();
+    let out = chat.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Paris") && text.contains("Rome"), "{text}");
+
+    let missing = bin()
+        .args(["ask", "--socket", "/nonexistent/llama.sock", "hi"])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(69));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("is `llama-tpu serve` running?"));
+}
+
+/// A pseudo-terminal pair: the daemon opens the follower side by path, the test types on the
+/// leader side like a terminal would.
+struct Pty {
+    leader: nix::pty::PtyMaster,
+    _follower: std::fs::File,
+    path: PathBuf,
+    seen: Vec<u8>,
+}
+
+impl Pty {
+    fn new() -> Pty {
+        use nix::fcntl::OFlag;
+        // Close-on-exec from the start: daemons that other tests start meanwhile must not
+        // inherit the leader, or closing it here would not hang up the line.
+        let leader = nix::pty::posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC).unwrap();
+        nix::pty::grantpt(&leader).unwrap();
+        nix::pty::unlockpt(&leader).unwrap();
+        let path = PathBuf::from(nix::pty::ptsname_r(&leader).unwrap());
+        // Held open so the line stays up until the test drops it.
+        let follower = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        // Raw on both sides: what the daemon writes arrives as is.
+        for fd in [leader.as_raw_fd(), follower.as_raw_fd()] {
+            let mut t = nix::sys::termios::tcgetattr(fd).unwrap();
+            nix::sys::termios::cfmakeraw(&mut t);
+            nix::sys::termios::tcsetattr(fd, nix::sys::termios::SetArg::TCSANOW, &t).unwrap();
+        }
+        Pty {
+            leader,
+            _follower: follower,
+            path,
+            seen: Vec::new(),
+        }
+    }
+
+    fn type_bytes(&self, bytes: &[u8]) {
+        nix::unistd::write(self.leader.as_raw_fd(), bytes).unwrap();
+    }
+
+    /// Reads until `needle` appears; returns everything up to and including it.
+    fn expect(&mut self, needle: &[u8]) -> String {
+        let until = Instant::now() + PATIENCE;
+        loop {
+            if let Some(i) = self.seen.windows(needle.len()).position(|w| w == needle) {
+                let got: Vec<u8> = self.seen.drain(..i + needle.len()).collect();
+                return String::from_utf8_lossy(&got).into_owned();
+            }
+            assert!(
+                Instant::now() < until,
+                "never saw {:?}; saw {:?}",
+                String::from_utf8_lossy(needle),
+                String::from_utf8_lossy(&self.seen)
+            );
+            let mut fds = [nix::poll::PollFd::new(self.leader.as_raw_fd(), nix::poll::PollFlags::POLLIN)];
+            if nix::poll::poll(&mut fds, 100).unwrap() > 0 {
+                let mut b = [0u8; 4096];
+                let n = nix::unistd::read(self.leader.as_raw_fd(), &mut b).unwrap();
+                self.seen.extend_from_slice(&b[..n]);
+            }
+        }
+    }
+}
+
+#[test]
+fn serial_console_on_a_pseudo_terminal() {
+    let mut pty = Pty::new();
+    let serial = pty.path.to_str().unwrap().to_string();
+    let d = Daemon::start(
+        "daemon-serial",
+        &["--serial", &serial, "--temperature", "0", "--max-tokens", "40"],
+    );
+    let banner = pty.expect(b"> ");
+    assert!(banner.contains("/help"), "{banner}");
+    // Typing with a correction, ended by CR: echoed, the answer has CR LF line ends.
+    pty.type_bytes(b"What is the capital of Frnce");
+    pty.type_bytes(b"\x7f\x7f\x7fance?\r");
+    let echo = pty.expect(b"\r\n");
+    assert_eq!(echo, "What is the capital of Frnce\x08 \x08\x08 \x08\x08 \x08ance?\r\n");
+    let answer = pty.expect(b"\x04> ");
+    assert!(answer.contains("Paris"), "{answer}");
+    assert!(!answer.replace("\r\n", "").contains('\n'), "bare LF in {answer:?}");
+    // JSON on the same line, not echoed.
+    pty.type_bytes(b"{\"type\":\"ping\",\"id\":9}\r\n");
+    assert_eq!(pty.expect(b"\r\n"), "{\"id\":9,\"event\":\"pong\"}\r\n");
+    // Noise and a break (NUL) give an error line and a prompt.
+    pty.type_bytes(b"\x00\x01\x02\xff garbage\r");
+    let e = pty.expect(b"\x04> ");
+    assert!(e.contains("error: the line held control characters"), "{e}");
+    // Ctrl-C cancels a running answer.
+    pty.type_bytes(b"/set max_tokens 4000\r");
+    pty.expect(b"\x04> ");
+    pty.type_bytes(b"/set temperature 0.9\r");
+    pty.expect(b"\x04> ");
+    pty.type_bytes(b"Write a very long story about a dragon.\r");
+    pty.expect(b"\r\n");
+    std::thread::sleep(Duration::from_millis(300));
+    pty.type_bytes(b"\x03");
+    let cancelled = pty.expect(b"\x04> ");
+    assert!(cancelled.contains("[cancelled]"), "{cancelled}");
+    // The socket is served alongside.
+    let mut c = d.client();
+    c.send(r#"{"type":"status"}"#);
+    assert_eq!(c.event()["connections"].as_u64(), Some(2));
+}
+
+#[test]
+fn a_serial_port_that_disappears_is_reopened_when_it_comes_back() {
+    let dir = common::scratch("daemon-replug");
+    let link = dir.join("ttyUSB0");
+    let first = Pty::new();
+    std::os::unix::fs::symlink(&first.path, &link).unwrap();
+    let d = Daemon::start_in(dir.clone(), &["--serial", link.to_str().unwrap()]);
+    let mut first = first;
+    first.expect(b"> ");
+    // Unplugged: both ends go away, and the path with them.
+    drop(first);
+    std::fs::remove_file(&link).unwrap();
+    let until = Instant::now() + PATIENCE;
+    while !d.log().contains("lost") {
+        assert!(Instant::now() < until, "{}", d.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Everything else keeps working meanwhile.
+    let mut c = d.client();
+    c.send(r#"{"type":"ping"}"#);
+    assert_eq!(c.event()["event"], "pong");
+    // Plugged back in.
+    let mut second = Pty::new();
+    std::os::unix::fs::symlink(&second.path, &link).unwrap();
+    let banner = second.expect(b"> ");
+    assert!(banner.contains("llama-tpu"));
+    second.type_bytes(b"{\"type\":\"ping\"}\r");
+    second.expect(b"pong");
+}
