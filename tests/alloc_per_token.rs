@@ -1,6 +1,8 @@
 //! A counting global allocator proves the per-token loop allocates nothing: after warm-up,
 //! decoding a token (backend forward on two threads, sampling with every filter, stop-string
-//! scanning, UTF-8 streaming) performs zero heap allocations anywhere in the process.
+//! scanning, UTF-8 streaming) performs zero heap allocations anywhere in the process; and
+//! serving one (the daemon's engine thread writing a JSON token event or console text to a
+//! client's socket) performs none either.
 //!
 //! It runs without libtest's harness (`harness = false`): the count is process-wide, and the
 //! harness's own thread allocates when it prints its "running for over 60 seconds" notice
@@ -8,6 +10,8 @@
 mod common;
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::io::Read;
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -16,6 +20,9 @@ use llama_tpu::chat::ChatTemplate;
 use llama_tpu::engine::{Engine, FinishReason, Input, Request};
 use llama_tpu::model::{Gguf, MappedFile};
 use llama_tpu::sampler::SamplerConfig;
+use llama_tpu::server::engine_thread;
+use llama_tpu::server::session::{Output, Session};
+use llama_tpu::server::shared::{Defaults, ModelFacts, Shared};
 use llama_tpu::tokenizer::Tokenizer;
 
 struct Counting;
@@ -96,6 +103,113 @@ fn decoding_a_token_allocates_nothing() {
     }
 }
 
+/// Reads a client's socket until the reply's end (`done` event or EOT), keeping only the last
+/// bytes seen, in a fixed buffer: the reading allocates nothing itself.
+fn read_to_end_of_reply(client: &mut UnixStream, json: bool) {
+    const DONE: &[u8] = b"\"event\":\"done\"";
+    let mut chunk = [0u8; 4096];
+    let mut tail = [0u8; 256];
+    loop {
+        let n = client.read(&mut chunk).unwrap();
+        assert!(n > 0, "the session's socket closed");
+        // Slide the tail window over the new bytes.
+        let len = tail.len();
+        let keep = len.saturating_sub(n);
+        tail.copy_within(len - keep.., 0);
+        let take = n.min(len);
+        tail[keep..].copy_from_slice(&chunk[n - take..n]);
+        let ended = if json {
+            tail.windows(DONE.len()).any(|w| w == DONE) && tail.ends_with(b"\n")
+        } else {
+            tail.contains(&0x04)
+        };
+        if ended {
+            return;
+        }
+    }
+}
+
+fn serving_a_token_allocates_nothing() {
+    let file = Arc::new(MappedFile::open(&common::default_model()).unwrap());
+    let gguf = Gguf::parse(&file).unwrap();
+    let tok = Tokenizer::from_gguf(&gguf).unwrap();
+    let opts = CpuOptions {
+        threads: 2,
+        context: Some(512),
+        ..CpuOptions::default()
+    };
+    let backend = CpuBackend::from_parts(Arc::clone(&file), &gguf, &opts).unwrap();
+    let engine = Engine::new(Box::new(backend), tok, Some(ChatTemplate::ChatMl));
+    let facts = ModelFacts {
+        model: "test".into(),
+        backend: "cpu".into(),
+        context_length: 512,
+        has_chat_template: true,
+    };
+    let defaults = Defaults {
+        sampling: SamplerConfig {
+            temperature: 0.9,
+            top_k: 50,
+            top_p: 0.9,
+            min_p: 0.02,
+            repeat_penalty: 1.1,
+            repeat_last_n: 32,
+            seed: 0,
+        },
+        seed: Some(11),
+        ..Defaults::default()
+    };
+    let shared = Arc::new(Shared::new(facts, 4, defaults));
+    let engine_shared = Arc::clone(&shared);
+    let engine_thread = std::thread::spawn(move || engine_thread::serve(engine, engine_shared));
+    // JSON over a socket, then a serial-style console (text mode, CR LF translation).
+    for (json, console) in [(true, false), (false, true)] {
+        let (server_end, mut client) = UnixStream::pair().unwrap();
+        let mut session = Session::new(
+            Output::new(Box::new(server_end), console),
+            Arc::clone(&shared),
+            console,
+            "test".into(),
+        );
+        // The same request with two answer lengths: if serving a token allocated, the longer
+        // one would allocate more.
+        let mut totals = Vec::new();
+        for max_tokens in [16, 16, 64, 16, 64] {
+            let before = ALLOCATIONS.load(Ordering::Relaxed);
+            if json {
+                session.line(
+                    format!(
+                        r#"{{"messages":[{{"role":"user","content":"Tell me a story about the sea."}}],"max_tokens":{max_tokens}}}"#
+                    )
+                    .as_bytes(),
+                );
+            } else {
+                session.line(b"/reset");
+                read_to_end_of_reply(&mut client, false);
+                session.line(format!("/set max_tokens {max_tokens}").as_bytes());
+                read_to_end_of_reply(&mut client, false);
+                let before_turn = ALLOCATIONS.load(Ordering::Relaxed);
+                session.line(b"Tell me a story about the sea.");
+                read_to_end_of_reply(&mut client, false);
+                totals.push((max_tokens, ALLOCATIONS.load(Ordering::Relaxed) - before_turn));
+                continue;
+            }
+            read_to_end_of_reply(&mut client, true);
+            totals.push((max_tokens, ALLOCATIONS.load(Ordering::Relaxed) - before));
+        }
+        // The first request warms up (thread-local buffers, the cache's first fill).
+        let short = totals[1].1;
+        for &(n, count) in &totals[1..] {
+            assert_eq!(
+                count, short,
+                "json={json}: {n} tokens cost {count} allocations, 16 cost {short}: {totals:?}"
+            );
+        }
+    }
+    shared.queue.close();
+    engine_thread.join().unwrap().unwrap();
+}
+
 fn the_counter_sees_allocations() {
     // The proof above is only as good as the counter: an allocation must register.
     let before = ALLOCATIONS.load(Ordering::Relaxed);
@@ -105,9 +219,10 @@ fn the_counter_sees_allocations() {
 }
 
 fn main() {
-    let tests: [(&str, fn()); 2] = [
+    let tests: [(&str, fn()); 3] = [
         ("the_counter_sees_allocations", the_counter_sees_allocations),
         ("decoding_a_token_allocates_nothing", decoding_a_token_allocates_nothing),
+        ("serving_a_token_allocates_nothing", serving_a_token_allocates_nothing),
     ];
     // A failed assertion panics and ends the process with a non-zero status.
     for (name, test) in tests {

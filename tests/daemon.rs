@@ -634,7 +634,10 @@ impl Pty {
                 String::from_utf8_lossy(needle),
                 String::from_utf8_lossy(&self.seen)
             );
-            let mut fds = [nix::poll::PollFd::new(self.leader.as_raw_fd(), nix::poll::PollFlags::POLLIN)];
+            let mut fds = [nix::poll::PollFd::new(
+                self.leader.as_raw_fd(),
+                nix::poll::PollFlags::POLLIN,
+            )];
             if nix::poll::poll(&mut fds, 100).unwrap() > 0 {
                 let mut b = [0u8; 4096];
                 let n = nix::unistd::read(self.leader.as_raw_fd(), &mut b).unwrap();
