@@ -20,12 +20,23 @@ CROSS_BIN    := target/$(CROSS_TARGET)/release/llama-tpu
 CROSS_ENV    := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc
 QEMU         := qemu-aarch64 -cpu cortex-a53
 
-.PHONY: all build run model test-data venv test check bench clean help cross-setup cross cross-check cross-test
+.PHONY: all build run demo model test-data venv test check-units bench clean help install install-files cross-setup cross cross-check cross-test
+
+# make install: PREFIX and DESTDIR as usual; the configuration goes to SYSCONFDIR.
+PREFIX     ?= /usr/local
+DESTDIR    ?=
+SYSCONFDIR ?= /etc
+BINDIR     := $(PREFIX)/bin
+UNITDIR    := $(PREFIX)/lib/systemd/system
+DOCDIR     := $(PREFIX)/share/doc/llama-tpu
 
 all: build
 
 help:
+	@echo "make demo       the daemon on the default model answers over its socket and a serial line"
 	@echo "make run        build, fetch the default model, answer PROMPT (chat, greedy)"
+	@echo "make install    binary, systemd units, configuration, docs (PREFIX=$(PREFIX), DESTDIR, SYSCONFDIR)"
+	@echo "make check-units  systemd-analyze verify on the units as installed"
 	@echo "make test       everything the tests need, then fmt, clippy and the whole test suite"
 	@echo "make model      fetch SmolLM2-135M-Instruct (Q4_1 GGUF) into models/ and check it"
 	@echo "make bench      prompt and generation speed on the default model (THREADS=n)"
@@ -40,6 +51,10 @@ build:
 # The main job: the default model answers a question.
 run: build model
 	$(BIN) run --chat --temperature 0 --threads $(THREADS) "$(PROMPT)"
+
+# The daemon: socket and pseudo-terminal serial line in .cache/demo, a question over each.
+demo: build model
+	$(PYTHON) scripts/demo.py $(BIN) $(MODEL_FILE) .cache/demo "$(PROMPT)"
 
 # A Python 3 virtual environment for downloads and the numpy reference (numpy, gguf).
 venv: $(VENV)/.done
@@ -73,6 +88,34 @@ test: model test-data venv
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
 	LLAMA_TPU_PYTHON=$(VENV)/bin/python $(CARGO) test --profile test-opt
+	$(MAKE) --no-print-directory check-units
+
+# Installs into a scratch root and runs systemd-analyze verify there (with the test build of
+# the binary: the units only need an executable at the path they name).
+check-units:
+	$(CARGO) build --profile test-opt --bin llama-tpu
+	rm -rf .cache/unit-root
+	$(MAKE) --no-print-directory install-files BIN=target/test-opt/llama-tpu DESTDIR=$(CURDIR)/.cache/unit-root PREFIX=/usr >/dev/null
+	./systemd/verify.sh .cache/unit-root
+
+install: build install-files
+
+# The configuration is installed only when absent: an administrator's edits are kept.
+install-files:
+	mkdir -p .cache
+	install -Dm755 $(BIN) $(DESTDIR)$(BINDIR)/llama-tpu
+	sed -e 's|/usr/bin/llama-tpu|$(BINDIR)/llama-tpu|g' -e 's|/etc/llama-tpu/|$(SYSCONFDIR)/llama-tpu/|g' \
+		-e 's|/usr/share/doc/llama-tpu/|$(DOCDIR)/|g' systemd/llama-tpu.service > .cache/llama-tpu.service
+	install -Dm644 .cache/llama-tpu.service $(DESTDIR)$(UNITDIR)/llama-tpu.service
+	sed -e 's|/usr/share/doc/llama-tpu/|$(DOCDIR)/|g' systemd/llama-tpu.socket > .cache/llama-tpu.socket
+	install -Dm644 .cache/llama-tpu.socket $(DESTDIR)$(UNITDIR)/llama-tpu.socket
+	install -Dm644 systemd/llama-tpu.sysusers $(DESTDIR)$(PREFIX)/lib/sysusers.d/llama-tpu.conf
+	test -e $(DESTDIR)$(SYSCONFDIR)/llama-tpu/llama-tpu.toml || \
+		install -Dm644 systemd/llama-tpu.toml $(DESTDIR)$(SYSCONFDIR)/llama-tpu/llama-tpu.toml
+	install -Dm644 README.md $(DESTDIR)$(DOCDIR)/README.md
+	install -Dm644 docs/protocol.md $(DESTDIR)$(DOCDIR)/protocol.md
+	@echo "installed. Next: systemd-sysusers (creates the llama-tpu user), set 'model' in $(SYSCONFDIR)/llama-tpu/llama-tpu.toml,"
+	@echo "then: systemctl daemon-reload && systemctl enable --now llama-tpu.socket llama-tpu.service"
 
 bench: build model
 	$(BIN) bench --threads $(THREADS)

@@ -118,7 +118,7 @@ fn stream_answer(
                         .and_then(|()| stdout.flush())
                         .map_err(|e| CliError::new(Exit::Io, format!("stdout: {e}")))?;
                 }
-                Some("queued") if verbose => {
+                Some("queued") if verbose && event["position"].as_u64() > Some(0) => {
                     eprintln!("[queued behind {} request(s)]", event["position"]);
                 }
                 Some("done") => {

@@ -1,0 +1,21 @@
+#!/bin/sh
+# Checks the units with `systemd-analyze verify` as installed in ROOT (`make install
+# DESTDIR=ROOT PREFIX=/usr`). systemd-analyze needs the units it refers to (sysinit.target,
+# ...) and the programs named by Exec*= lines inside the root, so the host's unit
+# directory and kill(1) are copied in. Any message counts as a failure: systemd-analyze
+# exits 0 on unknown keys and bad values, which it only reports.
+set -eu
+root=${1:?usage: verify.sh ROOT}
+command -v systemd-analyze >/dev/null || { echo "systemd-analyze not found: apt-get install systemd" >&2; exit 1; }
+mkdir -p "$root/usr/lib/systemd/system" "$root/bin"
+for unit in /lib/systemd/system/*.target /lib/systemd/system/*.slice; do
+    [ -e "$root/usr/lib/systemd/system/$(basename "$unit")" ] || cp -P "$unit" "$root/usr/lib/systemd/system/"
+done
+cp /bin/kill "$root/bin/kill"
+out=$(systemd-analyze verify --root="$root" llama-tpu.service llama-tpu.socket 2>&1) || { echo "$out" >&2; exit 1; }
+if [ -n "$out" ]; then
+    echo "$out" >&2
+    echo "systemd-analyze verify reported problems" >&2
+    exit 1
+fi
+echo "systemd-analyze verify: llama-tpu.service and llama-tpu.socket are clean"
