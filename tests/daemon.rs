@@ -718,3 +718,168 @@ fn a_serial_port_that_disappears_is_reopened_when_it_comes_back() {
     second.type_bytes(b"{\"type\":\"ping\"}\r");
     second.expect(b"pong");
 }
+
+#[test]
+fn time_limit_and_connection_cap() {
+    let d = Daemon::start("daemon-limits", &["--request-timeout", "1", "--max-connections", "2"]);
+    let mut a = d.client();
+    a.generate(long_story(1));
+    let (_, _, done) = a.answer();
+    assert_eq!(done["reason"], "time_limit", "{done}");
+    // `a` is one connection; one more fits, a third is refused and closed.
+    let mut b = d.client();
+    b.send(r#"{"type":"ping"}"#);
+    assert_eq!(b.event()["event"], "pong");
+    let mut c = d.client();
+    let e = c.event();
+    assert_eq!(e["code"], "too_many_connections", "{e}");
+    assert!(c.closed());
+    drop(b);
+    // The slot frees when a client leaves.
+    let until = Instant::now() + PATIENCE;
+    loop {
+        let mut c = d.client();
+        c.send(r#"{"type":"ping"}"#);
+        if c.event()["event"] == "pong" {
+            break;
+        }
+        assert!(Instant::now() < until);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn model_problems_have_their_own_exit_codes() {
+    let dir = common::scratch("daemon-model");
+    let missing = bin()
+        .args(["serve", "--model", "/nonexistent/model.gguf", "--socket"])
+        .arg(dir.join("a.sock"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        missing.status.code(),
+        Some(66),
+        "{}",
+        String::from_utf8_lossy(&missing.stderr)
+    );
+    std::fs::write(dir.join("bad.gguf"), b"GGUF\x03\x00\x00\x00truncated").unwrap();
+    let bad = bin()
+        .args(["serve", "--model"])
+        .arg(dir.join("bad.gguf"))
+        .arg("--socket")
+        .arg(dir.join("b.sock"))
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(65), "{}", String::from_utf8_lossy(&bad.stderr));
+    assert!(!dir.join("b.sock").exists(), "a failed start leaves no socket file");
+    // --check (systemd's ExecCondition): 1 while no model is configured, 0 once it exists.
+    let config = dir.join("c.toml");
+    std::fs::write(&config, "").unwrap();
+    let unset = bin()
+        .args(["serve", "--check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(unset.status.code(), Some(1));
+    std::fs::write(&config, format!("model = {:?}\n", common::default_model())).unwrap();
+    let set = bin()
+        .args(["serve", "--check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(set.status.code(), Some(0), "{}", String::from_utf8_lossy(&set.stderr));
+}
+
+/// systemd's side of sd_notify: a datagram socket named by NOTIFY_SOCKET.
+#[test]
+fn systemd_notifications_and_watchdog() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = common::scratch("daemon-notify");
+    let notify_path = dir.join("notify");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(PATIENCE)).unwrap();
+    let socket = dir.join("llama.sock");
+    let log = std::fs::File::create(dir.join("log-notify")).unwrap();
+    let child = bin()
+        .arg("serve")
+        .arg("--model")
+        .arg(common::default_model())
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--threads", "1"])
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env("WATCHDOG_USEC", "2000000")
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let d = Daemon {
+        child,
+        dir: dir.clone(),
+        socket,
+    };
+    let mut messages: Vec<String> = Vec::new();
+    let until = Instant::now() + PATIENCE;
+    let recv = |messages: &mut Vec<String>| {
+        assert!(Instant::now() < until, "{messages:?}");
+        let mut buf = [0u8; 4096];
+        let n = notify.recv(&mut buf).unwrap();
+        messages.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    };
+    while !messages.iter().any(|m| m.contains("READY=1")) {
+        recv(&mut messages);
+    }
+    assert!(messages[0].starts_with("STATUS=loading"), "{messages:?}");
+    let ready = messages.iter().find(|m| m.contains("READY=1")).unwrap();
+    assert!(ready.contains("STATUS=serving"), "{ready}");
+    let mut pings = 0;
+    while pings < 3 {
+        recv(&mut messages);
+        pings += usize::from(messages.last().unwrap().trim() == "WATCHDOG=1");
+    }
+    let (status, _) = d.stop();
+    assert!(status.success());
+    loop {
+        recv(&mut messages);
+        if messages.last().unwrap().contains("STOPPING=1") {
+            break;
+        }
+    }
+}
+
+#[test]
+fn socket_activation_uses_the_socket_systemd_passes() {
+    let dir = common::scratch("daemon-activate");
+    let socket = dir.join("activated.sock");
+    let log = std::fs::File::create(dir.join("log-activate")).unwrap();
+    // systemd-socket-activate binds the socket and, at the first connection, starts the
+    // daemon with LISTEN_FDS=1, as systemd does with llama-tpu.socket.
+    let mut cmd = std::process::Command::new("systemd-socket-activate");
+    cmd.arg("-l").arg(&socket).arg("--");
+    let exe = env!("CARGO_BIN_EXE_llama-tpu");
+    if let Ok(runner) = std::env::var("LLAMA_TPU_TEST_RUNNER") {
+        cmd.args(runner.split_whitespace());
+    }
+    let child = cmd
+        .arg(exe)
+        .arg("serve")
+        .arg("--model")
+        .arg(common::default_model())
+        .arg("--socket")
+        .arg(dir.join("not-used.sock"))
+        .args(["--threads", "1"])
+        .stderr(log)
+        .spawn()
+        .expect("systemd-socket-activate (Debian package systemd)");
+    let mut d = Daemon {
+        child,
+        dir: dir.clone(),
+        socket: socket.clone(),
+    };
+    d.wait_ready();
+    assert!(d.log().contains("(from systemd)"), "{}", d.log());
+    assert!(!dir.join("not-used.sock").exists());
+    let (status, _) = d.stop();
+    assert!(status.success());
+    // The socket is systemd's: it stays.
+    assert!(socket.exists());
+}

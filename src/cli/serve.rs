@@ -147,6 +147,10 @@ impl From<signals::Request> for Event {
 /// How often the main thread wakes up when no watchdog asks for more.
 const TICK: Duration = Duration::from_secs(1);
 
+/// The engine counts as stalled only after this long without a heartbeat, however short the
+/// watchdog period (the idle engine thread beats every quarter second).
+const STALL_FLOOR: Duration = Duration::from_secs(1);
+
 pub(super) fn serve(a: &ServeArgs) -> Result<(), CliError> {
     let config = match a.config() {
         Ok(c) => c,
@@ -234,8 +238,8 @@ pub(super) fn serve(a: &ServeArgs) -> Result<(), CliError> {
         }
         if let Some(timeout) = watchdog {
             // Fed only while the engine thread shows life: a hung device gets the service
-            // restarted.
-            if shared.stats.since_heartbeat() < timeout / 2 {
+            // restarted. An idle engine shows life every IDLE_TICK, so "alive" must allow more.
+            if shared.stats.since_heartbeat() < (timeout / 2).max(STALL_FLOOR) {
                 if last_ping.elapsed() >= timeout / 4 {
                     notifier.watchdog();
                     last_ping = Instant::now();
