@@ -110,8 +110,8 @@ impl Server {
         }
         self.shared.queue.cancel_running();
         // A cancelled request ends within one token; a prompt chunk may take longer, and
-        // exiting does not need to wait for it.
-        let deadline = Instant::now() + Duration::from_millis(1000);
+        // exiting (within 2 s of the signal) does not need to wait for it.
+        let deadline = Instant::now() + Duration::from_millis(1500);
         while !self.engine.is_finished() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
