@@ -22,7 +22,7 @@ QEMU         := qemu-aarch64 -cpu cortex-a53
 
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 
-.PHONY: deb deb-check cross-amd64 all build run demo model test-data venv test check-units bench clean help install install-files cross-setup cross cross-check cross-test
+.PHONY: deb deb-check cross-amd64 cross-test-glibc231 all build run demo model test-data venv test check-units bench clean help install install-files cross-setup cross cross-check cross-test
 
 # make install: PREFIX and DESTDIR as usual; the configuration goes to SYSCONFDIR.
 PREFIX     ?= /usr/local
@@ -148,6 +148,15 @@ cross-test: cross-setup model test-data venv
 	@echo "cross-test: skipping the serial-line tests under qemu (no termios2 ioctls in qemu-user)"
 	LLAMA_TPU_PYTHON=$(VENV)/bin/python LLAMA_TPU_TEST_RUNNER="$(QEMU)" \
 		RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc $(CARGO) test --profile test-opt --target $(CROSS_TARGET) -- $(CROSS_SKIP)
+
+# The same suite against the boards' glibc: test binaries linked by zig against glibc 2.31
+# symbols, run by qemu with bullseye's libc6:arm64 2.31 as the only C library (-L).
+cross-test-glibc231: cross-setup model test-data venv
+	$(eval GLIBC231 := $(shell ./cross/glibc-2.31.sh))
+	@echo "cross-test-glibc231: skipping the serial-line tests under qemu (no termios2 ioctls in qemu-user)"
+	$(CROSS_ENV) LLAMA_TPU_PYTHON=$(VENV)/bin/python LLAMA_TPU_TEST_RUNNER="$(QEMU) -L $(CURDIR)/$(GLIBC231)" \
+		CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="$(QEMU) -L $(CURDIR)/$(GLIBC231)" \
+		$(CARGO) zigbuild test --profile test-opt --target $(CROSS_TARGET).2.31 -- $(CROSS_SKIP)
 
 # --- Debian packages (Ubuntu 20.04 SoC boxes: arm64; PCIe hosts: amd64) --------------------
 AMD64_TARGET := x86_64-unknown-linux-gnu

@@ -296,8 +296,13 @@ mod tests {
         assert_eq!(c.validate().unwrap_err().exit, Exit::Config);
         let c: Config = toml::from_str("[generation]\ntop_p = 0").unwrap();
         assert!(c.validate().unwrap_err().message.contains("top_p"));
-        let c: Config = toml::from_str("serial = [\"/dev/ttyS1:fast\"]").unwrap();
+        let c: Config = toml::from_str("serial = [\"/dev/ttyS1:0\"]").unwrap();
         assert!(c.validate().is_err());
+        // A colon followed by something that is not a number belongs to the path
+        // (/dev/serial/by-path names have colons).
+        let c: Config =
+            toml::from_str("serial = [\"/dev/serial/by-path/pci-0000:00:14.0-usb-0:2:1.0-port0\"]").unwrap();
+        assert_eq!(c.serial_lines().unwrap()[0].baud, crate::server::serial::DEFAULT_BAUD);
         let c: Config = toml::from_str("socket_mode = \"0600\"\nrequest_timeout = 0").unwrap();
         assert_eq!(c.socket_mode().unwrap(), 0o600);
         assert_eq!(c.defaults().unwrap().request_timeout, None);

@@ -164,6 +164,8 @@ mod tests {
         assert_eq!(v["reason"], "stop");
         assert_eq!(v["completion_tokens"], 9);
         assert_eq!(v["dropped_messages"], 2);
+        assert_eq!(v["time_to_first_token_ms"].as_f64(), Some(45.0));
+        assert_eq!(v["tokens_per_second"].as_f64(), Some(100.0));
         let mut fields = serde_json::Map::new();
         fields.insert("queue_depth".into(), 3.into());
         fields.insert("model".into(), "a \"b\"".into());
@@ -173,8 +175,6 @@ mod tests {
             (Some("status"), Some(3))
         );
         assert_eq!(v["model"], "a \"b\"");
-        assert_eq!(v["time_to_first_token_ms"].as_f64(), Some(45.0));
-        assert_eq!(v["tokens_per_second"].as_f64(), Some(100.0));
     }
 
     #[test]

@@ -365,9 +365,9 @@ mod tests {
     #[test]
     fn echo_backspace_and_every_line_end() {
         let mut ed = ConsoleEditor::new(100);
-        let (lines, echo) = typed(&mut ed, b"helo\x7f\x7flo\rnext\r\nlast\n");
+        let (lines, echo) = typed(&mut ed, b"hellp\x7f\x08lo\rnext\r\nlast\n");
         assert_eq!(lines, ["hello", "next", "last"]);
-        assert_eq!(echo, b"helo\x08 \x08\x08 \x08lo\r\nnext\r\nlast\r\n");
+        assert_eq!(echo, b"hellp\x08 \x08\x08 \x08lo\r\nnext\r\nlast\r\n");
         // Backspace removes a whole UTF-8 character.
         let (lines, _) = typed(&mut ed, "café\x08s\r".as_bytes());
         assert_eq!(lines, ["cafs"]);
