@@ -140,12 +140,13 @@ cross-check: cross
 
 # Test binaries run under qemu through the cargo runner (.cargo/config.toml); tests that start
 # the llama-tpu binary themselves go through LLAMA_TPU_TEST_RUNNER.
-# Excluded, visibly: the serial-line tests. qemu-user does not implement the termios2 ioctls
+# Excluded, visibly: the serial-line tests (qemu-user does not implement the termios2 ioctls
 # (TCGETS2/TCSETS2) the serialport crate sets the baud rate with, so opening a tty fails
-# with ENOSYS under emulation; they run natively in `make test`.
-CROSS_SKIP := --skip serial_console_on_a_pseudo_terminal --skip a_serial_port_that_disappears
+# with ENOSYS under emulation) and the BM1684X simulator tests (the simulator is an x86_64
+# library). All of them run natively in `make test`.
+CROSS_SKIP := --skip serial_console_on_a_pseudo_terminal --skip a_serial_port_that_disappears --skip simulator_
 cross-test: cross-setup model test-data venv
-	@echo "cross-test: skipping the serial-line tests under qemu (no termios2 ioctls in qemu-user)"
+	@echo "cross-test: skipping the serial-line tests (no termios2 ioctls in qemu-user) and the x86_64-only simulator tests"
 	LLAMA_TPU_PYTHON=$(VENV)/bin/python LLAMA_TPU_TEST_RUNNER="$(QEMU)" \
 		RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc $(CARGO) test --profile test-opt --target $(CROSS_TARGET) -- $(CROSS_SKIP)
 
@@ -153,7 +154,7 @@ cross-test: cross-setup model test-data venv
 # symbols, run by qemu with bullseye's libc6:arm64 2.31 as the only C library (-L).
 cross-test-glibc231: cross-setup model test-data venv
 	$(eval GLIBC231 := $(shell ./cross/glibc-2.31.sh))
-	@echo "cross-test-glibc231: skipping the serial-line tests under qemu (no termios2 ioctls in qemu-user)"
+	@echo "cross-test-glibc231: skipping the serial-line tests (no termios2 ioctls in qemu-user) and the x86_64-only simulator tests"
 	$(CROSS_ENV) LLAMA_TPU_PYTHON=$(VENV)/bin/python LLAMA_TPU_TEST_RUNNER="$(QEMU) -L $(CURDIR)/$(GLIBC231)" \
 		CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="$(QEMU) -L $(CURDIR)/$(GLIBC231)" \
 		$(CARGO) zigbuild test --profile test-opt --target $(CROSS_TARGET).2.31 -- $(CROSS_SKIP)

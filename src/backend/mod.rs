@@ -6,6 +6,7 @@
 //! but token ids goes in, and logits (or, for a device that samples on chip, a token id) come out.
 
 pub mod cpu;
+pub mod sophon;
 
 use std::fmt;
 

@@ -63,3 +63,19 @@ pub fn read_f32s(path: &Path) -> Vec<f32> {
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect()
 }
+
+/// The BM1684X simulator's runtime libraries (tpu-mlir wheel's libbmrt, libbmlib, libcmodel),
+/// installed on first use by `sim/install.sh` into `.cache/tpu-mlir`. Fails loudly, with the
+/// reason, when they cannot be had: these tests never skip.
+pub fn simulator_lib_dir() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(root.join("sim/install.sh"))
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run sim/install.sh: {e}"));
+    assert!(
+        out.status.success(),
+        "the BM1684X simulator could not be installed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    root.join(String::from_utf8_lossy(&out.stdout).trim())
+}

@@ -1,0 +1,210 @@
+//! Safe handles over the runtime's raw API: a device and its memory. Every call's status is
+//! checked and becomes an error naming the call; memory is freed on drop, before the device.
+#![allow(unsafe_code)]
+
+use std::ffi::c_void;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use super::ffi::{DeviceMem, Handle, Runtime};
+use crate::backend::BackendError;
+
+fn failed(call: &'static str, detail: impl Into<String>) -> BackendError {
+    BackendError::Device {
+        call,
+        detail: detail.into(),
+    }
+}
+
+fn check(call: &'static str, status: i32) -> Result<(), BackendError> {
+    if status == 0 {
+        Ok(())
+    } else {
+        Err(failed(call, format!("status {status}")))
+    }
+}
+
+/// An open device (`bm_dev_request`), released (`bm_dev_free`) on drop.
+///
+/// Runtime contract (not enforced here): work launched on a device must be synchronized from
+/// the thread that launched it; `bm_thread_sync` on a thread that launched nothing aborts the
+/// process inside bmlib. The backend does both on the engine thread.
+pub struct Device {
+    rt: Arc<Runtime>,
+    handle: Handle,
+    index: usize,
+    /// Held across every runtime call on this handle: calls never overlap.
+    calls: Mutex<()>,
+}
+
+// SAFETY: the handle is an opaque token passed only to the runtime's calls, and every such
+// call is made under `calls`, so no two threads use it at once; bmlib does not tie a handle to
+// the thread that requested it (only launched work to the launching thread, see above).
+unsafe impl Send for Device {}
+// SAFETY: as for Send: shared access goes through `calls`.
+unsafe impl Sync for Device {}
+
+impl Device {
+    /// Number of devices the runtime sees.
+    ///
+    /// # Errors
+    /// The call fails.
+    pub fn count(rt: &Runtime) -> Result<usize, BackendError> {
+        let mut n = 0;
+        // SAFETY: writes one int through a valid pointer.
+        check("bm_dev_getcount", unsafe { (rt.api.dev_getcount)(&mut n) })?;
+        Ok(n.max(0) as usize)
+    }
+
+    /// Opens device `index`.
+    ///
+    /// # Errors
+    /// No such device, or the request fails.
+    pub fn open(rt: Arc<Runtime>, index: usize) -> Result<Device, BackendError> {
+        let count = Device::count(&rt)?;
+        if index >= count {
+            return Err(failed(
+                "bm_dev_request",
+                format!("device {index} does not exist ({count} found)"),
+            ));
+        }
+        let mut handle: Handle = std::ptr::null_mut();
+        // SAFETY: writes one handle through a valid pointer; `index` is in range.
+        check("bm_dev_request", unsafe {
+            (rt.api.dev_request)(&mut handle, index as i32)
+        })?;
+        if handle.is_null() {
+            return Err(failed("bm_dev_request", "returned no handle"));
+        }
+        Ok(Device {
+            rt,
+            handle,
+            index,
+            calls: Mutex::new(()),
+        })
+    }
+
+    /// The device index.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// Runs `f` with the raw handle, no other call on this device overlapping it.
+    pub fn with_handle<T>(&self, f: impl FnOnce(Handle) -> T) -> T {
+        let _guard = self.calls.lock().unwrap_or_else(PoisonError::into_inner);
+        f(self.handle)
+    }
+
+    /// The runtime.
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        &self.rt
+    }
+
+    /// Allocates `bytes` of device memory.
+    ///
+    /// # Errors
+    /// Out of device memory.
+    pub fn alloc(self: &Arc<Self>, bytes: usize) -> Result<DeviceBuffer, BackendError> {
+        let size =
+            u32::try_from(bytes).map_err(|_| failed("bm_malloc_device_byte", format!("{bytes} bytes is too large")))?;
+        let mut mem = DeviceMem::default();
+        // SAFETY: writes one descriptor through a valid pointer on an open device.
+        check(
+            "bm_malloc_device_byte",
+            self.with_handle(|h| unsafe { (self.rt.api.malloc_device_byte)(h, &mut mem, size) }),
+        )?;
+        Ok(DeviceBuffer {
+            device: Arc::clone(self),
+            mem,
+        })
+    }
+
+    /// Waits for the work this thread launched to finish. Call it only on a thread that
+    /// launched work on this device (see the type's documentation).
+    ///
+    /// # Errors
+    /// The device reports a failure.
+    pub fn sync(&self) -> Result<(), BackendError> {
+        // SAFETY: an open handle.
+        check(
+            "bm_thread_sync",
+            self.with_handle(|h| unsafe { (self.rt.api.thread_sync)(h) }),
+        )
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from bm_dev_request and is released once; buffers hold an
+        // Arc to the device, so none outlives it.
+        unsafe { (self.rt.api.dev_free)(self.handle) }
+    }
+}
+
+/// Device memory made by the backend, freed on drop.
+pub struct DeviceBuffer {
+    device: Arc<Device>,
+    mem: DeviceMem,
+}
+
+impl DeviceBuffer {
+    /// Size in bytes.
+    pub fn len(&self) -> usize {
+        self.mem.size as usize
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.mem.size == 0
+    }
+
+    /// The descriptor, for runtime calls.
+    pub fn mem(&self) -> DeviceMem {
+        self.mem
+    }
+
+    /// Copies `data` to the start of the buffer.
+    ///
+    /// # Errors
+    /// `data` is larger than the buffer, or the copy fails.
+    pub fn write(&self, data: &[u8]) -> Result<(), BackendError> {
+        if data.len() > self.len() {
+            return Err(failed(
+                "bm_memcpy_s2d_partial",
+                format!("{} bytes into {}", data.len(), self.len()),
+            ));
+        }
+        let copy = self.device.rt.api.memcpy_s2d_partial;
+        // SAFETY: `data` is valid for its length, which fits the device buffer.
+        let status = self
+            .device
+            .with_handle(|h| unsafe { copy(h, self.mem, data.as_ptr().cast::<c_void>(), data.len() as u32) });
+        check("bm_memcpy_s2d_partial", status)
+    }
+
+    /// Copies the start of the buffer into `out`.
+    ///
+    /// # Errors
+    /// `out` is larger than the buffer, or the copy fails.
+    pub fn read(&self, out: &mut [u8]) -> Result<(), BackendError> {
+        if out.len() > self.len() {
+            return Err(failed(
+                "bm_memcpy_d2s_partial",
+                format!("{} bytes from {}", out.len(), self.len()),
+            ));
+        }
+        let copy = self.device.rt.api.memcpy_d2s_partial;
+        // SAFETY: `out` is valid for writes of its length, which fits the device buffer.
+        let status = self
+            .device
+            .with_handle(|h| unsafe { copy(h, out.as_mut_ptr().cast::<c_void>(), self.mem, out.len() as u32) });
+        check("bm_memcpy_d2s_partial", status)
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        let free = self.device.rt.api.free_device;
+        // SAFETY: the memory came from bm_malloc_device_byte on this device and is freed once.
+        self.device.with_handle(|h| unsafe { free(h, self.mem) })
+    }
+}

@@ -1,0 +1,343 @@
+//! The part of the vendor runtime (libbmlib, libbmrt) the Sophon backend calls, declared by
+//! hand from the documented C API (no vendor headers), and loaded at run time with
+//! `libloading`: a machine without libsophon runs everything else and gets a clear error only
+//! when it asks for this backend.
+//!
+//! Layouts are those of the LP64 ABI of x86_64 and aarch64; a test pins every size and field
+//! offset the backend relies on.
+#![allow(unsafe_code)]
+
+use std::ffi::{c_char, c_int, c_uint, c_void};
+use std::path::{Path, PathBuf};
+
+use libloading::Library;
+
+/// Where libsophon lives on the SoC and on PCIe hosts.
+pub const DEFAULT_LIB_DIR: &str = "/opt/sophon/libsophon-current/lib";
+
+/// `bm_handle_t`: an opaque device handle.
+pub type Handle = *mut c_void;
+/// `bm_status_t`: 0 is success.
+pub type Status = c_int;
+/// `BM_RUNTIME_SHARE_MEM` for `bmrt_set_flags`: nets share activation memory.
+pub const RUNTIME_SHARE_MEM: u32 = 1;
+
+/// `bm_data_type_t`.
+#[repr(i32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataType {
+    /// float32.
+    F32 = 0,
+    /// float16.
+    F16 = 1,
+    /// int8.
+    I8 = 2,
+    /// uint8.
+    U8 = 3,
+    /// int16.
+    I16 = 4,
+    /// uint16.
+    U16 = 5,
+    /// int32.
+    I32 = 6,
+    /// uint32.
+    U32 = 7,
+    /// bfloat16.
+    Bf16 = 8,
+    /// int4.
+    I4 = 9,
+    /// uint4.
+    U4 = 10,
+}
+
+impl DataType {
+    /// From the runtime's integer, if known.
+    pub fn from_raw(v: i32) -> Option<DataType> {
+        use DataType::*;
+        [F32, F16, I8, U8, I16, U16, I32, U32, Bf16, I4, U4]
+            .into_iter()
+            .find(|d| *d as i32 == v)
+    }
+}
+
+/// `bm_device_mem_t`: a block of device memory (the device arm of the descriptor's union).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeviceMem {
+    /// Device address.
+    pub addr: u64,
+    /// Reserved by the runtime.
+    pub reserved: u32,
+    /// dma-buf descriptor, when there is one.
+    pub dmabuf_fd: i32,
+    /// Memory flags.
+    pub flags: u32,
+    /// Size in bytes.
+    pub size: u32,
+}
+
+/// `bm_shape_t`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Shape {
+    /// Number of dimensions used.
+    pub num_dims: i32,
+    /// Dimensions (at most 8).
+    pub dims: [i32; 8],
+}
+
+impl Shape {
+    /// The used dimensions (a corrupt count is clamped to 0..=8).
+    pub fn dims(&self) -> &[i32] {
+        &self.dims[..self.num_dims.clamp(0, 8) as usize]
+    }
+}
+
+/// `bm_tensor_t`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct Tensor {
+    /// `bm_data_type_t`.
+    pub dtype: i32,
+    /// Shape.
+    pub shape: Shape,
+    /// Device memory.
+    pub device_mem: DeviceMem,
+    /// Storage mode (0: the runtime's default).
+    pub st_mode: i32,
+}
+
+/// `bm_stage_info_t`: one compiled shape of a net, with its I/O memory.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct StageInfo {
+    /// `input_num` shapes.
+    pub input_shapes: *const Shape,
+    /// `output_num` shapes.
+    pub output_shapes: *const Shape,
+    /// `input_num` device memories (× devices for multi-chip nets).
+    pub input_mems: *const DeviceMem,
+    /// `output_num` device memories.
+    pub output_mems: *const DeviceMem,
+}
+
+/// `bm_net_info_t`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct NetInfo {
+    /// Net name.
+    pub name: *const c_char,
+    /// Dynamic shapes.
+    pub is_dynamic: bool,
+    /// Number of inputs.
+    pub input_num: c_int,
+    /// Input names.
+    pub input_names: *const *const c_char,
+    /// Input `bm_data_type_t`s.
+    pub input_dtypes: *const i32,
+    /// Input quantization scales.
+    pub input_scales: *const f32,
+    /// Number of outputs.
+    pub output_num: c_int,
+    /// Output names.
+    pub output_names: *const *const c_char,
+    /// Output `bm_data_type_t`s.
+    pub output_dtypes: *const i32,
+    /// Output quantization scales.
+    pub output_scales: *const f32,
+    /// Number of stages.
+    pub stage_num: c_int,
+    /// Stages.
+    pub stages: *const StageInfo,
+    /// Largest input per input, bytes.
+    pub max_input_bytes: *const usize,
+    /// Largest output per output, bytes.
+    pub max_output_bytes: *const usize,
+    /// Input zero points.
+    pub input_zero_point: *const i32,
+    /// Output zero points.
+    pub output_zero_point: *const i32,
+    /// Device of each input (multi-chip).
+    pub input_loc_devices: *const c_int,
+    /// Device of each output (multi-chip).
+    pub output_loc_devices: *const c_int,
+    /// TPU cores used.
+    pub core_num: c_int,
+    /// Address mode (0 basic, 1 io_alone, ...).
+    pub addr_mode: c_int,
+}
+
+/// The runtime's entry points, resolved from the loaded libraries.
+#[allow(missing_docs)]
+pub struct Api {
+    pub dev_getcount: unsafe extern "C" fn(*mut c_int) -> Status,
+    pub dev_request: unsafe extern "C" fn(*mut Handle, c_int) -> Status,
+    pub dev_free: unsafe extern "C" fn(Handle),
+    pub malloc_device_byte: unsafe extern "C" fn(Handle, *mut DeviceMem, c_uint) -> Status,
+    pub free_device: unsafe extern "C" fn(Handle, DeviceMem),
+    pub memcpy_s2d: unsafe extern "C" fn(Handle, DeviceMem, *const c_void) -> Status,
+    pub memcpy_s2d_partial: unsafe extern "C" fn(Handle, DeviceMem, *const c_void, c_uint) -> Status,
+    pub memcpy_d2s: unsafe extern "C" fn(Handle, *mut c_void, DeviceMem) -> Status,
+    pub memcpy_d2s_partial: unsafe extern "C" fn(Handle, *mut c_void, DeviceMem, c_uint) -> Status,
+    pub memcpy_d2d_byte: unsafe extern "C" fn(Handle, DeviceMem, usize, DeviceMem, usize, usize) -> Status,
+    pub thread_sync: unsafe extern "C" fn(Handle) -> Status,
+    pub rt_create: unsafe extern "C" fn(Handle) -> *mut c_void,
+    pub rt_create_ex: unsafe extern "C" fn(*mut Handle, c_int) -> *mut c_void,
+    pub rt_destroy: unsafe extern "C" fn(*mut c_void),
+    pub rt_set_flags: unsafe extern "C" fn(*mut c_void, u32),
+    pub rt_load_bmodel: unsafe extern "C" fn(*mut c_void, *const c_char) -> bool,
+    pub rt_get_network_number: unsafe extern "C" fn(*mut c_void) -> c_int,
+    pub rt_get_network_names: unsafe extern "C" fn(*mut c_void, *mut *mut *const c_char),
+    pub rt_get_network_info: unsafe extern "C" fn(*mut c_void, *const c_char) -> *const NetInfo,
+    pub rt_tensor_with_device: unsafe extern "C" fn(*mut Tensor, DeviceMem, i32, Shape),
+    pub rt_launch_tensor_ex:
+        unsafe extern "C" fn(*mut c_void, *const c_char, *const Tensor, c_int, *mut Tensor, c_int, bool, bool) -> bool,
+}
+
+/// The loaded libraries and their entry points. The libraries stay loaded as long as this
+/// lives, so the function pointers in [`Api`] stay valid.
+pub struct Runtime {
+    /// Entry points.
+    pub api: Api,
+    /// Where the libraries were found.
+    pub dir: Option<PathBuf>,
+    _bmrt: Library,
+    _bmlib: Library,
+}
+
+/// The runtime libraries could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot load the Sophon runtime (libbmlib.so, libbmrt.so); looked in {}: {}", .tried.join(", "), .reason)]
+pub struct LoadError {
+    /// Places tried, in order.
+    pub tried: Vec<String>,
+    /// The last loader error.
+    pub reason: String,
+}
+
+impl Runtime {
+    /// Loads libbmlib and libbmrt from `dir` if given, else from libsophon's default folder,
+    /// else wherever the dynamic loader finds them (`LD_LIBRARY_PATH`, ld.so.conf).
+    ///
+    /// # Errors
+    /// Neither library set could be loaded, or a needed symbol is missing.
+    pub fn load(dir: Option<&Path>) -> Result<Runtime, LoadError> {
+        let candidates: Vec<Option<PathBuf>> = match dir {
+            Some(d) => vec![Some(d.to_path_buf())],
+            None => vec![Some(PathBuf::from(DEFAULT_LIB_DIR)), None],
+        };
+        let mut tried = Vec::new();
+        let mut reason = String::new();
+        for dir in candidates {
+            tried.push(match &dir {
+                Some(d) => d.display().to_string(),
+                None => "the dynamic loader's search path".to_string(),
+            });
+            match Runtime::load_from(dir.as_deref()) {
+                Ok(rt) => return Ok(rt),
+                Err(e) => reason = e,
+            }
+        }
+        Err(LoadError { tried, reason })
+    }
+
+    fn load_from(dir: Option<&Path>) -> Result<Runtime, String> {
+        let path = |name: &str| match dir {
+            Some(d) => d.join(name).into_os_string(),
+            None => name.into(),
+        };
+        // SAFETY: loading runs the libraries' initializers; these are the vendor's runtime
+        // libraries, which are made to be loaded into a host process (as its demos do).
+        let bmlib = unsafe { Library::new(path("libbmlib.so")) }.map_err(|e| e.to_string())?;
+        // libbmrt needs libbmlib: loaded first, its soname is already resolved.
+        // SAFETY: as above.
+        let bmrt = unsafe { Library::new(path("libbmrt.so")) }.map_err(|e| e.to_string())?;
+        macro_rules! sym {
+            ($lib:expr, $name:literal) => {
+                // SAFETY: the symbol is declared above with the C API's signature; the pointer
+                // is copied out and stays valid while `Runtime` keeps the library loaded.
+                *unsafe { $lib.get($name) }.map_err(|e| format!("{}: {e}", String::from_utf8_lossy($name)))?
+            };
+        }
+        let api = Api {
+            dev_getcount: sym!(bmlib, b"bm_dev_getcount"),
+            dev_request: sym!(bmlib, b"bm_dev_request"),
+            dev_free: sym!(bmlib, b"bm_dev_free"),
+            malloc_device_byte: sym!(bmlib, b"bm_malloc_device_byte"),
+            free_device: sym!(bmlib, b"bm_free_device"),
+            memcpy_s2d: sym!(bmlib, b"bm_memcpy_s2d"),
+            memcpy_s2d_partial: sym!(bmlib, b"bm_memcpy_s2d_partial"),
+            memcpy_d2s: sym!(bmlib, b"bm_memcpy_d2s"),
+            memcpy_d2s_partial: sym!(bmlib, b"bm_memcpy_d2s_partial"),
+            memcpy_d2d_byte: sym!(bmlib, b"bm_memcpy_d2d_byte"),
+            thread_sync: sym!(bmlib, b"bm_thread_sync"),
+            rt_create: sym!(bmrt, b"bmrt_create"),
+            rt_create_ex: sym!(bmrt, b"bmrt_create_ex"),
+            rt_destroy: sym!(bmrt, b"bmrt_destroy"),
+            rt_set_flags: sym!(bmrt, b"bmrt_set_flags"),
+            rt_load_bmodel: sym!(bmrt, b"bmrt_load_bmodel"),
+            rt_get_network_number: sym!(bmrt, b"bmrt_get_network_number"),
+            rt_get_network_names: sym!(bmrt, b"bmrt_get_network_names"),
+            rt_get_network_info: sym!(bmrt, b"bmrt_get_network_info"),
+            rt_tensor_with_device: sym!(bmrt, b"bmrt_tensor_with_device"),
+            rt_launch_tensor_ex: sym!(bmrt, b"bmrt_launch_tensor_ex"),
+        };
+        Ok(Runtime {
+            api,
+            dir: dir.map(Path::to_path_buf),
+            _bmrt: bmrt,
+            _bmlib: bmlib,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::mem::{offset_of, size_of};
+
+    use super::*;
+
+    #[test]
+    fn layouts_match_the_c_api() {
+        assert_eq!(size_of::<DeviceMem>(), 24);
+        assert_eq!((offset_of!(DeviceMem, flags), offset_of!(DeviceMem, size)), (16, 20));
+        assert_eq!(size_of::<Shape>(), 36);
+        assert_eq!(size_of::<Tensor>(), 72);
+        assert_eq!(
+            (
+                offset_of!(Tensor, shape),
+                offset_of!(Tensor, device_mem),
+                offset_of!(Tensor, st_mode)
+            ),
+            (4, 40, 64)
+        );
+        assert_eq!(size_of::<StageInfo>(), 32);
+        assert_eq!(size_of::<NetInfo>(), 144);
+        let offsets = [
+            offset_of!(NetInfo, is_dynamic),
+            offset_of!(NetInfo, input_num),
+            offset_of!(NetInfo, input_names),
+            offset_of!(NetInfo, output_num),
+            offset_of!(NetInfo, output_names),
+            offset_of!(NetInfo, stage_num),
+            offset_of!(NetInfo, stages),
+            offset_of!(NetInfo, max_input_bytes),
+            offset_of!(NetInfo, input_loc_devices),
+            offset_of!(NetInfo, output_loc_devices),
+            offset_of!(NetInfo, core_num),
+            offset_of!(NetInfo, addr_mode),
+        ];
+        assert_eq!(offsets, [8, 12, 16, 40, 48, 72, 80, 88, 120, 128, 136, 140]);
+        assert_eq!(DataType::from_raw(8), Some(DataType::Bf16));
+        assert_eq!(DataType::from_raw(11), None);
+    }
+
+    #[test]
+    fn a_missing_runtime_is_a_clear_error_naming_where_it_looked() {
+        let dir = Path::new("/nonexistent/sophon/lib");
+        let e = Runtime::load(Some(dir)).err().expect("no runtime there");
+        let text = e.to_string();
+        assert!(text.contains("/nonexistent/sophon/lib"), "{text}");
+        assert!(text.contains("libbmlib.so"), "{text}");
+    }
+}

@@ -1,0 +1,6 @@
+//! The Sophon BM1684X backend (issue 4, in progress): a TPU-MLIR-compiled bmodel driven
+//! through the vendor runtime, loaded at run time. So far: the runtime's C API, declared by
+//! hand and loaded with `libloading` ([`ffi`]).
+
+pub mod device;
+pub mod ffi;
