@@ -152,7 +152,10 @@ impl Client {
                 return self.buf.drain(..=i).collect();
             }
             let mut chunk = [0u8; 4096];
-            let n = self.stream.read(&mut chunk).expect("read from the daemon");
+            let n = match self.stream.read(&mut chunk) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => r.expect("read from the daemon"),
+            };
             assert!(
                 n > 0,
                 "the daemon closed the connection; had {:?}",
@@ -639,10 +642,14 @@ impl Pty {
                 self.leader.as_raw_fd(),
                 nix::poll::PollFlags::POLLIN,
             )];
-            if nix::poll::poll(&mut fds, 100).unwrap() > 0 {
+            // EINTR (a signal to the test process) just means: try again.
+            if nix::poll::poll(&mut fds, 100).unwrap_or(0) > 0 {
                 let mut b = [0u8; 4096];
-                let n = nix::unistd::read(self.leader.as_raw_fd(), &mut b).unwrap();
-                self.seen.extend_from_slice(&b[..n]);
+                match nix::unistd::read(self.leader.as_raw_fd(), &mut b) {
+                    Ok(n) => self.seen.extend_from_slice(&b[..n]),
+                    Err(nix::errno::Errno::EINTR) => {}
+                    Err(e) => panic!("reading the pty: {e}"),
+                }
             }
         }
     }
@@ -827,7 +834,12 @@ fn systemd_notifications_and_watchdog() {
     let recv = |messages: &mut Vec<String>| {
         assert!(Instant::now() < until, "{messages:?}");
         let mut buf = [0u8; 4096];
-        let n = notify.recv(&mut buf).unwrap();
+        let n = loop {
+            match notify.recv(&mut buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => break r.unwrap(),
+            }
+        };
         messages.push(String::from_utf8_lossy(&buf[..n]).into_owned());
     };
     while !messages.iter().any(|m| m.contains("READY=1")) {
