@@ -157,7 +157,7 @@ cross-test-glibc231: cross-setup model test-data venv
 	@echo "cross-test-glibc231: skipping the serial-line tests (no termios2 ioctls in qemu-user) and the x86_64-only simulator tests"
 	$(CROSS_ENV) LLAMA_TPU_PYTHON=$(VENV)/bin/python LLAMA_TPU_TEST_RUNNER="$(QEMU) -L $(CURDIR)/$(GLIBC231)" \
 		CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="$(QEMU) -L $(CURDIR)/$(GLIBC231)" \
-		$(CARGO) zigbuild test --profile test-opt --target $(CROSS_TARGET).2.31 -- $(CROSS_SKIP)
+		cargo-zigbuild test --profile test-opt --target $(CROSS_TARGET).2.31 -- $(CROSS_SKIP)
 
 # --- Debian packages (Ubuntu 20.04 SoC boxes: arm64; PCIe hosts: amd64) --------------------
 AMD64_TARGET := x86_64-unknown-linux-gnu
