@@ -46,6 +46,7 @@ help:
 	@echo "make cross      aarch64 release binary for the BM1684X SoC (glibc 2.31 floor)"
 	@echo "make cross-check  the cross binary needs nothing newer than glibc 2.31 and no other library"
 	@echo "make cross-test the whole test suite built for aarch64, run under qemu (Cortex-A53)"
+	@echo "make cross-test-glibc231  the same suite against glibc 2.31 (bullseye's libc6:arm64 under qemu -L)"
 	@echo "make deb        llama-tpu_$(VERSION)_arm64.deb and _amd64.deb in target/deb (glibc 2.31 floor)"
 	@echo "make deb-check  dpkg-deb --info/--contents, install/remove/purge in a scratch root, lintian"
 
