@@ -31,3 +31,39 @@ fn simulator_runtime_loads_and_device_memory_round_trips() {
     assert!(e.contains("device 1 does not exist"), "{e}");
     // (No sync here: bmlib aborts the process when a thread that launched nothing syncs.)
 }
+
+/// The bmodel the tpu-mlir wheel ships as a sample (an int8 colour-conversion net).
+fn sample_bmodel(lib: &std::path::Path) -> std::path::PathBuf {
+    lib.join("../python/tools/soc_infer/demo/Yuv2rgb_0_int8/compilation.bmodel")
+}
+
+#[test]
+fn simulator_loads_a_bmodel_and_describes_its_nets() {
+    use llama_tpu::backend::sophon::runtime::Loaded;
+    let lib = common::simulator_lib_dir();
+    let rt = Arc::new(Runtime::load(Some(&lib)).unwrap());
+    let dev = Arc::new(Device::open(rt, 0).unwrap());
+    let loaded = Loaded::load(Arc::clone(&dev), &sample_bmodel(&lib)).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(loaded.nets().len(), 1, "{:?}", loaded.nets());
+    let net = &loaded.nets()[0];
+    assert!(!net.name.is_empty());
+    assert!(!net.inputs.is_empty() && !net.outputs.is_empty());
+    for port in net.inputs.iter().chain(&net.outputs) {
+        assert!(port.dtype.is_some(), "{port:?}");
+        assert!(!port.shape.is_empty() && port.shape.iter().all(|&d| d > 0), "{port:?}");
+        assert!(port.mem.size > 0, "{port:?}");
+    }
+    assert!(loaded.net(&net.name).is_some());
+
+    // A corrupt file is refused with an error naming the call; the process lives on.
+    let dir = common::scratch("sim-corrupt");
+    let bytes = std::fs::read(sample_bmodel(&lib)).unwrap();
+    let truncated = dir.join("truncated.bmodel");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 3]).unwrap();
+    let garbage = dir.join("garbage.bmodel");
+    std::fs::write(&garbage, b"not a bmodel at all, just some bytes").unwrap();
+    for bad in [truncated, garbage, dir.join("missing.bmodel")] {
+        let e = Loaded::load(Arc::clone(&dev), &bad).err().expect("refused").to_string();
+        assert!(e.contains("bmrt_load_bmodel"), "{e}");
+    }
+}

@@ -4,3 +4,4 @@
 
 pub mod device;
 pub mod ffi;
+pub mod runtime;
