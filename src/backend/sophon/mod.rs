@@ -1,6 +1,7 @@
 //! The Sophon BM1684X backend (issue 4, in progress): a TPU-MLIR-compiled bmodel driven
 //! through the vendor runtime, loaded at run time. So far: the runtime's C API, declared by
-//! hand and loaded with `libloading` ([`ffi`]).
+//! hand and loaded with `libloading` ([`ffi`]); device and device-memory handles ([`device`]);
+//! a loaded bmodel with its nets described in plain Rust values ([`runtime`]).
 
 pub mod device;
 pub mod ffi;
