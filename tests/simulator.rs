@@ -54,6 +54,11 @@ fn simulator_loads_a_bmodel_and_describes_its_nets() {
         assert!(port.mem.size > 0, "{port:?}");
     }
     assert!(loaded.net(&net.name).is_some());
+    // It is not a Llama: the contract check says what is missing.
+    let e = llama_tpu::backend::sophon::contract::check(loaded.nets())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no net named embedding"), "{e}");
 
     // A corrupt file is refused with an error naming the call; the process lives on.
     let dir = common::scratch("sim-corrupt");
