@@ -72,3 +72,35 @@ fn simulator_loads_a_bmodel_and_describes_its_nets() {
         assert!(e.contains("bmrt_load_bmodel"), "{e}");
     }
 }
+
+#[test]
+fn simulator_info_describes_a_bmodel_and_says_why_it_is_not_a_llama() {
+    let lib = common::simulator_lib_dir();
+    let out = common::bin(env!("CARGO_BIN_EXE_llama-tpu"))
+        .arg("info")
+        .arg("--sophon-lib")
+        .arg(&lib)
+        .arg(sample_bmodel(&lib))
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(65), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("Yuv2rgb_0") && stdout.contains("U8[3, 90, 60]"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("does not fit the Llama contract: no net named embedding"),
+        "{stderr}"
+    );
+    let none = common::bin(env!("CARGO_BIN_EXE_llama-tpu"))
+        .args(["info", "--sophon-lib", "/nonexistent"])
+        .arg(sample_bmodel(&lib))
+        .output()
+        .unwrap();
+    assert_eq!(none.status.code(), Some(69));
+    assert!(String::from_utf8_lossy(&none.stderr).contains("libbmlib.so is not in /nonexistent"));
+}

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::{choose_template, open_gguf, CliError};
+use super::{choose_template, open_gguf, CliError, Exit};
 use crate::model::gguf::Value;
 use crate::model::LlamaConfig;
 use crate::tokenizer::Tokenizer;
@@ -18,9 +18,19 @@ pub struct InfoArgs {
     /// Also list every metadata key and every tensor.
     #[arg(long)]
     verbose: bool,
+    /// For a .bmodel: the folder of libbmrt.so and libbmlib.so (default:
+    /// /opt/sophon/libsophon-current/lib, then the loader's path).
+    #[arg(long, value_name = "DIR", env = "LLAMA_TPU_SOPHON_LIB")]
+    sophon_lib: Option<PathBuf>,
+    /// For a .bmodel: the device to load it on.
+    #[arg(long, default_value_t = 0)]
+    device: usize,
 }
 
 pub(super) fn info(a: &InfoArgs) -> Result<(), CliError> {
+    if a.model.extension().is_some_and(|e| e == "bmodel") {
+        return bmodel_info(a);
+    }
     let m = open_gguf(&a.model)?;
     let g = &m.gguf;
     println!(
@@ -109,4 +119,83 @@ fn g_token(g: &crate::model::Gguf, id: u32) -> String {
         },
         _ => String::new(),
     }
+}
+
+/// A bmodel: its nets as the runtime loads them, and whether they fit the Llama contract.
+fn bmodel_info(a: &InfoArgs) -> Result<(), CliError> {
+    use std::sync::Arc;
+
+    use crate::backend::sophon::contract;
+    use crate::backend::sophon::device::Device;
+    use crate::backend::sophon::ffi::Runtime;
+    use crate::backend::sophon::runtime::Loaded;
+
+    let size = std::fs::metadata(&a.model)
+        .map_err(|e| CliError::new(Exit::NoInput, format!("{}: cannot open: {e}", a.model.display())))?
+        .len();
+    let unavailable = |e: String| CliError::new(Exit::Unavailable, e);
+    let rt = Arc::new(Runtime::load(a.sophon_lib.as_deref()).map_err(|e| unavailable(e.to_string()))?);
+    let dev = Arc::new(Device::open(rt, a.device).map_err(|e| unavailable(e.to_string()))?);
+    let loaded = Loaded::load(dev, &a.model)
+        .map_err(|e| CliError::new(Exit::BadModel, format!("{}: {e}", a.model.display())))?;
+    println!(
+        "file:          {} ({:.1} MiB)",
+        a.model.display(),
+        size as f64 / (1 << 20) as f64
+    );
+    println!("nets:          {}", loaded.nets().len());
+    let ports = |ps: &[crate::backend::sophon::runtime::Port]| {
+        ps.iter()
+            .map(|p| format!("{}{:?}", p.dtype.map_or("?".to_string(), |d| format!("{d:?}")), p.shape))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    for n in loaded.nets() {
+        println!(
+            "  {:<20} in: {}  out: {}{}",
+            n.name,
+            ports(&n.inputs),
+            ports(&n.outputs),
+            if n.addr_mode == 1 { "  (io_alone)" } else { "" }
+        );
+    }
+    let layout = contract::check(loaded.nets())
+        .map_err(|e| CliError::new(Exit::BadModel, format!("{}: {e}", a.model.display())))?;
+    let half = 2u64;
+    let kv = 2 * layout.layers as u64 * layout.seq_len as u64 * layout.kv_heads as u64 * layout.head_dim as u64 * half;
+    println!(
+        "llama:         {} layers, SEQLEN {}, hidden {}, {} KV heads x {}, {:?}{}",
+        layout.layers,
+        layout.seq_len,
+        layout.hidden,
+        layout.kv_heads,
+        layout.head_dim,
+        layout.dtype,
+        if layout.dynamic_prefill {
+            ", dynamic prefill"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "lm_head:       {}{}{}{}",
+        match layout.lm_head {
+            contract::LmHeadOutput::Logits(v) => format!("logits over {v} tokens"),
+            contract::LmHeadOutput::Token => "a token id (on-chip top-1)".to_string(),
+        },
+        if layout.greedy_head { ", greedy_head" } else { "" },
+        if layout.sample_head { ", sample_head" } else { "" },
+        if layout.penalty_sample_head {
+            ", penalty_sample_head"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "device memory: about {:.1} MiB: the bmodel ({:.1} MiB) plus the KV cache ({:.1} MiB)",
+        (size + kv) as f64 / (1 << 20) as f64,
+        size as f64 / (1 << 20) as f64,
+        kv as f64 / (1 << 20) as f64
+    );
+    Ok(())
 }

@@ -246,6 +246,11 @@ impl Runtime {
             Some(d) => d.join(name).into_os_string(),
             None => name.into(),
         };
+        if let Some(d) = dir {
+            if let Some(missing) = ["libbmlib.so", "libbmrt.so"].into_iter().find(|n| !d.join(n).exists()) {
+                return Err(format!("{missing} is not in {}", d.display()));
+            }
+        }
         // SAFETY: loading runs the libraries' initializers; these are the vendor's runtime
         // libraries, which are made to be loaded into a host process (as its demos do).
         let bmlib = unsafe { Library::new(path("libbmlib.so")) }.map_err(|e| e.to_string())?;
