@@ -7,6 +7,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VERSION=1.30.2
 DIR=.cache/tpu-mlir
+mkdir -p .cache
+# Tests run in parallel and may all ask at once: one installs, the others wait for it.
+exec 9>.cache/tpu-mlir.lock
+flock 9
 if [ ! -e "$DIR/.done" ]; then
     [ "$(uname -m)" = x86_64 ] || { echo "the simulator is x86_64-only (this is $(uname -m))" >&2; exit 1; }
     mkdir -p .cache/pip

@@ -68,6 +68,12 @@ pub fn read_f32s(path: &Path) -> Vec<f32> {
 /// installed on first use by `sim/install.sh` into `.cache/tpu-mlir`. Fails loudly, with the
 /// reason, when they cannot be had: these tests never skip.
 pub fn simulator_lib_dir() -> PathBuf {
+    // Once per test process (the script also locks against other processes).
+    static INSTALLED: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+    let mut installed = INSTALLED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(dir) = installed.as_ref() {
+        return dir.clone();
+    }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = Command::new(root.join("sim/install.sh"))
         .output()
@@ -77,5 +83,7 @@ pub fn simulator_lib_dir() -> PathBuf {
         "the BM1684X simulator could not be installed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    root.join(String::from_utf8_lossy(&out.stdout).trim())
+    let dir = root.join(String::from_utf8_lossy(&out.stdout).trim());
+    *installed = Some(dir.clone());
+    dir
 }
