@@ -14,12 +14,19 @@ flock 9
 if [ ! -e "$DIR/.done" ]; then
     [ "$(uname -m)" = x86_64 ] || { echo "the simulator is x86_64-only (this is $(uname -m))" >&2; exit 1; }
     mkdir -p .cache/pip
+    WHEEL=.cache/pip/tpu_mlir-$VERSION-py3-none-any.whl
+    SHA256=542807361c9eeb0777a7bd35e501d8c71cce767e4bce021a3cb3a7c25c35f909
+    # A wheel left half-written by an interrupted run is fetched again.
+    if [ -e "$WHEEL" ] && ! echo "$SHA256  $WHEEL" | sha256sum --check --quiet 2>/dev/null; then
+        rm -f "$WHEEL"
+    fi
     python3 -m pip download --quiet --disable-pip-version-check --no-deps --python-version 3.10 \
         --only-binary=:all: "tpu-mlir==$VERSION" -d .cache/pip >&2 \
         || { echo "cannot download tpu-mlir==$VERSION from PyPI (network?)" >&2; exit 1; }
+    echo "$SHA256  $WHEEL" | sha256sum --check --quiet \
+        || { echo "$WHEEL: checksum mismatch" >&2; rm -f "$WHEEL"; exit 1; }
     rm -rf "$DIR" && mkdir -p "$DIR"
-    python3 -c "import zipfile,sys; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])" \
-        .cache/pip/tpu_mlir-$VERSION-py3-none-any.whl "$DIR"
+    python3 -c "import zipfile,sys; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])" "$WHEEL" "$DIR"
     touch "$DIR/.done"
 fi
 echo "$DIR/tpu_mlir/lib"
