@@ -54,17 +54,22 @@ static GLOBAL: Counting = Counting;
 /// Tokens after which the count must stay flat (the first decode makes thread-local buffers).
 const WARM_UP: usize = 3;
 
-fn decoding_a_token_allocates_nothing() {
+/// The default model on the CPU backend, 2 threads, a KV cache of `context` tokens.
+fn default_engine(context: usize) -> Engine {
     let file = Arc::new(MappedFile::open(&common::default_model()).unwrap());
     let gguf = Gguf::parse(&file).unwrap();
     let tok = Tokenizer::from_gguf(&gguf).unwrap();
     let opts = CpuOptions {
         threads: 2,
-        context: Some(256),
+        context: Some(context),
         ..CpuOptions::default()
     };
     let backend = CpuBackend::from_parts(Arc::clone(&file), &gguf, &opts).unwrap();
-    let mut engine = Engine::new(Box::new(backend), tok, Some(ChatTemplate::ChatMl));
+    Engine::new(Box::new(backend), tok, Some(ChatTemplate::ChatMl))
+}
+
+fn decoding_a_token_allocates_nothing() {
+    let mut engine = default_engine(256);
     let req = Request {
         input: Input::Text("Once upon a time, in a small village by the sea,".into()),
         sampling: SamplerConfig {
@@ -130,16 +135,7 @@ fn read_to_end_of_reply(client: &mut UnixStream, json: bool) {
 }
 
 fn serving_a_token_allocates_nothing() {
-    let file = Arc::new(MappedFile::open(&common::default_model()).unwrap());
-    let gguf = Gguf::parse(&file).unwrap();
-    let tok = Tokenizer::from_gguf(&gguf).unwrap();
-    let opts = CpuOptions {
-        threads: 2,
-        context: Some(512),
-        ..CpuOptions::default()
-    };
-    let backend = CpuBackend::from_parts(Arc::clone(&file), &gguf, &opts).unwrap();
-    let engine = Engine::new(Box::new(backend), tok, Some(ChatTemplate::ChatMl));
+    let engine = default_engine(512);
     let facts = ModelFacts {
         model: "test".into(),
         backend: "cpu".into(),
