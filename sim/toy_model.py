@@ -1,0 +1,389 @@
+"""A toy Llama-2, written twice from the same weights: as a BM1684X bmodel compiled by the
+vendor's own compiler, and as a GGUF the CPU reference backend loads.
+
+The model is Llama-2's architecture at toy size (RMSNorm, rotary embeddings in the "rotate
+half" layout, grouped or full attention, SiLU-gated MLP) with random weights from a fixed
+seed and a byte-level vocabulary. Each net of the bmodel contract (embedding,
+embedding_cache, block_N, block_cache_N, lm_head, and optionally greedy_head and
+sample_head) is written as an ONNX graph with onnx.helper, then goes through the vendor's
+model_transform.py -> model_deploy.py, and the nets are joined with `model_tool --combine`.
+
+The weights are rounded to values that f16 and bf16 both hold exactly, so the GGUF (f32) and
+the bmodel (f16 or bf16) compute with the same numbers; what differs is the device's
+arithmetic, which is what the tests measure.
+
+Run with the Python 3.10 venv of sim/venv.sh:  toy_model.py OUT_DIR VARIANT...
+VARIANT is NAME:DTYPE:KV_HEADS[:heads], e.g. f16_gqa_heads:f16:2:heads or bf16_mha:bf16:4.
+"""
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+HIDDEN, HEADS, FFN, LAYERS, SEQ = 64, 4, 128, 2, 32
+HEAD_DIM = HIDDEN // HEADS
+ROPE_THETA, EPS = 10000.0, 1e-5
+# 256 byte tokens, then the chat markers (BOS <|im_start|>, EOS <|im_end|>).
+VOCAB = 258
+TOP_K_MAX = 50
+SEED = 20261125
+
+TOOLS = os.path.dirname(os.path.abspath(__file__))
+
+
+def representable(w):
+    """Rounds to bf16 (8 significant bits) and flushes what f16 would hold only as a
+    subnormal, so f16, bf16 and f32 all hold exactly these values."""
+    w = np.asarray(w, np.float32)
+    bits = w.view(np.uint32).astype(np.uint64)
+    bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+    w = bits.astype(np.uint32).view(np.float32)
+    return np.where(np.abs(w) < 2.0 ** -14, 0.0, w).astype(np.float32)
+
+
+def make_weights(kv_heads):
+    rng = np.random.default_rng(SEED + kv_heads)
+
+    def matrix(rows, cols):
+        return representable(rng.standard_normal((rows, cols)) * cols ** -0.5)
+
+    def norm():
+        return representable(1.0 + 0.1 * rng.standard_normal(HIDDEN))
+
+    p = {"embed": representable(rng.standard_normal((VOCAB, HIDDEN))), "layers": []}
+    for _ in range(LAYERS):
+        p["layers"].append({
+            "attn_norm": norm(),
+            "q": matrix(HIDDEN, HIDDEN),
+            "k": matrix(kv_heads * HEAD_DIM, HIDDEN),
+            "v": matrix(kv_heads * HEAD_DIM, HIDDEN),
+            "o": matrix(HIDDEN, HIDDEN),
+            "ffn_norm": norm(),
+            "gate": matrix(FFN, HIDDEN),
+            "up": matrix(FFN, HIDDEN),
+            "down": matrix(HIDDEN, FFN),
+        })
+    p["out_norm"] = norm()
+    p["output"] = matrix(VOCAB, HIDDEN)
+    return p
+
+
+class Graph:
+    """A small builder over onnx.helper: every node gets a fresh output name."""
+
+    def __init__(self):
+        self.nodes, self.inits, self.count = [], [], 0
+
+    def const(self, value, dtype=np.float32):
+        self.count += 1
+        name = f"c{self.count}"
+        self.inits.append(numpy_helper.from_array(np.asarray(value, dtype), name))
+        return name
+
+    def op(self, kind, *inputs, outputs=1, **attrs):
+        self.count += 1
+        names = [f"{kind.lower()}{self.count}_{i}" for i in range(outputs)]
+        self.nodes.append(helper.make_node(kind, list(inputs), names, **attrs))
+        return names[0] if outputs == 1 else names
+
+    def matmul_t(self, x, w):
+        """x @ w.T for a weight stored [out, in] as in the checkpoint."""
+        return self.op("MatMul", x, self.const(w.T.copy()))
+
+    def rms_norm(self, x, w):
+        mean = self.op("ReduceMean", self.op("Mul", x, x), axes=[-1], keepdims=1)
+        root = self.op("Sqrt", self.op("Add", mean, self.const(EPS)))
+        return self.op("Mul", self.op("Div", x, root), self.const(w))
+
+    def save(self, path, name, inputs, outputs):
+        g = helper.make_graph(self.nodes, name, inputs, outputs, self.inits)
+        model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 15)])
+        model.ir_version = 8
+        onnx.checker.check_model(model)
+        onnx.save(model, path)
+
+
+def value(name, elem, shape):
+    return helper.make_tensor_value_info(name, elem, shape)
+
+
+def rope_tables():
+    inv_freq = ROPE_THETA ** (-np.arange(0, HEAD_DIM, 2) / HEAD_DIM)
+    ang = np.outer(np.arange(SEQ), inv_freq)
+    ang = np.concatenate([ang, ang], -1)
+    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+
+def rotate(g, x, cos, sin):
+    """x * cos + rotate_half(x) * sin; x is [1, T, heads, D], cos/sin [1, T, 1, D]."""
+    half = HEAD_DIM // 2
+    lo = g.op("Slice", x, g.const([0], np.int64), g.const([half], np.int64), g.const([3], np.int64))
+    hi = g.op("Slice", x, g.const([half], np.int64), g.const([HEAD_DIM], np.int64), g.const([3], np.int64))
+    rotated = g.op("Concat", g.op("Neg", hi), lo, axis=3)
+    return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin))
+
+
+def repeat_kv(g, x, kv_heads, length):
+    """[1, KVH, T, D] -> [1, HEADS, T, D], each KV head shared by HEADS/KVH query heads."""
+    if kv_heads == HEADS:
+        return x
+    group = HEADS // kv_heads
+    x = g.op("Unsqueeze", x, g.const([2], np.int64))
+    x = g.op("Expand", x, g.const([1, kv_heads, group, length, HEAD_DIM], np.int64))
+    return g.op("Reshape", x, g.const([1, HEADS, length, HEAD_DIM], np.int64))
+
+
+def block(path, layer, w, kv_heads, cached, last, out_norm):
+    """block_N (prefill over SEQ tokens) or block_cache_N (one token against SEQ of history)."""
+    g = Graph()
+    t = 1 if cached else SEQ
+    keys = SEQ + 1 if cached else SEQ
+    inputs = [
+        value("input_states", TensorProto.FLOAT, [1, t, HIDDEN]),
+        value("position_ids", TensorProto.INT32, [1, t]),
+        value("attention_mask", TensorProto.FLOAT, [1, 1, t, keys]),
+    ]
+    if cached:
+        inputs += [
+            value("history_k", TensorProto.FLOAT, [1, SEQ, kv_heads, HEAD_DIM]),
+            value("history_v", TensorProto.FLOAT, [1, SEQ, kv_heads, HEAD_DIM]),
+        ]
+    cos_t, sin_t = rope_tables()
+    cos = g.op("Unsqueeze", g.op("Gather", g.const(cos_t), "position_ids", axis=0), g.const([2], np.int64))
+    sin = g.op("Unsqueeze", g.op("Gather", g.const(sin_t), "position_ids", axis=0), g.const([2], np.int64))
+
+    h = g.rms_norm("input_states", w["attn_norm"])
+    q = g.op("Reshape", g.matmul_t(h, w["q"]), g.const([1, t, HEADS, HEAD_DIM], np.int64))
+    k = g.op("Reshape", g.matmul_t(h, w["k"]), g.const([1, t, kv_heads, HEAD_DIM], np.int64))
+    v = g.op("Reshape", g.matmul_t(h, w["v"]), g.const([1, t, kv_heads, HEAD_DIM], np.int64))
+    q = rotate(g, q, cos, sin)
+    k = rotate(g, k, cos, sin)
+    k_out, v_out = g.op("Identity", k), g.op("Identity", v)
+    if cached:
+        k = g.op("Concat", "history_k", k, axis=1)
+        v = g.op("Concat", "history_v", v, axis=1)
+    q = g.op("Transpose", q, perm=[0, 2, 1, 3])
+    k = repeat_kv(g, g.op("Transpose", k, perm=[0, 2, 1, 3]), kv_heads, keys)
+    v = repeat_kv(g, g.op("Transpose", v, perm=[0, 2, 1, 3]), kv_heads, keys)
+    scores = g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2]))
+    scores = g.op("Add", g.op("Mul", scores, g.const(HEAD_DIM ** -0.5)), "attention_mask")
+    att = g.op("MatMul", g.op("Softmax", scores, axis=-1), v)
+    att = g.op("Reshape", g.op("Transpose", att, perm=[0, 2, 1, 3]), g.const([1, t, HIDDEN], np.int64))
+    x = g.op("Add", "input_states", g.matmul_t(att, w["o"]))
+
+    h = g.rms_norm(x, w["ffn_norm"])
+    gate = g.matmul_t(h, w["gate"])
+    silu = g.op("Mul", gate, g.op("Sigmoid", gate))
+    x = g.op("Add", x, g.matmul_t(g.op("Mul", silu, g.matmul_t(h, w["up"])), w["down"]))
+    if last:
+        # As the vendor's converter does: the last block applies the final norm.
+        x = g.rms_norm(x, out_norm)
+    g.nodes.append(helper.make_node("Identity", [x], ["hidden_states"]))
+    g.nodes.append(helper.make_node("Identity", [k_out], ["present_k"]))
+    g.nodes.append(helper.make_node("Identity", [v_out], ["present_v"]))
+    outputs = [
+        value("hidden_states", TensorProto.FLOAT, [1, t, HIDDEN]),
+        value("present_k", TensorProto.FLOAT, [1, t, kv_heads, HEAD_DIM]),
+        value("present_v", TensorProto.FLOAT, [1, t, kv_heads, HEAD_DIM]),
+    ]
+    g.save(path, os.path.basename(path)[:-5], inputs, outputs)
+
+
+def embedding(path, embed, length):
+    g = Graph()
+    g.nodes.append(helper.make_node("Gather", [g.const(embed), "input_ids"], ["input_states"], axis=0))
+    g.save(path, "embedding", [value("input_ids", TensorProto.INT32, [1, length])],
+           [value("input_states", TensorProto.FLOAT, [1, length, HIDDEN])])
+
+
+def lm_head(path, output):
+    g = Graph()
+    g.nodes.append(helper.make_node("MatMul", ["hidden_states", g.const(output.T.copy())], ["m_logits"]))
+    g.save(path, "lm_head", [value("hidden_states", TensorProto.FLOAT, [1, HIDDEN])],
+           [value("m_logits", TensorProto.FLOAT, [1, VOCAB])])
+
+
+def greedy_head(path):
+    g = Graph()
+    g.nodes.append(helper.make_node("TopK", ["m_logits", g.const([1], np.int64)], ["value", "token"], axis=1))
+    g.save(path, "greedy_head", [value("m_logits", TensorProto.FLOAT, [1, VOCAB])],
+           [value("token", TensorProto.INT64, [1, 1])])
+
+
+def sample_head(path):
+    """The vendor's sampling head interface: logits, the ids so far (repetition penalty:
+    negative logits multiplied, positive divided), temperature, top_k, top_p; out the
+    probabilities of the best TOP_K_MAX tokens after top-k/top-p, and their ids."""
+    g = Graph()
+    seen = g.op("GatherElements", "m_logits", "input_ids", axis=1)
+    negative = g.op("Less", seen, g.const(0.0))
+    penalized = g.op("Where", negative, g.op("Mul", seen, "penalty"), g.op("Div", seen, "penalty"))
+    logits = g.op("ScatterElements", "m_logits", "input_ids", penalized, axis=1)
+    values, ids = g.op("TopK", logits, g.const([TOP_K_MAX], np.int64), axis=1, outputs=2)
+    scaled = g.op("Div", values, "temperature")
+    probs = g.op("Softmax", scaled, axis=1)
+    # A candidate stays while the mass before it is below top_p (the first always stays)
+    # and its rank is below top_k.
+    before = g.op("Sub", g.op("CumSum", probs, g.const(1, np.int32)), probs)
+    keep_p = g.op("Less", before, "top_p")
+    ranks = g.const(np.arange(TOP_K_MAX, dtype=np.float32)[None, :])
+    keep_k = g.op("Less", ranks, g.op("Cast", "top_k", to=TensorProto.FLOAT))
+    keep = g.op("And", keep_p, keep_k)
+    masked = g.op("Where", keep, scaled, g.const(-1000.0))
+    g.nodes.append(helper.make_node("Softmax", [masked], ["probs"], axis=1))
+    g.nodes.append(helper.make_node("Identity", [ids], ["token_ids"]))
+    g.save(path, "sample_head", [
+        value("m_logits", TensorProto.FLOAT, [1, VOCAB]),
+        value("input_ids", TensorProto.INT32, [1, SEQ]),
+        value("penalty", TensorProto.FLOAT, [1]),
+        value("temperature", TensorProto.FLOAT, [1]),
+        value("top_k", TensorProto.INT32, [1]),
+        value("top_p", TensorProto.FLOAT, [1]),
+    ], [value("probs", TensorProto.FLOAT, [1, TOP_K_MAX]), value("token_ids", TensorProto.INT64, [1, TOP_K_MAX])])
+
+
+def write_onnx(work, p, kv_heads, heads):
+    """The nets of the contract, each with its deploy options."""
+    nets = []
+    io = ["--quant_input", "--quant_output"]
+
+    def add(name, writer, deploy):
+        path = os.path.join(work, name + ".onnx")
+        writer(path)
+        nets.append((name, path, deploy))
+
+    add("embedding", lambda f: embedding(f, p["embed"], SEQ), io)
+    add("embedding_cache", lambda f: embedding(f, p["embed"], 1), io)
+    for i, w in enumerate(p["layers"]):
+        last = i == LAYERS - 1
+        add(f"block_{i}", lambda f, w=w, last=last: block(f, i, w, kv_heads, False, last, p["out_norm"]), io)
+        add(f"block_cache_{i}", lambda f, w=w, last=last: block(f, i, w, kv_heads, True, last, p["out_norm"]),
+            io + ["--addr_mode", "io_alone"])
+    # Logits stay f32: only the input is half.
+    add("lm_head", lambda f: lm_head(f, p["output"]), ["--quant_input"])
+    if heads:
+        add("greedy_head", greedy_head, ["--quantize_f32"])
+        add("sample_head", sample_head, ["--quantize_f32"])
+    return nets
+
+
+def tool_env(work):
+    """The environment the vendor's tools expect (what `import tpu_mlir` sets up), with the
+    system's own libc first: the wheel's bundled glibc 2.35 crashes tpuc-opt and model_tool."""
+    import tpu_mlir  # noqa: F401  (sets PATH, PYTHONPATH, LD_LIBRARY_PATH, TPUC_ROOT, PPL_*)
+    env = dict(os.environ)
+    libc = os.path.join(work, "system-libc")
+    os.makedirs(libc, exist_ok=True)
+    for name in ("libc.so.6", "libm.so.6", "libpthread.so.0"):
+        for d in ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64"):
+            if os.path.exists(os.path.join(d, name)):
+                link = os.path.join(libc, name)
+                if not os.path.lexists(link):
+                    os.symlink(os.path.join(d, name), link)
+                break
+    env["LD_LIBRARY_PATH"] = libc + os.pathsep + env["LD_LIBRARY_PATH"]
+    env["SYSTEM_LIBC_DIR"] = libc
+    return env
+
+
+def run(cmd, cwd, env, log):
+    with open(log, "ab") as out:
+        out.write(("$ " + " ".join(cmd) + "\n").encode())
+        out.flush()
+        done = subprocess.run(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        with open(log, "rb") as f:
+            tail = f.read()[-6000:].decode(errors="replace")
+        sys.exit(f"{cmd[1] if len(cmd) > 1 else cmd[0]} failed (exit {done.returncode}); log {log}:\n{tail}")
+
+
+def compile_variant(out_dir, name, dtype, kv_heads, heads, p):
+    work = os.path.abspath(os.path.join(out_dir, "work", name))
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    env = tool_env(work)
+    log = os.path.join(work, "compile.log")
+    python = sys.executable
+    root = env["TPUC_ROOT"]
+    bmodels = []
+    for net, onnx_path, deploy in write_onnx(work, p, kv_heads, heads):
+        run([python, os.path.join(TOOLS, "run_tool.py"), os.path.join(root, "python/tools/model_transform.py"),
+             "--model_name", net, "--model_def", onnx_path, "--mlir", net + ".mlir"], work, env, log)
+        quantize = "F32" if "--quantize_f32" in deploy else dtype.upper()
+        deploy = [a for a in deploy if a != "--quantize_f32"]
+        run([python, os.path.join(TOOLS, "run_tool.py"), os.path.join(root, "python/tools/model_deploy.py"), "--mlir", net + ".mlir",
+             "--quantize", quantize, "--chip", "bm1684x", "--model", net + ".bmodel", *deploy], work, env, log)
+        bmodels.append(net + ".bmodel")
+    target = os.path.join(out_dir, f"toy_{name}.bmodel")
+    run([os.path.join(root, "bin/model_tool"), "--combine", *bmodels, "-o", os.path.abspath(target)], work, env, log)
+    return target
+
+
+def write_gguf(path, p, kv_heads):
+    import gguf
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_name(f"toy-llama-kv{kv_heads}")
+    w.add_block_count(LAYERS)
+    w.add_context_length(SEQ)
+    w.add_embedding_length(HIDDEN)
+    w.add_feed_forward_length(FFN)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_freq_base(ROPE_THETA)
+    w.add_layer_norm_rms_eps(EPS)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    # GPT-2's byte-to-character table: printable bytes stand for themselves, the rest map past 255.
+    printable = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(256 - len(printable))]
+    w.add_token_list(chars + ["<|im_start|>", "<|im_end|>"])
+    w.add_token_types([1] * 256 + [3, 3])
+    w.add_token_merges([])
+    w.add_bos_token_id(VOCAB - 2)
+    w.add_eos_token_id(VOCAB - 1)
+    w.add_chat_template("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}")
+
+    def permute(m, n_head):
+        # What llama.cpp's converter does to q/k rows: its RoPE pairs adjacent elements.
+        return m.reshape(n_head, 2, m.shape[0] // n_head // 2, m.shape[1]).swapaxes(1, 2).reshape(m.shape)
+
+    w.add_tensor("token_embd.weight", p["embed"])
+    for i, l in enumerate(p["layers"]):
+        b = f"blk.{i}."
+        w.add_tensor(b + "attn_norm.weight", l["attn_norm"])
+        w.add_tensor(b + "attn_q.weight", permute(l["q"], HEADS))
+        w.add_tensor(b + "attn_k.weight", permute(l["k"], kv_heads))
+        w.add_tensor(b + "attn_v.weight", l["v"])
+        w.add_tensor(b + "attn_output.weight", l["o"])
+        w.add_tensor(b + "ffn_norm.weight", l["ffn_norm"])
+        w.add_tensor(b + "ffn_gate.weight", l["gate"])
+        w.add_tensor(b + "ffn_up.weight", l["up"])
+        w.add_tensor(b + "ffn_down.weight", l["down"])
+    w.add_tensor("output_norm.weight", p["out_norm"])
+    w.add_tensor("output.weight", p["output"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def main():
+    if len(sys.argv) < 3:
+        sys.exit(__doc__)
+    out_dir = sys.argv[1]
+    os.makedirs(out_dir, exist_ok=True)
+    for spec in sys.argv[2:]:
+        parts = spec.split(":")
+        name, dtype, kv_heads = parts[0], parts[1], int(parts[2])
+        heads = len(parts) > 3 and parts[3] == "heads"
+        p = make_weights(kv_heads)
+        write_gguf(os.path.join(out_dir, f"toy_kv{kv_heads}.gguf"), p, kv_heads)
+        print(compile_variant(out_dir, name, dtype, kv_heads, heads, p))
+
+
+if __name__ == "__main__":
+    main()
