@@ -266,8 +266,9 @@ def write_onnx(work, p, kv_heads, heads):
     # Logits stay f32: only the input is half.
     add("lm_head", lambda f: lm_head(f, p["output"]), ["--quant_input"])
     if heads:
-        add("greedy_head", greedy_head, ["--quantize_f32"])
-        add("sample_head", sample_head, ["--quantize_f32"])
+        # As the vendor compiles them: their inputs keep their values between launches.
+        add("greedy_head", greedy_head, ["--quantize_f32", "--addr_mode", "io_alone"])
+        add("sample_head", sample_head, ["--quantize_f32", "--addr_mode", "io_alone"])
     return nets
 
 

@@ -287,6 +287,7 @@ impl Engine {
         self.cached.truncate(reuse);
         self.sampler.reconfigure(req.sampling.clone());
         self.sampler.reset(Some(&prompt));
+        self.backend.configure_sampling(&req.sampling)?;
         self.stream.clear();
         self.held.clear();
 

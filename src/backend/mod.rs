@@ -10,6 +10,8 @@ pub mod sophon;
 
 use std::fmt;
 
+use crate::sampler::SamplerConfig;
+
 /// What a backend can do and how big it is.
 #[derive(Debug, Clone)]
 pub struct BackendInfo {
@@ -95,6 +97,15 @@ pub trait Backend: Send {
 
     /// Forgets the KV cache contents (a new conversation).
     fn reset(&mut self);
+
+    /// The sampling settings of the next generation, for a backend that can pick tokens
+    /// itself (on-chip heads). One that cannot ignores them and returns logits.
+    ///
+    /// # Errors
+    /// The settings cannot be passed to the device.
+    fn configure_sampling(&mut self, _cfg: &SamplerConfig) -> Result<(), BackendError> {
+        Ok(())
+    }
 }
 
 impl fmt::Display for BackendInfo {

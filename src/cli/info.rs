@@ -178,18 +178,17 @@ fn bmodel_info(a: &InfoArgs) -> Result<(), CliError> {
         }
     );
     println!(
-        "lm_head:       {}{}{}{}",
+        "lm_head:       {}{}{}",
         match layout.lm_head {
             contract::LmHeadOutput::Logits(v) => format!("logits over {v} tokens"),
             contract::LmHeadOutput::Token => "a token id (on-chip top-1)".to_string(),
         },
         if layout.greedy_head { ", greedy_head" } else { "" },
-        if layout.sample_head { ", sample_head" } else { "" },
-        if layout.penalty_sample_head {
-            ", penalty_sample_head"
-        } else {
-            ""
-        }
+        layout
+            .sample_head
+            .as_ref()
+            .map(|h| format!(", {} ({} candidates)", h.net, h.candidates))
+            .unwrap_or_default()
     );
     println!(
         "device memory: about {:.1} MiB: the bmodel ({:.1} MiB) plus the KV cache ({:.1} MiB)",

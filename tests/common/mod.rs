@@ -87,3 +87,34 @@ pub fn simulator_lib_dir() -> PathBuf {
     *installed = Some(dir.clone());
     dir
 }
+
+/// The toy Llama models compiled for the BM1684X by the vendor's compiler, with the same
+/// weights as GGUF (`sim/toy.sh`, built once per generator version into `.cache/toy`). Fails
+/// loudly, with the reason, when they cannot be built: these tests never skip.
+pub fn toy_models() -> PathBuf {
+    static BUILT: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+    let mut built = BUILT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(dir) = built.as_ref() {
+        return dir.clone();
+    }
+    simulator_lib_dir();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(root.join("sim/toy.sh"))
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run sim/toy.sh: {e}"));
+    assert!(
+        out.status.success(),
+        "the toy bmodels could not be built:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = root.join(String::from_utf8_lossy(&out.stdout).trim());
+    *built = Some(dir.clone());
+    dir
+}
+
+/// The simulated chip, held by a test while its backend lives: the simulator models one chip
+/// per process, and two runtimes driving it from parallel tests disturb each other.
+pub fn simulator_chip() -> std::sync::MutexGuard<'static, ()> {
+    static CHIP: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    CHIP.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

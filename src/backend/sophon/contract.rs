@@ -34,12 +34,23 @@ pub struct LlamaLayout {
     pub dynamic_prefill: bool,
     /// What `lm_head` returns.
     pub lm_head: LmHeadOutput,
-    /// An on-chip greedy head.
+    /// An on-chip greedy head (`greedy_head`: logits in, one token out).
     pub greedy_head: bool,
-    /// An on-chip sampling head.
-    pub sample_head: bool,
-    /// An on-chip sampling head with repetition penalty.
-    pub penalty_sample_head: bool,
+    /// An on-chip sampling head (`sample_head`, or the older `penalty_sample_head`).
+    pub sample_head: Option<SampleHead>,
+}
+
+/// An on-chip sampling head: logits, the ids so far (for the repetition penalty), penalty,
+/// temperature, top_k (newer compiles only) and top_p in; the probabilities of the best
+/// candidates and their ids out. The host draws one of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SampleHead {
+    /// Net name.
+    pub net: String,
+    /// It has a top_k input (input 4; top_p is then input 5, else 4).
+    pub top_k_input: bool,
+    /// Candidates it returns.
+    pub candidates: usize,
 }
 
 /// Why a bmodel does not fit.
@@ -184,7 +195,26 @@ pub fn check(nets: &[Net]) -> Result<LlamaLayout, ContractError> {
             )))
         }
     };
-    let has = |name: &str| nets.iter().any(|n| n.name == name);
+    let vocab = match lm_head {
+        LmHeadOutput::Logits(v) => Some(v),
+        LmHeadOutput::Token => None,
+    };
+    let greedy_head = match nets.iter().find(|n| n.name == "greedy_head") {
+        Some(g) => {
+            let v = vocab.ok_or_else(|| bad("greedy_head present but lm_head outputs a token, not logits"))?;
+            expect(g, true, 0, DataType::F32, &[1, v])?;
+            expect(g, false, 0, DataType::I32, &[1, 1])?;
+            true
+        }
+        None => false,
+    };
+    let sample_head = match ["sample_head", "penalty_sample_head"]
+        .iter()
+        .find_map(|name| nets.iter().find(|n| n.name == *name))
+    {
+        Some(h) => Some(sample_head(h, vocab, seq_len)?),
+        None => None,
+    };
     Ok(LlamaLayout {
         layers,
         seq_len,
@@ -194,9 +224,37 @@ pub fn check(nets: &[Net]) -> Result<LlamaLayout, ContractError> {
         dtype,
         dynamic_prefill,
         lm_head,
-        greedy_head: has("greedy_head"),
-        sample_head: has("sample_head"),
-        penalty_sample_head: has("penalty_sample_head"),
+        greedy_head,
+        sample_head,
+    })
+}
+
+fn sample_head(h: &Net, vocab: Option<usize>, seq_len: usize) -> Result<SampleHead, ContractError> {
+    use DataType::{F32, I32};
+    let v = vocab.ok_or_else(|| bad(format!("{} present but lm_head outputs a token, not logits", h.name)))?;
+    let top_k_input = match h.inputs.len() {
+        6 => true,
+        5 => false,
+        n => return Err(bad(format!("{} has {n} inputs, expected 5 or 6", h.name))),
+    };
+    expect(h, true, 0, F32, &[1, v])?;
+    expect(h, true, 1, I32, &[1, seq_len])?;
+    expect(h, true, 2, F32, &[1])?;
+    expect(h, true, 3, F32, &[1])?;
+    if top_k_input {
+        expect(h, true, 4, I32, &[1])?;
+    }
+    expect(h, true, h.inputs.len() - 1, F32, &[1])?;
+    let candidates = dim(port(h, false, 0)?, 1);
+    if candidates == 0 {
+        return Err(bad(format!("{} returns no candidates", h.name)));
+    }
+    expect(h, false, 0, F32, &[1, candidates])?;
+    expect(h, false, 1, I32, &[1, candidates])?;
+    Ok(SampleHead {
+        net: h.name.clone(),
+        top_k_input,
+        candidates,
     })
 }
 
@@ -268,9 +326,45 @@ mod tests {
         }
         let mut nets = toy(DataType::F16, 1);
         nets[2].outputs[0] = p(DataType::I32, &[1, 1]);
-        nets.push(n("greedy_head", vec![], vec![]));
         let l = check(&nets).unwrap();
-        assert_eq!((l.lm_head, l.greedy_head), (LmHeadOutput::Token, true));
+        assert_eq!((l.lm_head, l.greedy_head), (LmHeadOutput::Token, false));
+        nets.push(n("greedy_head", vec![], vec![]));
+        assert!(check(&nets)
+            .unwrap_err()
+            .to_string()
+            .contains("greedy_head present but lm_head outputs a token"));
+
+        use DataType::{F32, I32};
+        let mut nets = toy(DataType::F16, 1);
+        nets.push(n("greedy_head", vec![p(F32, &[1, 256])], vec![p(I32, &[1, 1])]));
+        let sample = |top_p: DataType| {
+            n(
+                "sample_head",
+                vec![
+                    p(F32, &[1, 256]),
+                    p(I32, &[1, 32]),
+                    p(F32, &[1]),
+                    p(F32, &[1]),
+                    p(I32, &[1]),
+                    p(top_p, &[1]),
+                ],
+                vec![p(F32, &[1, 50]), p(I32, &[1, 50])],
+            )
+        };
+        nets.push(sample(F32));
+        let l = check(&nets).unwrap();
+        assert!(l.greedy_head);
+        assert_eq!(
+            l.sample_head,
+            Some(SampleHead {
+                net: "sample_head".into(),
+                top_k_input: true,
+                candidates: 50
+            })
+        );
+        // top_p is read as f32: a head compiled to take it otherwise is refused, not fed wrong bits.
+        *nets.last_mut().unwrap() = sample(DataType::F16);
+        assert!(check(&nets).unwrap_err().to_string().contains("sample_head input 5"));
     }
 
     #[test]

@@ -130,6 +130,68 @@ impl Device {
             self.with_handle(|h| unsafe { (self.rt.api.thread_sync)(h) }),
         )
     }
+
+    /// Copies `data` to device memory `mem` (which must be at least as large).
+    ///
+    /// # Errors
+    /// `data` is larger than `mem`, or the copy fails.
+    pub fn write(&self, mem: DeviceMem, data: &[u8]) -> Result<(), BackendError> {
+        if data.len() > mem.size as usize {
+            return Err(failed(
+                "bm_memcpy_s2d_partial",
+                format!("{} bytes into {}", data.len(), mem.size),
+            ));
+        }
+        let copy = self.rt.api.memcpy_s2d_partial;
+        // SAFETY: `data` is valid for its length, which fits the device memory.
+        let status = self.with_handle(|h| unsafe { copy(h, mem, data.as_ptr().cast::<c_void>(), data.len() as u32) });
+        check("bm_memcpy_s2d_partial", status)
+    }
+
+    /// Copies the start of device memory `mem` into `out`.
+    ///
+    /// # Errors
+    /// `out` is larger than `mem`, or the copy fails.
+    pub fn read(&self, mem: DeviceMem, out: &mut [u8]) -> Result<(), BackendError> {
+        if out.len() > mem.size as usize {
+            return Err(failed(
+                "bm_memcpy_d2s_partial",
+                format!("{} bytes from {}", out.len(), mem.size),
+            ));
+        }
+        let copy = self.rt.api.memcpy_d2s_partial;
+        // SAFETY: `out` is valid for writes of its length, which fits the device memory.
+        let status = self.with_handle(|h| unsafe { copy(h, out.as_mut_ptr().cast::<c_void>(), mem, out.len() as u32) });
+        check("bm_memcpy_d2s_partial", status)
+    }
+
+    /// Copies `len` bytes on the device, from `src` at `src_offset` to `dst` at `dst_offset`.
+    ///
+    /// # Errors
+    /// A range outside either block, or the copy fails.
+    pub fn copy(
+        &self,
+        dst: DeviceMem,
+        dst_offset: usize,
+        src: DeviceMem,
+        src_offset: usize,
+        len: usize,
+    ) -> Result<(), BackendError> {
+        let fits = |m: DeviceMem, off: usize| off.checked_add(len).is_some_and(|end| end <= m.size as usize);
+        if !fits(dst, dst_offset) || !fits(src, src_offset) {
+            return Err(failed(
+                "bm_memcpy_d2d_byte",
+                format!(
+                    "{len} bytes from offset {src_offset} of {} to offset {dst_offset} of {}",
+                    src.size, dst.size
+                ),
+            ));
+        }
+        let copy = self.rt.api.memcpy_d2d_byte;
+        // SAFETY: both ranges lie inside their device blocks (checked above).
+        let status = self.with_handle(|h| unsafe { copy(h, dst, dst_offset, src, src_offset, len) });
+        check("bm_memcpy_d2d_byte", status)
+    }
 }
 
 impl Drop for Device {
@@ -167,18 +229,7 @@ impl DeviceBuffer {
     /// # Errors
     /// `data` is larger than the buffer, or the copy fails.
     pub fn write(&self, data: &[u8]) -> Result<(), BackendError> {
-        if data.len() > self.len() {
-            return Err(failed(
-                "bm_memcpy_s2d_partial",
-                format!("{} bytes into {}", data.len(), self.len()),
-            ));
-        }
-        let copy = self.device.rt.api.memcpy_s2d_partial;
-        // SAFETY: `data` is valid for its length, which fits the device buffer.
-        let status = self
-            .device
-            .with_handle(|h| unsafe { copy(h, self.mem, data.as_ptr().cast::<c_void>(), data.len() as u32) });
-        check("bm_memcpy_s2d_partial", status)
+        self.device.write(self.mem, data)
     }
 
     /// Copies the start of the buffer into `out`.
@@ -186,18 +237,7 @@ impl DeviceBuffer {
     /// # Errors
     /// `out` is larger than the buffer, or the copy fails.
     pub fn read(&self, out: &mut [u8]) -> Result<(), BackendError> {
-        if out.len() > self.len() {
-            return Err(failed(
-                "bm_memcpy_d2s_partial",
-                format!("{} bytes from {}", out.len(), self.len()),
-            ));
-        }
-        let copy = self.device.rt.api.memcpy_d2s_partial;
-        // SAFETY: `out` is valid for writes of its length, which fits the device buffer.
-        let status = self
-            .device
-            .with_handle(|h| unsafe { copy(h, out.as_mut_ptr().cast::<c_void>(), self.mem, out.len() as u32) });
-        check("bm_memcpy_d2s_partial", status)
+        self.device.read(self.mem, out)
     }
 }
 

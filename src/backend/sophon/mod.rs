@@ -7,4 +7,7 @@
 pub mod contract;
 pub mod device;
 pub mod ffi;
+pub mod llama;
 pub mod runtime;
+
+pub use llama::{SophonBackend, SophonError, SophonOptions};

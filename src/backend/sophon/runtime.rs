@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::device::Device;
-use super::ffi::{DataType, DeviceMem, NetInfo, Shape, RUNTIME_SHARE_MEM};
+use super::ffi::{DataType, DeviceMem, NetInfo, Shape, Tensor, RUNTIME_SHARE_MEM};
 use crate::backend::BackendError;
 
 fn failed(call: &'static str, detail: impl Into<String>) -> BackendError {
@@ -196,6 +196,98 @@ impl Loaded {
     /// A net by name.
     pub fn net(&self, name: &str) -> Option<&Net> {
         self.nets.iter().find(|n| n.name == name)
+    }
+}
+
+/// A net ready to launch: its name and tensors over its own input and output memory (stage 0),
+/// made once so that a launch allocates nothing.
+pub struct Launch {
+    name: CString,
+    inputs: Vec<Tensor>,
+    outputs: Vec<Tensor>,
+}
+
+impl Launch {
+    /// The net's name.
+    pub fn name(&self) -> &str {
+        self.name.to_str().unwrap_or("?")
+    }
+
+    /// Device memory of input `i`.
+    pub fn input_mem(&self, i: usize) -> Option<DeviceMem> {
+        self.inputs.get(i).map(|t| t.device_mem)
+    }
+
+    /// Device memory of output `i`.
+    pub fn output_mem(&self, i: usize) -> Option<DeviceMem> {
+        self.outputs.get(i).map(|t| t.device_mem)
+    }
+}
+
+fn tensor(port: &Port) -> Tensor {
+    let mut shape = Shape::default();
+    for (d, &v) in shape.dims.iter_mut().zip(&port.shape) {
+        *d = v;
+    }
+    shape.num_dims = port.shape.len().min(8) as i32;
+    Tensor {
+        dtype: port.dtype.map_or(0, |d| d as i32),
+        shape,
+        device_mem: port.mem,
+        st_mode: 0,
+    }
+}
+
+impl Loaded {
+    /// The device the context runs on.
+    pub fn device(&self) -> &Arc<Device> {
+        &self.device
+    }
+
+    /// Prepares net `name` for launching.
+    ///
+    /// # Errors
+    /// No such net.
+    pub fn prepare(&self, name: &str) -> Result<Launch, BackendError> {
+        let net = self
+            .net(name)
+            .ok_or_else(|| failed("bmrt_launch_tensor_ex", format!("no net named {name}")))?;
+        Ok(Launch {
+            name: CString::new(name).map_err(|_| failed("bmrt_launch_tensor_ex", "bad net name"))?,
+            inputs: net.inputs.iter().map(tensor).collect(),
+            outputs: net.outputs.iter().map(tensor).collect(),
+        })
+    }
+
+    /// Runs a prepared net on its own input memory and waits for it (launches are
+    /// asynchronous; the wait must be on this thread, the one that launched).
+    ///
+    /// # Errors
+    /// The launch or the wait fails.
+    pub fn launch(&self, net: &mut Launch) -> Result<(), BackendError> {
+        let api = &self.device.runtime().api;
+        // SAFETY: a loaded context; the tensors describe the net's own stage-0 memory with
+        // the counts the runtime reported; user_mem = true keeps the runtime from
+        // allocating, user_stmode = false leaves the store mode alone.
+        let ok = self.device.with_handle(|_| unsafe {
+            (api.rt_launch_tensor_ex)(
+                self.ctx,
+                net.name.as_ptr(),
+                net.inputs.as_ptr(),
+                net.inputs.len() as i32,
+                net.outputs.as_mut_ptr(),
+                net.outputs.len() as i32,
+                true,
+                false,
+            )
+        });
+        if !ok {
+            return Err(failed(
+                "bmrt_launch_tensor_ex",
+                format!("net {} did not launch", net.name()),
+            ));
+        }
+        self.device.sync()
     }
 }
 
