@@ -372,11 +372,29 @@ def write_gguf(path, p, kv_heads):
     w.close()
 
 
+def write_tokenizer(out_dir):
+    """tokenizer.json for the bmodel (which holds no vocabulary): GPT-2 byte-level, one token
+    per byte, ids as in the GGUF; tokenizer_config.json beside it names the chat template."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import BPE
+    printable = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(256 - len(printable))]
+    tok = Tokenizer(BPE(vocab={c: i for i, c in enumerate(chars)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        f.write('{"chat_template": "{% for m in messages %}<|im_start|>{{ m.role }}\\n{{ m.content }}'
+                '<|im_end|>\\n{% endfor %}"}\n')
+
+
 def main():
     if len(sys.argv) < 3:
         sys.exit(__doc__)
     out_dir = sys.argv[1]
     os.makedirs(out_dir, exist_ok=True)
+    write_tokenizer(out_dir)
     for spec in sys.argv[2:]:
         parts = spec.split(":")
         name, dtype, kv_heads = parts[0], parts[1], int(parts[2])

@@ -192,9 +192,9 @@ fn on_chip_heads_pick_tokens_and_get_top_p_as_f32() {
         seed,
         ..SamplerConfig::default()
     };
-    let a = head_tokens(&mut p, &sampled(1.0, 7), 20);
-    assert_eq!(a, head_tokens(&mut p, &sampled(1.0, 7), 20), "same seed, same tokens");
-    assert_ne!(a, chip, "top_p 1.0 at temperature 1.5 sampled the greedy tokens");
+    let a = head_tokens(&mut p, &sampled(1.0, 7), 12);
+    assert_eq!(a, head_tokens(&mut p, &sampled(1.0, 7), 12), "same seed, same tokens");
+    assert_ne!(a, chip[..13], "top_p 1.0 at temperature 1.5 sampled the greedy tokens");
     assert_ne!(
         a,
         head_tokens(&mut p, &sampled(1.0, 8), 20),

@@ -26,6 +26,10 @@ pub struct Config {
     pub model: Option<PathBuf>,
     /// Backend name.
     pub backend: String,
+    /// sophon: folder of libbmrt/libbmlib (unset: the libsophon default, then the loader path).
+    pub sophon_lib: Option<PathBuf>,
+    /// sophon: device indices.
+    pub devices: Vec<usize>,
     /// tokenizer.json instead of the model's vocabulary.
     pub tokenizer: Option<PathBuf>,
     /// Chat template name.
@@ -89,6 +93,8 @@ impl Default for Config {
         Config {
             model: None,
             backend: "cpu".into(),
+            sophon_lib: None,
+            devices: vec![0],
             tokenizer: None,
             chat_template: None,
             threads: 0,
@@ -231,6 +237,8 @@ impl Config {
         ModelArgs {
             model: self.model.clone().unwrap_or_else(|| DEFAULT_MODEL.into()),
             backend: self.backend.clone(),
+            sophon_lib: self.sophon_lib.clone(),
+            devices: self.devices.clone(),
             threads: self.threads,
             ctx_size: self.ctx_size,
             tokenizer: self.tokenizer.clone(),
@@ -257,6 +265,8 @@ mod tests {
         for key in [
             "model",
             "backend",
+            "sophon_lib",
+            "devices",
             "tokenizer",
             "chat_template",
             "threads",

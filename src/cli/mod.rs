@@ -16,6 +16,7 @@ use std::sync::Arc;
 use clap::{Args, Parser, Subcommand};
 
 use crate::backend::cpu::{CpuBackend, CpuOptions};
+use crate::backend::{Backend, BackendError};
 use crate::chat::ChatTemplate;
 use crate::engine::Engine;
 use crate::model::{Gguf, MappedFile};
@@ -103,12 +104,19 @@ enum Command {
 /// Options that choose and load a model.
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
-    /// Model file (GGUF for the cpu backend).
+    /// Model file (GGUF for the cpu backend, .bmodel for sophon).
     #[arg(short, long, default_value = DEFAULT_MODEL)]
     pub model: PathBuf,
-    /// Compute backend.
-    #[arg(long, default_value = "cpu", value_parser = ["cpu"])]
+    /// Compute backend: cpu (reference, any machine) or sophon (BM1684X TPU; needs --tokenizer).
+    #[arg(long, default_value = "cpu", value_parser = BACKENDS)]
     pub backend: String,
+    /// sophon: the folder of libbmrt.so and libbmlib.so (default:
+    /// /opt/sophon/libsophon-current/lib, then the loader's path).
+    #[arg(long, value_name = "DIR", env = "LLAMA_TPU_SOPHON_LIB")]
+    pub sophon_lib: Option<PathBuf>,
+    /// sophon: TPU device indices, comma-separated (/dev/bm-sophonN on PCIe; the SoC has 0).
+    #[arg(long, value_name = "N[,N..]", value_delimiter = ',', default_value = "0")]
+    pub devices: Vec<usize>,
     /// Threads for matrix work (0 = all cores).
     #[arg(short, long, default_value_t = 0)]
     pub threads: usize,
@@ -178,16 +186,83 @@ pub fn load_tokenizer(args: &ModelArgs, gguf: &Gguf) -> Result<Tokenizer, CliErr
     }
 }
 
+/// The backends `--backend` accepts.
+pub const BACKENDS: [&str; 2] = ["cpu", "sophon"];
+
 /// Loads model, tokenizer, template and backend into an engine.
 ///
 /// # Errors
 /// As for the pieces.
 pub fn load_engine(args: &ModelArgs) -> Result<Engine, CliError> {
+    if args.backend == "sophon" {
+        return load_sophon(args);
+    }
     let opened = open_gguf(&args.model)?;
     let template = choose_template(args.chat_template.as_deref(), Some(&opened.gguf))?;
     // The model first: "unsupported architecture" says more than a missing tokenizer key.
     let backend = load_cpu(args, &opened)?;
     let tokenizer = load_tokenizer(args, &opened.gguf)?;
+    Ok(Engine::new(Box::new(backend), tokenizer, template))
+}
+
+/// A bmodel on the TPU: the tokenizer comes from `--tokenizer` (a bmodel holds no
+/// vocabulary), the chat template from `--chat-template` or the `tokenizer_config.json`
+/// beside the tokenizer (as Hugging Face ships them).
+fn load_sophon(args: &ModelArgs) -> Result<Engine, CliError> {
+    use crate::backend::sophon::{SophonBackend, SophonError, SophonOptions};
+    let Some(tokenizer_path) = &args.tokenizer else {
+        return Err(CliError::new(
+            Exit::Usage,
+            "the sophon backend needs --tokenizer tokenizer.json (a bmodel holds no vocabulary)",
+        ));
+    };
+    if let Err(e) = std::fs::metadata(&args.model) {
+        return Err(CliError::new(
+            Exit::NoInput,
+            format!("{}: cannot open: {e}", args.model.display()),
+        ));
+    }
+    let tokenizer = Tokenizer::from_file(tokenizer_path).map_err(|e| CliError::new(Exit::BadModel, e.to_string()))?;
+    let template = match &args.chat_template {
+        Some(_) => choose_template(args.chat_template.as_deref(), None)?,
+        None => tokenizer_path
+            .parent()
+            .and_then(|dir| std::fs::read_to_string(dir.join("tokenizer_config.json")).ok())
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+            .and_then(|v| {
+                v.get("chat_template")
+                    .and_then(|t| t.as_str())
+                    .and_then(ChatTemplate::detect)
+            }),
+    };
+    let opts = SophonOptions {
+        lib_dir: args.sophon_lib.clone(),
+        devices: args.devices.clone(),
+        vocab_hint: Some(tokenizer.vocab_size()),
+    };
+    let name = args.model.display();
+    let backend = SophonBackend::open(&args.model, &opts).map_err(|e| match e {
+        SophonError::Runtime(m) => CliError::new(Exit::Unavailable, m),
+        SophonError::Contract(c) => CliError::new(Exit::BadModel, format!("{name}: {c}")),
+        SophonError::Device(
+            d @ BackendError::Device {
+                call: "bmrt_load_bmodel",
+                ..
+            },
+        ) => CliError::new(Exit::BadModel, format!("{name}: {d}")),
+        SophonError::Device(d) => CliError::new(Exit::Unavailable, format!("{name}: {d}")),
+    })?;
+    let vocab = backend.info().vocab_size;
+    if tokenizer.vocab_size() > vocab {
+        return Err(CliError::new(
+            Exit::BadModel,
+            format!(
+                "{}: {} tokens, but {name} has logits for {vocab}: not this model's tokenizer",
+                tokenizer_path.display(),
+                tokenizer.vocab_size()
+            ),
+        ));
+    }
     Ok(Engine::new(Box::new(backend), tokenizer, template))
 }
 

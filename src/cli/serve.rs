@@ -25,9 +25,15 @@ pub struct ServeArgs {
     /// Model file (default: models/SmolLM2-135M-Instruct.Q4_1.gguf).
     #[arg(short, long)]
     model: Option<PathBuf>,
-    /// Compute backend.
-    #[arg(long, value_parser = ["cpu"])]
+    /// Compute backend: cpu or sophon.
+    #[arg(long, value_parser = super::BACKENDS)]
     backend: Option<String>,
+    /// sophon: folder of libbmrt.so and libbmlib.so.
+    #[arg(long, value_name = "DIR", env = "LLAMA_TPU_SOPHON_LIB")]
+    sophon_lib: Option<PathBuf>,
+    /// sophon: TPU device indices, comma-separated [default: 0].
+    #[arg(long, value_name = "N[,N..]", value_delimiter = ',')]
+    devices: Vec<usize>,
     /// Threads for matrix work (0 = all cores).
     #[arg(short, long)]
     threads: Option<usize>,
@@ -95,7 +101,10 @@ impl ServeArgs {
         macro_rules! flag {
             ($($f:ident),*) => { $( if let Some(v) = &self.$f { c.$f = v.clone().into(); } )* };
         }
-        flag!(model, tokenizer, chat_template, socket_group);
+        flag!(model, tokenizer, chat_template, socket_group, sophon_lib);
+        if !self.devices.is_empty() {
+            c.devices = self.devices.clone();
+        }
         macro_rules! plain {
             ($($f:ident),*) => { $( if let Some(v) = &self.$f { c.$f = v.clone(); } )* };
         }

@@ -1,0 +1,136 @@
+//! The daemon serving a toy bmodel on the BM1684X simulator, end to end over its socket,
+//! against the CPU reference backend's answer on the same weights. A test binary of its own:
+//! the simulator's threads spin while a runtime lives, and the daemon should not compete
+//! with another one in the test process.
+#![cfg(target_arch = "x86_64")]
+
+mod common;
+
+/// Reads JSON events until `done` or `error`; returns the text and the last event.
+fn answer(reader: &mut impl std::io::BufRead) -> (String, serde_json::Value) {
+    let mut text = String::new();
+    loop {
+        let mut line = String::new();
+        assert!(
+            reader.read_line(&mut line).unwrap() > 0,
+            "the daemon closed the connection"
+        );
+        let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+        match event["event"].as_str() {
+            Some("token") => text += event["text"].as_str().unwrap(),
+            Some("done" | "error") => return (text, event),
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn the_daemon_serves_the_toy_bmodel_over_its_socket() {
+    use std::io::{BufReader, Write};
+    use std::os::unix::net::UnixStream;
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    let _chip = common::simulator_chip();
+    let lib = common::simulator_lib_dir();
+    let toys = common::toy_models();
+    let exe = env!("CARGO_BIN_EXE_llama-tpu");
+    let tokenizer = toys.join("tokenizer.json");
+
+    // What the CPU reference says, greedily, on the same weights.
+    let cpu = Command::new(exe)
+        .args(["run", "--threads", "1", "--temperature", "0", "-n", "12", "--model"])
+        .arg(toys.join("toy_kv2.gguf"))
+        .arg("--tokenizer")
+        .arg(&tokenizer)
+        .arg("hello")
+        .output()
+        .unwrap();
+    assert!(cpu.status.success(), "{}", String::from_utf8_lossy(&cpu.stderr));
+    // `run` ends its output with a newline of its own.
+    let expected = String::from_utf8(cpu.stdout)
+        .unwrap()
+        .strip_suffix('\n')
+        .unwrap()
+        .to_string();
+
+    let dir = common::scratch("sophon-daemon");
+    let socket = dir.join("llama.sock");
+    let log = std::fs::File::create(dir.join("log")).unwrap();
+    /// Kills the daemon if the test fails half-way (its simulator threads spin while it lives).
+    struct Reap(std::process::Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut daemon = Reap(
+        Command::new(exe)
+            .args(["serve", "--backend", "sophon", "--model"])
+            .arg(toys.join("toy_f16_gqa_heads.bmodel"))
+            .arg("--tokenizer")
+            .arg(&tokenizer)
+            .arg("--sophon-lib")
+            .arg(&lib)
+            .arg("--socket")
+            .arg(&socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let log = || std::fs::read_to_string(dir.join("log")).unwrap_or_default();
+    let until = Instant::now() + Duration::from_secs(60);
+    let stream = loop {
+        if let Some(status) = daemon.0.try_wait().unwrap() {
+            panic!("the daemon exited ({status}):\n{}", log());
+        }
+        if let Ok(s) = UnixStream::connect(&socket) {
+            break s;
+        }
+        assert!(Instant::now() < until, "no socket:\n{}", log());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = BufReader::new(stream);
+
+    writer.write_all(b"{\"type\":\"status\"}\n").unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
+    let status: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(
+        (status["backend"].as_str(), status["context_length"].as_u64()),
+        (Some("sophon"), Some(32))
+    );
+
+    // Greedy (the on-chip greedy head): the CPU's text exactly.
+    writer
+        .write_all(b"{\"id\":1,\"prompt\":\"hello\",\"max_tokens\":12,\"temperature\":0}\n")
+        .unwrap();
+    let (text, done) = answer(&mut reader);
+    assert_eq!(done["reason"], "length", "{done}");
+    assert_eq!(done["completion_tokens"], 12, "{done}");
+    assert_eq!(text, expected);
+
+    // A chat (template from tokenizer_config.json) that runs into SEQLEN ends with `context`.
+    writer
+        .write_all(
+            b"{\"id\":2,\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"max_tokens\":100,\"temperature\":0}\n",
+        )
+        .unwrap();
+    let (_, done) = answer(&mut reader);
+    assert_eq!(done["reason"], "context", "{done}");
+    let used = done["prompt_tokens"].as_u64().unwrap() + done["completion_tokens"].as_u64().unwrap();
+    // SEQLEN positions hold 32 tokens; the last answer token is sent, never fed back.
+    assert_eq!(used, 33, "{done}");
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.0.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = daemon.0.wait().unwrap();
+    assert!(status.success(), "{status}:\n{}", log());
+}
