@@ -22,7 +22,7 @@ QEMU         := qemu-aarch64 -cpu cortex-a53
 
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 
-.PHONY: deb deb-check cross-amd64 cross-test-glibc231 all build run demo model test-data venv test check-units bench clean help install install-files cross-setup cross cross-check cross-test
+.PHONY: sim bmodel deb deb-check cross-amd64 cross-test-glibc231 all build run demo model test-data venv test check-units bench clean help install install-files cross-setup cross cross-check cross-test
 
 # make install: PREFIX and DESTDIR as usual; the configuration goes to SYSCONFDIR.
 PREFIX     ?= /usr/local
@@ -40,6 +40,8 @@ help:
 	@echo "make install    binary, systemd units, configuration, docs (PREFIX=$(PREFIX), DESTDIR, SYSCONFDIR)"
 	@echo "make check-units  systemd-analyze verify on the units as installed"
 	@echo "make test       everything the tests need, then fmt, clippy and the whole test suite"
+	@echo "make sim        BM1684X simulator, compile tools (Python 3.10) and the toy bmodels the tests use"
+	@echo "make bmodel     compile a Llama-2 checkpoint (HF=dir) to a BM1684X bmodel with the vendor's llm_convert.py"
 	@echo "make model      fetch SmolLM2-135M-Instruct (Q4_1 GGUF) into models/ and check it"
 	@echo "make bench      prompt and generation speed on the default model (THREADS=n)"
 	@echo "make build      release build of target/release/llama-tpu"
@@ -89,7 +91,21 @@ $(VOCAB_DIR)/.done: | $(VENV)/.done
 	touch $@
 
 # The test command (README, CI). Tests run optimized (profile test-opt): they run real models.
-test: model test-data venv
+# The BM1684X simulator (tpu-mlir wheel), the vendor's compile tools in a Python 3.10 venv,
+# and the toy Llama bmodels the Sophon tests run (sim/toy.sh; once, into .cache).
+sim:
+	sim/toy.sh >/dev/null
+
+# A real Llama-2 checkpoint compiled for the BM1684X (a workstation job: see sim/bmodel.sh).
+HF         ?=
+SEQ        ?= 512
+QUANT      ?= w4f16
+BMODEL_OUT ?= models/bmodel
+bmodel:
+	@[ -n "$(HF)" ] || { echo "usage: make bmodel HF=<Llama-2 checkpoint folder or .gguf> [SEQ=512] [QUANT=w4f16] [BMODEL_OUT=models/bmodel]" >&2; exit 2; }
+	sim/bmodel.sh "$(HF)" $(SEQ) $(QUANT) $(BMODEL_OUT)
+
+test: model test-data venv sim
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
 	LLAMA_TPU_PYTHON=$(VENV)/bin/python $(CARGO) test --profile test-opt

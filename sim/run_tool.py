@@ -5,8 +5,10 @@ work here:
   crashes tpuc-opt and model_tool ("stack smashing detected"): $SYSTEM_LIBC_DIR (symlinks to
   the system's own libc, libm, libpthread) goes back in front of it;
 - the converter's ONNX optimizer imports torch at module level but only calls
-  `torch.tensor(x).numpy()`: a stand-in is put on the path, after onnxruntime_extensions has
-  loaded (that package probes torch.autograd when it finds a torch)."""
+  `torch.tensor(x).numpy()`: without a real torch, a stand-in is put on the path, after
+  onnxruntime_extensions has loaded (that package probes torch.autograd when it finds a torch).
+  llm_convert.py (`make bmodel`) needs the real one."""
+import importlib.util
 import os
 import runpy
 import sys
@@ -15,7 +17,8 @@ import onnxruntime_extensions  # noqa: F401  (before the stand-in becomes visibl
 import tpu_mlir  # noqa: F401  (the environment, once per process)
 
 os.environ["LD_LIBRARY_PATH"] = os.environ["SYSTEM_LIBC_DIR"] + os.pathsep + os.environ["LD_LIBRARY_PATH"]
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "stand-in"))
+if importlib.util.find_spec("torch") is None:
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "stand-in"))
 script = sys.argv[1]
 sys.argv = sys.argv[1:]
 runpy.run_path(script, run_name="__main__")

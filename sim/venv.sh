@@ -6,9 +6,9 @@
 # torch; protobuf is re-pinned after it). Prints the venv's python. Fails loudly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=.cache/sim-venv
+VENV=${SIM_VENV:-.cache/sim-venv}
 sim/install.sh >/dev/null
-exec 9>.cache/sim-venv.lock
+exec 9>"$VENV.lock"
 flock 9
 if [ ! -e "$VENV/.done" ]; then
     PY=${PYTHON310:-}
@@ -22,9 +22,11 @@ if [ ! -e "$VENV/.done" ]; then
     "$PY" -m venv "$VENV"
     pip() { "$VENV/bin/pip" --quiet --disable-pip-version-check "$@"; }
     pip install --no-deps .cache/pip/tpu_mlir-1.30.2-py3-none-any.whl >&2
-    pip install numpy==1.24.4 tqdm filelock psutil Pillow opencv-python-headless==4.8.1.78 \
-        flatbuffers onnx==1.14.1 onnxruntime==1.16.3 onnxsim==0.4.17 \
-        onnxruntime_extensions==0.14.0 transformers==5.6.2 gguf==0.19.0 >&2 \
+    # transformers brings tokenizers (the toy's tokenizer.json); gguf writes the toy's GGUF.
+    pip install numpy==1.24.4 tqdm==4.70.1 filelock==4.1.0 psutil==7.2.2 pillow==12.3.0 \
+        opencv-python-headless==4.8.1.78 flatbuffers==25.12.19 plotly==5.15.0 \
+        onnx==1.14.1 onnxruntime==1.16.3 onnxsim==0.4.17 onnxruntime_extensions==0.14.0 \
+        transformers==5.6.2 tokenizers==0.22.2 gguf==0.19.0 >&2 \
         || { echo "cannot install the compile tools' Python packages from PyPI (network?)" >&2; exit 1; }
     pip install protobuf==3.20.3 >&2
     touch "$VENV/.done"

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# `make bmodel`: compiles a Llama-2 checkpoint for the BM1684X with the vendor's one-step
+# converter (tpu-mlir 1.30.2's llm_convert.py), with the flags that give the net layout the
+# sophon backend reads: lm_head returning logits plus greedy_head and sample_head
+# (--do_sample), static prefill with a mask (no --dynamic), no --use_history_kv, the embedding
+# on the chip (no --embedding_disk), one device.
+#
+# Usage: sim/bmodel.sh CHECKPOINT SEQ QUANT OUT_DIR
+#   CHECKPOINT  a Hugging Face folder (config.json, *.safetensors, tokenizer.json) or a .gguf
+#   SEQ         SEQLEN: prompt + answer tokens the bmodel holds (512 is the vendor's choice)
+#   QUANT       w4f16 (7B: 3.9 GB), w4bf16, w8f16, w8bf16, f16, bf16
+# Needs: x86_64, Python 3.10 (pyenv's 3.10.13 or $PYTHON310), cmake, network for PyPI (torch
+# 2.11.0 and what tpu-mlir 1.30.2 pins, several GB with torch's CUDA wheels), and for a 7B
+# model about 32 GB of RAM and an hour or more. Not run by CI (the toy bmodels of `make test`
+# take the ONNX path with the same compiler instead).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ $# -eq 4 ] || { sed -n '9,13p' "$0" >&2; exit 2; }
+CHECKPOINT=$1 SEQ=$2 QUANT=$3 OUT=$4
+[ -e "$CHECKPOINT" ] || { echo "$CHECKPOINT: no such checkpoint" >&2; exit 2; }
+# A venv of its own: torch stays out of the one the tests use.
+PY=$(SIM_VENV=.cache/bmodel-venv sim/venv.sh)
+# The converter's model code is torch code: the real torch, as tpu-mlir 1.30.2 pins it.
+"$PY" -c "import torch" 2>/dev/null || "$(dirname "$PY")/pip" install --quiet torch==2.11.0 sentencepiece accelerate >&2
+TPUC=$("$PY" -c "import os, tpu_mlir; print(os.path.dirname(tpu_mlir.__file__))")
+LIBC=$(pwd)/.cache/system-libc
+mkdir -p "$LIBC"
+for lib in libc.so.6 libm.so.6 libpthread.so.0; do
+    ln -sf "$(ldconfig -p | awk -v l="$lib" '$1 == l && /x86-64/ { print $NF; exit }')" "$LIBC/$lib"
+done
+SYSTEM_LIBC_DIR=$LIBC "$PY" sim/run_tool.py "$TPUC/python/tools/llm_convert.py" \
+    -m "$CHECKPOINT" -s "$SEQ" -q "$QUANT" -c bm1684x --do_sample -o "$OUT"
+# The bmodel holds no vocabulary: the tokenizer (and its chat template) go beside it.
+for f in tokenizer.json tokenizer_config.json; do
+    [ -e "$CHECKPOINT/$f" ] && cp "$CHECKPOINT/$f" "$OUT/"
+done
+echo "bmodel(s) in $OUT:" && ls "$OUT"/*.bmodel
+echo "check one with: llama-tpu info $OUT/<name>.bmodel (on the BM1684X, or here with --sophon-lib $(pwd)/.cache/tpu-mlir/tpu_mlir/lib if it fits the simulator's memory)"
