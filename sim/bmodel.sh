@@ -9,7 +9,7 @@
 #   CHECKPOINT  a Hugging Face folder (config.json, *.safetensors, tokenizer.json) or a .gguf
 #   SEQ         SEQLEN: prompt + answer tokens the bmodel holds (512 is the vendor's choice)
 #   QUANT       w4f16 (7B: 3.9 GB), w4bf16, w8f16, w8bf16, f16, bf16
-# Needs: x86_64, Python 3.10 (pyenv's 3.10.13 or $PYTHON310), cmake, network for PyPI (torch
+# Needs: x86_64, Python 3.10 (pyenv's 3.10.13 or $PYTHON310), cmake, GNU parallel, network for PyPI (torch
 # 2.11.0 and what tpu-mlir 1.30.2 pins, several GB with torch's CUDA wheels), and for a 7B
 # model about 32 GB of RAM and an hour or more. Not run by CI (the toy bmodels of `make test`
 # take the ONNX path with the same compiler instead).
@@ -18,6 +18,7 @@ cd "$(dirname "$0")/.."
 [ $# -eq 4 ] || { sed -n '9,13p' "$0" >&2; exit 2; }
 CHECKPOINT=$1 SEQ=$2 QUANT=$3 OUT=$4
 [ -e "$CHECKPOINT" ] || { echo "$CHECKPOINT: no such checkpoint" >&2; exit 2; }
+command -v parallel >/dev/null || { echo "GNU parallel is missing (apt-get install parallel): llm_convert.py runs its compile jobs with it" >&2; exit 1; }
 # A venv of its own: torch stays out of the one the tests use.
 PY=$(SIM_VENV=.cache/bmodel-venv sim/venv.sh)
 # The converter's model code is torch code: the real torch, as tpu-mlir 1.30.2 pins it.

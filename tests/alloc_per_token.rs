@@ -108,6 +108,69 @@ fn decoding_a_token_allocates_nothing() {
     }
 }
 
+/// The same on the Sophon backend (x86_64: the BM1684X simulator), for each way a token is
+/// picked: the on-chip greedy head, the on-chip sampling head with the host's draw, and host
+/// sampling of the logits. Counted are the Rust side's allocations (the vendor runtime's own
+/// C allocations go through malloc, outside this allocator).
+#[cfg(target_arch = "x86_64")]
+fn decoding_a_token_on_the_tpu_allocates_nothing() {
+    use llama_tpu::backend::sophon::{SophonBackend, SophonOptions};
+    let toys = common::toy_models();
+    let tok = Tokenizer::from_file(&toys.join("tokenizer.json")).unwrap();
+    let backend = SophonBackend::open(
+        &toys.join("toy_f16_gqa_heads.bmodel"),
+        &SophonOptions {
+            lib_dir: Some(common::simulator_lib_dir()),
+            vocab_hint: Some(tok.vocab_size()),
+            ..SophonOptions::default()
+        },
+    )
+    .unwrap();
+    let mut engine = Engine::new(Box::new(backend), tok, None);
+    let picks = [
+        ("greedy_head", 0.0, 0.0),
+        ("sample_head", 0.9, 0.0),
+        ("host sampling", 0.9, 0.05),
+    ];
+    for (pick, temperature, min_p) in picks {
+        let req = Request {
+            input: Input::Text("hello".into()),
+            sampling: SamplerConfig {
+                temperature,
+                top_k: 40,
+                top_p: 0.95,
+                min_p,
+                repeat_penalty: 1.0,
+                repeat_last_n: 16,
+                seed: 5,
+            },
+            max_tokens: Some(20),
+            stop: Vec::new(),
+            deadline: None,
+            drop_old_turns: false,
+        };
+        let mut counts: Vec<usize> = Vec::with_capacity(1000);
+        let cancel = AtomicBool::new(false);
+        let mut tokens = 0;
+        engine
+            .generate(&req, &cancel, &mut |_: &str| {
+                counts.push(ALLOCATIONS.load(Ordering::Relaxed));
+                tokens += 1;
+                true
+            })
+            .unwrap();
+        assert!(tokens > 10, "{pick}: only {tokens} text pieces");
+        let after_warm_up = &counts[WARM_UP..];
+        let grew = after_warm_up.last().unwrap() - after_warm_up[0];
+        assert_eq!(
+            grew,
+            0,
+            "{pick}: {grew} allocations over {} tokens",
+            after_warm_up.len()
+        );
+    }
+}
+
 /// Reads a client's socket until the reply's end (`done` event or EOT), keeping only the last
 /// bytes seen, in a fixed buffer: the reading allocates nothing itself.
 fn read_to_end_of_reply(client: &mut UnixStream, json: bool) {
@@ -225,5 +288,13 @@ fn main() {
         test();
         println!("test {name} ... ok");
     }
-    println!("{} passed, 0 failed", tests.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        decoding_a_token_on_the_tpu_allocates_nothing();
+        println!("test decoding_a_token_on_the_tpu_allocates_nothing ... ok");
+    }
+    println!(
+        "{} passed, 0 failed",
+        tests.len() + usize::from(cfg!(target_arch = "x86_64"))
+    );
 }
