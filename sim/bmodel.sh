@@ -24,11 +24,17 @@ PY=$(SIM_VENV=.cache/bmodel-venv sim/venv.sh)
 # The converter's model code is torch code: the real torch, as tpu-mlir 1.30.2 pins it.
 "$PY" -c "import torch" 2>/dev/null || "$(dirname "$PY")/pip" install --quiet torch==2.11.0 sentencepiece accelerate >&2
 TPUC=$("$PY" -c "import os, tpu_mlir; print(os.path.dirname(tpu_mlir.__file__))")
+# llm_convert.py starts model_deploy.py and tpuc-opt in jobs of its own, each of which puts the
+# wheel's bundled glibc 2.35 first on LD_LIBRARY_PATH again (and crashes: "stack smashing
+# detected"): in this venv the bundled copies go, so everything uses the system's glibc.
+rm -f "$TPUC"/lib/third_party/{libc.so.6,libm.so.6,libpthread.so.0}
 LIBC=$(pwd)/.cache/system-libc
 mkdir -p "$LIBC"
 for lib in libc.so.6 libm.so.6 libpthread.so.0; do
     ln -sf "$(ldconfig -p | awk -v l="$lib" '$1 == l && /x86-64/ { print $NF; exit }')" "$LIBC/$lib"
 done
+# The jobs start the tools by their #!/usr/bin/env python3 line: this venv's python first.
+export PATH="$(cd "$(dirname "$PY")" && pwd):$PATH"
 SYSTEM_LIBC_DIR=$LIBC "$PY" sim/run_tool.py "$TPUC/python/tools/llm_convert.py" \
     -m "$CHECKPOINT" -s "$SEQ" -q "$QUANT" -c bm1684x --do_sample -o "$OUT"
 # The bmodel holds no vocabulary: the tokenizer (and its chat template) go beside it.

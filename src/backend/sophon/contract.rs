@@ -24,8 +24,11 @@ pub struct LlamaLayout {
     pub seq_len: usize,
     /// Hidden size H.
     pub hidden: usize,
-    /// Key/value heads.
+    /// Key/value heads (per device, for a multi-chip bmodel).
     pub kv_heads: usize,
+    /// Devices it was compiled for (multi-chip PCIe bmodels: the nets carry one group of
+    /// inputs and outputs per device).
+    pub devices: usize,
     /// Head dimension.
     pub head_dim: usize,
     /// Activation type: F16 or BF16.
@@ -143,7 +146,9 @@ pub fn check(nets: &[Net]) -> Result<LlamaLayout, ContractError> {
     if kv_heads == 0 || head_dim == 0 {
         return Err(bad(format!("block_0's k output has shape {:?}", k.shape)));
     }
-    let dynamic_prefill = first.inputs.len() == 2;
+    // The embedding takes one input, the token ids, per device.
+    let devices = emb.inputs.len().max(1);
+    let dynamic_prefill = first.inputs.len() == 2 * devices;
     for i in 0..layers {
         let b = net(nets, &format!("block_{i}"))?;
         expect(b, true, 0, dtype, &[1, seq_len, hidden])?;
@@ -220,6 +225,7 @@ pub fn check(nets: &[Net]) -> Result<LlamaLayout, ContractError> {
         seq_len,
         hidden,
         kv_heads,
+        devices,
         head_dim,
         dtype,
         dynamic_prefill,
@@ -323,7 +329,23 @@ mod tests {
             );
             assert_eq!(l.lm_head, LmHeadOutput::Logits(256));
             assert!(!l.dynamic_prefill && !l.greedy_head);
+            assert_eq!(l.devices, 1);
         }
+        // A two-chip bmodel: every net of the layout carries one group of inputs and outputs
+        // per device, the KV heads split between them.
+        let two: Vec<Net> = toy(DataType::F16, 2)
+            .into_iter()
+            .map(|mut net| {
+                if net.name != "lm_head" {
+                    let (i, o) = (net.inputs.clone(), net.outputs.clone());
+                    net.inputs.extend(i);
+                    net.outputs.extend(o);
+                }
+                net
+            })
+            .collect();
+        let l = check(&two).unwrap();
+        assert_eq!((l.devices, l.layers, l.kv_heads, l.dynamic_prefill), (2, 2, 2, false));
         let mut nets = toy(DataType::F16, 1);
         nets[2].outputs[0] = p(DataType::I32, &[1, 1]);
         let l = check(&nets).unwrap();

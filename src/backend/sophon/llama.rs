@@ -62,6 +62,39 @@ struct Nets {
     sample: Option<(Launch, SampleHead)>,
 }
 
+/// Tables the backend keeps in one device's memory.
+struct Tables {
+    /// `0..S` as i32 (decode positions).
+    positions: DeviceBuffer,
+    /// `S` zeros then `S` minus-infinities (decode masks).
+    masks: DeviceBuffer,
+    /// This prompt's positions and S x S mask, copied into each prefill block (the nets' own
+    /// inputs may share memory with other nets' activations, so they are filled just before
+    /// each launch).
+    prefill_positions: DeviceBuffer,
+    prefill_mask: DeviceBuffer,
+}
+
+impl Tables {
+    fn new(device: &Arc<Device>, s: usize, dtype: DataType) -> Result<Tables, BackendError> {
+        let positions = device.alloc(s * 4)?;
+        let table: Vec<u8> = (0..s as i32).flat_map(i32::to_le_bytes).collect();
+        positions.write(&table)?;
+        let masks = device.alloc(2 * s * 2)?;
+        let mut table = vec![0u8; 2 * s * 2];
+        for cell in table[s * 2..].chunks_exact_mut(2) {
+            cell.copy_from_slice(&minus_infinity(dtype));
+        }
+        masks.write(&table)?;
+        Ok(Tables {
+            positions,
+            masks,
+            prefill_positions: device.alloc(s * 4)?,
+            prefill_mask: device.alloc(s * s * 2)?,
+        })
+    }
+}
+
 /// What picks the next token.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Picker {
@@ -80,15 +113,8 @@ pub struct SophonBackend {
     info: BackendInfo,
     layout: LlamaLayout,
     nets: Nets,
-    /// `0..S` as i32 (decode positions).
-    positions: DeviceBuffer,
-    /// `S` zeros then `S` minus-infinities (decode masks).
-    masks: DeviceBuffer,
-    /// This prompt's positions and S x S mask, copied into each prefill block (the nets' own
-    /// inputs may share memory with other nets' activations, so they are filled just before
-    /// each launch).
-    prefill_positions: DeviceBuffer,
-    prefill_mask: DeviceBuffer,
+    /// Position and mask tables, one set per device.
+    tables: Vec<Tables>,
     picker: Picker,
     rng: fastrand::Rng,
     /// Host scratch, sized at load.
@@ -112,15 +138,20 @@ impl SophonBackend {
         } else {
             opts.devices.clone()
         };
-        if devices.len() > 1 {
-            return Err(SophonError::Runtime(format!(
-                "{} devices asked for: multi-chip bmodels are not supported yet (use one --devices index)",
-                devices.len()
-            )));
-        }
-        let device = Arc::new(Device::open(rt, devices[0])?);
-        let loaded = Loaded::load(Arc::clone(&device), path)?;
+        let opened = devices
+            .iter()
+            .map(|&d| Device::open(Arc::clone(&rt), d).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        let loaded = Loaded::load_on(opened.clone(), path)?;
         let layout = contract::check(loaded.nets())?;
+        if layout.devices != devices.len() {
+            return Err(contract::ContractError(format!(
+                "the bmodel is compiled for {} device(s), but {} given (--devices)",
+                layout.devices,
+                devices.len()
+            ))
+            .into());
+        }
         if layout.dynamic_prefill {
             return Err(contract::ContractError(
                 "the prefill blocks take no attention mask (compiled with --dynamic): not supported yet".into(),
@@ -132,13 +163,13 @@ impl SophonBackend {
             LmHeadOutput::Token => opts.vocab_hint.unwrap_or(0),
         };
         let nets = Nets {
-            embedding: loaded.prepare("embedding")?,
-            embedding_cache: loaded.prepare("embedding_cache")?,
+            embedding: loaded.prepare_spanning("embedding")?,
+            embedding_cache: loaded.prepare_spanning("embedding_cache")?,
             blocks: (0..layout.layers)
-                .map(|i| loaded.prepare(&format!("block_{i}")))
+                .map(|i| loaded.prepare_spanning(&format!("block_{i}")))
                 .collect::<Result<_, _>>()?,
             caches: (0..layout.layers)
-                .map(|i| loaded.prepare(&format!("block_cache_{i}")))
+                .map(|i| loaded.prepare_spanning(&format!("block_cache_{i}")))
                 .collect::<Result<_, _>>()?,
             lm_head: loaded.prepare("lm_head")?,
             greedy: if layout.greedy_head {
@@ -152,30 +183,22 @@ impl SophonBackend {
             },
         };
         let s = layout.seq_len;
-        let positions = device.alloc(s * 4)?;
-        let table: Vec<u8> = (0..s as i32).flat_map(i32::to_le_bytes).collect();
-        positions.write(&table)?;
-        let masks = device.alloc(2 * s * 2)?;
-        let mut table = vec![0u8; 2 * s * 2];
-        for cell in table[s * 2..].chunks_exact_mut(2) {
-            cell.copy_from_slice(&minus_infinity(layout.dtype));
-        }
-        masks.write(&table)?;
-        let prefill_positions = device.alloc(s * 4)?;
-        let prefill_mask = device.alloc(s * s * 2)?;
-
-        let kv_bytes = (layout.layers * 2 * s * layout.kv_heads * layout.head_dim * 2) as u64;
+        let tables = opened
+            .iter()
+            .map(|d| Tables::new(d, s, layout.dtype))
+            .collect::<Result<Vec<_>, _>>()?;
+        let kv_bytes = (layout.devices * layout.layers * 2 * s * layout.kv_heads * layout.head_dim * 2) as u64;
         let info = BackendInfo {
             backend: "sophon",
             model: format!(
-                "{} ({} layers, hidden {}, {} KV heads x {}, device {})",
+                "{} ({} layers, hidden {}, {} KV heads x {}, devices {:?})",
                 path.file_name()
                     .map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned()),
                 layout.layers,
                 layout.hidden,
                 layout.kv_heads,
                 layout.head_dim,
-                devices[0]
+                devices
             ),
             context_length: s,
             vocab_size: vocab,
@@ -191,8 +214,10 @@ impl SophonBackend {
         // finite numbers (whatever the device memory held before may be NaN).
         let zeros = vec![0u8; s * layout.kv_heads * layout.head_dim * 2];
         for cache in &nets.caches {
-            device.write(input(cache, 3), &zeros)?;
-            device.write(input(cache, 4), &zeros)?;
+            for (d, device) in opened.iter().enumerate() {
+                device.write(input_on(cache, 3, d), &zeros)?;
+                device.write(input_on(cache, 4, d), &zeros)?;
+            }
         }
         let n_candidates = layout.sample_head.as_ref().map_or(0, |h| h.candidates);
         let scratch = (s * s * 2).max(s * 4).max(vocab * 4).max(n_candidates * 4);
@@ -205,10 +230,7 @@ impl SophonBackend {
             info,
             layout,
             nets,
-            positions,
-            masks,
-            prefill_positions,
-            prefill_mask,
+            tables,
             rng: fastrand::Rng::with_seed(0),
             bytes: vec![0; scratch],
             logits: vec![0.0; vocab],
@@ -226,19 +248,23 @@ impl SophonBackend {
     /// Bytes per activation element (f16 and bf16 alike).
     const HALF: usize = 2;
 
-    /// The whole prompt at positions `0..len` in one pass of the prefill blocks.
+    /// The whole prompt at positions `0..len` in one pass of the prefill blocks. On a
+    /// multi-chip bmodel every device gets the same ids, positions and mask, and each copy
+    /// stays on its device; lm_head runs on the first.
     fn prefill_from_start(&mut self, tokens: &[u32]) -> Result<(), BackendError> {
         let s = self.layout.seq_len;
         let len = tokens.len();
         let (hidden, kv_row) = (self.layout.hidden, self.layout.kv_heads * self.layout.head_dim);
-        let dev = self.loaded.device();
+        let devices = self.loaded.devices();
 
         let ids = &mut self.bytes[..s * 4];
         for (i, cell) in ids.chunks_exact_mut(4).enumerate() {
             let id = tokens.get(i).copied().unwrap_or(0) as i32;
             cell.copy_from_slice(&id.to_le_bytes());
         }
-        dev.write(input(&self.nets.embedding, 0), ids)?;
+        for (d, dev) in devices.iter().enumerate() {
+            dev.write(input_on(&self.nets.embedding, 0, d), ids)?;
+        }
         if let Some((head, _)) = &self.nets.sample {
             // The ids so far, for the repetition penalty; padded with a token already in
             // them, which penalizing twice leaves as once.
@@ -246,7 +272,7 @@ impl SophonBackend {
                 let id = tokens.get(i).copied().unwrap_or(tokens[0]) as i32;
                 cell.copy_from_slice(&id.to_le_bytes());
             }
-            dev.write(input(head, 1), ids)?;
+            devices[0].write(input(head, 1), ids)?;
         }
         self.loaded.launch(&mut self.nets.embedding)?;
 
@@ -255,63 +281,86 @@ impl SophonBackend {
             let p = if i < len { i as i32 } else { 0 };
             cell.copy_from_slice(&p.to_le_bytes());
         }
-        self.prefill_positions.write(&self.bytes[..s * 4])?;
+        for t in &self.tables {
+            t.prefill_positions.write(&self.bytes[..s * 4])?;
+        }
         let minus = minus_infinity(self.layout.dtype);
         for (cell_index, cell) in self.bytes[..s * s * 2].chunks_exact_mut(2).enumerate() {
             let (i, j) = (cell_index / s, cell_index % s);
             cell.copy_from_slice(if j <= i && i < len { &[0, 0] } else { &minus });
         }
-        self.prefill_mask.write(&self.bytes[..s * s * 2])?;
-
-        let mut hidden_out = output(&self.nets.embedding, 0);
-        for layer in 0..self.layout.layers {
-            let block = &self.nets.blocks[layer];
-            dev.copy(input(block, 0), 0, hidden_out, 0, s * hidden * Self::HALF)?;
-            // After --combine every net has its own inputs: positions and mask per block.
-            dev.copy(input(block, 1), 0, self.prefill_positions.mem(), 0, s * 4)?;
-            dev.copy(input(block, 2), 0, self.prefill_mask.mem(), 0, s * s * Self::HALF)?;
-            self.loaded.launch(&mut self.nets.blocks[layer])?;
-            let block = &self.nets.blocks[layer];
-            let cache = &self.nets.caches[layer];
-            // All S rows, not only len: rows past the prompt are masked, but a masked row
-            // must still hold finite numbers (0 x NaN is NaN), and these are.
-            let kv_len = s * kv_row * Self::HALF;
-            dev.copy(input(cache, 3), 0, output(block, 1), 0, kv_len)?;
-            dev.copy(input(cache, 4), 0, output(block, 2), 0, kv_len)?;
-            hidden_out = output(block, 0);
+        for t in &self.tables {
+            t.prefill_mask.write(&self.bytes[..s * s * 2])?;
         }
+
+        for layer in 0..self.layout.layers {
+            for (d, dev) in devices.iter().enumerate() {
+                let block = &self.nets.blocks[layer];
+                let hidden_out = match layer {
+                    0 => output_on(&self.nets.embedding, 0, d),
+                    _ => output_on(&self.nets.blocks[layer - 1], 0, d),
+                };
+                let t = &self.tables[d];
+                dev.copy(input_on(block, 0, d), 0, hidden_out, 0, s * hidden * Self::HALF)?;
+                // After --combine every net has its own inputs: positions and mask per block.
+                dev.copy(input_on(block, 1, d), 0, t.prefill_positions.mem(), 0, s * 4)?;
+                dev.copy(input_on(block, 2, d), 0, t.prefill_mask.mem(), 0, s * s * Self::HALF)?;
+            }
+            self.loaded.launch(&mut self.nets.blocks[layer])?;
+            for (d, dev) in devices.iter().enumerate() {
+                let block = &self.nets.blocks[layer];
+                let cache = &self.nets.caches[layer];
+                // All S rows, not only len: rows past the prompt are masked, but a masked row
+                // must still hold finite numbers (0 x NaN is NaN), and these are.
+                let kv_len = s * kv_row * Self::HALF;
+                dev.copy(input_on(cache, 3, d), 0, output_on(block, 1, d), 0, kv_len)?;
+                dev.copy(input_on(cache, 4, d), 0, output_on(block, 2, d), 0, kv_len)?;
+            }
+        }
+        let last = output_on(&self.nets.blocks[self.layout.layers - 1], 0, 0);
         let row = hidden * Self::HALF;
-        dev.copy(input(&self.nets.lm_head, 0), 0, hidden_out, (len - 1) * row, row)
+        devices[0].copy(input(&self.nets.lm_head, 0), 0, last, (len - 1) * row, row)
     }
 
     /// One token at position `pos`, attending to the cache before it.
     fn decode_step(&mut self, token: u32, pos: usize) -> Result<(), BackendError> {
         let s = self.layout.seq_len;
         let (hidden, kv_row) = (self.layout.hidden, self.layout.kv_heads * self.layout.head_dim);
-        let dev = self.loaded.device();
+        let devices = self.loaded.devices();
         let id = (token as i32).to_le_bytes();
-        dev.write(input(&self.nets.embedding_cache, 0), &id)?;
+        for (d, dev) in devices.iter().enumerate() {
+            dev.write(input_on(&self.nets.embedding_cache, 0, d), &id)?;
+        }
         if let Some((head, _)) = &self.nets.sample {
-            dev.copy(input(head, 1), pos * 4, input(&self.nets.embedding_cache, 0), 0, 4)?;
+            let id_mem = input_on(&self.nets.embedding_cache, 0, 0);
+            devices[0].copy(input(head, 1), pos * 4, id_mem, 0, 4)?;
         }
         self.loaded.launch(&mut self.nets.embedding_cache)?;
-        let mut hidden_out = output(&self.nets.embedding_cache, 0);
         for layer in 0..self.layout.layers {
-            let cache = &self.nets.caches[layer];
-            dev.copy(input(cache, 0), 0, hidden_out, 0, hidden * Self::HALF)?;
-            dev.copy(input(cache, 1), 0, self.positions.mem(), pos * 4, 4)?;
-            // Mask: zeros on [0, pos), minus infinity on [pos, S), and 0 for the token itself.
-            let mask = input(cache, 2);
-            dev.copy(mask, 0, self.masks.mem(), (s - pos) * Self::HALF, s * Self::HALF)?;
-            dev.copy(mask, s * Self::HALF, self.masks.mem(), 0, Self::HALF)?;
+            for (d, dev) in devices.iter().enumerate() {
+                let cache = &self.nets.caches[layer];
+                let hidden_out = match layer {
+                    0 => output_on(&self.nets.embedding_cache, 0, d),
+                    _ => output_on(&self.nets.caches[layer - 1], 0, d),
+                };
+                let t = &self.tables[d];
+                dev.copy(input_on(cache, 0, d), 0, hidden_out, 0, hidden * Self::HALF)?;
+                dev.copy(input_on(cache, 1, d), 0, t.positions.mem(), pos * 4, 4)?;
+                // Mask: zeros on [0, pos), minus infinity on [pos, S), and 0 for the token itself.
+                let mask = input_on(cache, 2, d);
+                dev.copy(mask, 0, t.masks.mem(), (s - pos) * Self::HALF, s * Self::HALF)?;
+                dev.copy(mask, s * Self::HALF, t.masks.mem(), 0, Self::HALF)?;
+            }
             self.loaded.launch(&mut self.nets.caches[layer])?;
-            let cache = &self.nets.caches[layer];
-            let kv = kv_row * Self::HALF;
-            dev.copy(input(cache, 3), pos * kv, output(cache, 1), 0, kv)?;
-            dev.copy(input(cache, 4), pos * kv, output(cache, 2), 0, kv)?;
-            hidden_out = output(cache, 0);
+            for (d, dev) in devices.iter().enumerate() {
+                let cache = &self.nets.caches[layer];
+                let kv = kv_row * Self::HALF;
+                dev.copy(input_on(cache, 3, d), pos * kv, output_on(cache, 1, d), 0, kv)?;
+                dev.copy(input_on(cache, 4, d), pos * kv, output_on(cache, 2, d), 0, kv)?;
+            }
         }
-        dev.copy(input(&self.nets.lm_head, 0), 0, hidden_out, 0, hidden * Self::HALF)
+        let last = output_on(&self.nets.caches[self.layout.layers - 1], 0, 0);
+        devices[0].copy(input(&self.nets.lm_head, 0), 0, last, 0, hidden * Self::HALF)
     }
 
     /// lm_head on the row placed in its input, then the picker.
@@ -428,6 +477,15 @@ fn input(net: &Launch, i: usize) -> DeviceMem {
 
 fn output(net: &Launch, i: usize) -> DeviceMem {
     net.output_mem(i).unwrap_or_default()
+}
+
+/// Input `i` of device `d`'s group of a net spanning all devices.
+fn input_on(net: &Launch, i: usize, d: usize) -> DeviceMem {
+    net.input_mem_on(i, d).unwrap_or_default()
+}
+
+fn output_on(net: &Launch, i: usize, d: usize) -> DeviceMem {
+    net.output_mem_on(i, d).unwrap_or_default()
 }
 
 /// Draws one candidate with probability proportional to `probs`.

@@ -49,9 +49,11 @@ pub struct Net {
 }
 
 /// A runtime context with a bmodel loaded, released (`bmrt_destroy`) on drop, before the
-/// device it runs on.
+/// devices it runs on.
 pub struct Loaded {
-    device: Arc<Device>,
+    /// The devices, in the order given to the runtime (a multi-chip bmodel's nets carry one
+    /// group of inputs and outputs per device, in this order).
+    devices: Vec<Arc<Device>>,
     ctx: *mut std::ffi::c_void,
     nets: Vec<Net>,
 }
@@ -139,16 +141,34 @@ impl Loaded {
     /// The context cannot be made, the file does not load (missing, corrupt, made for another
     /// chip), or a net's description is unusable.
     pub fn load(device: Arc<Device>, path: &Path) -> Result<Loaded, BackendError> {
+        Loaded::load_on(vec![device], path)
+    }
+
+    /// The same on several devices (a multi-chip PCIe bmodel: `bmrt_create_ex`).
+    ///
+    /// # Errors
+    /// As for [`Loaded::load`]; no device given.
+    pub fn load_on(devices: Vec<Arc<Device>>, path: &Path) -> Result<Loaded, BackendError> {
+        let Some(device) = devices.first().cloned() else {
+            return Err(failed("bmrt_create", "no device"));
+        };
         let api = &device.runtime().api;
         let c_path = CString::new(path.as_os_str().as_encoded_bytes())
             .map_err(|_| failed("bmrt_load_bmodel", "the path contains a NUL byte"))?;
-        // SAFETY: an open device handle.
-        let ctx = device.with_handle(|h| unsafe { (api.rt_create)(h) });
+        let ctx = if devices.len() == 1 {
+            // SAFETY: an open device handle.
+            device.with_handle(|h| unsafe { (api.rt_create)(h) })
+        } else {
+            let mut handles: Vec<_> = devices.iter().map(|d| d.with_handle(|h| h)).collect();
+            // SAFETY: open device handles, as many as the count passed; the runtime copies
+            // them (the array need not outlive the call).
+            device.with_handle(|_| unsafe { (api.rt_create_ex)(handles.as_mut_ptr(), handles.len() as i32) })
+        };
         if ctx.is_null() {
             return Err(failed("bmrt_create", "returned no context"));
         }
         let mut loaded = Loaded {
-            device: Arc::clone(&device),
+            devices: devices.clone(),
             ctx,
             nets: Vec::new(),
         };
@@ -205,6 +225,9 @@ pub struct Launch {
     name: CString,
     inputs: Vec<Tensor>,
     outputs: Vec<Tensor>,
+    /// Devices it runs on: all of the context's (a net of the multi-chip layout, one group
+    /// of inputs and outputs per device) or the first only.
+    devices: usize,
 }
 
 impl Launch {
@@ -221,6 +244,25 @@ impl Launch {
     /// Device memory of output `i`.
     pub fn output_mem(&self, i: usize) -> Option<DeviceMem> {
         self.outputs.get(i).map(|t| t.device_mem)
+    }
+
+    /// Device memory of input `i` of device `d`'s group (inputs come in one group per device,
+    /// in the context's device order).
+    pub fn input_mem_on(&self, i: usize, d: usize) -> Option<DeviceMem> {
+        let per = self.inputs.len() / self.devices.max(1);
+        if i >= per || d >= self.devices {
+            return None;
+        }
+        self.input_mem(i + d * per)
+    }
+
+    /// Device memory of output `i` of device `d`'s group.
+    pub fn output_mem_on(&self, i: usize, d: usize) -> Option<DeviceMem> {
+        let per = self.outputs.len() / self.devices.max(1);
+        if i >= per || d >= self.devices {
+            return None;
+        }
+        self.output_mem(i + d * per)
     }
 }
 
@@ -239,9 +281,14 @@ fn tensor(port: &Port) -> Tensor {
 }
 
 impl Loaded {
-    /// The device the context runs on.
+    /// The first device the context runs on (the only one, but for multi-chip bmodels).
     pub fn device(&self) -> &Arc<Device> {
-        &self.device
+        &self.devices[0]
+    }
+
+    /// All its devices, in the runtime's order.
+    pub fn devices(&self) -> &[Arc<Device>] {
+        &self.devices
     }
 
     /// Prepares net `name` for launching.
@@ -249,6 +296,18 @@ impl Loaded {
     /// # Errors
     /// No such net.
     pub fn prepare(&self, name: &str) -> Result<Launch, BackendError> {
+        self.prepare_on(name, 1)
+    }
+
+    /// Prepares a net that spans all the context's devices (one input/output group each).
+    ///
+    /// # Errors
+    /// No such net.
+    pub fn prepare_spanning(&self, name: &str) -> Result<Launch, BackendError> {
+        self.prepare_on(name, self.devices.len())
+    }
+
+    fn prepare_on(&self, name: &str, devices: usize) -> Result<Launch, BackendError> {
         let net = self
             .net(name)
             .ok_or_else(|| failed("bmrt_launch_tensor_ex", format!("no net named {name}")))?;
@@ -256,6 +315,7 @@ impl Loaded {
             name: CString::new(name).map_err(|_| failed("bmrt_launch_tensor_ex", "bad net name"))?,
             inputs: net.inputs.iter().map(tensor).collect(),
             outputs: net.outputs.iter().map(tensor).collect(),
+            devices,
         })
     }
 
@@ -265,11 +325,12 @@ impl Loaded {
     /// # Errors
     /// The launch or the wait fails.
     pub fn launch(&self, net: &mut Launch) -> Result<(), BackendError> {
-        let api = &self.device.runtime().api;
+        let device = self.device();
+        let api = &device.runtime().api;
         // SAFETY: a loaded context; the tensors describe the net's own stage-0 memory with
         // the counts the runtime reported; user_mem = true keeps the runtime from
         // allocating, user_stmode = false leaves the store mode alone.
-        let ok = self.device.with_handle(|_| unsafe {
+        let ok = device.with_handle(|_| unsafe {
             (api.rt_launch_tensor_ex)(
                 self.ctx,
                 net.name.as_ptr(),
@@ -287,16 +348,22 @@ impl Loaded {
                 format!("net {} did not launch", net.name()),
             ));
         }
-        self.device.sync()
+        // Only the devices it ran on: bmlib aborts the process on a sync of a device this
+        // thread launched nothing on.
+        for d in &self.devices[..net.devices.min(self.devices.len())] {
+            d.sync()?;
+        }
+        Ok(())
     }
 }
 
 impl Drop for Loaded {
     fn drop(&mut self) {
-        let destroy = self.device.runtime().api.rt_destroy;
-        // SAFETY: the context came from bmrt_create and is destroyed once, before the device
-        // (this struct holds an Arc to it).
-        self.device.with_handle(|_| unsafe { destroy(self.ctx) });
+        let device = self.device();
+        let destroy = device.runtime().api.rt_destroy;
+        // SAFETY: the context came from bmrt_create(_ex) and is destroyed once, before the
+        // devices (this struct holds an Arc to each).
+        device.with_handle(|_| unsafe { destroy(self.ctx) });
     }
 }
 
