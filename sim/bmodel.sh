@@ -6,7 +6,7 @@
 # on the chip (no --embedding_disk), one device.
 #
 # Usage: sim/bmodel.sh CHECKPOINT SEQ QUANT OUT_DIR
-#   CHECKPOINT  a Hugging Face folder (config.json, *.safetensors, tokenizer.json) or a .gguf
+#   CHECKPOINT  a Hugging Face folder (config.json, *.safetensors, tokenizer.json)
 #   SEQ         SEQLEN: prompt + answer tokens the bmodel holds (512 is the vendor's choice)
 #   QUANT       w4f16 (7B: 3.9 GB), w4bf16, w8f16, w8bf16, f16, bf16
 # Needs: x86_64, Python 3.10 (pyenv's 3.10.13 or $PYTHON310), cmake, GNU parallel, network for PyPI (torch
@@ -17,7 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -eq 4 ] || { sed -n '9,13p' "$0" >&2; exit 2; }
 CHECKPOINT=$1 SEQ=$2 QUANT=$3 OUT=$4
-[ -e "$CHECKPOINT" ] || { echo "$CHECKPOINT: no such checkpoint" >&2; exit 2; }
+[ -e "$CHECKPOINT/config.json" ] || { echo "$CHECKPOINT: not a Hugging Face checkpoint folder (no config.json)" >&2; exit 2; }
 command -v parallel >/dev/null || { echo "GNU parallel is missing (apt-get install parallel): llm_convert.py runs its compile jobs with it" >&2; exit 1; }
 # A venv of its own: torch stays out of the one the tests use.
 PY=$(SIM_VENV=.cache/bmodel-venv sim/venv.sh)

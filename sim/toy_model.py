@@ -389,6 +389,38 @@ def write_tokenizer(out_dir):
                 '<|im_end|>\\n{% endfor %}"}\n')
 
 
+def write_hf_checkpoint(path, p, kv_heads, out_dir):
+    """The same weights as a Hugging Face LlamaForCausalLM folder (float16 safetensors, as
+    Llama-2 ships; the converter takes no float32), the input `make bmodel` takes: lets the
+    vendor's llm_convert.py be checked on the toy too."""
+    import json
+    from safetensors.numpy import save_file
+    os.makedirs(path, exist_ok=True)
+    tensors = {"model.embed_tokens.weight": p["embed"], "model.norm.weight": p["out_norm"],
+               "lm_head.weight": p["output"]}
+    names = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+             "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
+             "down": "mlp.down_proj", "attn_norm": "input_layernorm",
+             "ffn_norm": "post_attention_layernorm"}
+    for i, layer in enumerate(p["layers"]):
+        for key, name in names.items():
+            tensors[f"model.layers.{i}.{name}.weight"] = np.ascontiguousarray(layer[key])
+    tensors = {k: v.astype(np.float16) for k, v in tensors.items()}
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        "hidden_size": HIDDEN, "intermediate_size": FFN, "num_attention_heads": HEADS,
+        "num_key_value_heads": kv_heads, "num_hidden_layers": LAYERS, "head_dim": HEAD_DIM,
+        "rms_norm_eps": EPS, "rope_theta": ROPE_THETA, "vocab_size": VOCAB,
+        "max_position_embeddings": SEQ, "tie_word_embeddings": False, "torch_dtype": "float16",
+        "bos_token_id": VOCAB - 2, "eos_token_id": VOCAB - 1,
+    }
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(out_dir, name), os.path.join(path, name))
+
+
 def main():
     if len(sys.argv) < 3:
         sys.exit(__doc__)
@@ -401,6 +433,7 @@ def main():
         heads = len(parts) > 3 and parts[3] == "heads"
         p = make_weights(kv_heads)
         write_gguf(os.path.join(out_dir, f"toy_kv{kv_heads}.gguf"), p, kv_heads)
+        write_hf_checkpoint(os.path.join(out_dir, f"hf_kv{kv_heads}"), p, kv_heads, out_dir)
         print(compile_variant(out_dir, name, dtype, kv_heads, heads, p))
 
 
