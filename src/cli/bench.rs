@@ -24,7 +24,29 @@ pub struct BenchArgs {
     repetitions: usize,
 }
 
-pub(super) fn bench(a: &BenchArgs) -> Result<(), CliError> {
+/// The backend to measure and what to call its parallelism in the table.
+fn open_backend(a: &BenchArgs) -> Result<(Box<dyn Backend>, String), CliError> {
+    if a.model.backend == "sophon" {
+        // Random ids need the vocabulary size, which a bmodel whose lm_head returns a token
+        // does not tell: --tokenizer gives it.
+        let vocab = match &a.model.tokenizer {
+            Some(p) => Some(
+                crate::tokenizer::Tokenizer::from_file(p)
+                    .map_err(|e| CliError::new(Exit::BadModel, e.to_string()))?
+                    .vocab_size(),
+            ),
+            None => None,
+        };
+        let backend = super::open_sophon(&a.model, vocab)?;
+        if backend.info().vocab_size == 0 {
+            return Err(CliError::new(
+                Exit::Usage,
+                "this bmodel's lm_head returns a token: give --tokenizer for the vocabulary size",
+            ));
+        }
+        let devices = format!("tpu {:?}", a.model.devices);
+        return Ok((Box::new(backend), devices));
+    }
     let opened = open_gguf(&a.model.model)?;
     let context = a.model.ctx_size.unwrap_or(a.n_prompt.max(a.n_gen).max(1));
     let opts = CpuOptions {
@@ -32,14 +54,27 @@ pub(super) fn bench(a: &BenchArgs) -> Result<(), CliError> {
         context: Some(context),
         ..CpuOptions::default()
     };
-    let mut backend = CpuBackend::from_parts(opened.file.clone(), &opened.gguf, &opts)
+    let backend = CpuBackend::from_parts(opened.file.clone(), &opened.gguf, &opts)
         .map_err(|e| CliError::new(Exit::BadModel, format!("{}: {e}", a.model.model.display())))?;
+    let threads = backend.threads().to_string();
+    Ok((Box::new(backend), threads))
+}
+
+pub(super) fn bench(a: &BenchArgs) -> Result<(), CliError> {
+    let (mut backend, threads) = open_backend(a)?;
     let vocab = backend.info().vocab_size as u32;
+    // A TPU bmodel holds SEQLEN tokens: longer tests are cut to it, and say so.
+    let context = backend.info().context_length;
+    let (n_prompt, n_gen) = (a.n_prompt.min(context), a.n_gen.min(context));
+    if (n_prompt, n_gen) != (a.n_prompt, a.n_gen) {
+        eprintln!("llama-tpu: the context holds {context} tokens: pp{n_prompt} and tg{n_gen} instead");
+    }
+    let backend_name = backend.info().backend;
     let fail = |e: crate::backend::BackendError| CliError::new(Exit::Failure, e.to_string());
     let mut rng = fastrand::Rng::with_seed(1);
     let reps = a.repetitions.max(1);
     println!(
-        "| model | size | backend | threads | test | t/s (median of {reps}) |\n| --- | ---: | --- | ---: | --- | ---: |"
+        "| model | size | backend | threads | test | t/s (median of {reps}) |\n| --- | ---: | --- | --- | --- | ---: |"
     );
     let size = format!("{:.2} MiB", backend.info().weight_bytes as f64 / (1 << 20) as f64);
     let name = a
@@ -47,40 +82,39 @@ pub(super) fn bench(a: &BenchArgs) -> Result<(), CliError> {
         .model
         .file_name()
         .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
-    let threads = backend.threads();
     let report = |test: String, mut rates: Vec<f64>| {
         rates.sort_by(f64::total_cmp);
         let median = rates[rates.len() / 2];
         let (lo, hi) = (rates[0], rates[rates.len() - 1]);
-        println!("| {name} | {size} | cpu | {threads} | {test} | {median:.2} ({lo:.2} - {hi:.2}) |");
+        println!("| {name} | {size} | {backend_name} | {threads} | {test} | {median:.2} ({lo:.2} - {hi:.2}) |");
     };
     // One untimed warm-up pass touches the weights (page faults of the mapping).
-    let warm: Vec<u32> = (0..a.n_prompt.clamp(1, 32)).map(|_| rng.u32(..vocab)).collect();
+    let warm: Vec<u32> = (0..n_prompt.clamp(1, 32)).map(|_| rng.u32(..vocab)).collect();
     backend.prefill(&warm, 0).map_err(fail)?;
-    if a.n_prompt > 0 {
+    if n_prompt > 0 {
         let mut rates = Vec::with_capacity(reps);
         for _ in 0..reps {
-            let tokens: Vec<u32> = (0..a.n_prompt).map(|_| rng.u32(..vocab)).collect();
+            let tokens: Vec<u32> = (0..n_prompt).map(|_| rng.u32(..vocab)).collect();
             backend.reset();
             let t = Instant::now();
             backend.prefill(&tokens, 0).map_err(fail)?;
-            rates.push(a.n_prompt as f64 / t.elapsed().as_secs_f64());
+            rates.push(n_prompt as f64 / t.elapsed().as_secs_f64());
         }
-        report(format!("pp{}", a.n_prompt), rates);
+        report(format!("pp{n_prompt}"), rates);
     }
-    if a.n_gen > 0 {
+    if n_gen > 0 {
         let mut rates = Vec::with_capacity(reps);
         for _ in 0..reps {
             backend.reset();
             let mut token = rng.u32(..vocab);
             let t = Instant::now();
-            for pos in 0..a.n_gen {
+            for pos in 0..n_gen {
                 backend.decode(token, pos).map_err(fail)?;
                 token = rng.u32(..vocab);
             }
-            rates.push(a.n_gen as f64 / t.elapsed().as_secs_f64());
+            rates.push(n_gen as f64 / t.elapsed().as_secs_f64());
         }
-        report(format!("tg{}", a.n_gen), rates);
+        report(format!("tg{n_gen}"), rates);
     }
     Ok(())
 }

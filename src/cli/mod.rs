@@ -205,23 +205,51 @@ pub fn load_engine(args: &ModelArgs) -> Result<Engine, CliError> {
     Ok(Engine::new(Box::new(backend), tokenizer, template))
 }
 
-/// A bmodel on the TPU: the tokenizer comes from `--tokenizer` (a bmodel holds no
-/// vocabulary), the chat template from `--chat-template` or the `tokenizer_config.json`
-/// beside the tokenizer (as Hugging Face ships them).
-fn load_sophon(args: &ModelArgs) -> Result<Engine, CliError> {
+/// Opens `--model` on the TPU with exit codes by cause: no runtime or device 69, a bmodel
+/// that does not load or fit 65.
+///
+/// # Errors
+/// As said.
+pub fn open_sophon(
+    args: &ModelArgs,
+    vocab_hint: Option<usize>,
+) -> Result<crate::backend::sophon::SophonBackend, CliError> {
     use crate::backend::sophon::{SophonBackend, SophonError, SophonOptions};
-    let Some(tokenizer_path) = &args.tokenizer else {
-        return Err(CliError::new(
-            Exit::Usage,
-            "the sophon backend needs --tokenizer tokenizer.json (a bmodel holds no vocabulary)",
-        ));
-    };
     if let Err(e) = std::fs::metadata(&args.model) {
         return Err(CliError::new(
             Exit::NoInput,
             format!("{}: cannot open: {e}", args.model.display()),
         ));
     }
+    let opts = SophonOptions {
+        lib_dir: args.sophon_lib.clone(),
+        devices: args.devices.clone(),
+        vocab_hint,
+    };
+    let name = args.model.display();
+    SophonBackend::open(&args.model, &opts).map_err(|e| match e {
+        SophonError::Runtime(m) => CliError::new(Exit::Unavailable, m),
+        SophonError::Contract(c) => CliError::new(Exit::BadModel, format!("{name}: {c}")),
+        SophonError::Device(
+            d @ BackendError::Device {
+                call: "bmrt_load_bmodel",
+                ..
+            },
+        ) => CliError::new(Exit::BadModel, format!("{name}: {d}")),
+        SophonError::Device(d) => CliError::new(Exit::Unavailable, format!("{name}: {d}")),
+    })
+}
+
+/// A bmodel on the TPU: the tokenizer comes from `--tokenizer` (a bmodel holds no
+/// vocabulary), the chat template from `--chat-template` or the `tokenizer_config.json`
+/// beside the tokenizer (as Hugging Face ships them).
+fn load_sophon(args: &ModelArgs) -> Result<Engine, CliError> {
+    let Some(tokenizer_path) = &args.tokenizer else {
+        return Err(CliError::new(
+            Exit::Usage,
+            "the sophon backend needs --tokenizer tokenizer.json (a bmodel holds no vocabulary)",
+        ));
+    };
     let tokenizer = Tokenizer::from_file(tokenizer_path).map_err(|e| CliError::new(Exit::BadModel, e.to_string()))?;
     let template = match &args.chat_template {
         Some(_) => choose_template(args.chat_template.as_deref(), None)?,
@@ -235,23 +263,8 @@ fn load_sophon(args: &ModelArgs) -> Result<Engine, CliError> {
                     .and_then(ChatTemplate::detect)
             }),
     };
-    let opts = SophonOptions {
-        lib_dir: args.sophon_lib.clone(),
-        devices: args.devices.clone(),
-        vocab_hint: Some(tokenizer.vocab_size()),
-    };
+    let backend = open_sophon(args, Some(tokenizer.vocab_size()))?;
     let name = args.model.display();
-    let backend = SophonBackend::open(&args.model, &opts).map_err(|e| match e {
-        SophonError::Runtime(m) => CliError::new(Exit::Unavailable, m),
-        SophonError::Contract(c) => CliError::new(Exit::BadModel, format!("{name}: {c}")),
-        SophonError::Device(
-            d @ BackendError::Device {
-                call: "bmrt_load_bmodel",
-                ..
-            },
-        ) => CliError::new(Exit::BadModel, format!("{name}: {d}")),
-        SophonError::Device(d) => CliError::new(Exit::Unavailable, format!("{name}: {d}")),
-    })?;
     let vocab = backend.info().vocab_size;
     if tokenizer.vocab_size() > vocab {
         return Err(CliError::new(
