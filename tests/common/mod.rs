@@ -64,52 +64,46 @@ pub fn read_f32s(path: &Path) -> Vec<f32> {
         .collect()
 }
 
+/// Runs a `sim/` script once per test process (the scripts also lock against other
+/// processes) and returns the folder it prints. Fails loudly, with the script's reason.
+fn sim_folder_once(cell: &std::sync::Mutex<Option<PathBuf>>, script: &str, what: &str) -> PathBuf {
+    let mut done = cell.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(dir) = done.as_ref() {
+        return dir.clone();
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(root.join(script))
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {script}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what}:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = root.join(String::from_utf8_lossy(&out.stdout).trim());
+    *done = Some(dir.clone());
+    dir
+}
+
 /// The BM1684X simulator's runtime libraries (tpu-mlir wheel's libbmrt, libbmlib, libcmodel),
 /// installed on first use by `sim/install.sh` into `.cache/tpu-mlir`. Fails loudly, with the
 /// reason, when they cannot be had: these tests never skip.
 pub fn simulator_lib_dir() -> PathBuf {
-    // Once per test process (the script also locks against other processes).
     static INSTALLED: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
-    let mut installed = INSTALLED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    if let Some(dir) = installed.as_ref() {
-        return dir.clone();
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let out = Command::new(root.join("sim/install.sh"))
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run sim/install.sh: {e}"));
-    assert!(
-        out.status.success(),
-        "the BM1684X simulator could not be installed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let dir = root.join(String::from_utf8_lossy(&out.stdout).trim());
-    *installed = Some(dir.clone());
-    dir
+    sim_folder_once(
+        &INSTALLED,
+        "sim/install.sh",
+        "the BM1684X simulator could not be installed",
+    )
 }
 
 /// The toy Llama models compiled for the BM1684X by the vendor's compiler, with the same
-/// weights as GGUF (`sim/toy.sh`, built once per generator version into `.cache/toy`). Fails
-/// loudly, with the reason, when they cannot be built: these tests never skip.
+/// weights as GGUF (`sim/toy.sh`, built once per generator version into `.cache/toy`; it
+/// installs the simulator first). Fails loudly, with the reason, when they cannot be built:
+/// these tests never skip.
 pub fn toy_models() -> PathBuf {
     static BUILT: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
-    let mut built = BUILT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    if let Some(dir) = built.as_ref() {
-        return dir.clone();
-    }
-    simulator_lib_dir();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let out = Command::new(root.join("sim/toy.sh"))
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run sim/toy.sh: {e}"));
-    assert!(
-        out.status.success(),
-        "the toy bmodels could not be built:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let dir = root.join(String::from_utf8_lossy(&out.stdout).trim());
-    *built = Some(dir.clone());
-    dir
+    sim_folder_once(&BUILT, "sim/toy.sh", "the toy bmodels could not be built")
 }
 
 /// The simulated chip, held by a test while its backend lives: the simulator models one chip
