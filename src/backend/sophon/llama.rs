@@ -1,18 +1,33 @@
 //! The Llama forward pass on the BM1684X: the bmodel contract's prefill and decode sequence
-//! over a loaded bmodel. The KV cache lives in the decode blocks' own input memory
-//! (`block_cache_N` inputs 3 and 4) and never leaves the device; per decoded token the host
-//! writes the token id and reads back the token (on-chip heads) or the logits.
+//! over a loaded bmodel, with no device-to-device copy of ours on the way.
 //!
-//! Positions and masks for decoding come from two small device-resident tables made at load
-//! (positions `0..S`, and `S` zeros followed by `S` "minus infinity"), copied device to device
-//! into each block: the mask for position `p` is the window starting at `S - p`.
+//! Every net is launched on tensors over memory this backend owns, made once at load: token
+//! ids, a table of positions `0..S` (a prompt's positions are a window of it), the causal
+//! prefill mask (written once), the decode mask (one cell changes per token), two hidden-state
+//! buffers the layers use in turn (each block reads one and writes the other), and per layer
+//! a K and a V cache of S rows. A block's K/V outputs are tensors that point into the cache at
+//! the token's row, so the chip writes them in place; lm_head reads the prompt's last row
+//! where the last block left it. Nothing of ours lives in a net's own I/O memory, which in the
+//! default address mode lies in the activation area every net shares, except the KV cache of a
+//! bmodel whose decode blocks are io_alone: there it stays in their own history inputs, which
+//! saves the runtime a copy of the whole history per launch.
+//!
+//! Per decoded token the host writes the token id, its position and the one mask cell that
+//! changes, and reads the token (on-chip heads, token-returning lm_head), the sampling head's
+//! candidates, or the logits. The runtime moves a static net's inputs and outputs between our
+//! memory and the addresses it was compiled for inside each launch; that is not visible here.
+//!
+//! On a multi-chip bmodel every device has its own set of these buffers and each net's group
+//! of tensors for a device points at that device's set; lm_head and the heads run on the
+//! first. (The simulator has one chip: that path is argued, not tested.)
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::contract::{self, LlamaLayout, LmHeadOutput, SampleHead};
-use super::device::{Device, DeviceBuffer};
-use super::ffi::{DataType, DeviceMem, Runtime};
+use super::contract::{self, LlamaLayout, LmHeadOutput, Prefill, SampleHead};
+use super::device::{Device, DeviceBuffer, Traffic};
+use super::ffi::{DataType, DeviceMem};
+use super::plan::{self, Plan, Route};
 use super::runtime::{Launch, Loaded};
 use crate::backend::{Backend, BackendError, BackendInfo, Next};
 use crate::sampler::SamplerConfig;
@@ -43,61 +58,22 @@ pub enum SophonError {
     Contract(#[from] contract::ContractError),
 }
 
-/// The "minus infinity" of the attention masks, as compiled models expect it.
-fn minus_infinity(dtype: DataType) -> [u8; 2] {
+/// The additive attention mask's "minus infinity" in the mask's type, as the vendor's demos
+/// write it: -10000 (f16 0xF0E2; bf16 0xC61C is -9984, the nearest).
+fn masked(dtype: DataType) -> &'static [u8] {
+    const F16: [u8; 2] = 0xF0E2u16.to_le_bytes();
+    const BF16: [u8; 2] = 0xC61Cu16.to_le_bytes();
+    const F32: [u8; 4] = (-10000.0f32).to_le_bytes();
     match dtype {
-        DataType::Bf16 => 0xC61Cu16.to_le_bytes(),
-        _ => 0xF0E2u16.to_le_bytes(),
-    }
-}
-
-/// The nets, prepared for launching.
-struct Nets {
-    embedding: Launch,
-    embedding_cache: Launch,
-    blocks: Vec<Launch>,
-    caches: Vec<Launch>,
-    lm_head: Launch,
-    greedy: Option<Launch>,
-    sample: Option<(Launch, SampleHead)>,
-}
-
-/// Tables the backend keeps in one device's memory.
-struct Tables {
-    /// `0..S` as i32 (decode positions).
-    positions: DeviceBuffer,
-    /// `S` zeros then `S` minus-infinities (decode masks).
-    masks: DeviceBuffer,
-    /// This prompt's positions and S x S mask, copied into each prefill block (the nets' own
-    /// inputs may share memory with other nets' activations, so they are filled just before
-    /// each launch).
-    prefill_positions: DeviceBuffer,
-    prefill_mask: DeviceBuffer,
-}
-
-impl Tables {
-    fn new(device: &Arc<Device>, s: usize, dtype: DataType) -> Result<Tables, BackendError> {
-        let positions = device.alloc(s * 4)?;
-        let table: Vec<u8> = (0..s as i32).flat_map(i32::to_le_bytes).collect();
-        positions.write(&table)?;
-        let masks = device.alloc(2 * s * 2)?;
-        let mut table = vec![0u8; 2 * s * 2];
-        for cell in table[s * 2..].chunks_exact_mut(2) {
-            cell.copy_from_slice(&minus_infinity(dtype));
-        }
-        masks.write(&table)?;
-        Ok(Tables {
-            positions,
-            masks,
-            prefill_positions: device.alloc(s * 4)?,
-            prefill_mask: device.alloc(s * s * 2)?,
-        })
+        DataType::Bf16 => &BF16,
+        DataType::F32 => &F32,
+        _ => &F16,
     }
 }
 
 /// What picks the next token.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Picker {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Picker {
     /// The host samples from the logits.
     Host,
     /// lm_head itself returns the token (compiled with a top-1).
@@ -108,21 +84,100 @@ enum Picker {
     Sample,
 }
 
+/// One device's buffers (see the module documentation).
+struct DeviceState {
+    /// A prompt launch's token ids (`max_input` i32; ids past the prompt are stale but valid).
+    ids: DeviceBuffer,
+    /// The decoded token's id.
+    token: DeviceBuffer,
+    /// `0..S` as i32, written once.
+    positions: DeviceBuffer,
+    /// The decoded token's position.
+    position: DeviceBuffer,
+    /// `max_input` x `max_input` causal mask, written once (static prefill). Rows past a
+    /// prompt are causal too: they compute finite values nobody attends to.
+    _prefill_mask: Option<DeviceBuffer>,
+    /// S + 1 cells: zeros on `[0, pos)`, masked on `[pos, kv)`, zero at `kv` (the token
+    /// itself) for the decode stage of history length `kv`.
+    decode_mask: DeviceBuffer,
+    /// Hidden states, `max_input` rows each; block `i` reads `hidden[i % 2]`.
+    hidden: [DeviceBuffer; 2],
+    /// Per layer: the K and V cache, S rows each.
+    k: Vec<DeviceMem>,
+    v: Vec<DeviceMem>,
+    /// The cache buffers this backend allocated (none when the decode nets hold it).
+    _owned: Vec<DeviceBuffer>,
+}
+
+/// The sampling head's buffers and the penalty window (on the first device).
+struct SampleState {
+    head: SampleHead,
+    /// The ids to penalize: a ring of the last `n` tokens (slot = position mod n); a static
+    /// head's longer input is padded with a token of the window.
+    ids: DeviceBuffer,
+    /// penalty, temperature, top_p, top_k: 4 bytes each.
+    settings: DeviceBuffer,
+    probs: DeviceBuffer,
+    candidates: DeviceBuffer,
+    /// Ring slots (repeat_last_n, at most the ids input's length).
+    ring: usize,
+    /// Candidates valid per launch (top_k; all of them for a head without top_k).
+    top_k: usize,
+    /// The ring on the device holds the window ending at this position.
+    synced: Option<usize>,
+    /// Tokens in the ring.
+    filled: usize,
+    /// Position of the token the padding repeats.
+    fill_pos: usize,
+}
+
+/// The nets, prepared for launching on the buffers above.
+struct Nets {
+    embedding: Launch,
+    embedding_cache: Launch,
+    blocks: Vec<Launch>,
+    /// `block_kv_N` (bmodels with history).
+    with_history: Vec<Launch>,
+    caches: Vec<Launch>,
+    lm_head: Launch,
+    greedy: Option<Launch>,
+    sample: Option<Launch>,
+}
+
+/// Head buffers on the first device.
+struct HeadState {
+    /// lm_head's output: logits (V x f32) or a token.
+    logits: DeviceBuffer,
+    /// greedy_head's token.
+    token: DeviceBuffer,
+}
+
 /// A Llama bmodel resident on a BM1684X.
 pub struct SophonBackend {
     info: BackendInfo,
     layout: LlamaLayout,
     nets: Nets,
-    /// Position and mask tables, one set per device.
-    tables: Vec<Tables>,
+    devs: Vec<DeviceState>,
+    heads: HeadState,
+    sample: Option<SampleState>,
     picker: Picker,
     rng: fastrand::Rng,
+    /// Tokens by position, as the cache holds them (for a re-prefill and the penalty window).
+    history: Vec<u32>,
+    /// The decode mask's current layout: (history length of its stage, zeros before).
+    mask_state: Option<(usize, usize)>,
+    /// Row lm_head reads next, in the last block's output.
+    last_row: usize,
+    /// Position of the token whose logits lm_head computes next.
+    current: usize,
+    /// How the last prompt went through the chip.
+    last_plan: Option<Plan>,
     /// Host scratch, sized at load.
     bytes: Vec<u8>,
     logits: Vec<f32>,
     probs: Vec<f32>,
     candidates: Vec<u32>,
-    /// Dropped after the prepared nets and buffers above: the context, then the device.
+    /// Dropped after the prepared nets and buffers above: the context, then the devices.
     loaded: Loaded,
 }
 
@@ -132,7 +187,9 @@ impl SophonBackend {
     /// # Errors
     /// No runtime libraries, no device, a file that does not load or does not fit.
     pub fn open(path: &Path, opts: &SophonOptions) -> Result<SophonBackend, SophonError> {
-        let rt = Arc::new(Runtime::load(opts.lib_dir.as_deref()).map_err(|e| SophonError::Runtime(e.to_string()))?);
+        let rt = Arc::new(
+            super::ffi::Runtime::load(opts.lib_dir.as_deref()).map_err(|e| SophonError::Runtime(e.to_string()))?,
+        );
         let devices = if opts.devices.is_empty() {
             vec![0]
         } else {
@@ -152,90 +209,118 @@ impl SophonBackend {
             ))
             .into());
         }
-        if layout.dynamic_prefill {
-            return Err(contract::ContractError(
-                "the prefill blocks take no attention mask (compiled with --dynamic): not supported yet".into(),
-            )
-            .into());
-        }
         let vocab = match layout.lm_head {
             LmHeadOutput::Logits(v) => v,
             LmHeadOutput::Token => opts.vocab_hint.unwrap_or(0),
         };
-        let nets = Nets {
-            embedding: loaded.prepare_spanning("embedding")?,
-            embedding_cache: loaded.prepare_spanning("embedding_cache")?,
+        let mut nets = Nets {
+            embedding: loaded.prepare_spanning(&layout.embedding.net, layout.embedding.stage)?,
+            embedding_cache: loaded.prepare_spanning(&layout.embedding_cache.net, layout.embedding_cache.stage)?,
             blocks: (0..layout.layers)
-                .map(|i| loaded.prepare_spanning(&format!("block_{i}")))
+                .map(|i| loaded.prepare_spanning(&format!("block_{i}"), 0))
                 .collect::<Result<_, _>>()?,
+            with_history: if layout.prefill == Prefill::WithHistory {
+                (0..layout.layers)
+                    .map(|i| loaded.prepare_spanning(&format!("block_kv_{i}"), 0))
+                    .collect::<Result<_, _>>()?
+            } else {
+                Vec::new()
+            },
             caches: (0..layout.layers)
-                .map(|i| loaded.prepare_spanning(&format!("block_cache_{i}")))
+                .map(|i| loaded.prepare_spanning(&format!("block_cache_{i}"), 0))
                 .collect::<Result<_, _>>()?,
-            lm_head: loaded.prepare("lm_head")?,
+            lm_head: loaded.prepare("lm_head", 0)?,
             greedy: if layout.greedy_head {
-                Some(loaded.prepare("greedy_head")?)
+                Some(loaded.prepare("greedy_head", 0)?)
             } else {
                 None
             },
             sample: match &layout.sample_head {
-                Some(h) => Some((loaded.prepare(&h.net)?, h.clone())),
+                Some(h) => Some(loaded.prepare(&h.net, 0)?),
                 None => None,
             },
         };
-        let s = layout.seq_len;
-        let tables = opened
+        let devs = opened
             .iter()
-            .map(|d| Tables::new(d, s, layout.dtype))
+            .enumerate()
+            .map(|(d, dev)| DeviceState::new(dev, d, &layout, &nets))
             .collect::<Result<Vec<_>, _>>()?;
-        let kv_bytes = (layout.devices * layout.layers * 2 * s * layout.kv_heads * layout.head_dim * 2) as u64;
+        let heads = HeadState {
+            logits: opened[0].alloc(vocab.max(1) * 4)?,
+            token: opened[0].alloc(4)?,
+        };
+        let sample = match &layout.sample_head {
+            Some(h) => Some(SampleState::new(&opened[0], h.clone())?),
+            None => None,
+        };
+        bind(&mut nets, &layout, &devs, &heads, sample.as_ref());
+
+        let s = layout.seq_len;
+        let row = layout.kv_heads * layout.head_dim * layout.kv_dtype.size();
+        let kv_bytes = (layout.devices * layout.layers * 2 * s * row) as u64;
         let info = BackendInfo {
             backend: "sophon",
             model: format!(
-                "{} ({} layers, hidden {}, {} KV heads x {}, devices {:?})",
+                "{} ({} layers, hidden {}, {} KV heads x {}, {}, devices {:?})",
                 path.file_name()
                     .map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned()),
                 layout.layers,
                 layout.hidden,
                 layout.kv_heads,
                 layout.head_dim,
+                match layout.prefill {
+                    Prefill::Static(_) => "static prefill",
+                    Prefill::Dynamic => "dynamic prefill",
+                    Prefill::WithHistory => "prefill with history",
+                },
                 devices
             ),
             context_length: s,
             vocab_size: vocab,
-            dtype: match layout.dtype {
-                DataType::Bf16 => "bf16".into(),
-                _ => "f16".into(),
-            },
+            dtype: format!(
+                "{} activations, {} KV",
+                dtype_name(layout.hidden_dtype),
+                dtype_name(layout.kv_dtype)
+            ),
             weight_bytes: std::fs::metadata(path).map_or(0, |m| m.len()),
             kv_cache_bytes: kv_bytes,
-            max_batch: s,
+            max_batch: layout.max_input,
         };
-        // The KV cache starts as zeros: positions not yet written are masked, but must hold
-        // finite numbers (whatever the device memory held before may be NaN).
-        let zeros = vec![0u8; s * layout.kv_heads * layout.head_dim * 2];
-        for cache in &nets.caches {
-            for (d, device) in opened.iter().enumerate() {
-                device.write(input_on(cache, 3, d), &zeros)?;
-                device.write(input_on(cache, 4, d), &zeros)?;
-            }
-        }
         let n_candidates = layout.sample_head.as_ref().map_or(0, |h| h.candidates);
-        let scratch = (s * s * 2).max(s * 4).max(vocab * 4).max(n_candidates * 4);
+        let ids_len = layout.sample_head.as_ref().map_or(0, |h| h.ids_len);
+        let scratch = [
+            layout.max_input * 4,
+            (s + 1) * layout.mask_dtype.size(),
+            vocab * 4,
+            ids_len * 4,
+            n_candidates * 4,
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(0);
+        let picker = if layout.lm_head == LmHeadOutput::Token {
+            Picker::LmHead
+        } else {
+            Picker::Host
+        };
         Ok(SophonBackend {
-            picker: if layout.lm_head == LmHeadOutput::Token {
-                Picker::LmHead
-            } else {
-                Picker::Host
-            },
+            picker,
             info,
-            layout,
             nets,
-            tables,
+            devs,
+            heads,
+            sample,
             rng: fastrand::Rng::with_seed(0),
+            history: vec![0; s],
+            mask_state: None,
+            last_row: 0,
+            current: 0,
+            last_plan: None,
             bytes: vec![0; scratch],
             logits: vec![0.0; vocab],
             probs: vec![0.0; n_candidates],
             candidates: vec![0; n_candidates],
+            layout,
             loaded,
         })
     }
@@ -245,166 +330,228 @@ impl SophonBackend {
         &self.layout
     }
 
-    /// Bytes per activation element (f16 and bf16 alike).
-    const HALF: usize = 2;
+    /// What picks the tokens of the current request.
+    pub fn picker(&self) -> Picker {
+        self.picker
+    }
 
-    /// The whole prompt at positions `0..len` in one pass of the prefill blocks. On a
-    /// multi-chip bmodel every device gets the same ids, positions and mask, and each copy
-    /// stays on its device; lm_head runs on the first.
-    fn prefill_from_start(&mut self, tokens: &[u32]) -> Result<(), BackendError> {
-        let s = self.layout.seq_len;
-        let len = tokens.len();
-        let (hidden, kv_row) = (self.layout.hidden, self.layout.kv_heads * self.layout.head_dim);
-        let devices = self.loaded.devices();
+    /// What the backend has asked of its devices since it was opened (launches, syncs,
+    /// copies in each direction), summed over them.
+    pub fn traffic(&self) -> Traffic {
+        self.loaded.traffic()
+    }
 
-        let ids = &mut self.bytes[..s * 4];
-        for (i, cell) in ids.chunks_exact_mut(4).enumerate() {
-            let id = tokens.get(i).copied().unwrap_or(0) as i32;
-            cell.copy_from_slice(&id.to_le_bytes());
+    /// How the last prompt went through the chip (route, launches, positions computed).
+    pub fn last_plan(&self) -> Option<Plan> {
+        self.last_plan
+    }
+
+    /// Writes the same bytes into one buffer of every device.
+    fn write_all(
+        &self,
+        pick: impl Fn(&DeviceState) -> DeviceMem,
+        offset: usize,
+        data: &[u8],
+    ) -> Result<(), BackendError> {
+        for (dev, state) in self.loaded.devices().iter().zip(&self.devs) {
+            dev.write_at(pick(state), offset, data)?;
         }
-        for (d, dev) in devices.iter().enumerate() {
-            dev.write(input_on(&self.nets.embedding, 0, d), ids)?;
+        Ok(())
+    }
+
+    /// One launch of the prefill nets: the `n` tokens (at most `max_input`) of `history` at
+    /// positions `start..`, after `start` rows of history (only on bmodels with `block_kv_N`
+    /// nets, or `start == 0`). Leaves the last token's row for lm_head.
+    fn prefill_launch(&mut self, start: usize, n: usize) -> Result<(), BackendError> {
+        let tokens = &self.history[start..start + n];
+        let l = &self.layout;
+        let (layers, dynamic) = (l.layers, !matches!(l.prefill, Prefill::Static(_)));
+        let hidden_row = l.hidden * l.hidden_dtype.size();
+        let kv_row = l.kv_heads * l.head_dim * l.kv_dtype.size();
+        let (kvh, hd, h) = (l.kv_heads as i32, l.head_dim as i32, l.hidden as i32);
+        let ids = &mut self.bytes[..n * 4];
+        for (cell, &t) in ids.chunks_exact_mut(4).zip(tokens) {
+            cell.copy_from_slice(&(t as i32).to_le_bytes());
         }
-        if let Some((head, _)) = &self.nets.sample {
-            // The ids so far, for the repetition penalty; padded with a token already in
-            // them, which penalizing twice leaves as once.
-            for (i, cell) in ids.chunks_exact_mut(4).enumerate() {
-                let id = tokens.get(i).copied().unwrap_or(tokens[0]) as i32;
-                cell.copy_from_slice(&id.to_le_bytes());
-            }
-            devices[0].write(input(head, 1), ids)?;
+        for (dev, state) in self.loaded.devices().iter().zip(&self.devs) {
+            dev.write(state.ids.mem(), &self.bytes[..n * 4])?;
         }
         self.loaded.launch(&mut self.nets.embedding)?;
-
-        // Positions 0..len then 0; mask 0 where j <= i < len, else minus infinity.
-        for (i, cell) in self.bytes[..s * 4].chunks_exact_mut(4).enumerate() {
-            let p = if i < len { i as i32 } else { 0 };
-            cell.copy_from_slice(&p.to_le_bytes());
-        }
-        for t in &self.tables {
-            t.prefill_positions.write(&self.bytes[..s * 4])?;
-        }
-        let minus = minus_infinity(self.layout.dtype);
-        for (cell_index, cell) in self.bytes[..s * s * 2].chunks_exact_mut(2).enumerate() {
-            let (i, j) = (cell_index / s, cell_index % s);
-            cell.copy_from_slice(if j <= i && i < len { &[0, 0] } else { &minus });
-        }
-        for t in &self.tables {
-            t.prefill_mask.write(&self.bytes[..s * s * 2])?;
-        }
-
-        for layer in 0..self.layout.layers {
-            for (d, dev) in devices.iter().enumerate() {
-                let block = &self.nets.blocks[layer];
-                let hidden_out = match layer {
-                    0 => output_on(&self.nets.embedding, 0, d),
-                    _ => output_on(&self.nets.blocks[layer - 1], 0, d),
-                };
-                let t = &self.tables[d];
-                dev.copy(input_on(block, 0, d), 0, hidden_out, 0, s * hidden * Self::HALF)?;
-                // After --combine every net has its own inputs: positions and mask per block.
-                dev.copy(input_on(block, 1, d), 0, t.prefill_positions.mem(), 0, s * 4)?;
-                dev.copy(input_on(block, 2, d), 0, t.prefill_mask.mem(), 0, s * s * Self::HALF)?;
+        for layer in 0..layers {
+            let net = if start > 0 {
+                &mut self.nets.with_history[layer]
+            } else {
+                &mut self.nets.blocks[layer]
+            };
+            for (d, state) in self.devs.iter().enumerate() {
+                let (k, v) = (state.k[layer], state.v[layer]);
+                if dynamic {
+                    set(
+                        net.input(0, d),
+                        state.hidden[layer % 2].mem().slice(0, n * hidden_row),
+                        &[1, n as i32, h],
+                    );
+                    set(
+                        net.input(1, d),
+                        state.positions.mem().slice(start * 4, n * 4),
+                        &[1, n as i32],
+                    );
+                    if start > 0 {
+                        let past = [1, start as i32, kvh, hd];
+                        set(net.input(2, d), k.slice(0, start * kv_row), &past);
+                        set(net.input(3, d), v.slice(0, start * kv_row), &past);
+                    }
+                    let rows = [1, n as i32, kvh, hd];
+                    set(net.output(1, d), k.slice(start * kv_row, n * kv_row), &rows);
+                    set(net.output(2, d), v.slice(start * kv_row, n * kv_row), &rows);
+                }
             }
-            self.loaded.launch(&mut self.nets.blocks[layer])?;
-            for (d, dev) in devices.iter().enumerate() {
-                let block = &self.nets.blocks[layer];
-                let cache = &self.nets.caches[layer];
-                // All S rows, not only len: rows past the prompt are masked, but a masked row
-                // must still hold finite numbers (0 x NaN is NaN), and these are.
-                let kv_len = s * kv_row * Self::HALF;
-                dev.copy(input_on(cache, 3, d), 0, output_on(block, 1, d), 0, kv_len)?;
-                dev.copy(input_on(cache, 4, d), 0, output_on(block, 2, d), 0, kv_len)?;
-            }
+            self.loaded.launch(net)?;
         }
-        let last = output_on(&self.nets.blocks[self.layout.layers - 1], 0, 0);
-        let row = hidden * Self::HALF;
-        devices[0].copy(input(&self.nets.lm_head, 0), 0, last, (len - 1) * row, row)
+        self.last_row = n - 1;
+        Ok(())
     }
 
     /// One token at position `pos`, attending to the cache before it.
     fn decode_step(&mut self, token: u32, pos: usize) -> Result<(), BackendError> {
-        let s = self.layout.seq_len;
-        let (hidden, kv_row) = (self.layout.hidden, self.layout.kv_heads * self.layout.head_dim);
-        let devices = self.loaded.devices();
-        let id = (token as i32).to_le_bytes();
-        for (d, dev) in devices.iter().enumerate() {
-            dev.write(input_on(&self.nets.embedding_cache, 0, d), &id)?;
+        let l = &self.layout;
+        let kv_row = l.kv_heads * l.head_dim * l.kv_dtype.size();
+        let cell = l.mask_dtype.size();
+        let (kvh, hd) = (l.kv_heads as i32, l.head_dim as i32);
+        // The shortest decode stage that holds the history and the token.
+        let kv = l
+            .decode_stages
+            .iter()
+            .copied()
+            .filter(|&s| s > pos)
+            .min()
+            .unwrap_or(l.seq_len);
+        self.write_all(|s| s.token.mem(), 0, &(token as i32).to_le_bytes())?;
+        self.write_all(|s| s.position.mem(), 0, &(pos as i32).to_le_bytes())?;
+        let minus = masked(l.mask_dtype);
+        match self.mask_state {
+            Some((k, zeros)) if k == kv && zeros == pos => {}
+            Some((k, zeros)) if k == kv && zeros + 1 == pos => {
+                self.write_all(|s| s.decode_mask.mem(), (pos - 1) * cell, &[0u8; 4][..cell])?;
+            }
+            _ => {
+                let mask = &mut self.bytes[..(kv + 1) * cell];
+                for (j, c) in mask.chunks_exact_mut(cell).enumerate() {
+                    if j < pos || j == kv {
+                        c.fill(0);
+                    } else {
+                        c.copy_from_slice(minus);
+                    }
+                }
+                for (dev, state) in self.loaded.devices().iter().zip(&self.devs) {
+                    dev.write(state.decode_mask.mem(), &self.bytes[..(kv + 1) * cell])?;
+                }
+            }
         }
-        if let Some((head, _)) = &self.nets.sample {
-            let id_mem = input_on(&self.nets.embedding_cache, 0, 0);
-            devices[0].copy(input(head, 1), pos * 4, id_mem, 0, 4)?;
-        }
+        self.mask_state = Some((kv, pos));
         self.loaded.launch(&mut self.nets.embedding_cache)?;
-        for layer in 0..self.layout.layers {
-            for (d, dev) in devices.iter().enumerate() {
-                let cache = &self.nets.caches[layer];
-                let hidden_out = match layer {
-                    0 => output_on(&self.nets.embedding_cache, 0, d),
-                    _ => output_on(&self.nets.caches[layer - 1], 0, d),
-                };
-                let t = &self.tables[d];
-                dev.copy(input_on(cache, 0, d), 0, hidden_out, 0, hidden * Self::HALF)?;
-                dev.copy(input_on(cache, 1, d), 0, t.positions.mem(), pos * 4, 4)?;
-                // Mask: zeros on [0, pos), minus infinity on [pos, S), and 0 for the token itself.
-                let mask = input_on(cache, 2, d);
-                dev.copy(mask, 0, t.masks.mem(), (s - pos) * Self::HALF, s * Self::HALF)?;
-                dev.copy(mask, s * Self::HALF, t.masks.mem(), 0, Self::HALF)?;
+        for layer in 0..l.layers {
+            let net = &mut self.nets.caches[layer];
+            for (d, state) in self.devs.iter().enumerate() {
+                let (k, v) = (state.k[layer], state.v[layer]);
+                set(
+                    net.input(2, d),
+                    state.decode_mask.mem().slice(0, (kv + 1) * cell),
+                    &[1, 1, 1, kv as i32 + 1],
+                );
+                let past = [1, kv as i32, kvh, hd];
+                set(net.input(3, d), k.slice(0, kv * kv_row), &past);
+                set(net.input(4, d), v.slice(0, kv * kv_row), &past);
+                set(net.output(1, d), k.slice(pos * kv_row, kv_row), &[1, 1, kvh, hd]);
+                set(net.output(2, d), v.slice(pos * kv_row, kv_row), &[1, 1, kvh, hd]);
             }
-            self.loaded.launch(&mut self.nets.caches[layer])?;
-            for (d, dev) in devices.iter().enumerate() {
-                let cache = &self.nets.caches[layer];
-                let kv = kv_row * Self::HALF;
-                dev.copy(input_on(cache, 3, d), pos * kv, output_on(cache, 1, d), 0, kv)?;
-                dev.copy(input_on(cache, 4, d), pos * kv, output_on(cache, 2, d), 0, kv)?;
-            }
+            self.loaded.launch(net)?;
         }
-        let last = output_on(&self.nets.caches[self.layout.layers - 1], 0, 0);
-        devices[0].copy(input(&self.nets.lm_head, 0), 0, last, 0, hidden * Self::HALF)
+        self.last_row = 0;
+        Ok(())
     }
 
-    /// lm_head on the row placed in its input, then the picker.
+    /// lm_head on the last row, then the picker; waits for the chip and reads the result.
     fn head(&mut self) -> Result<Next<'_>, BackendError> {
+        let l = &self.layout;
+        let hidden_row = l.hidden * l.hidden_dtype.size();
+        let last = &self.devs[0].hidden[l.layers % 2];
+        if let Some(t) = self.nets.lm_head.input(0, 0) {
+            t.device_mem = last
+                .mem()
+                .slice(self.last_row * hidden_row, hidden_row)
+                .unwrap_or_default();
+        }
         self.loaded.launch(&mut self.nets.lm_head)?;
-        let logits_mem = output(&self.nets.lm_head, 0);
         let v = self.logits.len();
         match self.picker {
-            Picker::LmHead => self.read_token(logits_mem),
+            Picker::LmHead => {
+                self.loaded.finish()?;
+                let mem = self.heads.logits.mem();
+                self.read_token(mem)
+            }
             Picker::Greedy => {
                 let Some(greedy) = self.nets.greedy.as_mut() else {
                     return Err(missing("greedy_head"));
                 };
-                self.loaded.device().copy(input(greedy, 0), 0, logits_mem, 0, v * 4)?;
                 self.loaded.launch(greedy)?;
-                let out = output(greedy, 0);
-                self.read_token(out)
+                self.loaded.finish()?;
+                let mem = self.heads.token.mem();
+                self.read_token(mem)
             }
-            Picker::Sample => {
-                let Some((head, layout)) = self.nets.sample.as_mut() else {
-                    return Err(missing("sample_head"));
-                };
-                let dev = self.loaded.device();
-                dev.copy(input(head, 0), 0, logits_mem, 0, v * 4)?;
-                self.loaded.launch(head)?;
-                let n = layout.candidates;
-                dev.read(output(head, 0), &mut self.bytes[..n * 4])?;
-                for (p, b) in self.probs.iter_mut().zip(self.bytes.chunks_exact(4)) {
-                    *p = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                }
-                dev.read(output(head, 1), &mut self.bytes[..n * 4])?;
-                for (t, b) in self.candidates.iter_mut().zip(self.bytes.chunks_exact(4)) {
-                    *t = i32::from_le_bytes([b[0], b[1], b[2], b[3]]).max(0) as u32;
-                }
-                Ok(Next::Token(draw(&self.probs, &self.candidates, &mut self.rng)))
-            }
+            Picker::Sample => self.sample_on_chip(),
             Picker::Host => {
-                self.loaded.device().read(logits_mem, &mut self.bytes[..v * 4])?;
+                self.loaded.finish()?;
+                self.loaded
+                    .device()
+                    .read(self.heads.logits.mem(), &mut self.bytes[..v * 4])?;
                 for (l, b) in self.logits.iter_mut().zip(self.bytes.chunks_exact(4)) {
                     *l = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
                 }
                 Ok(Next::Logits(&self.logits))
             }
         }
+    }
+
+    /// The sampling head on the logits lm_head left, the penalty window brought up to the
+    /// current position first; the host draws among the valid candidates.
+    fn sample_on_chip(&mut self) -> Result<Next<'_>, BackendError> {
+        let (Some(state), Some(net)) = (self.sample.as_mut(), self.nets.sample.as_mut()) else {
+            return Err(missing("sample_head"));
+        };
+        let dev = self.loaded.device();
+        state.sync_window(dev, &self.history, self.current, &mut self.bytes)?;
+        if state.head.dynamic {
+            let w = state.filled;
+            if let Some(t) = net.input(state.head.ids, 0) {
+                t.device_mem = state.ids.mem().slice(0, w * 4).unwrap_or_default();
+                t.shape = super::ffi::Shape::from_dims(&[1, w as i32]);
+            }
+        }
+        self.loaded.launch(net)?;
+        self.loaded.finish()?;
+        let k = state.top_k;
+        dev.read(state.probs.mem(), &mut self.bytes[..k * 4])?;
+        for (p, b) in self.probs.iter_mut().zip(self.bytes.chunks_exact(4)) {
+            *p = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        }
+        dev.read(state.candidates.mem(), &mut self.bytes[..k * 4])?;
+        let vocab = self.info.vocab_size;
+        for (t, b) in self.candidates.iter_mut().zip(self.bytes.chunks_exact(4)) {
+            let id = i32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            if id < 0 || id as usize >= vocab {
+                return Err(BackendError::Device {
+                    call: "bmrt_launch_tensor_ex",
+                    detail: format!("the sampling head returned token {id}, outside the vocabulary"),
+                });
+            }
+            *t = id as u32;
+        }
+        Ok(Next::Token(draw(
+            &self.probs[..k],
+            &self.candidates[..k],
+            &mut self.rng,
+        )))
     }
 
     fn read_token(&mut self, mem: DeviceMem) -> Result<Next<'_>, BackendError> {
@@ -438,27 +585,22 @@ impl SophonBackend {
             None => Ok(()),
         }
     }
+}
 
-    /// Writes the sampling head's settings (f32, as its inputs are declared).
-    fn write_sampling(&mut self, cfg: &SamplerConfig) -> Result<(), BackendError> {
-        let Some((head, layout)) = &self.nets.sample else {
-            return Ok(());
-        };
-        let dev = self.loaded.device();
-        dev.write(input(head, 2), &cfg.repeat_penalty.to_le_bytes())?;
-        dev.write(input(head, 3), &cfg.temperature.to_le_bytes())?;
-        let top_p_index = if layout.top_k_input {
-            let k = if cfg.top_k == 0 {
-                layout.candidates
-            } else {
-                cfg.top_k.min(layout.candidates)
-            };
-            dev.write(input(head, 4), &(k as i32).to_le_bytes())?;
-            5
-        } else {
-            4
-        };
-        dev.write(input(head, top_p_index), &cfg.top_p.to_le_bytes())
+fn dtype_name(d: DataType) -> &'static str {
+    match d {
+        DataType::F32 => "f32",
+        DataType::Bf16 => "bf16",
+        _ => "f16",
+    }
+}
+
+/// Points a tensor at `mem` with `dims` (a range the contract ruled out leaves an empty
+/// descriptor, which the runtime refuses with an error rather than a crash).
+fn set(tensor: Option<&mut super::ffi::Tensor>, mem: Option<DeviceMem>, dims: &[i32]) {
+    if let Some(t) = tensor {
+        t.device_mem = mem.unwrap_or_default();
+        t.shape = super::ffi::Shape::from_dims(dims);
     }
 }
 
@@ -469,36 +611,230 @@ fn missing(net: &'static str) -> BackendError {
     }
 }
 
-/// A net's input memory (a default, zero-sized one for an index the contract ruled out, so a
-/// copy into it fails with an error rather than a panic).
-fn input(net: &Launch, i: usize) -> DeviceMem {
-    net.input_mem(i).unwrap_or_default()
-}
-
-fn output(net: &Launch, i: usize) -> DeviceMem {
-    net.output_mem(i).unwrap_or_default()
-}
-
-/// Input `i` of device `d`'s group of a net spanning all devices.
-fn input_on(net: &Launch, i: usize, d: usize) -> DeviceMem {
-    net.input_mem_on(i, d).unwrap_or_default()
-}
-
-fn output_on(net: &Launch, i: usize, d: usize) -> DeviceMem {
-    net.output_mem_on(i, d).unwrap_or_default()
-}
-
-/// Draws one candidate with probability proportional to `probs`.
+/// Draws one candidate with probability proportional to `probs` (non-finite or negative
+/// probabilities count as zero; if none is positive, the first candidate).
 fn draw(probs: &[f32], candidates: &[u32], rng: &mut fastrand::Rng) -> u32 {
-    let total: f32 = probs.iter().map(|p| p.max(0.0)).sum();
+    let weight = |p: f32| if p.is_finite() { p.max(0.0) } else { 0.0 };
+    let total: f32 = probs.iter().map(|&p| weight(p)).sum();
     let mut r = rng.f32() * total;
     for (&p, &t) in probs.iter().zip(candidates) {
-        r -= p.max(0.0);
-        if r <= 0.0 && p > 0.0 {
+        r -= weight(p);
+        if r <= 0.0 && weight(p) > 0.0 {
             return t;
         }
     }
     candidates.first().copied().unwrap_or(0)
+}
+
+impl DeviceState {
+    /// Allocates device `d`'s buffers and writes the tables that never change.
+    fn new(dev: &Arc<Device>, d: usize, l: &LlamaLayout, nets: &Nets) -> Result<DeviceState, BackendError> {
+        let (s, li) = (l.seq_len, l.max_input);
+        let kv_row = l.kv_heads * l.head_dim * l.kv_dtype.size();
+        let positions = dev.alloc(s * 4)?;
+        let table: Vec<u8> = (0..s as i32).flat_map(i32::to_le_bytes).collect();
+        positions.write(&table)?;
+        let prefill_mask = match l.prefill {
+            Prefill::Static(dtype) => {
+                let cell = dtype.size();
+                let buf = dev.alloc(li * li * cell)?;
+                let mut mask = vec![0u8; li * li * cell];
+                for (index, c) in mask.chunks_exact_mut(cell).enumerate() {
+                    if index % li > index / li {
+                        c.copy_from_slice(masked(dtype));
+                    }
+                }
+                buf.write(&mask)?;
+                Some(buf)
+            }
+            _ => None,
+        };
+        let hidden_bytes = li * l.hidden * l.hidden_dtype.size();
+        let mut owned = Vec::new();
+        let (mut k, mut v) = (Vec::new(), Vec::new());
+        // The cache starts as zeros: rows not yet written are masked, but must hold finite
+        // numbers (a masked weight is exactly 0, and 0 x NaN is NaN).
+        let zeros = vec![0u8; s * kv_row];
+        for layer in 0..l.layers {
+            for (list, input) in [(&mut k, 3), (&mut v, 4)] {
+                let mem = if l.cache_in_decode_inputs {
+                    nets.caches[layer].input_mem(input, d).unwrap_or_default()
+                } else {
+                    let buf = dev.alloc(s * kv_row)?;
+                    let mem = buf.mem();
+                    owned.push(buf);
+                    mem
+                };
+                dev.write(mem, &zeros)?;
+                list.push(mem);
+            }
+        }
+        Ok(DeviceState {
+            ids: {
+                let b = dev.alloc(li * 4)?;
+                b.write(&vec![0u8; li * 4])?;
+                b
+            },
+            token: dev.alloc(4)?,
+            positions,
+            position: dev.alloc(4)?,
+            _prefill_mask: prefill_mask,
+            decode_mask: dev.alloc((s + 1) * l.mask_dtype.size())?,
+            hidden: [dev.alloc(hidden_bytes)?, dev.alloc(hidden_bytes)?],
+            k,
+            v,
+            _owned: owned,
+        })
+    }
+}
+
+/// Points every net's tensors at the backend's buffers, once; what changes per launch
+/// (a prompt's length, the token's cache row, a decode stage's history) is set at launch.
+fn bind(nets: &mut Nets, l: &LlamaLayout, devs: &[DeviceState], heads: &HeadState, sample: Option<&SampleState>) {
+    let hidden_row = l.hidden * l.hidden_dtype.size();
+    let kv_row = l.kv_heads * l.head_dim * l.kv_dtype.size();
+    let li = l.max_input;
+    let mem = |t: Option<&mut super::ffi::Tensor>, m: Option<DeviceMem>| {
+        if let Some(t) = t {
+            t.device_mem = m.unwrap_or_default();
+        }
+    };
+    for (d, st) in devs.iter().enumerate() {
+        mem(nets.embedding.input(0, d), Some(st.ids.mem()));
+        mem(nets.embedding.output(0, d), Some(st.hidden[0].mem()));
+        mem(nets.embedding_cache.input(0, d), Some(st.token.mem()));
+        mem(
+            nets.embedding_cache.output(0, d),
+            st.hidden[0].mem().slice(0, hidden_row),
+        );
+        for layer in 0..l.layers {
+            let (a, b) = (&st.hidden[layer % 2], &st.hidden[(layer + 1) % 2]);
+            for net in [Some(&mut nets.blocks[layer]), nets.with_history.get_mut(layer)]
+                .into_iter()
+                .flatten()
+            {
+                mem(net.input(0, d), Some(a.mem()));
+                mem(net.input(1, d), st.positions.mem().slice(0, li * 4));
+                if let Some(mask) = &st._prefill_mask {
+                    mem(net.input(2, d), Some(mask.mem()));
+                }
+                mem(net.output(0, d), Some(b.mem()));
+                mem(net.output(1, d), st.k[layer].slice(0, li * kv_row));
+                mem(net.output(2, d), st.v[layer].slice(0, li * kv_row));
+            }
+            let c = &mut nets.caches[layer];
+            mem(c.input(0, d), a.mem().slice(0, hidden_row));
+            mem(c.input(1, d), Some(st.position.mem()));
+            mem(c.output(0, d), b.mem().slice(0, hidden_row));
+        }
+    }
+    mem(nets.lm_head.output(0, 0), Some(heads.logits.mem()));
+    if let Some(g) = nets.greedy.as_mut() {
+        mem(g.input(0, 0), Some(heads.logits.mem()));
+        mem(g.output(0, 0), Some(heads.token.mem()));
+    }
+    if let (Some(net), Some(st)) = (nets.sample.as_mut(), sample) {
+        let h = &st.head;
+        mem(net.input(h.logits, 0), Some(heads.logits.mem()));
+        mem(net.input(h.ids, 0), Some(st.ids.mem()));
+        for (i, input) in [Some(h.penalty), Some(h.temperature), Some(h.top_p), h.top_k]
+            .into_iter()
+            .enumerate()
+        {
+            if let Some(input) = input {
+                mem(net.input(input, 0), st.settings.mem().slice(i * 4, 4));
+            }
+        }
+        mem(net.output(h.probs_out, 0), Some(st.probs.mem()));
+        mem(net.output(h.ids_out, 0), Some(st.candidates.mem()));
+    }
+}
+
+impl SampleState {
+    fn new(dev: &Arc<Device>, head: SampleHead) -> Result<SampleState, BackendError> {
+        let c = head.candidates;
+        Ok(SampleState {
+            ids: dev.alloc(head.ids_len.max(1) * 4)?,
+            settings: dev.alloc(16)?,
+            probs: dev.alloc(c * 4)?,
+            candidates: dev.alloc(c * 4)?,
+            ring: 1,
+            top_k: c,
+            synced: None,
+            filled: 0,
+            fill_pos: 0,
+            head,
+        })
+    }
+
+    /// Writes the settings (f32, as the head's inputs are declared; top_k as i32) and sizes
+    /// the penalty window. Returns whether the head can honour them.
+    fn configure(&mut self, dev: &Device, cfg: &SamplerConfig) -> Result<(), BackendError> {
+        let c = self.head.candidates;
+        self.top_k = match self.head.top_k {
+            Some(_) if cfg.top_k > 0 => cfg.top_k.min(c),
+            _ => c,
+        };
+        // repeat_last_n 0 turns the penalty off, as on the host.
+        let penalty = if cfg.repeat_last_n == 0 {
+            1.0
+        } else {
+            cfg.repeat_penalty
+        };
+        let mut settings = [0u8; 16];
+        settings[0..4].copy_from_slice(&penalty.to_le_bytes());
+        settings[4..8].copy_from_slice(&cfg.temperature.to_le_bytes());
+        settings[8..12].copy_from_slice(&cfg.top_p.to_le_bytes());
+        settings[12..16].copy_from_slice(&(self.top_k as i32).to_le_bytes());
+        let len = if self.head.top_k.is_some() { 16 } else { 12 };
+        dev.write(self.settings.mem(), &settings[..len])?;
+        let ring = cfg.repeat_last_n.clamp(1, self.head.ids_len.max(1));
+        if ring != self.ring {
+            self.ring = ring;
+            self.synced = None;
+        }
+        Ok(())
+    }
+
+    /// Brings the ring of penalized ids up to position `p` (`history[..=p]` holds the
+    /// tokens): one id per decoded token; the whole window after a prompt or a jump.
+    fn sync_window(&mut self, dev: &Device, history: &[u32], p: usize, scratch: &mut [u8]) -> Result<(), BackendError> {
+        let (n, len) = (self.ring, self.head.ids_len.max(1));
+        let padded = !self.head.dynamic;
+        let id = |pos: usize| (history.get(pos).copied().unwrap_or(0) as i32).to_le_bytes();
+        match self.synced {
+            Some(q) if q == p => {}
+            Some(q) if q + 1 == p => {
+                dev.write_at(self.ids.mem(), (p % n) * 4, &id(p))?;
+                self.filled = (self.filled + 1).min(n);
+                if padded && p == self.fill_pos + n && len > n {
+                    // The token the padding repeats just left the window: repeat the newest.
+                    let pad = &mut scratch[..(len - n) * 4];
+                    for c in pad.chunks_exact_mut(4) {
+                        c.copy_from_slice(&id(p));
+                    }
+                    dev.write_at(self.ids.mem(), n * 4, pad)?;
+                    self.fill_pos = p;
+                }
+            }
+            _ => {
+                let w = (p + 1).min(n);
+                let end = if padded { len } else { w };
+                let buf = &mut scratch[..end * 4];
+                for c in buf.chunks_exact_mut(4) {
+                    c.copy_from_slice(&id(p));
+                }
+                for pos in p + 1 - w..=p {
+                    buf[(pos % n) * 4..(pos % n) * 4 + 4].copy_from_slice(&id(pos));
+                }
+                dev.write(self.ids.mem(), buf)?;
+                self.filled = w;
+                self.fill_pos = p;
+            }
+        }
+        self.synced = Some(p);
+        Ok(())
+    }
 }
 
 impl Backend for SophonBackend {
@@ -508,39 +844,75 @@ impl Backend for SophonBackend {
 
     fn prefill(&mut self, tokens: &[u32], start: usize) -> Result<Next<'_>, BackendError> {
         self.check_call(tokens, start)?;
-        if start == 0 {
-            self.prefill_from_start(tokens)?;
-        } else {
-            // The prefill blocks start at position 0: continuing a cached conversation goes
-            // one decode step per token.
-            for (i, &t) in tokens.iter().enumerate() {
-                self.decode_step(t, start + i)?;
+        let n = tokens.len();
+        self.history[start..start + n].copy_from_slice(tokens);
+        let plan = plan::plan(&self.layout, start, n);
+        self.last_plan = Some(plan);
+        let max_input = self.layout.max_input.max(1);
+        match plan.route {
+            Route::Prefill if self.layout.prefill == Prefill::WithHistory => {
+                for from in (start..start + n).step_by(max_input) {
+                    self.prefill_launch(from, max_input.min(start + n - from))?;
+                }
+            }
+            Route::Prefill => {
+                let first = n.min(max_input);
+                self.prefill_launch(0, first)?;
+                for (i, &t) in tokens[first..].iter().enumerate() {
+                    self.decode_step(t, first + i)?;
+                }
+            }
+            Route::Reprefill => self.prefill_launch(0, start + n)?,
+            Route::Decode => {
+                for (i, &t) in tokens.iter().enumerate() {
+                    self.decode_step(t, start + i)?;
+                }
             }
         }
+        self.current = start + n - 1;
         self.head()
     }
 
     fn decode(&mut self, token: u32, pos: usize) -> Result<Next<'_>, BackendError> {
         self.check_call(&[token], pos)?;
+        self.history[pos] = token;
         self.decode_step(token, pos)?;
+        self.current = pos;
         self.head()
     }
 
-    fn reset(&mut self) {}
+    fn reset(&mut self) {
+        if let Some(s) = self.sample.as_mut() {
+            s.synced = None;
+        }
+    }
 
     fn configure_sampling(&mut self, cfg: &SamplerConfig) -> Result<(), BackendError> {
+        let head_fits = |h: &SampleHead| match h.top_k {
+            // The vendor's heads always keep their 5 best candidates.
+            Some(_) => cfg.top_k == 0 || cfg.top_k >= 5,
+            // Without a top_k input the head keeps all its candidates.
+            None => cfg.top_k == 0 || cfg.top_k >= h.candidates,
+        };
         self.picker = if self.layout.lm_head == LmHeadOutput::Token {
+            if !cfg.is_greedy() {
+                log::warn!(
+                    "this bmodel's lm_head picks the most likely token on the chip: sampling settings are not applied"
+                );
+            }
             Picker::LmHead
         } else if cfg.is_greedy() && self.nets.greedy.is_some() {
             Picker::Greedy
-        } else if cfg.temperature > 0.0 && cfg.min_p <= 0.0 && self.nets.sample.is_some() {
+        } else if cfg.temperature > 0.0 && cfg.min_p <= 0.0 && self.layout.sample_head.as_ref().is_some_and(head_fits) {
             Picker::Sample
         } else {
             Picker::Host
         };
         self.rng = fastrand::Rng::with_seed(cfg.seed);
         if self.picker == Picker::Sample {
-            self.write_sampling(cfg)?;
+            if let Some(s) = self.sample.as_mut() {
+                s.configure(self.loaded.device(), cfg)?;
+            }
         }
         Ok(())
     }

@@ -8,6 +8,7 @@ pub mod contract;
 pub mod device;
 pub mod ffi;
 pub mod llama;
+pub mod plan;
 pub mod runtime;
 
 pub use llama::{SophonBackend, SophonError, SophonOptions};

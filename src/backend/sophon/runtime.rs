@@ -31,6 +31,19 @@ pub struct Port {
     pub mem: DeviceMem,
 }
 
+/// One compiled shape of a net (a net compiled for several input lengths has several).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Stage {
+    /// Input shapes.
+    pub input_shapes: Vec<Vec<i32>>,
+    /// Output shapes.
+    pub output_shapes: Vec<Vec<i32>>,
+    /// Input memory the runtime made for this stage.
+    pub input_mems: Vec<DeviceMem>,
+    /// Output memory the runtime made for this stage.
+    pub output_mems: Vec<DeviceMem>,
+}
+
 /// What the runtime says about a net.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Net {
@@ -42,10 +55,26 @@ pub struct Net {
     pub inputs: Vec<Port>,
     /// Outputs at stage 0.
     pub outputs: Vec<Port>,
-    /// Compiled stages.
-    pub stages: usize,
-    /// Address mode (1 = io_alone).
+    /// Every compiled stage (stage 0 is also described by `inputs` and `outputs`).
+    pub stages: Vec<Stage>,
+    /// Address mode (0 basic: its I/O lies in the activation memory all nets share; 1
+    /// io_alone: private I/O memory).
     pub addr_mode: i32,
+}
+
+/// `addr_mode` of a net compiled `--addr_mode io_alone`.
+pub const IO_ALONE: i32 = 1;
+
+impl Net {
+    /// Whether its I/O memory is its own (io_alone): what is left there stays.
+    pub fn io_alone(&self) -> bool {
+        self.addr_mode == IO_ALONE
+    }
+
+    /// Index of the input named `name`, if any.
+    pub fn input_named(&self, name: &str) -> Option<usize> {
+        self.inputs.iter().position(|p| p.name == name)
+    }
 }
 
 /// A runtime context with a bmodel loaded, released (`bmrt_destroy`) on drop, before the
@@ -56,6 +85,8 @@ pub struct Loaded {
     devices: Vec<Arc<Device>>,
     ctx: *mut std::ffi::c_void,
     nets: Vec<Net>,
+    /// How many of `devices` (from the first) have launches not yet waited for.
+    pending: std::cell::Cell<usize>,
 }
 
 // SAFETY: the context is used only through `&mut self`/`&self` methods from the thread that
@@ -94,6 +125,22 @@ unsafe fn copy_net(info: &NetInfo) -> Result<Net, BackendError> {
     if stages == 0 || info.stages.is_null() {
         return Err(failed("bmrt_get_network_info", format!("net {name} has no stages")));
     }
+    // SAFETY: stage_num > 0 stages, each with input_num/output_num shapes and memories.
+    let all: Vec<Stage> = (0..stages)
+        .map(|s| {
+            // SAFETY: s < stage_num.
+            let st = unsafe { &*info.stages.add(s) };
+            // SAFETY: the runtime's per-stage arrays hold n_in / n_out entries.
+            unsafe {
+                Stage {
+                    input_shapes: (0..n_in).map(|i| (*st.input_shapes.add(i)).dims().to_vec()).collect(),
+                    output_shapes: (0..n_out).map(|i| (*st.output_shapes.add(i)).dims().to_vec()).collect(),
+                    input_mems: (0..n_in).map(|i| *st.input_mems.add(i)).collect(),
+                    output_mems: (0..n_out).map(|i| *st.output_mems.add(i)).collect(),
+                }
+            }
+        })
+        .collect();
     // SAFETY: stage_num > 0 stages.
     let stage = unsafe { &*info.stages };
     let ports = |names: *const *const c_char, dtypes: *const i32, shapes: *const Shape, mems: *const DeviceMem, n| {
@@ -129,7 +176,7 @@ unsafe fn copy_net(info: &NetInfo) -> Result<Net, BackendError> {
             stage.output_mems,
             n_out,
         ),
-        stages,
+        stages: all,
         addr_mode: info.addr_mode,
     })
 }
@@ -171,6 +218,7 @@ impl Loaded {
             devices: devices.clone(),
             ctx,
             nets: Vec::new(),
+            pending: std::cell::Cell::new(0),
         };
         // SAFETY: a fresh context; the path is NUL-terminated.
         let ok = device.with_handle(|_| unsafe {
@@ -219,14 +267,16 @@ impl Loaded {
     }
 }
 
-/// A net ready to launch: its name and tensors over its own input and output memory (stage 0),
-/// made once so that a launch allocates nothing.
+/// A net ready to launch: its name and one tensor per input and output, made once so that a
+/// launch allocates nothing. The tensors start over the net's own stage memory; the backend
+/// points them at its own buffers (or slices of them) and, for dynamic nets, sets the real
+/// lengths in their shapes before each launch.
 pub struct Launch {
     name: CString,
     inputs: Vec<Tensor>,
     outputs: Vec<Tensor>,
     /// Devices it runs on: all of the context's (a net of the multi-chip layout, one group
-    /// of inputs and outputs per device) or the first only.
+    /// of inputs and outputs per device, in the context's device order) or the first only.
     devices: usize,
 }
 
@@ -236,45 +286,51 @@ impl Launch {
         self.name.to_str().unwrap_or("?")
     }
 
-    /// Device memory of input `i`.
-    pub fn input_mem(&self, i: usize) -> Option<DeviceMem> {
-        self.inputs.get(i).map(|t| t.device_mem)
+    /// Devices it runs on.
+    pub fn devices(&self) -> usize {
+        self.devices
     }
 
-    /// Device memory of output `i`.
-    pub fn output_mem(&self, i: usize) -> Option<DeviceMem> {
-        self.outputs.get(i).map(|t| t.device_mem)
+    fn group(len: usize, devices: usize, i: usize, d: usize) -> Option<usize> {
+        let per = len / devices.max(1);
+        (i < per && d < devices).then_some(i + d * per)
     }
 
-    /// Device memory of input `i` of device `d`'s group (inputs come in one group per device,
-    /// in the context's device order).
-    pub fn input_mem_on(&self, i: usize, d: usize) -> Option<DeviceMem> {
-        let per = self.inputs.len() / self.devices.max(1);
-        if i >= per || d >= self.devices {
-            return None;
-        }
-        self.input_mem(i + d * per)
+    /// Input `i` of device `d`'s group.
+    pub fn input(&mut self, i: usize, d: usize) -> Option<&mut Tensor> {
+        let k = Launch::group(self.inputs.len(), self.devices, i, d)?;
+        self.inputs.get_mut(k)
+    }
+
+    /// Output `i` of device `d`'s group.
+    pub fn output(&mut self, i: usize, d: usize) -> Option<&mut Tensor> {
+        let k = Launch::group(self.outputs.len(), self.devices, i, d)?;
+        self.outputs.get_mut(k)
+    }
+
+    /// Device memory of input `i` of device `d`'s group.
+    pub fn input_mem(&self, i: usize, d: usize) -> Option<DeviceMem> {
+        let k = Launch::group(self.inputs.len(), self.devices, i, d)?;
+        self.inputs.get(k).map(|t| t.device_mem)
     }
 
     /// Device memory of output `i` of device `d`'s group.
-    pub fn output_mem_on(&self, i: usize, d: usize) -> Option<DeviceMem> {
-        let per = self.outputs.len() / self.devices.max(1);
-        if i >= per || d >= self.devices {
-            return None;
-        }
-        self.output_mem(i + d * per)
+    pub fn output_mem(&self, i: usize, d: usize) -> Option<DeviceMem> {
+        let k = Launch::group(self.outputs.len(), self.devices, i, d)?;
+        self.outputs.get(k).map(|t| t.device_mem)
+    }
+
+    /// Shape of output `i` of device 0's group: what the runtime wrote back after a launch
+    /// (a dynamic net's real output length).
+    pub fn output_dims(&self, i: usize) -> &[i32] {
+        self.outputs.get(i).map_or(&[], |t| t.shape.dims())
     }
 }
 
 fn tensor(port: &Port) -> Tensor {
-    let mut shape = Shape::default();
-    for (d, &v) in shape.dims.iter_mut().zip(&port.shape) {
-        *d = v;
-    }
-    shape.num_dims = port.shape.len().min(8) as i32;
     Tensor {
         dtype: port.dtype.map_or(0, |d| d as i32),
-        shape,
+        shape: Shape::from_dims(&port.shape),
         device_mem: port.mem,
         st_mode: 0,
     }
@@ -291,45 +347,65 @@ impl Loaded {
         &self.devices
     }
 
-    /// Prepares net `name` for launching.
+    /// Prepares net `name` for launching on the first device, at stage `stage` (its tensors
+    /// over that stage's memory and shapes).
     ///
     /// # Errors
-    /// No such net.
-    pub fn prepare(&self, name: &str) -> Result<Launch, BackendError> {
-        self.prepare_on(name, 1)
+    /// No such net or stage.
+    pub fn prepare(&self, name: &str, stage: usize) -> Result<Launch, BackendError> {
+        self.prepare_on(name, stage, 1)
     }
 
     /// Prepares a net that spans all the context's devices (one input/output group each).
     ///
     /// # Errors
-    /// No such net.
-    pub fn prepare_spanning(&self, name: &str) -> Result<Launch, BackendError> {
-        self.prepare_on(name, self.devices.len())
+    /// No such net or stage.
+    pub fn prepare_spanning(&self, name: &str, stage: usize) -> Result<Launch, BackendError> {
+        self.prepare_on(name, stage, self.devices.len())
     }
 
-    fn prepare_on(&self, name: &str, devices: usize) -> Result<Launch, BackendError> {
+    fn prepare_on(&self, name: &str, stage: usize, devices: usize) -> Result<Launch, BackendError> {
         let net = self
             .net(name)
             .ok_or_else(|| failed("bmrt_launch_tensor_ex", format!("no net named {name}")))?;
+        let st = net
+            .stages
+            .get(stage)
+            .ok_or_else(|| failed("bmrt_launch_tensor_ex", format!("net {name} has no stage {stage}")))?;
+        let at = |ports: &[Port], shapes: &[Vec<i32>], mems: &[DeviceMem]| -> Vec<Tensor> {
+            ports
+                .iter()
+                .zip(shapes.iter().zip(mems))
+                .map(|(p, (shape, mem))| {
+                    let mut t = tensor(p);
+                    t.shape = Shape::from_dims(shape);
+                    t.device_mem = *mem;
+                    t
+                })
+                .collect()
+        };
         Ok(Launch {
             name: CString::new(name).map_err(|_| failed("bmrt_launch_tensor_ex", "bad net name"))?,
-            inputs: net.inputs.iter().map(tensor).collect(),
-            outputs: net.outputs.iter().map(tensor).collect(),
+            inputs: at(&net.inputs, &st.input_shapes, &st.input_mems),
+            outputs: at(&net.outputs, &st.output_shapes, &st.output_mems),
             devices,
         })
     }
 
-    /// Runs a prepared net on its own input memory and waits for it (launches are
-    /// asynchronous; the wait must be on this thread, the one that launched).
+    /// Queues a prepared net on its tensors. Launches are asynchronous and run in order:
+    /// [`Loaded::finish`] waits for them before results are read.
     ///
     /// # Errors
-    /// The launch or the wait fails.
+    /// The runtime refuses the launch.
     pub fn launch(&self, net: &mut Launch) -> Result<(), BackendError> {
         let device = self.device();
         let api = &device.runtime().api;
-        // SAFETY: a loaded context; the tensors describe the net's own stage-0 memory with
-        // the counts the runtime reported; user_mem = true keeps the runtime from
-        // allocating, user_stmode = false leaves the store mode alone.
+        device.traffic().count_launch();
+        // SAFETY: a loaded context; the tensors have the counts the runtime reported for the
+        // net and each points at device memory at least as large as its shape (the backend
+        // sizes its buffers from the nets' shapes; slices are range-checked when made);
+        // user_mem = true keeps the runtime from allocating, user_stmode = false leaves the
+        // store mode alone. The runtime writes output shapes back, into our own tensors.
         let ok = device.with_handle(|_| unsafe {
             (api.rt_launch_tensor_ex)(
                 self.ctx,
@@ -348,12 +424,29 @@ impl Loaded {
                 format!("net {} did not launch", net.name()),
             ));
         }
-        // Only the devices it ran on: bmlib aborts the process on a sync of a device this
-        // thread launched nothing on.
-        for d in &self.devices[..net.devices.min(self.devices.len())] {
+        self.pending
+            .set(self.pending.get().max(net.devices.min(self.devices.len())));
+        Ok(())
+    }
+
+    /// Waits for everything launched since the last wait (on this thread, the one that
+    /// launched): one sync per device that ran something.
+    ///
+    /// # Errors
+    /// A device reports a failure.
+    pub fn finish(&self) -> Result<(), BackendError> {
+        // Only the devices something ran on: bmlib aborts the process on a sync of a device
+        // this thread launched nothing on.
+        let pending = self.pending.replace(0);
+        for d in &self.devices[..pending] {
             d.sync()?;
         }
         Ok(())
+    }
+
+    /// What the backend asked of its devices so far, summed over them.
+    pub fn traffic(&self) -> super::device::Traffic {
+        self.devices.iter().map(|d| d.traffic().snapshot()).sum()
     }
 }
 
