@@ -104,9 +104,10 @@ HF         ?=
 SEQ        ?= 512
 QUANT      ?= w4f16
 BMODEL_OUT ?= models/bmodel
+BMODEL_FLAGS ?= --do_sample
 bmodel:
-	@[ -n "$(HF)" ] || { echo "usage: make bmodel HF=<Llama-2 checkpoint folder or .gguf> [SEQ=512] [QUANT=w4f16] [BMODEL_OUT=models/bmodel]" >&2; exit 2; }
-	sim/bmodel.sh "$(HF)" $(SEQ) $(QUANT) $(BMODEL_OUT)
+	@[ -n "$(HF)" ] || { echo "usage: make bmodel HF=<Llama-2 checkpoint folder> [SEQ=512] [QUANT=w4f16] [BMODEL_OUT=models/bmodel] [BMODEL_FLAGS=--do_sample]" >&2; exit 2; }
+	sim/bmodel.sh "$(HF)" $(SEQ) $(QUANT) $(BMODEL_OUT) $(BMODEL_FLAGS)
 
 test: model test-data venv sim
 	$(CARGO) fmt --check

@@ -1,26 +1,56 @@
 #!/usr/bin/env bash
-# Builds the toy Llama models the simulator tests use into .cache/toy (ignored), once per
-# version of the generator: toy_f16_gqa_heads.bmodel (f16, grouped attention, greedy and
-# sampling heads) with toy_kv2.gguf, and toy_bf16_mha.bmodel (bf16, full attention, no heads)
-# with toy_kv4.gguf. Same weights in each pair. Prints the folder. Fails loudly.
+# Builds the toy Llama bmodels the simulator tests use into .cache/toy (ignored), once per
+# version of the generators, each with the producer users get theirs from (sim/toy_model.py
+# says net by net which vendor file each layout reproduces):
+#   toy_llmtpu_f16.bmodel   LLM-TPU's Llama2 export_onnx.py + compile.sh (f16, MHA, greedy_head
+#                           and penalty_sample_head, every net in the default address mode)
+#   toy_l2t_f16.bmodel      the original Llama2-TPU export (f32 hidden states, f16 K/V, 1-D ids,
+#                           lm_head returning the token)
+#   toy_sd_bf16.bmodel      the same built as sophon-demo does (bf16 K/V, one two-stage embedding)
+#   toy_conv_*.bmodel       tpu-mlir 1.30.2's llm_convert.py (what `make bmodel` runs) on the Hugging
+#                           Face checkpoints hf_kv2 (float16) and hf_kv4_bf16 (bfloat16):
+#     conv_f16_sample  -q f16 --do_sample                       (GQA; greedy_head, sample_head)
+#     conv_bf16        -q bf16                                  (MHA; lm_head returns the token)
+#     conv_f16_dyn     -q f16 --do_sample --dynamic             (prefill of the prompt's real length)
+#     conv_f16_hist    -q f16 --do_sample --use_block_with_kv   (chunked prefill after history)
+# with toy_kv2.gguf / toy_kv4.gguf (GQA / MHA: the same weights) for the CPU backend.
+# Prints the folder. Fails loudly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+start=$(date +%s)
 PY=$(sim/venv.sh)
 OUT=.cache/toy
 mkdir -p "$OUT"
 exec 9>.cache/toy.lock
 flock 9
-STAMP=$(cat sim/toy_model.py sim/run_tool.py sim/stand-in/torch/__init__.py | sha256sum | cut -c1-16)
+STAMP=$(cat sim/toy.sh sim/toy_model.py sim/run_tool.py sim/bmodel.sh sim/stand-in/torch/__init__.py | sha256sum | cut -c1-16)
 if [ "$(cat "$OUT/.stamp" 2>/dev/null)" != "$STAMP" ]; then
-    rm -f "$OUT/.stamp"
+    rm -f "$OUT/.stamp" "$OUT"/*.bmodel
     # A failed attention-kernel build is remembered by the compiler (~/.ppl/cache/flag.txt)
     # and makes later builds fail too: start clean after one.
-    if ! "$PY" sim/toy_model.py "$OUT" f16_gqa_heads:f16:2:heads bf16_mha:bf16:4 >&2; then
+    if ! "$PY" sim/toy_model.py "$OUT" llmtpu_f16:llmtpu:f16:4 l2t_f16:l2t:f16:4 sd_bf16:sd:bf16:4 >&2; then
         rm -f "$HOME/.ppl/cache/flag.txt" /tmp/ppl_*.lock
         echo "the toy bmodels did not compile (logs under $OUT/work); the compiler's failure flag was cleared, try again" >&2
         exit 1
     fi
+    convert() {
+        local name=$1 checkpoint=$2 quant=$3
+        shift 3
+        local dir=$OUT/work/$name
+        rm -rf "$dir"
+        if ! sim/bmodel.sh "$OUT/$checkpoint" 32 "$quant" "$dir" "$@" > "$OUT/work/$name.log" 2>&1; then
+            tail -40 "$OUT/work/$name.log" >&2
+            echo "llm_convert.py failed for $name (log $OUT/work/$name.log)" >&2
+            exit 1
+        fi
+        mv "$dir"/*.bmodel "$OUT/toy_$name.bmodel"
+    }
+    convert conv_f16_sample hf_kv2 f16 --do_sample
+    convert conv_bf16 hf_kv4_bf16 bf16
+    convert conv_f16_dyn hf_kv2 f16 --do_sample --dynamic
+    convert conv_f16_hist hf_kv2 f16 --do_sample --use_block_with_kv
     rm -rf "$OUT/work"
     echo "$STAMP" > "$OUT/.stamp"
+    echo "toy bmodels built in $(( $(date +%s) - start )) s" >&2
 fi
 echo "$OUT"

@@ -1,19 +1,33 @@
-"""A toy Llama-2, written twice from the same weights: as a BM1684X bmodel compiled by the
-vendor's own compiler, and as a GGUF the CPU reference backend loads.
+"""A toy Llama-2, written from the same weights for every producer of bmodels users have, and
+as a GGUF the CPU reference backend loads.
 
 The model is Llama-2's architecture at toy size (RMSNorm, rotary embeddings in the "rotate
 half" layout, grouped or full attention, SiLU-gated MLP) with random weights from a fixed
-seed and a byte-level vocabulary. Each net of the bmodel contract (embedding,
-embedding_cache, block_N, block_cache_N, lm_head, and optionally greedy_head and
-sample_head) is written as an ONNX graph with onnx.helper, then goes through the vendor's
-model_transform.py -> model_deploy.py, and the nets are joined with `model_tool --combine`.
+seed and a byte-level vocabulary. Written here:
+- `toy_kvN.gguf`: the weights for the CPU backend;
+- `hf_kvN/` (float16) and `hf_kvN_bf16/` (bfloat16): Hugging Face checkpoints, which
+  sim/toy.sh gives to the vendor's own converter (tpu-mlir's llm_convert.py);
+- bmodels with the net interfaces, dtypes and address modes of the two older producers, each
+  net written as an ONNX graph with onnx.helper and compiled by the vendor's
+  model_transform.py -> model_deploy.py -> model_tool --combine, as their scripts do:
+  - layout `llmtpu`: sophgo/LLM-TPU `models/Llama2/compile/export_onnx.py` + `compile.sh`
+    (half activations; the blocks without the final norm, which lm_head applies; lm_head
+    [1,H] -> f32 logits; `greedy_head`; the 5-input `penalty_sample_head` taking
+    `(m_logits, input_ids, top_p, temperature, penalty)`, top-50, 5 always kept; every net in
+    the default address mode, as compile.sh does without `--addr_mode io_alone`);
+  - layout `l2t`: the original sophgo/Llama2-TPU `compile/export_onnx_fast.py` + `compile.sh`
+    (f32 hidden states and masks: only K/V are cast to half with `--quant_output_list 2,3` /
+    `--quant_input_list 4,5`; 1-D token ids `[S]` / `[1]` with `[S,H]` output; lm_head with
+    the final norm and a top-1 returning the token; nothing io_alone);
+  - layout `sd`: the same as sophon-demo's `compile.sh` builds it: both embeddings compiled
+    under the net name `embedding`, which `--combine` joins into one net with two stages.
 
 The weights are rounded to values that f16 and bf16 both hold exactly, so the GGUF (f32) and
-the bmodel (f16 or bf16) compute with the same numbers; what differs is the device's
+the bmodels (f16 or bf16) compute with the same numbers; what differs is the device's
 arithmetic, which is what the tests measure.
 
 Run with the Python 3.10 venv of sim/venv.sh:  toy_model.py OUT_DIR VARIANT...
-VARIANT is NAME:DTYPE:KV_HEADS[:heads], e.g. f16_gqa_heads:f16:2:heads or bf16_mha:bf16:4.
+VARIANT is NAME:LAYOUT:DTYPE:KV_HEADS, e.g. llmtpu_f16:llmtpu:f16:4 or sd_bf16:sd:bf16:4.
 """
 import os
 import shutil
@@ -137,8 +151,11 @@ def repeat_kv(g, x, kv_heads, length):
     return g.op("Reshape", x, g.const([1, HEADS, length, HEAD_DIM], np.int64))
 
 
-def block(path, layer, w, kv_heads, cached, last, out_norm):
-    """block_N (prefill over SEQ tokens) or block_cache_N (one token against SEQ of history)."""
+def block(path, w, kv_heads, cached):
+    """block_N (prefill over SEQ tokens) or block_cache_N (one token against SEQ of history),
+    as the patched modeling_llama.py of both older exports computes it: K/V `[1, T, KVH, D]`
+    after RoPE, history first then the new token, only the new token's K/V returned, no
+    final norm (lm_head applies it)."""
     g = Graph()
     t = 1 if cached else SEQ
     keys = SEQ + 1 if cached else SEQ
@@ -179,32 +196,40 @@ def block(path, layer, w, kv_heads, cached, last, out_norm):
     gate = g.matmul_t(h, w["gate"])
     silu = g.op("Mul", gate, g.op("Sigmoid", gate))
     x = g.op("Add", x, g.matmul_t(g.op("Mul", silu, g.matmul_t(h, w["up"])), w["down"]))
-    if last:
-        # As the vendor's converter does: the last block applies the final norm.
-        x = g.rms_norm(x, out_norm)
     g.nodes.append(helper.make_node("Identity", [x], ["hidden_states"]))
-    g.nodes.append(helper.make_node("Identity", [k_out], ["present_k"]))
-    g.nodes.append(helper.make_node("Identity", [v_out], ["present_v"]))
+    g.nodes.append(helper.make_node("Identity", [k_out], ["past_k"]))
+    g.nodes.append(helper.make_node("Identity", [v_out], ["past_v"]))
     outputs = [
         value("hidden_states", TensorProto.FLOAT, [1, t, HIDDEN]),
-        value("present_k", TensorProto.FLOAT, [1, t, kv_heads, HEAD_DIM]),
-        value("present_v", TensorProto.FLOAT, [1, t, kv_heads, HEAD_DIM]),
+        value("past_k", TensorProto.FLOAT, [1, t, kv_heads, HEAD_DIM]),
+        value("past_v", TensorProto.FLOAT, [1, t, kv_heads, HEAD_DIM]),
     ]
     g.save(path, os.path.basename(path)[:-5], inputs, outputs)
 
 
-def embedding(path, embed, length):
+def embedding(path, embed, length, flat):
+    """Token ids `[1, length]` -> `[1, length, H]`, or (the original Llama2-TPU export)
+    `[length]` -> `[length, H]`."""
     g = Graph()
-    g.nodes.append(helper.make_node("Gather", [g.const(embed), "input_ids"], ["input_states"], axis=0))
-    g.save(path, "embedding", [value("input_ids", TensorProto.INT32, [1, length])],
-           [value("input_states", TensorProto.FLOAT, [1, length, HIDDEN])])
+    ids = [length] if flat else [1, length]
+    g.nodes.append(helper.make_node("Gather", [g.const(embed), "input_ids"], ["input_embed"], axis=0))
+    g.save(path, "embedding", [value("input_ids", TensorProto.INT32, ids)],
+           [value("input_embed", TensorProto.FLOAT, ids + [HIDDEN])])
 
 
-def lm_head(path, output):
+def lm_head(path, out_norm, output, top1):
+    """The final norm, the output projection, and (the original export) a top-1."""
     g = Graph()
-    g.nodes.append(helper.make_node("MatMul", ["hidden_states", g.const(output.T.copy())], ["m_logits"]))
-    g.save(path, "lm_head", [value("hidden_states", TensorProto.FLOAT, [1, HIDDEN])],
-           [value("m_logits", TensorProto.FLOAT, [1, VOCAB])])
+    x = g.rms_norm("hidden_states", out_norm)
+    logits = g.op("MatMul", x, g.const(output.T.copy()))
+    if top1:
+        _, token = g.op("TopK", logits, g.const([1], np.int64), axis=1, outputs=2)
+        g.nodes.append(helper.make_node("Identity", [token], ["token"]))
+        out = value("token", TensorProto.INT64, [1, 1])
+    else:
+        g.nodes.append(helper.make_node("Identity", [logits], ["m_logits"]))
+        out = value("m_logits", TensorProto.FLOAT, [1, VOCAB])
+    g.save(path, "lm_head", [value("hidden_states", TensorProto.FLOAT, [1, HIDDEN])], [out])
 
 
 def greedy_head(path):
@@ -214,10 +239,11 @@ def greedy_head(path):
            [value("token", TensorProto.INT64, [1, 1])])
 
 
-def sample_head(path):
-    """The vendor's sampling head interface: logits, the ids so far (repetition penalty:
-    negative logits multiplied, positive divided), temperature, top_k, top_p; out the
-    probabilities of the best TOP_K_MAX tokens after top-k/top-p, and their ids."""
+def penalty_sample_head(path):
+    """LLM-TPU's PenaltySampleHead(top_k=50, min_tokens_to_keep=5), input order and all:
+    every id in input_ids penalized once (negative logits multiplied, others divided), the
+    best 50, divided by the temperature, kept while the inclusive cumulative probability is
+    below top_p or among the first 5, the rest set to -1000, softmax."""
     g = Graph()
     seen = g.op("GatherElements", "m_logits", "input_ids", axis=1)
     negative = g.op("Less", seen, g.const(0.0))
@@ -225,50 +251,54 @@ def sample_head(path):
     logits = g.op("ScatterElements", "m_logits", "input_ids", penalized, axis=1)
     values, ids = g.op("TopK", logits, g.const([TOP_K_MAX], np.int64), axis=1, outputs=2)
     scaled = g.op("Div", values, "temperature")
-    probs = g.op("Softmax", scaled, axis=1)
-    # A candidate stays while the mass before it is below top_p (the first always stays)
-    # and its rank is below top_k.
-    before = g.op("Sub", g.op("CumSum", probs, g.const(1, np.int32)), probs)
-    keep_p = g.op("Less", before, "top_p")
-    ranks = g.const(np.arange(TOP_K_MAX, dtype=np.float32)[None, :])
-    keep_k = g.op("Less", ranks, g.op("Cast", "top_k", to=TensorProto.FLOAT))
-    keep = g.op("And", keep_p, keep_k)
+    cumulative = g.op("CumSum", g.op("Softmax", scaled, axis=1), g.const(1, np.int32))
+    # "below top_p, or among the first 5": the first 5 compare 10 lower (the compiler takes
+    # no Or with a constant operand; the kept set is the same).
+    first5 = np.where(np.arange(TOP_K_MAX) < 5, 10.0, 0.0)[None, :]
+    keep = g.op("Less", g.op("Sub", cumulative, g.const(first5)), "top_p")
     masked = g.op("Where", keep, scaled, g.const(-1000.0))
     g.nodes.append(helper.make_node("Softmax", [masked], ["probs"], axis=1))
-    g.nodes.append(helper.make_node("Identity", [ids], ["token_ids"]))
-    g.save(path, "sample_head", [
+    g.nodes.append(helper.make_node("Identity", [ids], ["token"]))
+    g.save(path, "penalty_sample_head", [
         value("m_logits", TensorProto.FLOAT, [1, VOCAB]),
         value("input_ids", TensorProto.INT32, [1, SEQ]),
-        value("penalty", TensorProto.FLOAT, [1]),
-        value("temperature", TensorProto.FLOAT, [1]),
-        value("top_k", TensorProto.INT32, [1]),
         value("top_p", TensorProto.FLOAT, [1]),
-    ], [value("probs", TensorProto.FLOAT, [1, TOP_K_MAX]), value("token_ids", TensorProto.INT64, [1, TOP_K_MAX])])
+        value("temperature", TensorProto.FLOAT, [1]),
+        value("penalty", TensorProto.FLOAT, [1]),
+    ], [value("probs", TensorProto.FLOAT, [1, TOP_K_MAX]), value("token", TensorProto.INT64, [1, TOP_K_MAX])])
 
 
-def write_onnx(work, p, kv_heads, heads):
-    """The nets of the contract, each with its deploy options."""
+def write_onnx(work, p, kv_heads, layout, dtype):
+    """The nets of a layout in its compile script's combine order: (file, net name, ONNX
+    path, model_deploy flags)."""
     nets = []
-    io = ["--quant_input", "--quant_output"]
+    half = dtype.upper()
 
-    def add(name, writer, deploy):
-        path = os.path.join(work, name + ".onnx")
+    def add(file, writer, deploy, name=None):
+        path = os.path.join(work, file + ".onnx")
         writer(path)
-        nets.append((name, path, deploy))
+        nets.append((file, name or file, path, deploy))
 
-    add("embedding", lambda f: embedding(f, p["embed"], SEQ), io)
-    add("embedding_cache", lambda f: embedding(f, p["embed"], 1), io)
+    if layout == "llmtpu":
+        io = ["--quantize", half, "--quant_input", "--quant_output"]
+        add("embedding", lambda f: embedding(f, p["embed"], SEQ, False), io)
+        add("embedding_cache", lambda f: embedding(f, p["embed"], 1, False), io)
+        add("lm_head", lambda f: lm_head(f, p["out_norm"], p["output"], False), ["--quantize", half, "--quant_input"])
+        add("greedy_head", greedy_head, [])
+        add("penalty_sample_head", penalty_sample_head, [])
+        block_deploy = cache_deploy = io
+    else:
+        # Both embeddings are named "embedding" by sophon-demo's script (one net, two stages).
+        cache_name = "embedding" if layout == "sd" else "embedding_cache"
+        add("embedding_cache", lambda f: embedding(f, p["embed"], 1, True), ["--quantize", half], cache_name)
+        add("embedding", lambda f: embedding(f, p["embed"], SEQ, True), ["--quantize", half])
+        add("lm_head", lambda f: lm_head(f, p["out_norm"], p["output"], True), ["--quantize", half])
+        block_deploy = ["--quantize", half, "--quant_output", "--quant_output_list", "2,3"]
+        cache_deploy = ["--quantize", half, "--quant_input", "--quant_output",
+                        "--quant_input_list", "4,5", "--quant_output_list", "2,3"]
     for i, w in enumerate(p["layers"]):
-        last = i == LAYERS - 1
-        add(f"block_{i}", lambda f, w=w, last=last: block(f, i, w, kv_heads, False, last, p["out_norm"]), io)
-        add(f"block_cache_{i}", lambda f, w=w, last=last: block(f, i, w, kv_heads, True, last, p["out_norm"]),
-            io + ["--addr_mode", "io_alone"])
-    # Logits stay f32: only the input is half.
-    add("lm_head", lambda f: lm_head(f, p["output"]), ["--quant_input"])
-    if heads:
-        # As the vendor compiles them: their inputs keep their values between launches.
-        add("greedy_head", greedy_head, ["--quantize_f32", "--addr_mode", "io_alone"])
-        add("sample_head", sample_head, ["--quantize_f32", "--addr_mode", "io_alone"])
+        add(f"block_{i}", lambda f, w=w: block(f, w, kv_heads, False), block_deploy)
+        add(f"block_cache_{i}", lambda f, w=w: block(f, w, kv_heads, True), cache_deploy)
     return nets
 
 
@@ -302,7 +332,7 @@ def run(cmd, cwd, env, log):
         sys.exit(f"{cmd[1] if len(cmd) > 1 else cmd[0]} failed (exit {done.returncode}); log {log}:\n{tail}")
 
 
-def compile_variant(out_dir, name, dtype, kv_heads, heads, p):
+def compile_variant(out_dir, name, layout, dtype, kv_heads, p):
     work = os.path.abspath(os.path.join(out_dir, "work", name))
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
@@ -311,14 +341,12 @@ def compile_variant(out_dir, name, dtype, kv_heads, heads, p):
     python = sys.executable
     root = env["TPUC_ROOT"]
     bmodels = []
-    for net, onnx_path, deploy in write_onnx(work, p, kv_heads, heads):
+    for file, net, onnx_path, deploy in write_onnx(work, p, kv_heads, layout, dtype):
         run([python, os.path.join(TOOLS, "run_tool.py"), os.path.join(root, "python/tools/model_transform.py"),
-             "--model_name", net, "--model_def", onnx_path, "--mlir", net + ".mlir"], work, env, log)
-        quantize = "F32" if "--quantize_f32" in deploy else dtype.upper()
-        deploy = [a for a in deploy if a != "--quantize_f32"]
-        run([python, os.path.join(TOOLS, "run_tool.py"), os.path.join(root, "python/tools/model_deploy.py"), "--mlir", net + ".mlir",
-             "--quantize", quantize, "--chip", "bm1684x", "--model", net + ".bmodel", *deploy], work, env, log)
-        bmodels.append(net + ".bmodel")
+             "--model_name", net, "--model_def", onnx_path, "--mlir", file + ".mlir"], work, env, log)
+        run([python, os.path.join(TOOLS, "run_tool.py"), os.path.join(root, "python/tools/model_deploy.py"),
+             "--mlir", file + ".mlir", "--chip", "bm1684x", "--model", file + ".bmodel", *deploy], work, env, log)
+        bmodels.append(file + ".bmodel")
     target = os.path.join(out_dir, f"toy_{name}.bmodel")
     run([os.path.join(root, "bin/model_tool"), "--combine", *bmodels, "-o", os.path.abspath(target)], work, env, log)
     return target
@@ -389,12 +417,35 @@ def write_tokenizer(out_dir):
                 '<|im_end|>\\n{% endfor %}"}\n')
 
 
-def write_hf_checkpoint(path, p, kv_heads, out_dir):
-    """The same weights as a Hugging Face LlamaForCausalLM folder (float16 safetensors, as
-    Llama-2 ships; the converter takes no float32), the input `make bmodel` takes: lets the
-    vendor's llm_convert.py be checked on the toy too."""
+def save_safetensors(path, tensors, dtype):
+    """A safetensors file in float16 or bfloat16. numpy has no bfloat16: the toy's weights
+    hold exactly in it, so its bytes are the upper halves of the float32 ones."""
     import json
-    from safetensors.numpy import save_file
+    import struct
+    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for key in sorted(tensors):
+        t = np.ascontiguousarray(tensors[key], np.float32)
+        if dtype == "bf16":
+            raw = (t.view(np.uint32) >> 16).astype("<u2").tobytes()
+        else:
+            raw = t.astype("<f2").tobytes()
+        header[key] = {"dtype": "BF16" if dtype == "bf16" else "F16", "shape": list(t.shape),
+                       "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for raw in blobs:
+            f.write(raw)
+
+
+def write_hf_checkpoint(path, p, kv_heads, out_dir, dtype):
+    """The same weights as a Hugging Face LlamaForCausalLM folder (float16 or bfloat16
+    safetensors: the converter takes no float32), what `make bmodel` and the vendor's
+    llm_convert.py take."""
+    import json
     os.makedirs(path, exist_ok=True)
     tensors = {"model.embed_tokens.weight": p["embed"], "model.norm.weight": p["out_norm"],
                "lm_head.weight": p["output"]}
@@ -404,15 +455,15 @@ def write_hf_checkpoint(path, p, kv_heads, out_dir):
              "ffn_norm": "post_attention_layernorm"}
     for i, layer in enumerate(p["layers"]):
         for key, name in names.items():
-            tensors[f"model.layers.{i}.{name}.weight"] = np.ascontiguousarray(layer[key])
-    tensors = {k: v.astype(np.float16) for k, v in tensors.items()}
-    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+            tensors[f"model.layers.{i}.{name}.weight"] = layer[key]
+    save_safetensors(os.path.join(path, "model.safetensors"), tensors, dtype)
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
         "hidden_size": HIDDEN, "intermediate_size": FFN, "num_attention_heads": HEADS,
         "num_key_value_heads": kv_heads, "num_hidden_layers": LAYERS, "head_dim": HEAD_DIM,
         "rms_norm_eps": EPS, "rope_theta": ROPE_THETA, "vocab_size": VOCAB,
-        "max_position_embeddings": SEQ, "tie_word_embeddings": False, "torch_dtype": "float16",
+        "max_position_embeddings": SEQ, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16" if dtype == "bf16" else "float16",
         "bos_token_id": VOCAB - 2, "eos_token_id": VOCAB - 1,
     }
     with open(os.path.join(path, "config.json"), "w") as f:
@@ -422,19 +473,19 @@ def write_hf_checkpoint(path, p, kv_heads, out_dir):
 
 
 def main():
-    if len(sys.argv) < 3:
+    if len(sys.argv) < 2:
         sys.exit(__doc__)
     out_dir = sys.argv[1]
     os.makedirs(out_dir, exist_ok=True)
     write_tokenizer(out_dir)
-    for spec in sys.argv[2:]:
-        parts = spec.split(":")
-        name, dtype, kv_heads = parts[0], parts[1], int(parts[2])
-        heads = len(parts) > 3 and parts[3] == "heads"
+    for kv_heads in (2, 4):
         p = make_weights(kv_heads)
         write_gguf(os.path.join(out_dir, f"toy_kv{kv_heads}.gguf"), p, kv_heads)
-        write_hf_checkpoint(os.path.join(out_dir, f"hf_kv{kv_heads}"), p, kv_heads, out_dir)
-        print(compile_variant(out_dir, name, dtype, kv_heads, heads, p))
+        write_hf_checkpoint(os.path.join(out_dir, f"hf_kv{kv_heads}"), p, kv_heads, out_dir, "f16")
+        write_hf_checkpoint(os.path.join(out_dir, f"hf_kv{kv_heads}_bf16"), p, kv_heads, out_dir, "bf16")
+    for spec in sys.argv[2:]:
+        name, layout, dtype, kv_heads = spec.split(":")
+        print(compile_variant(out_dir, name, layout, dtype, int(kv_heads), make_weights(int(kv_heads))))
 
 
 if __name__ == "__main__":

@@ -122,7 +122,7 @@ fn decoding_a_token_on_the_tpu_allocates_nothing() {
     let toys = common::toy_models();
     let tok = Tokenizer::from_file(&toys.join("tokenizer.json")).unwrap();
     let backend = SophonBackend::open(
-        &toys.join("toy_f16_gqa_heads.bmodel"),
+        &toys.join("toy_conv_f16_sample.bmodel"),
         &SophonOptions {
             lib_dir: Some(common::simulator_lib_dir()),
             vocab_hint: Some(tok.vocab_size()),

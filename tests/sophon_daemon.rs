@@ -68,7 +68,7 @@ fn the_daemon_serves_the_toy_bmodel_over_its_socket() {
     let mut daemon = Reap(
         Command::new(exe)
             .args(["serve", "--backend", "sophon", "--model"])
-            .arg(toys.join("toy_f16_gqa_heads.bmodel"))
+            .arg(toys.join("toy_conv_f16_sample.bmodel"))
             .arg("--tokenizer")
             .arg(&tokenizer)
             .arg("--sophon-lib")

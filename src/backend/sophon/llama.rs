@@ -12,6 +12,12 @@
 //! bmodel whose decode blocks are io_alone: there it stays in their own history inputs, which
 //! saves the runtime a copy of the whole history per launch.
 //!
+//! One exception, measured on the simulator: `block_kv_N` (bmodels built with
+//! `--use_block_with_kv`) reads its history only at the address it was compiled for, because
+//! its attention joins history and chunk in place behind it; a continued turn on such a
+//! bmodel copies the history there, two device-to-device copies per layer per chunk, as the
+//! vendor's demo does. Decoding never copies.
+//!
 //! Per decoded token the host writes the token id, its position and the one mask cell that
 //! changes, and reads the token (on-chip heads, token-returning lm_head), the sampling head's
 //! candidates, or the logits. The runtime moves a static net's inputs and outputs between our
@@ -107,6 +113,8 @@ struct DeviceState {
     v: Vec<DeviceMem>,
     /// The cache buffers this backend allocated (none when the decode nets hold it).
     _owned: Vec<DeviceBuffer>,
+    /// Per layer: `block_kv_N`'s own history inputs (K, V), on bmodels with history.
+    history_inputs: Vec<[DeviceMem; 2]>,
 }
 
 /// The sampling head's buffers and the penalty window (on the first device).
@@ -346,6 +354,47 @@ impl SophonBackend {
         self.last_plan
     }
 
+    /// The logits lm_head left on the device at the last step, read back (for tests and
+    /// diagnostics: the sampling head's input, compared with a model of its math). Empty
+    /// when lm_head returns a token.
+    ///
+    /// # Errors
+    /// The read fails.
+    pub fn read_logits(&mut self) -> Result<&[f32], BackendError> {
+        let v = self.logits.len();
+        self.loaded
+            .device()
+            .read(self.heads.logits.mem(), &mut self.bytes[..v * 4])?;
+        for (l, b) in self.logits.iter_mut().zip(self.bytes.chunks_exact(4)) {
+            *l = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        }
+        Ok(&self.logits)
+    }
+
+    /// The sampling head's last answer: the valid candidates' probabilities and ids.
+    pub fn candidates(&self) -> (&[f32], &[u32]) {
+        let k = self.sample.as_ref().map_or(0, |s| s.top_k);
+        (&self.probs[..k], &self.candidates[..k])
+    }
+
+    /// The ids the sampling head penalized at its last launch, as it was given them (the
+    /// window of the last `repeat_last_n` tokens, and a static head's padding).
+    ///
+    /// # Errors
+    /// The read fails.
+    pub fn penalized_ids(&mut self) -> Result<Vec<u32>, BackendError> {
+        let Some(s) = self.sample.as_ref() else {
+            return Ok(Vec::new());
+        };
+        let n = if s.head.dynamic { s.filled } else { s.head.ids_len };
+        let mut raw = vec![0u8; n * 4];
+        self.loaded.device().read(s.ids.mem(), &mut raw)?;
+        Ok(raw
+            .chunks_exact(4)
+            .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as u32)
+            .collect())
+    }
+
     /// Writes the same bytes into one buffer of every device.
     fn write_all(
         &self,
@@ -397,13 +446,20 @@ impl SophonBackend {
                         &[1, n as i32],
                     );
                     if start > 0 {
+                        // block_kv_N reads its history only where it was compiled to: the
+                        // attention concatenates history and chunk in place behind it (as
+                        // the vendor's demo does, the history is copied there).
+                        let [hk, hv] = state.history_inputs[layer];
+                        let dev = &self.loaded.devices()[d];
+                        dev.copy(hk, 0, k, 0, start * kv_row)?;
+                        dev.copy(hv, 0, v, 0, start * kv_row)?;
                         let past = [1, start as i32, kvh, hd];
-                        set(net.input(2, d), k.slice(0, start * kv_row), &past);
-                        set(net.input(3, d), v.slice(0, start * kv_row), &past);
+                        set(net.input(2, d), hk.slice(0, start * kv_row), &past);
+                        set(net.input(3, d), hv.slice(0, start * kv_row), &past);
                     }
-                    let rows = [1, n as i32, kvh, hd];
-                    set(net.output(1, d), k.slice(start * kv_row, n * kv_row), &rows);
-                    set(net.output(2, d), v.slice(start * kv_row, n * kv_row), &rows);
+                    // A dynamic net writes its real rows: n, at the prompt's place.
+                    net.set_output(1, d, k.slice(start * kv_row, n * kv_row));
+                    net.set_output(2, d, v.slice(start * kv_row, n * kv_row));
                 }
             }
             self.loaded.launch(net)?;
@@ -462,8 +518,8 @@ impl SophonBackend {
                 let past = [1, kv as i32, kvh, hd];
                 set(net.input(3, d), k.slice(0, kv * kv_row), &past);
                 set(net.input(4, d), v.slice(0, kv * kv_row), &past);
-                set(net.output(1, d), k.slice(pos * kv_row, kv_row), &[1, 1, kvh, hd]);
-                set(net.output(2, d), v.slice(pos * kv_row, kv_row), &[1, 1, kvh, hd]);
+                net.set_output(1, d, k.slice(pos * kv_row, kv_row));
+                net.set_output(2, d, v.slice(pos * kv_row, kv_row));
             }
             self.loaded.launch(net)?;
         }
@@ -532,12 +588,12 @@ impl SophonBackend {
         self.loaded.finish()?;
         let k = state.top_k;
         dev.read(state.probs.mem(), &mut self.bytes[..k * 4])?;
-        for (p, b) in self.probs.iter_mut().zip(self.bytes.chunks_exact(4)) {
+        for (p, b) in self.probs[..k].iter_mut().zip(self.bytes[..k * 4].chunks_exact(4)) {
             *p = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
         }
         dev.read(state.candidates.mem(), &mut self.bytes[..k * 4])?;
         let vocab = self.info.vocab_size;
-        for (t, b) in self.candidates.iter_mut().zip(self.bytes.chunks_exact(4)) {
+        for (t, b) in self.candidates[..k].iter_mut().zip(self.bytes[..k * 4].chunks_exact(4)) {
             let id = i32::from_le_bytes([b[0], b[1], b[2], b[3]]);
             if id < 0 || id as usize >= vocab {
                 return Err(BackendError::Device {
@@ -684,6 +740,16 @@ impl DeviceState {
             k,
             v,
             _owned: owned,
+            history_inputs: nets
+                .with_history
+                .iter()
+                .map(|n| {
+                    [
+                        n.input_mem(2, d).unwrap_or_default(),
+                        n.input_mem(3, d).unwrap_or_default(),
+                    ]
+                })
+                .collect(),
         })
     }
 }

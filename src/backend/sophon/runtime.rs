@@ -275,6 +275,11 @@ pub struct Launch {
     name: CString,
     inputs: Vec<Tensor>,
     outputs: Vec<Tensor>,
+    /// The outputs' compiled shapes: the runtime writes a launch's real output shapes back
+    /// into the tensors, and a dynamic net given those shapes again writes its outputs
+    /// elsewhere, so every launch starts from these (as the vendor's demos build fresh
+    /// tensors from the net's description for each launch).
+    output_shapes: Vec<Shape>,
     /// Devices it runs on: all of the context's (a net of the multi-chip layout, one group
     /// of inputs and outputs per device, in the context's device order) or the first only.
     devices: usize,
@@ -320,10 +325,17 @@ impl Launch {
         self.outputs.get(k).map(|t| t.device_mem)
     }
 
-    /// Shape of output `i` of device 0's group: what the runtime wrote back after a launch
-    /// (a dynamic net's real output length).
+    /// Shape of output `i` of device 0's group: what the runtime wrote back after the last
+    /// launch (a dynamic net's real output length).
     pub fn output_dims(&self, i: usize) -> &[i32] {
         self.outputs.get(i).map_or(&[], |t| t.shape.dims())
+    }
+
+    /// Points output `i` of device `d`'s group at `mem` (its shape stays the compiled one).
+    pub fn set_output(&mut self, i: usize, d: usize, mem: Option<DeviceMem>) {
+        if let Some(t) = self.output(i, d) {
+            t.device_mem = mem.unwrap_or_default();
+        }
     }
 }
 
@@ -384,10 +396,12 @@ impl Loaded {
                 })
                 .collect()
         };
+        let outputs = at(&net.outputs, &st.output_shapes, &st.output_mems);
         Ok(Launch {
             name: CString::new(name).map_err(|_| failed("bmrt_launch_tensor_ex", "bad net name"))?,
             inputs: at(&net.inputs, &st.input_shapes, &st.input_mems),
-            outputs: at(&net.outputs, &st.output_shapes, &st.output_mems),
+            output_shapes: outputs.iter().map(|t| t.shape).collect(),
+            outputs,
             devices,
         })
     }
@@ -401,6 +415,9 @@ impl Loaded {
         let device = self.device();
         let api = &device.runtime().api;
         device.traffic().count_launch();
+        for (t, shape) in net.outputs.iter_mut().zip(&net.output_shapes) {
+            t.shape = *shape;
+        }
         // SAFETY: a loaded context; the tensors have the counts the runtime reported for the
         // net and each points at device memory at least as large as its shape (the backend
         // sizes its buffers from the nets' shapes; slices are range-checked when made);
