@@ -524,3 +524,139 @@ fn a_corrupt_or_foreign_bmodel_is_refused_with_the_reason() {
     };
     assert!(e.contains("libbmrt"), "{e}");
 }
+
+/// What one prompt and one decoded token ask of the device, on every single-device layout the
+/// tests build and for every way a token is picked there: no device-to-device copy of ours;
+/// the embedding, each layer and lm_head launched once (and the head); one sync; to the
+/// device the token id, its position and the one mask cell that changes (and for the sampling
+/// head the token's id in the penalty window); back the token, top_k candidates (id and
+/// probability) or the logits.
+#[test]
+fn a_decoded_token_makes_no_device_copy_and_moves_only_what_changes() {
+    use llama_tpu::backend::Traffic;
+    let sampled = SamplerConfig {
+        temperature: 0.8,
+        top_k: 40,
+        top_p: 0.95,
+        min_p: 0.0,
+        repeat_penalty: 1.1,
+        repeat_last_n: 16,
+        seed: 3,
+    };
+    let toys = [
+        (
+            "toy_llmtpu_f16.bmodel",
+            vec![
+                greedy(),
+                host_sampling(),
+                SamplerConfig {
+                    top_k: 0,
+                    ..sampled.clone()
+                },
+            ],
+        ),
+        ("toy_l2t_f16.bmodel", vec![greedy()]),
+        ("toy_sd_bf16.bmodel", vec![greedy()]),
+        (
+            "toy_conv_f16_sample.bmodel",
+            vec![greedy(), sampled.clone(), host_sampling()],
+        ),
+        ("toy_conv_bf16.bmodel", vec![greedy()]),
+        ("toy_conv_f16_dyn.bmodel", vec![greedy(), sampled.clone()]),
+        ("toy_conv_f16_hist.bmodel", vec![greedy(), sampled.clone()]),
+    ];
+    for (bmodel, configs) in toys {
+        let mut p = pair(bmodel, "toy_kv2.gguf", F16_TOLERANCE);
+        let l = p.tpu.layout().clone();
+        let cell = l.mask_dtype.size() as u64;
+        let vocab = p.tpu.info().vocab_size as u64;
+        for cfg in configs {
+            p.tpu.reset();
+            p.tpu.configure_sampling(&cfg).unwrap();
+            let picker = p.tpu.picker();
+            let head = u64::from(matches!(picker, Picker::Greedy | Picker::Sample));
+            let top_k = match (&l.sample_head, picker) {
+                (Some(h), Picker::Sample) if h.top_k.is_some() && cfg.top_k > 0 => cfg.top_k as u64,
+                (Some(h), _) => h.candidates as u64,
+                (None, _) => 0,
+            };
+            let read = match picker {
+                Picker::Greedy | Picker::LmHead => 4,
+                Picker::Sample => top_k * 8,
+                Picker::Host => vocab * 4,
+            };
+            let traffic = |p: &Pair| p.tpu.traffic().unwrap();
+            let t0 = traffic(&p);
+            let first = next_token(p.tpu.prefill(&PROMPT, 0).unwrap());
+            let prompt = traffic(&p) - t0;
+            let t1 = traffic(&p);
+            let second = next_token(p.tpu.decode(first, PROMPT.len()).unwrap());
+            let first_step = traffic(&p) - t1;
+            let t2 = traffic(&p);
+            next_token(p.tpu.decode(second, PROMPT.len() + 1).unwrap());
+            let step = traffic(&p) - t2;
+            eprintln!("{bmodel} {picker:?}\n  prompt of {}: {prompt:?}\n  first step: {first_step:?}\n  decoded token: {step:?}", PROMPT.len());
+            let what = format!("{bmodel}, picker {picker:?}");
+            // A steady-state decoded token.
+            let window = if picker == Picker::Sample { 4 } else { 0 };
+            assert_eq!(
+                step,
+                Traffic {
+                    launches: l.layers as u64 + 2 + head,
+                    syncs: 1,
+                    h2d_calls: 3 + u64::from(window > 0),
+                    h2d_bytes: 4 + 4 + cell + window,
+                    d2h_calls: if picker == Picker::Sample { 2 } else { 1 },
+                    d2h_bytes: read,
+                    d2d_calls: 0,
+                    d2d_bytes: 0,
+                },
+                "{what}: decoded token"
+            );
+            assert!(step.h2d_bytes <= 12 + window, "{what}");
+            // The first step after a prompt lays out the whole decode mask (of the shortest
+            // decode stage that holds the history).
+            let kv = l
+                .decode_stages
+                .iter()
+                .copied()
+                .filter(|&s| s > PROMPT.len())
+                .min()
+                .unwrap() as u64;
+            assert_eq!(
+                first_step.h2d_bytes,
+                4 + 4 + (kv + 1) * cell + window,
+                "{what}: first step"
+            );
+            // A prompt: its ids (and the sampling head's window), no copy, the same reads.
+            let launches = match l.prefill {
+                Prefill::WithHistory => (PROMPT.len().div_ceil(l.max_input) * (l.layers + 1) + 1) as u64,
+                _ => l.layers as u64 + 2,
+            };
+            let ids_window = match (&l.sample_head, picker) {
+                (Some(h), Picker::Sample) if h.dynamic => PROMPT.len().min(cfg.repeat_last_n) as u64 * 4,
+                (Some(h), Picker::Sample) => h.ids_len as u64 * 4,
+                _ => 0,
+            };
+            assert_eq!(
+                (
+                    prompt.launches,
+                    prompt.syncs,
+                    prompt.d2d_calls,
+                    prompt.h2d_bytes,
+                    prompt.d2h_bytes
+                ),
+                (launches + head, 1, 0, PROMPT.len() as u64 * 4 + ids_window, read),
+                "{what}: prompt of {}",
+                PROMPT.len()
+            );
+        }
+    }
+}
+
+fn next_token(n: Next<'_>) -> u32 {
+    match n {
+        Next::Token(t) => t,
+        Next::Logits(l) => argmax(l),
+    }
+}

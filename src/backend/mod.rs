@@ -71,6 +71,68 @@ pub enum BackendError {
     },
 }
 
+/// What a backend asked of its accelerator: counted by the calls themselves (a relaxed atomic
+/// add each, next to an ioctl), so the figures are what our code requests. Copies the vendor
+/// runtime makes inside a launch (a static net's inputs moved to where it was compiled to
+/// read them) are not visible here.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Traffic {
+    /// Nets launched.
+    pub launches: u64,
+    /// Waits for launched work (`bm_thread_sync`).
+    pub syncs: u64,
+    /// Host-to-device copies.
+    pub h2d_calls: u64,
+    /// Host-to-device bytes.
+    pub h2d_bytes: u64,
+    /// Device-to-host copies.
+    pub d2h_calls: u64,
+    /// Device-to-host bytes.
+    pub d2h_bytes: u64,
+    /// Device-to-device copies (`bm_memcpy_d2d_byte`).
+    pub d2d_calls: u64,
+    /// Device-to-device bytes.
+    pub d2d_bytes: u64,
+}
+
+impl std::ops::Sub for Traffic {
+    type Output = Traffic;
+    fn sub(self, o: Traffic) -> Traffic {
+        Traffic {
+            launches: self.launches - o.launches,
+            syncs: self.syncs - o.syncs,
+            h2d_calls: self.h2d_calls - o.h2d_calls,
+            h2d_bytes: self.h2d_bytes - o.h2d_bytes,
+            d2h_calls: self.d2h_calls - o.d2h_calls,
+            d2h_bytes: self.d2h_bytes - o.d2h_bytes,
+            d2d_calls: self.d2d_calls - o.d2d_calls,
+            d2d_bytes: self.d2d_bytes - o.d2d_bytes,
+        }
+    }
+}
+
+impl std::ops::Add for Traffic {
+    type Output = Traffic;
+    fn add(self, o: Traffic) -> Traffic {
+        Traffic {
+            launches: self.launches + o.launches,
+            syncs: self.syncs + o.syncs,
+            h2d_calls: self.h2d_calls + o.h2d_calls,
+            h2d_bytes: self.h2d_bytes + o.h2d_bytes,
+            d2h_calls: self.d2h_calls + o.d2h_calls,
+            d2h_bytes: self.d2h_bytes + o.d2h_bytes,
+            d2d_calls: self.d2d_calls + o.d2d_calls,
+            d2d_bytes: self.d2d_bytes + o.d2d_bytes,
+        }
+    }
+}
+
+impl std::iter::Sum for Traffic {
+    fn sum<I: Iterator<Item = Traffic>>(iter: I) -> Traffic {
+        iter.fold(Traffic::default(), |a, b| a + b)
+    }
+}
+
 /// A model held by a compute device.
 ///
 /// Positions are explicit: `prefill(tokens, start)` computes positions `start..start+len` and
@@ -105,6 +167,11 @@ pub trait Backend: Send {
     /// The settings cannot be passed to the device.
     fn configure_sampling(&mut self, _cfg: &SamplerConfig) -> Result<(), BackendError> {
         Ok(())
+    }
+
+    /// What it has asked of its accelerator so far (`None` for the CPU backend).
+    fn traffic(&self) -> Option<Traffic> {
+        None
     }
 }
 

@@ -88,6 +88,15 @@ pub(super) fn bench(a: &BenchArgs) -> Result<(), CliError> {
         let (lo, hi) = (rates[0], rates[rates.len() - 1]);
         println!("| {name} | {size} | {backend_name} | {threads} | {test} | {median:.2} ({lo:.2} - {hi:.2}) |");
     };
+    // Generation picks greedily: on a bmodel with greedy_head, the on-chip head.
+    let greedy = crate::sampler::SamplerConfig {
+        temperature: 0.0,
+        ..crate::sampler::SamplerConfig::default()
+    };
+    backend.configure_sampling(&greedy).map_err(fail)?;
+    // What one prompt and one decoded token ask of the accelerator (TPU backend).
+    let mut per_prompt = None;
+    let mut per_token = None;
     // One untimed warm-up pass touches the weights (page faults of the mapping).
     let warm: Vec<u32> = (0..n_prompt.clamp(1, 32)).map(|_| rng.u32(..vocab)).collect();
     backend.prefill(&warm, 0).map_err(fail)?;
@@ -96,9 +105,11 @@ pub(super) fn bench(a: &BenchArgs) -> Result<(), CliError> {
         for _ in 0..reps {
             let tokens: Vec<u32> = (0..n_prompt).map(|_| rng.u32(..vocab)).collect();
             backend.reset();
+            let before = backend.traffic();
             let t = Instant::now();
             backend.prefill(&tokens, 0).map_err(fail)?;
             rates.push(n_prompt as f64 / t.elapsed().as_secs_f64());
+            per_prompt = before.zip(backend.traffic()).map(|(b, a)| a - b);
         }
         report(format!("pp{n_prompt}"), rates);
     }
@@ -107,14 +118,51 @@ pub(super) fn bench(a: &BenchArgs) -> Result<(), CliError> {
         for _ in 0..reps {
             backend.reset();
             let mut token = rng.u32(..vocab);
+            let mut after_first = None;
             let t = Instant::now();
             for pos in 0..n_gen {
                 backend.decode(token, pos).map_err(fail)?;
                 token = rng.u32(..vocab);
+                if pos == 0 {
+                    after_first = backend.traffic();
+                }
             }
             rates.push(n_gen as f64 / t.elapsed().as_secs_f64());
+            // Steady state: every step but the first (which lays out the decode mask).
+            if n_gen > 1 {
+                per_token = after_first
+                    .zip(backend.traffic())
+                    .map(|(b, a)| (a - b, n_gen as u64 - 1));
+            }
         }
         report(format!("tg{n_gen}"), rates);
+    }
+    if per_prompt.is_some() || per_token.is_some() {
+        println!(
+            "\nWhat llama-tpu asks of the TPU (copies the runtime makes inside a launch are not visible):\n\
+             | per | launches | syncs | host -> device | device -> host | device -> device |\n\
+             | --- | ---: | ---: | ---: | ---: | ---: |"
+        );
+        let row = |what: String, t: crate::backend::Traffic, n: u64| {
+            let per = |x: u64| x as f64 / n as f64;
+            println!(
+                "| {what} | {:.1} | {:.1} | {:.1} B in {:.1} calls | {:.1} B in {:.1} calls | {:.1} B in {:.1} calls |",
+                per(t.launches),
+                per(t.syncs),
+                per(t.h2d_bytes),
+                per(t.h2d_calls),
+                per(t.d2h_bytes),
+                per(t.d2h_calls),
+                per(t.d2d_bytes),
+                per(t.d2d_calls)
+            );
+        };
+        if let Some(t) = per_prompt {
+            row(format!("prompt of {n_prompt} tokens"), t, 1);
+        }
+        if let Some((t, n)) = per_token {
+            row(format!("decoded token (mean of {n})"), t, n);
+        }
     }
     Ok(())
 }

@@ -343,12 +343,6 @@ impl SophonBackend {
         self.picker
     }
 
-    /// What the backend has asked of its devices since it was opened (launches, syncs,
-    /// copies in each direction), summed over them.
-    pub fn traffic(&self) -> Traffic {
-        self.loaded.traffic()
-    }
-
     /// How the last prompt went through the chip (route, launches, positions computed).
     pub fn last_plan(&self) -> Option<Plan> {
         self.last_plan
@@ -945,6 +939,10 @@ impl Backend for SophonBackend {
         self.decode_step(token, pos)?;
         self.current = pos;
         self.head()
+    }
+
+    fn traffic(&self) -> Option<Traffic> {
+        Some(self.loaded.traffic())
     }
 
     fn reset(&mut self) {
