@@ -199,3 +199,26 @@ fn bench_prints_figures() {
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("| pp16 |") && out.contains("| tg8 |"), "{out}");
 }
+
+/// The service unit lets the daemon open every device node bmlib needs for the TPU (and,
+/// with DevicePolicy=closed, nothing else but serial ports).
+#[test]
+fn the_unit_allows_every_device_node_bmlib_opens() {
+    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/llama-tpu.service")).unwrap();
+    let allowed: Vec<&str> = unit
+        .lines()
+        .filter_map(|l| l.strip_prefix("DeviceAllow="))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert!(unit.contains("DevicePolicy=closed"));
+    for (node, why) in llama_tpu::backend::sophon::ffi::DEVICE_NODES {
+        // A numbered family is allowed by its driver's name (char-bm-sophon).
+        let family = node
+            .strip_suffix('N')
+            .map(|n| format!("char-{}", n.trim_start_matches("/dev/")));
+        assert!(
+            allowed.contains(&node) || family.as_deref().is_some_and(|f| allowed.contains(&f)),
+            "{node} ({why}) is not allowed by the unit: {allowed:?}"
+        );
+    }
+}

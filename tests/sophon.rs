@@ -660,3 +660,81 @@ fn next_token(n: Next<'_>) -> u32 {
         Next::Logits(l) => argmax(l),
     }
 }
+
+/// A libsophon older than 0.5.1 has the same function names with shorter structures (no
+/// `input_mems` in `bm_stage_info_t`, a 120-byte `bm_net_info_t`): reading them with this
+/// backend's layout would read garbage, not fail. A fake runtime with exactly 0.4.8's symbols
+/// (whose network info is in the old layout) is refused before any structure is read, with the
+/// version needed; the CLI says so with exit 69.
+#[test]
+fn a_runtime_older_than_0_5_1_is_refused_before_any_structure_is_read() {
+    let dir = common::scratch("old-libsophon");
+    let bmlib = r#"
+        typedef struct { unsigned long long addr; unsigned int r; int fd; unsigned int flags; unsigned int size; } mem_t;
+        int bm_dev_getcount(int *n) { *n = 1; return 0; }
+        int bm_dev_request(void **h, int i) { static int x; *h = &x; return 0; }
+        void bm_dev_free(void *h) {}
+        int bm_malloc_device_byte(void *h, mem_t *m, unsigned int n) { return 1; }
+        void bm_free_device(void *h, mem_t m) {}
+        int bm_memcpy_s2d(void *h, mem_t m, void *p) { return 1; }
+        int bm_memcpy_s2d_partial(void *h, mem_t m, void *p, unsigned int n) { return 1; }
+        int bm_memcpy_d2s(void *h, void *p, mem_t m) { return 1; }
+        int bm_memcpy_d2s_partial(void *h, void *p, mem_t m, unsigned int n) { return 1; }
+        int bm_memcpy_d2d_byte(void *h, mem_t d, unsigned long a, mem_t s, unsigned long b, unsigned long n) { return 1; }
+        int bm_thread_sync(void *h) { return 0; }
+    "#;
+    // libsophon 0.4.8's bmrt: no bmrt_set_flags, no bmrt_create_ex; the old structures.
+    let bmrt = r#"
+        typedef struct { int num_dims; int dims[8]; } shape_t;
+        typedef struct { shape_t *input_shapes, *output_shapes; } old_stage_t;
+        typedef struct { const char *name; _Bool dyn; int input_num; const char **input_names;
+            int *input_dtypes; float *input_scales; int output_num; const char **output_names;
+            int *output_dtypes; float *output_scales; int stage_num; old_stage_t *stages;
+            unsigned long *max_in, *max_out; int *izp, *ozp; } old_net_t;
+        static shape_t shape = {2, {1, 32}};
+        static old_stage_t stage = {&shape, &shape};
+        static const char *names[] = {"embedding"};
+        static int dtypes[] = {6};
+        static old_net_t net = {"embedding", 0, 1, names, dtypes, 0, 1, names, dtypes, 0, 1, &stage};
+        static int x;
+        void *bmrt_create(void *h) { return &x; }
+        void bmrt_destroy(void *p) {}
+        _Bool bmrt_load_bmodel(void *p, const char *f) { return 1; }
+        int bmrt_get_network_number(void *p) { return 1; }
+        void bmrt_get_network_names(void *p, const char ***n) { *n = 0; }
+        const old_net_t *bmrt_get_network_info(void *p, const char *n) { return &net; }
+        _Bool bmrt_launch_tensor_ex(void *p, const char *n, const void *i, int a, void *o, int b, _Bool c, _Bool d) { return 0; }
+        void bmrt_tensor_with_device(void *t, int m, int d, int s) {}
+    "#;
+    for (name, source) in [("libbmlib.so", bmlib), ("libbmrt.so", bmrt)] {
+        let c = dir.join(name.replace(".so", ".c"));
+        std::fs::write(&c, source).unwrap();
+        let status = std::process::Command::new("cc")
+            .args(["-shared", "-fPIC", "-o"])
+            .arg(dir.join(name))
+            .arg(&c)
+            .status()
+            .expect("cc (gcc) builds the fake runtime");
+        assert!(status.success(), "cc failed on {name}");
+    }
+    let e = match llama_tpu::backend::sophon::ffi::Runtime::load(Some(&dir)) {
+        Ok(_) => panic!("a 0.4.8 runtime was accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        e.contains("older than libsophon 0.5.1") && e.contains("bmrt_set_flags") && e.contains("0.5.1 or newer"),
+        "{e}"
+    );
+    let bmodel = dir.join("any.bmodel");
+    std::fs::write(&bmodel, b"not read").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_llama-tpu"))
+        .arg("info")
+        .arg(&bmodel)
+        .arg("--sophon-lib")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{stderr}");
+    assert!(stderr.contains("libsophon 0.5.1 or newer"), "{stderr}");
+}

@@ -15,6 +15,24 @@ use libloading::Library;
 /// Where libsophon lives on the SoC and on PCIe hosts.
 pub const DEFAULT_LIB_DIR: &str = "/opt/sophon/libsophon-current/lib";
 
+/// The device nodes libsophon's bmlib opens for what this backend does (request a device,
+/// allocate and copy memory, launch), as read from libsophon 0.5.1's `bmlib_runtime.cpp`
+/// (`bm_create_ctx`, `bm_dev_getcount`) and `bmlib_memory.cpp`; the systemd unit allows each
+/// (a test checks). Unverified on hardware: the simulator opens none.
+/// `bm-vpp` and, on the SoC, `bce-base` are opened too but may fail without harm.
+pub const DEVICE_NODES: [(&str, &str); 4] = [
+    (
+        "/dev/bm-tpu0",
+        "SoC: the TPU (bm_dev_request falls back to /dev/bm-tpuN)",
+    ),
+    (
+        "/dev/ion",
+        "SoC: ION carveout heaps, from which every device buffer is allocated",
+    ),
+    ("/dev/bm-sophonN", "PCIe: one per chip (bm_dev_request)"),
+    ("/dev/bmdev-ctl", "bm_dev_getcount: how many devices there are"),
+];
+
 /// `bm_handle_t`: an opaque device handle.
 pub type Handle = *mut c_void;
 /// `bm_status_t`: 0 is success.
