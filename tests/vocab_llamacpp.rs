@@ -53,3 +53,47 @@ fn llama2_sentencepiece_vocabulary_matches_llama_cpp() {
 fn llama3_byte_level_vocabulary_matches_llama_cpp() {
     check("ggml-vocab-llama-bpe");
 }
+
+/// The original Llama-2 demos ship SentencePiece's `tokenizer.model`: one written from the
+/// Llama-2 vocabulary by the sentencepiece package itself gives, through `--tokenizer
+/// tokenizer.model`, SentencePiece's ids and llama.cpp's on llama.cpp's test texts.
+#[test]
+fn llama2_tokenizer_model_matches_sentencepiece_and_llama_cpp() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/llama-vocab");
+    let name = "ggml-vocab-llama-spm";
+    let vocab = dir.join(format!("{name}.gguf"));
+    assert!(vocab.exists(), "{} is missing: run `make test-data`", vocab.display());
+    let model = common::scratch("tokenizer-model").join("tokenizer.model");
+    let python = std::env::var("LLAMA_TPU_PYTHON").unwrap_or_else(|_| "python3".into());
+    let inp = dir.join(format!("{name}.gguf.inp"));
+    let out = std::process::Command::new(&python)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/write_tokenizer_model.py"))
+        .arg(&vocab)
+        .arg(&model)
+        .arg(&inp)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {python}: {e}"));
+    assert!(
+        out.status.success(),
+        "writing tokenizer.model needs gguf, sentencepiece and protobuf (`make venv`):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tok = Tokenizer::from_file(&model).unwrap();
+    assert_eq!(
+        (tok.vocab_size(), tok.bos, tok.eos, tok.add_bos),
+        (32000, Some(1), Some(2), true)
+    );
+    let texts = std::fs::read_to_string(&inp).unwrap();
+    let texts: Vec<&str> = texts.split("\n__ggml_vocab_test__\n").collect();
+    let llama_cpp = std::fs::read_to_string(dir.join(format!("{name}.gguf.out"))).unwrap();
+    let sentencepiece = String::from_utf8(out.stdout).unwrap();
+    let ids = |line: &str| -> Vec<u32> { line.split_whitespace().map(|t| t.parse().unwrap()).collect() };
+    assert!(texts.len() >= 40);
+    for ((text, spm), cpp) in texts.iter().zip(sentencepiece.lines()).zip(llama_cpp.lines()) {
+        let got = tok.encode(text, false).unwrap();
+        assert_eq!(got, ids(spm), "SentencePiece: {text:?}");
+        assert_eq!(got, ids(cpp), "llama.cpp: {text:?}");
+    }
+    // BOS first, as the demos add it.
+    assert_eq!(tok.encode("Hello", true).unwrap()[0], 1);
+}

@@ -30,7 +30,7 @@ pub struct Config {
     pub sophon_lib: Option<PathBuf>,
     /// sophon: device indices.
     pub devices: Vec<usize>,
-    /// tokenizer.json instead of the model's vocabulary.
+    /// tokenizer.json (or a SentencePiece tokenizer.model) instead of the model's vocabulary.
     pub tokenizer: Option<PathBuf>,
     /// Chat template name.
     pub chat_template: Option<String>,

@@ -123,7 +123,7 @@ pub struct ModelArgs {
     /// KV cache length in tokens (default: the model's trained context, at most 4096; never more than it).
     #[arg(short = 'c', long)]
     pub ctx_size: Option<usize>,
-    /// Tokenizer file (tokenizer.json) instead of the model's own vocabulary.
+    /// Tokenizer file (tokenizer.json, or a SentencePiece tokenizer.model) instead of the model's own vocabulary.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
     /// Chat template (chatml, llama2, llama3); default: recognized from the model.
@@ -241,13 +241,13 @@ pub fn open_sophon(
 }
 
 /// A bmodel on the TPU: the tokenizer comes from `--tokenizer` (a bmodel holds no
-/// vocabulary), the chat template from `--chat-template` or the `tokenizer_config.json`
-/// beside the tokenizer (as Hugging Face ships them).
+/// vocabulary), the chat template from `--chat-template`, the `tokenizer_config.json` beside
+/// the tokenizer (as Hugging Face ships them), or Llama-2's for a bare `tokenizer.model`.
 fn load_sophon(args: &ModelArgs) -> Result<Engine, CliError> {
     let Some(tokenizer_path) = &args.tokenizer else {
         return Err(CliError::new(
             Exit::Usage,
-            "the sophon backend needs --tokenizer tokenizer.json (a bmodel holds no vocabulary)",
+            "the sophon backend needs --tokenizer tokenizer.json or tokenizer.model (a bmodel holds no vocabulary)",
         ));
     };
     let tokenizer = Tokenizer::from_file(tokenizer_path).map_err(|e| CliError::new(Exit::BadModel, e.to_string()))?;
@@ -261,6 +261,13 @@ fn load_sophon(args: &ModelArgs) -> Result<Engine, CliError> {
                 v.get("chat_template")
                     .and_then(|t| t.as_str())
                     .and_then(ChatTemplate::detect)
+            })
+            // A bare SentencePiece tokenizer.model is what the Llama-2 demos ship: its chat
+            // format is Llama-2's.
+            .or_else(|| {
+                (tokenizer.kind() == crate::tokenizer::VocabKind::SentencePiece
+                    && tokenizer_path.extension().is_some_and(|e| e == "model"))
+                .then_some(ChatTemplate::Llama2)
             }),
     };
     let backend = open_sophon(args, Some(tokenizer.vocab_size()))?;

@@ -40,7 +40,7 @@ pub struct ServeArgs {
     /// KV cache length in tokens.
     #[arg(short = 'c', long)]
     ctx_size: Option<usize>,
-    /// Tokenizer file (tokenizer.json) instead of the model's vocabulary.
+    /// Tokenizer file (tokenizer.json, or a SentencePiece tokenizer.model) instead of the model's vocabulary.
     #[arg(long)]
     tokenizer: Option<PathBuf>,
     /// Chat template (chatml, llama2, llama3).

@@ -75,7 +75,7 @@ pub(super) fn build(g: &Gguf) -> Result<Tokenizer, TokenizerError> {
     };
 
     let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
-    let (kind, mut inner, add_bos_default) = match model {
+    let (kind, inner, add_bos_default) = match model {
         "gpt2" => {
             let merges = match g
                 .array_opt("tokenizer.ggml.merges")
@@ -135,29 +135,13 @@ pub(super) fn build(g: &Gguf) -> Result<Tokenizer, TokenizerError> {
                 Some(a) if a.len() == n => a.iter().map(|v| v.as_f64().unwrap_or(0.0) as f32).collect(),
                 _ => return Err(invalid("a llama tokenizer needs tokenizer.ggml.scores, one per token")),
             };
-            let merges = merges_from_scores(&tokens, &types, &scores);
-            let mut builder = BPE::builder()
-                .vocab_and_merges(vocab, merges)
-                .byte_fallback(true)
-                .fuse_unk(true);
-            if let Some(u) = unk {
-                builder = builder.unk_token(tokens[u as usize].clone());
-            }
-            let mut t = tokenizers::Tokenizer::new(builder.build().map_err(lib)?);
-            let mut norms: Vec<NormalizerWrapper> = Vec::new();
-            if flag("tokenizer.ggml.add_space_prefix").unwrap_or(true) {
-                norms.push(Prepend::new("▁".into()).into());
-            }
-            norms.push(Replace::new(" ", "▁").map_err(lib)?.into());
-            t.with_normalizer(Some(NormSeq::new(norms)));
-            // What Hugging Face's Llama tokenizer.json declares; `from_file` recognizes the kind
-            // by it. (Our own streaming decode uses the byte table instead.)
-            t.with_decoder(Some(DecSeq::new(vec![
-                Replace::new("▁", " ").map_err(lib)?.into(),
-                ByteFallback::new().into(),
-                Fuse::new().into(),
-                Strip::new(' ', 1, 0).into(),
-            ])));
+            let t = sentencepiece_pipeline(
+                &tokens,
+                &types,
+                &scores,
+                unk,
+                flag("tokenizer.ggml.add_space_prefix").unwrap_or(true),
+            )?;
             (VocabKind::SentencePiece, t, true)
         }
         other => {
@@ -167,19 +151,67 @@ pub(super) fn build(g: &Gguf) -> Result<Tokenizer, TokenizerError> {
         }
     };
 
-    // Control and user-defined tokens are matched in the text before anything else.
+    let add_bos = flag("tokenizer.ggml.add_bos_token").unwrap_or(add_bos_default) && bos.is_some();
+    let mut tok = finish(inner, kind, &tokens, &types, [bos, eos, eot])?;
+    tok.add_bos = add_bos;
+    tok.description = format!("{} ({n} tokens, from GGUF)", kind_name(kind));
+    Ok(tok)
+}
+
+/// The `tokenizers` pipeline of a SentencePiece BPE vocabulary (Llama-2's), from its pieces,
+/// scores and types: BPE with merges derived from the scores, byte fallback, and the
+/// normalizer and decoder of Hugging Face's Llama tokenizer.json.
+pub(super) fn sentencepiece_pipeline(
+    tokens: &[String],
+    types: &[TokenType],
+    scores: &[f32],
+    unk: Option<u32>,
+    add_space_prefix: bool,
+) -> Result<tokenizers::Tokenizer, TokenizerError> {
+    let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+    let merges = merges_from_scores(tokens, types, scores);
+    let mut builder = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .byte_fallback(true)
+        .fuse_unk(true);
+    if let Some(u) = unk.and_then(|u| tokens.get(u as usize)) {
+        builder = builder.unk_token(u.clone());
+    }
+    let mut t = tokenizers::Tokenizer::new(builder.build().map_err(lib)?);
+    let mut norms: Vec<NormalizerWrapper> = Vec::new();
+    if add_space_prefix {
+        norms.push(Prepend::new("▁".into()).into());
+    }
+    norms.push(Replace::new(" ", "▁").map_err(lib)?.into());
+    t.with_normalizer(Some(NormSeq::new(norms)));
+    // What Hugging Face's Llama tokenizer.json declares; `from_file` recognizes the kind
+    // by it. (Our own streaming decode uses the byte table instead.)
+    t.with_decoder(Some(DecSeq::new(vec![
+        Replace::new("▁", " ").map_err(lib)?.into(),
+        ByteFallback::new().into(),
+        Fuse::new().into(),
+        Strip::new(' ', 1, 0).into(),
+    ])));
+    Ok(t)
+}
+
+/// Registers control and user-defined tokens (matched in the text before anything else) and
+/// builds the byte table: the shared tail of the vocabulary constructors.
+pub(super) fn finish(
+    mut inner: tokenizers::Tokenizer,
+    kind: VocabKind,
+    tokens: &[String],
+    types: &[TokenType],
+    [bos, eos, eot]: [Option<u32>; 3],
+) -> Result<Tokenizer, TokenizerError> {
     let added: Vec<AddedToken> = tokens
         .iter()
-        .zip(&types)
+        .zip(types)
         .filter(|(_, ty)| matches!(ty, TokenType::Control | TokenType::UserDefined))
         .map(|(t, _)| AddedToken::from(t.clone(), true).normalized(false))
         .collect();
     inner.add_special_tokens(&added);
-
-    let mut tok = Tokenizer::assemble(inner, kind, &tokens, &types, bos, eos, eot)?;
-    tok.add_bos = flag("tokenizer.ggml.add_bos_token").unwrap_or(add_bos_default) && bos.is_some();
-    tok.description = format!("{} ({n} tokens, from GGUF)", kind_name(kind));
-    Ok(tok)
+    Tokenizer::assemble(inner, kind, tokens, types, bos, eos, eot)
 }
 
 /// SentencePiece vocabularies carry scores instead of merges. A pair (a, b) merges when a+b is

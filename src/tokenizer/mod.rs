@@ -10,6 +10,7 @@
 //! characters (a character split across tokens is held back until its last byte arrives).
 
 mod gguf_vocab;
+pub mod sentencepiece;
 mod stream;
 
 use std::path::Path;
@@ -83,11 +84,30 @@ impl Tokenizer {
         gguf_vocab::build(g)
     }
 
-    /// Loads a Hugging Face `tokenizer.json`.
+    /// Loads a Hugging Face `tokenizer.json`, or a SentencePiece `tokenizer.model` (what the
+    /// original Llama-2 demos ship; told apart by content: JSON starts with `{`).
     ///
     /// # Errors
     /// The file cannot be read or parsed.
     pub fn from_file(path: &Path) -> Result<Tokenizer, TokenizerError> {
+        let file_error = |detail: String| TokenizerError::File {
+            path: path.display().to_string(),
+            detail,
+        };
+        let mut head = [0u8; 64];
+        let n = std::fs::File::open(path)
+            .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
+            .map_err(|e| file_error(e.to_string()))?;
+        if head[..n].iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            let len = std::fs::metadata(path).map_err(|e| file_error(e.to_string()))?.len();
+            if len > sentencepiece::MAX_MODEL_BYTES as u64 {
+                return Err(file_error(format!(
+                    "{len} bytes: neither tokenizer.json nor a tokenizer.model"
+                )));
+            }
+            let bytes = std::fs::read(path).map_err(|e| file_error(e.to_string()))?;
+            return sentencepiece::build(&bytes, &path.display().to_string()).map_err(|e| file_error(e.to_string()));
+        }
         let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| TokenizerError::File {
             path: path.display().to_string(),
             detail: e.to_string(),
