@@ -543,37 +543,42 @@ fn a_decoded_token_makes_no_device_copy_and_moves_only_what_changes() {
         repeat_last_n: 16,
         seed: 3,
     };
+    use Picker::{Greedy, Host, LmHead, Sample};
+    let all50 = SamplerConfig {
+        top_k: 0,
+        ..sampled.clone()
+    };
     let toys = [
         (
             "toy_llmtpu_f16.bmodel",
-            vec![
-                greedy(),
-                host_sampling(),
-                SamplerConfig {
-                    top_k: 0,
-                    ..sampled.clone()
-                },
-            ],
+            vec![(greedy(), Greedy), (host_sampling(), Host), (all50, Sample)],
         ),
-        ("toy_l2t_f16.bmodel", vec![greedy()]),
-        ("toy_sd_bf16.bmodel", vec![greedy()]),
+        ("toy_l2t_f16.bmodel", vec![(greedy(), LmHead)]),
+        ("toy_sd_bf16.bmodel", vec![(greedy(), LmHead)]),
         (
             "toy_conv_f16_sample.bmodel",
-            vec![greedy(), sampled.clone(), host_sampling()],
+            vec![(greedy(), Greedy), (sampled.clone(), Sample), (host_sampling(), Host)],
         ),
-        ("toy_conv_bf16.bmodel", vec![greedy()]),
-        ("toy_conv_f16_dyn.bmodel", vec![greedy(), sampled.clone()]),
-        ("toy_conv_f16_hist.bmodel", vec![greedy(), sampled.clone()]),
+        ("toy_conv_bf16.bmodel", vec![(greedy(), LmHead)]),
+        (
+            "toy_conv_f16_dyn.bmodel",
+            vec![(greedy(), Greedy), (sampled.clone(), Sample)],
+        ),
+        (
+            "toy_conv_f16_hist.bmodel",
+            vec![(greedy(), Greedy), (sampled.clone(), Sample)],
+        ),
     ];
     for (bmodel, configs) in toys {
         let mut p = pair(bmodel, "toy_kv2.gguf", F16_TOLERANCE);
         let l = p.tpu.layout().clone();
         let cell = l.mask_dtype.size() as u64;
         let vocab = p.tpu.info().vocab_size as u64;
-        for cfg in configs {
+        for (cfg, expected) in configs {
             p.tpu.reset();
             p.tpu.configure_sampling(&cfg).unwrap();
             let picker = p.tpu.picker();
+            assert_eq!(picker, expected, "{bmodel}: {cfg:?}");
             let head = u64::from(matches!(picker, Picker::Greedy | Picker::Sample));
             let top_k = match (&l.sample_head, picker) {
                 (Some(h), Picker::Sample) if h.top_k.is_some() && cfg.top_k > 0 => cfg.top_k as u64,

@@ -17,9 +17,19 @@ pub struct TokenizeArgs {
     /// Print each id with its text, one per line.
     #[arg(long)]
     pieces: bool,
+    /// Write the model's vocabulary as a Hugging Face tokenizer.json to this file (for a
+    /// bmodel compiled from the same model: `--tokenizer` on the sophon backend) and exit.
+    #[arg(long, value_name = "FILE")]
+    write_json: Option<std::path::PathBuf>,
 }
 
 pub(super) fn tokenize(a: &TokenizeArgs) -> Result<(), CliError> {
+    if let Some(path) = &a.write_json {
+        let opened = open_gguf(&a.model.model)?;
+        let tok = load_tokenizer(&a.model, &opened.gguf)?;
+        let json = tok.to_json().map_err(|e| CliError::new(Exit::Failure, e.to_string()))?;
+        return std::fs::write(path, json).map_err(|e| CliError::new(Exit::Io, format!("{}: {e}", path.display())));
+    }
     let text = text_or_stdin(a.text.as_deref())?;
     let opened = open_gguf(&a.model.model)?;
     let tok = load_tokenizer(&a.model, &opened.gguf)?;

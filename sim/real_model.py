@@ -1,0 +1,133 @@
+"""The default model (SmolLM2-135M-Instruct, a Llama) in the two forms `make sim-real` compares:
+a Hugging Face checkpoint for the vendor's llm_convert.py, and an F16 GGUF of exactly the same
+numbers for the CPU backend.
+
+    real_model.py MODEL.gguf OUT_DIR
+
+From the Q4_1 GGUF: every tensor dequantized and rounded to float16; written as
+OUT_DIR/hf/model.safetensors (float16, Hugging Face names, the Q and K rows put back in
+Hugging Face's order: llama.cpp's converter permutes them for its interleaved RoPE) with its
+config.json, and as OUT_DIR/smollm2-135m-f16.gguf (2-D tensors F16, norms F32 holding the same
+float16 values, the GGUF's own metadata and vocabulary). The output layer is tied to the token
+embedding, as in the original.
+"""
+import json
+import os
+import struct
+import sys
+
+import gguf
+import numpy as np
+
+
+def f16(w):
+    return np.asarray(w, np.float32).astype(np.float16)
+
+
+def unpermute(w, n_head):
+    """Inverse of llama.cpp's convert_hf_to_gguf permute for q/k rows."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def field(reader, key):
+    f = reader.fields[key]
+    if len(f.data) == 1 and f.types[0] != gguf.GGUFValueType.ARRAY:
+        v = f.parts[f.data[0]]
+        return bytes(v).decode() if f.types[0] == gguf.GGUFValueType.STRING else v[0].item()
+    if f.types[-1] == gguf.GGUFValueType.STRING:
+        return [bytes(f.parts[i]).decode() for i in f.data]
+    return [f.parts[i][0].item() for i in f.data]
+
+
+def save_safetensors(path, tensors):
+    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for key in sorted(tensors):
+        raw = np.ascontiguousarray(tensors[key], "<f2").tobytes()
+        header[key] = {"dtype": "F16", "shape": list(tensors[key].shape), "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for raw in blobs:
+            f.write(raw)
+
+
+def main():
+    if len(sys.argv) != 3:
+        sys.exit(__doc__)
+    src, out = sys.argv[1:]
+    r = gguf.GGUFReader(src)
+    n_head = field(r, "llama.attention.head_count")
+    n_kv = field(r, "llama.attention.head_count_kv")
+    layers = field(r, "llama.block_count")
+    weights = {}
+    for t in r.tensors:
+        w = gguf.quants.dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)])
+        weights[t.name] = f16(w)
+
+    names = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+             "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+             "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+    hf = {"model.embed_tokens.weight": weights["token_embd.weight"],
+          "model.norm.weight": weights["output_norm.weight"]}
+    for i in range(layers):
+        for short, long in names.items():
+            w = weights[f"blk.{i}.{short}.weight"]
+            if short == "attn_q":
+                w = unpermute(w, n_head)
+            elif short == "attn_k":
+                w = unpermute(w, n_kv)
+            hf[f"model.layers.{i}.{long}.weight"] = w
+    tied = "output.weight" not in weights
+    if not tied:
+        hf["lm_head.weight"] = weights["output.weight"]
+    os.makedirs(os.path.join(out, "hf"), exist_ok=True)
+    save_safetensors(os.path.join(out, "hf", "model.safetensors"), hf)
+    vocab = len(field(r, "tokenizer.ggml.tokens"))
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        "hidden_size": field(r, "llama.embedding_length"),
+        "intermediate_size": field(r, "llama.feed_forward_length"),
+        "num_attention_heads": n_head, "num_key_value_heads": n_kv, "num_hidden_layers": layers,
+        "head_dim": field(r, "llama.embedding_length") // n_head,
+        "rms_norm_eps": field(r, "llama.attention.layer_norm_rms_epsilon"),
+        "rope_theta": field(r, "llama.rope.freq_base"), "vocab_size": vocab,
+        "max_position_embeddings": field(r, "llama.context_length"),
+        "tie_word_embeddings": tied, "torch_dtype": "float16",
+        "bos_token_id": field(r, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": field(r, "tokenizer.ggml.eos_token_id"),
+    }
+    with open(os.path.join(out, "hf", "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    with open(os.path.join(out, "hf", "tokenizer_config.json"), "w") as f:
+        json.dump({"chat_template": field(r, "tokenizer.chat_template")}, f)
+
+    # The same numbers as an F16 GGUF for the CPU backend: metadata and vocabulary copied.
+    w = gguf.GGUFWriter(os.path.join(out, "smollm2-135m-f16.gguf"), "llama")
+    skip = {"GGUF.version", "GGUF.tensor_count", "GGUF.kv_count", "general.architecture", "general.file_type",
+            "general.quantization_version"}
+    for key, f in r.fields.items():
+        if key in skip:
+            continue
+        vtype = f.types[0]
+        value = field(r, key)
+        if vtype == gguf.GGUFValueType.ARRAY:
+            w.add_key_value(key, value, vtype, sub_type=f.types[-1])
+        else:
+            w.add_key_value(key, value, vtype)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    for t in r.tensors:
+        value = weights[t.name]
+        w.add_tensor(t.name, value if value.ndim > 1 else value.astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    print(out)
+
+
+if __name__ == "__main__":
+    main()
