@@ -220,6 +220,9 @@ fn float(net: &Net, p: &Port, what: &str) -> Result<DataType, ContractError> {
 /// a one-token stage (sophon-demo's build).
 fn embeddings(nets: &[Net]) -> Result<(NetStage, NetStage, usize, bool), ContractError> {
     let emb = net(nets, "embedding")?;
+    if emb.stages.is_empty() {
+        return Err(bad("embedding has no stages"));
+    }
     let len = |n: &Net, s: usize| {
         n.stages[s]
             .input_shapes
@@ -273,13 +276,14 @@ pub fn check(nets: &[Net]) -> Result<LlamaLayout, ContractError> {
     // The embedding takes one input, the token ids, per device.
     let devices = emb.inputs.len().max(1);
     let out = port(emb, false, 0)?;
-    let emb_out = &emb.stages[embedding.stage].output_shapes[0];
-    let hidden = *emb_out.last().unwrap_or(&0) as usize;
+    let stage = &emb.stages[embedding.stage];
+    let (emb_in, emb_out) = match (stage.input_shapes.first(), stage.output_shapes.first()) {
+        (Some(i), Some(o)) => (i, o),
+        _ => return Err(bad("embedding has no input or no output")),
+    };
+    let hidden = emb_out.last().map_or(0, |&h| h.max(0) as usize);
     if max_input == 0 || hidden == 0 {
-        return Err(bad(format!(
-            "embedding has shapes {:?} -> {:?}",
-            emb.stages[embedding.stage].input_shapes[0], emb_out
-        )));
+        return Err(bad(format!("embedding has shapes {emb_in:?} -> {emb_out:?}")));
     }
     let hidden_dtype = float(emb, out, "output 0")?;
     let (l, h) = (max_input, hidden);
@@ -851,6 +855,49 @@ mod tests {
         let last = nets.len() - 1;
         nets[last].stages[2].input_mems[3].addr = 0x2000;
         assert!(!check(&nets).unwrap().cache_in_decode_inputs);
+    }
+
+    /// Whatever a corrupt or foreign bmodel's nets say, the check answers, never panics.
+    #[test]
+    fn mangled_nets_get_an_answer_not_a_panic() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..3000 {
+            let mut nets = toy(if rng.bool() { F16 } else { F32 }, 2);
+            nets.push(n(
+                "sample_head",
+                vec![named("m_logits", F32, &[1, 256]), named("input_ids", I32, &[1, 32])],
+                vec![p(F32, &[1, 50])],
+            ));
+            for _ in 0..rng.usize(1..6) {
+                let k = rng.usize(..nets.len());
+                let net = &mut nets[k];
+                match rng.u8(..7) {
+                    0 => net.inputs.truncate(rng.usize(..=net.inputs.len())),
+                    1 => net.outputs.truncate(rng.usize(..=net.outputs.len())),
+                    2 => net.stages.truncate(rng.usize(..=net.stages.len())),
+                    3 => {
+                        if let Some(st) = net.stages.first_mut() {
+                            let shapes = if rng.bool() {
+                                &mut st.input_shapes
+                            } else {
+                                &mut st.output_shapes
+                            };
+                            if let Some(sh) = shapes.first_mut() {
+                                *sh = (0..rng.usize(..5)).map(|_| rng.i32(-3..40)).collect();
+                            }
+                        }
+                    }
+                    4 => {
+                        if let Some(p) = net.inputs.first_mut() {
+                            p.dtype = None;
+                        }
+                    }
+                    5 => net.addr_mode = rng.i32(-1..4),
+                    _ => net.name = ["block_kv_0", "block_cache_9", "embedding_cache", "x"][rng.usize(..4)].into(),
+                }
+            }
+            let _ = check(&nets);
+        }
     }
 
     #[test]
