@@ -37,9 +37,10 @@ LLAMA_TPU_PYTHON=.cache/venv/bin/python cargo test --profile test-opt --test sim
 grep -aE "^(load|prompt of|step|logits compared)|panicked|left:|right:|test result" "$OUT/compare.log" || true
 [ $status -eq 0 ] || { echo "sim-real: the comparison with the CPU backend failed (log $OUT/compare.log)"; exit 1; }
 stage "the chip against the CPU backend"
-$BIN run --backend sophon --model "$BMODEL" --tokenizer "$OUT/hf/tokenizer.json" --sophon-lib "$LIB" \
+# The simulator prints its own lines to stdout too: line-buffered (stdbuf), they arrive whole,
+# after whatever part of the answer came before them, and are cut out below.
+stdbuf -oL $BIN run --backend sophon --model "$BMODEL" --tokenizer "$OUT/hf/tokenizer.json" --sophon-lib "$LIB" \
     --temperature 0 --chat "What is the capital of France?" > "$OUT/run.out" 2> "$OUT/run.log"
-# The simulator prints its own lines to stdout too, in the middle of the answer: cut them out.
 answer=$(python3 -c '
 import re, sys
 noise = re.compile(r"(\[\d+\]|begin to cmodel|mult engine|bmcpu init|Cannot open libusercpu|BMLIB Send|cmodel_deinit|_allreduce).*")
