@@ -22,6 +22,18 @@ seed and a byte-level vocabulary. Written here:
   - layout `sd`: the same as sophon-demo's `compile.sh` builds it: both embeddings compiled
     under the net name `embedding`, which `--combine` joins into one net with two stages.
 
+Net by net, what each ONNX layout reproduces (the vendor's export function, then its
+compile.sh line):
+| net | `llmtpu` (LLM-TPU models/Llama2/compile) | `l2t` / `sd` (sophgo/Llama2-TPU compile) |
+| embedding | export_onnx.py convert_embedding: ids [1,S] -> [1,S,H]; --quantize F16 --quant_input --quant_output | export_onnx_fast.py convert_embedding: ids [S] -> [S,H] f32; --quantize F16 (sd: net name embedding) |
+| embedding_cache | the same at [1,1] | the same at [1] (sd: also named embedding: a second stage) |
+| block_N | convert_block: Block (patched modeling_llama.py), no final norm; --quant_input --quant_output | convert_block; --quant_output --quant_output_list 2,3 (only K/V half) |
+| block_cache_N | convert_block_cache: history first, new K/V only; --quant_input --quant_output, no --addr_mode | convert_block_cache; --quant_input --quant_output --quant_input_list 4,5 --quant_output_list 2,3 |
+| lm_head | convert_lm_head: norm + lm_head -> m_logits [1,V]; --quant_input | LmHead: norm + lm_head + topk(1) -> token; --quantize only |
+| greedy_head | convert_greedy_head: topk(1); default quantize (F32) | - |
+| penalty_sample_head | convert_penalty_sample_head: PenaltySampleHead(top_k=50, min_tokens_to_keep=5); F32 | - |
+(ONNX graphs here stand in for the TorchScript `.pt` embedding export: same interface.)
+
 The weights are rounded to values that f16 and bf16 both hold exactly, so the GGUF (f32) and
 the bmodels (f16 or bf16) compute with the same numbers; what differs is the device's
 arithmetic, which is what the tests measure.
