@@ -6,6 +6,10 @@
 /// nearly every token; the set grows by doubling when their mass is short of top-p.
 const NUCLEUS_START: usize = 64;
 
+/// Longest repetition-penalty window: far beyond any context this serves (the penalty ring
+/// is allocated for it: a bound keeps a setting from asking for gigabytes).
+pub const MAX_REPEAT_LAST_N: usize = 1 << 16;
+
 /// Sampling settings of one request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplerConfig {
@@ -57,6 +61,12 @@ impl SamplerConfig {
         }
         if !(self.repeat_penalty > 0.0 && self.repeat_penalty.is_finite()) {
             return Err(format!("repeat_penalty must be > 0, got {}", self.repeat_penalty));
+        }
+        if self.repeat_last_n > MAX_REPEAT_LAST_N {
+            return Err(format!(
+                "repeat_last_n must be at most {MAX_REPEAT_LAST_N}, got {}",
+                self.repeat_last_n
+            ));
         }
         Ok(())
     }

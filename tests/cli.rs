@@ -222,3 +222,61 @@ fn the_unit_allows_every_device_node_bmlib_opens() {
         );
     }
 }
+
+/// Every numeric setting has a range: out of it, a flag is a command-line error (2) and a file
+/// value a configuration error (78), said before any model is loaded; none of them reaches the
+/// code it would have broken (a year-long-plus request_timeout overflowed the clock and
+/// panicked the engine; a huge repeat_last_n aborted on its allocation).
+#[test]
+fn settings_out_of_range_are_refused_with_the_right_code() {
+    let dir = common::scratch("ranges");
+    let socket = dir.join("s.sock");
+    let socket = socket.to_str().unwrap();
+    let huge = u64::MAX.to_string();
+    for (flag, value) in [
+        ("--request-timeout", huge.as_str()),
+        ("--request-timeout", "31536001"),
+        ("--queue-depth", "100000"),
+        ("--max-connections", "0"),
+        ("--threads", "100000"),
+    ] {
+        let o = run(&["serve", "--socket", socket, flag, value]);
+        assert_eq!(o.status.code(), Some(2), "{flag} {value}: {}", stderr(&o));
+        assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+    }
+    for (key, value) in [
+        ("request_timeout", huge.as_str()),
+        ("request_timeout", "31536001"),
+        ("threads", "5000"),
+        ("queue_depth", "0"),
+    ] {
+        let file = dir.join("c.toml");
+        std::fs::write(&file, format!("{key} = {value}\n")).unwrap();
+        let o = run(&["serve", "--socket", socket, "--config", file.to_str().unwrap()]);
+        let code = o.status.code();
+        // u64::MAX does not fit TOML's i64: a parse error, also 78.
+        assert_eq!(code, Some(78), "{key} = {value}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains(key) || stderr(&o).contains("c.toml"),
+            "{}",
+            stderr(&o)
+        );
+    }
+    let file = dir.join("g.toml");
+    std::fs::write(&file, "[generation]\nrepeat_last_n = 1000000000000\n").unwrap();
+    let o = run(&["serve", "--socket", socket, "--config", file.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(78), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("repeat_last_n must be at most 65536"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run(&["run", "--repeat-last-n", "1000000000000", "hello"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("repeat_last_n"), "{}", stderr(&o));
+    // In range is fine: the file's value stands, the flag's replaces it.
+    let file = dir.join("ok.toml");
+    std::fs::write(&file, "request_timeout = 31536000\n").unwrap();
+    let o = run(&["serve", "--check", "--config", file.to_str().unwrap()]);
+    assert_ne!(o.status.code(), Some(255), "{}", stderr(&o));
+}

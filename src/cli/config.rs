@@ -18,6 +18,13 @@ pub const DEFAULT_SOCKET: &str = "/run/llama-tpu/llama-tpu.sock";
 /// Largest configuration file read (a runaway file is an error, not a memory problem).
 const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
+/// Longest `request_timeout`: a year (longer is a typo; an unbounded one overflowed the clock).
+pub const MAX_REQUEST_TIMEOUT: u64 = 365 * 24 * 3600;
+/// Most `threads`.
+pub const MAX_THREADS: usize = 1024;
+/// Most `queue_depth` and `max_connections` (each connection is a thread and a few buffers).
+pub const MAX_CLIENTS: usize = 4096;
+
 /// The file's contents. Every field has a default.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -159,11 +166,25 @@ impl Config {
         self.log_level()?;
         self.serial_lines()?;
         self.defaults()?;
-        if self.queue_depth == 0 || self.max_connections == 0 {
-            return Err(bad("queue_depth and max_connections must be at least 1"));
+        if !(1..=MAX_CLIENTS).contains(&self.queue_depth) || !(1..=MAX_CLIENTS).contains(&self.max_connections) {
+            return Err(bad(format!(
+                "queue_depth and max_connections must be between 1 and {MAX_CLIENTS}"
+            )));
         }
         if !(self.shutdown_grace.is_finite() && (0.0..=3600.0).contains(&self.shutdown_grace)) {
             return Err(bad("shutdown_grace must be between 0 and 3600 seconds"));
+        }
+        if self.request_timeout > MAX_REQUEST_TIMEOUT {
+            return Err(bad(format!(
+                "request_timeout must be at most {MAX_REQUEST_TIMEOUT} seconds (a year), got {}",
+                self.request_timeout
+            )));
+        }
+        if self.threads > MAX_THREADS {
+            return Err(bad(format!(
+                "threads must be at most {MAX_THREADS}, got {}",
+                self.threads
+            )));
         }
         Ok(())
     }

@@ -117,8 +117,8 @@ pub struct ModelArgs {
     /// sophon: TPU device indices, comma-separated (/dev/bm-sophonN on PCIe; the SoC has 0).
     #[arg(long, value_name = "N[,N..]", value_delimiter = ',', default_value = "0")]
     pub devices: Vec<usize>,
-    /// Threads for matrix work (0 = all cores).
-    #[arg(short, long, default_value_t = 0)]
+    /// Threads for matrix work (0 = all cores; at most 1024).
+    #[arg(short, long, default_value_t = 0, value_parser = threads_in_range)]
     pub threads: usize,
     /// KV cache length in tokens (default: the model's trained context, at most 4096; never more than it).
     #[arg(short = 'c', long)]
@@ -172,6 +172,15 @@ pub fn choose_template(name: Option<&str>, gguf: Option<&Gguf>) -> Result<Option
     }
     let jinja = gguf.and_then(|g| g.str_opt("tokenizer.chat_template").ok().flatten());
     Ok(jinja.and_then(ChatTemplate::detect))
+}
+
+/// `--threads`: 0 (all cores) to [`config::MAX_THREADS`].
+fn threads_in_range(s: &str) -> Result<usize, String> {
+    let n: usize = s.parse().map_err(|e| format!("{e}"))?;
+    if n > config::MAX_THREADS {
+        return Err(format!("at most {}", config::MAX_THREADS));
+    }
+    Ok(n)
 }
 
 /// Loads the tokenizer for a model.

@@ -34,8 +34,8 @@ pub struct ServeArgs {
     /// sophon: TPU device indices, comma-separated [default: 0].
     #[arg(long, value_name = "N[,N..]", value_delimiter = ',')]
     devices: Vec<usize>,
-    /// Threads for matrix work (0 = all cores).
-    #[arg(short, long)]
+    /// Threads for matrix work (0 = all cores; at most 1024).
+    #[arg(short, long, value_parser = super::threads_in_range)]
     threads: Option<usize>,
     /// KV cache length in tokens.
     #[arg(short = 'c', long)]
@@ -95,7 +95,13 @@ impl ServeArgs {
     /// The file's settings with the flags applied.
     fn config(&self) -> Result<Config, CliError> {
         let mut c = match &self.config {
-            Some(path) => Config::read(path)?,
+            Some(path) => {
+                let c = Config::read(path)?;
+                // The file's own values first: a bad one there is a configuration error (78),
+                // one the flags bring in a command-line error (2).
+                c.validate()?;
+                c
+            }
             None => Config::default(),
         };
         macro_rules! flag {
@@ -137,7 +143,8 @@ impl ServeArgs {
         if self.system_prompt.is_some() {
             c.generation.system_prompt = self.system_prompt.clone();
         }
-        c.validate()?;
+        c.validate()
+            .map_err(|e| CliError::new(Exit::Usage, format!("{e} (from the command line)")))?;
         Ok(c)
     }
 }

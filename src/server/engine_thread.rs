@@ -31,7 +31,8 @@ pub fn serve(mut engine: Engine, shared: Arc<Shared>) -> Result<(), DeviceFailur
             Pop::Closed => return Ok(()),
         };
         if let Some(limit) = job.time_limit {
-            job.request.deadline = Some(Instant::now() + limit);
+            // Settings are bounded (a year at most); a limit past the clock's end is none.
+            job.request.deadline = Instant::now().checked_add(limit);
         }
         let mut sink = JobSink {
             reply: job.reply.as_mut(),
