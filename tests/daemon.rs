@@ -900,3 +900,96 @@ fn socket_activation_uses_the_socket_systemd_passes() {
     // The socket is systemd's: it stays.
     assert!(socket.exists());
 }
+
+/// Signal handlers are in place before the model loads: SIGTERM during a long load (the test
+/// build's fault point stretches it to 30 s) exits 0 at once and removes the socket file; a
+/// SIGHUP during the load does not kill the daemon, which then serves.
+#[test]
+fn signals_during_a_long_load_are_handled() {
+    let dir = common::scratch("slow-load");
+    let socket = dir.join("llama.sock");
+    let start = |dir: &Path| {
+        let log = std::fs::File::create(dir.join(format!("log-{}", fastrand::u32(..)))).unwrap();
+        bin()
+            .arg("serve")
+            .arg("--model")
+            .arg(common::default_model())
+            .arg("--socket")
+            .arg(&socket)
+            .args(["--threads", "1", "--log-level", "debug"])
+            .env("LLAMA_TPU_FAULT_LOAD_DELAY_MS", "30000")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    };
+    let log = |dir: &Path| {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("log-"))
+            .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+            .collect::<String>()
+    };
+    let wait_loading = |dir: &Path| {
+        let until = Instant::now() + PATIENCE;
+        while !(socket.exists() && log(dir).contains("loading")) {
+            assert!(Instant::now() < until, "never started loading:\n{}", log(dir));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let mut child = start(&dir);
+    wait_loading(&dir);
+    let t = Instant::now();
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "still loading after SIGTERM:\n{}",
+            log(&dir)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(status.code(), Some(0), "{}", log(&dir));
+    assert!(!socket.exists(), "the socket file was left behind");
+    assert!(log(&dir).contains("SIGTERM while loading the model"), "{}", log(&dir));
+
+    // SIGHUP while loading: noted, applied once loaded; the daemon then serves.
+    let dir = common::scratch("slow-load-hup");
+    let socket_hup = dir.join("llama.sock");
+    let log_file = std::fs::File::create(dir.join("log-0")).unwrap();
+    let child = bin()
+        .arg("serve")
+        .arg("--model")
+        .arg(common::default_model())
+        .arg("--socket")
+        .arg(&socket_hup)
+        .args(["--threads", "1", "--log-level", "debug"])
+        .env("LLAMA_TPU_FAULT_LOAD_DELAY_MS", "2000")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log_file)
+        .spawn()
+        .unwrap();
+    let until = Instant::now() + PATIENCE;
+    while !(socket_hup.exists() && log(&dir).contains("loading")) {
+        assert!(Instant::now() < until, "never started loading:\n{}", log(&dir));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGHUP).unwrap();
+    let mut d = Daemon {
+        child,
+        dir: dir.clone(),
+        socket: socket_hup,
+    };
+    d.wait_ready();
+    let text = d.log();
+    assert!(text.contains("SIGHUP while loading the model"), "{text}");
+    assert!(text.contains("reloaded the configuration"), "{text}");
+    let (status, _) = d.stop();
+    assert_eq!(status.code(), Some(0));
+}

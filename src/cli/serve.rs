@@ -152,6 +152,8 @@ impl ServeArgs {
 /// Messages for the main thread.
 enum Event {
     Signal(signals::Request),
+    /// The model loaded (or did not), on its own thread.
+    Loaded(Box<Result<crate::engine::Engine, CliError>>),
 }
 
 impl From<signals::Request> for Event {
@@ -186,10 +188,40 @@ pub(super) fn serve(a: &ServeArgs) -> Result<(), CliError> {
         None => Listener::bind(&config.socket, config.socket_mode()?, config.socket_group.as_deref())
             .map_err(|e| CliError::new(Exit::Config, e.to_string()))?,
     };
+    // Signals first: a SIGTERM or SIGHUP during a long load (a 7B bmodel) must not kill the
+    // process with the default action and leave the socket file behind.
+    let (tx, rx) = mpsc::channel::<Event>();
+    signals::forward(tx.clone())
+        .map_err(|e| CliError::new(Exit::Failure, format!("cannot install signal handlers: {e}")))?;
     let model_args = config.model_args();
     notifier.status(&format!("loading {}", model_args.model.display()));
     log::info!("loading {}", model_args.model.display());
-    let engine = load_engine(&model_args)?;
+    let loading = model_args.clone();
+    std::thread::Builder::new()
+        .name("load".into())
+        .spawn(move || {
+            crate::sys::faults::slow_load();
+            let _ = tx.send(Event::Loaded(Box::new(load_engine(&loading))));
+        })
+        .map_err(|e| CliError::new(Exit::Failure, format!("cannot start the loading thread: {e}")))?;
+    let mut reload_pending = false;
+    let engine = loop {
+        match rx.recv() {
+            Ok(Event::Loaded(result)) => break (*result)?,
+            Ok(Event::Signal(signals::Request::Stop(name))) => {
+                // The socket file goes with the listener; the half-loaded model with the process.
+                log::info!("{name} while loading the model: stopped");
+                notifier.stopping();
+                drop(listener);
+                return Ok(());
+            }
+            Ok(Event::Signal(signals::Request::Reload)) => {
+                log::info!("SIGHUP while loading the model: the configuration is read again once it is loaded");
+                reload_pending = true;
+            }
+            Err(_) => return Err(CliError::new(Exit::Failure, "the loading thread ended without a model")),
+        }
+    };
     let info = engine.info().clone();
     let facts = ModelFacts {
         model: model_args.model.file_name().map_or_else(
@@ -201,8 +233,6 @@ pub(super) fn serve(a: &ServeArgs) -> Result<(), CliError> {
         has_chat_template: engine.template().is_some(),
     };
     let shared = Arc::new(Shared::new(facts, config.queue_depth, config.defaults()?));
-    let (tx, rx) = mpsc::channel::<Event>();
-    signals::forward(tx).map_err(|e| CliError::new(Exit::Failure, format!("cannot install signal handlers: {e}")))?;
     let where_ = listener.describe();
     let serial = config.serial_lines()?;
     let serial_names: Vec<String> = serial.iter().map(|s| s.path.display().to_string()).collect();
@@ -228,6 +258,9 @@ pub(super) fn serve(a: &ServeArgs) -> Result<(), CliError> {
         }
     );
     log::info!("{serving}");
+    if reload_pending {
+        reload(a, &config, &shared);
+    }
     notifier.ready(&serving);
 
     let watchdog = notifier.watchdog_timeout();
@@ -243,7 +276,7 @@ pub(super) fn serve(a: &ServeArgs) -> Result<(), CliError> {
                 reload(a, &config, &shared);
                 notifier.ready(&serving);
             }
-            Err(RecvTimeoutError::Timeout) => {}
+            Ok(Event::Loaded(_)) | Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break "signal thread ended",
         }
         if !server.engine_running() {
