@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::backend::{Backend, BackendError, BackendInfo, Next};
-use crate::chat::{ChatTemplate, Message, Role};
+use crate::chat::{ChatTemplate, Message, Part, RenderState, Role};
 use crate::sampler::{Sampler, SamplerConfig};
 use crate::tokenizer::{TextStream, Tokenizer, TokenizerError};
 
@@ -241,7 +241,11 @@ impl Engine {
             Input::Text(t) => self.tokenizer.encode(t, true)?,
             Input::Chat(messages) => {
                 let template = self.template.ok_or(EngineError::NoTemplate)?;
-                self.tokenizer.encode(&template.render(messages), true)?
+                let mut parts = Vec::new();
+                template.render_parts(messages, &mut parts);
+                let mut ids = self.bos();
+                self.encode_parts(&parts, &mut ids)?;
+                ids
             }
             Input::Tokens(ids) => ids.clone(),
         })
@@ -398,25 +402,113 @@ impl Engine {
     /// Tokens of a conversation that leaves `room` tokens for the answer, dropping the oldest
     /// turns (never a leading system message, never the last message) until it does. Returns
     /// the tokens and how many messages were dropped.
+    /// BOS, when the model wants one before a prompt.
+    fn bos(&self) -> Vec<u32> {
+        self.tokenizer
+            .bos
+            .filter(|_| self.tokenizer.add_bos)
+            .into_iter()
+            .collect()
+    }
+
+    /// A template's parts as ids: its markers as their special tokens, everything else as text
+    /// (a message spelling a marker stays text).
+    fn encode_parts(&self, parts: &[Part], out: &mut Vec<u32>) -> Result<(), EngineError> {
+        for p in parts {
+            match p {
+                Part::Marker(m) => match self.tokenizer.special_id(m) {
+                    Some(id) => out.push(id),
+                    None => self.tokenizer.encode_text_into(m, out)?,
+                },
+                Part::Text(t) => self.tokenizer.encode_text_into(t, out)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// The conversation's ids with the oldest turns dropped (the system message kept) until
+    /// `room` tokens are left for the answer. Each turn (a user message and the answers after
+    /// it) is tokenized once, for each way it can render (Llama-2 renders the first kept turn
+    /// with the system message folded in), and the fit is found by adding lengths: a long
+    /// conversation costs one pass of the tokenizer, not one per dropped turn.
     fn fit_conversation(&self, messages: &[Message], room: usize) -> Result<(Vec<u32>, usize), EngineError> {
         let template = self.template.ok_or(EngineError::NoTemplate)?;
         let context = self.backend.info().context_length;
         let keep_first = usize::from(messages.first().is_some_and(|m| m.role == Role::System));
-        let mut dropped = 0;
-        let mut kept: Vec<Message> = messages.to_vec();
-        loop {
-            let tokens = self.tokenizer.encode(&template.render(&kept), true)?;
-            if tokens.len() + room <= context || kept.len() <= keep_first + 1 {
-                return Ok((tokens, dropped));
-            }
-            // A turn is a user message and the answers after it: drop through to the next user.
-            let mut end = keep_first + 1;
-            while end < kept.len() - 1 && kept[end].role != Role::User {
+        // Turns: from keep_first, each ending before the next user message.
+        let mut turns = Vec::new();
+        let mut start = keep_first;
+        while start < messages.len() {
+            let mut end = start + 1;
+            while end < messages.len() && messages[end].role != Role::User {
                 end += 1;
             }
-            dropped += end - keep_first;
-            kept.drain(keep_first..end);
+            turns.push(start..end);
+            start = end;
         }
+        let mut parts = Vec::new();
+        let encode = |parts: &[Part]| -> Result<Vec<u32>, EngineError> {
+            let mut ids = Vec::new();
+            self.encode_parts(parts, &mut ids)?;
+            Ok(ids)
+        };
+        let mut head_state = RenderState::default();
+        let mut head = self.bos();
+        if keep_first == 1 {
+            template.message(&messages[0], &mut head_state, &mut parts);
+            head.extend(encode(&parts)?);
+        }
+        parts.clear();
+        template.cue(&mut parts);
+        let cue = encode(&parts)?;
+        // Every turn once, in order: how it renders when the turns before it are kept. (What
+        // a turn carries into the next depends only on that turn, as each turn after the
+        // first starts with a user message: so this is its form whichever earlier turn the
+        // kept part starts at.)
+        let mut rest = Vec::with_capacity(turns.len());
+        let mut state = head_state.clone();
+        for turn in &turns {
+            parts.clear();
+            for m in &messages[turn.clone()] {
+                template.message(m, &mut state, &mut parts);
+            }
+            rest.push(encode(&parts)?);
+        }
+        // Lengths of turns k.. in that form.
+        let mut suffix = vec![0usize; turns.len() + 1];
+        for i in (0..turns.len()).rev() {
+            suffix[i] = suffix[i + 1] + rest[i].len();
+        }
+        for first in 0..turns.len() {
+            // The first kept turn renders after the head alone (Llama-2 folds the system
+            // message into it): one more tokenization of one turn.
+            let first_ids = if first == 0 {
+                None
+            } else {
+                parts.clear();
+                let mut state = head_state.clone();
+                for m in &messages[turns[first].clone()] {
+                    template.message(m, &mut state, &mut parts);
+                }
+                Some(encode(&parts)?)
+            };
+            let first_len = first_ids.as_ref().map_or(rest[first].len(), Vec::len);
+            let total = head.len() + first_len + suffix[first + 1] + cue.len();
+            if total + room <= context || first + 1 == turns.len() {
+                let mut ids = Vec::with_capacity(total);
+                ids.extend_from_slice(&head);
+                ids.extend_from_slice(first_ids.as_deref().unwrap_or(&rest[first]));
+                for turn in &rest[first + 1..] {
+                    ids.extend_from_slice(turn);
+                }
+                ids.extend_from_slice(&cue);
+                return Ok((ids, turns[first].start - keep_first));
+            }
+        }
+        // No turns: the system message alone.
+        let mut ids = head;
+        ids.extend_from_slice(&cue);
+        Ok((ids, 0))
     }
 
     /// Moves `piece` into the held text and sends what can no longer be part of a stop string.

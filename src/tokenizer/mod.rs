@@ -48,6 +48,8 @@ pub enum TokenizerError {
 /// A tokenizer with the ids of its special tokens and a per-token byte table.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// The same pipeline with special tokens left as text: for what a user wrote.
+    plain: tokenizers::Tokenizer,
     kind: VocabKind,
     /// Bytes of every token, concatenated; `offsets[i]..offsets[i + 1]` is token `i`.
     bytes: Vec<u8>,
@@ -184,8 +186,11 @@ impl Tokenizer {
                 eog.push(id as u32);
             }
         }
+        let mut plain = inner.clone();
+        plain.set_encode_special_tokens(true);
         Ok(Tokenizer {
             inner,
+            plain,
             kind,
             bytes,
             offsets,
@@ -233,6 +238,31 @@ impl Tokenizer {
         }
         ids.extend_from_slice(enc.get_ids());
         Ok(ids)
+    }
+
+    /// Token ids of text a person wrote (a chat message): special tokens written in it stay
+    /// text (`<|im_end|>` in a message is the characters, not the control token), no BOS.
+    /// Appends to `out`.
+    ///
+    /// # Errors
+    /// The `tokenizers` pipeline failed.
+    pub fn encode_text_into(&self, text: &str, out: &mut Vec<u32>) -> Result<(), TokenizerError> {
+        let enc = self
+            .plain
+            .encode_fast(text, false)
+            .map_err(|e| TokenizerError::Library(e.to_string()))?;
+        out.extend_from_slice(enc.get_ids());
+        Ok(())
+    }
+
+    /// The id of a special (control) token named `marker`, if the vocabulary has one.
+    pub fn special_id(&self, marker: &str) -> Option<u32> {
+        let id = self.inner.token_to_id(marker)?;
+        self.inner
+            .get_added_tokens_decoder()
+            .get(&id)
+            .is_some_and(|t| t.special)
+            .then_some(id)
     }
 
     /// The bytes a token stands for (empty for control tokens). Not necessarily valid UTF-8
