@@ -36,16 +36,26 @@ impl Daemon {
     }
 
     fn start_in(dir: PathBuf, extra: &[&str]) -> Daemon {
+        Daemon::start_with(dir, extra, &[])
+    }
+
+    /// The same with environment variables (the test build's fault points).
+    fn start_with(dir: PathBuf, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
         let socket = dir.join("llama.sock");
-        let child = Daemon::spawn(&dir, &socket, extra);
+        let child = Daemon::spawn_with(&dir, &socket, extra, env);
         let mut d = Daemon { child, dir, socket };
         d.wait_ready();
         d
     }
 
     fn spawn(dir: &Path, socket: &Path, extra: &[&str]) -> Child {
+        Daemon::spawn_with(dir, socket, extra, &[])
+    }
+
+    fn spawn_with(dir: &Path, socket: &Path, extra: &[&str], env: &[(&str, &str)]) -> Child {
         let log = std::fs::File::create(dir.join(format!("log-{}", fastrand::u32(..)))).unwrap();
         bin()
+            .envs(env.iter().copied())
             .arg("serve")
             .arg("--model")
             .arg(common::default_model())
@@ -990,6 +1000,47 @@ fn signals_during_a_long_load_are_handled() {
     let text = d.log();
     assert!(text.contains("SIGHUP while loading the model"), "{text}");
     assert!(text.contains("reloaded the configuration"), "{text}");
+    let (status, _) = d.stop();
+    assert_eq!(status.code(), Some(0));
+}
+
+/// A connection thread that fails (the test build's fault point panics it on a given line)
+/// gives its slot back and closes its client: with max_connections 2, three such failures in
+/// a row still leave room, and the next client is served.
+#[test]
+fn a_failing_connection_thread_frees_its_slot() {
+    let dir = common::scratch("panicking-connection");
+    let d = Daemon::start_with(
+        dir,
+        &["--max-connections", "2"],
+        &[("LLAMA_TPU_FAULT_PANIC_LINE", "boom")],
+    );
+    for round in 0..3 {
+        let mut c = d.client();
+        c.stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.send("boom");
+        // The client sees its connection end (EOF), not a hang, and not a refusal.
+        let mut rest = Vec::new();
+        let read = c.stream.read_to_end(&mut rest);
+        assert!(read.is_ok(), "round {round}: the connection was left open: {read:?}");
+        assert!(
+            !String::from_utf8_lossy(&rest).contains("too_many_connections"),
+            "round {round}: a leaked slot refused the client"
+        );
+    }
+    let until = Instant::now() + PATIENCE;
+    while d.log().matches("its connection thread failed").count() < 3 {
+        assert!(Instant::now() < until, "{}", d.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Two at once still fit; both are served.
+    let mut a = d.client();
+    let mut b = d.client();
+    for c in [&mut a, &mut b] {
+        c.send(r#"{"type":"ping"}"#);
+        assert_eq!(c.event()["event"], "pong");
+    }
+    drop((a, b));
     let (status, _) = d.stop();
     assert_eq!(status.code(), Some(0));
 }

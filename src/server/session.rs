@@ -144,6 +144,13 @@ pub struct Session {
     peer: String,
 }
 
+impl Drop for Session {
+    /// A session that ends (its client gone, its thread failed) takes its request with it.
+    fn drop(&mut self) {
+        self.cancel();
+    }
+}
+
 impl Session {
     /// A session writing to `out`; `console` for a person at a serial terminal.
     pub fn new(out: Output, shared: Arc<Shared>, console: bool, peer: String) -> Session {

@@ -16,7 +16,7 @@ use nix::poll::{poll, PollFd, PollFlags};
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 
 use super::events::{EventId, EventWriter};
-use super::framing::{LineFramer, MAX_LINE};
+use super::framing::{Frame, LineFramer, MAX_LINE};
 use super::session::{Flow, Output, Session};
 use super::shared::Shared;
 
@@ -248,16 +248,49 @@ fn admit(stream: UnixStream, id: u64, shared: &Arc<Shared>, conns: &Arc<Connecti
         false,
         name.clone(),
     );
-    let shared = Arc::clone(shared);
-    let conns = Arc::clone(conns);
+    let registration = Registration {
+        id,
+        name,
+        conns: Arc::clone(conns),
+        shared: Arc::clone(shared),
+    };
     let spawned = std::thread::Builder::new().name(format!("client-{id}")).spawn(move || {
+        // Dropped however the thread ends, an unwinding panic included: the slot is freed
+        // and the client's socket closed either way.
+        let _registration = registration;
         serve_connection(stream, session);
-        log::info!("{name}: disconnected");
-        conns.streams.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
-        shared.stats.connections.fetch_sub(1, Ordering::Relaxed);
     });
     if let Err(e) = spawned {
         log::error!("cannot start a connection thread: {e}");
+    }
+}
+
+/// A connection's place in the daemon: its entry in the open connections and its count.
+/// Dropping it gives both back.
+struct Registration {
+    id: u64,
+    name: String,
+    conns: Arc<Connections>,
+    shared: Arc<Shared>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            log::error!("{}: its connection thread failed; connection closed", self.name);
+        } else {
+            log::info!("{}: disconnected", self.name);
+        }
+        let stream = self
+            .conns
+            .streams
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.id);
+        if let Some(s) = stream {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        self.shared.stats.connections.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -270,6 +303,9 @@ fn serve_connection(mut stream: UnixStream, mut session: Session) {
             Ok(n) => {
                 framer.push(&buf[..n]);
                 while let Some(frame) = framer.next_frame() {
+                    if let Frame::Line(line) = &frame {
+                        crate::sys::faults::connection_panic(line);
+                    }
                     if session.frame(frame) == Flow::Quit {
                         session.cancel();
                         return;

@@ -13,6 +13,17 @@ pub fn slow_load() {
     }
 }
 
+/// Panics the connection thread that receives the line in `LLAMA_TPU_FAULT_PANIC_LINE` (a
+/// bug in a connection thread, which must not leak the connection's slot).
+pub fn connection_panic(line: &[u8]) {
+    #[cfg(feature = "fault-injection")]
+    if std::env::var("LLAMA_TPU_FAULT_PANIC_LINE").is_ok_and(|t| t.as_bytes() == line) {
+        panic!("fault injected: LLAMA_TPU_FAULT_PANIC_LINE");
+    }
+    #[cfg(not(feature = "fault-injection"))]
+    let _ = line;
+}
+
 /// Whether the fault point `name` is armed, and its number.
 #[cfg(feature = "fault-injection")]
 fn armed(name: &str) -> Option<u64> {
