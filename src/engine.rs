@@ -338,6 +338,10 @@ impl Engine {
         let mut first_token_at: Option<Instant> = None;
 
         let reason = loop {
+            // `max_tokens: 0` asks for the prompt only, as llama.cpp's n_predict 0 does.
+            if req.max_tokens == Some(0) {
+                break FinishReason::Length;
+            }
             if cancel.load(Ordering::Relaxed) {
                 break FinishReason::Cancelled;
             }

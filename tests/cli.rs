@@ -280,3 +280,28 @@ fn settings_out_of_range_are_refused_with_the_right_code() {
     let o = run(&["serve", "--check", "--config", file.to_str().unwrap()]);
     assert_ne!(o.status.code(), Some(255), "{}", stderr(&o));
 }
+
+/// A `--tokenizer` that cannot be opened is a missing input (66), as the table says; one
+/// that does not parse is a bad model file (65).
+#[test]
+fn a_missing_tokenizer_file_exits_66() {
+    let o = run(&["run", "--tokenizer", "/nonexistent/tokenizer.json", "hello"]);
+    assert_eq!(o.status.code(), Some(66), "{}", stderr(&o));
+    assert!(stderr(&o).contains("/nonexistent/tokenizer.json"), "{}", stderr(&o));
+    let o = run(&[
+        "run",
+        "--backend",
+        "sophon",
+        "--model",
+        "x.bmodel",
+        "--tokenizer",
+        "/nonexistent/tokenizer.model",
+        "hi",
+    ]);
+    assert_eq!(o.status.code(), Some(66), "{}", stderr(&o));
+    let dir = common::scratch("bad-tokenizer");
+    let bad = dir.join("tokenizer.json");
+    std::fs::write(&bad, "{ not json").unwrap();
+    let o = run(&["run", "--tokenizer", bad.to_str().unwrap(), "hello"]);
+    assert_eq!(o.status.code(), Some(65), "{}", stderr(&o));
+}

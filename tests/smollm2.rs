@@ -362,3 +362,16 @@ fn an_overlong_conversation_is_fitted_by_arithmetic() {
         assert!(s.dropped_messages > 0 || context == 512);
     }
 }
+
+/// `max_tokens: 0` reads the prompt and generates nothing, with reason `length`, as
+/// llama.cpp's n_predict 0 does.
+#[test]
+fn max_tokens_zero_generates_nothing() {
+    let mut e = engine(256);
+    let (text, s) = generate(&mut e, &greedy(Input::Text("Once upon a time".into()), 0));
+    assert_eq!(
+        (text.as_str(), s.completion_tokens, s.reason),
+        ("", 0, FinishReason::Length)
+    );
+    assert!(s.prompt_tokens > 0);
+}

@@ -30,11 +30,7 @@ fn open_backend(a: &BenchArgs) -> Result<(Box<dyn Backend>, String), CliError> {
         // Random ids need the vocabulary size, which a bmodel whose lm_head returns a token
         // does not tell: --tokenizer gives it.
         let vocab = match &a.model.tokenizer {
-            Some(p) => Some(
-                crate::tokenizer::Tokenizer::from_file(p)
-                    .map_err(|e| CliError::new(Exit::BadModel, e.to_string()))?
-                    .vocab_size(),
-            ),
+            Some(p) => Some(super::open_tokenizer(p)?.vocab_size()),
             None => None,
         };
         let backend = super::open_sophon(&a.model, vocab)?;

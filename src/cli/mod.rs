@@ -174,6 +174,17 @@ pub fn choose_template(name: Option<&str>, gguf: Option<&Gguf>) -> Result<Option
     Ok(jinja.and_then(ChatTemplate::detect))
 }
 
+/// A `--tokenizer` file: one that cannot be opened is 66, one that does not parse 65.
+fn open_tokenizer(path: &std::path::Path) -> Result<Tokenizer, CliError> {
+    if let Err(e) = std::fs::File::open(path) {
+        return Err(CliError::new(
+            Exit::NoInput,
+            format!("{}: cannot open the tokenizer: {e}", path.display()),
+        ));
+    }
+    Tokenizer::from_file(path).map_err(|e| CliError::new(Exit::BadModel, e.to_string()))
+}
+
 /// `--threads`: 0 (all cores) to [`config::MAX_THREADS`].
 fn threads_in_range(s: &str) -> Result<usize, String> {
     let n: usize = s.parse().map_err(|e| format!("{e}"))?;
@@ -189,7 +200,7 @@ fn threads_in_range(s: &str) -> Result<usize, String> {
 /// Unreadable or inconsistent tokenizer data (65 or 66).
 pub fn load_tokenizer(args: &ModelArgs, gguf: &Gguf) -> Result<Tokenizer, CliError> {
     match &args.tokenizer {
-        Some(p) => Tokenizer::from_file(p).map_err(|e| CliError::new(Exit::BadModel, e.to_string())),
+        Some(p) => open_tokenizer(p),
         None => Tokenizer::from_gguf(gguf)
             .map_err(|e| CliError::new(Exit::BadModel, format!("{}: {e}", args.model.display()))),
     }
@@ -259,7 +270,7 @@ fn load_sophon(args: &ModelArgs) -> Result<Engine, CliError> {
             "the sophon backend needs --tokenizer tokenizer.json or tokenizer.model (a bmodel holds no vocabulary)",
         ));
     };
-    let tokenizer = Tokenizer::from_file(tokenizer_path).map_err(|e| CliError::new(Exit::BadModel, e.to_string()))?;
+    let tokenizer = open_tokenizer(tokenizer_path)?;
     let template = match &args.chat_template {
         Some(_) => choose_template(args.chat_template.as_deref(), None)?,
         None => tokenizer_path
