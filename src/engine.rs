@@ -226,6 +226,12 @@ impl Engine {
         self.template
     }
 
+    /// What picked the last request's tokens (the backend's answer: `host`, or an on-chip
+    /// head).
+    pub fn picker(&self) -> &'static str {
+        self.backend.picker()
+    }
+
     /// Forgets the KV cache contents.
     pub fn reset(&mut self) {
         self.cached.clear();

@@ -134,7 +134,7 @@ fn decoding_a_token_on_the_tpu_allocates_nothing() {
     let picks = [
         ("greedy_head", 0.0, 0.0),
         ("sample_head", 0.9, 0.0),
-        ("host sampling", 0.9, 0.05),
+        ("host", 0.9, 0.05),
     ];
     for (pick, temperature, min_p) in picks {
         let req = Request {
@@ -161,6 +161,11 @@ fn decoding_a_token_on_the_tpu_allocates_nothing() {
                 true
             })
             .unwrap();
+        assert_eq!(
+            engine.picker(),
+            pick,
+            "the tokens were picked by another than the case names"
+        );
         assert!(counts.len() > 10, "{pick}: only {} text pieces", counts.len());
         let grew = grew_after_warm_up(&counts);
         assert_eq!(
@@ -235,6 +240,7 @@ fn serving_a_token_allocates_nothing() {
         // one would allocate more.
         let mut totals = Vec::new();
         for max_tokens in [16, 16, 64, 16, 64] {
+            let made_before = shared.stats.tokens.load(Ordering::Relaxed);
             let before = ALLOCATIONS.load(Ordering::Relaxed);
             if json {
                 session.line(
@@ -243,6 +249,8 @@ fn serving_a_token_allocates_nothing() {
                     )
                     .as_bytes(),
                 );
+                read_to_end_of_reply(&mut client, true);
+                totals.push((max_tokens, ALLOCATIONS.load(Ordering::Relaxed) - before));
             } else {
                 session.line(b"/reset");
                 read_to_end_of_reply(&mut client, false);
@@ -252,10 +260,10 @@ fn serving_a_token_allocates_nothing() {
                 session.line(b"Tell me a story about the sea.");
                 read_to_end_of_reply(&mut client, false);
                 totals.push((max_tokens, ALLOCATIONS.load(Ordering::Relaxed) - before_turn));
-                continue;
             }
-            read_to_end_of_reply(&mut client, true);
-            totals.push((max_tokens, ALLOCATIONS.load(Ordering::Relaxed) - before));
+            // The comparison means something only if the answers had those lengths.
+            let made = shared.stats.tokens.load(Ordering::Relaxed) - made_before;
+            assert_eq!(made, max_tokens as u64, "json={json}: asked for {max_tokens} tokens");
         }
         // The first request warms up (thread-local buffers, the cache's first fill).
         let short = totals[1].1;

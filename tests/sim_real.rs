@@ -75,7 +75,7 @@ fn smollm2_on_the_simulated_chip_follows_the_cpu_backend() {
         ..SamplerConfig::default()
     })
     .unwrap();
-    assert_eq!(tpu.picker(), Picker::Host);
+    assert_eq!(tpu.token_picker(), Picker::Host);
 
     let t = Instant::now();
     let a = logits(tpu.prefill(&prompt, 0).unwrap());

@@ -143,7 +143,7 @@ macro_rules! toy_matches_cpu {
             let check: fn(&llama_tpu::backend::sophon::contract::LlamaLayout) = $check;
             check(p.tpu.layout());
             let worst = greedy_run(&mut p, PROMPT.len() + 20);
-            let picker = p.tpu.picker();
+            let picker = p.tpu.token_picker();
             eprintln!("{}: worst distance {worst} (picker {picker:?})", $bmodel);
             // Logits come back (host picker) unless lm_head picks the token itself.
             let expected = match p.tpu.layout().lm_head {
@@ -283,7 +283,7 @@ fn continue_conversation(p: &mut Pair, cached: usize, more: usize, route: Route)
     p.tpu.reset();
     p.cpu.reset();
     p.tpu.configure_sampling(&host_sampling()).unwrap();
-    assert_eq!(p.tpu.picker(), Picker::Host);
+    assert_eq!(p.tpu.token_picker(), Picker::Host);
     let a = p.tpu.prefill(&text[..cached], 0).unwrap();
     let b = logits(p.cpu.prefill(&text[..cached], 0).unwrap());
     assert!(distance(a, &b) < p.tolerance);
@@ -336,7 +336,7 @@ fn greedy_heads_give_the_cpus_tokens() {
     ] {
         let mut p = pair(bmodel, gguf, F16_TOLERANCE);
         p.tpu.configure_sampling(&greedy()).unwrap();
-        assert_eq!(p.tpu.picker(), Picker::Greedy, "{bmodel}");
+        assert_eq!(p.tpu.token_picker(), Picker::Greedy, "{bmodel}");
         let mut t = token(p.tpu.prefill(&PROMPT, 0).unwrap());
         let mut c = argmax(&logits(p.cpu.prefill(&PROMPT, 0).unwrap()));
         for pos in PROMPT.len()..PROMPT.len() + 20 {
@@ -406,7 +406,7 @@ fn sampling_head_matches_its_model(bmodel: &str, gguf: &str, top_k: usize) {
         seed: 11,
     };
     p.tpu.configure_sampling(&cfg).unwrap();
-    assert_eq!(p.tpu.picker(), Picker::Sample, "{bmodel}");
+    assert_eq!(p.tpu.token_picker(), Picker::Sample, "{bmodel}");
     let head_k = if top_k == 0 { 50 } else { top_k };
     let mut seen: Vec<u32> = PROMPT.to_vec();
     let mut t = token(p.tpu.prefill(&PROMPT, 0).unwrap());
@@ -452,7 +452,7 @@ fn llm_tpu_penalty_sample_head_matches_the_model_of_its_math() {
             ..SamplerConfig::default()
         })
         .unwrap();
-    assert_eq!(p.tpu.picker(), Picker::Host);
+    assert_eq!(p.tpu.token_picker(), Picker::Host);
 }
 
 /// The same seed gives the same tokens; a tiny top_p keeps only the 5 the heads always keep.
@@ -470,7 +470,7 @@ fn sampling_on_the_chip_is_seeded() {
             ..SamplerConfig::default()
         };
         p.tpu.configure_sampling(&cfg).unwrap();
-        assert_eq!(p.tpu.picker(), Picker::Sample);
+        assert_eq!(p.tpu.token_picker(), Picker::Sample);
         let mut t = token(p.tpu.prefill(&PROMPT, 0).unwrap());
         let mut out = vec![t];
         for pos in PROMPT.len()..PROMPT.len() + 12 {
@@ -577,7 +577,7 @@ fn a_decoded_token_makes_no_device_copy_and_moves_only_what_changes() {
         for (cfg, expected) in configs {
             p.tpu.reset();
             p.tpu.configure_sampling(&cfg).unwrap();
-            let picker = p.tpu.picker();
+            let picker = p.tpu.token_picker();
             assert_eq!(picker, expected, "{bmodel}: {cfg:?}");
             let head = u64::from(matches!(picker, Picker::Greedy | Picker::Sample));
             let top_k = match (&l.sample_head, picker) {

@@ -169,6 +169,12 @@ pub trait Backend: Send {
         Ok(())
     }
 
+    /// What picked the last token: `host` (the caller sampled the logits), or an on-chip
+    /// picker (`lm_head`, `greedy_head`, `sample_head`).
+    fn picker(&self) -> &'static str {
+        "host"
+    }
+
     /// What it has asked of its accelerator so far (`None` for the CPU backend).
     fn traffic(&self) -> Option<Traffic> {
         None

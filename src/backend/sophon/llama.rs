@@ -339,7 +339,7 @@ impl SophonBackend {
     }
 
     /// What picks the tokens of the current request.
-    pub fn picker(&self) -> Picker {
+    pub fn token_picker(&self) -> Picker {
         self.picker
     }
 
@@ -943,6 +943,15 @@ impl Backend for SophonBackend {
 
     fn traffic(&self) -> Option<Traffic> {
         Some(self.loaded.traffic())
+    }
+
+    fn picker(&self) -> &'static str {
+        match self.picker {
+            Picker::Host => "host",
+            Picker::LmHead => "lm_head",
+            Picker::Greedy => "greedy_head",
+            Picker::Sample => "sample_head",
+        }
     }
 
     fn reset(&mut self) {
