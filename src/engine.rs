@@ -75,6 +75,8 @@ pub enum FinishReason {
     TimeLimit,
     /// The KV cache is full.
     Context,
+    /// The client did not read its answer fast enough: its outbound buffer filled.
+    SlowClient,
 }
 
 impl FinishReason {
@@ -87,6 +89,7 @@ impl FinishReason {
             FinishReason::Cancelled => "cancelled",
             FinishReason::TimeLimit => "time_limit",
             FinishReason::Context => "context",
+            FinishReason::SlowClient => "slow_client",
         }
     }
 }
@@ -141,6 +144,12 @@ pub trait Sink {
     /// Called after every backend step (a prompt chunk or a token), so a watchdog can see that
     /// the device still answers even while no text comes out.
     fn progress(&mut self) {}
+
+    /// Why it refused text (after [`Sink::text`] returned `false`): a client gone is
+    /// `Cancelled`, one too slow to keep up `SlowClient`.
+    fn refusal(&self) -> FinishReason {
+        FinishReason::Cancelled
+    }
 }
 
 impl<F: FnMut(&str) -> bool> Sink for F {
@@ -373,7 +382,7 @@ impl Engine {
             match self.release_text(&req.stop, sink) {
                 Release::Continue => {}
                 Release::Stopped => break FinishReason::Stop,
-                Release::SinkClosed => break FinishReason::Cancelled,
+                Release::SinkClosed => break sink.refusal(),
             }
             if req.max_tokens.is_some_and(|m| summary.completion_tokens >= m) {
                 break FinishReason::Length;

@@ -21,6 +21,7 @@ use llama_tpu::engine::{Engine, FinishReason, Input, Request};
 use llama_tpu::model::{Gguf, MappedFile};
 use llama_tpu::sampler::SamplerConfig;
 use llama_tpu::server::engine_thread;
+use llama_tpu::server::outbound::{Outbound, DEFAULT_CAPACITY};
 use llama_tpu::server::session::{Output, Session};
 use llama_tpu::server::shared::{Defaults, ModelFacts, Shared};
 use llama_tpu::tokenizer::Tokenizer;
@@ -231,7 +232,12 @@ fn serving_a_token_allocates_nothing() {
     for (json, console) in [(true, false), (false, true)] {
         let (server_end, mut client) = UnixStream::pair().unwrap();
         let mut session = Session::new(
-            Output::new(Box::new(server_end), console),
+            {
+                // As the transports do: a bounded buffer, drained by a thread of its own.
+                let outbound = Outbound::new(DEFAULT_CAPACITY);
+                outbound.drain_into(Box::new(server_end), "test-out".into()).unwrap();
+                Output::new(outbound, console)
+            },
             Arc::clone(&shared),
             console,
             "test".into(),

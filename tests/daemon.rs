@@ -1063,3 +1063,29 @@ fn a_failing_connection_thread_frees_its_slot() {
     let (status, _) = d.stop();
     assert_eq!(status.code(), Some(0));
 }
+
+/// The engine never waits for a client: one that does not read fills its own outbound buffer
+/// (a tiny one here), its request is stopped with reason `slow_client` within a token of
+/// that, and the next client is served. Told by events, not by the clock.
+#[test]
+fn a_client_that_does_not_read_is_stopped_and_the_next_is_served() {
+    let d = Daemon::start("daemon-slow-client", &["--outbound-buffer", "2048"]);
+    let mut a = d.client();
+    a.generate(long_story(1));
+    // A reads nothing from here on. B queues behind it and must still get its answer.
+    let mut b = d.client();
+    b.generate(capital_of_france(2, 20));
+    let (text, _, done) = b.answer();
+    assert!(text.contains("Paris") && done["reason"] == "eos", "{text} {done}");
+    // A's reply, read at last: what fitted, then the end with the reason.
+    let (_, token_events, done) = a.answer();
+    assert_eq!(done["event"], "done", "{done}");
+    assert_eq!(done["reason"], "slow_client", "{done}");
+    let made = done["completion_tokens"].as_u64().unwrap() as usize;
+    assert!(made < 4000, "{done}");
+    // At most the token whose event no longer fitted was generated past the buffer.
+    assert!(made <= token_events + 1, "{made} generated, {token_events} delivered");
+    // A's connection still works for its next request.
+    a.send(r#"{"type":"ping"}"#);
+    assert_eq!(a.event()["event"], "pong");
+}

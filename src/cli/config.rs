@@ -57,6 +57,8 @@ pub struct Config {
     pub allow_gids: Vec<u32>,
     /// Most socket connections.
     pub max_connections: usize,
+    /// Bytes queued for each client before a request it does not read is stopped.
+    pub outbound_buffer: usize,
     /// Serial lines, `DEVICE[:BAUD]`.
     pub serial: Vec<String>,
     /// Requests waiting at most.
@@ -112,6 +114,7 @@ impl Default for Config {
             allow_uids: Vec::new(),
             allow_gids: Vec::new(),
             max_connections: 16,
+            outbound_buffer: crate::server::outbound::DEFAULT_CAPACITY,
             serial: Vec::new(),
             queue_depth: 8,
             request_timeout: 300,
@@ -178,6 +181,16 @@ impl Config {
             return Err(bad(format!(
                 "request_timeout must be at most {MAX_REQUEST_TIMEOUT} seconds (a year), got {}",
                 self.request_timeout
+            )));
+        }
+        let (lo, hi) = (
+            crate::server::outbound::MIN_CAPACITY,
+            crate::server::outbound::MAX_CAPACITY,
+        );
+        if !(lo..=hi).contains(&self.outbound_buffer) {
+            return Err(bad(format!(
+                "outbound_buffer must be between {lo} and {hi} bytes, got {}",
+                self.outbound_buffer
             )));
         }
         if self.threads > MAX_THREADS {
@@ -298,6 +311,7 @@ mod tests {
             "allow_uids",
             "allow_gids",
             "max_connections",
+            "outbound_buffer",
             "serial",
             "queue_depth",
             "request_timeout",

@@ -64,6 +64,10 @@ pub struct ServeArgs {
     /// Most socket connections at once [default: 16].
     #[arg(long)]
     max_connections: Option<usize>,
+    /// Bytes queued for each client; a request whose client falls further behind is stopped
+    /// with reason slow_client [default: 65536].
+    #[arg(long, value_name = "BYTES")]
+    outbound_buffer: Option<usize>,
     /// Seconds a request may run, 0 = no limit [default: 300].
     #[arg(long, value_name = "SECONDS")]
     request_timeout: Option<u64>,
@@ -121,6 +125,7 @@ impl ServeArgs {
             socket_mode,
             queue_depth,
             max_connections,
+            outbound_buffer,
             request_timeout,
             shutdown_grace,
             log_level
@@ -242,6 +247,7 @@ pub(super) fn serve(a: &ServeArgs) -> Result<(), CliError> {
         Transports {
             listener: Some(listener),
             max_connections: config.max_connections,
+            outbound_buffer: config.outbound_buffer,
             serial,
         },
     )

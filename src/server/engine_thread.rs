@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::backend::BackendError;
-use crate::engine::{Engine, EngineError, Sink};
+use crate::engine::{Engine, EngineError, FinishReason, Sink};
 
 use super::queue::{Outcome, Pop, Reply};
 use super::shared::Shared;
@@ -97,5 +97,13 @@ impl Sink for JobSink<'_> {
 
     fn progress(&mut self) {
         self.shared.stats.heartbeat();
+    }
+
+    fn refusal(&self) -> FinishReason {
+        if self.reply.fell_behind() {
+            FinishReason::SlowClient
+        } else {
+            FinishReason::Cancelled
+        }
     }
 }

@@ -9,6 +9,7 @@
 pub mod engine_thread;
 pub mod events;
 pub mod framing;
+pub mod outbound;
 pub mod protocol;
 pub mod queue;
 pub mod serial;
@@ -35,6 +36,8 @@ pub struct Transports {
     pub listener: Option<Listener>,
     /// Most socket connections open at once.
     pub max_connections: usize,
+    /// Bytes each client's outbound buffer holds (see [`outbound`]).
+    pub outbound_buffer: usize,
     /// Serial lines.
     pub serial: Vec<SerialSpec>,
 }
@@ -64,15 +67,16 @@ impl Server {
         let accept = match transports.listener {
             Some(listener) => {
                 let (s, c) = (Arc::clone(&shared), Arc::clone(&conns));
-                let max = transports.max_connections;
-                Some(spawn("accept", move || unix::accept_loop(listener, s, c, max))?)
+                let (max, buffer) = (transports.max_connections, transports.outbound_buffer);
+                Some(spawn("accept", move || unix::accept_loop(listener, s, c, max, buffer))?)
             }
             None => None,
         };
         let mut serial = Vec::new();
         for spec in transports.serial {
             let s = Arc::clone(&shared);
-            serial.push(spawn("serial", move || serial::serve_port(spec, s))?);
+            let buffer = transports.outbound_buffer;
+            serial.push(spawn("serial", move || serial::serve_port(spec, s, buffer))?);
         }
         Ok(Server {
             shared,

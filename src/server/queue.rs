@@ -27,8 +27,14 @@ pub enum Outcome<'a> {
 
 /// Where a job's output goes: implemented by each transport. Called on the engine thread.
 pub trait Reply: Send {
-    /// A piece of generated text (whole UTF-8 characters). `false` means the client is gone.
+    /// A piece of generated text (whole UTF-8 characters). `false` means the client is gone
+    /// or too far behind.
     fn text(&mut self, piece: &str) -> bool;
+    /// After `text` returned `false`: whether for a full outbound buffer (the client is not
+    /// reading fast enough) rather than a client gone.
+    fn fell_behind(&self) -> bool {
+        false
+    }
     /// The job is over; called exactly once.
     fn finish(&mut self, outcome: Outcome<'_>);
 }

@@ -11,6 +11,7 @@ use serialport::{SerialPort, TTYPort};
 
 use super::events::EventId;
 use super::framing::MAX_LINE;
+use super::outbound::Outbound;
 use super::session::{Flow, Output, Session, PROMPT};
 use super::shared::Shared;
 
@@ -18,8 +19,9 @@ use super::shared::Shared;
 pub const DEFAULT_BAUD: u32 = 115_200;
 /// How long a read waits, so the thread sees shutdown.
 const READ_TIMEOUT: Duration = Duration::from_millis(100);
-/// How long a write may wait for the port (a stalled port is treated as lost).
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the port's writer thread, blocked on a stalled port, looks up to see whether the
+/// console session is over.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Reopening a lost port starts at this delay and doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -217,7 +219,7 @@ impl ConsoleEditor {
 }
 
 /// Serves one serial line until shutdown, reopening it with backoff whenever it is lost.
-pub fn serve_port(spec: SerialSpec, shared: Arc<Shared>) {
+pub fn serve_port(spec: SerialSpec, shared: Arc<Shared>, outbound_buffer: usize) {
     let name = spec.path.display().to_string();
     let mut backoff = FIRST_BACKOFF;
     let mut reported = false;
@@ -234,7 +236,7 @@ pub fn serve_port(spec: SerialSpec, shared: Arc<Shared>) {
                     .stats
                     .connections
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let why = run_console(port, &name, &shared);
+                let why = run_console(port, &name, &shared, outbound_buffer);
                 shared
                     .stats
                     .connections
@@ -260,11 +262,15 @@ pub fn serve_port(spec: SerialSpec, shared: Arc<Shared>) {
 }
 
 /// Runs the console on an open port; returns why it stopped.
-fn run_console(mut port: TTYPort, name: &str, shared: &Arc<Shared>) -> String {
+fn run_console(mut port: TTYPort, name: &str, shared: &Arc<Shared>, outbound_buffer: usize) -> String {
     let new_session = |port: &TTYPort| -> Result<Session, String> {
         let mut writer = port.try_clone_native().map_err(|e| e.to_string())?;
         writer.set_timeout(WRITE_TIMEOUT).map_err(|e| e.to_string())?;
-        let out = Output::new(Box::new(writer), true);
+        let outbound = Outbound::new(outbound_buffer);
+        outbound
+            .drain_into(Box::new(writer), format!("serial-out {name}"))
+            .map_err(|e| e.to_string())?;
+        let out = Output::new(outbound, true);
         Ok(Session::new(out, Arc::clone(shared), true, format!("serial {name}")))
     };
     let mut session = match new_session(&port) {

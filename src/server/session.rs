@@ -5,7 +5,6 @@
 //! and knows whether its one request is still running. Its [`Output`] is shared with the
 //! request's reply, which the engine thread writes through.
 
-use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -17,6 +16,7 @@ use crate::sampler::SamplerConfig;
 
 use super::events::{EventId, EventWriter};
 use super::framing::{Frame, MAX_LINE};
+use super::outbound::{Outbound, Pushed};
 use super::protocol::{self, Command, Generate, Line, Prompt, ProtocolError, RequestKind, Settings};
 use super::queue::{Job, Outcome, Refused, Reply};
 use super::shared::Shared;
@@ -43,50 +43,68 @@ Commands:
 A line starting with { is a JSON request (see docs/protocol.md).
 Every reply ends with the byte 0x04 (EOT).";
 
-/// Where a session's bytes go. Writes fail for good once the client is gone.
+/// Where a session's bytes go: the client's outbound buffer, which a thread of the
+/// transport's drains. Writes never block; they fail once the client is gone or, for all but
+/// the end of a reply, when the buffer is full (the client has fallen behind).
 pub struct Output {
-    writer: Box<dyn Write + Send>,
+    out: Arc<Outbound>,
     /// Serial consoles want CR LF line ends.
     crlf: bool,
     events: EventWriter,
     scratch: Vec<u8>,
-    gone: bool,
+    /// Writing the end of a reply: it may use the buffer's reserve.
+    ending: bool,
+    /// A write did not fit since the last reply began.
+    fell_behind: bool,
 }
 
 impl Output {
-    /// An output over a writer; `crlf` turns every `\n` into `\r\n`.
-    pub fn new(writer: Box<dyn Write + Send>, crlf: bool) -> Output {
+    /// An output into `out`; `crlf` turns every `\n` into `\r\n`.
+    pub fn new(out: Arc<Outbound>, crlf: bool) -> Output {
         Output {
-            writer,
+            out,
             crlf,
             events: EventWriter::new(),
             scratch: Vec::with_capacity(4096),
-            gone: false,
+            ending: false,
+            fell_behind: false,
         }
     }
 
-    /// Writes bytes; `false` once the client is gone.
+    /// Writes bytes; `false` once the client is gone or has fallen behind.
     pub fn write(&mut self, bytes: &[u8]) -> bool {
-        send(&mut *self.writer, self.crlf, &mut self.scratch, &mut self.gone, bytes)
+        let (out, ending) = (Arc::clone(&self.out), self.ending);
+        let ok = send(&out, self.crlf, &mut self.scratch, ending, bytes);
+        self.note(ok)
     }
 
     /// Writes an event made by `make` from the reused event buffer.
     fn event(&mut self, make: impl FnOnce(&mut EventWriter) -> &[u8]) -> bool {
         let line = make(&mut self.events);
-        send(&mut *self.writer, self.crlf, &mut self.scratch, &mut self.gone, line)
+        let ok = send(&self.out, self.crlf, &mut self.scratch, self.ending, line);
+        self.note(ok)
     }
 
-    /// Whether a write has failed.
+    fn note(&mut self, pushed: Pushed) -> bool {
+        if pushed == Pushed::Full {
+            self.fell_behind = true;
+        }
+        pushed == Pushed::Queued && (self.ending || !self.fell_behind)
+    }
+
+    /// Whether the client can no longer be written to.
     pub fn is_gone(&self) -> bool {
-        self.gone
+        self.out.is_gone()
+    }
+
+    /// Closes the buffer: the drainer sends what is queued and ends.
+    pub fn close(&self) {
+        self.out.close();
     }
 }
 
-fn send(w: &mut dyn Write, crlf: bool, scratch: &mut Vec<u8>, gone: &mut bool, bytes: &[u8]) -> bool {
-    if *gone {
-        return false;
-    }
-    let result = if crlf && bytes.contains(&b'\n') {
+fn send(out: &Outbound, crlf: bool, scratch: &mut Vec<u8>, last: bool, bytes: &[u8]) -> Pushed {
+    if crlf && bytes.contains(&b'\n') {
         scratch.clear();
         let mut previous = 0;
         for &b in bytes {
@@ -96,14 +114,10 @@ fn send(w: &mut dyn Write, crlf: bool, scratch: &mut Vec<u8>, gone: &mut bool, b
             scratch.push(b);
             previous = b;
         }
-        w.write_all(scratch)
+        out.push(scratch, last)
     } else {
-        w.write_all(bytes)
-    };
-    if result.and_then(|()| w.flush()).is_err() {
-        *gone = true;
+        out.push(bytes, last)
     }
-    !*gone
 }
 
 type SharedOutput = Arc<Mutex<Output>>;
@@ -145,9 +159,11 @@ pub struct Session {
 }
 
 impl Drop for Session {
-    /// A session that ends (its client gone, its thread failed) takes its request with it.
+    /// A session that ends (its client gone, its thread failed) takes its request with it,
+    /// and its outbound buffer is closed: the drainer sends what is queued and ends.
     fn drop(&mut self) {
         self.cancel();
+        lock(&self.out).close();
     }
 }
 
@@ -519,6 +535,10 @@ impl JobReply {
 }
 
 impl Reply for JobReply {
+    fn fell_behind(&self) -> bool {
+        lock(&self.out).fell_behind
+    }
+
     fn text(&mut self, piece: &str) -> bool {
         match &mut self.mode {
             Mode::Json(id) => lock(&self.out).event(|w| w.token(id, piece)),
@@ -539,7 +559,18 @@ impl Reply for JobReply {
     }
 
     fn finish(&mut self, outcome: Outcome<'_>) {
-        let mut out = lock(&self.out);
+        let output = Arc::clone(&self.out);
+        let mut out = lock(&output);
+        // The end of the reply may use the buffer's reserve; the next reply starts afresh.
+        out.ending = true;
+        self.write_end(&mut out, outcome);
+        out.ending = false;
+        out.fell_behind = false;
+    }
+}
+
+impl JobReply {
+    fn write_end(&mut self, out: &mut Output, outcome: Outcome<'_>) {
         let history = match &self.mode {
             Mode::Text { history, .. } => Some(Arc::clone(history)),
             Mode::Json(_) => None,
@@ -575,6 +606,9 @@ impl Reply for JobReply {
                             FinishReason::Cancelled => Some("[cancelled]"),
                             FinishReason::TimeLimit => Some("[stopped at the request time limit]"),
                             FinishReason::Context => Some("[the context is full: /reset to start over]"),
+                            FinishReason::SlowClient => {
+                                Some("[stopped: the answer was not read fast enough (outbound_buffer)]")
+                            }
                         };
                         if let Some(n) = note {
                             out.write(n.as_bytes());
@@ -587,7 +621,7 @@ impl Reply for JobReply {
                         out.write(format!("error: {message}\n").as_bytes());
                     }
                 }
-                end_text_reply(&mut out, *console);
+                end_text_reply(out, *console);
             }
         }
     }

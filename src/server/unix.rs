@@ -17,12 +17,13 @@ use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 
 use super::events::{EventId, EventWriter};
 use super::framing::{Frame, LineFramer, MAX_LINE};
+use super::outbound::Outbound;
 use super::session::{Flow, Output, Session};
 use super::shared::Shared;
 
-/// How long a write to a client may block before the client counts as gone (a reader that
-/// stopped reading must not hold the engine).
-const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a client's writer thread, blocked on a client that does not read, looks up to
+/// see whether the connection is over (the engine never waits on it: see [`super::outbound`]).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How often blocked loops look at the shutdown flag.
 const POLL_MS: i32 = 100;
@@ -173,7 +174,13 @@ impl Connections {
 }
 
 /// Accepts connections until shutdown begins.
-pub fn accept_loop(listener: Listener, shared: Arc<Shared>, conns: Arc<Connections>, max_connections: usize) {
+pub fn accept_loop(
+    listener: Listener,
+    shared: Arc<Shared>,
+    conns: Arc<Connections>,
+    max_connections: usize,
+    outbound_buffer: usize,
+) {
     if let Err(e) = listener.inner.set_nonblocking(true) {
         log::error!("socket: {e}");
         return;
@@ -187,7 +194,7 @@ pub fn accept_loop(listener: Listener, shared: Arc<Shared>, conns: Arc<Connectio
         match listener.inner.accept() {
             Ok((stream, _)) => {
                 next_id += 1;
-                admit(stream, next_id, &shared, &conns, max_connections);
+                admit(stream, next_id, &shared, &conns, (max_connections, outbound_buffer));
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
@@ -207,7 +214,13 @@ fn refuse(mut stream: UnixStream, code: &str, message: &str) {
     let _ = stream.write_all(w.error(&EventId::default(), code, message));
 }
 
-fn admit(stream: UnixStream, id: u64, shared: &Arc<Shared>, conns: &Arc<Connections>, max_connections: usize) {
+fn admit(
+    stream: UnixStream,
+    id: u64,
+    shared: &Arc<Shared>,
+    conns: &Arc<Connections>,
+    (max_connections, outbound_buffer): (usize, usize),
+) {
     let _ = stream.set_nonblocking(false);
     let peer = match getsockopt(stream.as_raw_fd(), PeerCredentials) {
         Ok(c) => (c.pid(), c.uid(), c.gid()),
@@ -234,7 +247,15 @@ fn admit(stream: UnixStream, id: u64, shared: &Arc<Shared>, conns: &Arc<Connecti
         (Ok(w), Ok(r)) => (w, r),
         (Err(e), _) | (_, Err(e)) => return log::warn!("{name}: {e}"),
     };
+    // The writer thread wakes up this often while a client does not read, to see whether the
+    // connection is over.
     let _ = writer.set_write_timeout(Some(WRITE_TIMEOUT));
+    // Our bounded buffer is the one that counts: keep the kernel's behind it small.
+    let _ = nix::sys::socket::setsockopt(writer.as_raw_fd(), nix::sys::socket::sockopt::SndBuf, &outbound_buffer);
+    let outbound = Outbound::new(outbound_buffer);
+    if let Err(e) = outbound.drain_into(Box::new(writer), format!("client-{id}-out")) {
+        return log::error!("{name}: cannot start its writer thread: {e}");
+    }
     log::info!("{name}: connected");
     shared.stats.connections.fetch_add(1, Ordering::Relaxed);
     conns
@@ -242,12 +263,7 @@ fn admit(stream: UnixStream, id: u64, shared: &Arc<Shared>, conns: &Arc<Connecti
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .insert(id, registered);
-    let session = Session::new(
-        Output::new(Box::new(writer), false),
-        Arc::clone(shared),
-        false,
-        name.clone(),
-    );
+    let session = Session::new(Output::new(outbound, false), Arc::clone(shared), false, name.clone());
     let registration = Registration {
         id,
         name,
@@ -281,15 +297,13 @@ impl Drop for Registration {
         } else {
             log::info!("{}: disconnected", self.name);
         }
-        let stream = self
-            .conns
+        // Its descriptor goes; the client sees the end once the writer thread has sent what
+        // was queued and dropped the last one.
+        self.conns
             .streams
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&self.id);
-        if let Some(s) = stream {
-            let _ = s.shutdown(Shutdown::Both);
-        }
         self.shared.stats.connections.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -1,0 +1,212 @@
+//! A connection's outbound buffer: what the session and the engine thread write for one
+//! client, bounded, drained to the client by a thread of the transport's. Writing never
+//! blocks: a client that stops reading fills its own buffer and nobody else's time, and a
+//! write that does not fit says so at once (the engine then ends that client's request).
+//!
+//! The last [`RESERVE`] bytes are kept for the message that ends a reply, so a request
+//! stopped for a full buffer can still tell its client why.
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+
+/// Bytes kept for the end of a reply (a `done` event is about 250 bytes).
+pub const RESERVE: usize = 1024;
+
+/// Smallest buffer: the reserve and room for a few events.
+pub const MIN_CAPACITY: usize = 2 * RESERVE;
+
+/// Default size: a 512-token JSON answer (about 40 bytes an event) fits whole, so a serial
+/// line at 9600 baud that reads nothing until the end keeps up.
+pub const DEFAULT_CAPACITY: usize = 64 * 1024;
+
+/// Largest size the setting accepts.
+pub const MAX_CAPACITY: usize = 16 << 20;
+
+/// What became of a write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    /// Queued for the client.
+    Queued,
+    /// It does not fit: the client is not reading fast enough.
+    Full,
+    /// The client is gone (the drainer's write failed, or the connection closed).
+    Gone,
+}
+
+struct Pending {
+    bytes: VecDeque<u8>,
+    capacity: usize,
+    /// No more bytes will come: the drainer ends once the queue is empty.
+    closed: bool,
+    /// The client cannot be written to.
+    gone: bool,
+}
+
+/// See the module documentation.
+pub struct Outbound {
+    pending: Mutex<Pending>,
+    more: Condvar,
+}
+
+fn lock(m: &Mutex<Pending>) -> MutexGuard<'_, Pending> {
+    // Each critical section is one queue update: the data stays consistent.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Outbound {
+    /// A buffer of `capacity` bytes (clamped to [`MIN_CAPACITY`]..=[`MAX_CAPACITY`]),
+    /// allocated now: queuing never allocates.
+    pub fn new(capacity: usize) -> Arc<Outbound> {
+        let capacity = capacity.clamp(MIN_CAPACITY, MAX_CAPACITY);
+        Arc::new(Outbound {
+            pending: Mutex::new(Pending {
+                bytes: VecDeque::with_capacity(capacity),
+                capacity,
+                closed: false,
+                gone: false,
+            }),
+            more: Condvar::new(),
+        })
+    }
+
+    /// Queues `bytes` whole or not at all. Ordinary writes leave [`RESERVE`] bytes free;
+    /// `last` (the end of a reply) may use them.
+    pub fn push(&self, bytes: &[u8], last: bool) -> Pushed {
+        let mut p = lock(&self.pending);
+        if p.gone || p.closed {
+            return Pushed::Gone;
+        }
+        let limit = if last { p.capacity } else { p.capacity - RESERVE };
+        if p.bytes.len() + bytes.len() > limit {
+            return Pushed::Full;
+        }
+        p.bytes.extend(bytes);
+        drop(p);
+        self.more.notify_one();
+        Pushed::Queued
+    }
+
+    /// For the drainer: waits for bytes and moves up to `buf.len()` of them into `buf`.
+    /// Returns 0 once the buffer is closed (or the client gone) and empty.
+    pub fn pull(&self, buf: &mut [u8]) -> usize {
+        let mut p = lock(&self.pending);
+        loop {
+            if p.gone {
+                return 0;
+            }
+            if !p.bytes.is_empty() {
+                let n = p.bytes.len().min(buf.len());
+                for (slot, b) in buf.iter_mut().zip(p.bytes.drain(..n)) {
+                    *slot = b;
+                }
+                return n;
+            }
+            if p.closed {
+                return 0;
+            }
+            p = self.more.wait(p).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// No more writes: the drainer sends what is queued, then ends.
+    pub fn close(&self) {
+        lock(&self.pending).closed = true;
+        self.more.notify_all();
+    }
+
+    /// The client cannot be written to any more: writes fail from now on.
+    pub fn mark_gone(&self) {
+        lock(&self.pending).gone = true;
+        self.more.notify_all();
+    }
+
+    /// Whether the client is known to be gone.
+    pub fn is_gone(&self) -> bool {
+        lock(&self.pending).gone
+    }
+
+    /// Whether the session is over (closed) or the client gone.
+    fn finished(&self) -> bool {
+        let p = lock(&self.pending);
+        p.closed || p.gone
+    }
+
+    /// Starts the thread that drains this buffer into `writer` (the client's socket or serial
+    /// port; give it a write timeout of a second or so). It ends when the buffer is closed and
+    /// empty, or a write fails. A client that does not read only keeps this thread waiting
+    /// (its requests are stopped when the buffer fills); once its session is over, a timeout
+    /// ends the wait.
+    ///
+    /// # Errors
+    /// The thread cannot be started.
+    pub fn drain_into(self: &Arc<Self>, mut writer: Box<dyn Write + Send>, name: String) -> std::io::Result<()> {
+        let me = Arc::clone(self);
+        std::thread::Builder::new().name(name).spawn(move || {
+            let mut buf = vec![0u8; 16 * 1024];
+            'pulling: loop {
+                let n = me.pull(&mut buf);
+                if n == 0 {
+                    break;
+                }
+                let mut sent = 0;
+                while sent < n {
+                    match writer.write(&buf[sent..n]) {
+                        Ok(0) => break 'pulling,
+                        Ok(k) => sent += k,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e)
+                            if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
+                                && !me.finished() => {}
+                        Err(_) => break 'pulling,
+                    }
+                }
+                let _ = writer.flush();
+            }
+            me.mark_gone();
+        })?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_fit_or_are_refused_whole_and_the_reserve_is_for_the_end() {
+        let o = Outbound::new(MIN_CAPACITY);
+        let chunk = [b'x'; 100];
+        let mut queued = 0;
+        while o.push(&chunk, false) == Pushed::Queued {
+            queued += chunk.len();
+        }
+        let room = MIN_CAPACITY - RESERVE;
+        assert_eq!(queued, room - room % chunk.len());
+        // The end of a reply still fits.
+        assert_eq!(o.push(&[b'd'; 300], true), Pushed::Queued);
+        let mut buf = [0u8; 4096];
+        assert_eq!(o.pull(&mut buf), queued + 300);
+        assert_eq!(o.push(&chunk, false), Pushed::Queued);
+        o.mark_gone();
+        assert_eq!(o.push(&chunk, false), Pushed::Gone);
+        assert_eq!(o.pull(&mut buf), 0);
+    }
+
+    #[test]
+    fn the_drainer_delivers_in_order_and_ends_when_closed() {
+        let o = Outbound::new(MIN_CAPACITY);
+        let (mut a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        o.drain_into(Box::new(b), "drain-test".into()).unwrap();
+        for i in 0..50u8 {
+            while o.push(&[i; 10], false) == Pushed::Full {
+                std::thread::yield_now();
+            }
+        }
+        o.close();
+        let mut got = Vec::new();
+        std::io::Read::read_to_end(&mut a, &mut got).unwrap();
+        let want: Vec<u8> = (0..50u8).flat_map(|i| [i; 10]).collect();
+        assert_eq!(got, want);
+    }
+}
