@@ -391,6 +391,7 @@ impl Engine {
             if pos >= context {
                 break FinishReason::Context;
             }
+            crate::faults::stall_decode(summary.completion_tokens as u64);
             next = match self.backend.decode(token, pos) {
                 Ok(n) => copy_out(n, &mut self.logits),
                 Err(e) => {

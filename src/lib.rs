@@ -9,8 +9,9 @@
 //!   norms, RoPE, softmax.
 //! - [`backend`]: the [`backend::Backend`] interface (prefill, decode, reset, limits) and its
 //!   implementations; backends know nothing of serving.
-//! - [`tokenizer`]: text ↔ token ids through the `tokenizers` crate, built from a GGUF vocabulary
-//!   or a `tokenizer.json`, and a streaming detokenizer that only emits whole UTF-8 characters.
+//! - [`tokenizer`]: text ↔ token ids through the `tokenizers` crate, built from a GGUF
+//!   vocabulary, a `tokenizer.json` or a SentencePiece `tokenizer.model`, and a streaming
+//!   detokenizer that only emits whole UTF-8 characters.
 //! - [`sampler`]: seeded, allocation-free token choice (greedy, temperature, top-k/p, min-p,
 //!   repetition penalty).
 //! - [`chat`]: chat templates (ChatML, Llama-2, Llama-3), recognized from GGUF metadata.
@@ -18,6 +19,7 @@
 //! - [`server`]: the daemon's serving side: UNIX-socket and serial transports, line framing,
 //!   the pure request parser, sessions, the bounded queue and the engine thread.
 //! - [`sys`]: systemd notification and watchdog, signals, journal-friendly logging.
+//! - [`faults`]: the test build's fault points (compiled to nothing in a release build).
 //! - [`cli`]: the `llama-tpu` command line (`run`, `info`, `tokenize`, `bench`, `serve`, `ask`,
 //!   `chat`).
 #![deny(missing_docs)]
@@ -27,6 +29,7 @@ pub mod backend;
 pub mod chat;
 pub mod cli;
 pub mod engine;
+pub mod faults;
 pub mod kernels;
 pub mod model;
 pub mod sampler;

@@ -1089,3 +1089,64 @@ fn a_client_that_does_not_read_is_stopped_and_the_next_is_served() {
     a.send(r#"{"type":"ping"}"#);
     assert_eq!(a.event()["event"], "pong");
 }
+
+/// An engine that stops making progress (the test build stalls its third decode step for 30
+/// s) stops the watchdog pings: systemd would restart it. Pings that arrive while the daemon
+/// is idle before, none while it is stalled.
+#[test]
+fn a_stalled_engine_stops_the_watchdog_pings() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = common::scratch("daemon-stall");
+    let notify_path = dir.join("notify");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let socket = dir.join("llama.sock");
+    let child = bin()
+        .arg("serve")
+        .arg("--model")
+        .arg(common::default_model())
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--threads", "1"])
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env("WATCHDOG_USEC", "1000000")
+        .env("LLAMA_TPU_FAULT_STALL_MS", "30000")
+        .stderr(std::fs::File::create(dir.join("log-stall")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut d = Daemon {
+        child,
+        dir: dir.clone(),
+        socket,
+    };
+    d.wait_ready();
+    let pings = |notify: &UnixDatagram, until: Instant| {
+        let mut n = 0;
+        let mut buf = [0u8; 4096];
+        while Instant::now() < until {
+            if let Ok(k) = notify.recv(&mut buf) {
+                n += usize::from(String::from_utf8_lossy(&buf[..k]).trim() == "WATCHDOG=1");
+            }
+        }
+        n
+    };
+    // Idle: the engine shows life, the watchdog is fed.
+    assert!(pings(&notify, Instant::now() + Duration::from_secs(2)) > 0);
+    let mut c = d.client();
+    c.generate(capital_of_france(1, 20));
+    // Wait until the stall is seen: the daemon says it stopped feeding the watchdog.
+    let until = Instant::now() + PATIENCE;
+    while !d.log().contains("no longer feeding the watchdog") {
+        assert!(Instant::now() < until, "{}", d.log());
+        std::thread::sleep(Duration::from_millis(20));
+        let mut buf = [0u8; 4096];
+        let _ = notify.recv(&mut buf);
+    }
+    // From here on, for several watchdog periods, not one ping.
+    assert_eq!(
+        pings(&notify, Instant::now() + Duration::from_secs(4)),
+        0,
+        "{}",
+        d.log()
+    );
+}

@@ -134,3 +134,73 @@ fn the_daemon_serves_the_toy_bmodel_over_its_socket() {
     let status = daemon.0.wait().unwrap();
     assert!(status.success(), "{status}:\n{}", log());
 }
+
+/// A device call that fails mid-generation (the test build's fault point fails every launch
+/// after the 20th: the prompt and a few tokens in): the client gets a `device` error, the
+/// daemon exits 69 for systemd to restart it, and the socket file is gone.
+#[test]
+fn a_device_failure_mid_generation_ends_the_daemon_with_69() {
+    use std::io::{BufReader, Write};
+    use std::os::unix::net::UnixStream;
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    let _chip = common::simulator_chip();
+    let lib = common::simulator_lib_dir();
+    let toys = common::toy_models();
+    let dir = common::scratch("sophon-device-failure");
+    let socket = dir.join("llama.sock");
+    let log_path = dir.join("log");
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_llama-tpu"))
+        .args(["serve", "--backend", "sophon", "--model"])
+        .arg(toys.join("toy_conv_f16_sample.bmodel"))
+        .arg("--tokenizer")
+        .arg(toys.join("tokenizer.json"))
+        .arg("--sophon-lib")
+        .arg(&lib)
+        .arg("--socket")
+        .arg(&socket)
+        .env("LLAMA_TPU_FAULT_DEVICE_AFTER", "20")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let until = Instant::now() + Duration::from_secs(60);
+    let stream = loop {
+        if let Ok(s) = UnixStream::connect(&socket) {
+            break s;
+        }
+        assert!(daemon.try_wait().unwrap().is_none(), "exited early:\n{}", log());
+        assert!(Instant::now() < until, "no socket:\n{}", log());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = BufReader::new(stream);
+    writer
+        .write_all(b"{\"id\":1,\"prompt\":\"hello\",\"max_tokens\":20,\"temperature\":0}\n")
+        .unwrap();
+    let (text, end) = answer(&mut reader);
+    assert_eq!(
+        (end["event"].as_str(), end["code"].as_str()),
+        (Some("error"), Some("device")),
+        "{end}"
+    );
+    assert!(!text.is_empty(), "the failure came mid-generation, after some tokens");
+    let until = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = daemon.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < until,
+            "still running after the device failed:\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(69), "{}", log());
+    assert!(!socket.exists(), "the socket file was left behind");
+    assert!(log().contains("device failure"), "{}", log());
+}

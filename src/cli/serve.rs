@@ -205,7 +205,7 @@ pub(super) fn serve(a: &ServeArgs) -> Result<(), CliError> {
     std::thread::Builder::new()
         .name("load".into())
         .spawn(move || {
-            crate::sys::faults::slow_load();
+            crate::faults::slow_load();
             let _ = tx.send(Event::Loaded(Box::new(load_engine(&loading))));
         })
         .map_err(|e| CliError::new(Exit::Failure, format!("cannot start the loading thread: {e}")))?;

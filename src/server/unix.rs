@@ -318,7 +318,7 @@ fn serve_connection(mut stream: UnixStream, mut session: Session) {
                 framer.push(&buf[..n]);
                 while let Some(frame) = framer.next_frame() {
                     if let Frame::Line(line) = &frame {
-                        crate::sys::faults::connection_panic(line);
+                        crate::faults::connection_panic(line);
                     }
                     if session.frame(frame) == Flow::Quit {
                         session.cancel();

@@ -415,6 +415,12 @@ impl Loaded {
         let device = self.device();
         let api = &device.runtime().api;
         device.traffic().count_launch();
+        if crate::faults::device_fails(device.traffic().snapshot().launches) {
+            return Err(failed(
+                "bmrt_launch_tensor_ex",
+                format!("net {} did not launch (fault injected)", net.name()),
+            ));
+        }
         for (t, shape) in net.outputs.iter_mut().zip(&net.output_shapes) {
             t.shape = *shape;
         }

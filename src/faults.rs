@@ -1,6 +1,6 @@
 //! Fault points for the tests: places where the test build can make the daemon misbehave on
-//! purpose (a slow model load, and more as the tests need them), each armed by an environment
-//! variable. They exist only with the `fault-injection` feature, which only the test build
+//! purpose (a slow model load, a failing device call, a stalled engine, a panicking
+//! connection thread), each armed by an environment variable. They exist only with the `fault-injection` feature, which only the test build
 //! enables (Cargo.toml: the crate's dev-dependency on itself); a release or package build
 //! compiles every point to nothing, so no environment can arm it there.
 
@@ -22,6 +22,29 @@ pub fn connection_panic(line: &[u8]) {
     }
     #[cfg(not(feature = "fault-injection"))]
     let _ = line;
+}
+
+/// Whether the device launch numbered `launch` (from 1) fails: launches after
+/// `LLAMA_TPU_FAULT_DEVICE_AFTER` do (a device that dies mid-generation).
+pub fn device_fails(launch: u64) -> bool {
+    #[cfg(feature = "fault-injection")]
+    if let Some(after) = armed("LLAMA_TPU_FAULT_DEVICE_AFTER") {
+        return launch > after;
+    }
+    let _ = launch;
+    false
+}
+
+/// Stalls the decode step numbered `step` (from 1) for `LLAMA_TPU_FAULT_STALL_MS` when it is
+/// `LLAMA_TPU_FAULT_STALL_STEP` (default 3): an engine that stops making progress.
+pub fn stall_decode(step: u64) {
+    #[cfg(feature = "fault-injection")]
+    if let Some(ms) = armed("LLAMA_TPU_FAULT_STALL_MS") {
+        if step == armed("LLAMA_TPU_FAULT_STALL_STEP").unwrap_or(3) {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
+    }
+    let _ = step;
 }
 
 /// Whether the fault point `name` is armed, and its number.
