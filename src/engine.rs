@@ -37,7 +37,7 @@ pub struct Request {
     /// Most tokens to generate; `None` means until end of generation or the context is full.
     pub max_tokens: Option<usize>,
     /// Generation stops when one of these appears in the output (it is not sent).
-    pub stop: Vec<String>,
+    pub stop: StopStrings,
     /// Generation stops (reason `time_limit`) when this instant passes.
     pub deadline: Option<Instant>,
     /// For chat input that does not fit the context with room for the answer: drop the oldest
@@ -53,11 +53,41 @@ impl Request {
             input,
             sampling: SamplerConfig::default(),
             max_tokens: None,
-            stop: Vec::new(),
+            stop: StopStrings::new(),
             deadline: None,
             drop_old_turns: false,
         }
     }
+}
+
+/// Most stop strings in one request (they are scanned every token).
+pub const MAX_STOP: usize = 8;
+/// Longest stop string in bytes.
+pub const MAX_STOP_BYTES: usize = 256;
+
+/// One stop string: its bound is in its type.
+pub type StopString = heapless::String<MAX_STOP_BYTES>;
+
+/// A request's stop strings: at most [`MAX_STOP`] of at most [`MAX_STOP_BYTES`] each, held
+/// inline (no heap: nothing a client sends can make them grow).
+pub type StopStrings = heapless::Vec<StopString, MAX_STOP>;
+
+/// Builds the stop list from strings, refusing more than [`MAX_STOP`], an empty one or one
+/// longer than [`MAX_STOP_BYTES`].
+///
+/// # Errors
+/// What is wrong, for the user.
+pub fn stop_strings<'a>(items: impl IntoIterator<Item = &'a str>) -> Result<StopStrings, String> {
+    let mut out = StopStrings::new();
+    for s in items {
+        if s.is_empty() {
+            return Err("stop strings must not be empty".into());
+        }
+        let one =
+            StopString::try_from(s).map_err(|_| format!("a stop string is longer than {MAX_STOP_BYTES} bytes"))?;
+        out.push(one).map_err(|_| format!("at most {MAX_STOP} stop strings"))?;
+    }
+    Ok(out)
 }
 
 /// Why a generation ended.
@@ -532,7 +562,7 @@ impl Engine {
     }
 
     /// Moves `piece` into the held text and sends what can no longer be part of a stop string.
-    fn release_text(&mut self, stop: &[String], sink: &mut dyn Sink) -> Release {
+    fn release_text(&mut self, stop: &[StopString], sink: &mut dyn Sink) -> Release {
         self.held.push_str(&self.piece);
         if stop.is_empty() {
             let ok = self.held.is_empty() || sink.text(&self.held);

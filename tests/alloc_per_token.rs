@@ -88,7 +88,7 @@ fn decoding_a_token_allocates_nothing() {
             seed: 5,
         },
         max_tokens: Some(60),
-        stop: vec!["never appears in this story \u{1f409}".into()],
+        stop: llama_tpu::engine::stop_strings(["never appears in this story \u{1f409}"]).unwrap(),
         deadline: None,
         drop_old_turns: false,
     };
@@ -150,7 +150,7 @@ fn decoding_a_token_on_the_tpu_allocates_nothing() {
                 seed: 5,
             },
             max_tokens: Some(20),
-            stop: Vec::new(),
+            stop: Default::default(),
             deadline: None,
             drop_old_turns: false,
         };

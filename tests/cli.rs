@@ -305,3 +305,21 @@ fn a_missing_tokenizer_file_exits_66() {
     let o = run(&["run", "--tokenizer", bad.to_str().unwrap(), "hello"]);
     assert_eq!(o.status.code(), Some(65), "{}", stderr(&o));
 }
+
+/// Stop strings are bounded by their type (at most 8 of at most 256 bytes): more on the
+/// command line is a usage error, not a bigger buffer.
+#[test]
+fn stop_strings_are_bounded() {
+    let long = "x".repeat(257);
+    let o = run(&["run", "--stop", &long, "hello"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("longer than 256"), "{}", stderr(&o));
+    let mut args = vec!["run"];
+    for _ in 0..9 {
+        args.extend(["--stop", "a"]);
+    }
+    args.push("hello");
+    let o = run(&args);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("at most 8"), "{}", stderr(&o));
+}

@@ -207,7 +207,7 @@ fn stop_strings_limits_cancellation_and_context_end() {
     let count = Input::Text("1, 2, 3, 4, 5,".into());
 
     let mut req = greedy(count.clone(), 40);
-    req.stop = vec![", 9".into()];
+    req.stop = llama_tpu::engine::stop_strings([", 9"]).unwrap();
     let (text, s) = generate(&mut e, &req);
     assert_eq!(s.reason, FinishReason::Stop);
     assert_eq!(text, " 6, 7, 8");

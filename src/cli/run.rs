@@ -83,7 +83,8 @@ pub(super) fn run(a: &RunArgs) -> Result<(), CliError> {
         input,
         sampling,
         max_tokens: a.max_tokens,
-        stop: a.stop.clone(),
+        stop: crate::engine::stop_strings(a.stop.iter().map(String::as_str))
+            .map_err(|e| CliError::new(Exit::Usage, format!("--stop: {e}")))?,
         deadline: None,
         drop_old_turns: false,
     };

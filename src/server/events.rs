@@ -11,14 +11,20 @@ use crate::engine::Summary;
 /// Initial buffer size: a token event is well under this; a long error message may grow it once.
 const INITIAL_CAPACITY: usize = 1024;
 
-/// A request id, serialized once (`None` when the client gave none).
+/// Room for an id's JSON form: a string of at most 256 bytes (the protocol's bound), each of
+/// which escapes to at most 6 (`\u001f`), and its quotes; a number is far shorter.
+const ID_JSON_BYTES: usize = 256 * 6 + 2;
+
+/// A request id, serialized once (`None` when the client gave none), held inline: its bound
+/// is in its type.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct EventId(Option<String>);
+pub struct EventId(Option<heapless::String<ID_JSON_BYTES>>);
 
 impl EventId {
-    /// From the id the client sent (a string or a number, already validated).
+    /// From the id the client sent (a string of at most 256 bytes or a number, already
+    /// validated; anything longer is dropped rather than echoed).
     pub fn new(id: Option<&Value>) -> EventId {
-        EventId(id.map(Value::to_string))
+        EventId(id.and_then(|v| heapless::String::try_from(v.to_string().as_str()).ok()))
     }
 }
 

@@ -10,10 +10,8 @@ use crate::chat::{Message, Role};
 
 /// Most messages in one request.
 pub const MAX_MESSAGES: usize = 1024;
-/// Most stop strings in one request, and the longest one (they are scanned every token).
-pub const MAX_STOP: usize = 8;
-/// Longest stop string in bytes.
-pub const MAX_STOP_BYTES: usize = 256;
+use crate::engine::StopStrings;
+pub use crate::engine::{MAX_STOP, MAX_STOP_BYTES};
 /// Longest `id` echoed back.
 pub const MAX_ID_BYTES: usize = 256;
 
@@ -90,7 +88,7 @@ pub struct Generate {
     /// Sampling and length settings.
     pub settings: Settings,
     /// Stop strings.
-    pub stop: Vec<String>,
+    pub stop: StopStrings,
 }
 
 /// Text-mode commands.
@@ -242,7 +240,7 @@ const GENERATE_FIELDS: &[&str] = &[
 fn parse_generate(obj: Map<String, Value>) -> Result<Generate, ProtocolError> {
     let mut prompt = None;
     let mut settings = Settings::default();
-    let mut stop = Vec::new();
+    let mut stop = StopStrings::new();
     for (key, value) in obj {
         let set_prompt = |p: Prompt, prompt: &mut Option<Prompt>| match prompt {
             Some(_) => Err(ProtocolError::Prompt),
@@ -295,23 +293,18 @@ fn parse_messages(value: Value) -> Result<Vec<Message>, ProtocolError> {
         .collect()
 }
 
-fn parse_stop(value: Value) -> Result<Vec<String>, ProtocolError> {
+fn parse_stop(value: Value) -> Result<StopStrings, ProtocolError> {
     const WHAT: &str = "a string or a list of up to 8 non-empty strings of at most 256 bytes";
-    let list = match value {
-        Value::String(s) => vec![s],
-        Value::Array(items) => items
-            .into_iter()
-            .map(|v| match v {
-                Value::String(s) => Ok(s),
-                _ => Err(bad("stop", WHAT)),
-            })
-            .collect::<Result<_, _>>()?,
+    let list: Vec<Value> = match value {
+        Value::String(s) => return crate::engine::stop_strings([s.as_str()]).map_err(|_| bad("stop", WHAT)),
+        Value::Array(items) if items.len() <= MAX_STOP => items,
         _ => return Err(bad("stop", WHAT)),
     };
-    if list.len() > MAX_STOP || list.iter().any(|s| s.is_empty() || s.len() > MAX_STOP_BYTES) {
-        return Err(bad("stop", WHAT));
-    }
-    Ok(list)
+    let strings = list
+        .iter()
+        .map(|v| v.as_str().ok_or_else(|| bad("stop", WHAT)))
+        .collect::<Result<Vec<&str>, _>>()?;
+    crate::engine::stop_strings(strings).map_err(|_| bad("stop", WHAT))
 }
 
 /// Sets one numeric setting from JSON or from a `/set` argument (parsed as JSON).
@@ -401,7 +394,7 @@ mod tests {
         assert_eq!(g.settings.temperature, Some(0.5));
         assert_eq!(g.settings.top_k, Some(10));
         assert_eq!(g.settings.seed, Some(7));
-        assert_eq!(g.stop, vec!["\n\n".to_string(), "User:".to_string()]);
+        assert_eq!(g.stop.iter().map(|s| s.as_str()).collect::<Vec<_>>(), ["\n\n", "User:"]);
     }
 
     #[test]

@@ -360,7 +360,7 @@ impl Session {
             Input::Chat(messages),
             true,
             &Settings::default(),
-            Vec::new(),
+            crate::engine::StopStrings::new(),
             reply,
             None,
         );
@@ -372,7 +372,7 @@ impl Session {
         input: Input,
         drop_old_turns: bool,
         settings: &Settings,
-        stop: Vec<String>,
+        stop: crate::engine::StopStrings,
         reply: JobReply,
         json: Option<&EventId>,
     ) {

@@ -310,7 +310,8 @@ impl Drop for Registration {
 
 fn serve_connection(mut stream: UnixStream, mut session: Session) {
     let mut framer = LineFramer::new(MAX_LINE);
-    let mut buf = vec![0u8; 16 * 1024];
+    // A fixed buffer per connection: reading cannot grow it.
+    let mut buf = [0u8; 16 * 1024];
     loop {
         match stream.read(&mut buf) {
             Ok(0) => break,
