@@ -61,6 +61,9 @@ pub enum Refused {
 }
 
 /// The result of waiting for a job.
+// A job carries its request's stop strings inline (2 KiB, bounded by their type): it is moved
+// once per request, never per token, so boxing it would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 pub enum Pop {
     /// The next job; the queue counts it as running until [`Queue::finished`].
     Job(Job),
