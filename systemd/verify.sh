@@ -19,3 +19,8 @@ if [ -n "$out" ]; then
     exit 1
 fi
 echo "systemd-analyze verify: llama-tpu.service and llama-tpu.socket are clean"
+# The unit's own confinement: systemd-analyze security's exposure score (0 = fully confined,
+# 10 = not at all) must stay at 2.0 or below; --threshold counts in tenths.
+score=$(systemd-analyze security --offline=true --root="$root" --threshold=20 llama-tpu.service 2>&1) \
+    || { echo "$score" >&2; echo "systemd-analyze security: llama-tpu.service is above 2.0" >&2; exit 1; }
+echo "systemd-analyze security: $(echo "$score" | tail -1 | sed 's/^→ //')"
