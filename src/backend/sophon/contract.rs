@@ -201,6 +201,14 @@ fn expect(net: &Net, input: bool, i: usize, dtype: DataType, shape: &[usize]) ->
     expect_in(net, 0, input, i, dtype, &[shape])
 }
 
+/// Elements of a shape (0 for a negative dimension or one past usize: a corrupt net).
+fn elements(shape: &[i32]) -> usize {
+    shape
+        .iter()
+        .try_fold(1usize, |n, &d| usize::try_from(d).ok().and_then(|d| n.checked_mul(d)))
+        .unwrap_or(0)
+}
+
 fn dim(shape: &[i32], i: usize) -> usize {
     shape.get(i).map_or(0, |&d| d.max(0) as usize)
 }
@@ -223,12 +231,7 @@ fn embeddings(nets: &[Net]) -> Result<(NetStage, NetStage, usize, bool), Contrac
     if emb.stages.is_empty() {
         return Err(bad("embedding has no stages"));
     }
-    let len = |n: &Net, s: usize| {
-        n.stages[s]
-            .input_shapes
-            .first()
-            .map_or(0, |sh| sh.iter().product::<i32>().max(0) as usize)
-    };
+    let len = |n: &Net, s: usize| n.stages[s].input_shapes.first().map_or(0, |sh| elements(sh));
     let prefill_stage = (0..emb.stages.len()).max_by_key(|&s| len(emb, s)).unwrap_or(0);
     let max_input = len(emb, prefill_stage);
     let flat_ids = emb.stages[prefill_stage]
@@ -429,9 +432,9 @@ pub fn check(nets: &[Net]) -> Result<LlamaLayout, ContractError> {
     let head = net(nets, "lm_head")?;
     expect_in(head, 0, true, 0, hidden_dtype, &[&[1, h], &[1, 1, h]])?;
     let h_out = port(head, false, 0)?;
-    let lm_head = match (h_out.dtype, h_out.shape.iter().product::<i32>()) {
+    let lm_head = match (h_out.dtype, elements(&h_out.shape)) {
         (Some(DataType::I32), 1) => LmHeadOutput::Token,
-        (Some(DataType::F32), v) if v > 1 => LmHeadOutput::Logits(v as usize),
+        (Some(DataType::F32), v) if v > 1 => LmHeadOutput::Logits(v),
         (d, _) => {
             return Err(bad(format!(
                 "lm_head outputs {d:?} {:?}; expected F32 logits or one I32 token",
@@ -898,6 +901,18 @@ mod tests {
             }
             let _ = check(&nets);
         }
+    }
+
+    /// Found by the fuzzer (fuzz/src/bin/contract.rs): a shape whose element count overflows
+    /// is a corrupt net, not an arithmetic panic.
+    #[test]
+    fn shapes_that_overflow_are_refused() {
+        let mut nets = toy(F16, 1);
+        nets[2].outputs[0] = p(F32, &[i32::MAX, i32::MAX, i32::MAX]);
+        assert!(check(&nets).unwrap_err().to_string().contains("lm_head outputs"));
+        assert_eq!(elements(&[-1, 4]), 0);
+        assert_eq!(elements(&[i32::MAX; 8]), 0);
+        assert_eq!(elements(&[2, 3]), 6);
     }
 
     #[test]

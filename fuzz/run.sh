@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Runs every fuzz target for SECONDS each (default 60) with AFL++ through cargo-afl, two at a
+# time (CI has two cores), from the seed corpus in fuzz/corpus; findings go to
+# .cache/fuzz/<target>/ (ignored). Fails, naming the target and the crashing input, if any
+# target found a crash or a hang. Prints each target's executions and paths found.
+#   fuzz/run.sh [SECONDS] [TARGET...]
+set -euo pipefail
+cd "$(dirname "$0")"
+SECONDS_EACH=${1:-60}
+shift || true
+TARGETS=("$@")
+[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(framing protocol serial_editor gguf tokenizer_files contract)
+command -v cargo-afl >/dev/null || cargo install --quiet --locked cargo-afl@0.18.2
+# AFL++ itself, built once per machine by cargo-afl (under ~/.local/share/afl.rs).
+cargo afl config --build >/dev/null 2>&1 || true
+start=$(date +%s)
+cargo afl build --release --quiet
+echo "== fuzz targets built in $(( $(date +%s) - start )) s"
+OUT=../.cache/fuzz
+mkdir -p "$OUT"
+# No UI; do not insist on the machine's core_pattern and CPU governor settings.
+export AFL_NO_UI=1 AFL_SKIP_CPUFREQ=1 AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1 AFL_NO_AFFINITY=1
+run() {
+    local t=$1
+    rm -rf "$OUT/$t"
+    cargo afl fuzz -i "corpus/$t" -o "$OUT/$t" -V "$SECONDS_EACH" -- "target/release/$t" \
+        > "$OUT/$t.log" 2>&1 || { tail -20 "$OUT/$t.log"; echo "fuzz $t: afl-fuzz failed"; return 1; }
+}
+pids=()
+for t in "${TARGETS[@]}"; do
+    run "$t" &
+    pids+=($!)
+    if [ ${#pids[@]} -ge 2 ]; then wait "${pids[0]}"; pids=("${pids[@]:1}"); fi
+done
+for p in "${pids[@]}"; do wait "$p"; done
+status=0
+for t in "${TARGETS[@]}"; do
+    stats=$OUT/$t/default/fuzzer_stats
+    execs=$(awk -F': *' '/^execs_done/ {print $2}' "$stats")
+    paths=$(awk -F': *' '/^corpus_count/ {print $2}' "$stats")
+    crashes=$(awk -F': *' '/^saved_crashes/ {print $2}' "$stats")
+    hangs=$(awk -F': *' '/^saved_hangs/ {print $2}' "$stats")
+    echo "fuzz $t: ${SECONDS_EACH} s, $execs executions, $paths inputs in the corpus, $crashes crashes, $hangs hangs"
+    if [ "$crashes" != 0 ] || [ "$hangs" != 0 ]; then
+        ls "$OUT/$t/default/crashes" "$OUT/$t/default/hangs" 2>/dev/null
+        status=1
+    fi
+done
+exit $status
