@@ -24,7 +24,7 @@ QEMU         := qemu-aarch64 -cpu cortex-a53
 
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 
-.PHONY: fuzz fuzz-ci sim sim-real bmodel cross-test-ci deb deb-check cross-amd64 cross-test-glibc231 all build run demo model test-data venv test check-units bench clean help install install-files cross-setup cross cross-check cross-test
+.PHONY: soak fuzz fuzz-ci sim sim-real bmodel cross-test-ci deb deb-check cross-amd64 cross-test-glibc231 all build run demo model test-data venv test check-units bench clean help install install-files cross-setup cross cross-check cross-test
 
 # make install: PREFIX and DESTDIR as usual; the configuration goes to SYSCONFDIR.
 PREFIX     ?= /usr/local
@@ -43,6 +43,7 @@ help:
 	@echo "make check-units  systemd-analyze verify on the units as installed"
 	@echo "make test       everything the tests need, then fmt, clippy and the whole test suite"
 	@echo "make sim        BM1684X simulator, compile tools (Python 3.10) and the toy bmodels the tests use"
+	@echo "make soak       2000 requests through the socket and a serial line, memory/fds/threads checked flat"
 	@echo "make fuzz       the fuzz targets, FUZZ_SECONDS (600) each; make fuzz-ci: 30 s each"
 	@echo "make sim-real   SmolLM2-135M compiled by llm_convert.py, on the simulated chip against the CPU backend (~15 min)"
 	@echo "make bmodel     compile a Llama-2 checkpoint (HF=dir) to a BM1684X bmodel with the vendor's llm_convert.py"
@@ -105,6 +106,12 @@ sim:
 # backend, and answering a chat question (on demand: about 15 minutes; sim/real.sh).
 sim-real: sim
 	sim/real.sh
+
+# The daemon serving 2,000 requests in a row (socket and serial, noise, an unplug), with its
+# memory, descriptors and threads printed and checked flat (on demand: SOAK_REQUESTS).
+SOAK_REQUESTS ?= 2000
+soak: build model
+	$(PYTHON) scripts/soak.py $(BIN) $(MODEL_FILE) .cache/soak $(SOAK_REQUESTS)
 
 # Coverage-guided fuzzing of everything that reads outside bytes (AFL++ through cargo-afl;
 # fuzz/README.md): a short run of each target in CI, the long one on demand.

@@ -187,6 +187,7 @@ pub(super) fn serve(a: &ServeArgs) -> Result<(), CliError> {
         return check(&config);
     }
     logging::set_level(config.log_level()?);
+    crate::sys::memory::use_one_heap();
     let notifier = Notifier::from_env();
     let listener = match Listener::from_systemd().map_err(|e| CliError::new(Exit::Config, e.to_string()))? {
         Some(l) => l,

@@ -142,29 +142,34 @@ impl Outbound {
     /// The thread cannot be started.
     pub fn drain_into(self: &Arc<Self>, mut writer: Box<dyn Write + Send>, name: String) -> std::io::Result<()> {
         let me = Arc::clone(self);
-        std::thread::Builder::new().name(name).spawn(move || {
-            let mut buf = vec![0u8; 16 * 1024];
-            'pulling: loop {
-                let n = me.pull(&mut buf);
-                if n == 0 {
-                    break;
-                }
-                let mut sent = 0;
-                while sent < n {
-                    match writer.write(&buf[sent..n]) {
-                        Ok(0) => break 'pulling,
-                        Ok(k) => sent += k,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                        Err(e)
-                            if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
-                                && !me.finished() => {}
-                        Err(_) => break 'pulling,
+        std::thread::Builder::new()
+            .name(name)
+            .stack_size(super::DRAINER_STACK)
+            .spawn(move || {
+                let mut buf = vec![0u8; 16 * 1024];
+                'pulling: loop {
+                    let n = me.pull(&mut buf);
+                    if n == 0 {
+                        break;
                     }
+                    let mut sent = 0;
+                    while sent < n {
+                        match writer.write(&buf[sent..n]) {
+                            Ok(0) => break 'pulling,
+                            Ok(k) => sent += k,
+                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                            Err(e)
+                                if matches!(
+                                    e.kind(),
+                                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                                ) && !me.finished() => {}
+                            Err(_) => break 'pulling,
+                        }
+                    }
+                    let _ = writer.flush();
                 }
-                let _ = writer.flush();
-            }
-            me.mark_gone();
-        })?;
+                me.mark_gone();
+            })?;
         Ok(())
     }
 }

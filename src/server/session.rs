@@ -404,14 +404,21 @@ impl Session {
             cancel: Arc::clone(&cancel),
             reply: Box::new(reply),
         };
-        match self.shared.queue.push(job) {
+        // The engine may answer (an error, even the whole reply) as soon as the job is in the
+        // queue: holding this session's output across the push puts `queued` first. No lock
+        // order problem: the queue never holds its own lock while writing to a session.
+        let mut out = lock(&self.out);
+        let pushed = self.shared.queue.push(job);
+        match pushed {
             Ok(ahead) => {
-                self.running = Some(Running { cancel, done });
                 if let Some(id) = json {
-                    lock(&self.out).event(|w| w.queued(id, ahead));
+                    out.event(|w| w.queued(id, ahead));
                 }
+                drop(out);
+                self.running = Some(Running { cancel, done });
             }
             Err((mut job, refused)) => {
+                drop(out);
                 let (code, message) = match refused {
                     Refused::Full => ("busy", "the queue is full; try again later"),
                     Refused::Closed => ("shutting_down", "the daemon is shutting down"),

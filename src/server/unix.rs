@@ -270,12 +270,15 @@ fn admit(
         conns: Arc::clone(conns),
         shared: Arc::clone(shared),
     };
-    let spawned = std::thread::Builder::new().name(format!("client-{id}")).spawn(move || {
-        // Dropped however the thread ends, an unwinding panic included: the slot is freed
-        // and the client's socket closed either way.
-        let _registration = registration;
-        serve_connection(stream, session);
-    });
+    let spawned = std::thread::Builder::new()
+        .name(format!("client-{id}"))
+        .stack_size(super::CONNECTION_STACK)
+        .spawn(move || {
+            // Dropped however the thread ends, an unwinding panic included: the slot is freed
+            // and the client's socket closed either way.
+            let _registration = registration;
+            serve_connection(stream, session);
+        });
     if let Err(e) = spawned {
         log::error!("cannot start a connection thread: {e}");
     }

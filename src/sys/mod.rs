@@ -2,5 +2,6 @@
 //! in the journal's format. Nothing here knows about models or requests.
 
 pub mod logging;
+pub mod memory;
 pub mod notify;
 pub mod signals;
