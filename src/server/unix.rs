@@ -295,11 +295,6 @@ struct Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            log::error!("{}: its connection thread failed; connection closed", self.name);
-        } else {
-            log::info!("{}: disconnected", self.name);
-        }
         // Its descriptor goes; the client sees the end once the writer thread has sent what
         // was queued and dropped the last one.
         self.conns
@@ -308,6 +303,12 @@ impl Drop for Registration {
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&self.id);
         self.shared.stats.connections.fetch_sub(1, Ordering::Relaxed);
+        // Logged once the slot is free: whoever reads the log may count on it.
+        if std::thread::panicking() {
+            log::error!("{}: its connection thread failed; connection closed", self.name);
+        } else {
+            log::info!("{}: disconnected", self.name);
+        }
     }
 }
 
