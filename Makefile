@@ -157,6 +157,7 @@ install-files:
 	sed -e 's|/usr/share/doc/llama-tpu/|$(DOCDIR)/|g' systemd/llama-tpu.socket > .cache/llama-tpu.socket
 	install -Dm644 .cache/llama-tpu.socket $(DESTDIR)$(UNITDIR)/llama-tpu.socket
 	install -Dm644 systemd/llama-tpu.sysusers $(DESTDIR)$(PREFIX)/lib/sysusers.d/llama-tpu.conf
+	install -Dm644 systemd/llama-tpu-http.conf $(DESTDIR)$(PREFIX)/share/llama-tpu/llama-tpu-http.conf
 	test -e $(DESTDIR)$(SYSCONFDIR)/llama-tpu/llama-tpu.toml || \
 		install -Dm644 systemd/llama-tpu.toml $(DESTDIR)$(SYSCONFDIR)/llama-tpu/llama-tpu.toml
 	install -Dm644 README.md $(DESTDIR)$(DOCDIR)/README.md

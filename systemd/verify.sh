@@ -24,3 +24,13 @@ echo "systemd-analyze verify: llama-tpu.service and llama-tpu.socket are clean"
 score=$(systemd-analyze security --offline=true --root="$root" --threshold=20 llama-tpu.service 2>&1) \
     || { echo "$score" >&2; echo "systemd-analyze security: llama-tpu.service is above 2.0" >&2; exit 1; }
 echo "systemd-analyze security: $(echo "$score" | tail -1 | sed 's/^→ //')"
+# With the HTTP drop-in (systemd/llama-tpu-http.conf) as an administrator installs it.
+dropin="$root/etc/systemd/system/llama-tpu.service.d"
+mkdir -p "$dropin"
+cp "$root/usr/share/llama-tpu/llama-tpu-http.conf" "$dropin/http.conf"
+out=$(systemd-analyze verify --root="$root" llama-tpu.service 2>&1) || { echo "$out" >&2; exit 1; }
+[ -z "$out" ] || { echo "$out" >&2; echo "systemd-analyze verify reported problems with the HTTP drop-in" >&2; exit 1; }
+score=$(systemd-analyze security --offline=true --root="$root" --threshold=20 llama-tpu.service 2>&1) \
+    || { echo "$score" >&2; echo "systemd-analyze security: llama-tpu.service with the HTTP drop-in is above 2.0" >&2; exit 1; }
+echo "systemd-analyze security, with the HTTP drop-in: $(echo "$score" | tail -1 | sed 's/^→ //')"
+rm -r "$dropin"

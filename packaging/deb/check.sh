@@ -13,7 +13,7 @@ for deb in "$@"; do
     echo "$contents"
     for path in ./usr/bin/llama-tpu ./lib/systemd/system/llama-tpu.service ./lib/systemd/system/llama-tpu.socket \
         ./etc/llama-tpu/llama-tpu.toml ./usr/lib/sysusers.d/llama-tpu.conf ./usr/share/doc/llama-tpu/copyright \
-        ./usr/share/doc/llama-tpu/protocol.md; do
+        ./usr/share/doc/llama-tpu/protocol.md ./usr/share/llama-tpu/llama-tpu-http.conf; do
         echo "$contents" | grep -q " $path\$" || fail "$path missing from $deb"
     done
     echo "$contents" | grep -q "root/root" || fail "files not owned by root"

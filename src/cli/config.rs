@@ -9,6 +9,8 @@ use serde::Deserialize;
 
 use super::{CliError, Exit, ModelArgs, DEFAULT_MODEL};
 use crate::sampler::SamplerConfig;
+use crate::server::http::conn::HttpListener;
+use crate::server::http::head::Policy;
 use crate::server::serial::SerialSpec;
 use crate::server::shared::Defaults;
 
@@ -61,6 +63,10 @@ pub struct Config {
     pub outbound_buffer: usize,
     /// Serial lines, `DEVICE[:BAUD]`.
     pub serial: Vec<String>,
+    /// The HTTP front: `IP:PORT` or `unix:PATH`; absent: off.
+    pub http: Option<String>,
+    /// File holding the HTTP API key (required for an address that is not loopback).
+    pub api_key_file: Option<PathBuf>,
     /// Requests waiting at most.
     pub queue_depth: usize,
     /// Seconds a request may run (0 = no limit).
@@ -116,6 +122,8 @@ impl Default for Config {
             max_connections: 16,
             outbound_buffer: crate::server::outbound::DEFAULT_CAPACITY,
             serial: Vec::new(),
+            http: None,
+            api_key_file: None,
             queue_depth: 8,
             request_timeout: 300,
             shutdown_grace: 0.0,
@@ -200,6 +208,67 @@ impl Config {
             )));
         }
         Ok(())
+    }
+
+    /// Binds the HTTP front, if configured. An address that is not loopback needs an API key:
+    /// without one the daemon refuses to start.
+    ///
+    /// # Errors
+    /// A bad address, a missing or empty key file, a non-loopback address without a key, a
+    /// port or path that cannot be bound.
+    pub fn http_front(&self) -> Result<Option<(HttpListener, Policy)>, CliError> {
+        let Some(addr) = self.http.as_deref() else {
+            return Ok(None);
+        };
+        let bad = |m: String| CliError::new(Exit::Config, m);
+        let api_key = match &self.api_key_file {
+            None => None,
+            Some(path) => {
+                let text =
+                    std::fs::read_to_string(path).map_err(|e| bad(format!("api_key_file {}: {e}", path.display())))?;
+                let key = text.trim().to_string();
+                if key.is_empty() || key.len() > 1024 || key.contains(char::is_whitespace) {
+                    return Err(bad(format!(
+                        "api_key_file {}: the key must be one word of 1 to 1024 characters",
+                        path.display()
+                    )));
+                }
+                Some(key)
+            }
+        };
+        if let Some(path) = addr.strip_prefix("unix:") {
+            let path = Path::new(path);
+            if path.exists() && std::os::unix::net::UnixStream::connect(path).is_err() {
+                // A stale socket file from a crash; anything else is left alone by bind.
+                if std::fs::symlink_metadata(path).is_ok_and(|m| {
+                    use std::os::unix::fs::FileTypeExt;
+                    m.file_type().is_socket()
+                }) {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+            let listener = std::os::unix::net::UnixListener::bind(path)
+                .map_err(|e| bad(format!("http: cannot listen on {}: {e}", path.display())))?;
+            let policy = Policy {
+                hosts: Vec::new(),
+                api_key,
+            };
+            return Ok(Some((HttpListener::Unix(listener), policy)));
+        }
+        let sock: std::net::SocketAddr = addr.parse().map_err(|_| {
+            bad(format!(
+                "http = '{addr}': expected IP:PORT (127.0.0.1:8080, [::1]:8080) or unix:PATH"
+            ))
+        })?;
+        if !sock.ip().is_loopback() && api_key.is_none() {
+            return Err(bad(format!(
+                "http = '{addr}' is reachable from other machines: set api_key_file (clients send 'Authorization: Bearer KEY'), or bind a loopback address"
+            )));
+        }
+        let listener =
+            std::net::TcpListener::bind(sock).map_err(|e| bad(format!("http: cannot listen on {sock}: {e}")))?;
+        let bound = listener.local_addr().unwrap_or(sock);
+        Ok(Some((HttpListener::Tcp(listener), Policy::for_tcp(bound, api_key))))
     }
 
     /// The socket's file mode.
@@ -313,6 +382,8 @@ mod tests {
             "max_connections",
             "outbound_buffer",
             "serial",
+            "http",
+            "api_key_file",
             "queue_depth",
             "request_timeout",
             "shutdown_grace",

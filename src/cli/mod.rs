@@ -93,8 +93,9 @@ enum Command {
     Tokenize(tokenize::TokenizeArgs),
     /// Measure prompt processing and generation speed (tokens/s, median of several runs).
     Bench(bench::BenchArgs),
-    /// Run the daemon: keep the model loaded and answer over a UNIX socket and serial lines.
-    Serve(serve::ServeArgs),
+    /// Run the daemon: keep the model loaded and answer over a UNIX socket, serial lines and
+    /// optionally HTTP.
+    Serve(Box<serve::ServeArgs>),
     /// Ask a running daemon one question; the answer streams to stdout.
     Ask(client::AskArgs),
     /// Talk with a running daemon interactively.

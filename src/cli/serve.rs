@@ -58,6 +58,12 @@ pub struct ServeArgs {
     /// Serve a serial line (repeatable; replaces the file's list).
     #[arg(long, value_name = "DEVICE[:BAUD]")]
     serial: Vec<String>,
+    /// Serve the HTTP API too: IP:PORT (loopback unless an API key is set) or unix:PATH.
+    #[arg(long, value_name = "ADDR")]
+    http: Option<String>,
+    /// File holding the HTTP API key (clients send 'Authorization: Bearer KEY').
+    #[arg(long, value_name = "FILE")]
+    api_key_file: Option<PathBuf>,
     /// Requests that may wait behind the running one [default: 8].
     #[arg(long)]
     queue_depth: Option<usize>,
@@ -133,6 +139,12 @@ impl ServeArgs {
         if self.ctx_size.is_some() {
             c.ctx_size = self.ctx_size;
         }
+        if self.http.is_some() {
+            c.http = self.http.clone();
+        }
+        if self.api_key_file.is_some() {
+            c.api_key_file = self.api_key_file.clone();
+        }
         if !self.serial.is_empty() {
             c.serial = self.serial.clone();
         }
@@ -194,6 +206,7 @@ pub(super) fn serve(a: &ServeArgs) -> Result<(), CliError> {
         None => Listener::bind(&config.socket, config.socket_mode()?, config.socket_group.as_deref())
             .map_err(|e| CliError::new(Exit::Config, e.to_string()))?,
     };
+    let http = config.http_front()?;
     // Signals first: a SIGTERM or SIGHUP during a long load (a 7B bmodel) must not kill the
     // process with the default action and leave the socket file behind.
     let (tx, rx) = mpsc::channel::<Event>();
@@ -250,6 +263,7 @@ pub(super) fn serve(a: &ServeArgs) -> Result<(), CliError> {
             max_connections: config.max_connections,
             outbound_buffer: config.outbound_buffer,
             serial,
+            http,
         },
     )
     .map_err(|e| CliError::new(Exit::Failure, format!("cannot start the server threads: {e}")))?;

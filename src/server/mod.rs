@@ -9,6 +9,7 @@
 pub mod engine_thread;
 pub mod events;
 pub mod framing;
+pub mod http;
 pub mod outbound;
 pub mod protocol;
 pub mod queue;
@@ -40,6 +41,8 @@ pub struct Transports {
     pub outbound_buffer: usize,
     /// Serial lines.
     pub serial: Vec<SerialSpec>,
+    /// The HTTP front, bound, and who may use it.
+    pub http: Option<(http::conn::HttpListener, http::head::Policy)>,
 }
 
 /// A running daemon's threads.
@@ -81,6 +84,15 @@ impl Server {
             }
             None => None,
         };
+        if let Some((listener, policy)) = transports.http {
+            let s = Arc::clone(&shared);
+            let config = http::conn::HttpConfig {
+                policy,
+                max_connections: transports.max_connections,
+                outbound_buffer: transports.outbound_buffer,
+            };
+            spawn("http-accept", move || http::conn::accept_loop(listener, s, config))?;
+        }
         let mut serial = Vec::new();
         for spec in transports.serial {
             let s = Arc::clone(&shared);

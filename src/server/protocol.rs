@@ -299,7 +299,7 @@ fn parse_messages(value: Value) -> Result<Vec<Message>, ProtocolError> {
         .collect()
 }
 
-fn parse_stop(value: Value) -> Result<StopStrings, ProtocolError> {
+pub(crate) fn parse_stop(value: Value) -> Result<StopStrings, ProtocolError> {
     const WHAT: &str = "a string or a list of up to 8 non-empty strings of at most 256 bytes";
     let list: Vec<Value> = match value {
         Value::String(s) => return crate::engine::stop_strings([s.as_str()]).map_err(|_| bad("stop", WHAT)),
@@ -314,7 +314,7 @@ fn parse_stop(value: Value) -> Result<StopStrings, ProtocolError> {
 }
 
 /// Sets one numeric setting from JSON or from a `/set` argument (parsed as JSON).
-fn set_setting(s: &mut Settings, key: &str, value: &Value) -> Result<(), ProtocolError> {
+pub(crate) fn set_setting(s: &mut Settings, key: &str, value: &Value) -> Result<(), ProtocolError> {
     let count = || value.as_u64().ok_or_else(|| bad(key, "a non-negative integer"));
     let real = |ok: fn(f64) -> bool, expected: &'static str| {
         value

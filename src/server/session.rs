@@ -474,7 +474,7 @@ fn merge_settings(into: &mut Settings, over: &Settings) {
     take!(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed);
 }
 
-fn apply_settings(cfg: &mut SamplerConfig, s: &Settings) {
+pub(crate) fn apply_settings(cfg: &mut SamplerConfig, s: &Settings) {
     if let Some(v) = s.temperature {
         cfg.temperature = v;
     }

@@ -1,0 +1,195 @@
+//! The HTTP front over a real TCP port on the default model: OpenAI-shaped answers, streamed
+//! and not, and the checks in front of them.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+struct Daemon {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start(name: &str) -> Daemon {
+    let dir = common::scratch(name);
+    let port = free_port();
+    let child = common::bin(env!("CARGO_BIN_EXE_llama-tpu"))
+        .args(["serve", "--temperature", "0", "--model"])
+        .arg(common::default_model())
+        .arg("--socket")
+        .arg(dir.join("s.sock"))
+        .args(["--http", &format!("127.0.0.1:{port}")])
+        .stderr(std::fs::File::create(dir.join("log")).unwrap())
+        .spawn()
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(120);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < until, "the HTTP port never opened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Daemon { child, port }
+}
+
+/// Sends raw bytes, returns the status and the body.
+fn exchange(port: u16, request: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut all = String::new();
+    s.read_to_string(&mut all).unwrap();
+    let status = all[9..12].parse().unwrap();
+    let body = all
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn post(port: u16, path: &str, body: &str) -> (u16, String) {
+    exchange(
+        port,
+        &format!(
+            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+}
+
+const QUESTION: &str = r#"[{"role":"user","content":"What is the capital of France?"}]"#;
+
+#[test]
+fn chat_completions_streamed_and_whole() {
+    let d = start("http-chat");
+    let (status, body) = post(
+        d.port,
+        "/v1/chat/completions",
+        &format!(r#"{{"messages":{QUESTION},"max_tokens":30}}"#),
+    );
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["object"], "chat.completion");
+    let text = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(text.contains("Paris"), "{text}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert!(v["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+
+    let (status, body) = post(
+        d.port,
+        "/v1/chat/completions",
+        &format!(r#"{{"messages":{QUESTION},"max_tokens":3,"stream":true,"stream_options":{{"include_usage":true}}}}"#),
+    );
+    assert_eq!(status, 200, "{body}");
+    let events: Vec<&str> = body.split("\n\n").filter(|e| !e.is_empty()).collect();
+    assert_eq!(events.last(), Some(&"data: [DONE]"), "{body}");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e.strip_prefix("data: ").unwrap()).unwrap())
+        .collect();
+    let deltas = chunks
+        .iter()
+        .filter(|c| c["choices"][0]["delta"]["content"].is_string())
+        .count();
+    assert_eq!(deltas, 3, "{body}");
+    let last = &chunks[chunks.len() - 2];
+    assert_eq!(last["choices"][0]["finish_reason"], "length", "{body}");
+    let usage = &chunks[chunks.len() - 1];
+    assert_eq!(usage["choices"], Value::Array(vec![]));
+    assert_eq!(usage["usage"]["completion_tokens"], 3);
+
+    let (status, body) = post(
+        d.port,
+        "/v1/completions",
+        r#"{"prompt":"The capital of France is","max_tokens":4}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["object"], "text_completion");
+    assert!(v["choices"][0]["text"].is_string());
+}
+
+#[test]
+fn what_is_refused_and_why() {
+    let d = start("http-refused");
+    let port = d.port;
+    let error = |(status, body): (u16, String)| -> (u16, String) {
+        let v: Value = serde_json::from_str(&body).unwrap_or_else(|_| panic!("{body}"));
+        (status, v["error"]["code"].as_str().unwrap().to_string())
+    };
+    let get = |path: &str, host: &str| exchange(port, &format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n"));
+    assert_eq!(get("/health", &format!("localhost:{port}")).0, 200);
+    let models: Value = serde_json::from_str(&get("/v1/models", &format!("127.0.0.1:{port}")).1).unwrap();
+    assert_eq!(models["data"][0]["object"], "model");
+    assert_eq!(
+        error(get("/health", &format!("rebound.example:{port}"))),
+        (403, "forbidden".into())
+    );
+    assert_eq!(
+        error(get("/nope", &format!("127.0.0.1:{port}"))),
+        (404, "not_found".into())
+    );
+    assert_eq!(
+        error(exchange(
+            port,
+            &format!("DELETE /v1/models HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n")
+        )),
+        (405, "method_not_allowed".into())
+    );
+    assert_eq!(
+        error(post(
+            port,
+            "/v1/chat/completions",
+            &format!(r#"{{"messages":{QUESTION},"n":2}}"#)
+        )),
+        (400, "unsupported_field".into())
+    );
+    assert_eq!(
+        error(post(port, "/v1/chat/completions", "{oops")),
+        (400, "bad_request".into())
+    );
+    let cross = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nOrigin: http://evil.example\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{{}}"
+    );
+    assert_eq!(error(exchange(port, &cross)), (403, "forbidden".into()));
+    let form = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\n{{}}"
+    );
+    assert_eq!(error(exchange(port, &form)), (415, "unsupported_media_type".into()));
+    let huge = format!("POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 99999999\r\n\r\n");
+    assert_eq!(error(exchange(port, &huge)), (413, "body_too_large".into()));
+}
+
+#[test]
+fn a_reachable_address_without_a_key_is_refused() {
+    let dir = common::scratch("http-nokey");
+    let out = common::bin(env!("CARGO_BIN_EXE_llama-tpu"))
+        .args(["serve", "--model"])
+        .arg(common::default_model())
+        .arg("--socket")
+        .arg(dir.join("s.sock"))
+        .args(["--http", "0.0.0.0:0"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("api_key_file"));
+}
