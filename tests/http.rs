@@ -13,6 +13,7 @@ use serde_json::Value;
 struct Daemon {
     child: Child,
     port: u16,
+    log: std::path::PathBuf,
 }
 
 impl Drop for Daemon {
@@ -34,12 +35,22 @@ fn start(name: &str) -> Daemon {
     let dir = common::scratch(name);
     let port = free_port();
     let child = common::bin(env!("CARGO_BIN_EXE_llama-tpu"))
-        .args(["serve", "--temperature", "0", "--model"])
+        .args([
+            "serve",
+            "--temperature",
+            "0",
+            "--log-level",
+            "debug",
+            "--threads",
+            "1",
+            "--model",
+        ])
         .arg(common::default_model())
         .arg("--socket")
         .arg(dir.join("s.sock"))
         .args(["--http", &format!("127.0.0.1:{port}")])
         .stderr(std::fs::File::create(dir.join("log")).unwrap())
+        .stdin(Stdio::null())
         .spawn()
         .unwrap();
     let until = Instant::now() + Duration::from_secs(120);
@@ -47,7 +58,60 @@ fn start(name: &str) -> Daemon {
         assert!(Instant::now() < until, "the HTTP port never opened");
         std::thread::sleep(Duration::from_millis(50));
     }
-    Daemon { child, port }
+    Daemon {
+        child,
+        port,
+        log: dir.join("log"),
+    }
+}
+
+/// A streamed request that asks for a long answer; returns the open connection after the
+/// status line and the first chunk.
+fn long_stream(port: u16) -> (TcpStream, String) {
+    let body = r#"{"prompt":"Once upon a time","max_tokens":4000,"stream":true,"temperature":0.8,"seed":1}"#;
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    write!(
+        s,
+        "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    while !seen.contains("\"text\":") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "{seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(seen.starts_with("HTTP/1.1 200 OK"), "{seen}");
+    (s, seen)
+}
+
+/// The engine's record of the first finished request: its reason and tokens made.
+fn first_record(d: &Daemon) -> (String, usize) {
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let log = std::fs::read_to_string(&d.log).unwrap();
+        if let Some(line) = log.lines().find(|l| l.contains("request done:")) {
+            let reason = line
+                .split("request done: ")
+                .nth(1)
+                .unwrap()
+                .split(' ')
+                .next()
+                .unwrap()
+                .to_string();
+            let made = line
+                .rsplit_once(" cached, ")
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+                .unwrap();
+            return (reason, made);
+        }
+        assert!(Instant::now() < until, "{log}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Sends raw bytes, returns the status and the body.
@@ -125,6 +189,21 @@ fn chat_completions_streamed_and_whole() {
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["object"], "text_completion");
     assert!(v["choices"][0]["text"].is_string());
+
+    // Three requests ran: one to its end of text, two to their max_tokens.
+    let (status, metrics) = exchange(
+        d.port,
+        &format!("GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:{}\r\n\r\n", d.port),
+    );
+    assert_eq!(status, 200);
+    for line in [
+        "llama_tpu_requests_total{outcome=\"eos\"} 1",
+        "llama_tpu_requests_total{outcome=\"length\"} 2",
+        "llama_tpu_time_to_first_token_seconds_count 3",
+        "llama_tpu_queue_depth 0",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} not in:\n{metrics}");
+    }
 }
 
 #[test]
@@ -192,4 +271,35 @@ fn a_reachable_address_without_a_key_is_refused() {
         .unwrap();
     assert_eq!(out.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&out.stderr).contains("api_key_file"));
+}
+
+#[test]
+fn a_client_that_leaves_mid_stream_cancels_its_request() {
+    let d = start("http-leave");
+    let (s, _) = long_stream(d.port);
+    drop(s);
+    let (reason, made) = first_record(&d);
+    assert_eq!(reason, "cancelled", "the engine's record");
+    eprintln!("made {made} tokens before the cancel");
+    assert!(made < 4000, "{made} tokens made");
+    // And the next request is served at once.
+    let (status, body) = post(d.port, "/v1/completions", r#"{"prompt":"Paris is","max_tokens":2}"#);
+    assert_eq!(status, 200, "{body}");
+}
+
+#[test]
+fn sigterm_ends_an_open_stream_with_a_last_chunk_and_done() {
+    let mut d = start("http-sigterm");
+    let (mut s, mut seen) = long_stream(d.port);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(d.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let mut rest = String::new();
+    s.read_to_string(&mut rest).unwrap();
+    seen.push_str(&rest);
+    assert!(seen.ends_with("data: [DONE]\n\n"), "{seen}");
+    assert!(seen.contains("\"finish_reason\":\"cancelled\""), "{seen}");
+    assert_eq!(d.child.wait().unwrap().code(), Some(0));
 }

@@ -43,6 +43,7 @@ pub fn serve(mut engine: Engine, shared: Arc<Shared>) -> Result<(), DeviceFailur
         shared.stats.requests.fetch_add(1, Ordering::Relaxed);
         match result {
             Ok(summary) => {
+                shared.metrics.done(&summary);
                 shared
                     .stats
                     .tokens
@@ -58,6 +59,7 @@ pub fn serve(mut engine: Engine, shared: Arc<Shared>) -> Result<(), DeviceFailur
             }
             Err(e) => {
                 let message = e.to_string();
+                shared.metrics.failed(error_code(&e));
                 job.reply.finish(Outcome::Failed {
                     code: error_code(&e),
                     message: &message,

@@ -10,6 +10,7 @@ pub mod engine_thread;
 pub mod events;
 pub mod framing;
 pub mod http;
+pub mod metrics;
 pub mod outbound;
 pub mod protocol;
 pub mod queue;
@@ -52,6 +53,8 @@ pub struct Server {
     engine: JoinHandle<Result<(), DeviceFailure>>,
     accept: Option<JoinHandle<()>>,
     serial: Vec<JoinHandle<()>>,
+    /// HTTP connections open (each ends once its reply is written).
+    http_open: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Stack of a connection's thread (it frames, parses and queues; serde_json bounds its own
@@ -84,6 +87,7 @@ impl Server {
             }
             None => None,
         };
+        let http_open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         if let Some((listener, policy)) = transports.http {
             let s = Arc::clone(&shared);
             let config = http::conn::HttpConfig {
@@ -91,7 +95,10 @@ impl Server {
                 max_connections: transports.max_connections,
                 outbound_buffer: transports.outbound_buffer,
             };
-            spawn("http-accept", move || http::conn::accept_loop(listener, s, config))?;
+            let open = Arc::clone(&http_open);
+            spawn("http-accept", move || {
+                http::conn::accept_loop(listener, s, config, open)
+            })?;
         }
         let mut serial = Vec::new();
         for spec in transports.serial {
@@ -105,6 +112,7 @@ impl Server {
             engine,
             accept,
             serial,
+            http_open,
         })
     }
 
@@ -124,6 +132,7 @@ impl Server {
     pub fn shutdown(self, grace: Duration) -> Option<DeviceFailure> {
         self.shared.stopping.store(true, Ordering::SeqCst);
         for mut job in self.shared.queue.close() {
+            self.shared.metrics.failed("shutting_down");
             job.reply.finish(Outcome::Failed {
                 code: "shutting_down",
                 message: "the daemon is shutting down",
@@ -138,6 +147,12 @@ impl Server {
         // exiting (within 2 s of the signal) does not need to wait for it.
         let deadline = Instant::now() + Duration::from_millis(1500);
         while !self.engine.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // HTTP streams end with a last chunk saying they were cut: give their writers a
+        // moment to send it before the process exits.
+        let deadline = Instant::now() + Duration::from_millis(1000);
+        while self.http_open.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
         self.conns.close_all();

@@ -424,6 +424,7 @@ impl Session {
                     Refused::Closed => ("shutting_down", "the daemon is shutting down"),
                 };
                 log::info!("{}: refused a request: {message}", self.peer);
+                self.shared.metrics.failed(code);
                 job.reply.finish(Outcome::Failed { code, message });
             }
         }

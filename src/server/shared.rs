@@ -119,6 +119,8 @@ pub struct Shared {
     defaults: RwLock<Arc<Defaults>>,
     /// Set once shutdown begins: transports stop accepting and reading.
     pub stopping: AtomicBool,
+    /// Requests by outcome, tokens, latency histograms (`/metrics`).
+    pub metrics: super::metrics::Metrics,
 }
 
 impl Shared {
@@ -130,6 +132,7 @@ impl Shared {
             facts,
             defaults: RwLock::new(Arc::new(defaults)),
             stopping: AtomicBool::new(false),
+            metrics: super::metrics::Metrics::default(),
         }
     }
 

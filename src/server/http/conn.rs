@@ -99,9 +99,8 @@ pub struct HttpConfig {
 }
 
 /// Accepts connections until the daemon stops.
-pub fn accept_loop(listener: HttpListener, shared: Arc<Shared>, config: HttpConfig) {
+pub fn accept_loop(listener: HttpListener, shared: Arc<Shared>, config: HttpConfig, open: Arc<AtomicUsize>) {
     let config = Arc::new(config);
-    let open = Arc::new(AtomicUsize::new(0));
     let nonblocking = match &listener {
         HttpListener::Tcp(l) => l.set_nonblocking(true),
         HttpListener::Unix(l) => l.set_nonblocking(true),
@@ -276,7 +275,7 @@ fn serve(mut stream: Stream, peer: &str, shared: &Arc<Shared>, config: &HttpConf
             return answer(&stream, &error_response(&e));
         }
     };
-    let api = head.path.starts_with("/v1/");
+    let api = head.path.starts_with("/v1/") || head.path == "/metrics";
     if let Err(e) = config.policy.check(&head, api) {
         log::warn!(
             "http {peer}: {} {}: {}",
@@ -305,9 +304,21 @@ fn serve(mut stream: Stream, peer: &str, shared: &Arc<Shared>, config: &HttpConf
             .to_string();
             return answer(&stream, &json_response(200, &body, ""));
         }
+        (Method::Get | Method::Head, "/metrics") => {
+            let text = shared.metrics.render(
+                shared.queue.waiting(),
+                shared.queue.busy(),
+                shared.stats.connections.load(Ordering::Relaxed),
+            );
+            let response = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n{text}",
+                text.len()
+            );
+            return answer(&stream, response.as_bytes());
+        }
         (Method::Post, "/v1/chat/completions") => Endpoint::Chat,
         (Method::Post, "/v1/completions") => Endpoint::Completion,
-        (_, "/health" | "/v1/models" | "/v1/chat/completions" | "/v1/completions") => {
+        (_, "/health" | "/metrics" | "/v1/models" | "/v1/chat/completions" | "/v1/completions") => {
             let e = HttpError::new(
                 405,
                 "invalid_request_error",
@@ -391,6 +402,7 @@ fn complete(stream: Stream, peer: &str, shared: &Arc<Shared>, config: &HttpConfi
             Refused::Full => ("busy", "the queue is full; try again later"),
             Refused::Closed => ("shutting_down", "the daemon is shutting down"),
         };
+        shared.metrics.failed(code);
         job.reply.finish(Outcome::Failed { code, message });
     }
     // Watch for the client leaving (EOF or an error) until the reply is written.
