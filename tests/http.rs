@@ -303,3 +303,38 @@ fn sigterm_ends_an_open_stream_with_a_last_chunk_and_done() {
     assert!(seen.contains("\"finish_reason\":\"cancelled\""), "{seen}");
     assert_eq!(d.child.wait().unwrap().code(), Some(0));
 }
+
+/// The official `openai` Python package (installed in the test venv by `make venv`).
+#[test]
+fn the_openai_python_client_streams_and_not() {
+    let d = start("http-openai");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/openai_client.py");
+    let python = std::env::var("LLAMA_TPU_PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = std::process::Command::new(&python)
+        .arg(&script)
+        .arg(format!("http://127.0.0.1:{}/v1", d.port))
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {python}: {e} (`make test` sets up .cache/venv)"));
+    assert!(
+        out.status.success(),
+        "the openai client failed (it needs the openai package: `make venv`):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    eprintln!("{seen}");
+    assert!(seen["chat"]["text"].as_str().unwrap().contains("Paris"), "{seen}");
+    assert_eq!(seen["chat"]["finish_reason"], "stop");
+    assert_eq!(seen["chat"]["object"], "chat.completion");
+    assert_eq!(
+        seen["chat_stream"]["text"], seen["chat"]["text"],
+        "greedy: streamed = whole"
+    );
+    assert_eq!(seen["chat_stream"]["finish_reason"], "stop");
+    assert_eq!(
+        seen["chat_stream"]["completion_tokens"],
+        seen["chat"]["completion_tokens"]
+    );
+    assert_eq!(seen["completion"]["finish_reason"], "length");
+    assert_eq!(seen["completion_stream"]["text"], seen["completion"]["text"]);
+    assert_eq!(seen["n2"]["status"], 400, "{seen}");
+}
