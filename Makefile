@@ -162,6 +162,7 @@ install-files:
 		install -Dm644 systemd/llama-tpu.toml $(DESTDIR)$(SYSCONFDIR)/llama-tpu/llama-tpu.toml
 	install -Dm644 README.md $(DESTDIR)$(DOCDIR)/README.md
 	install -Dm644 docs/protocol.md $(DESTDIR)$(DOCDIR)/protocol.md
+	install -Dm644 docs/http.md $(DESTDIR)$(DOCDIR)/http.md
 	@echo "installed. Next: systemd-sysusers (creates the llama-tpu user), set 'model' in $(SYSCONFDIR)/llama-tpu/llama-tpu.toml,"
 	@echo "then: systemctl daemon-reload && systemctl enable --now llama-tpu.socket llama-tpu.service"
 

@@ -19,6 +19,7 @@ install -Dm644 "$top/systemd/llama-tpu-http.conf" "$stage/usr/share/llama-tpu/ll
 install -Dm644 "$top/systemd/llama-tpu.toml" "$stage/etc/llama-tpu/llama-tpu.toml"
 install -Dm644 "$top/README.md" "$stage/usr/share/doc/llama-tpu/README.md"
 install -Dm644 "$top/docs/protocol.md" "$stage/usr/share/doc/llama-tpu/protocol.md"
+install -Dm644 "$top/docs/http.md" "$stage/usr/share/doc/llama-tpu/http.md"
 install -Dm644 "$here/copyright" "$stage/usr/share/doc/llama-tpu/copyright"
 printf 'llama-tpu (%s) unstable; urgency=medium\n\n  * Release %s.\n\n -- llama-tpu developers <maintainers@llama-tpu.example.org>  %s\n' \
     "$version" "$version" "$(date -R -d @"${SOURCE_DATE_EPOCH:-$(git -C "$top" log -1 --format=%ct 2>/dev/null || date +%s)}")" \
