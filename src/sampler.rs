@@ -23,8 +23,12 @@ pub struct SamplerConfig {
     pub min_p: f32,
     /// Divide positive logits (multiply negative ones) of recent tokens; 1 disables.
     pub repeat_penalty: f32,
-    /// How many recent tokens the penalty looks at.
+    /// How many recent tokens the penalties look at.
     pub repeat_last_n: usize,
+    /// OpenAI's additive penalty: subtract this times a token's count in the window; 0 disables.
+    pub frequency_penalty: f32,
+    /// OpenAI's additive penalty: subtract this from every token in the window; 0 disables.
+    pub presence_penalty: f32,
     /// RNG seed: the same seed, settings and logits give the same tokens.
     pub seed: u64,
 }
@@ -39,6 +43,8 @@ impl Default for SamplerConfig {
             min_p: 0.05,
             repeat_penalty: 1.0,
             repeat_last_n: 64,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
             seed: 0,
         }
     }
@@ -62,6 +68,14 @@ impl SamplerConfig {
         if !(self.repeat_penalty > 0.0 && self.repeat_penalty.is_finite()) {
             return Err(format!("repeat_penalty must be > 0, got {}", self.repeat_penalty));
         }
+        for (name, v) in [
+            ("frequency_penalty", self.frequency_penalty),
+            ("presence_penalty", self.presence_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(format!("{name} must be in [-2, 2], got {v}"));
+            }
+        }
         if self.repeat_last_n > MAX_REPEAT_LAST_N {
             return Err(format!(
                 "repeat_last_n must be at most {MAX_REPEAT_LAST_N}, got {}",
@@ -73,7 +87,13 @@ impl SamplerConfig {
 
     /// Whether the choice is plain argmax (what an on-chip greedy head can do).
     pub fn is_greedy(&self) -> bool {
-        self.temperature == 0.0 && self.repeat_penalty == 1.0
+        self.temperature == 0.0 && !self.has_penalties()
+    }
+
+    /// Whether any penalty changes the logits (and so needs the recent tokens).
+    pub fn has_penalties(&self) -> bool {
+        self.repeat_last_n > 0
+            && (self.repeat_penalty != 1.0 || self.frequency_penalty != 0.0 || self.presence_penalty != 0.0)
     }
 }
 
@@ -84,8 +104,8 @@ pub struct Sampler {
     rng: fastrand::Rng,
     /// (logit, token) candidates.
     candidates: Vec<(f32, u32)>,
-    /// Marks tokens already penalized this step.
-    seen: Vec<bool>,
+    /// Per token, its count in the window while penalties are applied (0 otherwise).
+    counts: Vec<u32>,
     /// Ring of recent tokens for the penalty.
     recent: Vec<u32>,
     recent_pos: usize,
@@ -97,7 +117,7 @@ impl Sampler {
         let mut s = Sampler {
             rng: fastrand::Rng::with_seed(cfg.seed),
             candidates: Vec::with_capacity(vocab),
-            seen: vec![false; vocab],
+            counts: vec![0; vocab],
             recent: Vec::with_capacity(cfg.repeat_last_n.max(1)),
             recent_pos: 0,
             cfg,
@@ -207,22 +227,36 @@ impl Sampler {
         draw(&self.candidates[..keep.max(1)], max, &mut self.rng)
     }
 
+    /// llama.cpp's multiplicative repetition penalty (once per distinct token), then OpenAI's
+    /// additive ones: `logit -= count * frequency_penalty + presence_penalty` for each token
+    /// in the window (llama.cpp's server applies OpenAI's penalties over the same window).
     fn apply_penalty(&mut self, logits: &mut [f32]) {
-        let p = self.cfg.repeat_penalty;
-        if p == 1.0 {
+        if !self.cfg.has_penalties() {
             return;
+        }
+        let (p, freq, presence) = (
+            self.cfg.repeat_penalty,
+            self.cfg.frequency_penalty,
+            self.cfg.presence_penalty,
+        );
+        for &t in &self.recent {
+            if let Some(c) = self.counts.get_mut(t as usize) {
+                *c += 1;
+            }
         }
         for &t in &self.recent {
             let i = t as usize;
-            if i < logits.len() && !self.seen[i] {
-                self.seen[i] = true;
-                logits[i] = if logits[i] > 0.0 { logits[i] / p } else { logits[i] * p };
+            let (Some(c), Some(l)) = (self.counts.get_mut(i), logits.get_mut(i)) else {
+                continue;
+            };
+            if *c == 0 {
+                continue; // done: a repeat of a token already penalized
             }
-        }
-        for &t in &self.recent {
-            if let Some(s) = self.seen.get_mut(t as usize) {
-                *s = false;
+            if p != 1.0 {
+                *l = if *l > 0.0 { *l / p } else { *l * p };
             }
+            *l -= *c as f32 * freq + presence;
+            *c = 0;
         }
     }
 }
@@ -422,5 +456,35 @@ mod tests {
         assert_eq!(s.sample(&mut base.to_vec()), 1);
         s.accept(1);
         assert_eq!(s.sample(&mut base.to_vec()), 2);
+    }
+
+    #[test]
+    fn frequency_and_presence_penalties_follow_openai() {
+        let mut s = Sampler::new(
+            4,
+            SamplerConfig {
+                temperature: 0.0,
+                frequency_penalty: 0.5,
+                presence_penalty: 0.25,
+                ..SamplerConfig::default()
+            },
+        );
+        assert!(!s.config().is_greedy(), "penalties need the host's sampler");
+        for t in [1, 1, 1, 2] {
+            s.accept(t);
+        }
+        let mut logits = vec![1.0, 3.0, 2.0, 1.9];
+        // Token 1: 3 - 3 * 0.5 - 0.25 = 1.25; token 2: 2 - 0.5 - 0.25 = 1.25; token 3 wins.
+        assert_eq!(s.sample(&mut logits), 3);
+        assert_eq!(logits, vec![1.0, 1.25, 1.25, 1.9]);
+        // Counts start from zero again at the next step.
+        let mut logits = vec![1.0, 3.0, 2.0, 1.9];
+        s.sample(&mut logits);
+        assert_eq!(logits, vec![1.0, 1.25, 1.25, 1.9]);
+        let bad = SamplerConfig {
+            presence_penalty: 2.5,
+            ..SamplerConfig::default()
+        };
+        assert!(bad.validate().unwrap_err().contains("presence_penalty"));
     }
 }

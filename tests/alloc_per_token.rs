@@ -86,6 +86,8 @@ fn decoding_a_token_allocates_nothing() {
             repeat_penalty: 1.1,
             repeat_last_n: 32,
             seed: 5,
+            frequency_penalty: 0.3,
+            presence_penalty: 0.2,
         },
         max_tokens: Some(60),
         stop: llama_tpu::engine::stop_strings(["never appears in this story \u{1f409}"]).unwrap(),
@@ -148,6 +150,8 @@ fn decoding_a_token_on_the_tpu_allocates_nothing() {
                 repeat_penalty: 1.0,
                 repeat_last_n: 16,
                 seed: 5,
+                frequency_penalty: 0.0,
+                presence_penalty: 0.0,
             },
             max_tokens: Some(20),
             stop: Default::default(),
@@ -221,6 +225,8 @@ fn serving_a_token_allocates_nothing() {
             repeat_penalty: 1.1,
             repeat_last_n: 32,
             seed: 0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
         },
         seed: Some(11),
         ..Defaults::default()
@@ -284,6 +290,95 @@ fn serving_a_token_allocates_nothing() {
     engine_thread.join().unwrap().unwrap();
 }
 
+/// The same for a server-sent-event stream through the HTTP front (its whole transport: the
+/// accept loop, the connection thread, the reply, the drainer), 16 tokens against 64.
+fn streaming_over_http_allocates_nothing_per_token() {
+    use llama_tpu::server::http::conn::{accept_loop, HttpConfig, HttpListener};
+    use llama_tpu::server::http::head::Policy;
+    use std::io::Write;
+    use std::net::{TcpListener, TcpStream};
+
+    let engine = default_engine(512);
+    let facts = ModelFacts {
+        model: "test".into(),
+        backend: "cpu".into(),
+        context_length: 512,
+        has_chat_template: true,
+    };
+    let defaults = Defaults {
+        seed: Some(11),
+        ..Defaults::default()
+    };
+    let shared = Arc::new(Shared::new(facts, 4, defaults));
+    let engine_shared = Arc::clone(&shared);
+    let engine_thread = std::thread::spawn(move || engine_thread::serve(engine, engine_shared));
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let open = Arc::new(AtomicUsize::new(0));
+    let config = HttpConfig {
+        policy: Policy::for_tcp(addr, None),
+        max_connections: 4,
+        outbound_buffer: DEFAULT_CAPACITY,
+    };
+    let (s, o) = (Arc::clone(&shared), Arc::clone(&open));
+    let accept = std::thread::spawn(move || accept_loop(HttpListener::Tcp(listener), s, config, o));
+    let request = |n: usize| {
+        let body = format!(
+            r#"{{"messages":[{{"role":"user","content":"Tell me a story about the sea."}}],"max_tokens":{n},"stream":true}}"#
+        );
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let (ask16, ask64) = (request(16), request(64));
+    let mut totals = Vec::new();
+    for max_tokens in [16, 16, 64, 16, 64] {
+        let ask = if max_tokens == 16 { &ask16 } else { &ask64 };
+        let made_before = shared.stats.tokens.load(Ordering::Relaxed);
+        let before = ALLOCATIONS.load(Ordering::Relaxed);
+        let mut client = TcpStream::connect(addr).unwrap();
+        client.write_all(ask.as_bytes()).unwrap();
+        // Read to the end (the server closes after [DONE]), keeping only the last bytes.
+        let mut chunk = [0u8; 4096];
+        let mut tail = [0u8; 64];
+        loop {
+            let n = client.read(&mut chunk).unwrap();
+            if n == 0 {
+                break;
+            }
+            let len = tail.len();
+            let keep = len.saturating_sub(n);
+            tail.copy_within(len - keep.., 0);
+            let take = n.min(len);
+            tail[keep..].copy_from_slice(&chunk[n - take..n]);
+        }
+        assert!(
+            tail.ends_with(b"data: [DONE]\n\n"),
+            "{}",
+            String::from_utf8_lossy(&tail)
+        );
+        drop(client);
+        while open.load(Ordering::Acquire) > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        totals.push((max_tokens, ALLOCATIONS.load(Ordering::Relaxed) - before));
+        let made = shared.stats.tokens.load(Ordering::Relaxed) - made_before;
+        assert_eq!(made, max_tokens as u64, "asked for {max_tokens} tokens");
+    }
+    let short = totals[1].1;
+    for &(n, count) in &totals[1..] {
+        assert_eq!(
+            count, short,
+            "SSE: {n} tokens cost {count} allocations, 16 cost {short}: {totals:?}"
+        );
+    }
+    shared.stopping.store(true, Ordering::SeqCst);
+    accept.join().unwrap();
+    shared.queue.close();
+    engine_thread.join().unwrap().unwrap();
+}
+
 fn the_counter_sees_allocations() {
     // The proof above is only as good as the counter: an allocation must register.
     let before = ALLOCATIONS.load(Ordering::Relaxed);
@@ -293,10 +388,14 @@ fn the_counter_sees_allocations() {
 }
 
 fn main() {
-    let tests: [(&str, fn()); 3] = [
+    let tests: [(&str, fn()); 4] = [
         ("the_counter_sees_allocations", the_counter_sees_allocations),
         ("decoding_a_token_allocates_nothing", decoding_a_token_allocates_nothing),
         ("serving_a_token_allocates_nothing", serving_a_token_allocates_nothing),
+        (
+            "streaming_over_http_allocates_nothing_per_token",
+            streaming_over_http_allocates_nothing_per_token,
+        ),
     ];
     // A failed assertion panics and ends the process with a non-zero status.
     for (name, test) in tests {

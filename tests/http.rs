@@ -336,5 +336,11 @@ fn the_openai_python_client_streams_and_not() {
     );
     assert_eq!(seen["completion"]["finish_reason"], "length");
     assert_eq!(seen["completion_stream"]["text"], seen["completion"]["text"]);
+    // " Paris.\n\nThe" repeats nothing of the prompt but "The": penalties of 2 over the prompt
+    // and answer change the greedy continuation.
+    assert_ne!(
+        seen["completion_penalized"]["text"], seen["completion"]["text"],
+        "{seen}"
+    );
     assert_eq!(seen["n2"]["status"], 400, "{seen}");
 }

@@ -404,6 +404,8 @@ fn sampling_head_matches_its_model(bmodel: &str, gguf: &str, top_k: usize) {
         repeat_penalty: 1.3,
         repeat_last_n: 8,
         seed: 11,
+        frequency_penalty: 0.0,
+        presence_penalty: 0.0,
     };
     p.tpu.configure_sampling(&cfg).unwrap();
     assert_eq!(p.tpu.token_picker(), Picker::Sample, "{bmodel}");
@@ -542,6 +544,8 @@ fn a_decoded_token_makes_no_device_copy_and_moves_only_what_changes() {
         repeat_penalty: 1.1,
         repeat_last_n: 16,
         seed: 3,
+        frequency_penalty: 0.0,
+        presence_penalty: 0.0,
     };
     use Picker::{Greedy, Host, LmHead, Sample};
     let all50 = SamplerConfig {

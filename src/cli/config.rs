@@ -321,6 +321,9 @@ impl Config {
             min_p: g.min_p,
             repeat_penalty: g.repeat_penalty,
             repeat_last_n: g.repeat_last_n,
+            // Per request only (OpenAI's fields): a daemon-wide default would surprise clients.
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
             seed: 0,
         };
         sampling.validate().map_err(|e| bad(format!("[generation]: {e}")))?;

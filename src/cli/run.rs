@@ -65,6 +65,8 @@ pub(super) fn run(a: &RunArgs) -> Result<(), CliError> {
         min_p: a.min_p,
         repeat_penalty: a.repeat_penalty,
         repeat_last_n: a.repeat_last_n,
+        frequency_penalty: 0.0,
+        presence_penalty: 0.0,
         seed: a.seed,
     };
     sampling.validate().map_err(|e| CliError::new(Exit::Usage, e))?;

@@ -82,6 +82,10 @@ pub struct Settings {
     pub min_p: Option<f32>,
     /// `repeat_penalty`.
     pub repeat_penalty: Option<f32>,
+    /// `frequency_penalty` (OpenAI's, additive).
+    pub frequency_penalty: Option<f32>,
+    /// `presence_penalty` (OpenAI's, additive).
+    pub presence_penalty: Option<f32>,
     /// `seed`.
     pub seed: Option<u64>,
 }
@@ -239,6 +243,8 @@ const GENERATE_FIELDS: &[&str] = &[
     "top_p",
     "min_p",
     "repeat_penalty",
+    "frequency_penalty",
+    "presence_penalty",
     "seed",
     "stop",
 ];
@@ -331,6 +337,8 @@ pub(crate) fn set_setting(s: &mut Settings, key: &str, value: &Value) -> Result<
         "repeat_penalty" => s.repeat_penalty = Some(real(|v| v > 0.0, "a number > 0")?),
         "top_p" => s.top_p = Some(real(|v| v > 0.0 && v <= 1.0, "a number in (0, 1]")?),
         "min_p" => s.min_p = Some(real(|v| (0.0..=1.0).contains(&v), "a number in [0, 1]")?),
+        "frequency_penalty" => s.frequency_penalty = Some(real(|v| (-2.0..=2.0).contains(&v), "a number in [-2, 2]")?),
+        "presence_penalty" => s.presence_penalty = Some(real(|v| (-2.0..=2.0).contains(&v), "a number in [-2, 2]")?),
         _ => return Err(ProtocolError::UnknownField(key.to_string())),
     }
     Ok(())

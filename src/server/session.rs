@@ -472,7 +472,17 @@ fn merge_settings(into: &mut Settings, over: &Settings) {
     macro_rules! take {
         ($($f:ident),*) => { $( if over.$f.is_some() { into.$f = over.$f; } )* };
     }
-    take!(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed);
+    take!(
+        max_tokens,
+        temperature,
+        top_k,
+        top_p,
+        min_p,
+        repeat_penalty,
+        frequency_penalty,
+        presence_penalty,
+        seed
+    );
 }
 
 pub(crate) fn apply_settings(cfg: &mut SamplerConfig, s: &Settings) {
@@ -491,6 +501,12 @@ pub(crate) fn apply_settings(cfg: &mut SamplerConfig, s: &Settings) {
     if let Some(v) = s.repeat_penalty {
         cfg.repeat_penalty = v;
     }
+    if let Some(v) = s.frequency_penalty {
+        cfg.frequency_penalty = v;
+    }
+    if let Some(v) = s.presence_penalty {
+        cfg.presence_penalty = v;
+    }
 }
 
 fn describe(s: &Settings) -> String {
@@ -498,7 +514,17 @@ fn describe(s: &Settings) -> String {
     macro_rules! show {
         ($($f:ident),*) => { $( if let Some(v) = s.$f { parts.push(format!("{} {}", stringify!($f), v)); } )* };
     }
-    show!(temperature, top_k, top_p, min_p, repeat_penalty, max_tokens, seed);
+    show!(
+        temperature,
+        top_k,
+        top_p,
+        min_p,
+        repeat_penalty,
+        frequency_penalty,
+        presence_penalty,
+        max_tokens,
+        seed
+    );
     parts.join(", ")
 }
 

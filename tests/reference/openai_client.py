@@ -29,6 +29,10 @@ seen["chat_stream"] = {"text": text, "finish_reason": finish, "completion_tokens
 r = client.completions.create(model="any", prompt="The capital of France is", max_tokens=5, temperature=0)
 seen["completion"] = {"text": r.choices[0].text, "finish_reason": r.choices[0].finish_reason}
 
+r = client.completions.create(model="any", prompt="The capital of France is", max_tokens=5, temperature=0,
+                              frequency_penalty=2.0, presence_penalty=2.0)
+seen["completion_penalized"] = {"text": r.choices[0].text}
+
 text = ""
 for chunk in client.completions.create(model="any", prompt="The capital of France is", max_tokens=5,
                                        temperature=0, stream=True):

@@ -976,7 +976,13 @@ impl Backend for SophonBackend {
             Picker::LmHead
         } else if cfg.is_greedy() && self.nets.greedy.is_some() {
             Picker::Greedy
-        } else if cfg.temperature > 0.0 && cfg.min_p <= 0.0 && self.layout.sample_head.as_ref().is_some_and(head_fits) {
+        } else if cfg.temperature > 0.0
+            && cfg.min_p <= 0.0
+            && cfg.frequency_penalty == 0.0
+            && cfg.presence_penalty == 0.0
+            && self.layout.sample_head.as_ref().is_some_and(head_fits)
+        {
+            // OpenAI's additive penalties have no input on the vendor's heads: host sampling.
             Picker::Sample
         } else {
             Picker::Host

@@ -89,8 +89,16 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, HttpError> {
                 protocol::set_setting(&mut settings, "max_tokens", &value)
                     .map_err(|_| invalid(&key, "a non-negative integer"))?;
             }
-            (_, "temperature" | "top_p" | "top_k" | "min_p" | "seed" | "repeat_penalty") if is_null => {}
-            (_, "temperature" | "top_p" | "top_k" | "min_p" | "seed" | "repeat_penalty") => {
+            (
+                _,
+                "temperature" | "top_p" | "top_k" | "min_p" | "seed" | "repeat_penalty" | "frequency_penalty"
+                | "presence_penalty",
+            ) if is_null => {}
+            (
+                _,
+                "temperature" | "top_p" | "top_k" | "min_p" | "seed" | "repeat_penalty" | "frequency_penalty"
+                | "presence_penalty",
+            ) => {
                 protocol::set_setting(&mut settings, &key, &value).map_err(from_protocol)?;
             }
             (_, "stop") if is_null => {}
@@ -100,10 +108,6 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, HttpError> {
             (_, "logprobs") if is_null || value == Value::Bool(false) || value.as_u64() == Some(0) => {}
             (_, "top_logprobs") if is_null => {}
             (_, "logprobs" | "top_logprobs") => return Err(refuse(&key, "is not supported")),
-            (_, "frequency_penalty" | "presence_penalty") if is_null || value.as_f64() == Some(0.0) => {}
-            (_, "frequency_penalty" | "presence_penalty") => {
-                return Err(refuse(&key, "is not supported yet (use repeat_penalty)"))
-            }
             (_, "response_format") if is_null || value.get("type").and_then(Value::as_str) == Some("text") => {}
             (_, "response_format") => return Err(refuse("response_format", "can only be {\"type\": \"text\"}")),
             (_, "tools" | "functions") if is_null || value.as_array().is_some_and(Vec::is_empty) => {}
