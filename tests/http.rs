@@ -344,3 +344,47 @@ fn the_openai_python_client_streams_and_not() {
     );
     assert_eq!(seen["n2"]["status"], 400, "{seen}");
 }
+
+/// The chat page in a real browser: headless Chromium driven by Selenium (Debian's chromium
+/// and chromium-driver; `.ci/run` installs them, `make venv` installs selenium).
+#[test]
+fn the_chat_page_in_a_browser_answers_and_stops() {
+    assert!(
+        std::path::Path::new("/usr/bin/chromium").exists() && std::path::Path::new("/usr/bin/chromedriver").exists(),
+        "this test needs a browser: apt-get install chromium chromium-driver"
+    );
+    let d = start("http-page");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/chat_page.py");
+    let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("chat-page.png");
+    let python = std::env::var("LLAMA_TPU_PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = std::process::Command::new(&python)
+        .arg(&script)
+        .arg(format!("http://127.0.0.1:{}", d.port))
+        .arg(&shot)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {python}: {e} (`make test` sets up .cache/venv)"));
+    assert!(
+        out.status.success(),
+        "the browser test failed (it needs selenium: `make venv`):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    eprintln!("{seen}\nscreenshot: {}", shot.display());
+    assert!(seen["state"].as_str().unwrap().contains("SmolLM2"), "{seen}");
+    assert!(seen["answer"].as_str().unwrap().contains("Paris"), "{seen}");
+    let meta = seen["answer_meta"].as_str().unwrap();
+    assert!(
+        meta.contains("first token") && meta.contains("tokens/s") && meta.contains("stop"),
+        "{meta}"
+    );
+    assert_eq!(
+        seen["markup_text"],
+        "<b>bold</b><img src=x onerror=\"document.title='owned'\">"
+    );
+    assert_eq!(seen["markup_elements"], 0, "{seen}");
+    assert_eq!(seen["title"], "llama-tpu");
+    assert_eq!(seen["stopped_meta"], "stopped");
+    assert_eq!(seen["cancelled"], 1.0, "{seen}");
+    assert_eq!(seen["send_enabled_after_stop"], true);
+    assert!(std::fs::metadata(&shot).unwrap().len() > 10_000, "the screenshot");
+}

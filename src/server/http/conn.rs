@@ -34,6 +34,14 @@ const WATCH_TICK: Duration = Duration::from_millis(100);
 /// buffer.
 const WHOLE_ANSWER: usize = 512 * 1024;
 
+/// The chat page: one self-contained file (no fonts, scripts or styles from elsewhere: the box
+/// may have no Internet).
+const CHAT_PAGE: &str = include_str!("page.html");
+
+/// What the page may do: its own inline script and style, requests to this server only; no
+/// frames, forms elsewhere or plugins.
+const PAGE_POLICY: &str = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
 /// Where the HTTP front listens.
 pub enum HttpListener {
     /// A TCP address.
@@ -292,8 +300,11 @@ fn serve(mut stream: Stream, peer: &str, shared: &Arc<Shared>, config: &HttpConf
             } else {
                 (200, "ok")
             };
-            let body =
-                json!({"status": state, "model": shared.facts.model, "backend": shared.facts.backend}).to_string();
+            let body = json!({
+                "status": state, "model": shared.facts.model, "backend": shared.facts.backend,
+                "busy": shared.queue.busy(), "queue_depth": shared.queue.waiting(),
+            })
+            .to_string();
             return answer(&stream, &json_response(status, &body, ""));
         }
         (Method::Get | Method::Head, "/v1/models") => {
@@ -303,6 +314,17 @@ fn serve(mut stream: Stream, peer: &str, shared: &Arc<Shared>, config: &HttpConf
             }]})
             .to_string();
             return answer(&stream, &json_response(200, &body, ""));
+        }
+        (Method::Get | Method::Head, "/") => {
+            let response = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\nX-Frame-Options: DENY\r\nReferrer-Policy: no-referrer\r\nContent-Security-Policy: {PAGE_POLICY}\r\nConnection: close\r\n\r\n",
+                CHAT_PAGE.len()
+            );
+            let mut bytes = response.into_bytes();
+            if head.method == Method::Get {
+                bytes.extend_from_slice(CHAT_PAGE.as_bytes());
+            }
+            return answer(&stream, &bytes);
         }
         (Method::Get | Method::Head, "/metrics") => {
             let text = shared.metrics.render(
@@ -318,7 +340,7 @@ fn serve(mut stream: Stream, peer: &str, shared: &Arc<Shared>, config: &HttpConf
         }
         (Method::Post, "/v1/chat/completions") => Endpoint::Chat,
         (Method::Post, "/v1/completions") => Endpoint::Completion,
-        (_, "/health" | "/metrics" | "/v1/models" | "/v1/chat/completions" | "/v1/completions") => {
+        (_, "/" | "/health" | "/metrics" | "/v1/models" | "/v1/chat/completions" | "/v1/completions") => {
             let e = HttpError::new(
                 405,
                 "invalid_request_error",
