@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
-"""`make demo`: the daemon on the default model, answering over its UNIX socket and over a
-serial line (a pseudo-terminal standing in for a UART), then stopped cleanly.
+"""`make demo`: the daemon on the default model, answering over its UNIX socket, over a
+serial line (a pseudo-terminal standing in for a UART) and over HTTP (curl), then stopped
+cleanly.
 
 Usage: demo.py BINARY MODEL WORKDIR QUESTION [SERIAL_QUESTION]
 """
+import json
 import os
 import pty
+import shutil
 import select
 import signal
 import socket
@@ -32,8 +35,16 @@ tty.setraw(leader)
 tty.setraw(follower)
 serial_path = os.ttyname(follower)
 
+# A free loopback port for the HTTP front.
+probe = socket.socket()
+probe.bind(("127.0.0.1", 0))
+http_port = probe.getsockname()[1]
+probe.close()
+if shutil.which("curl") is None:
+    sys.exit("make demo shows the HTTP front with curl: apt-get install curl")
+
 cmd = [binary, "serve", "--model", model, "--socket", sock, "--serial", serial_path,
-       "--temperature", "0", "--max-tokens", "80"]
+       "--http", f"127.0.0.1:{http_port}", "--temperature", "0", "--max-tokens", "80"]
 say("$ " + " ".join(cmd) + " &")
 log = open(log_path, "w")
 daemon = subprocess.Popen(cmd, stderr=log, stdin=subprocess.DEVNULL)
@@ -80,6 +91,15 @@ read_serial(b"> ")
 os.write(leader, serial_question.encode() + b"\r")
 read_serial(b"\x04> ")
 print()
+
+body = json.dumps({"messages": [{"role": "user", "content": question}], "max_tokens": 60})
+url = f"http://127.0.0.1:{http_port}/v1/chat/completions"
+say(f"\n$ curl -s {url} -H 'Content-Type: application/json' -d '{body}'")
+reply = subprocess.run(["curl", "-sS", "--max-time", "120", url, "-H", "Content-Type: application/json", "-d", body],
+                       check=True, capture_output=True, text=True).stdout
+print(reply)
+answer = json.loads(reply)["choices"][0]["message"]["content"]
+say(f"[the answer: {answer!r}; the chat page is at http://127.0.0.1:{http_port}/ while the daemon runs]")
 
 say("\n$ kill -TERM <daemon>")
 started = time.time()

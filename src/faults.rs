@@ -41,6 +41,8 @@ pub fn stall_decode(step: u64) {
     #[cfg(feature = "fault-injection")]
     if let Some(ms) = armed("LLAMA_TPU_FAULT_STALL_MS") {
         if step == armed("LLAMA_TPU_FAULT_STALL_STEP").unwrap_or(3) {
+            // Said first, so a test can tell this stall from a slow machine's.
+            log::warn!("fault injected: decode step {step} stalls for {ms} ms");
             std::thread::sleep(std::time::Duration::from_millis(ms));
         }
     }

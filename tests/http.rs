@@ -32,6 +32,39 @@ fn free_port() -> u16 {
 }
 
 fn start(name: &str) -> Daemon {
+    start_with(name, &[])
+}
+
+/// Starts the daemon and waits until `/health` says it is serving.
+fn start_with(name: &str, env: &[(&str, &str)]) -> Daemon {
+    let d = spawn(name, env);
+    let until = Instant::now() + Duration::from_secs(120);
+    while health(d.port).0 != 200 {
+        assert!(Instant::now() < until, "the daemon never became healthy");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    d
+}
+
+/// `/health`'s status and body; 0 when the port does not answer yet.
+fn health(port: u16) -> (u16, String) {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return (0, String::new());
+    };
+    let _ = write!(s, "GET /health HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n");
+    let mut all = String::new();
+    if s.read_to_string(&mut all).is_err() || all.len() < 12 {
+        return (0, String::new());
+    }
+    let body = all
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (all[9..12].parse().unwrap_or(0), body)
+}
+
+/// Starts the daemon and returns once its HTTP port accepts connections.
+fn spawn(name: &str, env: &[(&str, &str)]) -> Daemon {
     let dir = common::scratch(name);
     let port = free_port();
     let child = common::bin(env!("CARGO_BIN_EXE_llama-tpu"))
@@ -51,6 +84,7 @@ fn start(name: &str) -> Daemon {
         .args(["--http", &format!("127.0.0.1:{port}")])
         .stderr(std::fs::File::create(dir.join("log")).unwrap())
         .stdin(Stdio::null())
+        .envs(env.iter().copied())
         .spawn()
         .unwrap();
     let until = Instant::now() + Duration::from_secs(120);
@@ -387,4 +421,77 @@ fn the_chat_page_in_a_browser_answers_and_stops() {
     assert_eq!(seen["cancelled"], 1.0, "{seen}");
     assert_eq!(seen["send_enabled_after_stop"], true);
     assert!(std::fs::metadata(&shot).unwrap().len() > 10_000, "the screenshot");
+}
+
+/// While the model loads (the test build holds the load for 3 s), `/health` says so with 503;
+/// once loaded, 200.
+#[test]
+fn health_says_loading_then_ok() {
+    let d = spawn("http-loading", &[("LLAMA_TPU_FAULT_LOAD_DELAY_MS", "3000")]);
+    let (status, body) = health(d.port);
+    assert_eq!(status, 503, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["status"], "loading");
+    let until = Instant::now() + Duration::from_secs(120);
+    while health(d.port).0 != 200 {
+        assert!(Instant::now() < until);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_, body) = health(d.port);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (v["status"].as_str(), v["busy"].as_bool()),
+        (Some("ok"), Some(false)),
+        "{body}"
+    );
+}
+
+/// `unix:PATH`: the API over a UNIX socket, where allow_uids applies (SO_PEERCRED).
+#[test]
+fn a_unix_http_socket_answers_and_applies_the_allow_list() {
+    use std::os::unix::net::UnixStream;
+    let dir = common::scratch("http-unix");
+    let path = dir.join("http.sock");
+    let me = nix::unistd::getuid().as_raw();
+    let run = |allow: u32| {
+        let config = dir.join("c.toml");
+        std::fs::write(&config, format!("allow_uids = [{allow}]\n")).unwrap();
+        let _ = std::fs::remove_file(&path);
+        let mut child = common::bin(env!("CARGO_BIN_EXE_llama-tpu"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .arg("--model")
+            .arg(common::default_model())
+            .arg("--socket")
+            .arg(dir.join("s.sock"))
+            .arg("--http")
+            .arg(format!("unix:{}", path.display()))
+            .stdin(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("log")).unwrap())
+            .spawn()
+            .unwrap();
+        let until = Instant::now() + Duration::from_secs(120);
+        let reply = loop {
+            if let Ok(mut s) = UnixStream::connect(&path) {
+                s.write_all(b"GET /v1/models HTTP/1.1\r\nHost: anything\r\n\r\n")
+                    .unwrap();
+                let mut all = String::new();
+                let _ = s.read_to_string(&mut all);
+                if !all.contains("\"loading\"") && !all.is_empty() {
+                    break all;
+                }
+            }
+            assert!(Instant::now() < until, "no answer on {}", path.display());
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let _ = child.kill();
+        let _ = child.wait();
+        reply
+    };
+    let allowed = run(me);
+    assert!(allowed.starts_with("HTTP/1.1 200"), "{allowed}");
+    assert!(allowed.contains("\"object\":\"list\""), "{allowed}");
+    let refused = run(me + 1);
+    assert!(refused.starts_with("HTTP/1.1 403"), "{refused}");
+    assert!(refused.contains("permission_denied"), "{refused}");
 }

@@ -207,6 +207,22 @@ pub(super) fn serve(a: &ServeArgs) -> Result<(), CliError> {
             .map_err(|e| CliError::new(Exit::Config, e.to_string()))?,
     };
     let http = config.http_front()?;
+    let http_where = http.as_ref().map(|(l, _)| l.describe());
+    // An HTTP UNIX socket's file goes when the daemon does, however it stops.
+    let _http_socket_file = config
+        .http
+        .as_deref()
+        .and_then(|a| a.strip_prefix("unix:"))
+        .filter(|_| http.is_some())
+        .map(|p| RemovedOnDrop(PathBuf::from(p)));
+    let http_loaded = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let http_loading = match &http {
+        Some((l, _)) => Some(
+            crate::server::http::conn::answer_while_loading(l, Arc::clone(&http_loaded))
+                .map_err(|e| CliError::new(Exit::Failure, format!("http: {e}")))?,
+        ),
+        None => None,
+    };
     // Signals first: a SIGTERM or SIGHUP during a long load (a 7B bmodel) must not kill the
     // process with the default action and leave the socket file behind.
     let (tx, rx) = mpsc::channel::<Event>();
@@ -252,6 +268,10 @@ pub(super) fn serve(a: &ServeArgs) -> Result<(), CliError> {
         has_chat_template: engine.template().is_some(),
     };
     let shared = Arc::new(Shared::new(facts, config.queue_depth, config.defaults()?));
+    http_loaded.store(true, std::sync::atomic::Ordering::Release);
+    if let Some(t) = http_loading {
+        let _ = t.join();
+    }
     let where_ = listener.describe();
     let serial = config.serial_lines()?;
     let serial_names: Vec<String> = serial.iter().map(|s| s.path.display().to_string()).collect();
@@ -268,7 +288,7 @@ pub(super) fn serve(a: &ServeArgs) -> Result<(), CliError> {
     )
     .map_err(|e| CliError::new(Exit::Failure, format!("cannot start the server threads: {e}")))?;
     let serving = format!(
-        "serving {} ({}, context {}) on {where_}{}",
+        "serving {} ({}, context {}) on {where_}{}{}",
         shared.facts.model,
         shared.facts.backend,
         shared.facts.context_length,
@@ -276,7 +296,8 @@ pub(super) fn serve(a: &ServeArgs) -> Result<(), CliError> {
             String::new()
         } else {
             format!(" and {}", serial_names.join(", "))
-        }
+        },
+        http_where.map(|w| format!(" and HTTP at {w}")).unwrap_or_default()
     );
     log::info!("{serving}");
     if reload_pending {
@@ -393,4 +414,13 @@ fn check(config: &Config) -> Result<(), CliError> {
     }
     println!("configuration valid, model {}", model.display());
     Ok(())
+}
+
+/// A socket file removed when the daemon's `serve` returns.
+struct RemovedOnDrop(PathBuf);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }

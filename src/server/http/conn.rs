@@ -50,6 +50,72 @@ pub enum HttpListener {
     Unix(UnixListener),
 }
 
+impl HttpListener {
+    /// The address, as a person would type it.
+    pub fn describe(&self) -> String {
+        match self {
+            HttpListener::Tcp(l) => l.local_addr().map_or_else(|_| "?".into(), |a| format!("http://{a}/")),
+            HttpListener::Unix(l) => l
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(|p| format!("unix:{}", p.display())))
+                .unwrap_or_else(|| "unix:?".into()),
+        }
+    }
+}
+
+/// Until `loaded` is set, answers every HTTP request `503 {"status": "loading"}` with
+/// `Retry-After` (`/health` included, so a supervisor can tell loading from down). Returns
+/// the thread; join it before the real accept loop takes the listener.
+///
+/// # Errors
+/// The listener cannot be shared or the thread started.
+pub fn answer_while_loading(
+    listener: &HttpListener,
+    loaded: Arc<AtomicBool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let listener = match listener {
+        HttpListener::Tcp(l) => HttpListener::Tcp(l.try_clone()?),
+        HttpListener::Unix(l) => HttpListener::Unix(l.try_clone()?),
+    };
+    match &listener {
+        HttpListener::Tcp(l) => l.set_nonblocking(true)?,
+        HttpListener::Unix(l) => l.set_nonblocking(true)?,
+    }
+    std::thread::Builder::new()
+        .name("http-loading".into())
+        .stack_size(crate::server::CONNECTION_STACK)
+        .spawn(move || {
+            let body = json!({"status": "loading"}).to_string();
+            let response = json_response(503, &body, "Retry-After: 1\r\n");
+            while !loaded.load(Ordering::Acquire) {
+                let accepted = match &listener {
+                    HttpListener::Tcp(l) => l.accept().map(|(s, _)| Stream::Tcp(s)),
+                    HttpListener::Unix(l) => l.accept().map(|(s, _)| Stream::Unix(s)),
+                };
+                let Ok(mut stream) = accepted else {
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                };
+                let blocking = match &stream {
+                    Stream::Tcp(s) => s.set_nonblocking(false),
+                    Stream::Unix(s) => s.set_nonblocking(false),
+                };
+                if blocking.is_err() {
+                    continue;
+                }
+                // Read the head (briefly) so the answer is not lost to a reset, then answer.
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+                let mut head = [0u8; 2048];
+                let _ = stream.read(&mut head);
+                if let Ok(mut w) = stream.writer() {
+                    let _ = w.write_all(&response);
+                }
+                stream.shutdown();
+            }
+        })
+}
+
 /// A client connection of either kind.
 enum Stream {
     Tcp(TcpStream),
@@ -140,6 +206,27 @@ pub fn accept_loop(listener: HttpListener, shared: Arc<Shared>, config: HttpConf
         };
         if blocking.is_err() {
             continue;
+        }
+        // On a UNIX socket, allow_uids / allow_gids apply as on the main socket.
+        if let Stream::Unix(s) = &stream {
+            use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+            use std::os::fd::AsRawFd;
+            let allowed =
+                getsockopt(s.as_raw_fd(), PeerCredentials).is_ok_and(|c| shared.defaults().allows(c.uid(), c.gid()));
+            if !allowed {
+                log::warn!("http unix client: refused, not in allow_uids / allow_gids");
+                let e = HttpError::new(
+                    403,
+                    "invalid_request_error",
+                    "permission_denied",
+                    "this user may not use the daemon".into(),
+                );
+                if let Ok(mut w) = stream.writer() {
+                    let _ = w.write_all(&error_response(&e));
+                }
+                stream.shutdown();
+                continue;
+            }
         }
         if open.load(Ordering::Acquire) >= config.max_connections {
             let e = HttpError::new(
