@@ -25,9 +25,11 @@ pub struct SamplerConfig {
     pub repeat_penalty: f32,
     /// How many recent tokens the penalties look at.
     pub repeat_last_n: usize,
-    /// OpenAI's additive penalty: subtract this times a token's count in the window; 0 disables.
+    /// OpenAI's additive penalty: subtract this times the number of times a token was
+    /// generated so far in this answer; 0 disables.
     pub frequency_penalty: f32,
-    /// OpenAI's additive penalty: subtract this from every token in the window; 0 disables.
+    /// OpenAI's additive penalty: subtract this from every token generated so far in this
+    /// answer; 0 disables.
     pub presence_penalty: f32,
     /// RNG seed: the same seed, settings and logits give the same tokens.
     pub seed: u64,
@@ -90,10 +92,11 @@ impl SamplerConfig {
         self.temperature == 0.0 && !self.has_penalties()
     }
 
-    /// Whether any penalty changes the logits (and so needs the recent tokens).
+    /// Whether any penalty changes the logits.
     pub fn has_penalties(&self) -> bool {
-        self.repeat_last_n > 0
-            && (self.repeat_penalty != 1.0 || self.frequency_penalty != 0.0 || self.presence_penalty != 0.0)
+        (self.repeat_last_n > 0 && self.repeat_penalty != 1.0)
+            || self.frequency_penalty != 0.0
+            || self.presence_penalty != 0.0
     }
 }
 
@@ -104,8 +107,12 @@ pub struct Sampler {
     rng: fastrand::Rng,
     /// (logit, token) candidates.
     candidates: Vec<(f32, u32)>,
-    /// Per token, its count in the window while penalties are applied (0 otherwise).
-    counts: Vec<u32>,
+    /// Marks tokens already penalized this step (repeat penalty: once per distinct token).
+    seen: Vec<bool>,
+    /// Per token, how many times it was generated in this answer (OpenAI's penalties).
+    generated: Vec<u32>,
+    /// Whether `generated` holds anything to clear.
+    generated_any: bool,
     /// Ring of recent tokens for the penalty.
     recent: Vec<u32>,
     recent_pos: usize,
@@ -117,7 +124,9 @@ impl Sampler {
         let mut s = Sampler {
             rng: fastrand::Rng::with_seed(cfg.seed),
             candidates: Vec::with_capacity(vocab),
-            counts: vec![0; vocab],
+            seen: vec![false; vocab],
+            generated: vec![0; vocab],
+            generated_any: true,
             recent: Vec::with_capacity(cfg.repeat_last_n.max(1)),
             recent_pos: 0,
             cfg,
@@ -140,9 +149,13 @@ impl Sampler {
         self.rng = fastrand::Rng::with_seed(self.cfg.seed);
         self.recent.clear();
         self.recent_pos = 0;
+        if self.generated_any {
+            self.generated.fill(0);
+            self.generated_any = false;
+        }
         if let Some(h) = history {
             for &t in h {
-                self.accept(t);
+                self.remember(t);
             }
         }
     }
@@ -152,8 +165,17 @@ impl Sampler {
         &self.cfg
     }
 
-    /// Records a chosen (or prompt) token for the repetition penalty.
+    /// Records a generated token (for the repeat window and OpenAI's counts).
     pub fn accept(&mut self, token: u32) {
+        if let Some(c) = self.generated.get_mut(token as usize) {
+            *c += 1;
+            self.generated_any = true;
+        }
+        self.remember(token);
+    }
+
+    /// Puts a token (prompt or generated) in the repeat penalty's window.
+    fn remember(&mut self, token: u32) {
         let n = self.cfg.repeat_last_n;
         if n == 0 {
             return;
@@ -227,36 +249,34 @@ impl Sampler {
         draw(&self.candidates[..keep.max(1)], max, &mut self.rng)
     }
 
-    /// llama.cpp's multiplicative repetition penalty (once per distinct token), then OpenAI's
-    /// additive ones: `logit -= count * frequency_penalty + presence_penalty` for each token
-    /// in the window (llama.cpp's server applies OpenAI's penalties over the same window).
+    /// llama.cpp's multiplicative repetition penalty over the window of recent tokens (prompt
+    /// included, once per distinct token), then OpenAI's additive ones over the tokens
+    /// generated so far: `logit -= count * frequency_penalty + (count > 0) * presence_penalty`.
     fn apply_penalty(&mut self, logits: &mut [f32]) {
-        if !self.cfg.has_penalties() {
-            return;
-        }
-        let (p, freq, presence) = (
-            self.cfg.repeat_penalty,
-            self.cfg.frequency_penalty,
-            self.cfg.presence_penalty,
-        );
-        for &t in &self.recent {
-            if let Some(c) = self.counts.get_mut(t as usize) {
-                *c += 1;
+        let p = self.cfg.repeat_penalty;
+        if p != 1.0 {
+            for &t in &self.recent {
+                let i = t as usize;
+                if i < logits.len() && !self.seen[i] {
+                    self.seen[i] = true;
+                    logits[i] = if logits[i] > 0.0 { logits[i] / p } else { logits[i] * p };
+                }
+            }
+            for &t in &self.recent {
+                if let Some(s) = self.seen.get_mut(t as usize) {
+                    *s = false;
+                }
             }
         }
-        for &t in &self.recent {
-            let i = t as usize;
-            let (Some(c), Some(l)) = (self.counts.get_mut(i), logits.get_mut(i)) else {
-                continue;
-            };
-            if *c == 0 {
-                continue; // done: a repeat of a token already penalized
+        let (freq, presence) = (self.cfg.frequency_penalty, self.cfg.presence_penalty);
+        if (freq != 0.0 || presence != 0.0) && self.generated_any {
+            // A pass over the vocabulary (as the candidate list already makes): no list of the
+            // answer's tokens to grow.
+            for (l, &c) in logits.iter_mut().zip(&self.generated) {
+                if c > 0 {
+                    *l -= c as f32 * freq + presence;
+                }
             }
-            if p != 1.0 {
-                *l = if *l > 0.0 { *l / p } else { *l * p };
-            }
-            *l -= *c as f32 * freq + presence;
-            *c = 0;
         }
     }
 }
@@ -470,6 +490,8 @@ mod tests {
             },
         );
         assert!(!s.config().is_greedy(), "penalties need the host's sampler");
+        // Prompt tokens do not count (OpenAI's penalties are over the answer so far).
+        s.reset(Some(&[3, 3, 3]));
         for t in [1, 1, 1, 2] {
             s.accept(t);
         }
@@ -477,10 +499,15 @@ mod tests {
         // Token 1: 3 - 3 * 0.5 - 0.25 = 1.25; token 2: 2 - 0.5 - 0.25 = 1.25; token 3 wins.
         assert_eq!(s.sample(&mut logits), 3);
         assert_eq!(logits, vec![1.0, 1.25, 1.25, 1.9]);
-        // Counts start from zero again at the next step.
+        // The same counts at the next step (nothing accepted in between)...
         let mut logits = vec![1.0, 3.0, 2.0, 1.9];
         s.sample(&mut logits);
         assert_eq!(logits, vec![1.0, 1.25, 1.25, 1.9]);
+        // ...and none after a reset.
+        s.reset(None);
+        let mut logits = vec![1.0, 3.0, 2.0, 1.9];
+        assert_eq!(s.sample(&mut logits), 1);
+        assert_eq!(logits, vec![1.0, 3.0, 2.0, 1.9]);
         let bad = SamplerConfig {
             presence_penalty: 2.5,
             ..SamplerConfig::default()

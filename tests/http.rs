@@ -314,8 +314,16 @@ fn a_client_that_leaves_mid_stream_cancels_its_request() {
     drop(s);
     let (reason, made) = first_record(&d);
     assert_eq!(reason, "cancelled", "the engine's record");
-    eprintln!("made {made} tokens before the cancel");
-    assert!(made < 4000, "{made} tokens made");
+    // Counted by events: the daemon logs how many tokens the engine had handed over when it
+    // saw the client leave; the engine may finish at most the one it was making.
+    let log = std::fs::read_to_string(&d.log).unwrap();
+    let handed: usize = log
+        .split_once("client left after ")
+        .and_then(|(_, rest)| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{log}"));
+    eprintln!("{handed} tokens handed over when the client left, {made} made");
+    assert!(made <= handed + 1, "{made} tokens made, {handed} when the client left");
     // And the next request is served at once.
     let (status, body) = post(d.port, "/v1/completions", r#"{"prompt":"Paris is","max_tokens":2}"#);
     assert_eq!(status, 200, "{body}");
@@ -370,12 +378,13 @@ fn the_openai_python_client_streams_and_not() {
     );
     assert_eq!(seen["completion"]["finish_reason"], "length");
     assert_eq!(seen["completion_stream"]["text"], seen["completion"]["text"]);
-    // " Paris.\n\nThe" repeats nothing of the prompt but "The": penalties of 2 over the prompt
-    // and answer change the greedy continuation.
-    assert_ne!(
-        seen["completion_penalized"]["text"], seen["completion"]["text"],
+    // Counting repeats its commas: OpenAI's penalties (over the answer so far) change the
+    // greedy continuation.
+    assert!(
+        seen["counting"]["text"].as_str().unwrap().matches(',').count() >= 2,
         "{seen}"
     );
+    assert_ne!(seen["counting_penalized"]["text"], seen["counting"]["text"], "{seen}");
     assert_eq!(seen["n2"]["status"], 400, "{seen}");
 }
 

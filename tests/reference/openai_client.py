@@ -29,9 +29,9 @@ seen["chat_stream"] = {"text": text, "finish_reason": finish, "completion_tokens
 r = client.completions.create(model="any", prompt="The capital of France is", max_tokens=5, temperature=0)
 seen["completion"] = {"text": r.choices[0].text, "finish_reason": r.choices[0].finish_reason}
 
-r = client.completions.create(model="any", prompt="The capital of France is", max_tokens=5, temperature=0,
-                              frequency_penalty=2.0, presence_penalty=2.0)
-seen["completion_penalized"] = {"text": r.choices[0].text}
+for name, extra in [("counting", {}), ("counting_penalized", {"frequency_penalty": 2.0, "presence_penalty": 2.0})]:
+    r = client.completions.create(model="any", prompt="1, 2, 3, 4,", max_tokens=8, temperature=0, **extra)
+    seen[name] = {"text": r.choices[0].text}
 
 text = ""
 for chunk in client.completions.create(model="any", prompt="The capital of France is", max_tokens=5,

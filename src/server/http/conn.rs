@@ -489,6 +489,7 @@ fn complete(stream: Stream, peer: &str, shared: &Arc<Shared>, config: &HttpConfi
     let done = Arc::new(AtomicBool::new(false));
     let cancel = Arc::new(AtomicBool::new(false));
     let reply = HttpReply::new(Arc::clone(&out), &api, Arc::clone(&done), shared.facts.model.clone());
+    let pieces = Arc::clone(&reply.pieces);
     let input = match api.prompt {
         Prompt::Text(t) => Input::Text(t),
         Prompt::Messages(m) => Input::Chat(m),
@@ -521,9 +522,12 @@ fn complete(stream: Stream, peer: &str, shared: &Arc<Shared>, config: &HttpConfi
     while !done.load(Ordering::Acquire) {
         match stream.read(&mut byte) {
             Ok(0) => {
+                // What the engine had handed over when the client left: a test holds the
+                // engine to at most one more token.
+                let handed = pieces.load(Ordering::Acquire);
                 cancel.store(true, Ordering::Release);
                 out.mark_gone();
-                log::info!("http {peer}: client left; its request is cancelled");
+                log::info!("http {peer}: client left after {handed} tokens; its request is cancelled");
                 break;
             }
             Ok(_) => {}
@@ -595,6 +599,8 @@ struct HttpReply {
     /// Where each chunk is built (reused: no allocation per token once grown).
     scratch: Vec<u8>,
     done: Arc<AtomicBool>,
+    /// Pieces of text the engine has handed over (counted before each is written).
+    pieces: Arc<AtomicUsize>,
 }
 
 impl HttpReply {
@@ -617,6 +623,7 @@ impl HttpReply {
             text: String::new(),
             scratch: Vec::with_capacity(1024),
             done,
+            pieces: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -652,6 +659,7 @@ impl HttpReply {
 
 impl Reply for HttpReply {
     fn text(&mut self, piece: &str) -> bool {
+        self.pieces.fetch_add(1, Ordering::AcqRel);
         if !self.stream {
             self.text.push_str(piece);
             return !self.out.is_gone();
