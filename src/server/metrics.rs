@@ -4,7 +4,7 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::engine::{FinishReason, Summary};
+use crate::engine::Summary;
 
 /// How requests ended: the engine's reasons, then requests that failed.
 const OUTCOMES: [&str; 10] = [
@@ -98,15 +98,7 @@ fn outcome_index(name: &str) -> usize {
 impl Metrics {
     /// A request the engine ran.
     pub fn done(&self, s: &Summary) {
-        let reason = match s.reason {
-            FinishReason::Eos => "eos",
-            FinishReason::Length => "length",
-            FinishReason::Stop => "stop",
-            FinishReason::Cancelled => "cancelled",
-            FinishReason::TimeLimit => "time_limit",
-            FinishReason::Context => "context",
-            FinishReason::SlowClient => "slow_client",
-        };
+        let reason = s.reason.as_str();
         self.outcomes[outcome_index(reason)].fetch_add(1, Ordering::Relaxed);
         self.prompt_tokens.fetch_add(s.prompt_tokens as u64, Ordering::Relaxed);
         self.generated_tokens
@@ -187,6 +179,7 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::FinishReason;
     use std::time::Duration;
 
     #[test]

@@ -38,6 +38,22 @@ pub struct ApiRequest {
     pub include_usage: bool,
 }
 
+/// OpenAI fields for features the daemon does not have (tools, logit bias, echo, ...).
+const UNSUPPORTED: &[&str] = &[
+    "tools",
+    "functions",
+    "tool_choice",
+    "function_call",
+    "parallel_tool_calls",
+    "logit_bias",
+    "echo",
+    "best_of",
+    "suffix",
+    "audio",
+    "modalities",
+    "prediction",
+];
+
 fn refuse(field: &str, why: &str) -> HttpError {
     HttpError::bad_field("unsupported_field", format!("'{field}' {why}"))
 }
@@ -112,42 +128,16 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, HttpError> {
             (_, "response_format") => return Err(refuse("response_format", "can only be {\"type\": \"text\"}")),
             (_, "tools" | "functions") if is_null || value.as_array().is_some_and(Vec::is_empty) => {}
             (_, "tool_choice" | "function_call" | "parallel_tool_calls") if is_null || value == "none" => {}
-            (
-                _,
-                "tools"
-                | "functions"
-                | "tool_choice"
-                | "function_call"
-                | "parallel_tool_calls"
-                | "logit_bias"
-                | "echo"
-                | "best_of"
-                | "suffix"
-                | "audio"
-                | "modalities"
-                | "prediction",
-            ) if !(is_null
-                || value == Value::Bool(false)
-                || value.as_object().is_some_and(Map::is_empty)
-                || (key == "best_of" && value.as_u64() == Some(1))) =>
-            {
-                return Err(refuse(&key, "is not supported"))
+            // Features the daemon does not have: accepted only in their "off" spelling.
+            (_, name) if UNSUPPORTED.contains(&name) => {
+                let off = is_null
+                    || value == Value::Bool(false)
+                    || value.as_object().is_some_and(Map::is_empty)
+                    || (name == "best_of" && value.as_u64() == Some(1));
+                if !off {
+                    return Err(refuse(&key, "is not supported"));
+                }
             }
-            (
-                _,
-                "tools"
-                | "functions"
-                | "tool_choice"
-                | "function_call"
-                | "parallel_tool_calls"
-                | "logit_bias"
-                | "echo"
-                | "best_of"
-                | "suffix"
-                | "audio"
-                | "modalities"
-                | "prediction",
-            ) => {}
             // Accepted, and meaningless here: OpenAI's storage, service tier and metadata.
             (_, "store" | "metadata" | "service_tier" | "reasoning_effort") => {}
             (_, other) => {
