@@ -21,6 +21,17 @@ struct Daemon {
     child: Child,
     dir: PathBuf,
     socket: PathBuf,
+    /// Held while the daemon runs: the load test takes the whole machine and runs alone, so
+    /// its 64 clients do not starve the other tests' daemons (their checks count events, but
+    /// a starved daemon still looks like a stalled or slow one).
+    _turn: Option<std::sync::RwLockReadGuard<'static, ()>>,
+}
+
+static TURNS: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// A turn beside the other ordinary tests (not beside the load test).
+fn turn() -> Option<std::sync::RwLockReadGuard<'static, ()>> {
+    Some(TURNS.read().unwrap_or_else(std::sync::PoisonError::into_inner))
 }
 
 fn bin() -> std::process::Command {
@@ -42,8 +53,14 @@ impl Daemon {
     /// The same with environment variables (the test build's fault points).
     fn start_with(dir: PathBuf, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
         let socket = dir.join("llama.sock");
+        let _turn = turn();
         let child = Daemon::spawn_with(&dir, &socket, extra, env);
-        let mut d = Daemon { child, dir, socket };
+        let mut d = Daemon {
+            child,
+            dir,
+            socket,
+            _turn,
+        };
         d.wait_ready();
         d
     }
@@ -548,6 +565,7 @@ fn socket_mode_allow_list_and_reload() {
         child: _child,
         dir: dir.clone(),
         socket: socket.clone(),
+        _turn: turn(),
     };
     d.signal(Signal::SIGHUP);
     let until = Instant::now() + PATIENCE;
@@ -857,6 +875,7 @@ fn systemd_notifications_and_watchdog() {
         child,
         dir: dir.clone(),
         socket,
+        _turn: turn(),
     };
     let mut messages: Vec<String> = Vec::new();
     let until = Instant::now() + PATIENCE;
@@ -920,6 +939,7 @@ fn socket_activation_uses_the_socket_systemd_passes() {
         child,
         dir: dir.clone(),
         socket: socket.clone(),
+        _turn: turn(),
     };
     d.wait_ready();
     // The daemon answers as soon as its threads run; the line saying where it serves follows.
@@ -1019,6 +1039,7 @@ fn signals_during_a_long_load_are_handled() {
         child,
         dir: dir.clone(),
         socket: socket_hup,
+        _turn: turn(),
     };
     d.wait_ready();
     let text = d.log();
@@ -1128,6 +1149,7 @@ fn a_stalled_engine_stops_the_watchdog_pings() {
         child,
         dir: dir.clone(),
         socket,
+        _turn: turn(),
     };
     d.wait_ready();
     let pings = |notify: &UnixDatagram, until: Instant| {
@@ -1250,7 +1272,18 @@ fn load_client(socket: &Path, who: usize) -> Tally {
 /// or hung; anonymous memory after a second round equal to after the first, within 2 MiB.
 #[test]
 fn sixty_four_clients_at_once_none_lost_and_memory_flat() {
-    let d = Daemon::start("daemon-load", &["--max-connections", "64", "--queue-depth", "64"]);
+    // Alone: no other test's daemon runs beside these 64 clients.
+    let _alone = TURNS.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let dir = common::scratch("daemon-load");
+    let socket = dir.join("llama.sock");
+    let child = Daemon::spawn(&dir, &socket, &["--max-connections", "64", "--queue-depth", "64"]);
+    let mut d = Daemon {
+        child,
+        dir,
+        socket,
+        _turn: None,
+    };
+    d.wait_ready();
     let round = |d: &Daemon| -> Tally {
         let socket = d.socket.clone();
         let clients: Vec<_> = (0..64)
