@@ -486,27 +486,18 @@ fn merge_settings(into: &mut Settings, over: &Settings) {
 }
 
 pub(crate) fn apply_settings(cfg: &mut SamplerConfig, s: &Settings) {
-    if let Some(v) = s.temperature {
-        cfg.temperature = v;
+    macro_rules! set {
+        ($($f:ident),*) => { $( if let Some(v) = s.$f { cfg.$f = v; } )* };
     }
-    if let Some(v) = s.top_k {
-        cfg.top_k = v;
-    }
-    if let Some(v) = s.top_p {
-        cfg.top_p = v;
-    }
-    if let Some(v) = s.min_p {
-        cfg.min_p = v;
-    }
-    if let Some(v) = s.repeat_penalty {
-        cfg.repeat_penalty = v;
-    }
-    if let Some(v) = s.frequency_penalty {
-        cfg.frequency_penalty = v;
-    }
-    if let Some(v) = s.presence_penalty {
-        cfg.presence_penalty = v;
-    }
+    set!(
+        temperature,
+        top_k,
+        top_p,
+        min_p,
+        repeat_penalty,
+        frequency_penalty,
+        presence_penalty
+    );
 }
 
 fn describe(s: &Settings) -> String {

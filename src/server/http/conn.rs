@@ -51,6 +51,29 @@ pub enum HttpListener {
 }
 
 impl HttpListener {
+    /// Makes `accept` return at once when nobody is waiting (the loops check a flag between
+    /// tries).
+    fn poll_mode(&self) -> std::io::Result<()> {
+        match self {
+            HttpListener::Tcp(l) => l.set_nonblocking(true),
+            HttpListener::Unix(l) => l.set_nonblocking(true),
+        }
+    }
+
+    /// The next client, its stream blocking again (reads then wait with their own timeouts),
+    /// and its address for the log.
+    fn accept(&self) -> std::io::Result<(Stream, String)> {
+        let (stream, peer) = match self {
+            HttpListener::Tcp(l) => l.accept().map(|(s, a)| (Stream::Tcp(s), a.to_string()))?,
+            HttpListener::Unix(l) => l.accept().map(|(s, _)| (Stream::Unix(s), "unix".to_string()))?,
+        };
+        match &stream {
+            Stream::Tcp(s) => s.set_nonblocking(false)?,
+            Stream::Unix(s) => s.set_nonblocking(false)?,
+        }
+        Ok((stream, peer))
+    }
+
     /// The address, as a person would type it.
     pub fn describe(&self) -> String {
         match self {
@@ -78,10 +101,7 @@ pub fn answer_while_loading(
         HttpListener::Tcp(l) => HttpListener::Tcp(l.try_clone()?),
         HttpListener::Unix(l) => HttpListener::Unix(l.try_clone()?),
     };
-    match &listener {
-        HttpListener::Tcp(l) => l.set_nonblocking(true)?,
-        HttpListener::Unix(l) => l.set_nonblocking(true)?,
-    }
+    listener.poll_mode()?;
     std::thread::Builder::new()
         .name("http-loading".into())
         .stack_size(crate::server::CONNECTION_STACK)
@@ -89,21 +109,10 @@ pub fn answer_while_loading(
             let body = json!({"status": "loading"}).to_string();
             let response = json_response(503, &body, "Retry-After: 1\r\n");
             while !loaded.load(Ordering::Acquire) {
-                let accepted = match &listener {
-                    HttpListener::Tcp(l) => l.accept().map(|(s, _)| Stream::Tcp(s)),
-                    HttpListener::Unix(l) => l.accept().map(|(s, _)| Stream::Unix(s)),
-                };
-                let Ok(mut stream) = accepted else {
+                let Ok((mut stream, _)) = listener.accept() else {
                     std::thread::sleep(Duration::from_millis(50));
                     continue;
                 };
-                let blocking = match &stream {
-                    Stream::Tcp(s) => s.set_nonblocking(false),
-                    Stream::Unix(s) => s.set_nonblocking(false),
-                };
-                if blocking.is_err() {
-                    continue;
-                }
                 // Read the head (briefly) so the answer is not lost to a reset, then answer.
                 let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
                 let mut head = [0u8; 2048];
@@ -175,20 +184,12 @@ pub struct HttpConfig {
 /// Accepts connections until the daemon stops.
 pub fn accept_loop(listener: HttpListener, shared: Arc<Shared>, config: HttpConfig, open: Arc<AtomicUsize>) {
     let config = Arc::new(config);
-    let nonblocking = match &listener {
-        HttpListener::Tcp(l) => l.set_nonblocking(true),
-        HttpListener::Unix(l) => l.set_nonblocking(true),
-    };
-    if let Err(e) = nonblocking {
+    if let Err(e) = listener.poll_mode() {
         log::error!("http: cannot poll the listener: {e}");
         return;
     }
     while !shared.is_stopping() {
-        let accepted = match &listener {
-            HttpListener::Tcp(l) => l.accept().map(|(s, a)| (Stream::Tcp(s), a.to_string())),
-            HttpListener::Unix(l) => l.accept().map(|(s, _)| (Stream::Unix(s), "unix".to_string())),
-        };
-        let (stream, peer) = match accepted {
+        let (stream, peer) = match listener.accept() {
             Ok(x) => x,
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
                 std::thread::sleep(Duration::from_millis(50));
@@ -200,13 +201,6 @@ pub fn accept_loop(listener: HttpListener, shared: Arc<Shared>, config: HttpConf
                 continue;
             }
         };
-        let blocking = match &stream {
-            Stream::Tcp(s) => s.set_nonblocking(false),
-            Stream::Unix(s) => s.set_nonblocking(false),
-        };
-        if blocking.is_err() {
-            continue;
-        }
         // On a UNIX socket, allow_uids / allow_gids apply as on the main socket.
         if let Stream::Unix(s) = &stream {
             use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
