@@ -408,12 +408,13 @@ fn sampling_head_matches_its_model(bmodel: &str, gguf: &str, top_k: usize) {
         presence_penalty: 0.0,
     };
     p.tpu.configure_sampling(&cfg).unwrap();
+    p.tpu.record_logits();
     assert_eq!(p.tpu.token_picker(), Picker::Sample, "{bmodel}");
     let head_k = if top_k == 0 { 50 } else { top_k };
     let mut seen: Vec<u32> = PROMPT.to_vec();
     let mut t = token(p.tpu.prefill(&PROMPT, 0).unwrap());
     for step in 0..6 {
-        let logits = p.tpu.read_logits().unwrap().to_vec();
+        let logits = p.tpu.recorded_logits().to_vec();
         let given = p.tpu.penalized_ids().unwrap();
         // The window is the last repeat_last_n tokens; a static head's padding repeats one.
         let window: std::collections::BTreeSet<u32> = seen[seen.len().saturating_sub(8)..].iter().copied().collect();

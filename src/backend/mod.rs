@@ -29,6 +29,9 @@ pub struct BackendInfo {
     pub weight_bytes: u64,
     /// Bytes of KV cache.
     pub kv_cache_bytes: u64,
+    /// Host memory the backend allocated beyond the mapped weights: its run state, the KV
+    /// cache included (the CPU backend; the TPU backend's state is on the device).
+    pub host_state_bytes: u64,
     /// Most tokens one `prefill` call accepts; longer prompts are fed in pieces.
     pub max_batch: usize,
 }

@@ -24,8 +24,11 @@ pub struct BenchArgs {
     repetitions: usize,
 }
 
-/// The backend to measure and what to call its parallelism in the table.
-fn open_backend(a: &BenchArgs) -> Result<(Box<dyn Backend>, String), CliError> {
+/// The backend to measure, what to call its parallelism in the table, and the CPU kernels'
+/// instruction set.
+type Measured = (Box<dyn Backend>, String, Option<&'static str>);
+
+fn open_backend(a: &BenchArgs) -> Result<Measured, CliError> {
     if a.model.backend == "sophon" {
         // Random ids need the vocabulary size, which a bmodel whose lm_head returns a token
         // does not tell: --tokenizer gives it.
@@ -41,7 +44,7 @@ fn open_backend(a: &BenchArgs) -> Result<(Box<dyn Backend>, String), CliError> {
             ));
         }
         let devices = format!("tpu {:?}", a.model.devices);
-        return Ok((Box::new(backend), devices));
+        return Ok((Box::new(backend), devices, None));
     }
     let opened = open_gguf(&a.model.model)?;
     let context = a.model.ctx_size.unwrap_or(a.n_prompt.max(a.n_gen).max(1));
@@ -53,11 +56,12 @@ fn open_backend(a: &BenchArgs) -> Result<(Box<dyn Backend>, String), CliError> {
     let backend = CpuBackend::from_parts(opened.file.clone(), &opened.gguf, &opts)
         .map_err(|e| CliError::new(Exit::BadModel, format!("{}: {e}", a.model.model.display())))?;
     let threads = backend.threads().to_string();
-    Ok((Box::new(backend), threads))
+    let kernels = backend.kernels().isa().name();
+    Ok((Box::new(backend), threads, Some(kernels)))
 }
 
 pub(super) fn bench(a: &BenchArgs) -> Result<(), CliError> {
-    let (mut backend, threads) = open_backend(a)?;
+    let (mut backend, threads, kernels) = open_backend(a)?;
     let vocab = backend.info().vocab_size as u32;
     // A TPU bmodel holds SEQLEN tokens: longer tests are cut to it, and say so.
     let context = backend.info().context_length;
@@ -132,6 +136,18 @@ pub(super) fn bench(a: &BenchArgs) -> Result<(), CliError> {
             }
         }
         report(format!("tg{n_gen}"), rates);
+    }
+    let info = backend.info();
+    if info.host_state_bytes > 0 {
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        println!(
+            "\nCPU backend: {} kernels; memory beyond the mapped weights {:.1} MiB (KV cache {:.1} MiB as f16 for {} tokens; the rest is activations for batches of {} tokens)",
+            kernels.unwrap_or("no"),
+            mib(info.host_state_bytes),
+            mib(info.kv_cache_bytes),
+            info.context_length,
+            info.max_batch
+        );
     }
     if per_prompt.is_some() || per_token.is_some() {
         println!(

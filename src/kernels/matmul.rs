@@ -5,21 +5,13 @@
 use std::ops::Range;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use multiversion::multiversion;
-
 use super::quant::{self, BlockQ8};
+use super::simd::{Kernels, TILE};
 use crate::model::GgmlType;
 
-thread_local! {
-    /// Each thread's buffer for one expanded row (made on the thread's first prompt, reused).
-    static UNPACKED: std::cell::RefCell<Box<quant::UnpackedRow>> = std::cell::RefCell::new(quant::UnpackedRow::new());
-}
-
-/// Tokens multiplied per pass over a block of rows: 32 tokens of activations (a few KiB to a
-/// few tens of KiB) stay in L1/L2 while the rows are reused.
-const TOKEN_TILE: usize = 32;
-/// Rows per pass: their bytes stay in L1 across the token tile.
-const ROW_TILE: usize = 8;
+/// Tokens per pass over a block of rows: their activations (up to ~120 KiB for a 1536-wide
+/// input) stay in L2 while the rows, in L1, are reused for each of them.
+const TOKEN_CHUNK: usize = 64;
 /// How far ahead weight rows are prefetched during one-token products (rows are a few hundred
 /// bytes; this is a few microseconds of work ahead, about one memory latency).
 const PREFETCH_ROWS: usize = 4;
@@ -60,7 +52,12 @@ pub enum Activations<'a> {
     F32(&'a [f32]),
 }
 
-/// Computes `out[t * out_stride + r] = row_r · x_t` for `r` in `rows` and `t < n_tokens`.
+/// Computes `out[t * out_stride + r] = row_r · x_t` for `r` in `rows` and `t < n_tokens`
+/// with `kernels`.
+///
+/// Tokens go through the kernels [`TILE`] at a time, the rest one at a time; either way each
+/// (row, token) product is computed by the same instructions, so results do not depend on
+/// how a prompt was batched.
 ///
 /// The output is atomics because several threads fill disjoint rows of one buffer at once;
 /// each element is stored exactly once, with relaxed ordering (the pool's completion barrier
@@ -69,69 +66,74 @@ pub enum Activations<'a> {
 /// # Panics
 /// If the activation form does not match the weight type (a programming error: the caller
 /// picks the form with [`quant::uses_q8_activations`]).
-#[multiversion(targets("x86_64+avx2+fma+f16c", "x86_64+sse4.1", "aarch64+neon"))]
-pub fn matmul_rows<'a>(
-    w: &Weight<'a>,
-    x: Activations<'a>,
+pub fn matmul_rows(
+    kernels: Kernels,
+    w: &Weight<'_>,
+    x: Activations<'_>,
     n_tokens: usize,
     rows: Range<usize>,
     out: &[AtomicU32],
     out_stride: usize,
 ) {
-    // A macro rather than a generic helper taking the dot product as a closure: the closure
-    // call was not inlined into the per-target clones, which left the hot loop unvectorized.
-    macro_rules! tiles {
-        ($x:expr, $per_token:expr, $dot:path) => {{
-            let (x, per_token) = ($x, $per_token);
-            for t0 in (0..n_tokens).step_by(TOKEN_TILE) {
-                let t1 = (t0 + TOKEN_TILE).min(n_tokens);
-                for r0 in rows.clone().step_by(ROW_TILE) {
-                    let r1 = (r0 + ROW_TILE).min(rows.end);
-                    for r in r0..r1 {
-                        // One row's lines at a time, PREFETCH_ROWS ahead: a burst for a whole
-                        // tile filled the line-fill buffers and stalled on its own prefetches.
-                        if t0 == 0 && r + PREFETCH_ROWS < w.rows {
-                            crate::model::mmap::prefetch(w.row(r + PREFETCH_ROWS));
-                        }
-                        let row = w.row(r);
-                        for t in t0..t1 {
-                            let v = $dot(row, &x[t * per_token..(t + 1) * per_token]);
-                            out[t * out_stride + r].store(v.to_bits(), Ordering::Relaxed);
-                        }
-                    }
-                }
-            }
-        }};
-    }
-    // Prompts: expand each row once and reuse it for every token of the tile.
-    if let Activations::Q8(x) = x {
-        if n_tokens > 1 && quant::unpackable(w.ty) && w.cols <= quant::MAX_UNPACKED_COLS {
-            let blocks = w.cols / quant::QK;
-            UNPACKED.with(|cell| {
-                let mut row_buf = cell.borrow_mut();
-                for r0 in rows.clone().step_by(ROW_TILE) {
-                    let r1 = (r0 + ROW_TILE).min(rows.end);
-                    for r in r0..r1 {
-                        quant::unpack_row(w.ty, w.row(r), &mut row_buf);
-                        for t in 0..n_tokens {
-                            let v = quant::dot_unpacked(&row_buf, blocks, &x[t * blocks..(t + 1) * blocks]);
-                            out[t * out_stride + r].store(v.to_bits(), Ordering::Relaxed);
-                        }
-                    }
-                }
-            });
-            return;
+    match x {
+        Activations::Q8(x) => {
+            let per = w.cols / quant::QK;
+            let token = |t: usize| &x[t * per..(t + 1) * per];
+            tiles(
+                w,
+                n_tokens,
+                rows,
+                out,
+                out_stride,
+                |row, t0| kernels.dot_q8::<TILE>(w.ty, row, std::array::from_fn(|i| token(t0 + i))),
+                |row, t| kernels.dot_q8::<1>(w.ty, row, [token(t)])[0],
+            );
+        }
+        Activations::F32(x) => {
+            let per = w.cols;
+            let token = |t: usize| &x[t * per..(t + 1) * per];
+            tiles(
+                w,
+                n_tokens,
+                rows,
+                out,
+                out_stride,
+                |row, t0| kernels.dot_f32::<TILE>(w.ty, row, std::array::from_fn(|i| token(t0 + i))),
+                |row, t| kernels.dot_f32::<1>(w.ty, row, [token(t)])[0],
+            );
         }
     }
-    match (w.ty, x) {
-        (GgmlType::Q4_0, Activations::Q8(x)) => tiles!(x, w.cols / quant::QK, quant::dot_q4_0),
-        (GgmlType::Q4_1, Activations::Q8(x)) => tiles!(x, w.cols / quant::QK, quant::dot_q4_1),
-        (GgmlType::Q8_0, Activations::Q8(x)) => tiles!(x, w.cols / quant::QK, quant::dot_q8_0),
-        (GgmlType::Q4K, Activations::Q8(x)) => tiles!(x, w.cols / quant::QK, quant::dot_q4_k),
-        (GgmlType::Q6K, Activations::Q8(x)) => tiles!(x, w.cols / quant::QK, quant::dot_q6_k),
-        (GgmlType::F32, Activations::F32(x)) => tiles!(x, w.cols, quant::dot_f32),
-        (GgmlType::F16, Activations::F32(x)) => tiles!(x, w.cols, quant::dot_f16),
-        (GgmlType::BF16, Activations::F32(x)) => tiles!(x, w.cols, quant::dot_bf16),
-        (ty, _) => panic!("matmul_rows: no kernel for {ty} with these activations"),
+}
+
+#[inline(always)]
+fn tiles(
+    w: &Weight<'_>,
+    n_tokens: usize,
+    rows: Range<usize>,
+    out: &[AtomicU32],
+    out_stride: usize,
+    tile: impl Fn(&[u8], usize) -> [f32; TILE],
+    one: impl Fn(&[u8], usize) -> f32,
+) {
+    let store = |t: usize, r: usize, v: f32| out[t * out_stride + r].store(v.to_bits(), Ordering::Relaxed);
+    for c0 in (0..n_tokens).step_by(TOKEN_CHUNK) {
+        let c1 = (c0 + TOKEN_CHUNK).min(n_tokens);
+        let full = c0 + (c1 - c0) / TILE * TILE;
+        for r in rows.clone() {
+            let row = w.row(r);
+            for t0 in (c0..full).step_by(TILE) {
+                for (i, v) in tile(row, t0).into_iter().enumerate() {
+                    store(t0 + i, r, v);
+                }
+            }
+            for t in full..c1 {
+                // Generation reads each row once: fetch the rows a few ahead, one row's lines at
+                // a time (a burst for many rows filled the line-fill buffers and stalled).
+                if n_tokens == 1 && r + PREFETCH_ROWS < w.rows {
+                    crate::model::mmap::prefetch(w.row(r + PREFETCH_ROWS));
+                }
+                store(t, r, one(row, t));
+            }
+        }
     }
 }

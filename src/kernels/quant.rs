@@ -3,9 +3,11 @@
 //!
 //! Activations are quantized once per matrix multiplication to [`BlockQ8`] (32 values, one
 //! scale), the way llama.cpp does, so that a quantized row times an activation vector is an
-//! integer dot product per block and a few float multiplies. The integer loops are written so
-//! that LLVM vectorizes them (NEON on aarch64, SSE2 or AVX2 on x86_64; the callers are compiled
-//! in several versions and the best one is picked at run time, see `matmul`).
+//! integer dot product per block and a few float multiplies.
+//!
+//! The dot products here are the portable reference: plain Rust (the `wide` crate's vectors
+//! for the integer sums), used where no SIMD variant runs and as the oracle every variant in
+//! [`super::simd`] is checked against.
 
 use wide::{f32x8, i16x16, i32x8, i8x16};
 
@@ -142,6 +144,46 @@ pub fn dot_q4_1(row: &[u8], x: &[BlockQ8]) -> f32 {
     acc.sum()
 }
 
+#[inline(always)]
+fn unpack_q5(b: &[u8], at: usize, offset: i16) -> [i16; QK] {
+    let qh = u32::from_le_bytes(*block::<4>(b, at));
+    let qs = block::<16>(b, at + 4);
+    let mut w = [0i16; QK];
+    for j in 0..16 {
+        w[j] = ((qs[j] & 0x0f) as u32 | ((qh >> j) & 1) << 4) as i16 - offset;
+        w[j + 16] = ((qs[j] >> 4) as u32 | ((qh >> (j + 16)) & 1) << 4) as i16 - offset;
+    }
+    w
+}
+
+/// Q5_0 row · activations.
+#[inline(always)]
+pub fn dot_q5_0(row: &[u8], x: &[BlockQ8]) -> f32 {
+    let mut acc = Acc::new();
+    for (b, xb) in row.chunks_exact(22).zip(x) {
+        acc.add(
+            block_lanes(&unpack_q5(b, 2, 16), &xb.qs),
+            scale(b, 0) * xb.d,
+            0.0 * xb.s,
+        );
+    }
+    acc.sum()
+}
+
+/// Q5_1 row · activations.
+#[inline(always)]
+pub fn dot_q5_1(row: &[u8], x: &[BlockQ8]) -> f32 {
+    let mut acc = Acc::new();
+    for (b, xb) in row.chunks_exact(24).zip(x) {
+        acc.add(
+            block_lanes(&unpack_q5(b, 4, 0), &xb.qs),
+            scale(b, 0) * xb.d,
+            scale(b, 2) * xb.s,
+        );
+    }
+    acc.sum()
+}
+
 /// Q8_0 row · activations.
 #[inline(always)]
 pub fn dot_q8_0(row: &[u8], x: &[BlockQ8]) -> f32 {
@@ -149,94 +191,6 @@ pub fn dot_q8_0(row: &[u8], x: &[BlockQ8]) -> f32 {
     for (b, xb) in row.chunks_exact(34).zip(x) {
         let w: [i16; QK] = block::<QK>(b, 2).map(|v| v as i8 as i16);
         acc.add(block_lanes(&w, &xb.qs), scale(b, 0) * xb.d, 0.0 * xb.s);
-    }
-    acc.sum()
-}
-
-/// Longest row [`unpack_row`] handles (the FFN width of 70B-class models is 28672).
-pub const MAX_UNPACKED_COLS: usize = 32768;
-
-/// A row expanded once for reuse across many tokens: block `b` stands for
-/// `q[32b..32b+32] * scale[b] + min[b]`.
-pub struct UnpackedRow {
-    /// Integer values, already widened to 16 bits (the row is reused for every token).
-    pub q: [i16; MAX_UNPACKED_COLS],
-    /// Per-block scales.
-    pub scale: [f32; MAX_UNPACKED_COLS / QK],
-    /// Per-block offsets.
-    pub min: [f32; MAX_UNPACKED_COLS / QK],
-}
-
-impl UnpackedRow {
-    /// A zeroed row (heap-allocate it once per thread: it is 40 KiB).
-    pub fn new() -> Box<UnpackedRow> {
-        Box::new(UnpackedRow {
-            q: [0; MAX_UNPACKED_COLS],
-            scale: [0.0; MAX_UNPACKED_COLS / QK],
-            min: [0.0; MAX_UNPACKED_COLS / QK],
-        })
-    }
-}
-
-/// Whether [`unpack_row`] handles this type (formats whose scale is per 32 elements).
-pub fn unpackable(ty: GgmlType) -> bool {
-    matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q4K)
-}
-
-/// Expands `row` (`cols` elements, at most [`MAX_UNPACKED_COLS`]) into `out`.
-#[inline(always)]
-pub fn unpack_row(ty: GgmlType, row: &[u8], out: &mut UnpackedRow) {
-    let blocks = out
-        .q
-        .chunks_exact_mut(QK)
-        .zip(out.scale.iter_mut().zip(out.min.iter_mut()));
-    match ty {
-        GgmlType::Q4_0 | GgmlType::Q4_1 => {
-            let (bytes, offset) = if ty == GgmlType::Q4_0 { (18, 8) } else { (20, 0) };
-            for (b, (q, (s, m))) in row.chunks_exact(bytes).zip(blocks) {
-                q.copy_from_slice(&unpack_nibbles(block::<16>(b, bytes - 16), offset));
-                *s = scale(b, 0);
-                *m = if ty == GgmlType::Q4_1 { scale(b, 2) } else { 0.0 };
-            }
-        }
-        GgmlType::Q8_0 => {
-            for (b, (q, (s, m))) in row.chunks_exact(34).zip(blocks) {
-                for (d, &v) in q.iter_mut().zip(&b[2..34]) {
-                    *d = v as i8 as i16;
-                }
-                *s = scale(b, 0);
-                *m = 0.0;
-            }
-        }
-        GgmlType::Q4K => {
-            let mut blocks = blocks;
-            for b in row.chunks_exact(144) {
-                let (d, dmin) = (scale(b, 0), scale(b, 2));
-                let scales = block::<12>(b, 4);
-                for j in 0..8 {
-                    let Some((q, (s, m))) = blocks.next() else { return };
-                    let (sc, mn) = q4k_scale_min(scales, j);
-                    let src = block::<32>(b, 16 + 32 * (j / 2));
-                    for l in 0..32 {
-                        q[l] = if j % 2 == 0 { src[l] & 0x0f } else { src[l] >> 4 } as i16;
-                    }
-                    *s = d * sc as f32;
-                    *m = -dmin * mn as f32;
-                }
-            }
-        }
-        _ => {}
-    }
-}
-
-/// An unpacked row (`blocks` blocks) · activations.
-#[inline(always)]
-pub fn dot_unpacked(w: &UnpackedRow, blocks: usize, x: &[BlockQ8]) -> f32 {
-    let mut acc = Acc::new();
-    let q = &w.q[..blocks * QK];
-    for ((q, (&s, &m)), xb) in q.chunks_exact(QK).zip(w.scale.iter().zip(&w.min)).zip(x) {
-        let q: &[i16; QK] = q.try_into().expect("block of 32");
-        acc.add(block_lanes(q, &xb.qs), s * xb.d, m * xb.s);
     }
     acc.sum()
 }
@@ -326,7 +280,13 @@ pub fn dot_f32(row: &[u8], x: &[f32]) -> f32 {
             acc[j] += f32::from_le_bytes(*block::<4>(w, 4 * j)) * xv[j];
         }
     }
-    acc.iter().sum()
+    let main = x.len() / 8 * 8;
+    let tail: f32 = row[main * 4..]
+        .chunks_exact(4)
+        .zip(&x[main..])
+        .map(|(w, xv)| f32::from_le_bytes(*block::<4>(w, 0)) * xv)
+        .sum();
+    acc.iter().sum::<f32>() + tail
 }
 
 /// F16 row · f32 activations.
@@ -338,7 +298,13 @@ pub fn dot_f16(row: &[u8], x: &[f32]) -> f32 {
             acc[j] += f16_to_f32(u16::from_le_bytes(*block::<2>(w, 2 * j))) * xv[j];
         }
     }
-    acc.iter().sum()
+    let main = x.len() / 8 * 8;
+    let tail: f32 = row[main * 2..]
+        .chunks_exact(2)
+        .zip(&x[main..])
+        .map(|(w, xv)| f16_to_f32(u16::from_le_bytes(*block::<2>(w, 0))) * xv)
+        .sum();
+    acc.iter().sum::<f32>() + tail
 }
 
 /// BF16 row · f32 activations.
@@ -350,14 +316,26 @@ pub fn dot_bf16(row: &[u8], x: &[f32]) -> f32 {
             acc[j] += bf16_to_f32(u16::from_le_bytes(*block::<2>(w, 2 * j))) * xv[j];
         }
     }
-    acc.iter().sum()
+    let main = x.len() / 8 * 8;
+    let tail: f32 = row[main * 2..]
+        .chunks_exact(2)
+        .zip(&x[main..])
+        .map(|(w, xv)| bf16_to_f32(u16::from_le_bytes(*block::<2>(w, 0))) * xv)
+        .sum();
+    acc.iter().sum::<f32>() + tail
 }
 
 /// Whether rows of this type are multiplied with [`BlockQ8`] activations (else with f32).
 pub fn uses_q8_activations(ty: GgmlType) -> bool {
     matches!(
         ty,
-        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q4K | GgmlType::Q6K
+        GgmlType::Q4_0
+            | GgmlType::Q4_1
+            | GgmlType::Q5_0
+            | GgmlType::Q5_1
+            | GgmlType::Q8_0
+            | GgmlType::Q4K
+            | GgmlType::Q6K
     )
 }
 
@@ -388,6 +366,17 @@ pub fn dequantize_row(ty: GgmlType, row: &[u8], out: &mut [f32]) {
                 let d = scale(b, 0);
                 let m = if ty == GgmlType::Q4_1 { scale(b, 2) } else { 0.0 };
                 let w = unpack_nibbles(block::<16>(b, bytes - 16), offset);
+                for j in 0..QK {
+                    o[j] = w[j] as f32 * d + m;
+                }
+            }
+        }
+        GgmlType::Q5_0 | GgmlType::Q5_1 => {
+            let (bytes, offset) = if ty == GgmlType::Q5_0 { (22, 16) } else { (24, 0) };
+            for (b, o) in row.chunks_exact(bytes).zip(out.chunks_exact_mut(QK)) {
+                let d = scale(b, 0);
+                let m = if ty == GgmlType::Q5_1 { scale(b, 2) } else { 0.0 };
+                let w = unpack_q5(b, bytes - 20, offset);
                 for j in 0..QK {
                     o[j] = w[j] as f32 * d + m;
                 }
@@ -456,8 +445,8 @@ mod tests {
         let bb = ty.block_bytes();
         for b in 0..row.len() / bb {
             match ty {
-                GgmlType::Q4_0 | GgmlType::Q8_0 => fix(&mut row, b * bb, rng),
-                GgmlType::Q4_1 | GgmlType::Q4K => {
+                GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => fix(&mut row, b * bb, rng),
+                GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K => {
                     fix(&mut row, b * bb, rng);
                     fix(&mut row, b * bb + 2, rng);
                 }
@@ -496,6 +485,8 @@ mod tests {
             GgmlType::BF16,
             GgmlType::Q4_0,
             GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q5_1,
             GgmlType::Q8_0,
             GgmlType::Q4K,
             GgmlType::Q6K,
@@ -511,6 +502,8 @@ mod tests {
                 let got = match ty {
                     GgmlType::Q4_0 => dot_q4_0(&row, &xq),
                     GgmlType::Q4_1 => dot_q4_1(&row, &xq),
+                    GgmlType::Q5_0 => dot_q5_0(&row, &xq),
+                    GgmlType::Q5_1 => dot_q5_1(&row, &xq),
                     GgmlType::Q8_0 => dot_q8_0(&row, &xq),
                     GgmlType::Q4K => dot_q4_k(&row, &xq),
                     GgmlType::Q6K => dot_q6_k(&row, &xq),
@@ -531,32 +524,6 @@ mod tests {
             assert!(
                 (got as f64 - want).abs() <= 1e-4 * mag + 1e-6,
                 "{ty}: got {got}, want {want} (magnitude {mag})"
-            );
-        }
-    }
-
-    /// The prompt path (rows expanded once) computes the same sums as the one-token path.
-    #[test]
-    fn unpacked_rows_match_direct_dot_products() {
-        let mut rng = fastrand::Rng::with_seed(9);
-        let n = 1024;
-        let mut buf = UnpackedRow::new();
-        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4K] {
-            let row = rand_row(&mut rng, ty, n);
-            let x: Vec<f32> = (0..n).map(|_| rng.f32() * 2.0 - 1.0).collect();
-            let mut xq = vec![BlockQ8::default(); n / QK];
-            quantize_q8(&x, &mut xq);
-            unpack_row(ty, &row, &mut buf);
-            let got = dot_unpacked(&buf, n / QK, &xq);
-            let want = match ty {
-                GgmlType::Q4_0 => dot_q4_0(&row, &xq),
-                GgmlType::Q4_1 => dot_q4_1(&row, &xq),
-                GgmlType::Q8_0 => dot_q8_0(&row, &xq),
-                _ => dot_q4_k(&row, &xq),
-            };
-            assert!(
-                (got - want).abs() <= 1e-5 * want.abs().max(1.0),
-                "{ty}: unpacked {got}, direct {want}"
             );
         }
     }

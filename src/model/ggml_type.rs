@@ -128,6 +128,8 @@ impl GgmlType {
                 | GgmlType::BF16
                 | GgmlType::Q4_0
                 | GgmlType::Q4_1
+                | GgmlType::Q5_0
+                | GgmlType::Q5_1
                 | GgmlType::Q8_0
                 | GgmlType::Q4K
                 | GgmlType::Q6K

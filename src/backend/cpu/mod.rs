@@ -14,14 +14,13 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use multiversion::multiversion;
-
 use super::{Backend, BackendError, BackendInfo, Next};
 use crate::kernels::matmul::{matmul_rows, Activations};
 use crate::kernels::ops;
 use crate::kernels::quant::{self, BlockQ8, QK};
+use crate::kernels::simd::Kernels;
 use crate::model::config::ConfigError;
-use crate::model::{Gguf, GgufError, LlamaConfig, MappedFile};
+use crate::model::{GgmlType, Gguf, GgufError, LlamaConfig, MappedFile};
 use pool::{Executor, Pool};
 use weights::{ModelWeights, TensorRef};
 
@@ -55,7 +54,7 @@ pub enum CpuError {
     MissingTensor(String),
     /// A tensor's type has no kernel.
     #[error(
-        "unsupported tensor type {ty} in tensor '{tensor}' (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K)"
+        "unsupported tensor type {ty} in tensor '{tensor}' (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K)"
     )]
     UnsupportedType {
         /// The type.
@@ -90,6 +89,8 @@ pub struct CpuOptions {
     pub context: Option<usize>,
     /// Tokens per prompt batch.
     pub batch: usize,
+    /// Matrix kernels to use; `None` means the best this CPU runs.
+    pub kernels: Option<Kernels>,
 }
 
 impl Default for CpuOptions {
@@ -98,14 +99,23 @@ impl Default for CpuOptions {
             threads: 0,
             context: None,
             batch: DEFAULT_BATCH,
+            kernels: None,
         }
     }
 }
 
-/// Keys and values of every layer and position, `[layer][pos][kv_dim]`.
+/// Keys and values of every layer and position, `[layer][pos][kv_dim]`, as f16 (little-endian
+/// bytes), llama.cpp's default: half the memory of f32, and attention reads half the bytes.
 struct KvCache {
-    k: Vec<f32>,
-    v: Vec<f32>,
+    k: Vec<u8>,
+    v: Vec<u8>,
+}
+
+/// Stores `src` into `dst` (`2 * src.len()` bytes) as f16, rounding to nearest.
+fn store_f16(dst: &mut [u8], src: &[f32]) {
+    for (d, &v) in dst.chunks_exact_mut(2).zip(src) {
+        d.copy_from_slice(&half::f16::from_f32(v).to_bits().to_le_bytes());
+    }
 }
 
 /// What the worker threads share with the calling thread: weights and the buffers a job reads
@@ -116,6 +126,8 @@ struct Compute {
     weights: ModelWeights,
     cfg: LlamaConfig,
     context: usize,
+    /// The matrix kernels for this CPU, chosen once at load.
+    kernels: Kernels,
     /// Quantized input of the current matrix job, `[tokens][cols / 32]`.
     xq: RwLock<Vec<BlockQ8>>,
     /// Float input of the current matrix job (float weights), `[tokens][cols]`.
@@ -178,7 +190,15 @@ impl Compute {
             } else {
                 Activations::F32(&xf[..n_tokens * w.cols])
             };
-            matmul_rows(&w.view(&self.file), x, n_tokens, rows, &self.out[i], w.rows);
+            matmul_rows(
+                self.kernels,
+                &w.view(&self.file),
+                x,
+                n_tokens,
+                rows,
+                &self.out[i],
+                w.rows,
+            );
         }
     }
 
@@ -190,9 +210,9 @@ impl Compute {
         let kv = self.kv.read().unwrap_or_else(|e| e.into_inner());
         let mut scratch = self.scratch[worker].lock().unwrap_or_else(|e| e.into_inner());
         let (scores, acc) = scratch.split_at_mut(self.context);
-        let base = layer * self.context * kvd;
-        let layer_k = &kv.k[base..base + self.context * kvd];
-        let layer_v = &kv.v[base..base + self.context * kvd];
+        let base = 2 * layer * self.context * kvd;
+        let layer_k = &kv.k[base..base + 2 * self.context * kvd];
+        let layer_v = &kv.v[base..base + 2 * self.context * kvd];
         loop {
             let item = next.fetch_add(1, Ordering::Relaxed);
             if item >= n_tokens * cfg.n_heads {
@@ -202,6 +222,7 @@ impl Compute {
             let pos = start + t;
             let qh = &q[t * dim + h * hd..t * dim + (h + 1) * hd];
             attend(
+                self.kernels,
                 qh,
                 layer_k,
                 layer_v,
@@ -219,37 +240,30 @@ impl Compute {
     }
 }
 
-/// One query head against `n` cached positions: `acc = softmax(q·k / sqrt(d)) · v`.
-#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
+/// One query head against `n` cached positions: `acc = softmax(q·k / sqrt(d)) · v`, keys and
+/// values f16 rows `stride` values apart, this head's at `offset`.
 #[allow(clippy::too_many_arguments)]
 fn attend(
+    kernels: Kernels,
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    keys: &[u8],
+    values: &[u8],
     stride: usize,
     offset: usize,
     n: usize,
     scores: &mut [f32],
     acc: &mut [f32],
 ) {
-    let scale = 1.0 / (q.len() as f32).sqrt();
+    let hd = q.len();
+    let scale = 1.0 / (hd as f32).sqrt();
+    let row = |p: usize| 2 * (p * stride + offset)..2 * (p * stride + offset + hd);
     for (p, s) in scores.iter_mut().enumerate().take(n) {
-        let kp = &k[p * stride + offset..p * stride + offset + q.len()];
-        let mut lanes = [0f32; 8];
-        for (a, b) in q.chunks_exact(8).zip(kp.chunks_exact(8)) {
-            for j in 0..8 {
-                lanes[j] += a[j] * b[j];
-            }
-        }
-        *s = lanes.iter().sum::<f32>() * scale;
+        *s = kernels.dot_f32(GgmlType::F16, &keys[row(p)], [q])[0] * scale;
     }
     ops::softmax(&mut scores[..n]);
     acc.fill(0.0);
     for (p, &s) in scores.iter().enumerate().take(n) {
-        let vp = &v[p * stride + offset..p * stride + offset + acc.len()];
-        for (a, &x) in acc.iter_mut().zip(vp) {
-            *a += s * x;
-        }
+        kernels.axpy_f16(acc, s, &values[row(p)]);
     }
 }
 
@@ -267,6 +281,8 @@ pub struct CpuBackend {
     up: Vec<f32>,
     /// Logits of the last token, `[vocab]`.
     logits: Vec<f32>,
+    /// One token's key or value row on its way into the f16 cache, `[kv_dim]`.
+    kv_row: Vec<f32>,
 }
 
 impl CpuBackend {
@@ -310,11 +326,11 @@ impl CpuBackend {
         let out_len = (batch * widest).max(vocab);
         let kv_len = cfg.n_layers * context * kvd;
         // The KV cache is the one large allocation; refuse it with a message, not an abort.
-        let kv_vec = || -> Result<Vec<f32>, CpuError> {
+        let kv_vec = || -> Result<Vec<u8>, CpuError> {
             let mut v = Vec::new();
-            v.try_reserve_exact(kv_len)
-                .map_err(|_| CpuError::Context(format!("cannot allocate a KV cache of {} MiB", (kv_len * 8) >> 20)))?;
-            v.resize(kv_len, 0.0);
+            v.try_reserve_exact(2 * kv_len)
+                .map_err(|_| CpuError::Context(format!("cannot allocate a KV cache of {} MiB", (kv_len * 4) >> 20)))?;
+            v.resize(2 * kv_len, 0);
             Ok(v)
         };
         let atomics = |n: usize| (0..n).map(|_| AtomicU32::new(0)).collect::<Vec<_>>();
@@ -323,6 +339,7 @@ impl CpuBackend {
             file: Arc::clone(&file),
             cfg: cfg.clone(),
             context,
+            kernels: opts.kernels.unwrap_or_else(Kernels::best),
             xq: RwLock::new(vec![BlockQ8::default(); batch * widest / QK + 1]),
             xf: RwLock::new(vec![0.0; batch * widest]),
             q: RwLock::new(vec![0.0; batch * dim]),
@@ -348,10 +365,11 @@ impl CpuBackend {
             vocab_size: vocab,
             dtype,
             weight_bytes: compute.weights.bytes(),
-            kv_cache_bytes: (2 * kv_len * 4) as u64,
+            kv_cache_bytes: (2 * kv_len * 2) as u64,
+            host_state_bytes: 0,
             max_batch: batch,
         };
-        Ok(CpuBackend {
+        let mut backend = CpuBackend {
             info,
             pool,
             batch,
@@ -359,8 +377,44 @@ impl CpuBackend {
             xb: vec![0.0; batch * widest],
             up: vec![0.0; batch * ffn],
             logits: vec![0.0; vocab],
+            kv_row: vec![0.0; kvd],
             compute,
-        })
+        };
+        backend.info.host_state_bytes = backend.state_bytes();
+        Ok(backend)
+    }
+
+    /// Bytes of every buffer the backend allocated (weights are mapped, not counted).
+    fn state_bytes(&self) -> u64 {
+        fn bytes<T>(v: &[T]) -> usize {
+            std::mem::size_of_val(v)
+        }
+        let c = &*self.compute;
+        let read = |l: &RwLock<Vec<f32>>| bytes(&l.read().unwrap_or_else(|e| e.into_inner()));
+        let kv = c.kv.read().unwrap_or_else(|e| e.into_inner());
+        let scratch: usize = c
+            .scratch
+            .iter()
+            .map(|m| bytes(&m.lock().unwrap_or_else(|e| e.into_inner())))
+            .sum();
+        let total = bytes(&kv.k)
+            + bytes(&kv.v)
+            + bytes(&c.xq.read().unwrap_or_else(|e| e.into_inner()))
+            + read(&c.xf)
+            + read(&c.q)
+            + c.out.iter().map(|o| bytes(o)).sum::<usize>()
+            + scratch
+            + [&self.x, &self.xb, &self.up, &self.logits, &self.kv_row]
+                .iter()
+                .map(|v| bytes(v))
+                .sum::<usize>()
+            + c.weights.state_bytes();
+        total as u64
+    }
+
+    /// The matrix kernels in use.
+    pub fn kernels(&self) -> Kernels {
+        self.compute.kernels
     }
 
     /// Threads used for matrix work.
@@ -430,13 +484,15 @@ impl CpuBackend {
                     for head in qt.chunks_exact_mut(hd) {
                         ops::rope(&mut head[..cfg.rope_dims], pos, &c.weights.rope_inv_freq);
                     }
-                    let at = base + pos * kvd;
-                    let kt = &mut kv.k[at..at + kvd];
+                    let at = 2 * (base + pos * kvd);
+                    let kt = &mut self.kv_row[..kvd];
                     read_atomics(&c.out[1][t * kvd..(t + 1) * kvd], kt);
                     for head in kt.chunks_exact_mut(hd) {
                         ops::rope(&mut head[..cfg.rope_dims], pos, &c.weights.rope_inv_freq);
                     }
-                    read_atomics(&c.out[2][t * kvd..(t + 1) * kvd], &mut kv.v[at..at + kvd]);
+                    store_f16(&mut kv.k[at..at + 2 * kvd], kt);
+                    read_atomics(&c.out[2][t * kvd..(t + 1) * kvd], kt);
+                    store_f16(&mut kv.v[at..at + 2 * kvd], kt);
                 }
             }
             self.pool.run(Job::Attention {

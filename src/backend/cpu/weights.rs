@@ -75,6 +75,12 @@ pub struct ModelWeights {
 }
 
 impl ModelWeights {
+    /// Bytes of what was expanded out of the file (norm vectors, RoPE frequencies).
+    pub fn state_bytes(&self) -> usize {
+        let norms: usize = self.layers.iter().map(|l| l.attn_norm.len() + l.ffn_norm.len()).sum();
+        4 * (norms + self.output_norm.len() + self.rope_inv_freq.len())
+    }
+
     /// Finds, checks and maps every tensor the config calls for.
     ///
     /// # Errors

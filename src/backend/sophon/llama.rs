@@ -183,6 +183,8 @@ pub struct SophonBackend {
     /// Host scratch, sized at load.
     bytes: Vec<u8>,
     logits: Vec<f32>,
+    /// Read lm_head's logits back before a head runs (`record_logits`; for tests).
+    record_logits: bool,
     probs: Vec<f32>,
     candidates: Vec<u32>,
     /// Dropped after the prepared nets and buffers above: the context, then the devices.
@@ -292,6 +294,7 @@ impl SophonBackend {
             ),
             weight_bytes: std::fs::metadata(path).map_or(0, |m| m.len()),
             kv_cache_bytes: kv_bytes,
+            host_state_bytes: 0,
             max_batch: layout.max_input,
         };
         let n_candidates = layout.sample_head.as_ref().map_or(0, |h| h.candidates);
@@ -326,6 +329,7 @@ impl SophonBackend {
             last_plan: None,
             bytes: vec![0; scratch],
             logits: vec![0.0; vocab],
+            record_logits: false,
             probs: vec![0.0; n_candidates],
             candidates: vec![0; n_candidates],
             layout,
@@ -348,9 +352,22 @@ impl SophonBackend {
         self.last_plan
     }
 
+    /// From now on, read lm_head's logits back at every step before an on-chip head runs
+    /// (a device-to-host copy of the vocabulary per token: for tests and diagnostics, which
+    /// hold a head to a model of its math on exactly what it was given). The logits buffer
+    /// cannot be read after the head instead: a head may use its input as scratch (seen once
+    /// on the simulator: a dynamic `sample_head` left other values in it).
+    pub fn record_logits(&mut self) {
+        self.record_logits = true;
+    }
+
+    /// The logits recorded before the head of the last step ran (see `record_logits`).
+    pub fn recorded_logits(&self) -> &[f32] {
+        &self.logits
+    }
+
     /// The logits lm_head left on the device at the last step, read back (for tests and
-    /// diagnostics: the sampling head's input, compared with a model of its math). Empty
-    /// when lm_head returns a token.
+    /// diagnostics). Empty when lm_head returns a token.
     ///
     /// # Errors
     /// The read fails.
@@ -534,6 +551,10 @@ impl SophonBackend {
         }
         self.loaded.launch(&mut self.nets.lm_head)?;
         let v = self.logits.len();
+        if self.record_logits && matches!(self.picker, Picker::Greedy | Picker::Sample) {
+            self.loaded.finish()?;
+            self.read_logits()?;
+        }
         match self.picker {
             Picker::LmHead => {
                 self.loaded.finish()?;

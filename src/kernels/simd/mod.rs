@@ -1,0 +1,410 @@
+//! Hand-written SIMD dot products, one set per instruction set, chosen once at start-up.
+//!
+//! This is the one module of the crate where `unsafe` is allowed: `std::arch` intrinsics are
+//! `unsafe` to call (the CPU must have the instructions; loads take raw pointers). The rest
+//! of the crate reaches them only through [`Kernels`], which can only be had for an
+//! instruction set the running CPU has, and whose methods check every length before the
+//! kernels run. Every `unsafe` block below says why it is sound.
+//!
+//! All integer kernels share one shape, llama.cpp's: weights unpacked to 32 bytes per block,
+//! multiplied with the block's 32 i8 activations into i32 lanes (x86: `maddubs` + `madd`, or
+//! `vpdpbusd` where the CPU has AVX-512 VNNI; ARMv8.0 NEON: `smull` + `sadalp`, which is what
+//! llama.cpp's `ggml_vdotq_s32` falls back to without the dot-product extension), the lanes
+//! scaled by the two block scales and accumulated in floats, and a block offset (`min`, or
+//! `-8·d` for Q4_0) times the activation block's sum. A kernel computes one weight row against
+//! 1 or [`TILE`] tokens; each (row, token) pair goes through the same instructions in the same
+//! order either way, so a prompt processed in batches gives bit-identical results to one
+//! processed token by token.
+#![allow(unsafe_code)]
+
+#[cfg(target_arch = "aarch64")]
+mod neon;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use std::sync::OnceLock;
+
+use super::quant::{self, BlockQ8, QK};
+use crate::model::GgmlType;
+
+/// Tokens a prompt kernel multiplies one weight row with at once (the row's unpacked blocks
+/// are reused from registers).
+pub const TILE: usize = 4;
+
+/// An instruction set the kernels are written for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// Portable Rust (the reference every other variant is checked against).
+    Scalar,
+    /// x86_64 AVX2 with FMA and F16C (`maddubs`/`madd`).
+    Avx2,
+    /// x86_64 AVX2 plus AVX-512 VNNI on 256-bit vectors (`vpdpbusd`).
+    Avx512Vnni,
+    /// aarch64 NEON as in ARMv8.0 (the Cortex-A53): widening multiplies and pairwise adds.
+    Neon,
+    /// aarch64 NEON with the dot-product extension (`sdot`, ARMv8.2+).
+    NeonDot,
+}
+
+impl Isa {
+    /// Every variant, best last within each architecture.
+    pub const ALL: [Isa; 5] = [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni, Isa::Neon, Isa::NeonDot];
+
+    /// Its name, as `bench` and `info` print it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512Vnni => "avx512-vnni",
+            Isa::Neon => "neon",
+            Isa::NeonDot => "neon-dotprod",
+        }
+    }
+
+    /// Whether the running CPU has every instruction the variant uses.
+    pub fn available(self) -> bool {
+        match self {
+            Isa::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => x86::avx2_available(),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => x86::avx2_available() && x86::vnni_available(),
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => std::arch::is_aarch64_feature_detected!("neon"),
+            #[cfg(target_arch = "aarch64")]
+            Isa::NeonDot => {
+                std::arch::is_aarch64_feature_detected!("neon") && std::arch::is_aarch64_feature_detected!("dotprod")
+            }
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+}
+
+/// The kernels of one instruction set the running CPU has (the only way to call them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kernels {
+    isa: Isa,
+}
+
+impl Kernels {
+    /// The kernels of `isa`, if this CPU can run them.
+    pub fn new(isa: Isa) -> Option<Kernels> {
+        isa.available().then_some(Kernels { isa })
+    }
+
+    /// The best kernels for this CPU, detected once per process.
+    pub fn best() -> Kernels {
+        static BEST: OnceLock<Kernels> = OnceLock::new();
+        *BEST.get_or_init(|| {
+            Isa::ALL
+                .iter()
+                .rev()
+                .find_map(|&isa| Kernels::new(isa))
+                .unwrap_or(Kernels { isa: Isa::Scalar })
+        })
+    }
+
+    /// Their instruction set.
+    pub fn isa(self) -> Isa {
+        self.isa
+    }
+
+    /// Whether `ty` rows have a kernel here (with [`BlockQ8`] or f32 activations).
+    pub fn supports(ty: GgmlType) -> bool {
+        ty.is_supported()
+    }
+
+    /// `row · x[t]` for each token `t`: `row` holds `x[t].len() * 32` elements of `ty` (a
+    /// type whose rows multiply 8-bit activations, see [`quant::uses_q8_activations`]).
+    ///
+    /// # Panics
+    /// If `ty` does not take 8-bit activations, or the lengths disagree (programming errors:
+    /// the backend validates shapes at load).
+    #[inline]
+    pub fn dot_q8<const T: usize>(self, ty: GgmlType, row: &[u8], x: [&[BlockQ8]; T]) -> [f32; T] {
+        let blocks = x.first().map_or(0, |x| x.len());
+        assert!(
+            x.iter().all(|x| x.len() == blocks),
+            "dot_q8: tokens of different lengths"
+        );
+        assert_eq!(row.len(), ty.row_bytes(blocks * QK), "dot_q8: row length");
+        assert!(
+            quant::uses_q8_activations(ty),
+            "dot_q8: {ty} rows take float activations"
+        );
+        match self.isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: a `Kernels` with this ISA exists only if the CPU has its features
+            // (`Kernels::new`), and the lengths the kernels index by were checked above.
+            Isa::Avx2 => unsafe { x86::avx2::dot_q8(ty, row, x) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            Isa::Avx512Vnni => unsafe { x86::vnni::dot_q8(ty, row, x) },
+            #[cfg(target_arch = "aarch64")]
+            // SAFETY: as above.
+            Isa::Neon => unsafe { neon::v80::dot_q8(ty, row, x) },
+            #[cfg(target_arch = "aarch64")]
+            // SAFETY: as above.
+            Isa::NeonDot => unsafe { neon::dot::dot_q8(ty, row, x) },
+            _ => x.map(|x| scalar_q8(ty, row, x)),
+        }
+    }
+
+    /// `row · x[t]` for each token `t`, for F32, F16 and BF16 rows of `x[t].len()` elements.
+    ///
+    /// # Panics
+    /// If `ty` is not a float type, or the lengths disagree.
+    #[inline]
+    pub fn dot_f32<const T: usize>(self, ty: GgmlType, row: &[u8], x: [&[f32]; T]) -> [f32; T] {
+        let cols = x.first().map_or(0, |x| x.len());
+        assert!(
+            x.iter().all(|x| x.len() == cols),
+            "dot_f32: tokens of different lengths"
+        );
+        assert_eq!(row.len(), ty.row_bytes(cols), "dot_f32: row length");
+        assert!(
+            !quant::uses_q8_activations(ty),
+            "dot_f32: {ty} rows take 8-bit activations"
+        );
+        match self.isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as in `dot_q8`.
+            Isa::Avx2 | Isa::Avx512Vnni => unsafe { x86::float::dot_f32(ty, row, x) },
+            #[cfg(target_arch = "aarch64")]
+            // SAFETY: as in `dot_q8`.
+            Isa::Neon | Isa::NeonDot => unsafe { neon::float::dot_f32(ty, row, x) },
+            _ => x.map(|x| scalar_f32(ty, row, x)),
+        }
+    }
+}
+
+impl Kernels {
+    /// `acc += a · v` where `v` holds `acc.len()` f16 values (little-endian bytes): one
+    /// cached value row weighted by its attention score.
+    ///
+    /// # Panics
+    /// If the lengths disagree.
+    #[inline]
+    pub fn axpy_f16(self, acc: &mut [f32], a: f32, v: &[u8]) {
+        assert_eq!(v.len(), 2 * acc.len(), "axpy_f16: lengths");
+        match self.isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as in `dot_q8`; the lengths were checked above.
+            Isa::Avx2 | Isa::Avx512Vnni => unsafe { x86::float::axpy_f16(acc, a, v) },
+            #[cfg(target_arch = "aarch64")]
+            // SAFETY: as above.
+            Isa::Neon | Isa::NeonDot => unsafe { neon::float::axpy_f16(acc, a, v) },
+            _ => {
+                for (o, h) in acc.iter_mut().zip(v.chunks_exact(2)) {
+                    *o += a * super::half::f16_to_f32(u16::from_le_bytes([h[0], h[1]]));
+                }
+            }
+        }
+    }
+}
+
+/// The portable reference for one token.
+fn scalar_q8(ty: GgmlType, row: &[u8], x: &[BlockQ8]) -> f32 {
+    match ty {
+        GgmlType::Q4_0 => quant::dot_q4_0(row, x),
+        GgmlType::Q4_1 => quant::dot_q4_1(row, x),
+        GgmlType::Q5_0 => quant::dot_q5_0(row, x),
+        GgmlType::Q5_1 => quant::dot_q5_1(row, x),
+        GgmlType::Q8_0 => quant::dot_q8_0(row, x),
+        GgmlType::Q4K => quant::dot_q4_k(row, x),
+        GgmlType::Q6K => quant::dot_q6_k(row, x),
+        other => panic!("no 8-bit kernel for {other}"),
+    }
+}
+
+fn scalar_f32(ty: GgmlType, row: &[u8], x: &[f32]) -> f32 {
+    match ty {
+        GgmlType::F32 => quant::dot_f32(row, x),
+        GgmlType::F16 => quant::dot_f16(row, x),
+        GgmlType::BF16 => quant::dot_bf16(row, x),
+        other => panic!("no float kernel for {other}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const Q8_TYPES: [GgmlType; 7] = [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+        GgmlType::Q4K,
+        GgmlType::Q6K,
+    ];
+    const FLOAT_TYPES: [GgmlType; 3] = [GgmlType::F32, GgmlType::F16, GgmlType::BF16];
+
+    /// Random bytes for a row, with its scales finite and small (a random f16 can be NaN).
+    fn random_row(rng: &mut fastrand::Rng, ty: GgmlType, cols: usize) -> Vec<u8> {
+        let mut row: Vec<u8> = (0..ty.row_bytes(cols)).map(|_| rng.u8(..)).collect();
+        let mut f16_at = |row: &mut [u8], at: usize| {
+            let v = half::f16::from_f32((rng.f32() - 0.3) * 0.02).to_bits().to_le_bytes();
+            row[at..at + 2].copy_from_slice(&v);
+        };
+        let bb = ty.block_bytes();
+        let scales: &[usize] = match ty {
+            GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => &[0],
+            GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K => &[0, 2],
+            GgmlType::Q6K => &[208],
+            _ => &[],
+        };
+        for b in 0..row.len() / bb {
+            for &at in scales {
+                f16_at(&mut row, b * bb + at);
+            }
+        }
+        match ty {
+            GgmlType::F32 => row
+                .chunks_exact_mut(4)
+                .for_each(|c| c.copy_from_slice(&(rng.f32() - 0.5).to_le_bytes())),
+            GgmlType::F16 => row
+                .chunks_exact_mut(2)
+                .for_each(|c| c.copy_from_slice(&half::f16::from_f32(rng.f32() - 0.5).to_bits().to_le_bytes())),
+            GgmlType::BF16 => row
+                .chunks_exact_mut(2)
+                .for_each(|c| c.copy_from_slice(&half::bf16::from_f32(rng.f32() - 0.5).to_bits().to_le_bytes())),
+            _ => {}
+        }
+        row
+    }
+
+    fn activations(rng: &mut fastrand::Rng, cols: usize) -> (Vec<f32>, Vec<BlockQ8>) {
+        let x: Vec<f32> = (0..cols).map(|_| rng.f32() * 4.0 - 2.0).collect();
+        let mut q = vec![BlockQ8::default(); cols / QK];
+        quant::quantize_q8(&x, &mut q);
+        (x, q)
+    }
+
+    fn close(got: f32, want: f32, magnitude: f32) -> bool {
+        (got - want).abs() <= 2e-5 * magnitude + 1e-6
+    }
+
+    /// Every variant this CPU runs agrees with the scalar reference on random rows of every
+    /// type, with odd numbers of blocks (and for float rows, lengths that are not a multiple
+    /// of the vector width), for one token and for a tile; the variants it cannot run are
+    /// named on stderr as not run.
+    #[test]
+    fn every_runnable_variant_matches_the_scalar_reference() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        let scalar = Kernels::new(Isa::Scalar).expect("always");
+        let mut ran = Vec::new();
+        for isa in Isa::ALL {
+            let Some(k) = Kernels::new(isa) else {
+                eprintln!("kernel variant {} not run: this CPU lacks its instructions", isa.name());
+                continue;
+            };
+            ran.push(isa.name());
+            for ty in Q8_TYPES {
+                let unit = ty.block_elements();
+                for units in [1, 3, 7, 9] {
+                    let cols = unit * units;
+                    for _ in 0..20 {
+                        let row = random_row(&mut rng, ty, cols);
+                        let xs: Vec<(Vec<f32>, Vec<BlockQ8>)> =
+                            (0..TILE).map(|_| activations(&mut rng, cols)).collect();
+                        let mut deq = vec![0f32; cols];
+                        quant::dequantize_row(ty, &row, &mut deq);
+                        let tile: [&[BlockQ8]; TILE] = std::array::from_fn(|t| &xs[t].1[..]);
+                        let got = k.dot_q8(ty, &row, tile);
+                        for t in 0..TILE {
+                            let want = scalar.dot_q8(ty, &row, [&xs[t].1[..]])[0];
+                            let one = k.dot_q8(ty, &row, [&xs[t].1[..]])[0];
+                            let mag: f32 = deq
+                                .iter()
+                                .zip(xs[t].1.iter().flat_map(|b| b.qs.map(|q| q as f32 * b.d)))
+                                .map(|(w, x)| (w * x).abs())
+                                .sum();
+                            assert!(
+                                close(one, want, mag),
+                                "{} {ty} x{units}: {one} vs scalar {want} (magnitude {mag})",
+                                isa.name()
+                            );
+                            assert_eq!(
+                                got[t].to_bits(),
+                                one.to_bits(),
+                                "{} {ty}: the tile differs from one token",
+                                isa.name()
+                            );
+                        }
+                    }
+                }
+            }
+            for ty in FLOAT_TYPES {
+                for cols in [1, 7, 8, 33, 64, 131] {
+                    let row = random_row(&mut rng, ty, cols);
+                    let xs: Vec<Vec<f32>> = (0..TILE)
+                        .map(|_| (0..cols).map(|_| rng.f32() - 0.5).collect())
+                        .collect();
+                    let tile: [&[f32]; TILE] = std::array::from_fn(|t| &xs[t][..]);
+                    let got = k.dot_f32(ty, &row, tile);
+                    for t in 0..TILE {
+                        let want = scalar.dot_f32(ty, &row, [&xs[t][..]])[0];
+                        let one = k.dot_f32(ty, &row, [&xs[t][..]])[0];
+                        assert!(
+                            close(one, want, cols as f32),
+                            "{} {ty} cols {cols}: {one} vs {want}",
+                            isa.name()
+                        );
+                        assert_eq!(
+                            got[t].to_bits(),
+                            one.to_bits(),
+                            "{} {ty}: the tile differs from one token",
+                            isa.name()
+                        );
+                    }
+                }
+            }
+        }
+        eprintln!(
+            "kernel variants checked against the scalar reference: {}",
+            ran.join(", ")
+        );
+        assert!(
+            ran.len() >= 2 || cfg!(not(any(target_arch = "x86_64", target_arch = "aarch64"))),
+            "only the scalar kernels ran: {ran:?}"
+        );
+    }
+
+    #[test]
+    fn every_runnable_axpy_matches_the_scalar_one() {
+        let mut rng = fastrand::Rng::with_seed(3);
+        for isa in Isa::ALL {
+            let Some(k) = Kernels::new(isa) else { continue };
+            for n in [1, 7, 8, 64, 67] {
+                let v: Vec<u8> = (0..n)
+                    .flat_map(|_| half::f16::from_f32(rng.f32() - 0.5).to_bits().to_le_bytes())
+                    .collect();
+                let start: Vec<f32> = (0..n).map(|_| rng.f32()).collect();
+                let (mut got, mut want) = (start.clone(), start);
+                k.axpy_f16(&mut got, 0.37, &v);
+                Kernels::new(Isa::Scalar).expect("always").axpy_f16(&mut want, 0.37, &v);
+                for (g, w) in got.iter().zip(&want) {
+                    assert!((g - w).abs() <= 1e-6, "{} n {n}: {g} vs {w}", isa.name());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_best_kernels_are_ones_this_cpu_runs() {
+        let best = Kernels::best();
+        assert!(best.isa().available());
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
+        {
+            assert_ne!(best.isa(), Isa::Scalar);
+        }
+        #[cfg(target_arch = "aarch64")]
+        assert_ne!(best.isa(), Isa::Scalar);
+    }
+}
