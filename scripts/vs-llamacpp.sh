@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # llama-tpu's CPU backend against llama.cpp on this machine, in one run.
 #
-#   scripts/vs-llamacpp.sh [THREADS] [ROUNDS]        (defaults: 2 threads, 3 rounds)
+#   scripts/vs-llamacpp.sh [THREADS] [ROUNDS] [BUILDS]
+#
+# (defaults: 2 threads, 3 rounds, BUILDS "Q4_1 Q4_0 Q5_0 Q8_0 F16 Q4_K_M")
 #
 # Builds llama.cpp once (the tree llama-cpp-python 0.3.36 vendors, from its PyPI source
 # package; native CPU flags, AMX off: VMs that advertise AMX without enabling it crash in its
@@ -14,6 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS=${1:-2}
 ROUNDS=${2:-3}
+BUILDS=${3:-Q4_1 Q4_0 Q5_0 Q8_0 F16 Q4_K_M}
 MODEL=models/SmolLM2-135M-Instruct.Q4_1.gguf
 SDIST=llama_cpp_python-0.3.36.tar.gz
 SDIST_SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
@@ -69,7 +72,7 @@ median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print v[int(
 stage "$ROUNDS rounds, $THREADS threads, on $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')"
 echo "| model | test | llama-tpu t/s | llama.cpp t/s | ratio |"
 echo "| --- | --- | ---: | ---: | ---: |"
-for q in Q4_1 Q4_0 Q5_0 Q8_0 F16 Q4_K_M; do
+for q in $BUILDS; do
     for t in pp512 tg128; do
         a=() b=()
         for _ in $(seq "$ROUNDS"); do

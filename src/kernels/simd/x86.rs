@@ -163,89 +163,127 @@ macro_rules! x86_kernels {
                 }
             }
 
+            /// Two f16 values at `b[at..at + 4]` (a scale and a minimum), by F16C.
             #[inline]
             #[target_feature(enable = $features)]
-            unsafe fn finish<const T: usize>(acc: [__m256; T], mins: [f32; T]) -> [f32; T] {
-                let mut out = [0f32; T];
-                for t in 0..T {
-                    out[t] = hsum(acc[t]) + mins[t];
-                }
-                out
+            unsafe fn halves(b: &[u8], at: usize) -> (f32, f32) {
+                let v = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes(*bytes(b, at))));
+                (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
+            }
+
+            /// One f16 value at `b[at..at + 2]`, by F16C.
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn half(b: &[u8], at: usize) -> f32 {
+                _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+                    u16::from_le_bytes(*bytes(b, at)) as i32
+                )))
             }
 
             /// See `Kernels::dot_q8` (which checks the lengths this relies on).
+            ///
+            /// Even and odd blocks go to separate accumulators (`acc[0]`, `acc[1]`), so that a
+            /// block's additions do not wait on the previous block's: one token is bound by
+            /// that latency, not by the multiplies.
             #[target_feature(enable = $features)]
             pub(in crate::kernels::simd) unsafe fn dot_q8<const T: usize>(
                 ty: GgmlType,
                 row: &[u8],
                 x: [&[BlockQ8]; T],
             ) -> [f32; T] {
-                let mut acc = [_mm256_setzero_ps(); T];
-                let mut mins = [0f32; T];
+                let mut acc = [[_mm256_setzero_ps(); T]; 2];
+                let mut mins = [[0f32; T]; 2];
+                // Runs `$body` for every block of `$size` bytes as `$b`, block index `$blk`,
+                // with `$p` (the accumulator set) alternating 0 and 1.
+                macro_rules! blocks {
+                    ($size:expr, |$b:ident, $blk:ident, $p:ident| $body:block) => {{
+                        let mut pairs = row.chunks_exact(2 * $size);
+                        let mut base = 0;
+                        for pair in &mut pairs {
+                            {
+                                let ($b, $blk, $p) = (&pair[..$size], base, 0);
+                                $body
+                            }
+                            {
+                                let ($b, $blk, $p) = (&pair[$size..], base + 1, 1);
+                                $body
+                            }
+                            base += 2;
+                        }
+                        if !pairs.remainder().is_empty() {
+                            let ($b, $blk, $p) = (pairs.remainder(), base, 0);
+                            $body
+                        }
+                    }};
+                }
                 match ty {
-                    GgmlType::Q4_0 => {
-                        for (blk, b) in row.chunks_exact(18).enumerate() {
-                            let d = f16_at(b, 0);
-                            step(&mut acc, &mut mins, nibbles(bytes(b, 2)), d, -8.0 * d, &x, blk);
-                        }
-                    }
-                    GgmlType::Q4_1 => {
-                        for (blk, b) in row.chunks_exact(20).enumerate() {
-                            step(
-                                &mut acc,
-                                &mut mins,
-                                nibbles(bytes(b, 4)),
-                                f16_at(b, 0),
-                                f16_at(b, 2),
-                                &x,
-                                blk,
-                            );
-                        }
-                    }
-                    GgmlType::Q5_0 => {
-                        for (blk, b) in row.chunks_exact(22).enumerate() {
-                            let d = f16_at(b, 0);
-                            let w = _mm256_or_si256(nibbles(bytes(b, 6)), fifth_bits(u32::from_le_bytes(*bytes(b, 2))));
-                            step(&mut acc, &mut mins, w, d, -16.0 * d, &x, blk);
-                        }
-                    }
-                    GgmlType::Q5_1 => {
-                        for (blk, b) in row.chunks_exact(24).enumerate() {
-                            let w = _mm256_or_si256(nibbles(bytes(b, 8)), fifth_bits(u32::from_le_bytes(*bytes(b, 4))));
-                            step(&mut acc, &mut mins, w, f16_at(b, 0), f16_at(b, 2), &x, blk);
-                        }
-                    }
-                    GgmlType::Q8_0 => {
-                        for (blk, b) in row.chunks_exact(34).enumerate() {
-                            let w = load32(b, 2);
-                            step_signed(&mut acc, w, f16_at(b, 0), &x, blk);
-                        }
-                    }
+                    GgmlType::Q4_0 => blocks!(18, |b, blk, p| {
+                        let d = half(b, 0);
+                        step(
+                            &mut acc[p],
+                            &mut mins[p],
+                            nibbles(bytes(b, 2)),
+                            d,
+                            -8.0 * d,
+                            &x,
+                            blk,
+                        );
+                    }),
+                    GgmlType::Q4_1 => blocks!(20, |b, blk, p| {
+                        let (d, m) = halves(b, 0);
+                        step(&mut acc[p], &mut mins[p], nibbles(bytes(b, 4)), d, m, &x, blk);
+                    }),
+                    GgmlType::Q5_0 => blocks!(22, |b, blk, p| {
+                        let d = half(b, 0);
+                        let w = _mm256_or_si256(nibbles(bytes(b, 6)), fifth_bits(u32::from_le_bytes(*bytes(b, 2))));
+                        step(&mut acc[p], &mut mins[p], w, d, -16.0 * d, &x, blk);
+                    }),
+                    GgmlType::Q5_1 => blocks!(24, |b, blk, p| {
+                        let (d, m) = halves(b, 0);
+                        let w = _mm256_or_si256(nibbles(bytes(b, 8)), fifth_bits(u32::from_le_bytes(*bytes(b, 4))));
+                        step(&mut acc[p], &mut mins[p], w, d, m, &x, blk);
+                    }),
+                    GgmlType::Q8_0 => blocks!(34, |b, blk, p| {
+                        step_signed(&mut acc[p], load32(b, 2), half(b, 0), &x, blk);
+                    }),
                     GgmlType::Q4K => {
                         for (sb, b) in row.chunks_exact(144).enumerate() {
-                            let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+                            let (d, dmin) = halves(b, 0);
                             let scales = bytes::<12>(b, 4);
                             for pair in 0..4 {
                                 let q = load32(b, 16 + 32 * pair);
                                 let lo = _mm256_and_si256(q, _mm256_set1_epi8(0x0f));
                                 let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), _mm256_set1_epi8(0x0f));
-                                for (j, w) in [(2 * pair, lo), (2 * pair + 1, hi)] {
-                                    let (sc, m) = q4k_scale_min(scales, j);
-                                    step(&mut acc, &mut mins, w, d * sc, -dmin * m, &x, 8 * sb + j);
-                                }
+                                let (sc, m) = q4k_scale_min(scales, 2 * pair);
+                                step(
+                                    &mut acc[0],
+                                    &mut mins[0],
+                                    lo,
+                                    d * sc,
+                                    -dmin * m,
+                                    &x,
+                                    8 * sb + 2 * pair,
+                                );
+                                let (sc, m) = q4k_scale_min(scales, 2 * pair + 1);
+                                step(
+                                    &mut acc[1],
+                                    &mut mins[1],
+                                    hi,
+                                    d * sc,
+                                    -dmin * m,
+                                    &x,
+                                    8 * sb + 2 * pair + 1,
+                                );
                             }
                         }
                     }
                     GgmlType::Q6K => {
                         for (sb, b) in row.chunks_exact(210).enumerate() {
-                            let d = f16_at(b, 208);
-                            for half in 0..2 {
-                                let (ql0, ql1, qh) = (
-                                    load32(b, 64 * half),
-                                    load32(b, 64 * half + 32),
-                                    load32(b, 128 + 32 * half),
-                                );
-                                let sc = bytes::<8>(b, 192 + 8 * half);
+                            let d = half(b, 208);
+                            for h in 0..2 {
+                                let (ql0, ql1, qh) =
+                                    (load32(b, 64 * h), load32(b, 64 * h + 32), load32(b, 128 + 32 * h));
+                                let sc = bytes::<8>(b, 192 + 8 * h);
                                 let m4 = _mm256_set1_epi8(0x0f);
                                 let m2 = _mm256_set1_epi8(0x30);
                                 let q = [
@@ -266,17 +304,23 @@ macro_rules! x86_kernels {
                                         _mm256_and_si256(_mm256_srli_epi16::<2>(qh), m2),
                                     ),
                                 ];
-                                for (g, q) in q.into_iter().enumerate() {
-                                    let w = _mm256_sub_epi8(q, _mm256_set1_epi8(32));
-                                    let s = (sc[2 * g] as i8, sc[2 * g + 1] as i8);
-                                    step_q6(&mut acc, w, s, d, &x, 8 * sb + 4 * half + g);
-                                }
+                                let w = |g: usize| _mm256_sub_epi8(q[g], _mm256_set1_epi8(32));
+                                let s = |g: usize| (sc[2 * g] as i8, sc[2 * g + 1] as i8);
+                                let blk = 8 * sb + 4 * h;
+                                step_q6(&mut acc[0], w(0), s(0), d, &x, blk);
+                                step_q6(&mut acc[1], w(1), s(1), d, &x, blk + 1);
+                                step_q6(&mut acc[0], w(2), s(2), d, &x, blk + 2);
+                                step_q6(&mut acc[1], w(3), s(3), d, &x, blk + 3);
                             }
                         }
                     }
                     other => panic!("no 8-bit kernel for {other}"),
                 }
-                finish(acc, mins)
+                let mut out = [0f32; T];
+                for t in 0..T {
+                    out[t] = hsum(_mm256_add_ps(acc[0][t], acc[1][t])) + (mins[0][t] + mins[1][t]);
+                }
+                out
             }
         }
     };
