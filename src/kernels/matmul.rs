@@ -7,17 +7,19 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use super::quant::{self, BlockQ8};
 use super::simd::{Kernels, TILE};
+
+/// Weight rows per kernel call: their activations are loaded once for all of them.
+pub const ROW_TILE: usize = 2;
 use crate::model::GgmlType;
 
 /// Tokens per pass over a block of rows: their activations (up to ~120 KiB for a 1536-wide
 /// input) stay in L2 while the rows, in L1, are reused for each of them.
 const TOKEN_CHUNK: usize = 64;
-/// How far ahead weight rows are prefetched during one-token products: two work items of the
-/// CPU backend (16 rows each), which is about where this thread's next item starts while
-/// another thread takes the one between. Measured on SmolLM2-135M Q4_1 at 2 threads (tg128 on
-/// a 2-core AMD EPYC VM): 4 rows 133 t/s, 16 170, 24 182, 32 194, 48 176, 64 188; the
-/// distance in bytes instead (12 KB: 175, 20 KB: 176) did worse.
-const PREFETCH_ROWS: usize = 32;
+/// How far ahead weight rows are prefetched during one-token products, where each thread
+/// streams long runs of rows (see the CPU backend's work items): the hardware prefetcher does
+/// not cross the 4 KiB pages of a file mapping. Measured on SmolLM2-135M Q4_1 (tg128, 2
+/// threads, a 2-core AMD EPYC VM): 8 rows 256 t/s, 16 259, 64 238.
+const PREFETCH_ROWS: usize = 16;
 
 /// A row-major weight matrix borrowed from the model file.
 #[derive(Debug, Clone, Copy)]
@@ -36,6 +38,12 @@ impl<'a> Weight<'a> {
     /// Bytes of one row.
     pub fn row_bytes(&self) -> usize {
         self.ty.row_bytes(self.cols)
+    }
+
+    /// The bytes of consecutive rows.
+    pub fn rows_bytes(&self, rows: Range<usize>) -> &'a [u8] {
+        let n = self.row_bytes();
+        &self.data[rows.start * n..rows.end * n]
     }
 
     /// One row's bytes.
@@ -58,9 +66,10 @@ pub enum Activations<'a> {
 /// Computes `out[t * out_stride + r] = row_r · x_t` for `r` in `rows` and `t < n_tokens`
 /// with `kernels`.
 ///
-/// Tokens go through the kernels [`TILE`] at a time, the rest one at a time; either way each
-/// (row, token) product is computed by the same instructions, so results do not depend on
-/// how a prompt was batched.
+/// Rows go through the kernels [`ROW_TILE`] at a time and tokens [`TILE`] at a time (the
+/// weights and activations of a tile are loaded once for all its products), the rest in
+/// smaller tiles; each (row, token) product is computed by the same instructions whatever its
+/// tile, so results do not depend on how a prompt was batched or split between threads.
 ///
 /// The output is atomics because several threads fill disjoint rows of one buffer at once;
 /// each element is stored exactly once, with relaxed ordering (the pool's completion barrier
@@ -78,65 +87,63 @@ pub fn matmul_rows(
     out: &[AtomicU32],
     out_stride: usize,
 ) {
+    let store = |t: usize, r: usize, v: f32| out[t * out_stride + r].store(v.to_bits(), Ordering::Relaxed);
+    // One pass per activation form; a macro because the kernels are generic over the tile.
+    macro_rules! passes {
+        ($dot:ident, $token:expr) => {{
+            let token = $token;
+            for c0 in (0..n_tokens).step_by(TOKEN_CHUNK) {
+                let c1 = (c0 + TOKEN_CHUNK).min(n_tokens);
+                let full = c0 + (c1 - c0) / TILE * TILE;
+                let mut r = rows.start;
+                while r < rows.end {
+                    let n = if r + ROW_TILE <= rows.end { ROW_TILE } else { 1 };
+                    // Generation reads each row once: fetch rows ahead, one tile's lines at a
+                    // time (a burst for many rows filled the line-fill buffers and stalled).
+                    if n_tokens == 1 && r + PREFETCH_ROWS + n <= w.rows {
+                        crate::model::mmap::prefetch(w.rows_bytes(r + PREFETCH_ROWS..r + PREFETCH_ROWS + n));
+                    }
+                    if n == ROW_TILE {
+                        let tile_rows: [&[u8]; ROW_TILE] = std::array::from_fn(|i| w.row(r + i));
+                        for t0 in (c0..full).step_by(TILE) {
+                            let v =
+                                kernels.$dot::<ROW_TILE, TILE>(w.ty, tile_rows, std::array::from_fn(|i| token(t0 + i)));
+                            for (i, row) in v.iter().enumerate() {
+                                for (j, &v) in row.iter().enumerate() {
+                                    store(t0 + j, r + i, v);
+                                }
+                            }
+                        }
+                        for t in full..c1 {
+                            let v = kernels.$dot::<ROW_TILE, 1>(w.ty, tile_rows, [token(t)]);
+                            for (i, row) in v.iter().enumerate() {
+                                store(t, r + i, row[0]);
+                            }
+                        }
+                    } else {
+                        for t0 in (c0..full).step_by(TILE) {
+                            let v = kernels.$dot::<1, TILE>(w.ty, [w.row(r)], std::array::from_fn(|i| token(t0 + i)));
+                            for (j, &v) in v[0].iter().enumerate() {
+                                store(t0 + j, r, v);
+                            }
+                        }
+                        for t in full..c1 {
+                            store(t, r, kernels.$dot::<1, 1>(w.ty, [w.row(r)], [token(t)])[0][0]);
+                        }
+                    }
+                    r += n;
+                }
+            }
+        }};
+    }
     match x {
         Activations::Q8(x) => {
             let per = w.cols / quant::QK;
-            let token = |t: usize| &x[t * per..(t + 1) * per];
-            tiles(
-                w,
-                n_tokens,
-                rows,
-                out,
-                out_stride,
-                |row, t0| kernels.dot_q8::<TILE>(w.ty, row, std::array::from_fn(|i| token(t0 + i))),
-                |row, t| kernels.dot_q8::<1>(w.ty, row, [token(t)])[0],
-            );
+            passes!(dot_q8, |t: usize| &x[t * per..(t + 1) * per])
         }
         Activations::F32(x) => {
             let per = w.cols;
-            let token = |t: usize| &x[t * per..(t + 1) * per];
-            tiles(
-                w,
-                n_tokens,
-                rows,
-                out,
-                out_stride,
-                |row, t0| kernels.dot_f32::<TILE>(w.ty, row, std::array::from_fn(|i| token(t0 + i))),
-                |row, t| kernels.dot_f32::<1>(w.ty, row, [token(t)])[0],
-            );
-        }
-    }
-}
-
-#[inline(always)]
-fn tiles(
-    w: &Weight<'_>,
-    n_tokens: usize,
-    rows: Range<usize>,
-    out: &[AtomicU32],
-    out_stride: usize,
-    tile: impl Fn(&[u8], usize) -> [f32; TILE],
-    one: impl Fn(&[u8], usize) -> f32,
-) {
-    let store = |t: usize, r: usize, v: f32| out[t * out_stride + r].store(v.to_bits(), Ordering::Relaxed);
-    for c0 in (0..n_tokens).step_by(TOKEN_CHUNK) {
-        let c1 = (c0 + TOKEN_CHUNK).min(n_tokens);
-        let full = c0 + (c1 - c0) / TILE * TILE;
-        for r in rows.clone() {
-            let row = w.row(r);
-            for t0 in (c0..full).step_by(TILE) {
-                for (i, v) in tile(row, t0).into_iter().enumerate() {
-                    store(t0 + i, r, v);
-                }
-            }
-            for t in full..c1 {
-                // Generation reads each row once: fetch the rows a few ahead, one row's lines at
-                // a time (a burst for many rows filled the line-fill buffers and stalled).
-                if n_tokens == 1 && r + PREFETCH_ROWS < w.rows {
-                    crate::model::mmap::prefetch(w.row(r + PREFETCH_ROWS));
-                }
-                store(t, r, one(row, t));
-            }
+            passes!(dot_f32, |t: usize| &x[t * per..(t + 1) * per])
         }
     }
 }

@@ -39,7 +39,9 @@ pub fn quantize_q8(x: &[f32], out: &mut [BlockQ8]) {
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         let mut sum = 0i32;
         for (q, &v) in block.qs.iter_mut().zip(chunk) {
-            let r = (v * id).round() as i32;
+            // Nearest, ties to even (as llama.cpp's AVX path rounds), without a libm call:
+            // adding 1.5 * 2^23 leaves no fraction bits for |v * id| <= 127.
+            let r = ((v * id + 12_582_912.0) - 12_582_912.0) as i32;
             *q = r as i8;
             sum += r;
         }

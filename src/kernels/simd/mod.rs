@@ -115,20 +115,31 @@ impl Kernels {
         ty.is_supported()
     }
 
-    /// `row · x[t]` for each token `t`: `row` holds `x[t].len() * 32` elements of `ty` (a
-    /// type whose rows multiply 8-bit activations, see [`quant::uses_q8_activations`]).
+    /// `rows[r] · x[t]` for every row `r` and token `t` (at most 4 tokens): each row holds
+    /// `x[t].len() * 32` elements of `ty` (a type whose rows multiply 8-bit activations, see
+    /// [`quant::uses_q8_activations`]). The result of a pair does not depend on `R` or `T`.
     ///
     /// # Panics
-    /// If `ty` does not take 8-bit activations, or the lengths disagree (programming errors:
-    /// the backend validates shapes at load).
+    /// If `ty` does not take 8-bit activations, `T` exceeds 4, or the lengths disagree
+    /// (programming errors: the backend validates shapes at load).
     #[inline]
-    pub fn dot_q8<const T: usize>(self, ty: GgmlType, row: &[u8], x: [&[BlockQ8]; T]) -> [f32; T] {
+    pub fn dot_q8<const R: usize, const T: usize>(
+        self,
+        ty: GgmlType,
+        rows: [&[u8]; R],
+        x: [&[BlockQ8]; T],
+    ) -> [[f32; T]; R] {
         let blocks = x.first().map_or(0, |x| x.len());
+        assert!(
+            R >= 1 && (1..=4).contains(&T),
+            "dot_q8: 1 to 4 tokens, at least one row"
+        );
         assert!(
             x.iter().all(|x| x.len() == blocks),
             "dot_q8: tokens of different lengths"
         );
-        assert_eq!(row.len(), ty.row_bytes(blocks * QK), "dot_q8: row length");
+        let row_bytes = ty.row_bytes(blocks * QK);
+        assert!(rows.iter().all(|r| r.len() == row_bytes), "dot_q8: row length");
         assert!(
             quant::uses_q8_activations(ty),
             "dot_q8: {ty} rows take float activations"
@@ -137,32 +148,40 @@ impl Kernels {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: a `Kernels` with this ISA exists only if the CPU has its features
             // (`Kernels::new`), and the lengths the kernels index by were checked above.
-            Isa::Avx2 => unsafe { x86::avx2::dot_q8(ty, row, x) },
+            Isa::Avx2 => unsafe { x86::avx2::dot_q8(ty, rows, x) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
-            Isa::Avx512Vnni => unsafe { x86::vnni::dot_q8(ty, row, x) },
+            Isa::Avx512Vnni => unsafe { x86::vnni::dot_q8(ty, rows, x) },
             #[cfg(target_arch = "aarch64")]
             // SAFETY: as above.
-            Isa::Neon => unsafe { neon::v80::dot_q8(ty, row, x) },
+            Isa::Neon => unsafe { neon::v80::dot_q8(ty, rows, x) },
             #[cfg(target_arch = "aarch64")]
             // SAFETY: as above.
-            Isa::NeonDot => unsafe { neon::dot::dot_q8(ty, row, x) },
-            _ => x.map(|x| scalar_q8(ty, row, x)),
+            Isa::NeonDot => unsafe { neon::dot::dot_q8(ty, rows, x) },
+            _ => rows.map(|row| x.map(|x| scalar_q8(ty, row, x))),
         }
     }
 
-    /// `row · x[t]` for each token `t`, for F32, F16 and BF16 rows of `x[t].len()` elements.
+    /// `rows[r] · x[t]` for every row `r` and token `t`, for F32, F16 and BF16 rows of
+    /// `x[t].len()` elements. The result of a pair does not depend on `R` or `T`.
     ///
     /// # Panics
     /// If `ty` is not a float type, or the lengths disagree.
     #[inline]
-    pub fn dot_f32<const T: usize>(self, ty: GgmlType, row: &[u8], x: [&[f32]; T]) -> [f32; T] {
+    pub fn dot_f32<const R: usize, const T: usize>(
+        self,
+        ty: GgmlType,
+        rows: [&[u8]; R],
+        x: [&[f32]; T],
+    ) -> [[f32; T]; R] {
         let cols = x.first().map_or(0, |x| x.len());
+        assert!(R >= 1 && T >= 1, "dot_f32: at least one row and token");
         assert!(
             x.iter().all(|x| x.len() == cols),
             "dot_f32: tokens of different lengths"
         );
-        assert_eq!(row.len(), ty.row_bytes(cols), "dot_f32: row length");
+        let row_bytes = ty.row_bytes(cols);
+        assert!(rows.iter().all(|r| r.len() == row_bytes), "dot_f32: row length");
         assert!(
             !quant::uses_q8_activations(ty),
             "dot_f32: {ty} rows take 8-bit activations"
@@ -170,38 +189,74 @@ impl Kernels {
         match self.isa {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as in `dot_q8`.
-            Isa::Avx2 | Isa::Avx512Vnni => unsafe { x86::float::dot_f32(ty, row, x) },
+            Isa::Avx2 | Isa::Avx512Vnni => unsafe { x86::float::dot_f32(ty, rows, x) },
             #[cfg(target_arch = "aarch64")]
             // SAFETY: as in `dot_q8`.
-            Isa::Neon | Isa::NeonDot => unsafe { neon::float::dot_f32(ty, row, x) },
-            _ => x.map(|x| scalar_f32(ty, row, x)),
+            Isa::Neon | Isa::NeonDot => unsafe { neon::float::dot_f32(ty, rows, x) },
+            _ => rows.map(|row| x.map(|x| scalar_f32(ty, row, x))),
         }
     }
 }
 
 impl Kernels {
-    /// `acc += a · v` where `v` holds `acc.len()` f16 values (little-endian bytes): one
-    /// cached value row weighted by its attention score.
+    /// Attention scores: `out[p] = q · row_p` where `row_p` is `q.len()` f16 values
+    /// (little-endian) at byte `p * stride` of `keys`.
     ///
     /// # Panics
-    /// If the lengths disagree.
+    /// If `keys` is too short for `out.len()` rows.
     #[inline]
-    pub fn axpy_f16(self, acc: &mut [f32], a: f32, v: &[u8]) {
-        assert_eq!(v.len(), 2 * acc.len(), "axpy_f16: lengths");
+    pub fn dot_f16_rows(self, q: &[f32], keys: &[u8], stride: usize, out: &mut [f32]) {
+        check_rows(q.len(), keys.len(), stride, out.len());
         match self.isa {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as in `dot_q8`; the lengths were checked above.
-            Isa::Avx2 | Isa::Avx512Vnni => unsafe { x86::float::axpy_f16(acc, a, v) },
+            Isa::Avx2 | Isa::Avx512Vnni => unsafe { x86::float::dot_f16_rows(q, keys, stride, out) },
             #[cfg(target_arch = "aarch64")]
             // SAFETY: as above.
-            Isa::Neon | Isa::NeonDot => unsafe { neon::float::axpy_f16(acc, a, v) },
+            Isa::Neon | Isa::NeonDot => unsafe { neon::float::dot_f16_rows(q, keys, stride, out) },
             _ => {
-                for (o, h) in acc.iter_mut().zip(v.chunks_exact(2)) {
-                    *o += a * super::half::f16_to_f32(u16::from_le_bytes([h[0], h[1]]));
+                for (p, o) in out.iter_mut().enumerate() {
+                    *o = quant::dot_f16(&keys[p * stride..p * stride + 2 * q.len()], q);
                 }
             }
         }
     }
+
+    /// Attention's weighted sum: `acc = Σ_p w[p] · row_p` where `row_p` is `acc.len()` f16
+    /// values (little-endian) at byte `p * stride` of `values`.
+    ///
+    /// # Panics
+    /// If `values` is too short for `w.len()` rows.
+    #[inline]
+    pub fn sum_f16_rows(self, acc: &mut [f32], w: &[f32], values: &[u8], stride: usize) {
+        check_rows(acc.len(), values.len(), stride, w.len());
+        match self.isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as in `dot_q8`; the lengths were checked above.
+            Isa::Avx2 | Isa::Avx512Vnni => unsafe { x86::float::sum_f16_rows(acc, w, values, stride) },
+            #[cfg(target_arch = "aarch64")]
+            // SAFETY: as above.
+            Isa::Neon | Isa::NeonDot => unsafe { neon::float::sum_f16_rows(acc, w, values, stride) },
+            _ => {
+                acc.fill(0.0);
+                for (p, &wp) in w.iter().enumerate() {
+                    let row = &values[p * stride..p * stride + 2 * acc.len()];
+                    for (a, h) in acc.iter_mut().zip(row.chunks_exact(2)) {
+                        *a += wp * super::half::f16_to_f32(u16::from_le_bytes([h[0], h[1]]));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Rows of `width` f16 values `stride` bytes apart: `rows` of them fit in `len` bytes.
+fn check_rows(width: usize, len: usize, stride: usize, rows: usize) {
+    assert!(stride >= 2 * width, "f16 rows: the stride is shorter than a row");
+    assert!(
+        rows == 0 || (rows - 1) * stride + 2 * width <= len,
+        "f16 rows: {rows} rows do not fit"
+    );
 }
 
 /// The portable reference for one token.
@@ -303,62 +358,72 @@ mod tests {
             };
             ran.push(isa.name());
             for ty in Q8_TYPES {
-                let unit = ty.block_elements();
                 for units in [1, 3, 7, 9] {
-                    let cols = unit * units;
-                    for _ in 0..20 {
-                        let row = random_row(&mut rng, ty, cols);
-                        let xs: Vec<(Vec<f32>, Vec<BlockQ8>)> =
-                            (0..TILE).map(|_| activations(&mut rng, cols)).collect();
-                        let mut deq = vec![0f32; cols];
-                        quant::dequantize_row(ty, &row, &mut deq);
-                        let tile: [&[BlockQ8]; TILE] = std::array::from_fn(|t| &xs[t].1[..]);
-                        let got = k.dot_q8(ty, &row, tile);
-                        for t in 0..TILE {
-                            let want = scalar.dot_q8(ty, &row, [&xs[t].1[..]])[0];
-                            let one = k.dot_q8(ty, &row, [&xs[t].1[..]])[0];
-                            let mag: f32 = deq
-                                .iter()
-                                .zip(xs[t].1.iter().flat_map(|b| b.qs.map(|q| q as f32 * b.d)))
-                                .map(|(w, x)| (w * x).abs())
-                                .sum();
-                            assert!(
-                                close(one, want, mag),
-                                "{} {ty} x{units}: {one} vs scalar {want} (magnitude {mag})",
-                                isa.name()
-                            );
-                            assert_eq!(
-                                got[t].to_bits(),
-                                one.to_bits(),
-                                "{} {ty}: the tile differs from one token",
-                                isa.name()
-                            );
+                    let cols = ty.block_elements() * units;
+                    for _ in 0..10 {
+                        let rows: Vec<Vec<u8>> = (0..4).map(|_| random_row(&mut rng, ty, cols)).collect();
+                        let xs: Vec<Vec<BlockQ8>> = (0..TILE).map(|_| activations(&mut rng, cols).1).collect();
+                        let tile_rows: [&[u8]; 4] = std::array::from_fn(|r| &rows[r][..]);
+                        let tile_x: [&[BlockQ8]; TILE] = std::array::from_fn(|t| &xs[t][..]);
+                        let tile = k.dot_q8(ty, tile_rows, tile_x);
+                        for (r, row) in rows.iter().enumerate() {
+                            let mut deq = vec![0f32; cols];
+                            quant::dequantize_row(ty, row, &mut deq);
+                            for (t, x) in xs.iter().enumerate() {
+                                let want = scalar.dot_q8(ty, [&row[..]], [&x[..]])[0][0];
+                                let one = k.dot_q8(ty, [&row[..]], [&x[..]])[0][0];
+                                let mag: f32 = deq
+                                    .iter()
+                                    .zip(x.iter().flat_map(|b| b.qs.map(|q| q as f32 * b.d)))
+                                    .map(|(w, x)| (w * x).abs())
+                                    .sum();
+                                assert!(
+                                    close(one, want, mag),
+                                    "{} {ty} x{units}: {one} vs scalar {want} (magnitude {mag})",
+                                    isa.name()
+                                );
+                                assert_eq!(
+                                    tile[r][t].to_bits(),
+                                    one.to_bits(),
+                                    "{} {ty}: a 4x4 tile differs from one product",
+                                    isa.name()
+                                );
+                                let column = k.dot_q8(ty, tile_rows, [&x[..]]);
+                                assert_eq!(
+                                    column[r][0].to_bits(),
+                                    one.to_bits(),
+                                    "{} {ty}: a 4x1 tile differs",
+                                    isa.name()
+                                );
+                            }
                         }
                     }
                 }
             }
             for ty in FLOAT_TYPES {
                 for cols in [1, 7, 8, 33, 64, 131] {
-                    let row = random_row(&mut rng, ty, cols);
+                    let rows: Vec<Vec<u8>> = (0..4).map(|_| random_row(&mut rng, ty, cols)).collect();
                     let xs: Vec<Vec<f32>> = (0..TILE)
                         .map(|_| (0..cols).map(|_| rng.f32() - 0.5).collect())
                         .collect();
-                    let tile: [&[f32]; TILE] = std::array::from_fn(|t| &xs[t][..]);
-                    let got = k.dot_f32(ty, &row, tile);
-                    for t in 0..TILE {
-                        let want = scalar.dot_f32(ty, &row, [&xs[t][..]])[0];
-                        let one = k.dot_f32(ty, &row, [&xs[t][..]])[0];
-                        assert!(
-                            close(one, want, cols as f32),
-                            "{} {ty} cols {cols}: {one} vs {want}",
-                            isa.name()
-                        );
-                        assert_eq!(
-                            got[t].to_bits(),
-                            one.to_bits(),
-                            "{} {ty}: the tile differs from one token",
-                            isa.name()
-                        );
+                    let tile_rows: [&[u8]; 4] = std::array::from_fn(|r| &rows[r][..]);
+                    let tile = k.dot_f32(ty, tile_rows, std::array::from_fn::<&[f32], TILE, _>(|t| &xs[t][..]));
+                    for (r, row) in rows.iter().enumerate() {
+                        for (t, x) in xs.iter().enumerate() {
+                            let want = scalar.dot_f32(ty, [&row[..]], [&x[..]])[0][0];
+                            let one = k.dot_f32(ty, [&row[..]], [&x[..]])[0][0];
+                            assert!(
+                                close(one, want, cols as f32),
+                                "{} {ty} cols {cols}: {one} vs {want}",
+                                isa.name()
+                            );
+                            assert_eq!(
+                                tile[r][t].to_bits(),
+                                one.to_bits(),
+                                "{} {ty}: a 4x4 tile differs from one product",
+                                isa.name()
+                            );
+                        }
                     }
                 }
             }
@@ -374,20 +439,36 @@ mod tests {
     }
 
     #[test]
-    fn every_runnable_axpy_matches_the_scalar_one() {
+    fn every_runnable_attention_kernel_matches_the_scalar_one() {
         let mut rng = fastrand::Rng::with_seed(3);
+        let scalar = Kernels::new(Isa::Scalar).expect("always");
         for isa in Isa::ALL {
             let Some(k) = Kernels::new(isa) else { continue };
-            for n in [1, 7, 8, 64, 67] {
-                let v: Vec<u8> = (0..n)
+            for (width, stride, rows) in [(64, 384, 37), (128, 256, 5), (7, 20, 9), (8, 16, 1), (40, 80, 0)] {
+                let table: Vec<u8> = (0..stride * rows.max(1) / 2)
                     .flat_map(|_| half::f16::from_f32(rng.f32() - 0.5).to_bits().to_le_bytes())
                     .collect();
-                let start: Vec<f32> = (0..n).map(|_| rng.f32()).collect();
-                let (mut got, mut want) = (start.clone(), start);
-                k.axpy_f16(&mut got, 0.37, &v);
-                Kernels::new(Isa::Scalar).expect("always").axpy_f16(&mut want, 0.37, &v);
+                let q: Vec<f32> = (0..width).map(|_| rng.f32() - 0.5).collect();
+                let (mut got, mut want) = (vec![0f32; rows], vec![0f32; rows]);
+                k.dot_f16_rows(&q, &table, stride, &mut got);
+                scalar.dot_f16_rows(&q, &table, stride, &mut want);
                 for (g, w) in got.iter().zip(&want) {
-                    assert!((g - w).abs() <= 1e-6, "{} n {n}: {g} vs {w}", isa.name());
+                    assert!(
+                        (g - w).abs() <= 1e-5 * width as f32,
+                        "{} scores {width}: {g} vs {w}",
+                        isa.name()
+                    );
+                }
+                let weights: Vec<f32> = (0..rows).map(|_| rng.f32()).collect();
+                let (mut got, mut want) = (vec![1f32; width], vec![2f32; width]);
+                k.sum_f16_rows(&mut got, &weights, &table, stride);
+                scalar.sum_f16_rows(&mut want, &weights, &table, stride);
+                for (g, w) in got.iter().zip(&want) {
+                    assert!(
+                        (g - w).abs() <= 1e-5 * rows.max(1) as f32,
+                        "{} sums {width}: {g} vs {w}",
+                        isa.name()
+                    );
                 }
             }
         }

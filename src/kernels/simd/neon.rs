@@ -84,150 +84,203 @@ macro_rules! neon_kernels {
                 [half(b[0], b[1]), half(b[2], b[3])]
             }
 
-            /// One block (two halves of 16) against block `blk` of every token:
-            /// `acc += lanes · (d · dx)`, `mins += m · sx`.
-            #[inline]
-            #[target_feature(enable = $features)]
-            unsafe fn step<const T: usize>(
-                acc: &mut [float32x4_t; T],
-                mins: &mut [f32; T],
+            /// How a row's block multiplies: its 32 values (two halves of 16), and what scales
+            /// the products.
+            #[derive(Clone, Copy)]
+            struct Wb {
                 w: [int8x16_t; 2],
+                /// Scale of the products.
                 d: f32,
+                /// Coefficient of the activation block's sum (`s`).
                 m: f32,
-                x: &[&[BlockQ8]; T],
-                blk: usize,
-            ) {
-                for t in 0..T {
-                    let xb = &x[t][blk];
-                    let y0 = vld1q_s8(xb.qs[..16].as_ptr());
-                    let y1 = vld1q_s8(xb.qs[16..].as_ptr());
-                    let p = vaddq_s32(idot(w[0], y0), idot(w[1], y1));
-                    acc[t] = vfmaq_n_f32(acc[t], vcvtq_f32_s32(p), d * xb.d);
-                    mins[t] += m * xb.s;
-                }
+                /// Q6_K: the scales of elements 0-15 and 16-31 (1 and 1 otherwise).
+                sc: (i32, i32),
             }
 
-            /// Q6_K's sub-block: a scale per 16 elements.
+            /// Block `blk` of R rows against block `blk` of T tokens: for every pair
+            /// `acc += lanes · (d · dx)`, and lane t of `minv` `+= m · s_t`. Each pair's
+            /// operations are the same for any R and T, so tiles and single products agree
+            /// to the bit.
             #[inline]
             #[target_feature(enable = $features)]
-            unsafe fn step_q6<const T: usize>(
-                acc: &mut [float32x4_t; T],
-                w: [int8x16_t; 2],
-                sc: (i8, i8),
-                d: f32,
+            unsafe fn tile_step<const R: usize, const T: usize>(
+                acc: &mut [[float32x4_t; T]; R],
+                minv: &mut [float32x4_t; R],
+                wb: &[Wb; R],
+                scaled: bool,
                 x: &[&[BlockQ8]; T],
                 blk: usize,
             ) {
+                let mut sx = [0f32; 4];
                 for t in 0..T {
-                    let xb = &x[t][blk];
-                    let y0 = vld1q_s8(xb.qs[..16].as_ptr());
-                    let y1 = vld1q_s8(xb.qs[16..].as_ptr());
-                    let p = vaddq_s32(
-                        vmulq_n_s32(idot(w[0], y0), sc.0 as i32),
-                        vmulq_n_s32(idot(w[1], y1), sc.1 as i32),
-                    );
-                    acc[t] = vfmaq_n_f32(acc[t], vcvtq_f32_s32(p), d * xb.d);
+                    sx[t % 4] = x[t][blk].s;
+                }
+                let s4 = vld1q_f32(sx.as_ptr());
+                for r in 0..R {
+                    let Wb { w, d, m, sc } = wb[r];
+                    for t in 0..T {
+                        let xb = &x[t][blk];
+                        let y0 = vld1q_s8(xb.qs[..16].as_ptr());
+                        let y1 = vld1q_s8(xb.qs[16..].as_ptr());
+                        let p = if scaled {
+                            vaddq_s32(
+                                vmulq_n_s32(idot(w[0], y0), sc.0),
+                                vmulq_n_s32(idot(w[1], y1), sc.1),
+                            )
+                        } else {
+                            vaddq_s32(idot(w[0], y0), idot(w[1], y1))
+                        };
+                        acc[r][t] = vfmaq_n_f32(acc[r][t], vcvtq_f32_s32(p), d * xb.d);
+                    }
+                    minv[r] = vfmaq_n_f32(minv[r], s4, m);
                 }
             }
 
-            /// See `Kernels::dot_q8` (which checks the lengths this relies on).
+            /// See `Kernels::dot_q8` (which checks the lengths this relies on; T <= 4).
             #[target_feature(enable = $features)]
-            pub(in crate::kernels::simd) unsafe fn dot_q8<const T: usize>(
+            pub(in crate::kernels::simd) unsafe fn dot_q8<const R: usize, const T: usize>(
                 ty: GgmlType,
-                row: &[u8],
+                rows: [&[u8]; R],
                 x: [&[BlockQ8]; T],
-            ) -> [f32; T] {
-                let mut acc = [vdupq_n_f32(0.0); T];
-                let mut mins = [0f32; T];
+            ) -> [[f32; T]; R] {
+                let mut acc = [[vdupq_n_f32(0.0); T]; R];
+                let mut minv = [vdupq_n_f32(0.0); R];
                 let s8 = vreinterpretq_s8_u8;
+                let none = Wb {
+                    w: [vdupq_n_s8(0); 2],
+                    d: 0.0,
+                    m: 0.0,
+                    sc: (1, 1),
+                };
+                let bytes_per_block = ty.block_bytes();
+                let blocks = rows[0].len() / bytes_per_block;
+                let block = |r: usize, i: usize| &rows[r][i * bytes_per_block..(i + 1) * bytes_per_block];
                 match ty {
-                    GgmlType::Q4_0 => {
-                        for (blk, b) in row.chunks_exact(18).enumerate() {
-                            let d = f16_at(b, 0);
-                            step(&mut acc, &mut mins, nibbles(load16(b, 2)), d, -8.0 * d, &x, blk);
-                        }
-                    }
-                    GgmlType::Q4_1 => {
-                        for (blk, b) in row.chunks_exact(20).enumerate() {
-                            step(
-                                &mut acc,
-                                &mut mins,
-                                nibbles(load16(b, 4)),
-                                f16_at(b, 0),
-                                f16_at(b, 2),
-                                &x,
-                                blk,
-                            );
-                        }
-                    }
-                    GgmlType::Q5_0 | GgmlType::Q5_1 => {
-                        let (size, qh_at) = if ty == GgmlType::Q5_0 { (22, 2) } else { (24, 4) };
-                        for (blk, b) in row.chunks_exact(size).enumerate() {
-                            let d = f16_at(b, 0);
-                            let m = if ty == GgmlType::Q5_0 {
-                                -16.0 * d
-                            } else {
-                                f16_at(b, 2)
-                            };
-                            let [lo, hi] = nibbles(load16(b, qh_at + 4));
-                            let [h0, h1] = fifth_bits(u32::from_le_bytes(*bytes(b, qh_at)));
-                            let w = [vorrq_s8(lo, s8(h0)), vorrq_s8(hi, s8(h1))];
-                            step(&mut acc, &mut mins, w, d, m, &x, blk);
-                        }
-                    }
-                    GgmlType::Q8_0 => {
-                        for (blk, b) in row.chunks_exact(34).enumerate() {
-                            let w = [s8(load16(b, 2)), s8(load16(b, 18))];
-                            step(&mut acc, &mut mins, w, f16_at(b, 0), 0.0, &x, blk);
+                    GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 => {
+                        for i in 0..blocks {
+                            let mut wb = [none; R];
+                            for (r, wb) in wb.iter_mut().enumerate() {
+                                let b = block(r, i);
+                                let d = f16_at(b, 0);
+                                *wb = match ty {
+                                    GgmlType::Q4_0 => Wb {
+                                        w: nibbles(load16(b, 2)),
+                                        d,
+                                        m: -8.0 * d,
+                                        ..none
+                                    },
+                                    GgmlType::Q4_1 => Wb {
+                                        w: nibbles(load16(b, 4)),
+                                        d,
+                                        m: f16_at(b, 2),
+                                        ..none
+                                    },
+                                    GgmlType::Q5_0 | GgmlType::Q5_1 => {
+                                        let qh_at = if ty == GgmlType::Q5_0 { 2 } else { 4 };
+                                        let m = if ty == GgmlType::Q5_0 {
+                                            -16.0 * d
+                                        } else {
+                                            f16_at(b, 2)
+                                        };
+                                        let [lo, hi] = nibbles(load16(b, qh_at + 4));
+                                        let [h0, h1] = fifth_bits(u32::from_le_bytes(*bytes(b, qh_at)));
+                                        Wb {
+                                            w: [vorrq_s8(lo, s8(h0)), vorrq_s8(hi, s8(h1))],
+                                            d,
+                                            m,
+                                            ..none
+                                        }
+                                    }
+                                    _ => Wb {
+                                        w: [s8(load16(b, 2)), s8(load16(b, 18))],
+                                        d,
+                                        ..none
+                                    },
+                                };
+                            }
+                            tile_step(&mut acc, &mut minv, &wb, false, &x, i);
                         }
                     }
                     GgmlType::Q4K => {
-                        for (sb, b) in row.chunks_exact(144).enumerate() {
-                            let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
-                            let scales = bytes::<12>(b, 4);
+                        for i in 0..blocks {
                             for pair in 0..4 {
-                                let [a_lo, a_hi] = nibbles(load16(b, 16 + 32 * pair));
-                                let [b_lo, b_hi] = nibbles(load16(b, 32 + 32 * pair));
-                                for (j, w) in [(2 * pair, [a_lo, b_lo]), (2 * pair + 1, [a_hi, b_hi])] {
-                                    let (sc, m) = q4k_scale_min(scales, j);
-                                    step(&mut acc, &mut mins, w, d * sc, -dmin * m, &x, 8 * sb + j);
+                                let mut lo = [none; R];
+                                let mut hi = [none; R];
+                                for r in 0..R {
+                                    let b = block(r, i);
+                                    let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+                                    let scales = bytes::<12>(b, 4);
+                                    let [a_lo, a_hi] = nibbles(load16(b, 16 + 32 * pair));
+                                    let [b_lo, b_hi] = nibbles(load16(b, 32 + 32 * pair));
+                                    let (sc, m) = q4k_scale_min(scales, 2 * pair);
+                                    lo[r] = Wb {
+                                        w: [a_lo, b_lo],
+                                        d: d * sc,
+                                        m: -dmin * m,
+                                        ..none
+                                    };
+                                    let (sc, m) = q4k_scale_min(scales, 2 * pair + 1);
+                                    hi[r] = Wb {
+                                        w: [a_hi, b_hi],
+                                        d: d * sc,
+                                        m: -dmin * m,
+                                        ..none
+                                    };
                                 }
+                                tile_step(&mut acc, &mut minv, &lo, false, &x, 8 * i + 2 * pair);
+                                tile_step(&mut acc, &mut minv, &hi, false, &x, 8 * i + 2 * pair + 1);
                             }
                         }
                     }
                     GgmlType::Q6K => {
-                        for (sb, b) in row.chunks_exact(210).enumerate() {
-                            let d = f16_at(b, 208);
+                        for i in 0..blocks {
                             for half in 0..2 {
-                                let sc = bytes::<8>(b, 192 + 8 * half);
-                                let (m4, m2) = (vdupq_n_u8(0x0f), vdupq_n_u8(0x30));
-                                let mut q = [[vdupq_n_s8(0); 2]; 4];
-                                for v in 0..2 {
-                                    let ql0 = load16(b, 64 * half + 16 * v);
-                                    let ql1 = load16(b, 64 * half + 32 + 16 * v);
-                                    let qh = load16(b, 128 + 32 * half + 16 * v);
-                                    let six = [
-                                        vorrq_u8(vandq_u8(ql0, m4), vandq_u8(vshlq_n_u8::<4>(qh), m2)),
-                                        vorrq_u8(vandq_u8(ql1, m4), vandq_u8(vshlq_n_u8::<2>(qh), m2)),
-                                        vorrq_u8(vshrq_n_u8::<4>(ql0), vandq_u8(qh, m2)),
-                                        vorrq_u8(vshrq_n_u8::<4>(ql1), vandq_u8(vshrq_n_u8::<2>(qh), m2)),
-                                    ];
+                                let mut wb = [[none; R]; 4];
+                                for r in 0..R {
+                                    let b = block(r, i);
+                                    let d = f16_at(b, 208);
+                                    let sc = bytes::<8>(b, 192 + 8 * half);
+                                    let (m4, m2) = (vdupq_n_u8(0x0f), vdupq_n_u8(0x30));
+                                    let mut q = [[vdupq_n_s8(0); 2]; 4];
+                                    for v in 0..2 {
+                                        let ql0 = load16(b, 64 * half + 16 * v);
+                                        let ql1 = load16(b, 64 * half + 32 + 16 * v);
+                                        let qh = load16(b, 128 + 32 * half + 16 * v);
+                                        let six = [
+                                            vorrq_u8(vandq_u8(ql0, m4), vandq_u8(vshlq_n_u8::<4>(qh), m2)),
+                                            vorrq_u8(vandq_u8(ql1, m4), vandq_u8(vshlq_n_u8::<2>(qh), m2)),
+                                            vorrq_u8(vshrq_n_u8::<4>(ql0), vandq_u8(qh, m2)),
+                                            vorrq_u8(vshrq_n_u8::<4>(ql1), vandq_u8(vshrq_n_u8::<2>(qh), m2)),
+                                        ];
+                                        for g in 0..4 {
+                                            q[g][v] = vsubq_s8(s8(six[g]), vdupq_n_s8(32));
+                                        }
+                                    }
                                     for g in 0..4 {
-                                        q[g][v] = vsubq_s8(s8(six[g]), vdupq_n_s8(32));
+                                        let sc = (sc[2 * g] as i8 as i32, sc[2 * g + 1] as i8 as i32);
+                                        wb[g][r] = Wb {
+                                            w: q[g],
+                                            d,
+                                            sc,
+                                            ..none
+                                        };
                                     }
                                 }
-                                for (g, w) in q.into_iter().enumerate() {
-                                    let s = (sc[2 * g] as i8, sc[2 * g + 1] as i8);
-                                    step_q6(&mut acc, w, s, d, &x, 8 * sb + 4 * half + g);
+                                for (g, wb) in wb.iter().enumerate() {
+                                    tile_step(&mut acc, &mut minv, wb, true, &x, 8 * i + 4 * half + g);
                                 }
                             }
                         }
                     }
                     other => panic!("no 8-bit kernel for {other}"),
                 }
-                let mut out = [0f32; T];
-                for t in 0..T {
-                    out[t] = vaddvq_f32(acc[t]) + mins[t];
+                let mut out = [[0f32; T]; R];
+                for r in 0..R {
+                    let mut m = [0f32; 4];
+                    vst1q_f32(m.as_mut_ptr(), minv[r]);
+                    for t in 0..T {
+                        out[r][t] = vaddvq_f32(acc[r][t]) + m[t % 4];
+                    }
                 }
                 out
             }
@@ -280,49 +333,73 @@ pub(super) mod float {
         }
     }
 
-    /// See `Kernels::axpy_f16` (which checks the lengths this relies on).
+    /// See `Kernels::dot_f16_rows` (which checks the lengths this relies on).
     #[target_feature(enable = "neon")]
-    pub(in crate::kernels::simd) unsafe fn axpy_f16(acc: &mut [f32], a: f32, v: &[u8]) {
-        let main = acc.len() / 4 * 4;
-        for (o, h) in acc[..main].chunks_exact_mut(4).zip(v.chunks_exact(8)) {
-            let o: &mut [f32; 4] = o.try_into().expect("4");
-            let w = widen(GgmlType::F16, h);
-            vst1q_f32(o.as_mut_ptr(), vfmaq_n_f32(vld1q_f32(o.as_ptr()), w, a));
+    pub(in crate::kernels::simd) unsafe fn dot_f16_rows(q: &[f32], keys: &[u8], stride: usize, out: &mut [f32]) {
+        let width = q.len();
+        for (p, o) in out.iter_mut().enumerate() {
+            *o = dot_f32::<1, 1>(GgmlType::F16, [&keys[p * stride..p * stride + 2 * width]], [q])[0][0];
         }
-        for (o, h) in acc[main..].iter_mut().zip(v[2 * main..].chunks_exact(2)) {
-            *o += a * f16_at(h, 0);
+    }
+
+    /// See `Kernels::sum_f16_rows` (which checks the lengths this relies on).
+    #[target_feature(enable = "neon")]
+    pub(in crate::kernels::simd) unsafe fn sum_f16_rows(acc: &mut [f32], w: &[f32], values: &[u8], stride: usize) {
+        let width = acc.len();
+        let main = width / 4 * 4;
+        acc.fill(0.0);
+        for (p, &wp) in w.iter().enumerate() {
+            let row = &values[p * stride..p * stride + 2 * width];
+            for (o, h) in acc[..main].chunks_exact_mut(4).zip(row.chunks_exact(8)) {
+                let o: &mut [f32; 4] = o.try_into().expect("4");
+                vst1q_f32(
+                    o.as_mut_ptr(),
+                    vfmaq_n_f32(vld1q_f32(o.as_ptr()), widen(GgmlType::F16, h), wp),
+                );
+            }
+            for (o, h) in acc[main..].iter_mut().zip(row[2 * main..].chunks_exact(2)) {
+                *o += wp * f16_at(h, 0);
+            }
         }
     }
 
     /// See `Kernels::dot_f32` (which checks the lengths this relies on).
     #[target_feature(enable = "neon")]
-    pub(in crate::kernels::simd) unsafe fn dot_f32<const T: usize>(
+    pub(in crate::kernels::simd) unsafe fn dot_f32<const R: usize, const T: usize>(
         ty: GgmlType,
-        row: &[u8],
+        rows: [&[u8]; R],
         x: [&[f32]; T],
-    ) -> [f32; T] {
+    ) -> [[f32; T]; R] {
         let size = if ty == GgmlType::F32 { 4 } else { 2 };
-        let cols = row.len() / size;
+        let cols = rows[0].len() / size;
         let main = cols / 4 * 4;
-        let mut acc = [vdupq_n_f32(0.0); T];
-        for (i, c) in row[..main * size].chunks_exact(4 * size).enumerate() {
-            let w = widen(ty, c);
+        let mut acc = [[vdupq_n_f32(0.0); T]; R];
+        for i in 0..main / 4 {
+            let mut xv = [vdupq_n_f32(0.0); T];
             for t in 0..T {
-                let xv: &[f32; 4] = x[t][4 * i..4 * i + 4].try_into().expect("4 of the row");
-                acc[t] = vfmaq_f32(acc[t], w, vld1q_f32(xv.as_ptr()));
+                let chunk: &[f32; 4] = x[t][4 * i..4 * i + 4].try_into().expect("4 of the row");
+                xv[t] = vld1q_f32(chunk.as_ptr());
+            }
+            for r in 0..R {
+                let w = widen(ty, &rows[r][4 * size * i..4 * size * (i + 1)]);
+                for t in 0..T {
+                    acc[r][t] = vfmaq_f32(acc[r][t], w, xv[t]);
+                }
             }
         }
-        let mut out = [0f32; T];
-        for t in 0..T {
-            out[t] = vaddvq_f32(acc[t]);
-            for j in main..cols {
-                let c = &row[j * size..(j + 1) * size];
-                let w = match ty {
-                    GgmlType::F32 => f32::from_le_bytes(*bytes(c, 0)),
-                    GgmlType::F16 => f16_at(c, 0),
-                    _ => f32::from_bits((u16::from_le_bytes(*bytes(c, 0)) as u32) << 16),
-                };
-                out[t] += w * x[t][j];
+        let mut out = [[0f32; T]; R];
+        for r in 0..R {
+            for t in 0..T {
+                out[r][t] = vaddvq_f32(acc[r][t]);
+                for j in main..cols {
+                    let c = &rows[r][j * size..(j + 1) * size];
+                    let w = match ty {
+                        GgmlType::F32 => f32::from_le_bytes(*bytes(c, 0)),
+                        GgmlType::F16 => f16_at(c, 0),
+                        _ => f32::from_bits((u16::from_le_bytes(*bytes(c, 0)) as u32) << 16),
+                    };
+                    out[r][t] += w * x[t][j];
+                }
             }
         }
         out

@@ -99,67 +99,75 @@ macro_rules! x86_kernels {
                 _mm256_and_si256(set, _mm256_set1_epi8(0x10))
             }
 
-            /// One block of unsigned weights against block `blk` of every token:
-            /// `acc += lanes · (d · dx)`, `mins += m · sx`.
-            #[inline]
-            #[target_feature(enable = $features)]
-            unsafe fn step<const T: usize>(
-                acc: &mut [__m256; T],
-                mins: &mut [f32; T],
+            /// How a row's block multiplies: its 32 values, and what scales the products.
+            #[derive(Clone, Copy)]
+            struct Wb {
+                /// Unsigned values (u8), or signed (i8) for `Kind::Signed` and `Kind::Q6`.
                 w: __m256i,
+                /// Scale of the products.
                 d: f32,
+                /// Coefficient of the activation block's sum (`s`).
                 m: f32,
-                x: &[&[BlockQ8]; T],
-                blk: usize,
-            ) {
-                for t in 0..T {
-                    let xb = &x[t][blk];
-                    let y = _mm256_loadu_si256(xb.qs.as_ptr().cast());
-                    let p = idot(w, y);
-                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xb.d), acc[t]);
-                    mins[t] += m * xb.s;
-                }
+                /// Q6_K: the scales of elements 0-15 (lanes 0-3) and 16-31 (lanes 4-7).
+                sc: __m256i,
             }
 
-            /// As `step` for signed weights: |w| times y with w's signs moved onto y.
-            #[inline]
-            #[target_feature(enable = $features)]
-            unsafe fn step_signed<const T: usize>(
-                acc: &mut [__m256; T],
-                w: __m256i,
-                d: f32,
-                x: &[&[BlockQ8]; T],
-                blk: usize,
-            ) {
-                let aw = _mm256_sign_epi8(w, w);
-                for t in 0..T {
-                    let xb = &x[t][blk];
-                    let y = _mm256_sign_epi8(_mm256_loadu_si256(xb.qs.as_ptr().cast()), w);
-                    let p = idot(aw, y);
-                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xb.d), acc[t]);
-                }
+            #[derive(Clone, Copy, PartialEq, Eq)]
+            enum Kind {
+                /// u8 values, a minimum term.
+                Unsigned,
+                /// i8 values, no minimum.
+                Signed,
+                /// i8 values with a scale per 16, no minimum.
+                Q6,
             }
 
-            /// Q6_K's signed 32-element sub-block with a scale per 16 elements.
+            /// Block `blk` of R rows (`wb`) against block `blk` of T tokens: for every pair,
+            /// `acc += lanes · (d · dx)` and lane t of `minv` `+= m · s_t`. Each pair's
+            /// operations are the same for any R and T, so tiles and single products agree
+            /// to the bit.
             #[inline]
             #[target_feature(enable = $features)]
-            unsafe fn step_q6<const T: usize>(
-                acc: &mut [__m256; T],
-                w: __m256i,
-                sc: (i8, i8),
-                d: f32,
+            unsafe fn tile_step<const R: usize, const T: usize>(
+                acc: &mut [[__m256; T]; R],
+                minv: &mut [__m128; R],
+                wb: &[Wb; R],
+                kind: Kind,
                 x: &[&[BlockQ8]; T],
                 blk: usize,
             ) {
-                let aw = _mm256_sign_epi8(w, w);
-                // Lanes 0-3 of `idot` hold elements 0-15 (with maddubs+madd: pairs of pairs;
-                // with vpdpbusd: quads), lanes 4-7 elements 16-31.
-                let scales = _mm256_set_m128i(_mm_set1_epi32(sc.1 as i32), _mm_set1_epi32(sc.0 as i32));
+                let mut ys = [_mm256_setzero_si256(); T];
+                let mut dx = [0f32; T];
+                let mut sx = [0f32; 4];
                 for t in 0..T {
                     let xb = &x[t][blk];
-                    let y = _mm256_sign_epi8(_mm256_loadu_si256(xb.qs.as_ptr().cast()), w);
-                    let p = _mm256_mullo_epi32(idot(aw, y), scales);
-                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xb.d), acc[t]);
+                    ys[t] = _mm256_loadu_si256(xb.qs.as_ptr().cast());
+                    dx[t] = xb.d;
+                    sx[t % 4] = xb.s;
+                }
+                let s4 = _mm_loadu_ps(sx.as_ptr());
+                for r in 0..R {
+                    let Wb { w, d, m, sc } = wb[r];
+                    let aw = if kind == Kind::Unsigned {
+                        w
+                    } else {
+                        _mm256_sign_epi8(w, w)
+                    };
+                    for t in 0..T {
+                        let y = if kind == Kind::Unsigned {
+                            ys[t]
+                        } else {
+                            _mm256_sign_epi8(ys[t], w)
+                        };
+                        let mut p = idot(aw, y);
+                        if kind == Kind::Q6 {
+                            p = _mm256_mullo_epi32(p, sc);
+                        }
+                        acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * dx[t]), acc[r][t]);
+                    }
+                    if kind == Kind::Unsigned {
+                        minv[r] = _mm_fmadd_ps(_mm_set1_ps(m), s4, minv[r]);
+                    }
                 }
             }
 
@@ -180,145 +188,188 @@ macro_rules! x86_kernels {
                 )))
             }
 
-            /// See `Kernels::dot_q8` (which checks the lengths this relies on).
-            ///
-            /// Even and odd blocks go to separate accumulators (`acc[0]`, `acc[1]`), so that a
-            /// block's additions do not wait on the previous block's: one token is bound by
-            /// that latency, not by the multiplies.
+            /// See `Kernels::dot_q8` (which checks the lengths this relies on; T <= 4).
             #[target_feature(enable = $features)]
-            pub(in crate::kernels::simd) unsafe fn dot_q8<const T: usize>(
+            pub(in crate::kernels::simd) unsafe fn dot_q8<const R: usize, const T: usize>(
                 ty: GgmlType,
-                row: &[u8],
+                rows: [&[u8]; R],
                 x: [&[BlockQ8]; T],
-            ) -> [f32; T] {
-                let mut acc = [[_mm256_setzero_ps(); T]; 2];
-                let mut mins = [[0f32; T]; 2];
-                // Runs `$body` for every block of `$size` bytes as `$b`, block index `$blk`,
-                // with `$p` (the accumulator set) alternating 0 and 1.
-                macro_rules! blocks {
-                    ($size:expr, |$b:ident, $blk:ident, $p:ident| $body:block) => {{
-                        let mut pairs = row.chunks_exact(2 * $size);
-                        let mut base = 0;
-                        for pair in &mut pairs {
-                            {
-                                let ($b, $blk, $p) = (&pair[..$size], base, 0);
-                                $body
-                            }
-                            {
-                                let ($b, $blk, $p) = (&pair[$size..], base + 1, 1);
-                                $body
-                            }
-                            base += 2;
-                        }
-                        if !pairs.remainder().is_empty() {
-                            let ($b, $blk, $p) = (pairs.remainder(), base, 0);
-                            $body
-                        }
-                    }};
-                }
+            ) -> [[f32; T]; R] {
+                let mut acc = [[_mm256_setzero_ps(); T]; R];
+                let mut minv = [_mm_setzero_ps(); R];
+                let zero = _mm256_setzero_si256();
+                let bytes_per_block = ty.block_bytes();
+                let blocks = rows[0].len() / bytes_per_block;
+                let block = |r: usize, i: usize| &rows[r][i * bytes_per_block..(i + 1) * bytes_per_block];
                 match ty {
-                    GgmlType::Q4_0 => blocks!(18, |b, blk, p| {
-                        let d = half(b, 0);
-                        step(
-                            &mut acc[p],
-                            &mut mins[p],
-                            nibbles(bytes(b, 2)),
-                            d,
-                            -8.0 * d,
-                            &x,
-                            blk,
-                        );
-                    }),
-                    GgmlType::Q4_1 => blocks!(20, |b, blk, p| {
-                        let (d, m) = halves(b, 0);
-                        step(&mut acc[p], &mut mins[p], nibbles(bytes(b, 4)), d, m, &x, blk);
-                    }),
-                    GgmlType::Q5_0 => blocks!(22, |b, blk, p| {
-                        let d = half(b, 0);
-                        let w = _mm256_or_si256(nibbles(bytes(b, 6)), fifth_bits(u32::from_le_bytes(*bytes(b, 2))));
-                        step(&mut acc[p], &mut mins[p], w, d, -16.0 * d, &x, blk);
-                    }),
-                    GgmlType::Q5_1 => blocks!(24, |b, blk, p| {
-                        let (d, m) = halves(b, 0);
-                        let w = _mm256_or_si256(nibbles(bytes(b, 8)), fifth_bits(u32::from_le_bytes(*bytes(b, 4))));
-                        step(&mut acc[p], &mut mins[p], w, d, m, &x, blk);
-                    }),
-                    GgmlType::Q8_0 => blocks!(34, |b, blk, p| {
-                        step_signed(&mut acc[p], load32(b, 2), half(b, 0), &x, blk);
-                    }),
+                    GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 => {
+                        for i in 0..blocks {
+                            let mut wb = [Wb {
+                                w: zero,
+                                d: 0.0,
+                                m: 0.0,
+                                sc: zero,
+                            }; R];
+                            for (r, wb) in wb.iter_mut().enumerate() {
+                                let b = block(r, i);
+                                *wb = match ty {
+                                    GgmlType::Q4_0 => {
+                                        let d = half(b, 0);
+                                        Wb {
+                                            w: nibbles(bytes(b, 2)),
+                                            d,
+                                            m: -8.0 * d,
+                                            sc: zero,
+                                        }
+                                    }
+                                    GgmlType::Q4_1 => {
+                                        let (d, m) = halves(b, 0);
+                                        Wb {
+                                            w: nibbles(bytes(b, 4)),
+                                            d,
+                                            m,
+                                            sc: zero,
+                                        }
+                                    }
+                                    GgmlType::Q5_0 => {
+                                        let d = half(b, 0);
+                                        let w = _mm256_or_si256(
+                                            nibbles(bytes(b, 6)),
+                                            fifth_bits(u32::from_le_bytes(*bytes(b, 2))),
+                                        );
+                                        Wb {
+                                            w,
+                                            d,
+                                            m: -16.0 * d,
+                                            sc: zero,
+                                        }
+                                    }
+                                    GgmlType::Q5_1 => {
+                                        let (d, m) = halves(b, 0);
+                                        let w = _mm256_or_si256(
+                                            nibbles(bytes(b, 8)),
+                                            fifth_bits(u32::from_le_bytes(*bytes(b, 4))),
+                                        );
+                                        Wb { w, d, m, sc: zero }
+                                    }
+                                    _ => Wb {
+                                        w: load32(b, 2),
+                                        d: half(b, 0),
+                                        m: 0.0,
+                                        sc: zero,
+                                    },
+                                };
+                            }
+                            let kind = if ty == GgmlType::Q8_0 {
+                                Kind::Signed
+                            } else {
+                                Kind::Unsigned
+                            };
+                            tile_step(&mut acc, &mut minv, &wb, kind, &x, i);
+                        }
+                    }
                     GgmlType::Q4K => {
-                        for (sb, b) in row.chunks_exact(144).enumerate() {
-                            let (d, dmin) = halves(b, 0);
-                            let scales = bytes::<12>(b, 4);
+                        for i in 0..blocks {
                             for pair in 0..4 {
-                                let q = load32(b, 16 + 32 * pair);
-                                let lo = _mm256_and_si256(q, _mm256_set1_epi8(0x0f));
-                                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), _mm256_set1_epi8(0x0f));
-                                let (sc, m) = q4k_scale_min(scales, 2 * pair);
-                                step(
-                                    &mut acc[0],
-                                    &mut mins[0],
-                                    lo,
-                                    d * sc,
-                                    -dmin * m,
-                                    &x,
-                                    8 * sb + 2 * pair,
-                                );
-                                let (sc, m) = q4k_scale_min(scales, 2 * pair + 1);
-                                step(
-                                    &mut acc[1],
-                                    &mut mins[1],
-                                    hi,
-                                    d * sc,
-                                    -dmin * m,
-                                    &x,
-                                    8 * sb + 2 * pair + 1,
-                                );
+                                let mut lo = [Wb {
+                                    w: zero,
+                                    d: 0.0,
+                                    m: 0.0,
+                                    sc: zero,
+                                }; R];
+                                let mut hi = lo;
+                                for r in 0..R {
+                                    let b = block(r, i);
+                                    let (d, dmin) = halves(b, 0);
+                                    let scales = bytes::<12>(b, 4);
+                                    let q = load32(b, 16 + 32 * pair);
+                                    let (sc, m) = q4k_scale_min(scales, 2 * pair);
+                                    lo[r] = Wb {
+                                        w: _mm256_and_si256(q, _mm256_set1_epi8(0x0f)),
+                                        d: d * sc,
+                                        m: -dmin * m,
+                                        sc: zero,
+                                    };
+                                    let (sc, m) = q4k_scale_min(scales, 2 * pair + 1);
+                                    let w = _mm256_and_si256(_mm256_srli_epi16::<4>(q), _mm256_set1_epi8(0x0f));
+                                    hi[r] = Wb {
+                                        w,
+                                        d: d * sc,
+                                        m: -dmin * m,
+                                        sc: zero,
+                                    };
+                                }
+                                tile_step(&mut acc, &mut minv, &lo, Kind::Unsigned, &x, 8 * i + 2 * pair);
+                                tile_step(&mut acc, &mut minv, &hi, Kind::Unsigned, &x, 8 * i + 2 * pair + 1);
                             }
                         }
                     }
                     GgmlType::Q6K => {
-                        for (sb, b) in row.chunks_exact(210).enumerate() {
-                            let d = half(b, 208);
+                        for i in 0..blocks {
                             for h in 0..2 {
-                                let (ql0, ql1, qh) =
-                                    (load32(b, 64 * h), load32(b, 64 * h + 32), load32(b, 128 + 32 * h));
-                                let sc = bytes::<8>(b, 192 + 8 * h);
-                                let m4 = _mm256_set1_epi8(0x0f);
-                                let m2 = _mm256_set1_epi8(0x30);
-                                let q = [
-                                    _mm256_or_si256(
-                                        _mm256_and_si256(ql0, m4),
-                                        _mm256_and_si256(_mm256_slli_epi16::<4>(qh), m2),
-                                    ),
-                                    _mm256_or_si256(
-                                        _mm256_and_si256(ql1, m4),
-                                        _mm256_and_si256(_mm256_slli_epi16::<2>(qh), m2),
-                                    ),
-                                    _mm256_or_si256(
-                                        _mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m4),
-                                        _mm256_and_si256(qh, m2),
-                                    ),
-                                    _mm256_or_si256(
-                                        _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4),
-                                        _mm256_and_si256(_mm256_srli_epi16::<2>(qh), m2),
-                                    ),
-                                ];
-                                let w = |g: usize| _mm256_sub_epi8(q[g], _mm256_set1_epi8(32));
-                                let s = |g: usize| (sc[2 * g] as i8, sc[2 * g + 1] as i8);
-                                let blk = 8 * sb + 4 * h;
-                                step_q6(&mut acc[0], w(0), s(0), d, &x, blk);
-                                step_q6(&mut acc[1], w(1), s(1), d, &x, blk + 1);
-                                step_q6(&mut acc[0], w(2), s(2), d, &x, blk + 2);
-                                step_q6(&mut acc[1], w(3), s(3), d, &x, blk + 3);
+                                let mut wb = [[Wb {
+                                    w: zero,
+                                    d: 0.0,
+                                    m: 0.0,
+                                    sc: zero,
+                                }; R]; 4];
+                                for r in 0..R {
+                                    let b = block(r, i);
+                                    let d = half(b, 208);
+                                    let (ql0, ql1, qh) =
+                                        (load32(b, 64 * h), load32(b, 64 * h + 32), load32(b, 128 + 32 * h));
+                                    let sc = bytes::<8>(b, 192 + 8 * h);
+                                    let m4 = _mm256_set1_epi8(0x0f);
+                                    let m2 = _mm256_set1_epi8(0x30);
+                                    let q = [
+                                        _mm256_or_si256(
+                                            _mm256_and_si256(ql0, m4),
+                                            _mm256_and_si256(_mm256_slli_epi16::<4>(qh), m2),
+                                        ),
+                                        _mm256_or_si256(
+                                            _mm256_and_si256(ql1, m4),
+                                            _mm256_and_si256(_mm256_slli_epi16::<2>(qh), m2),
+                                        ),
+                                        _mm256_or_si256(
+                                            _mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m4),
+                                            _mm256_and_si256(qh, m2),
+                                        ),
+                                        _mm256_or_si256(
+                                            _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4),
+                                            _mm256_and_si256(_mm256_srli_epi16::<2>(qh), m2),
+                                        ),
+                                    ];
+                                    for g in 0..4 {
+                                        // Lanes 0-3 of `idot` hold elements 0-15 (with maddubs+madd:
+                                        // pairs of pairs; with vpdpbusd: quads), lanes 4-7 elements 16-31.
+                                        let scales = _mm256_set_m128i(
+                                            _mm_set1_epi32(sc[2 * g + 1] as i8 as i32),
+                                            _mm_set1_epi32(sc[2 * g] as i8 as i32),
+                                        );
+                                        let w = _mm256_sub_epi8(q[g], _mm256_set1_epi8(32));
+                                        wb[g][r] = Wb {
+                                            w,
+                                            d,
+                                            m: 0.0,
+                                            sc: scales,
+                                        };
+                                    }
+                                }
+                                for (g, wb) in wb.iter().enumerate() {
+                                    tile_step(&mut acc, &mut minv, wb, Kind::Q6, &x, 8 * i + 4 * h + g);
+                                }
                             }
                         }
                     }
                     other => panic!("no 8-bit kernel for {other}"),
                 }
-                let mut out = [0f32; T];
-                for t in 0..T {
-                    out[t] = hsum(_mm256_add_ps(acc[0][t], acc[1][t])) + (mins[0][t] + mins[1][t]);
+                let mut out = [[0f32; T]; R];
+                for r in 0..R {
+                    let mut m = [0f32; 4];
+                    _mm_storeu_ps(m.as_mut_ptr(), minv[r]);
+                    for t in 0..T {
+                        out[r][t] = hsum(acc[r][t]) + m[t % 4];
+                    }
                 }
                 out
             }
@@ -357,52 +408,125 @@ pub(super) mod float {
         }
     }
 
-    /// See `Kernels::axpy_f16` (which checks the lengths this relies on).
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(in crate::kernels::simd) unsafe fn axpy_f16(acc: &mut [f32], a: f32, v: &[u8]) {
-        let main = acc.len() / 8 * 8;
-        let av = _mm256_set1_ps(a);
-        for (o, h) in acc[..main].chunks_exact_mut(8).zip(v.chunks_exact(16)) {
-            let o: &mut [f32; 8] = o.try_into().expect("8");
-            let w = _mm256_cvtph_ps(_mm_loadu_si128(bytes::<16>(h, 0).as_ptr().cast()));
-            _mm256_storeu_ps(o.as_mut_ptr(), _mm256_fmadd_ps(av, w, _mm256_loadu_ps(o.as_ptr())));
+    unsafe fn load_f16x8(b: &[u8], at: usize) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(bytes::<16>(b, at).as_ptr().cast()))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+
+    /// Scores with the query held in C registers of 8 (a head of 8·C values).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_rows_fixed<const C: usize>(q: &[f32], keys: &[u8], stride: usize, out: &mut [f32]) {
+        let qv: [__m256; C] = std::array::from_fn(|c| _mm256_loadu_ps(q[8 * c..8 * c + 8].as_ptr()));
+        for (p, o) in out.iter_mut().enumerate() {
+            let row = &keys[p * stride..p * stride + 16 * C];
+            let mut a = _mm256_setzero_ps();
+            for (c, &qc) in qv.iter().enumerate() {
+                a = _mm256_fmadd_ps(load_f16x8(row, 16 * c), qc, a);
+            }
+            *o = hsum(a);
         }
-        for (o, h) in acc[main..].iter_mut().zip(v[2 * main..].chunks_exact(2)) {
-            *o += a * f16_at(h, 0);
+    }
+
+    /// See `Kernels::dot_f16_rows` (which checks the lengths this relies on).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(in crate::kernels::simd) unsafe fn dot_f16_rows(q: &[f32], keys: &[u8], stride: usize, out: &mut [f32]) {
+        match q.len() {
+            64 => dot_rows_fixed::<8>(q, keys, stride, out),
+            128 => dot_rows_fixed::<16>(q, keys, stride, out),
+            width => {
+                for (p, o) in out.iter_mut().enumerate() {
+                    *o = dot_f32::<1, 1>(GgmlType::F16, [&keys[p * stride..p * stride + 2 * width]], [q])[0][0];
+                }
+            }
+        }
+    }
+
+    /// The weighted sum with the accumulator held in C registers of 8.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn sum_rows_fixed<const C: usize>(acc: &mut [f32], w: &[f32], values: &[u8], stride: usize) {
+        let mut a = [_mm256_setzero_ps(); C];
+        for (p, &wp) in w.iter().enumerate() {
+            let row = &values[p * stride..p * stride + 16 * C];
+            let wv = _mm256_set1_ps(wp);
+            for (c, a) in a.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(wv, load_f16x8(row, 16 * c), *a);
+            }
+        }
+        for (c, a) in a.iter().enumerate() {
+            _mm256_storeu_ps(acc[8 * c..8 * c + 8].as_mut_ptr(), *a);
+        }
+    }
+
+    /// See `Kernels::sum_f16_rows` (which checks the lengths this relies on).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(in crate::kernels::simd) unsafe fn sum_f16_rows(acc: &mut [f32], w: &[f32], values: &[u8], stride: usize) {
+        match acc.len() {
+            64 => sum_rows_fixed::<8>(acc, w, values, stride),
+            128 => sum_rows_fixed::<16>(acc, w, values, stride),
+            width => {
+                acc.fill(0.0);
+                for (p, &wp) in w.iter().enumerate() {
+                    for (a, h) in acc
+                        .iter_mut()
+                        .zip(values[p * stride..p * stride + 2 * width].chunks_exact(2))
+                    {
+                        *a += wp * f16_at(h, 0);
+                    }
+                }
+            }
         }
     }
 
     /// See `Kernels::dot_f32` (which checks the lengths this relies on).
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(in crate::kernels::simd) unsafe fn dot_f32<const T: usize>(
+    pub(in crate::kernels::simd) unsafe fn dot_f32<const R: usize, const T: usize>(
         ty: GgmlType,
-        row: &[u8],
+        rows: [&[u8]; R],
         x: [&[f32]; T],
-    ) -> [f32; T] {
+    ) -> [[f32; T]; R] {
         let size = if ty == GgmlType::F32 { 4 } else { 2 };
-        let cols = row.len() / size;
+        let cols = rows[0].len() / size;
         let main = cols / 8 * 8;
-        let mut acc = [_mm256_setzero_ps(); T];
-        for (i, c) in row[..main * size].chunks_exact(8 * size).enumerate() {
-            let w = widen(ty, c);
+        let mut acc = [[_mm256_setzero_ps(); T]; R];
+        for i in 0..main / 8 {
+            let mut xv = [_mm256_setzero_ps(); T];
             for t in 0..T {
-                let xv: &[f32; 8] = x[t][8 * i..8 * i + 8].try_into().expect("8 of the row");
-                acc[t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xv.as_ptr()), acc[t]);
+                let chunk: &[f32; 8] = x[t][8 * i..8 * i + 8].try_into().expect("8 of the row");
+                xv[t] = _mm256_loadu_ps(chunk.as_ptr());
+            }
+            for r in 0..R {
+                let w = widen(ty, &rows[r][8 * size * i..8 * size * (i + 1)]);
+                for t in 0..T {
+                    acc[r][t] = _mm256_fmadd_ps(w, xv[t], acc[r][t]);
+                }
             }
         }
-        let mut out = [0f32; T];
-        for t in 0..T {
-            let s = _mm_add_ps(_mm256_castps256_ps128(acc[t]), _mm256_extractf128_ps::<1>(acc[t]));
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            out[t] = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-            for j in main..cols {
-                let c = &row[j * size..(j + 1) * size];
-                let w = match ty {
-                    GgmlType::F32 => f32::from_le_bytes(*bytes(c, 0)),
-                    GgmlType::F16 => f16_at(c, 0),
-                    _ => f32::from_bits((u16::from_le_bytes(*bytes(c, 0)) as u32) << 16),
-                };
-                out[t] += w * x[t][j];
+        let mut out = [[0f32; T]; R];
+        for r in 0..R {
+            for t in 0..T {
+                let s = _mm_add_ps(_mm256_castps256_ps128(acc[r][t]), _mm256_extractf128_ps::<1>(acc[r][t]));
+                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+                out[r][t] = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+                for j in main..cols {
+                    let c = &rows[r][j * size..(j + 1) * size];
+                    let w = match ty {
+                        GgmlType::F32 => f32::from_le_bytes(*bytes(c, 0)),
+                        GgmlType::F16 => f16_at(c, 0),
+                        _ => f32::from_bits((u16::from_le_bytes(*bytes(c, 0)) as u32) << 16),
+                    };
+                    out[r][t] += w * x[t][j];
+                }
             }
         }
         out
