@@ -137,33 +137,28 @@ macro_rules! x86_kernels {
                 blk: usize,
             ) {
                 let mut ys = [_mm256_setzero_si256(); T];
-                let mut dx = [0f32; T];
-                let mut sx = [0f32; 4];
+                // Each token's (d, s) pair, gathered into d = [d0 d1 d2 d3] and s = [s0 s1 s2 s3].
+                let mut ds = [_mm_setzero_ps(); 4];
                 for t in 0..T {
                     let xb = &x[t][blk];
                     ys[t] = _mm256_loadu_si256(xb.qs.as_ptr().cast());
-                    dx[t] = xb.d;
-                    sx[t % 4] = xb.s;
+                    ds[t % 4] = _mm_setr_ps(xb.d, xb.s, 0.0, 0.0);
                 }
-                let s4 = _mm_loadu_ps(sx.as_ptr());
+                let (lo, hi) = (_mm_unpacklo_ps(ds[0], ds[1]), _mm_unpacklo_ps(ds[2], ds[3]));
+                let (d4, s4) = (_mm_movelh_ps(lo, hi), _mm_movehl_ps(hi, lo));
                 for r in 0..R {
                     let Wb { w, d, m, sc } = wb[r];
-                    let aw = if kind == Kind::Unsigned {
-                        w
-                    } else {
-                        _mm256_sign_epi8(w, w)
-                    };
+                    let aw = if kind == Kind::Unsigned { w } else { _mm256_sign_epi8(w, w) };
+                    // d · dx for every token at once; one lane is broadcast per product.
+                    let scales = _mm256_castps128_ps256(_mm_mul_ps(_mm_set1_ps(d), d4));
                     for t in 0..T {
-                        let y = if kind == Kind::Unsigned {
-                            ys[t]
-                        } else {
-                            _mm256_sign_epi8(ys[t], w)
-                        };
+                        let y = if kind == Kind::Unsigned { ys[t] } else { _mm256_sign_epi8(ys[t], w) };
                         let mut p = idot(aw, y);
                         if kind == Kind::Q6 {
                             p = _mm256_mullo_epi32(p, sc);
                         }
-                        acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * dx[t]), acc[r][t]);
+                        let scale = _mm256_permutevar8x32_ps(scales, _mm256_set1_epi32(t as i32));
+                        acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[r][t]);
                     }
                     if kind == Kind::Unsigned {
                         minv[r] = _mm_fmadd_ps(_mm_set1_ps(m), s4, minv[r]);
@@ -201,73 +196,39 @@ macro_rules! x86_kernels {
                 let bytes_per_block = ty.block_bytes();
                 let blocks = rows[0].len() / bytes_per_block;
                 let block = |r: usize, i: usize| &rows[r][i * bytes_per_block..(i + 1) * bytes_per_block];
-                match ty {
-                    GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 => {
+                // The block loop once per type, so that nothing is dispatched per block.
+                macro_rules! simple {
+                    ($kind:expr, |$b:ident| $unpack:expr) => {
                         for i in 0..blocks {
-                            let mut wb = [Wb {
-                                w: zero,
-                                d: 0.0,
-                                m: 0.0,
-                                sc: zero,
-                            }; R];
+                            let mut wb = [Wb { w: zero, d: 0.0, m: 0.0, sc: zero }; R];
                             for (r, wb) in wb.iter_mut().enumerate() {
-                                let b = block(r, i);
-                                *wb = match ty {
-                                    GgmlType::Q4_0 => {
-                                        let d = half(b, 0);
-                                        Wb {
-                                            w: nibbles(bytes(b, 2)),
-                                            d,
-                                            m: -8.0 * d,
-                                            sc: zero,
-                                        }
-                                    }
-                                    GgmlType::Q4_1 => {
-                                        let (d, m) = halves(b, 0);
-                                        Wb {
-                                            w: nibbles(bytes(b, 4)),
-                                            d,
-                                            m,
-                                            sc: zero,
-                                        }
-                                    }
-                                    GgmlType::Q5_0 => {
-                                        let d = half(b, 0);
-                                        let w = _mm256_or_si256(
-                                            nibbles(bytes(b, 6)),
-                                            fifth_bits(u32::from_le_bytes(*bytes(b, 2))),
-                                        );
-                                        Wb {
-                                            w,
-                                            d,
-                                            m: -16.0 * d,
-                                            sc: zero,
-                                        }
-                                    }
-                                    GgmlType::Q5_1 => {
-                                        let (d, m) = halves(b, 0);
-                                        let w = _mm256_or_si256(
-                                            nibbles(bytes(b, 8)),
-                                            fifth_bits(u32::from_le_bytes(*bytes(b, 4))),
-                                        );
-                                        Wb { w, d, m, sc: zero }
-                                    }
-                                    _ => Wb {
-                                        w: load32(b, 2),
-                                        d: half(b, 0),
-                                        m: 0.0,
-                                        sc: zero,
-                                    },
-                                };
+                                let $b = block(r, i);
+                                *wb = $unpack;
                             }
-                            let kind = if ty == GgmlType::Q8_0 {
-                                Kind::Signed
-                            } else {
-                                Kind::Unsigned
-                            };
-                            tile_step(&mut acc, &mut minv, &wb, kind, &x, i);
+                            tile_step(&mut acc, &mut minv, &wb, $kind, &x, i);
                         }
-                    }
+                    };
+                }
+                match ty {
+                    GgmlType::Q4_0 => simple!(Kind::Unsigned, |b| {
+                        let d = half(b, 0);
+                        Wb { w: nibbles(bytes(b, 2)), d, m: -8.0 * d, sc: zero }
+                    }),
+                    GgmlType::Q4_1 => simple!(Kind::Unsigned, |b| {
+                        let (d, m) = halves(b, 0);
+                        Wb { w: nibbles(bytes(b, 4)), d, m, sc: zero }
+                    }),
+                    GgmlType::Q5_0 => simple!(Kind::Unsigned, |b| {
+                        let d = half(b, 0);
+                        let w = _mm256_or_si256(nibbles(bytes(b, 6)), fifth_bits(u32::from_le_bytes(*bytes(b, 2))));
+                        Wb { w, d, m: -16.0 * d, sc: zero }
+                    }),
+                    GgmlType::Q5_1 => simple!(Kind::Unsigned, |b| {
+                        let (d, m) = halves(b, 0);
+                        let w = _mm256_or_si256(nibbles(bytes(b, 8)), fifth_bits(u32::from_le_bytes(*bytes(b, 4))));
+                        Wb { w, d, m, sc: zero }
+                    }),
+                    GgmlType::Q8_0 => simple!(Kind::Signed, |b| Wb { w: load32(b, 2), d: half(b, 0), m: 0.0, sc: zero }),
                     GgmlType::Q4K => {
                         for i in 0..blocks {
                             for pair in 0..4 {
