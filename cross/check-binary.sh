@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Checks that an aarch64 llama-tpu binary runs on the BM1684X SoC's Ubuntu 20.04: no glibc
 # symbol newer than 2.31, and no shared library beyond glibc's own (everything else is linked
-# in; the vendor runtime is loaded at run time with dlopen, never linked). Prints size and
-# startup time under qemu.
+# in; the vendor runtime is loaded at run time with dlopen, never linked), and a size limit.
+# Prints size and startup time under qemu.
 set -euo pipefail
 bin=${1:?usage: check-binary.sh BINARY}
 floor=2.31
@@ -22,7 +22,15 @@ if [ "$(printf '%s\n%s\n' "$newest" "$floor" | sort -V | tail -1)" != "$floor" ]
 else
     echo "ok: newest glibc symbol version GLIBC_$newest (floor $floor)"
 fi
-echo "size: $(stat -c %s "$bin") bytes"
+# The release binary's size, held under a limit (README, "Binary size": what it costs and why
+# it is not 3 MiB).
+limit=${LLAMA_TPU_SIZE_LIMIT:-4400000}
+size=$(stat -c %s "$bin")
+if [ "$size" -gt "$limit" ]; then
+    echo "FAIL: $size bytes, above the limit of $limit"; status=1
+else
+    echo "ok: size $size bytes (limit $limit)"
+fi
 if command -v qemu-aarch64 >/dev/null; then
     start=$(date +%s%N)
     qemu-aarch64 -cpu cortex-a53 "$bin" --version
