@@ -94,7 +94,7 @@ fn bad_model_files_are_refused_clearly() {
     let (p, o) = bad_model("arch.gguf", &arch);
     assert_refused(&p, &o, 65, "unsupported architecture 'mamba'");
 
-    let tensors = [("token_embd.weight", vec![64, 10], GgmlType::Q5_0, vec![0u8; 10 * 44])];
+    let tensors = [("token_embd.weight", vec![256, 10], GgmlType::Q5K, vec![0u8; 10 * 176])];
     let meta = [
         ("general.architecture", Meta::Str("llama".into())),
         ("llama.block_count", Meta::U32(1)),
@@ -108,8 +108,8 @@ fn bad_model_files_are_refused_clearly() {
             Meta::StrArray((0..10).map(|i| format!("t{i}")).collect()),
         ),
     ];
-    let (p, o) = bad_model("q5.gguf", &write(&meta, &tensors));
-    assert_refused(&p, &o, 65, "unsupported tensor type Q5_0 in tensor 'token_embd.weight'");
+    let (p, o) = bad_model("q5k.gguf", &write(&meta, &tensors));
+    assert_refused(&p, &o, 65, "unsupported tensor type Q5_K in tensor 'token_embd.weight'");
 }
 
 #[test]
