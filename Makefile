@@ -208,9 +208,11 @@ cross-test-ci: cross-setup model test-data venv
 	@echo "cross-test-ci: the aarch64 unit, CLI and reference-forward tests under qemu (make cross-test runs every suite)"
 	LLAMA_TPU_PYTHON=$(VENV)/bin/python LLAMA_TPU_TEST_RUNNER="$(QEMU)" \
 		RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc $(CARGO) test --profile test-opt --target $(CROSS_TARGET) $(CROSS_CI_TESTS) -- $(CROSS_SKIP)
-	@echo "cross-test-ci: the kernel variants on a CPU with the dot-product extension (qemu -cpu max)"
-	CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -cpu max" RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc \
-		$(CARGO) test --profile test-opt --target $(CROSS_TARGET) --lib kernels::simd -- --nocapture
+	@echo "cross-test-ci: the kernel variants on the A53 (NEON v8.0) and on a CPU with the dot-product extension (qemu -cpu max)"
+	for cpu in cortex-a53 max; do \
+		CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -cpu $$cpu" RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc \
+			$(CARGO) test --profile test-opt --target $(CROSS_TARGET) --lib kernels::simd -- --nocapture || exit 1; \
+	done
 
 # The same suite against the boards' glibc: test binaries linked by zig against glibc 2.31
 # symbols, run by qemu with bullseye's libc6:arm64 2.31 as the only C library (-L).

@@ -8,13 +8,13 @@
 //!
 //! All integer kernels share one shape, llama.cpp's: weights unpacked to 32 bytes per block,
 //! multiplied with the block's 32 i8 activations into i32 lanes (x86: `maddubs` + `madd`, or
-//! `vpdpbusd` where the CPU has AVX-512 VNNI; ARMv8.0 NEON: `smull` + `sadalp`, which is what
+//! `vpdpbusd` where the CPU has AVX-512 VNNI; ARMv8.0 NEON: `smull` + `saddlp`, which is what
 //! llama.cpp's `ggml_vdotq_s32` falls back to without the dot-product extension), the lanes
 //! scaled by the two block scales and accumulated in floats, and a block offset (`min`, or
-//! `-8·d` for Q4_0) times the activation block's sum. A kernel computes one weight row against
-//! 1 or [`TILE`] tokens; each (row, token) pair goes through the same instructions in the same
-//! order either way, so a prompt processed in batches gives bit-identical results to one
-//! processed token by token.
+//! `-8·d` for Q4_0) times the activation block's sum. A kernel computes a tile of weight rows
+//! against up to [`TILE`] tokens; each (row, token) pair goes through the same instructions in
+//! the same order whatever the tile, so a prompt processed in batches gives bit-identical
+//! results to one processed token by token.
 #![allow(unsafe_code)]
 
 #[cfg(target_arch = "aarch64")]
@@ -108,11 +108,6 @@ impl Kernels {
     /// Their instruction set.
     pub fn isa(self) -> Isa {
         self.isa
-    }
-
-    /// Whether `ty` rows have a kernel here (with [`BlockQ8`] or f32 activations).
-    pub fn supports(ty: GgmlType) -> bool {
-        ty.is_supported()
     }
 
     /// `rows[r] · x[t]` for every row `r` and token `t` (at most 4 tokens): each row holds

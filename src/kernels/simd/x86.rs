@@ -148,11 +148,19 @@ macro_rules! x86_kernels {
                 let (d4, s4) = (_mm_movelh_ps(lo, hi), _mm_movehl_ps(hi, lo));
                 for r in 0..R {
                     let Wb { w, d, m, sc } = wb[r];
-                    let aw = if kind == Kind::Unsigned { w } else { _mm256_sign_epi8(w, w) };
+                    let aw = if kind == Kind::Unsigned {
+                        w
+                    } else {
+                        _mm256_sign_epi8(w, w)
+                    };
                     // d · dx for every token at once; one lane is broadcast per product.
                     let scales = _mm256_castps128_ps256(_mm_mul_ps(_mm_set1_ps(d), d4));
                     for t in 0..T {
-                        let y = if kind == Kind::Unsigned { ys[t] } else { _mm256_sign_epi8(ys[t], w) };
+                        let y = if kind == Kind::Unsigned {
+                            ys[t]
+                        } else {
+                            _mm256_sign_epi8(ys[t], w)
+                        };
                         let mut p = idot(aw, y);
                         if kind == Kind::Q6 {
                             p = _mm256_mullo_epi32(p, sc);
@@ -200,7 +208,12 @@ macro_rules! x86_kernels {
                 macro_rules! simple {
                     ($kind:expr, |$b:ident| $unpack:expr) => {
                         for i in 0..blocks {
-                            let mut wb = [Wb { w: zero, d: 0.0, m: 0.0, sc: zero }; R];
+                            let mut wb = [Wb {
+                                w: zero,
+                                d: 0.0,
+                                m: 0.0,
+                                sc: zero,
+                            }; R];
                             for (r, wb) in wb.iter_mut().enumerate() {
                                 let $b = block(r, i);
                                 *wb = $unpack;
@@ -212,23 +225,43 @@ macro_rules! x86_kernels {
                 match ty {
                     GgmlType::Q4_0 => simple!(Kind::Unsigned, |b| {
                         let d = half(b, 0);
-                        Wb { w: nibbles(bytes(b, 2)), d, m: -8.0 * d, sc: zero }
+                        Wb {
+                            w: nibbles(bytes(b, 2)),
+                            d,
+                            m: -8.0 * d,
+                            sc: zero,
+                        }
                     }),
                     GgmlType::Q4_1 => simple!(Kind::Unsigned, |b| {
                         let (d, m) = halves(b, 0);
-                        Wb { w: nibbles(bytes(b, 4)), d, m, sc: zero }
+                        Wb {
+                            w: nibbles(bytes(b, 4)),
+                            d,
+                            m,
+                            sc: zero,
+                        }
                     }),
                     GgmlType::Q5_0 => simple!(Kind::Unsigned, |b| {
                         let d = half(b, 0);
                         let w = _mm256_or_si256(nibbles(bytes(b, 6)), fifth_bits(u32::from_le_bytes(*bytes(b, 2))));
-                        Wb { w, d, m: -16.0 * d, sc: zero }
+                        Wb {
+                            w,
+                            d,
+                            m: -16.0 * d,
+                            sc: zero,
+                        }
                     }),
                     GgmlType::Q5_1 => simple!(Kind::Unsigned, |b| {
                         let (d, m) = halves(b, 0);
                         let w = _mm256_or_si256(nibbles(bytes(b, 8)), fifth_bits(u32::from_le_bytes(*bytes(b, 4))));
                         Wb { w, d, m, sc: zero }
                     }),
-                    GgmlType::Q8_0 => simple!(Kind::Signed, |b| Wb { w: load32(b, 2), d: half(b, 0), m: 0.0, sc: zero }),
+                    GgmlType::Q8_0 => simple!(Kind::Signed, |b| Wb {
+                        w: load32(b, 2),
+                        d: half(b, 0),
+                        m: 0.0,
+                        sc: zero
+                    }),
                     GgmlType::Q4K => {
                         for i in 0..blocks {
                             for pair in 0..4 {
