@@ -678,10 +678,10 @@ fn next_token(n: Next<'_>) -> u32 {
 /// version needed; the CLI says so with exit 69.
 #[test]
 fn a_runtime_older_than_0_5_1_is_refused_before_any_structure_is_read() {
-    // It uses no chip, but runs alone all the same: its compiler and subprocess load both cores,
-    // and twice a simulator test running beside this one (on a full suite, never alone) gave
-    // results that were off; whether the simulator's engine threads misbehave when starved is
-    // not known, so nothing runs beside the chip.
+    // It uses no chip, but runs alone all the same: it is the only test that loads both cores
+    // (a compiler, a subprocess) while a simulator test may run, and twice a simulator test
+    // gave results that were off on a full suite, never alone. Whether the simulator's engine
+    // threads misbehave when starved is not known; nothing runs beside the chip now.
     let _chip = common::simulator_chip();
     let dir = common::scratch("old-libsophon");
     let bmlib = r#"
