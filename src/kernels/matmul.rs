@@ -8,8 +8,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use super::quant::{self, BlockQ8};
 use super::simd::{Kernels, TILE};
 
-/// Weight rows per kernel call: their activations are loaded once for all of them.
+/// Weight rows per kernel call in a prompt: their activations are loaded once for all of them.
 pub const ROW_TILE: usize = 2;
+/// Weight rows per kernel call for one token.
+pub const GEN_ROW_TILE: usize = 4;
 use crate::model::GgmlType;
 
 /// Tokens per pass over a block of rows: their activations (up to ~120 KiB for a 1536-wide
@@ -97,13 +99,26 @@ pub fn matmul_rows(
                 let full = c0 + (c1 - c0) / TILE * TILE;
                 let mut r = rows.start;
                 while r < rows.end {
-                    let n = if r + ROW_TILE <= rows.end { ROW_TILE } else { 1 };
+                    let n = if n_tokens == 1 && r + GEN_ROW_TILE <= rows.end {
+                        GEN_ROW_TILE
+                    } else if r + ROW_TILE <= rows.end {
+                        ROW_TILE
+                    } else {
+                        1
+                    };
                     // Generation reads each row once: fetch rows ahead, one tile's lines at a
                     // time (a burst for many rows filled the line-fill buffers and stalled).
                     if n_tokens == 1 && r + PREFETCH_ROWS + n <= w.rows {
                         crate::model::mmap::prefetch(w.rows_bytes(r + PREFETCH_ROWS..r + PREFETCH_ROWS + n));
                     }
-                    if n == ROW_TILE {
+                    if n == GEN_ROW_TILE {
+                        // One token, four rows: four independent sums in flight.
+                        let tile_rows: [&[u8]; GEN_ROW_TILE] = std::array::from_fn(|i| w.row(r + i));
+                        let v = kernels.$dot::<GEN_ROW_TILE, 1>(w.ty, tile_rows, [token(c0)]);
+                        for (i, row) in v.iter().enumerate() {
+                            store(c0, r + i, row[0]);
+                        }
+                    } else if n == ROW_TILE {
                         let tile_rows: [&[u8]; ROW_TILE] = std::array::from_fn(|i| w.row(r + i));
                         for t0 in (c0..full).step_by(TILE) {
                             let v =
