@@ -354,9 +354,10 @@ impl SophonBackend {
 
     /// From now on, read lm_head's logits back at every step before an on-chip head runs
     /// (a device-to-host copy of the vocabulary per token: for tests and diagnostics, which
-    /// hold a head to a model of its math on exactly what it was given). The logits buffer
-    /// cannot be read after the head instead: a head may use its input as scratch (seen once
-    /// on the simulator: a dynamic `sample_head` left other values in it).
+    /// hold a head to a model of its math on exactly what it was given). Reading the logits
+    /// buffer after the head ran is not the same: nothing promises that a compiled head leaves
+    /// its input as it found it (one CI run's mismatch between the chip's head and the numpy
+    /// model fitted that, though it was not reproduced).
     pub fn record_logits(&mut self) {
         self.record_logits = true;
     }
