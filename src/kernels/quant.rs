@@ -103,14 +103,16 @@ impl Acc {
     }
 }
 
+/// `N` bytes of a block at `at`.
 #[inline(always)]
-fn block<const N: usize>(b: &[u8], at: usize) -> &[u8; N] {
+pub(crate) fn block<const N: usize>(b: &[u8], at: usize) -> &[u8; N] {
     // The caller iterates with chunks_exact over validated row lengths, so the range exists.
     b[at..at + N].try_into().expect("block layout")
 }
 
+/// The f16 at `at`, as f32.
 #[inline(always)]
-fn scale(b: &[u8], at: usize) -> f32 {
+pub(crate) fn scale(b: &[u8], at: usize) -> f32 {
     f16_to_f32(u16::from_le_bytes([b[at], b[at + 1]]))
 }
 
@@ -199,7 +201,7 @@ pub fn dot_q8_0(row: &[u8], x: &[BlockQ8]) -> f32 {
 
 /// The 6-bit scale and minimum of sub-block `j` of a Q4_K super-block.
 #[inline(always)]
-fn q4k_scale_min(scales: &[u8; 12], j: usize) -> (u8, u8) {
+pub(crate) fn q4k_scale_min(scales: &[u8; 12], j: usize) -> (u8, u8) {
     if j < 4 {
         (scales[j] & 63, scales[j + 4] & 63)
     } else {
@@ -329,16 +331,7 @@ pub fn dot_bf16(row: &[u8], x: &[f32]) -> f32 {
 
 /// Whether rows of this type are multiplied with [`BlockQ8`] activations (else with f32).
 pub fn uses_q8_activations(ty: GgmlType) -> bool {
-    matches!(
-        ty,
-        GgmlType::Q4_0
-            | GgmlType::Q4_1
-            | GgmlType::Q5_0
-            | GgmlType::Q5_1
-            | GgmlType::Q8_0
-            | GgmlType::Q4K
-            | GgmlType::Q6K
-    )
+    ty.is_supported() && !matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
 }
 
 /// Expands one row of any supported type into f32 (for embeddings lookups and tests).
@@ -434,10 +427,12 @@ pub fn dequantize_row(ty: GgmlType, row: &[u8], out: &mut [f32]) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn rand_row(rng: &mut fastrand::Rng, ty: GgmlType, n: usize) -> Vec<u8> {
+    /// Random bytes for a row of `n` elements of `ty`, its scales finite and small (a random
+    /// f16 can be NaN); shared with the SIMD kernels' tests.
+    pub(crate) fn rand_row(rng: &mut fastrand::Rng, ty: GgmlType, n: usize) -> Vec<u8> {
         let mut row: Vec<u8> = (0..ty.row_bytes(n)).map(|_| rng.u8(..)).collect();
         // Keep the f16 scales finite and small so sums stay meaningful.
         let fix = |row: &mut [u8], at: usize, rng: &mut fastrand::Rng| {

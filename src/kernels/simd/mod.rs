@@ -279,6 +279,7 @@ fn scalar_f32(ty: GgmlType, row: &[u8], x: &[f32]) -> f32 {
 
 #[cfg(test)]
 mod tests {
+    use super::super::quant::tests::rand_row;
     use super::*;
 
     const Q8_TYPES: [GgmlType; 7] = [
@@ -291,40 +292,6 @@ mod tests {
         GgmlType::Q6K,
     ];
     const FLOAT_TYPES: [GgmlType; 3] = [GgmlType::F32, GgmlType::F16, GgmlType::BF16];
-
-    /// Random bytes for a row, with its scales finite and small (a random f16 can be NaN).
-    fn random_row(rng: &mut fastrand::Rng, ty: GgmlType, cols: usize) -> Vec<u8> {
-        let mut row: Vec<u8> = (0..ty.row_bytes(cols)).map(|_| rng.u8(..)).collect();
-        let mut f16_at = |row: &mut [u8], at: usize| {
-            let v = half::f16::from_f32((rng.f32() - 0.3) * 0.02).to_bits().to_le_bytes();
-            row[at..at + 2].copy_from_slice(&v);
-        };
-        let bb = ty.block_bytes();
-        let scales: &[usize] = match ty {
-            GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => &[0],
-            GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K => &[0, 2],
-            GgmlType::Q6K => &[208],
-            _ => &[],
-        };
-        for b in 0..row.len() / bb {
-            for &at in scales {
-                f16_at(&mut row, b * bb + at);
-            }
-        }
-        match ty {
-            GgmlType::F32 => row
-                .chunks_exact_mut(4)
-                .for_each(|c| c.copy_from_slice(&(rng.f32() - 0.5).to_le_bytes())),
-            GgmlType::F16 => row
-                .chunks_exact_mut(2)
-                .for_each(|c| c.copy_from_slice(&half::f16::from_f32(rng.f32() - 0.5).to_bits().to_le_bytes())),
-            GgmlType::BF16 => row
-                .chunks_exact_mut(2)
-                .for_each(|c| c.copy_from_slice(&half::bf16::from_f32(rng.f32() - 0.5).to_bits().to_le_bytes())),
-            _ => {}
-        }
-        row
-    }
 
     fn activations(rng: &mut fastrand::Rng, cols: usize) -> (Vec<f32>, Vec<BlockQ8>) {
         let x: Vec<f32> = (0..cols).map(|_| rng.f32() * 4.0 - 2.0).collect();
@@ -356,7 +323,7 @@ mod tests {
                 for units in [1, 3, 7, 9] {
                     let cols = ty.block_elements() * units;
                     for _ in 0..10 {
-                        let rows: Vec<Vec<u8>> = (0..4).map(|_| random_row(&mut rng, ty, cols)).collect();
+                        let rows: Vec<Vec<u8>> = (0..4).map(|_| rand_row(&mut rng, ty, cols)).collect();
                         let xs: Vec<Vec<BlockQ8>> = (0..TILE).map(|_| activations(&mut rng, cols).1).collect();
                         let tile_rows: [&[u8]; 4] = std::array::from_fn(|r| &rows[r][..]);
                         let tile_x: [&[BlockQ8]; TILE] = std::array::from_fn(|t| &xs[t][..]);
@@ -397,7 +364,7 @@ mod tests {
             }
             for ty in FLOAT_TYPES {
                 for cols in [1, 7, 8, 33, 64, 131] {
-                    let rows: Vec<Vec<u8>> = (0..4).map(|_| random_row(&mut rng, ty, cols)).collect();
+                    let rows: Vec<Vec<u8>> = (0..4).map(|_| rand_row(&mut rng, ty, cols)).collect();
                     let xs: Vec<Vec<f32>> = (0..TILE)
                         .map(|_| (0..cols).map(|_| rng.f32() - 0.5).collect())
                         .collect();

@@ -11,34 +11,8 @@
 
 use std::arch::aarch64::*;
 
-use crate::kernels::half::f16_to_f32;
-use crate::kernels::quant::BlockQ8;
+use crate::kernels::quant::{block as bytes, q4k_scale_min, scale as f16_at, BlockQ8};
 use crate::model::GgmlType;
-
-#[inline(always)]
-fn bytes<const N: usize>(b: &[u8], at: usize) -> &[u8; N] {
-    // Rows are whole blocks (checked by the caller), so every in-block range exists.
-    b[at..at + N].try_into().expect("block layout")
-}
-
-#[inline(always)]
-fn f16_at(b: &[u8], at: usize) -> f32 {
-    f16_to_f32(u16::from_le_bytes(*bytes::<2>(b, at)))
-}
-
-/// The 6-bit scale and minimum of sub-block `j` of a Q4_K super-block.
-#[inline(always)]
-fn q4k_scale_min(scales: &[u8; 12], j: usize) -> (f32, f32) {
-    let (sc, m) = if j < 4 {
-        (scales[j] & 63, scales[j + 4] & 63)
-    } else {
-        (
-            (scales[j + 4] & 0x0f) | ((scales[j - 4] >> 6) << 4),
-            (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4),
-        )
-    };
-    (sc as f32, m as f32)
-}
 
 macro_rules! neon_kernels {
     ($module:ident, $features:literal, $idot:ident) => {
@@ -213,6 +187,7 @@ macro_rules! neon_kernels {
                                     let [a_lo, a_hi] = nibbles(load16(b, 16 + 32 * pair));
                                     let [b_lo, b_hi] = nibbles(load16(b, 32 + 32 * pair));
                                     let (sc, m) = q4k_scale_min(scales, 2 * pair);
+                                    let (sc, m) = (sc as f32, m as f32);
                                     lo[r] = Wb {
                                         w: [a_lo, b_lo],
                                         d: d * sc,
@@ -220,6 +195,7 @@ macro_rules! neon_kernels {
                                         ..none
                                     };
                                     let (sc, m) = q4k_scale_min(scales, 2 * pair + 1);
+                                    let (sc, m) = (sc as f32, m as f32);
                                     hi[r] = Wb {
                                         w: [a_hi, b_hi],
                                         d: d * sc,

@@ -10,8 +10,7 @@
 
 use std::arch::x86_64::*;
 
-use crate::kernels::half::f16_to_f32;
-use crate::kernels::quant::BlockQ8;
+use crate::kernels::quant::{block as bytes, q4k_scale_min, scale as f16_at, BlockQ8};
 use crate::model::GgmlType;
 
 pub(super) fn avx2_available() -> bool {
@@ -20,31 +19,6 @@ pub(super) fn avx2_available() -> bool {
 
 pub(super) fn vnni_available() -> bool {
     is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl")
-}
-
-#[inline(always)]
-fn bytes<const N: usize>(b: &[u8], at: usize) -> &[u8; N] {
-    // Rows are whole blocks (checked by the caller), so every in-block range exists.
-    b[at..at + N].try_into().expect("block layout")
-}
-
-#[inline(always)]
-fn f16_at(b: &[u8], at: usize) -> f32 {
-    f16_to_f32(u16::from_le_bytes(*bytes::<2>(b, at)))
-}
-
-/// The 6-bit scale and minimum of sub-block `j` of a Q4_K super-block.
-#[inline(always)]
-fn q4k_scale_min(scales: &[u8; 12], j: usize) -> (f32, f32) {
-    let (sc, m) = if j < 4 {
-        (scales[j] & 63, scales[j + 4] & 63)
-    } else {
-        (
-            (scales[j + 4] & 0x0f) | ((scales[j - 4] >> 6) << 4),
-            (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4),
-        )
-    };
-    (sc as f32, m as f32)
 }
 
 macro_rules! x86_kernels {
@@ -278,6 +252,7 @@ macro_rules! x86_kernels {
                                     let scales = bytes::<12>(b, 4);
                                     let q = load32(b, 16 + 32 * pair);
                                     let (sc, m) = q4k_scale_min(scales, 2 * pair);
+                                    let (sc, m) = (sc as f32, m as f32);
                                     lo[r] = Wb {
                                         w: _mm256_and_si256(q, _mm256_set1_epi8(0x0f)),
                                         d: d * sc,
@@ -285,6 +260,7 @@ macro_rules! x86_kernels {
                                         sc: zero,
                                     };
                                     let (sc, m) = q4k_scale_min(scales, 2 * pair + 1);
+                                    let (sc, m) = (sc as f32, m as f32);
                                     let w = _mm256_and_si256(_mm256_srli_epi16::<4>(q), _mm256_set1_epi8(0x0f));
                                     hi[r] = Wb {
                                         w,
