@@ -1,6 +1,7 @@
 # llama-tpu: build, fetch the default model, test, benchmark.
 # Everything fetched goes to ignored folders: models/ (the model) and .cache/ (downloads, venv).
 
+SHELL   := /bin/bash
 CARGO   ?= cargo
 PYTHON  ?= python3
 PROMPT  ?= What is the capital of France?
@@ -137,7 +138,11 @@ bmodel:
 test: model test-data venv sim
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
-	LLAMA_TPU_PYTHON=$(VENV)/bin/python $(CARGO) test --profile test-opt
+	@# The simulator's C library prints to a buffered stdout, flushed at exit: after the
+	@# test harness's failure report, which it buries. So the report is repeated last.
+	set -o pipefail; LLAMA_TPU_PYTHON=$(VENV)/bin/python $(CARGO) test --profile test-opt --no-fail-fast 2>&1 | tee .cache/test.log \
+		|| { echo "== failed tests, as the harness reported them:"; \
+		     grep -a -A6 "panicked at" .cache/test.log | grep -av '^\[0\]' | head -100; exit 1; }
 	$(MAKE) --no-print-directory check-units
 
 # Installs into a scratch root and runs systemd-analyze verify there (with the test build of

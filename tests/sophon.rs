@@ -287,11 +287,25 @@ fn continue_conversation(p: &mut Pair, cached: usize, more: usize, route: Route)
     let a = p.tpu.prefill(&text[..cached], 0).unwrap();
     let b = logits(p.cpu.prefill(&text[..cached], 0).unwrap());
     assert!(distance(a, &b) < p.tolerance);
+    let before = p.tpu.traffic().unwrap();
     let a = logits(p.tpu.prefill(&text[cached..], cached).unwrap());
+    let syncs = (p.tpu.traffic().unwrap() - before).syncs;
     let b = logits(p.cpu.prefill(&text[cached..], cached).unwrap());
     let d = max_diff(&a, &b);
     let plan = p.tpu.last_plan().unwrap();
     assert_eq!(plan.route, route, "{cached} + {more}: {plan:?}");
+    // Launches are asynchronous: the inputs of each group of launches (a prefill chunk, a
+    // decode step) are written only once the group before has finished, or a queued launch
+    // could read the next group's token, position or mask. One wait per group; on history
+    // nets also one per layer, before its history is copied into the net's input (which the
+    // launch before may still use).
+    let layers = p.tpu.layout().layers as u64;
+    let waits = match route {
+        Route::Prefill => more.div_ceil(p.tpu.layout().max_input) as u64 * (layers + 1),
+        Route::Decode => more as u64,
+        Route::Reprefill => 1,
+    };
+    assert_eq!(syncs, waits, "{cached} + {more} ({route:?}): waits");
     assert!(d < p.tolerance, "{cached} + {more} ({route:?}): {d}");
     // And decoding goes on from there.
     let t = argmax(&b);

@@ -3,7 +3,7 @@
 #![allow(unsafe_code)]
 
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use super::ffi::{DeviceMem, Handle, Runtime};
@@ -70,6 +70,11 @@ impl Counters {
 /// Runtime contract (not enforced here): work launched on a device must be synchronized from
 /// the thread that launched it; `bm_thread_sync` on a thread that launched nothing aborts the
 /// process inside bmlib. The backend does both on the engine thread.
+///
+/// Launches are asynchronous and a host copy is not ordered after them: a copy made while a
+/// launch is queued can change an input before the launch reads it, or read an output before
+/// it is written. So every copy (either way, and on the device) first waits for the work in
+/// flight: a caller cannot forget to.
 pub struct Device {
     rt: Arc<Runtime>,
     handle: Handle,
@@ -77,6 +82,8 @@ pub struct Device {
     /// Held across every runtime call on this handle: calls never overlap.
     calls: Mutex<()>,
     traffic: Counters,
+    /// Something was launched since the last sync.
+    in_flight: AtomicBool,
 }
 
 // SAFETY: the handle is an opaque token passed only to the runtime's calls, and every such
@@ -124,6 +131,7 @@ impl Device {
             index,
             calls: Mutex::new(()),
             traffic: Counters::default(),
+            in_flight: AtomicBool::new(false),
         })
     }
 
@@ -167,12 +175,30 @@ impl Device {
         })
     }
 
+    /// Records that work was launched on this device: the next copy or
+    /// [`settle`](Self::settle) waits for it.
+    pub fn launched(&self) {
+        self.in_flight.store(true, Ordering::Relaxed);
+    }
+
+    /// Waits for the work launched since the last wait, if any: on the thread that launched
+    /// it (see the type's documentation).
+    ///
+    /// # Errors
+    /// The device reports a failure.
+    pub fn settle(&self) -> Result<(), BackendError> {
+        if self.in_flight.swap(false, Ordering::Relaxed) {
+            self.sync()?;
+        }
+        Ok(())
+    }
+
     /// Waits for the work this thread launched to finish. Call it only on a thread that
     /// launched work on this device (see the type's documentation).
     ///
     /// # Errors
     /// The device reports a failure.
-    pub fn sync(&self) -> Result<(), BackendError> {
+    fn sync(&self) -> Result<(), BackendError> {
         self.traffic.syncs.fetch_add(1, Ordering::Relaxed);
         // SAFETY: an open handle.
         check(
@@ -192,6 +218,7 @@ impl Device {
                 format!("{} bytes into {}", data.len(), mem.size),
             ));
         }
+        self.settle()?;
         Counters::add(&self.traffic.h2d_calls, &self.traffic.h2d_bytes, data.len());
         let copy = self.rt.api.memcpy_s2d_partial;
         // SAFETY: `data` is valid for its length, which fits the device memory.
@@ -224,6 +251,7 @@ impl Device {
                 format!("{} bytes from {}", out.len(), mem.size),
             ));
         }
+        self.settle()?;
         Counters::add(&self.traffic.d2h_calls, &self.traffic.d2h_bytes, out.len());
         let copy = self.rt.api.memcpy_d2s_partial;
         // SAFETY: `out` is valid for writes of its length, which fits the device memory.
@@ -253,6 +281,7 @@ impl Device {
                 ),
             ));
         }
+        self.settle()?;
         Counters::add(&self.traffic.d2d_calls, &self.traffic.d2d_bytes, len);
         let copy = self.rt.api.memcpy_d2d_byte;
         // SAFETY: both ranges lie inside their device blocks (checked above).

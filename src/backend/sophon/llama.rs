@@ -585,14 +585,13 @@ impl SophonBackend {
         }
     }
 
-    /// The sampling head on the logits lm_head left, the penalty window brought up to the
-    /// current position first; the host draws among the valid candidates.
+    /// The sampling head on the logits lm_head left (its penalty window already brought up
+    /// to the current position); the host draws among the valid candidates.
     fn sample_on_chip(&mut self) -> Result<Next<'_>, BackendError> {
         let (Some(state), Some(net)) = (self.sample.as_mut(), self.nets.sample.as_mut()) else {
             return Err(missing("sample_head"));
         };
         let dev = self.loaded.device();
-        state.sync_window(dev, &self.history, self.current, &mut self.bytes)?;
         if state.head.dynamic {
             let w = state.filled;
             if let Some(t) = net.input(state.head.ids, 0) {
@@ -637,6 +636,17 @@ impl SophonBackend {
             });
         }
         Ok(Next::Token(t as u32))
+    }
+
+    /// Brings the sampling head's penalty window up to position `last`, before anything is
+    /// launched for it: a copy waits for the launches in flight (see [`Device`]).
+    fn sync_sample_window(&mut self, last: usize) -> Result<(), BackendError> {
+        match self.sample.as_mut() {
+            Some(state) if self.picker == Picker::Sample => {
+                state.sync_window(self.loaded.device(), &self.history, last, &mut self.bytes)
+            }
+            _ => Ok(()),
+        }
     }
 
     fn check_call(&self, tokens: &[u32], start: usize) -> Result<(), BackendError> {
@@ -928,6 +938,7 @@ impl Backend for SophonBackend {
         self.check_call(tokens, start)?;
         let n = tokens.len();
         self.history[start..start + n].copy_from_slice(tokens);
+        self.sync_sample_window(start + n - 1)?;
         let plan = plan::plan(&self.layout, start, n);
         self.last_plan = Some(plan);
         let max_input = self.layout.max_input.max(1);
@@ -958,6 +969,7 @@ impl Backend for SophonBackend {
     fn decode(&mut self, token: u32, pos: usize) -> Result<Next<'_>, BackendError> {
         self.check_call(&[token], pos)?;
         self.history[pos] = token;
+        self.sync_sample_window(pos)?;
         self.decode_step(token, pos)?;
         self.current = pos;
         self.head()

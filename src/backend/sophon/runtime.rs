@@ -85,8 +85,6 @@ pub struct Loaded {
     devices: Vec<Arc<Device>>,
     ctx: *mut std::ffi::c_void,
     nets: Vec<Net>,
-    /// How many of `devices` (from the first) have launches not yet waited for.
-    pending: std::cell::Cell<usize>,
 }
 
 // SAFETY: the context is used only through `&mut self`/`&self` methods from the thread that
@@ -218,7 +216,6 @@ impl Loaded {
             devices: devices.clone(),
             ctx,
             nets: Vec::new(),
-            pending: std::cell::Cell::new(0),
         };
         // SAFETY: a fresh context; the path is NUL-terminated.
         let ok = device.with_handle(|_| unsafe {
@@ -447,22 +444,21 @@ impl Loaded {
                 format!("net {} did not launch", net.name()),
             ));
         }
-        self.pending
-            .set(self.pending.get().max(net.devices.min(self.devices.len())));
+        for d in &self.devices[..net.devices.min(self.devices.len())] {
+            d.launched();
+        }
         Ok(())
     }
 
     /// Waits for everything launched since the last wait (on this thread, the one that
-    /// launched): one sync per device that ran something.
+    /// launched): one sync per device that ran something. (Every copy waits too: see
+    /// [`Device`].)
     ///
     /// # Errors
     /// A device reports a failure.
     pub fn finish(&self) -> Result<(), BackendError> {
-        // Only the devices something ran on: bmlib aborts the process on a sync of a device
-        // this thread launched nothing on.
-        let pending = self.pending.replace(0);
-        for d in &self.devices[..pending] {
-            d.sync()?;
+        for d in &self.devices {
+            d.settle()?;
         }
         Ok(())
     }
