@@ -38,7 +38,8 @@ pub enum Isa {
     Scalar,
     /// x86_64 AVX2 with FMA and F16C (`maddubs`/`madd`).
     Avx2,
-    /// x86_64 AVX2 plus AVX-512 VNNI on 256-bit vectors (`vpdpbusd`).
+    /// x86_64 AVX-512 (F, BW, VL) with VNNI on 512-bit vectors (`vpdpbusd`, two blocks
+    /// per instruction; F32/F16/BF16 rows 16 columns per FMA).
     Avx512Vnni,
     /// aarch64 NEON as in ARMv8.0 (the Cortex-A53): widening multiplies and pairwise adds.
     Neon,
@@ -68,7 +69,7 @@ impl Isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => x86::avx2_available(),
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512Vnni => x86::avx2_available() && x86::vnni_available(),
+            Isa::Avx512Vnni => x86::avx2_available() && x86::avx512_available(),
             #[cfg(target_arch = "aarch64")]
             Isa::Neon => std::arch::is_aarch64_feature_detected!("neon"),
             #[cfg(target_arch = "aarch64")]
@@ -146,7 +147,7 @@ impl Kernels {
             Isa::Avx2 => unsafe { x86::avx2::dot_q8(ty, rows, x) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
-            Isa::Avx512Vnni => unsafe { x86::vnni::dot_q8(ty, rows, x) },
+            Isa::Avx512Vnni => unsafe { x86::avx512::dot_q8(ty, rows, x) },
             #[cfg(target_arch = "aarch64")]
             // SAFETY: as above.
             Isa::Neon => unsafe { neon::v80::dot_q8(ty, rows, x) },
@@ -184,7 +185,10 @@ impl Kernels {
         match self.isa {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as in `dot_q8`.
-            Isa::Avx2 | Isa::Avx512Vnni => unsafe { x86::float::dot_f32(ty, rows, x) },
+            Isa::Avx2 => unsafe { x86::float::dot_f32(ty, rows, x) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as in `dot_q8`.
+            Isa::Avx512Vnni => unsafe { x86::avx512::dot_f32(ty, rows, x) },
             #[cfg(target_arch = "aarch64")]
             // SAFETY: as in `dot_q8`.
             Isa::Neon | Isa::NeonDot => unsafe { neon::float::dot_f32(ty, rows, x) },

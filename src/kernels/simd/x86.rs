@@ -1,6 +1,6 @@
-//! x86_64 kernels: AVX2 (`maddubs` + `madd`) and the same code with AVX-512 VNNI's `vpdpbusd`
-//! on 256-bit vectors. One macro writes both, so they differ only in how a block's bytes are
-//! multiplied into i32 lanes.
+//! x86_64 kernels: AVX2 (`maddubs` + `madd` on 256-bit vectors, one block per step) and
+//! AVX-512 with VNNI (`vpdpbusd` on 512-bit vectors, two blocks per step). They unpack
+//! blocks with the same helpers.
 //!
 //! Soundness, for every function here: the callers (`Kernels`, in the parent module) reach
 //! them only after checking that the CPU has the features named in `target_feature` and that
@@ -17,350 +17,648 @@ pub(super) fn avx2_available() -> bool {
     is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
 }
 
-pub(super) fn vnni_available() -> bool {
-    is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl")
+pub(super) fn avx512_available() -> bool {
+    is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512vnni")
 }
 
-macro_rules! x86_kernels {
-    ($module:ident, $features:literal, $idot:ident) => {
-        pub(super) mod $module {
-            use super::*;
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load32(b: &[u8], at: usize) -> __m256i {
+    _mm256_loadu_si256(bytes::<32>(b, at).as_ptr().cast())
+}
 
-            /// `w` (u8) times `y` (i8), 32 products summed into 8 i32 lanes.
-            #[inline]
-            #[target_feature(enable = $features)]
-            unsafe fn idot(w: __m256i, y: __m256i) -> __m256i {
-                $idot!(w, y)
-            }
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
 
-            #[inline]
-            #[target_feature(enable = $features)]
-            unsafe fn load32(b: &[u8], at: usize) -> __m256i {
-                _mm256_loadu_si256(bytes::<32>(b, at).as_ptr().cast())
-            }
+/// 32 nibbles, element j < 16 from the low half of byte j, 16 + j from its high half.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn nibbles(qs: &[u8; 16]) -> __m256i {
+    let lo = _mm_loadu_si128(qs.as_ptr().cast());
+    let both = _mm256_set_m128i(_mm_srli_epi16::<4>(lo), lo);
+    _mm256_and_si256(both, _mm256_set1_epi8(0x0f))
+}
 
-            #[inline]
-            #[target_feature(enable = $features)]
-            unsafe fn hsum(v: __m256) -> f32 {
-                let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-                let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-                _mm_cvtss_f32(s)
-            }
+/// 0x10 in byte j where bit j of `qh` is set (Q5's fifth bits).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn fifth_bits(qh: u32) -> __m256i {
+    let spread = _mm256_setr_epi64x(0, 0x0101_0101_0101_0101, 0x0202_0202_0202_0202, 0x0303_0303_0303_0303);
+    let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(qh as i32), spread);
+    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201_u64 as i64);
+    let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
+    _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+}
 
-            /// 32 nibbles, element j < 16 from the low half of byte j, 16 + j from its high half.
-            #[inline]
-            #[target_feature(enable = $features)]
-            unsafe fn nibbles(qs: &[u8; 16]) -> __m256i {
-                let lo = _mm_loadu_si128(qs.as_ptr().cast());
-                let both = _mm256_set_m128i(_mm_srli_epi16::<4>(lo), lo);
-                _mm256_and_si256(both, _mm256_set1_epi8(0x0f))
-            }
+/// Two f16 values at `b[at..at + 4]` (a scale and a minimum), by F16C.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn halves(b: &[u8], at: usize) -> (f32, f32) {
+    let v = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes(*bytes(b, at))));
+    (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
+}
 
-            /// 0x10 in byte j where bit j of `qh` is set (Q5's fifth bits).
-            #[inline]
-            #[target_feature(enable = $features)]
-            unsafe fn fifth_bits(qh: u32) -> __m256i {
-                let spread = _mm256_setr_epi64x(
-                    0,
-                    0x0101_0101_0101_0101,
-                    0x0202_0202_0202_0202,
-                    0x0303_0303_0303_0303,
-                );
-                let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(qh as i32), spread);
-                let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201_u64 as i64);
-                let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
-                _mm256_and_si256(set, _mm256_set1_epi8(0x10))
-            }
+/// One f16 value at `b[at..at + 2]`, by F16C.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn half(b: &[u8], at: usize) -> f32 {
+    _mm_cvtss_f32(_mm_cvtph_ps(
+        _mm_cvtsi32_si128(u16::from_le_bytes(*bytes(b, at)) as i32),
+    ))
+}
 
-            /// How a row's block multiplies: its 32 values, and what scales the products.
-            #[derive(Clone, Copy)]
-            struct Wb {
-                /// Unsigned values (u8), or signed (i8) for `Kind::Signed` and `Kind::Q6`.
-                w: __m256i,
-                /// Scale of the products.
-                d: f32,
-                /// Coefficient of the activation block's sum (`s`).
-                m: f32,
-                /// Q6_K: the scales of elements 0-15 (lanes 0-3) and 16-31 (lanes 4-7).
-                sc: __m256i,
-            }
+/// How a type's unpacked weights multiply.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// u8 values, a minimum term.
+    Unsigned,
+    /// i8 values, no minimum.
+    Signed,
+    /// i8 values with a scale per 16, no minimum.
+    Q6,
+}
 
-            #[derive(Clone, Copy, PartialEq, Eq)]
-            enum Kind {
-                /// u8 values, a minimum term.
-                Unsigned,
-                /// i8 values, no minimum.
-                Signed,
-                /// i8 values with a scale per 16, no minimum.
-                Q6,
-            }
+/// AVX2 with FMA and F16C: `vpmaddubsw` + `vpmaddwd` on 256-bit vectors, one block per step.
+// One index addresses the rows, their unpacked blocks and the accumulators together.
+#[allow(clippy::needless_range_loop)]
+pub(super) mod avx2 {
+    use super::*;
 
-            /// Block `blk` of R rows (`wb`) against block `blk` of T tokens: for every pair,
-            /// `acc += lanes · (d · dx)` and lane t of `minv` `+= m · s_t`. Each pair's
-            /// operations are the same for any R and T, so tiles and single products agree
-            /// to the bit.
-            #[inline]
-            #[target_feature(enable = $features)]
-            unsafe fn tile_step<const R: usize, const T: usize>(
-                acc: &mut [[__m256; T]; R],
-                minv: &mut [__m128; R],
-                wb: &[Wb; R],
-                kind: Kind,
-                x: &[&[BlockQ8]; T],
-                blk: usize,
-            ) {
-                let mut ys = [_mm256_setzero_si256(); T];
-                // Each token's (d, s) pair, gathered into d = [d0 d1 d2 d3] and s = [s0 s1 s2 s3].
-                let mut ds = [_mm_setzero_ps(); 4];
-                for t in 0..T {
-                    let xb = &x[t][blk];
-                    ys[t] = _mm256_loadu_si256(xb.qs.as_ptr().cast());
-                    ds[t % 4] = _mm_setr_ps(xb.d, xb.s, 0.0, 0.0);
+    /// `w` (u8) times `y` (i8), 32 products summed into 8 i32 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn idot(w: __m256i, y: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(w, y), _mm256_set1_epi16(1))
+    }
+
+    /// How a row's block multiplies: its 32 values, and what scales the products.
+    #[derive(Clone, Copy)]
+    struct Wb {
+        /// Unsigned values (u8), or signed (i8) for `Kind::Signed` and `Kind::Q6`.
+        w: __m256i,
+        /// Scale of the products.
+        d: f32,
+        /// Coefficient of the activation block's sum (`s`).
+        m: f32,
+        /// Q6_K: the scales of elements 0-15 (lanes 0-3) and 16-31 (lanes 4-7).
+        sc: __m256i,
+    }
+
+    /// Block `blk` of R rows (`wb`) against block `blk` of T tokens: for every pair,
+    /// `acc += lanes · (d · dx)` and lane t of `minv` `+= m · s_t`. Each pair's
+    /// operations are the same for any R and T, so tiles and single products agree
+    /// to the bit.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tile_step<const R: usize, const T: usize>(
+        acc: &mut [[__m256; T]; R],
+        minv: &mut [__m128; R],
+        wb: &[Wb; R],
+        kind: Kind,
+        x: &[&[BlockQ8]; T],
+        blk: usize,
+    ) {
+        let mut ys = [_mm256_setzero_si256(); T];
+        // Each token's (d, s) pair, gathered into d = [d0 d1 d2 d3] and s = [s0 s1 s2 s3].
+        let mut ds = [_mm_setzero_ps(); 4];
+        for t in 0..T {
+            let xb = &x[t][blk];
+            ys[t] = _mm256_loadu_si256(xb.qs.as_ptr().cast());
+            ds[t % 4] = _mm_setr_ps(xb.d, xb.s, 0.0, 0.0);
+        }
+        let (lo, hi) = (_mm_unpacklo_ps(ds[0], ds[1]), _mm_unpacklo_ps(ds[2], ds[3]));
+        let (d4, s4) = (_mm_movelh_ps(lo, hi), _mm_movehl_ps(hi, lo));
+        for r in 0..R {
+            let Wb { w, d, m, sc } = wb[r];
+            let aw = if kind == Kind::Unsigned {
+                w
+            } else {
+                _mm256_sign_epi8(w, w)
+            };
+            // d · dx for every token at once; one lane is broadcast per product.
+            let scales = _mm256_castps128_ps256(_mm_mul_ps(_mm_set1_ps(d), d4));
+            for t in 0..T {
+                let y = if kind == Kind::Unsigned {
+                    ys[t]
+                } else {
+                    _mm256_sign_epi8(ys[t], w)
+                };
+                let mut p = idot(aw, y);
+                if kind == Kind::Q6 {
+                    p = _mm256_mullo_epi32(p, sc);
                 }
-                let (lo, hi) = (_mm_unpacklo_ps(ds[0], ds[1]), _mm_unpacklo_ps(ds[2], ds[3]));
-                let (d4, s4) = (_mm_movelh_ps(lo, hi), _mm_movehl_ps(hi, lo));
-                for r in 0..R {
-                    let Wb { w, d, m, sc } = wb[r];
-                    let aw = if kind == Kind::Unsigned {
-                        w
-                    } else {
-                        _mm256_sign_epi8(w, w)
-                    };
-                    // d · dx for every token at once; one lane is broadcast per product.
-                    let scales = _mm256_castps128_ps256(_mm_mul_ps(_mm_set1_ps(d), d4));
-                    for t in 0..T {
-                        let y = if kind == Kind::Unsigned {
-                            ys[t]
-                        } else {
-                            _mm256_sign_epi8(ys[t], w)
-                        };
-                        let mut p = idot(aw, y);
-                        if kind == Kind::Q6 {
-                            p = _mm256_mullo_epi32(p, sc);
-                        }
-                        let scale = _mm256_permutevar8x32_ps(scales, _mm256_set1_epi32(t as i32));
-                        acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[r][t]);
-                    }
-                    if kind == Kind::Unsigned {
-                        minv[r] = _mm_fmadd_ps(_mm_set1_ps(m), s4, minv[r]);
-                    }
-                }
+                let scale = _mm256_permutevar8x32_ps(scales, _mm256_set1_epi32(t as i32));
+                acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[r][t]);
             }
-
-            /// Two f16 values at `b[at..at + 4]` (a scale and a minimum), by F16C.
-            #[inline]
-            #[target_feature(enable = $features)]
-            unsafe fn halves(b: &[u8], at: usize) -> (f32, f32) {
-                let v = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes(*bytes(b, at))));
-                (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
-            }
-
-            /// One f16 value at `b[at..at + 2]`, by F16C.
-            #[inline]
-            #[target_feature(enable = $features)]
-            unsafe fn half(b: &[u8], at: usize) -> f32 {
-                _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
-                    u16::from_le_bytes(*bytes(b, at)) as i32
-                )))
-            }
-
-            /// See `Kernels::dot_q8` (which checks the lengths this relies on; T <= 4).
-            #[target_feature(enable = $features)]
-            pub(in crate::kernels::simd) unsafe fn dot_q8<const R: usize, const T: usize>(
-                ty: GgmlType,
-                rows: [&[u8]; R],
-                x: [&[BlockQ8]; T],
-            ) -> [[f32; T]; R] {
-                let mut acc = [[_mm256_setzero_ps(); T]; R];
-                let mut minv = [_mm_setzero_ps(); R];
-                let zero = _mm256_setzero_si256();
-                let bytes_per_block = ty.block_bytes();
-                let blocks = rows[0].len() / bytes_per_block;
-                let block = |r: usize, i: usize| &rows[r][i * bytes_per_block..(i + 1) * bytes_per_block];
-                // The block loop once per type, so that nothing is dispatched per block.
-                macro_rules! simple {
-                    ($kind:expr, |$b:ident| $unpack:expr) => {
-                        for i in 0..blocks {
-                            let mut wb = [Wb {
-                                w: zero,
-                                d: 0.0,
-                                m: 0.0,
-                                sc: zero,
-                            }; R];
-                            for (r, wb) in wb.iter_mut().enumerate() {
-                                let $b = block(r, i);
-                                *wb = $unpack;
-                            }
-                            tile_step(&mut acc, &mut minv, &wb, $kind, &x, i);
-                        }
-                    };
-                }
-                match ty {
-                    GgmlType::Q4_0 => simple!(Kind::Unsigned, |b| {
-                        let d = half(b, 0);
-                        Wb {
-                            w: nibbles(bytes(b, 2)),
-                            d,
-                            m: -8.0 * d,
-                            sc: zero,
-                        }
-                    }),
-                    GgmlType::Q4_1 => simple!(Kind::Unsigned, |b| {
-                        let (d, m) = halves(b, 0);
-                        Wb {
-                            w: nibbles(bytes(b, 4)),
-                            d,
-                            m,
-                            sc: zero,
-                        }
-                    }),
-                    GgmlType::Q5_0 => simple!(Kind::Unsigned, |b| {
-                        let d = half(b, 0);
-                        let w = _mm256_or_si256(nibbles(bytes(b, 6)), fifth_bits(u32::from_le_bytes(*bytes(b, 2))));
-                        Wb {
-                            w,
-                            d,
-                            m: -16.0 * d,
-                            sc: zero,
-                        }
-                    }),
-                    GgmlType::Q5_1 => simple!(Kind::Unsigned, |b| {
-                        let (d, m) = halves(b, 0);
-                        let w = _mm256_or_si256(nibbles(bytes(b, 8)), fifth_bits(u32::from_le_bytes(*bytes(b, 4))));
-                        Wb { w, d, m, sc: zero }
-                    }),
-                    GgmlType::Q8_0 => simple!(Kind::Signed, |b| Wb {
-                        w: load32(b, 2),
-                        d: half(b, 0),
-                        m: 0.0,
-                        sc: zero
-                    }),
-                    GgmlType::Q4K => {
-                        for i in 0..blocks {
-                            for pair in 0..4 {
-                                let mut lo = [Wb {
-                                    w: zero,
-                                    d: 0.0,
-                                    m: 0.0,
-                                    sc: zero,
-                                }; R];
-                                let mut hi = lo;
-                                for r in 0..R {
-                                    let b = block(r, i);
-                                    let (d, dmin) = halves(b, 0);
-                                    let scales = bytes::<12>(b, 4);
-                                    let q = load32(b, 16 + 32 * pair);
-                                    let (sc, m) = q4k_scale_min(scales, 2 * pair);
-                                    let (sc, m) = (sc as f32, m as f32);
-                                    lo[r] = Wb {
-                                        w: _mm256_and_si256(q, _mm256_set1_epi8(0x0f)),
-                                        d: d * sc,
-                                        m: -dmin * m,
-                                        sc: zero,
-                                    };
-                                    let (sc, m) = q4k_scale_min(scales, 2 * pair + 1);
-                                    let (sc, m) = (sc as f32, m as f32);
-                                    let w = _mm256_and_si256(_mm256_srli_epi16::<4>(q), _mm256_set1_epi8(0x0f));
-                                    hi[r] = Wb {
-                                        w,
-                                        d: d * sc,
-                                        m: -dmin * m,
-                                        sc: zero,
-                                    };
-                                }
-                                tile_step(&mut acc, &mut minv, &lo, Kind::Unsigned, &x, 8 * i + 2 * pair);
-                                tile_step(&mut acc, &mut minv, &hi, Kind::Unsigned, &x, 8 * i + 2 * pair + 1);
-                            }
-                        }
-                    }
-                    GgmlType::Q6K => {
-                        for i in 0..blocks {
-                            for h in 0..2 {
-                                let mut wb = [[Wb {
-                                    w: zero,
-                                    d: 0.0,
-                                    m: 0.0,
-                                    sc: zero,
-                                }; R]; 4];
-                                for r in 0..R {
-                                    let b = block(r, i);
-                                    let d = half(b, 208);
-                                    let (ql0, ql1, qh) =
-                                        (load32(b, 64 * h), load32(b, 64 * h + 32), load32(b, 128 + 32 * h));
-                                    let sc = bytes::<8>(b, 192 + 8 * h);
-                                    let m4 = _mm256_set1_epi8(0x0f);
-                                    let m2 = _mm256_set1_epi8(0x30);
-                                    let q = [
-                                        _mm256_or_si256(
-                                            _mm256_and_si256(ql0, m4),
-                                            _mm256_and_si256(_mm256_slli_epi16::<4>(qh), m2),
-                                        ),
-                                        _mm256_or_si256(
-                                            _mm256_and_si256(ql1, m4),
-                                            _mm256_and_si256(_mm256_slli_epi16::<2>(qh), m2),
-                                        ),
-                                        _mm256_or_si256(
-                                            _mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m4),
-                                            _mm256_and_si256(qh, m2),
-                                        ),
-                                        _mm256_or_si256(
-                                            _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4),
-                                            _mm256_and_si256(_mm256_srli_epi16::<2>(qh), m2),
-                                        ),
-                                    ];
-                                    for g in 0..4 {
-                                        // Lanes 0-3 of `idot` hold elements 0-15 (with maddubs+madd:
-                                        // pairs of pairs; with vpdpbusd: quads), lanes 4-7 elements 16-31.
-                                        let scales = _mm256_set_m128i(
-                                            _mm_set1_epi32(sc[2 * g + 1] as i8 as i32),
-                                            _mm_set1_epi32(sc[2 * g] as i8 as i32),
-                                        );
-                                        let w = _mm256_sub_epi8(q[g], _mm256_set1_epi8(32));
-                                        wb[g][r] = Wb {
-                                            w,
-                                            d,
-                                            m: 0.0,
-                                            sc: scales,
-                                        };
-                                    }
-                                }
-                                for (g, wb) in wb.iter().enumerate() {
-                                    tile_step(&mut acc, &mut minv, wb, Kind::Q6, &x, 8 * i + 4 * h + g);
-                                }
-                            }
-                        }
-                    }
-                    other => panic!("no 8-bit kernel for {other}"),
-                }
-                let mut out = [[0f32; T]; R];
-                for r in 0..R {
-                    let mut m = [0f32; 4];
-                    _mm_storeu_ps(m.as_mut_ptr(), minv[r]);
-                    for t in 0..T {
-                        out[r][t] = hsum(acc[r][t]) + m[t % 4];
-                    }
-                }
-                out
+            if kind == Kind::Unsigned {
+                minv[r] = _mm_fmadd_ps(_mm_set1_ps(m), s4, minv[r]);
             }
         }
-    };
+    }
+
+    /// See `Kernels::dot_q8` (which checks the lengths this relies on; T <= 4).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(in crate::kernels::simd) unsafe fn dot_q8<const R: usize, const T: usize>(
+        ty: GgmlType,
+        rows: [&[u8]; R],
+        x: [&[BlockQ8]; T],
+    ) -> [[f32; T]; R] {
+        let mut acc = [[_mm256_setzero_ps(); T]; R];
+        let mut minv = [_mm_setzero_ps(); R];
+        let zero = _mm256_setzero_si256();
+        let bytes_per_block = ty.block_bytes();
+        let blocks = rows[0].len() / bytes_per_block;
+        let block = |r: usize, i: usize| &rows[r][i * bytes_per_block..(i + 1) * bytes_per_block];
+        // The block loop once per type, so that nothing is dispatched per block.
+        macro_rules! simple {
+            ($kind:expr, |$b:ident| $unpack:expr) => {
+                for i in 0..blocks {
+                    let mut wb = [Wb {
+                        w: zero,
+                        d: 0.0,
+                        m: 0.0,
+                        sc: zero,
+                    }; R];
+                    for (r, wb) in wb.iter_mut().enumerate() {
+                        let $b = block(r, i);
+                        *wb = $unpack;
+                    }
+                    tile_step(&mut acc, &mut minv, &wb, $kind, &x, i);
+                }
+            };
+        }
+        match ty {
+            GgmlType::Q4_0 => simple!(Kind::Unsigned, |b| {
+                let d = half(b, 0);
+                Wb {
+                    w: nibbles(bytes(b, 2)),
+                    d,
+                    m: -8.0 * d,
+                    sc: zero,
+                }
+            }),
+            GgmlType::Q4_1 => simple!(Kind::Unsigned, |b| {
+                let (d, m) = halves(b, 0);
+                Wb {
+                    w: nibbles(bytes(b, 4)),
+                    d,
+                    m,
+                    sc: zero,
+                }
+            }),
+            GgmlType::Q5_0 => simple!(Kind::Unsigned, |b| {
+                let d = half(b, 0);
+                let w = _mm256_or_si256(nibbles(bytes(b, 6)), fifth_bits(u32::from_le_bytes(*bytes(b, 2))));
+                Wb {
+                    w,
+                    d,
+                    m: -16.0 * d,
+                    sc: zero,
+                }
+            }),
+            GgmlType::Q5_1 => simple!(Kind::Unsigned, |b| {
+                let (d, m) = halves(b, 0);
+                let w = _mm256_or_si256(nibbles(bytes(b, 8)), fifth_bits(u32::from_le_bytes(*bytes(b, 4))));
+                Wb { w, d, m, sc: zero }
+            }),
+            GgmlType::Q8_0 => simple!(Kind::Signed, |b| Wb {
+                w: load32(b, 2),
+                d: half(b, 0),
+                m: 0.0,
+                sc: zero
+            }),
+            GgmlType::Q4K => {
+                for i in 0..blocks {
+                    for pair in 0..4 {
+                        let mut lo = [Wb {
+                            w: zero,
+                            d: 0.0,
+                            m: 0.0,
+                            sc: zero,
+                        }; R];
+                        let mut hi = lo;
+                        for r in 0..R {
+                            let b = block(r, i);
+                            let (d, dmin) = halves(b, 0);
+                            let scales = bytes::<12>(b, 4);
+                            let q = load32(b, 16 + 32 * pair);
+                            let (sc, m) = q4k_scale_min(scales, 2 * pair);
+                            let (sc, m) = (sc as f32, m as f32);
+                            lo[r] = Wb {
+                                w: _mm256_and_si256(q, _mm256_set1_epi8(0x0f)),
+                                d: d * sc,
+                                m: -dmin * m,
+                                sc: zero,
+                            };
+                            let (sc, m) = q4k_scale_min(scales, 2 * pair + 1);
+                            let (sc, m) = (sc as f32, m as f32);
+                            let w = _mm256_and_si256(_mm256_srli_epi16::<4>(q), _mm256_set1_epi8(0x0f));
+                            hi[r] = Wb {
+                                w,
+                                d: d * sc,
+                                m: -dmin * m,
+                                sc: zero,
+                            };
+                        }
+                        tile_step(&mut acc, &mut minv, &lo, Kind::Unsigned, &x, 8 * i + 2 * pair);
+                        tile_step(&mut acc, &mut minv, &hi, Kind::Unsigned, &x, 8 * i + 2 * pair + 1);
+                    }
+                }
+            }
+            GgmlType::Q6K => {
+                for i in 0..blocks {
+                    for h in 0..2 {
+                        let mut wb = [[Wb {
+                            w: zero,
+                            d: 0.0,
+                            m: 0.0,
+                            sc: zero,
+                        }; R]; 4];
+                        for r in 0..R {
+                            let b = block(r, i);
+                            let d = half(b, 208);
+                            let (ql0, ql1, qh) = (load32(b, 64 * h), load32(b, 64 * h + 32), load32(b, 128 + 32 * h));
+                            let sc = bytes::<8>(b, 192 + 8 * h);
+                            let m4 = _mm256_set1_epi8(0x0f);
+                            let m2 = _mm256_set1_epi8(0x30);
+                            let q = [
+                                _mm256_or_si256(
+                                    _mm256_and_si256(ql0, m4),
+                                    _mm256_and_si256(_mm256_slli_epi16::<4>(qh), m2),
+                                ),
+                                _mm256_or_si256(
+                                    _mm256_and_si256(ql1, m4),
+                                    _mm256_and_si256(_mm256_slli_epi16::<2>(qh), m2),
+                                ),
+                                _mm256_or_si256(
+                                    _mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m4),
+                                    _mm256_and_si256(qh, m2),
+                                ),
+                                _mm256_or_si256(
+                                    _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4),
+                                    _mm256_and_si256(_mm256_srli_epi16::<2>(qh), m2),
+                                ),
+                            ];
+                            for g in 0..4 {
+                                // Lanes 0-3 of `idot` hold elements 0-15 (with maddubs+madd:
+                                // pairs of pairs; with vpdpbusd: quads), lanes 4-7 elements 16-31.
+                                let scales = _mm256_set_m128i(
+                                    _mm_set1_epi32(sc[2 * g + 1] as i8 as i32),
+                                    _mm_set1_epi32(sc[2 * g] as i8 as i32),
+                                );
+                                let w = _mm256_sub_epi8(q[g], _mm256_set1_epi8(32));
+                                wb[g][r] = Wb {
+                                    w,
+                                    d,
+                                    m: 0.0,
+                                    sc: scales,
+                                };
+                            }
+                        }
+                        for (g, wb) in wb.iter().enumerate() {
+                            tile_step(&mut acc, &mut minv, wb, Kind::Q6, &x, 8 * i + 4 * h + g);
+                        }
+                    }
+                }
+            }
+            other => panic!("no 8-bit kernel for {other}"),
+        }
+        let mut out = [[0f32; T]; R];
+        for r in 0..R {
+            let mut m = [0f32; 4];
+            _mm_storeu_ps(m.as_mut_ptr(), minv[r]);
+            for t in 0..T {
+                out[r][t] = hsum(acc[r][t]) + m[t % 4];
+            }
+        }
+        out
+    }
 }
 
-macro_rules! maddubs {
-    ($w:expr, $y:expr) => {
-        _mm256_madd_epi16(_mm256_maddubs_epi16($w, $y), _mm256_set1_epi16(1))
-    };
-}
+/// AVX-512 (F, BW, VL, VNNI) on 512-bit vectors: two blocks of a row per instruction
+/// (`vpdpbusd` on zmm), so each (row, token) pair takes half the instructions of the 256-bit
+/// code; on cores with full-width AVX-512 units (AMD Zen 5, Intel server parts) also half
+/// the cycles. A row with an odd number of blocks ends with one block in the low half and
+/// zeros in the high half.
+// One index addresses the rows, their unpacked blocks and the accumulators together.
+#[allow(clippy::needless_range_loop)]
+pub(super) mod avx512 {
+    use super::*;
 
-macro_rules! dpbusd {
-    ($w:expr, $y:expr) => {
-        _mm256_dpbusd_epi32(_mm256_setzero_si256(), $w, $y)
-    };
-}
+    /// Two blocks' 32 values side by side.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn pair(a: __m256i, b: __m256i) -> __m512i {
+        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(a), b)
+    }
 
-x86_kernels!(avx2, "avx2,fma,f16c", maddubs);
-x86_kernels!(vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", dpbusd);
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn hsum512(v: __m512) -> f32 {
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+        hsum(_mm256_add_ps(_mm512_castps512_ps256(v), hi))
+    }
+
+    /// Two consecutive blocks of a row: their 64 values, and what scales the products of each.
+    #[derive(Clone, Copy)]
+    struct Wb2 {
+        /// Unsigned values (u8), or signed (i8) for `Kind::Signed` and `Kind::Q6`.
+        w: __m512i,
+        /// Scale of each block's products.
+        d: [f32; 2],
+        /// Coefficient of each activation block's sum (`s`).
+        m: [f32; 2],
+        /// Q6_K: the scales of each 16 elements (4 lanes each).
+        sc: __m512i,
+    }
+
+    const NONE: [f32; 2] = [0.0; 2];
+
+    /// Each token's (d, s) pairs of one block, transposed into d = [d0 d1 d2 d3] and
+    /// s = [s0 s1 s2 s3].
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn scales<const T: usize>(x: &[&[BlockQ8]; T], blk: usize) -> (__m128, __m128) {
+        let mut ds = [_mm_setzero_ps(); 4];
+        for t in 0..T {
+            let xb = &x[t][blk];
+            ds[t % 4] = _mm_setr_ps(xb.d, xb.s, 0.0, 0.0);
+        }
+        let (lo, hi) = (_mm_unpacklo_ps(ds[0], ds[1]), _mm_unpacklo_ps(ds[2], ds[3]));
+        (_mm_movelh_ps(lo, hi), _mm_movehl_ps(hi, lo))
+    }
+
+    /// Blocks `blk` and `blk + 1` (only `blk` if `!two`) of R rows against the same blocks of
+    /// T tokens: for every pair, `acc += lanes · (d · dx)` per half and lane t of `minv`
+    /// `+= m · s_t`, block `blk` first. Each pair's operations are the same for any R and T.
+    /// (A macro: as a function LLVM does not inline it, and the accumulators go through memory.)
+    macro_rules! tile_step {
+        ($acc:ident, $minv:ident, $wb:expr, $kind:expr, $x:ident, $blk:expr, $two:expr) => {{
+            let (wb, kind, blk, two): (&[Wb2; R], Kind, usize, bool) = ($wb, $kind, $blk, $two);
+            let mut ys = [_mm512_setzero_si512(); T];
+            for t in 0..T {
+                let a = _mm256_loadu_si256($x[t][blk].qs.as_ptr().cast());
+                let b = if two {
+                    _mm256_loadu_si256($x[t][blk + 1].qs.as_ptr().cast())
+                } else {
+                    _mm256_setzero_si256()
+                };
+                ys[t] = pair(a, b);
+            }
+            let (da, sa) = scales(&$x, blk);
+            let (db, sb) = if two {
+                scales(&$x, blk + 1)
+            } else {
+                (_mm_setzero_ps(), _mm_setzero_ps())
+            };
+            // Lanes 0-7 of token t's scale come from lane t of the low four, 8-15 from the high.
+            let halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4, 4, 4, 4, 4, 4);
+            for r in 0..R {
+                let Wb2 { w, d, m, sc } = wb[r];
+                let (aw, negative) = if kind == Kind::Unsigned {
+                    (w, 0)
+                } else {
+                    (_mm512_abs_epi8(w), _mm512_movepi8_mask(w))
+                };
+                let both = _mm256_set_m128(_mm_mul_ps(_mm_set1_ps(d[1]), db), _mm_mul_ps(_mm_set1_ps(d[0]), da));
+                let both = _mm512_castps256_ps512(both);
+                for t in 0..T {
+                    // The sign of w moved onto y: |w| · ±y (where w is 0 the product is 0 anyway).
+                    let y = if kind == Kind::Unsigned {
+                        ys[t]
+                    } else {
+                        _mm512_mask_sub_epi8(ys[t], negative, _mm512_setzero_si512(), ys[t])
+                    };
+                    let mut p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), aw, y);
+                    if kind == Kind::Q6 {
+                        p = _mm512_mullo_epi32(p, sc);
+                    }
+                    let scale = _mm512_permutexvar_ps(_mm512_add_epi32(halves, _mm512_set1_epi32(t as i32)), both);
+                    $acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), scale, $acc[r][t]);
+                }
+                if kind == Kind::Unsigned {
+                    $minv[r] = _mm_fmadd_ps(_mm_set1_ps(m[0]), sa, $minv[r]);
+                    if two {
+                        $minv[r] = _mm_fmadd_ps(_mm_set1_ps(m[1]), sb, $minv[r]);
+                    }
+                }
+            }
+        }};
+    }
+
+    /// See `Kernels::dot_q8` (which checks the lengths this relies on; T <= 4).
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(in crate::kernels::simd) unsafe fn dot_q8<const R: usize, const T: usize>(
+        ty: GgmlType,
+        rows: [&[u8]; R],
+        x: [&[BlockQ8]; T],
+    ) -> [[f32; T]; R] {
+        let mut acc = [[_mm512_setzero_ps(); T]; R];
+        let mut minv = [_mm_setzero_ps(); R];
+        let zero = _mm256_setzero_si256();
+        let none = Wb2 {
+            w: _mm512_setzero_si512(),
+            d: NONE,
+            m: NONE,
+            sc: _mm512_setzero_si512(),
+        };
+        let bytes_per_block = ty.block_bytes();
+        let blocks = rows[0].len() / bytes_per_block;
+        let block = |r: usize, i: usize| &rows[r][i * bytes_per_block..(i + 1) * bytes_per_block];
+        // The block loop once per type, so that nothing is dispatched per block. `$unpack`
+        // gives one block's (values, d, m).
+        macro_rules! simple {
+            ($kind:expr, |$b:ident| $unpack:expr) => {
+                for i in (0..blocks).step_by(2) {
+                    let two = i + 1 < blocks;
+                    let mut wb = [none; R];
+                    for (r, wb) in wb.iter_mut().enumerate() {
+                        let (wa, da, ma) = {
+                            let $b = block(r, i);
+                            $unpack
+                        };
+                        let (wb2, db, mb) = if two {
+                            let $b = block(r, i + 1);
+                            $unpack
+                        } else {
+                            (zero, 0.0, 0.0)
+                        };
+                        *wb = Wb2 {
+                            w: pair(wa, wb2),
+                            d: [da, db],
+                            m: [ma, mb],
+                            sc: none.sc,
+                        };
+                    }
+                    tile_step!(acc, minv, &wb, $kind, x, i, two);
+                }
+            };
+        }
+        match ty {
+            GgmlType::Q4_0 => simple!(Kind::Unsigned, |b| {
+                let d = half(b, 0);
+                (nibbles(bytes(b, 2)), d, -8.0 * d)
+            }),
+            GgmlType::Q4_1 => simple!(Kind::Unsigned, |b| {
+                let (d, m) = halves(b, 0);
+                (nibbles(bytes(b, 4)), d, m)
+            }),
+            GgmlType::Q5_0 => simple!(Kind::Unsigned, |b| {
+                let d = half(b, 0);
+                let w = _mm256_or_si256(nibbles(bytes(b, 6)), fifth_bits(u32::from_le_bytes(*bytes(b, 2))));
+                (w, d, -16.0 * d)
+            }),
+            GgmlType::Q5_1 => simple!(Kind::Unsigned, |b| {
+                let (d, m) = halves(b, 0);
+                let w = _mm256_or_si256(nibbles(bytes(b, 8)), fifth_bits(u32::from_le_bytes(*bytes(b, 4))));
+                (w, d, m)
+            }),
+            GgmlType::Q8_0 => simple!(Kind::Signed, |b| (load32(b, 2), half(b, 0), 0.0)),
+            GgmlType::Q4K => {
+                // The 8 sub-blocks of 32 in pairs: the low and high nibbles of 32 bytes.
+                for i in 0..blocks {
+                    for p in 0..4 {
+                        let mut wb = [none; R];
+                        for (r, wb) in wb.iter_mut().enumerate() {
+                            let b = block(r, i);
+                            let (d, dmin) = halves(b, 0);
+                            let scales = bytes::<12>(b, 4);
+                            let q = load32(b, 16 + 32 * p);
+                            let (sl, ml) = q4k_scale_min(scales, 2 * p);
+                            let (sh, mh) = q4k_scale_min(scales, 2 * p + 1);
+                            let m4 = _mm256_set1_epi8(0x0f);
+                            *wb = Wb2 {
+                                w: pair(_mm256_and_si256(q, m4), _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4)),
+                                d: [d * sl as f32, d * sh as f32],
+                                m: [-dmin * ml as f32, -dmin * mh as f32],
+                                sc: none.sc,
+                            };
+                        }
+                        tile_step!(acc, minv, &wb, Kind::Unsigned, x, 8 * i + 2 * p, true);
+                    }
+                }
+            }
+            GgmlType::Q6K => {
+                for i in 0..blocks {
+                    for h in 0..2 {
+                        let mut wb = [[none; R]; 2];
+                        for r in 0..R {
+                            let b = block(r, i);
+                            let d = half(b, 208);
+                            let (ql0, ql1, qh) = (load32(b, 64 * h), load32(b, 64 * h + 32), load32(b, 128 + 32 * h));
+                            let sc = bytes::<8>(b, 192 + 8 * h);
+                            let m4 = _mm256_set1_epi8(0x0f);
+                            let m2 = _mm256_set1_epi8(0x30);
+                            let q = [
+                                _mm256_or_si256(
+                                    _mm256_and_si256(ql0, m4),
+                                    _mm256_and_si256(_mm256_slli_epi16::<4>(qh), m2),
+                                ),
+                                _mm256_or_si256(
+                                    _mm256_and_si256(ql1, m4),
+                                    _mm256_and_si256(_mm256_slli_epi16::<2>(qh), m2),
+                                ),
+                                _mm256_or_si256(
+                                    _mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m4),
+                                    _mm256_and_si256(qh, m2),
+                                ),
+                                _mm256_or_si256(
+                                    _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4),
+                                    _mm256_and_si256(_mm256_srli_epi16::<2>(qh), m2),
+                                ),
+                            ];
+                            // Lanes 4j..4j+3 of `vpdpbusd` hold elements 16j..16j+15 of the pair.
+                            let s = |k: usize| _mm_set1_epi32(sc[k] as i8 as i32);
+                            let offset = _mm256_set1_epi8(32);
+                            for g in 0..2 {
+                                let (a, b) = (2 * g, 2 * g + 1);
+                                wb[g][r] = Wb2 {
+                                    w: pair(_mm256_sub_epi8(q[a], offset), _mm256_sub_epi8(q[b], offset)),
+                                    d: [d, d],
+                                    m: NONE,
+                                    sc: pair(
+                                        _mm256_set_m128i(s(2 * a + 1), s(2 * a)),
+                                        _mm256_set_m128i(s(2 * b + 1), s(2 * b)),
+                                    ),
+                                };
+                            }
+                        }
+                        for (g, wb) in wb.iter().enumerate() {
+                            tile_step!(acc, minv, wb, Kind::Q6, x, 8 * i + 4 * h + 2 * g, true);
+                        }
+                    }
+                }
+            }
+            other => panic!("no 8-bit kernel for {other}"),
+        }
+        let mut out = [[0f32; T]; R];
+        for r in 0..R {
+            let mut m = [0f32; 4];
+            _mm_storeu_ps(m.as_mut_ptr(), minv[r]);
+            for t in 0..T {
+                out[r][t] = hsum512(acc[r][t]) + m[t % 4];
+            }
+        }
+        out
+    }
+
+    /// See `Kernels::dot_f32` (which checks the lengths this relies on): 16 columns per step.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(in crate::kernels::simd) unsafe fn dot_f32<const R: usize, const T: usize>(
+        ty: GgmlType,
+        rows: [&[u8]; R],
+        x: [&[f32]; T],
+    ) -> [[f32; T]; R] {
+        let size = if ty == GgmlType::F32 { 4 } else { 2 };
+        let cols = rows[0].len() / size;
+        let main = cols / 16 * 16;
+        let widen = |c: &[u8]| match ty {
+            GgmlType::F16 => _mm512_cvtph_ps(_mm256_loadu_si256(bytes::<32>(c, 0).as_ptr().cast())),
+            GgmlType::BF16 => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                bytes::<32>(c, 0).as_ptr().cast(),
+            )))),
+            _ => _mm512_loadu_ps(bytes::<64>(c, 0).as_ptr().cast()),
+        };
+        let mut acc = [[_mm512_setzero_ps(); T]; R];
+        for i in 0..main / 16 {
+            let xv: [__m512; T] = std::array::from_fn(|t| {
+                let chunk: &[f32; 16] = x[t][16 * i..16 * i + 16].try_into().expect("16 of the row");
+                _mm512_loadu_ps(chunk.as_ptr())
+            });
+            for r in 0..R {
+                let w = widen(&rows[r][16 * size * i..16 * size * (i + 1)]);
+                for t in 0..T {
+                    acc[r][t] = _mm512_fmadd_ps(w, xv[t], acc[r][t]);
+                }
+            }
+        }
+        let mut out = [[0f32; T]; R];
+        for r in 0..R {
+            for t in 0..T {
+                out[r][t] = hsum512(acc[r][t]);
+                for j in main..cols {
+                    let c = &rows[r][j * size..(j + 1) * size];
+                    let w = match ty {
+                        GgmlType::F32 => f32::from_le_bytes(*bytes(c, 0)),
+                        GgmlType::F16 => f16_at(c, 0),
+                        _ => f32::from_bits((u16::from_le_bytes(*bytes(c, 0)) as u32) << 16),
+                    };
+                    out[r][t] += w * x[t][j];
+                }
+            }
+        }
+        out
+    }
+}
 
 /// F32, F16 (F16C's `vcvtph2ps`) and BF16 rows against float activations.
 pub(super) mod float {
