@@ -99,7 +99,8 @@ pub fn matmul_rows(
                 let full = c0 + (c1 - c0) / TILE * TILE;
                 let mut r = rows.start;
                 while r < rows.end {
-                    let n = if n_tokens == 1 && r + GEN_ROW_TILE <= rows.end {
+                    let one_token_tile = n_tokens == 1 && r + GEN_ROW_TILE <= rows.end;
+                    let n = if one_token_tile {
                         GEN_ROW_TILE
                     } else if r + ROW_TILE <= rows.end {
                         ROW_TILE
@@ -111,7 +112,7 @@ pub fn matmul_rows(
                     if n_tokens == 1 && r + PREFETCH_ROWS + n <= w.rows {
                         crate::model::mmap::prefetch(w.rows_bytes(r + PREFETCH_ROWS..r + PREFETCH_ROWS + n));
                     }
-                    if n == GEN_ROW_TILE {
+                    if one_token_tile {
                         // One token, four rows: four independent sums in flight.
                         let tile_rows: [&[u8]; GEN_ROW_TILE] = std::array::from_fn(|i| w.row(r + i));
                         let v = kernels.$dot::<GEN_ROW_TILE, 1>(w.ty, tile_rows, [token(c0)]);
