@@ -458,7 +458,7 @@ impl CpuBackend {
         let needs_f32 = weights.iter().flatten().any(|w| !quant::uses_q8_activations(w.ty));
         if needs_q8 {
             let mut xq = c.xq.write().unwrap_or_else(|e| e.into_inner());
-            quant::quantize_q8(&self.xb[..n * cols], &mut xq[..n * cols / QK]);
+            c.kernels.quantize_q8(&self.xb[..n * cols], &mut xq[..n * cols / QK]);
         }
         if needs_f32 {
             let mut xf = c.xf.write().unwrap_or_else(|e| e.into_inner());

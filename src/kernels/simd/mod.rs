@@ -198,6 +198,22 @@ impl Kernels {
 }
 
 impl Kernels {
+    /// [`quant::quantize_q8`] with this instruction set: the same operations on each value
+    /// (so the same bits), several values at once.
+    ///
+    /// # Panics
+    /// If `x` does not hold exactly `out.len()` blocks.
+    #[inline]
+    pub fn quantize_q8(self, x: &[f32], out: &mut [BlockQ8]) {
+        assert_eq!(x.len(), out.len() * QK, "quantize_q8: lengths");
+        match self.isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as in `dot_q8`; the lengths were checked above.
+            Isa::Avx512Vnni => unsafe { x86::avx512::quantize_q8(x, out) },
+            _ => quant::quantize_q8(x, out),
+        }
+    }
+
     /// Attention scores: `out[p] = q · row_p` where `row_p` is `q.len()` f16 values
     /// (little-endian) at byte `p * stride` of `keys`.
     ///
@@ -402,6 +418,33 @@ mod tests {
             ran.len() >= 2 || cfg!(not(any(target_arch = "x86_64", target_arch = "aarch64"))),
             "only the scalar kernels ran: {ran:?}"
         );
+    }
+
+    /// The quantizer of every variant gives the portable one's bits (values, scale and sum),
+    /// on random blocks, a block of zeros and blocks of halfway values.
+    #[test]
+    fn every_runnable_quantizer_gives_the_portable_bits() {
+        let mut rng = fastrand::Rng::with_seed(5);
+        let mut x: Vec<f32> = (0..QK * 40).map(|_| (rng.f32() - 0.5) * rng.f32() * 50.0).collect();
+        x[..QK].fill(0.0);
+        // amax 127 makes 1 / d exactly 1: x.5 values are ties, which round to even.
+        for (i, v) in x[QK..2 * QK].iter_mut().enumerate() {
+            *v = if i == 0 { 127.0 } else { i as f32 - 16.5 };
+        }
+        for isa in Isa::ALL {
+            let Some(k) = Kernels::new(isa) else { continue };
+            let (mut got, mut want) = (vec![BlockQ8::default(); 40], vec![BlockQ8::default(); 40]);
+            k.quantize_q8(&x, &mut got);
+            quant::quantize_q8(&x, &mut want);
+            for (b, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(
+                    (g.qs, g.d.to_bits(), g.s.to_bits()),
+                    (w.qs, w.d.to_bits(), w.s.to_bits()),
+                    "{} block {b}",
+                    isa.name()
+                );
+            }
+        }
     }
 
     #[test]

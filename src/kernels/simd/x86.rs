@@ -455,6 +455,33 @@ pub(super) mod avx512 {
         }};
     }
 
+    /// See `Kernels::quantize_q8` (which checks the lengths): per block, the largest
+    /// magnitude, `d = amax / 127`, each value times `1 / d` rounded to nearest even (the
+    /// default rounding of `vcvtps2dq`, as the portable code's magic-number addition rounds).
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(in crate::kernels::simd) unsafe fn quantize_q8(x: &[f32], out: &mut [BlockQ8]) {
+        let magnitude = _mm512_set1_epi32(0x7fff_ffff);
+        for (chunk, block) in x.chunks_exact(32).zip(out.iter_mut()) {
+            let chunk: &[f32; 32] = chunk.try_into().expect("32 values");
+            let lo = _mm512_loadu_ps(chunk.as_ptr());
+            let hi = _mm512_loadu_ps(chunk[16..].as_ptr());
+            let abs = |v: __m512| _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), magnitude));
+            let amax = _mm512_reduce_max_ps(_mm512_max_ps(abs(lo), abs(hi)));
+            let d = amax / 127.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let scale = _mm512_set1_ps(id);
+            let (ql, qh) = (
+                _mm512_cvtps_epi32(_mm512_mul_ps(lo, scale)),
+                _mm512_cvtps_epi32(_mm512_mul_ps(hi, scale)),
+            );
+            let packed = _mm256_set_m128i(_mm512_cvtepi32_epi8(qh), _mm512_cvtepi32_epi8(ql));
+            _mm256_storeu_si256(block.qs.as_mut_ptr().cast(), packed);
+            let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(ql, qh));
+            block.d = d;
+            block.s = d * sum as f32;
+        }
+    }
+
     /// See `Kernels::dot_q8` (which checks the lengths this relies on; T <= 4).
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
     pub(in crate::kernels::simd) unsafe fn dot_q8<const R: usize, const T: usize>(
