@@ -645,28 +645,53 @@ pub(super) mod avx512 {
         rows: [&[u8]; R],
         x: [&[f32]; T],
     ) -> [[f32; T]; R] {
-        let size = if ty == GgmlType::F32 { 4 } else { 2 };
-        let cols = rows[0].len() / size;
-        let main = cols / 16 * 16;
-        let widen = |c: &[u8]| match ty {
-            GgmlType::F16 => _mm512_cvtph_ps(_mm256_loadu_si256(bytes::<32>(c, 0).as_ptr().cast())),
-            GgmlType::BF16 => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
-                bytes::<32>(c, 0).as_ptr().cast(),
+        match ty {
+            GgmlType::F16 => float_rows::<R, T, 2>(ty, rows, x),
+            GgmlType::BF16 => float_rows::<R, T, 3>(ty, rows, x),
+            _ => float_rows::<R, T, 4>(ty, rows, x),
+        }
+    }
+
+    /// 16 values of a row at `p`: `KIND` 2 is f16, 3 bf16, 4 f32.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn widen16<const KIND: usize>(p: *const u8) -> __m512 {
+        match KIND {
+            2 => _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())),
+            3 => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                p.cast(),
             )))),
-            _ => _mm512_loadu_ps(bytes::<64>(c, 0).as_ptr().cast()),
-        };
+            _ => _mm512_loadu_ps(p.cast()),
+        }
+    }
+
+    /// The body of `dot_f32` for one encoding, so that its loop dispatches nothing.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn float_rows<const R: usize, const T: usize, const KIND: usize>(
+        ty: GgmlType,
+        rows: [&[u8]; R],
+        x: [&[f32]; T],
+    ) -> [[f32; T]; R] {
+        let size = if KIND == 4 { 4 } else { 2 };
+        let cols = x[0].len();
+        let main = cols / 16 * 16;
         let mut acc = [[_mm512_setzero_ps(); T]; R];
-        for i in 0..main / 16 {
-            let xv: [__m512; T] = std::array::from_fn(|t| {
-                let chunk: &[f32; 16] = x[t][16 * i..16 * i + 16].try_into().expect("16 of the row");
-                _mm512_loadu_ps(chunk.as_ptr())
-            });
+        let mut i = 0;
+        while i < main {
+            // SAFETY (the pointer arithmetic): i + 16 <= main <= cols, and every token holds
+            // `cols` values and every row `cols` values of `size` bytes (checked by `Kernels`).
+            let mut xv = [_mm512_setzero_ps(); T];
+            for t in 0..T {
+                xv[t] = _mm512_loadu_ps(x[t].as_ptr().add(i));
+            }
             for r in 0..R {
-                let w = widen(&rows[r][16 * size * i..16 * size * (i + 1)]);
+                let w = widen16::<KIND>(rows[r].as_ptr().add(i * size));
                 for t in 0..T {
                     acc[r][t] = _mm512_fmadd_ps(w, xv[t], acc[r][t]);
                 }
             }
+            i += 16;
         }
         let mut out = [[0f32; T]; R];
         for r in 0..R {
