@@ -60,9 +60,39 @@ impl<'a> Weight<'a> {
 #[derive(Debug, Clone, Copy)]
 pub enum Activations<'a> {
     /// Quantized (for Q4/Q8/K-quant weights): `cols / 32` blocks per token.
-    Q8(&'a [BlockQ8]),
+    Q8(TokenRows<'a, BlockQ8>),
     /// Plain floats (for F32/F16/BF16 weights): `cols` values per token.
-    F32(&'a [f32]),
+    F32(TokenRows<'a, f32>),
+}
+
+/// A batch's rows, one per token, `width` values each, stored in chunks of `per_chunk` tokens
+/// (so that threads can fill the chunks at once, each behind its own lock).
+#[derive(Debug, Clone, Copy)]
+pub struct TokenRows<'a, T> {
+    chunks: &'a [&'a [T]],
+    per_chunk: usize,
+    width: usize,
+}
+
+impl<'a, T> TokenRows<'a, T> {
+    /// Token `t` is row `t % per_chunk` of `chunks[t / per_chunk]`.
+    pub fn new(chunks: &'a [&'a [T]], per_chunk: usize, width: usize) -> TokenRows<'a, T> {
+        TokenRows {
+            chunks,
+            per_chunk: per_chunk.max(1),
+            width,
+        }
+    }
+
+    /// Token `t`'s row.
+    ///
+    /// # Panics
+    /// If the token is not stored.
+    #[inline]
+    pub fn token(&self, t: usize) -> &'a [T] {
+        let at = (t % self.per_chunk) * self.width;
+        &self.chunks[t / self.per_chunk][at..at + self.width]
+    }
 }
 
 /// Computes `out[t * out_stride + r] = row_r · x_t` for `r` in `rows` and `t < n_tokens`
@@ -154,12 +184,12 @@ pub fn matmul_rows(
     }
     match x {
         Activations::Q8(x) => {
-            let per = w.cols / quant::QK;
-            passes!(dot_q8, |t: usize| &x[t * per..(t + 1) * per])
+            debug_assert_eq!(x.width, w.cols / quant::QK);
+            passes!(dot_q8, |t: usize| x.token(t))
         }
         Activations::F32(x) => {
-            let per = w.cols;
-            passes!(dot_f32, |t: usize| &x[t * per..(t + 1) * per])
+            debug_assert_eq!(x.width, w.cols);
+            passes!(dot_f32, |t: usize| x.token(t))
         }
     }
 }

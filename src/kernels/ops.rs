@@ -23,11 +23,10 @@ pub fn softmax(x: &mut [f32]) {
     }
 }
 
-/// SwiGLU: `gate = silu(gate) * up`.
-pub fn swiglu(gate: &mut [f32], up: &[f32]) {
-    for (g, &u) in gate.iter_mut().zip(up) {
-        *g = *g / (1.0 + (-*g).exp()) * u;
-    }
+/// SwiGLU of one element: `silu(gate) * up`.
+#[inline]
+pub fn silu_times(gate: f32, up: f32) -> f32 {
+    gate / (1.0 + (-gate).exp()) * up
 }
 
 /// Rotary position embedding on one head, ggml's "normal" layout: dimension pairs

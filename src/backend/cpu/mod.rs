@@ -4,8 +4,9 @@
 //! The shape follows llama2.c: a config, weights borrowed from the file, and run state (scratch
 //! activations and the KV cache) allocated once; `forward` allocates nothing.
 //!
-//! Matrix products and attention are spread over a [`pool::Pool`]; the calling thread does the
-//! small per-token steps (norms, RoPE, residual adds) between them.
+//! Matrix products, attention and the per-token steps between them (residual adds, norms,
+//! SwiGLU, quantizing a matrix's input) are spread over a [`pool::Pool`]; the calling thread
+//! does RoPE and the KV cache writes.
 
 pub mod pool;
 pub mod weights;
@@ -15,7 +16,7 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use super::{Backend, BackendError, BackendInfo, Next};
-use crate::kernels::matmul::{matmul_rows, Activations};
+use crate::kernels::matmul::{matmul_rows, Activations, TokenRows};
 use crate::kernels::ops;
 use crate::kernels::quant::{self, BlockQ8, QK};
 use crate::kernels::simd::Kernels;
@@ -122,6 +123,44 @@ fn store_f16(dst: &mut [u8], src: &[f32]) {
     }
 }
 
+/// Chunks of a batch's per-token state (see [`Compute::tokens`]).
+const CHUNKS: usize = 16;
+/// Below this many tokens the calling thread does a stage alone (handing it to the pool
+/// costs more than it saves for one token).
+const PARALLEL_STAGE_TOKENS: usize = 8;
+
+/// The per-token state of one chunk of a batch.
+struct TokenState {
+    /// Residual stream, `[tokens][dim]`.
+    x: Vec<f32>,
+    /// Quantized input of the next matrix job, `[tokens][widest / 32]`.
+    xq: Vec<BlockQ8>,
+    /// Float input of the next matrix job (float weights), `[tokens][widest]`.
+    xf: Vec<f32>,
+    /// One token's input on its way into `xq` / `xf`, `[widest]`.
+    row: Vec<f32>,
+}
+
+/// Which norm weights a stage applies.
+#[derive(Debug, Clone, Copy)]
+enum Norm {
+    Attention(usize),
+    FeedForward(usize),
+}
+
+/// The per-token steps between two matrix jobs, as a job: each item is one chunk of tokens.
+#[derive(Debug, Clone, Copy)]
+enum Stage {
+    /// Optionally add the last matrix output to the residual stream, then normalize it.
+    Norm { add: bool, norm: Norm },
+    /// The last job's output (the attention heads) as it is.
+    Output { cols: usize },
+    /// SwiGLU of the last job's two outputs (gate and up).
+    Glu { cols: usize },
+    /// Only add the last matrix output to the residual stream.
+    Add,
+}
+
 /// What the worker threads share with the calling thread: weights and the buffers a job reads
 /// or fills. Buffers written by the caller between jobs sit behind uncontended locks; buffers
 /// written by workers are atomics (each element stored once per job).
@@ -132,10 +171,11 @@ struct Compute {
     context: usize,
     /// The matrix kernels for this CPU, chosen once at load.
     kernels: Kernels,
-    /// Quantized input of the current matrix job, `[tokens][cols / 32]`.
-    xq: RwLock<Vec<BlockQ8>>,
-    /// Float input of the current matrix job (float weights), `[tokens][cols]`.
-    xf: RwLock<Vec<f32>>,
+    /// The per-token state of a batch (residual stream and matrix inputs), in [`CHUNKS`]
+    /// chunks of `per_chunk` tokens: a stage job fills them on every thread at once.
+    tokens: Vec<RwLock<TokenState>>,
+    /// Tokens per chunk of `tokens`.
+    per_chunk: usize,
     /// Rotated queries, `[tokens][dim]`.
     q: RwLock<Vec<f32>>,
     kv: RwLock<KvCache>,
@@ -158,6 +198,13 @@ enum Job {
         n_tokens: usize,
         start: usize,
     },
+    /// The per-token steps before a matrix job; its input is made in the forms `q8` and `f32`.
+    Stage {
+        stage: Stage,
+        n_tokens: usize,
+        q8: bool,
+        f32: bool,
+    },
 }
 
 impl Executor for Compute {
@@ -167,14 +214,21 @@ impl Executor for Compute {
         match *job {
             Job::MatMul { weights, n_tokens } => self.run_matmul(&weights, n_tokens, next),
             Job::Attention { layer, n_tokens, start } => self.run_attention(layer, n_tokens, start, worker, next),
+            Job::Stage {
+                stage,
+                n_tokens,
+                q8,
+                f32,
+            } => self.run_stage(stage, n_tokens, (q8, f32), next),
         }
     }
 }
 
 impl Compute {
     fn run_matmul(&self, weights: &[Option<TensorRef>; 3], n_tokens: usize, next: &AtomicUsize) {
-        let xq = self.xq.read().unwrap_or_else(|e| e.into_inner());
-        let xf = self.xf.read().unwrap_or_else(|e| e.into_inner());
+        let tokens: [_; CHUNKS] = std::array::from_fn(|c| self.tokens[c].read().unwrap_or_else(|e| e.into_inner()));
+        let xq: [&[BlockQ8]; CHUNKS] = std::array::from_fn(|c| &tokens[c].xq[..]);
+        let xf: [&[f32]; CHUNKS] = std::array::from_fn(|c| &tokens[c].xf[..]);
         // One token: each thread streams a few long runs of rows (the prefetcher follows a run;
         // small items claimed in turn interleave the threads' reads). A prompt: small items,
         // which balance threads whatever their speed.
@@ -202,9 +256,9 @@ impl Compute {
             let size = per_item(w.rows);
             let rows = chunk * size..((chunk + 1) * size).min(w.rows);
             let x = if quant::uses_q8_activations(w.ty) {
-                Activations::Q8(&xq[..n_tokens * w.cols / QK])
+                Activations::Q8(TokenRows::new(&xq, self.per_chunk, w.cols / QK))
             } else {
-                Activations::F32(&xf[..n_tokens * w.cols])
+                Activations::F32(TokenRows::new(&xf, self.per_chunk, w.cols))
             };
             matmul_rows(
                 self.kernels,
@@ -215,6 +269,66 @@ impl Compute {
                 &self.out[i],
                 w.rows,
             );
+        }
+    }
+
+    /// One stage (see [`Stage`]) on whole chunks of tokens, leaving each token's input to the
+    /// next matrix job in the forms it takes (`forms`: 8-bit, float).
+    fn run_stage(&self, stage: Stage, n_tokens: usize, forms: (bool, bool), next: &AtomicUsize) {
+        let cfg = &self.cfg;
+        let dim = cfg.dim;
+        loop {
+            let chunk = next.fetch_add(1, Ordering::Relaxed);
+            let first = chunk * self.per_chunk;
+            if chunk >= CHUNKS || first >= n_tokens {
+                return;
+            }
+            let mut guard = self.tokens[chunk].write().unwrap_or_else(|e| e.into_inner());
+            let st = &mut *guard;
+            for i in 0..self.per_chunk.min(n_tokens - first) {
+                let t = first + i;
+                let cols = match stage {
+                    Stage::Norm { add, norm } => {
+                        let x = &mut st.x[i * dim..(i + 1) * dim];
+                        if add {
+                            add_atomics(x, &self.out[0][t * dim..(t + 1) * dim]);
+                        }
+                        let weight = match norm {
+                            Norm::Attention(l) => &self.weights.layers[l].attn_norm,
+                            Norm::FeedForward(l) => &self.weights.layers[l].ffn_norm,
+                        };
+                        ops::rms_norm(&mut st.row[..dim], x, weight, cfg.rms_eps);
+                        dim
+                    }
+                    Stage::Output { cols } => {
+                        read_atomics(&self.out[0][t * cols..(t + 1) * cols], &mut st.row[..cols]);
+                        cols
+                    }
+                    Stage::Glu { cols } => {
+                        let (gate, up) = (&self.out[0][t * cols..], &self.out[1][t * cols..]);
+                        for ((r, g), u) in st.row[..cols].iter_mut().zip(gate).zip(up) {
+                            let (g, u) = (
+                                f32::from_bits(g.load(Ordering::Relaxed)),
+                                f32::from_bits(u.load(Ordering::Relaxed)),
+                            );
+                            *r = ops::silu_times(g, u);
+                        }
+                        cols
+                    }
+                    Stage::Add => {
+                        add_atomics(&mut st.x[i * dim..(i + 1) * dim], &self.out[0][t * dim..(t + 1) * dim]);
+                        continue;
+                    }
+                };
+                if forms.0 {
+                    let blocks = cols / QK;
+                    self.kernels
+                        .quantize_q8(&st.row[..cols], &mut st.xq[i * blocks..(i + 1) * blocks]);
+                }
+                if forms.1 {
+                    st.xf[i * cols..(i + 1) * cols].copy_from_slice(&st.row[..cols]);
+                }
+            }
         }
     }
 
@@ -288,16 +402,12 @@ pub struct CpuBackend {
     compute: Arc<Compute>,
     pool: Pool<Compute>,
     batch: usize,
-    /// Residual stream, `[batch][dim]`.
-    x: Vec<f32>,
-    /// Normalized input of a matrix job, `[batch][max(dim, ffn_dim)]`.
-    xb: Vec<f32>,
-    /// FFN up projection, `[batch][ffn_dim]`.
-    up: Vec<f32>,
     /// Logits of the last token, `[vocab]`.
     logits: Vec<f32>,
     /// One token's key or value row on its way into the f16 cache, `[kv_dim]`.
     kv_row: Vec<f32>,
+    /// The last token's residual stream, on its way to the output norm, `[dim]`.
+    last_x: Vec<f32>,
 }
 
 impl CpuBackend {
@@ -338,6 +448,7 @@ impl CpuBackend {
         };
         let (dim, kvd, ffn, vocab) = (cfg.dim, cfg.kv_dim(), cfg.ffn_dim, cfg.vocab_size);
         let widest = dim.max(ffn);
+        let per_chunk = batch.div_ceil(CHUNKS);
         let out_len = (batch * widest).max(vocab);
         let kv_len = cfg.n_layers * context * kvd;
         // The KV cache is the one large allocation; refuse it with a message, not an abort.
@@ -355,8 +466,17 @@ impl CpuBackend {
             cfg: cfg.clone(),
             context,
             kernels: opts.kernels.unwrap_or_else(Kernels::best),
-            xq: RwLock::new(vec![BlockQ8::default(); batch * widest / QK + 1]),
-            xf: RwLock::new(vec![0.0; batch * widest]),
+            tokens: (0..CHUNKS)
+                .map(|_| {
+                    RwLock::new(TokenState {
+                        x: vec![0.0; per_chunk * dim],
+                        xq: vec![BlockQ8::default(); per_chunk * widest / QK],
+                        xf: vec![0.0; per_chunk * widest],
+                        row: vec![0.0; widest],
+                    })
+                })
+                .collect(),
+            per_chunk,
             q: RwLock::new(vec![0.0; batch * dim]),
             kv: RwLock::new(KvCache {
                 k: kv_vec()?,
@@ -388,11 +508,9 @@ impl CpuBackend {
             info,
             pool,
             batch,
-            x: vec![0.0; batch * dim],
-            xb: vec![0.0; batch * widest],
-            up: vec![0.0; batch * ffn],
             logits: vec![0.0; vocab],
             kv_row: vec![0.0; kvd],
+            last_x: vec![0.0; dim],
             compute,
         };
         backend.info.host_state_bytes = backend.state_bytes();
@@ -412,14 +530,21 @@ impl CpuBackend {
             .iter()
             .map(|m| bytes(&m.lock().unwrap_or_else(|e| e.into_inner())))
             .sum();
+        let tokens: usize = c
+            .tokens
+            .iter()
+            .map(|t| {
+                let t = t.read().unwrap_or_else(|e| e.into_inner());
+                bytes(&t.x) + bytes(&t.xq) + bytes(&t.xf) + bytes(&t.row)
+            })
+            .sum();
         let total = bytes(&kv.k)
             + bytes(&kv.v)
-            + bytes(&c.xq.read().unwrap_or_else(|e| e.into_inner()))
-            + read(&c.xf)
+            + tokens
             + read(&c.q)
             + c.out.iter().map(|o| bytes(o)).sum::<usize>()
             + scratch
-            + [&self.x, &self.xb, &self.up, &self.logits, &self.kv_row]
+            + [&self.logits, &self.kv_row, &self.last_x]
                 .iter()
                 .map(|v| bytes(v))
                 .sum::<usize>()
@@ -451,23 +576,23 @@ impl CpuBackend {
         }
     }
 
-    /// Puts `self.xb[..n * cols]` where the next matrix job reads it.
-    fn stage_input(&self, n: usize, cols: usize, weights: &[Option<TensorRef>; 3]) {
-        let c = &*self.compute;
-        let needs_q8 = weights.iter().flatten().any(|w| quant::uses_q8_activations(w.ty));
-        let needs_f32 = weights.iter().flatten().any(|w| !quant::uses_q8_activations(w.ty));
-        if needs_q8 {
-            let mut xq = c.xq.write().unwrap_or_else(|e| e.into_inner());
-            c.kernels.quantize_q8(&self.xb[..n * cols], &mut xq[..n * cols / QK]);
-        }
-        if needs_f32 {
-            let mut xf = c.xf.write().unwrap_or_else(|e| e.into_inner());
-            xf[..n * cols].copy_from_slice(&self.xb[..n * cols]);
+    /// Runs `stage` on the batch's `n` tokens, making the inputs that `weights` take; on the
+    /// pool when the batch is large enough to pay for it.
+    fn stage(&self, stage: Stage, n: usize, weights: &[Option<TensorRef>; 3]) {
+        let job = Job::Stage {
+            stage,
+            n_tokens: n,
+            q8: weights.iter().flatten().any(|w| quant::uses_q8_activations(w.ty)),
+            f32: weights.iter().flatten().any(|w| !quant::uses_q8_activations(w.ty)),
+        };
+        if n < PARALLEL_STAGE_TOKENS {
+            self.compute.run(&job, 0, &AtomicUsize::new(0));
+        } else {
+            self.pool.run(job);
         }
     }
 
-    fn matmul(&self, n: usize, cols: usize, weights: [Option<TensorRef>; 3]) {
-        self.stage_input(n, cols, &weights);
+    fn matmul(&self, n: usize, weights: [Option<TensorRef>; 3]) {
         self.pool.run(Job::MatMul { weights, n_tokens: n });
     }
 
@@ -478,16 +603,18 @@ impl CpuBackend {
         let (dim, kvd, ffn, hd) = (cfg.dim, cfg.kv_dim(), cfg.ffn_dim, cfg.head_dim);
         let n = tokens.len();
         let embd = c.weights.token_embd.view(&c.file);
-        for (t, &tok) in tokens.iter().enumerate() {
-            quant::dequantize_row(embd.ty, embd.row(tok as usize), &mut self.x[t * dim..(t + 1) * dim]);
+        for (chunk, tokens) in c.tokens.iter().zip(tokens.chunks(c.per_chunk)) {
+            let mut st = chunk.write().unwrap_or_else(|e| e.into_inner());
+            for (x, &tok) in st.x.chunks_exact_mut(dim).zip(tokens) {
+                quant::dequantize_row(embd.ty, embd.row(tok as usize), x);
+            }
         }
         for (l, lw) in c.weights.layers.iter().enumerate() {
-            // Attention block.
-            for t in 0..n {
-                let r = t * dim..(t + 1) * dim;
-                ops::rms_norm(&mut self.xb[r.clone()], &self.x[r], &lw.attn_norm, cfg.rms_eps);
-            }
-            self.matmul(n, dim, [Some(lw.attn_q), Some(lw.attn_k), Some(lw.attn_v)]);
+            // Attention block (the residual add of the layer before comes first).
+            let qkv = [Some(lw.attn_q), Some(lw.attn_k), Some(lw.attn_v)];
+            let norm = Norm::Attention(l);
+            self.stage(Stage::Norm { add: l > 0, norm }, n, &qkv);
+            self.matmul(n, qkv);
             {
                 let mut q = c.q.write().unwrap_or_else(|e| e.into_inner());
                 let mut kv = c.kv.write().unwrap_or_else(|e| e.into_inner());
@@ -515,26 +642,40 @@ impl CpuBackend {
                 n_tokens: n,
                 start,
             });
-            read_atomics(&c.out[0][..n * dim], &mut self.xb[..n * dim]);
-            self.matmul(n, dim, [Some(lw.attn_output), None, None]);
-            add_atomics(&mut self.x[..n * dim], &c.out[0][..n * dim]);
+            let output = [Some(lw.attn_output), None, None];
+            self.stage(Stage::Output { cols: dim }, n, &output);
+            self.matmul(n, output);
 
             // Feed-forward block.
-            for t in 0..n {
-                let r = t * dim..(t + 1) * dim;
-                ops::rms_norm(&mut self.xb[r.clone()], &self.x[r], &lw.ffn_norm, cfg.rms_eps);
-            }
-            self.matmul(n, dim, [Some(lw.ffn_gate), Some(lw.ffn_up), None]);
-            read_atomics(&c.out[0][..n * ffn], &mut self.xb[..n * ffn]);
-            read_atomics(&c.out[1][..n * ffn], &mut self.up[..n * ffn]);
-            ops::swiglu(&mut self.xb[..n * ffn], &self.up[..n * ffn]);
-            self.matmul(n, ffn, [Some(lw.ffn_down), None, None]);
-            add_atomics(&mut self.x[..n * dim], &c.out[0][..n * dim]);
+            let gate_up = [Some(lw.ffn_gate), Some(lw.ffn_up), None];
+            let norm = Norm::FeedForward(l);
+            self.stage(Stage::Norm { add: true, norm }, n, &gate_up);
+            self.matmul(n, gate_up);
+            let down = [Some(lw.ffn_down), None, None];
+            self.stage(Stage::Glu { cols: ffn }, n, &down);
+            self.matmul(n, down);
         }
+        self.stage(Stage::Add, n, &[None; 3]);
         if want_logits {
-            let last = (n - 1) * dim..n * dim;
-            ops::rms_norm(&mut self.xb[..dim], &self.x[last], &c.weights.output_norm, cfg.rms_eps);
-            self.matmul(1, dim, [Some(c.weights.output), None, None]);
+            // The last token's row, normalized, as the only input of the output matrix.
+            let output = c.weights.output;
+            let (chunk, i) = ((n - 1) / c.per_chunk, (n - 1) % c.per_chunk);
+            let last = &mut self.last_x[..dim];
+            {
+                let st = c.tokens[chunk].read().unwrap_or_else(|e| e.into_inner());
+                last.copy_from_slice(&st.x[i * dim..(i + 1) * dim]);
+            }
+            {
+                let mut guard = c.tokens[0].write().unwrap_or_else(|e| e.into_inner());
+                let st = &mut *guard;
+                ops::rms_norm(&mut st.row[..dim], last, &c.weights.output_norm, cfg.rms_eps);
+                if quant::uses_q8_activations(output.ty) {
+                    c.kernels.quantize_q8(&st.row[..dim], &mut st.xq[..dim / QK]);
+                } else {
+                    st.xf[..dim].copy_from_slice(&st.row[..dim]);
+                }
+            }
+            self.matmul(1, [Some(output), None, None]);
             read_atomics(&c.out[0][..cfg.vocab_size], &mut self.logits);
         }
     }
