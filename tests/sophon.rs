@@ -37,11 +37,14 @@ const F16_TOLERANCE: f32 = 0.02;
 const BF16_TOLERANCE: f32 = 0.1;
 
 struct Pair {
-    // The simulator is one chip per process: one backend on it at a time.
-    _chip: std::sync::MutexGuard<'static, ()>,
     tpu: SophonBackend,
     cpu: CpuBackend,
     tolerance: f32,
+    // The simulator is one chip per process: one backend on it at a time, from its opening
+    // to the end of its teardown. Fields drop in order, so the lock is the last field: first,
+    // it was released before the backend closed the device, and the next test's backend
+    // opened the simulator while this one was still shutting it down.
+    _chip: std::sync::MutexGuard<'static, ()>,
 }
 
 fn pair(bmodel: &str, gguf: &str, tolerance: f32) -> Pair {
@@ -66,10 +69,10 @@ fn pair(bmodel: &str, gguf: &str, tolerance: f32) -> Pair {
     )
     .unwrap_or_else(|e| panic!("{gguf}: {e}"));
     Pair {
-        _chip: chip,
         tpu,
         cpu,
         tolerance,
+        _chip: chip,
     }
 }
 
