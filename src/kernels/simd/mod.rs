@@ -265,6 +265,23 @@ impl Kernels {
     }
 }
 
+/// `start` plus the products of a float row's columns `from..` with `x`, one at a time in
+/// column order: the columns a kernel's vector steps leave over.
+fn add_float_tail(start: f32, ty: GgmlType, row: &[u8], x: &[f32], from: usize) -> f32 {
+    let size = if ty == GgmlType::F32 { 4 } else { 2 };
+    let mut sum = start;
+    for (j, &xj) in x.iter().enumerate().skip(from) {
+        let c = &row[j * size..(j + 1) * size];
+        let w = match ty {
+            GgmlType::F32 => f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
+            GgmlType::F16 => quant::scale(c, 0),
+            _ => f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16),
+        };
+        sum += w * xj;
+    }
+    sum
+}
+
 /// Rows of `width` f16 values `stride` bytes apart: `rows` of them fit in `len` bytes.
 fn check_rows(width: usize, len: usize, stride: usize, rows: usize) {
     assert!(stride >= 2 * width, "f16 rows: the stride is shorter than a row");

@@ -366,16 +366,7 @@ pub(super) mod float {
         let mut out = [[0f32; T]; R];
         for r in 0..R {
             for t in 0..T {
-                out[r][t] = vaddvq_f32(acc[r][t]);
-                for j in main..cols {
-                    let c = &rows[r][j * size..(j + 1) * size];
-                    let w = match ty {
-                        GgmlType::F32 => f32::from_le_bytes(*bytes(c, 0)),
-                        GgmlType::F16 => f16_at(c, 0),
-                        _ => f32::from_bits((u16::from_le_bytes(*bytes(c, 0)) as u32) << 16),
-                    };
-                    out[r][t] += w * x[t][j];
-                }
+                out[r][t] = crate::kernels::simd::add_float_tail(vaddvq_f32(acc[r][t]), ty, rows[r], x[t], main);
             }
         }
         out

@@ -76,6 +76,35 @@ unsafe fn half(b: &[u8], at: usize) -> f32 {
     ))
 }
 
+/// Half `h` of a Q6_K block: its scale, its four groups of 32 values (0..63, unsigned), and
+/// the eight scales of its groups' halves.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6k_half(b: &[u8], h: usize) -> (f32, [__m256i; 4], &[u8; 8]) {
+    let (ql0, ql1, qh) = (load32(b, 64 * h), load32(b, 64 * h + 32), load32(b, 128 + 32 * h));
+    let m4 = _mm256_set1_epi8(0x0f);
+    let m2 = _mm256_set1_epi8(0x30);
+    let q = [
+        _mm256_or_si256(
+            _mm256_and_si256(ql0, m4),
+            _mm256_and_si256(_mm256_slli_epi16::<4>(qh), m2),
+        ),
+        _mm256_or_si256(
+            _mm256_and_si256(ql1, m4),
+            _mm256_and_si256(_mm256_slli_epi16::<2>(qh), m2),
+        ),
+        _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m4),
+            _mm256_and_si256(qh, m2),
+        ),
+        _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4),
+            _mm256_and_si256(_mm256_srli_epi16::<2>(qh), m2),
+        ),
+    ];
+    (half(b, 208), q, bytes::<8>(b, 192 + 8 * h))
+}
+
 /// How a type's unpacked weights multiply.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -285,29 +314,7 @@ pub(super) mod avx2 {
                         }; R]; 4];
                         for r in 0..R {
                             let b = block(r, i);
-                            let d = half(b, 208);
-                            let (ql0, ql1, qh) = (load32(b, 64 * h), load32(b, 64 * h + 32), load32(b, 128 + 32 * h));
-                            let sc = bytes::<8>(b, 192 + 8 * h);
-                            let m4 = _mm256_set1_epi8(0x0f);
-                            let m2 = _mm256_set1_epi8(0x30);
-                            let q = [
-                                _mm256_or_si256(
-                                    _mm256_and_si256(ql0, m4),
-                                    _mm256_and_si256(_mm256_slli_epi16::<4>(qh), m2),
-                                ),
-                                _mm256_or_si256(
-                                    _mm256_and_si256(ql1, m4),
-                                    _mm256_and_si256(_mm256_slli_epi16::<2>(qh), m2),
-                                ),
-                                _mm256_or_si256(
-                                    _mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m4),
-                                    _mm256_and_si256(qh, m2),
-                                ),
-                                _mm256_or_si256(
-                                    _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4),
-                                    _mm256_and_si256(_mm256_srli_epi16::<2>(qh), m2),
-                                ),
-                            ];
+                            let (d, q, sc) = q6k_half(b, h);
                             for g in 0..4 {
                                 // Lanes 0-3 of `idot` hold elements 0-15 (with maddubs+madd:
                                 // pairs of pairs; with vpdpbusd: quads), lanes 4-7 elements 16-31.
@@ -580,29 +587,7 @@ pub(super) mod avx512 {
                         let mut wb = [[none; R]; 2];
                         for r in 0..R {
                             let b = block(r, i);
-                            let d = half(b, 208);
-                            let (ql0, ql1, qh) = (load32(b, 64 * h), load32(b, 64 * h + 32), load32(b, 128 + 32 * h));
-                            let sc = bytes::<8>(b, 192 + 8 * h);
-                            let m4 = _mm256_set1_epi8(0x0f);
-                            let m2 = _mm256_set1_epi8(0x30);
-                            let q = [
-                                _mm256_or_si256(
-                                    _mm256_and_si256(ql0, m4),
-                                    _mm256_and_si256(_mm256_slli_epi16::<4>(qh), m2),
-                                ),
-                                _mm256_or_si256(
-                                    _mm256_and_si256(ql1, m4),
-                                    _mm256_and_si256(_mm256_slli_epi16::<2>(qh), m2),
-                                ),
-                                _mm256_or_si256(
-                                    _mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m4),
-                                    _mm256_and_si256(qh, m2),
-                                ),
-                                _mm256_or_si256(
-                                    _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4),
-                                    _mm256_and_si256(_mm256_srli_epi16::<2>(qh), m2),
-                                ),
-                            ];
+                            let (d, q, sc) = q6k_half(b, h);
                             // Lanes 4j..4j+3 of `vpdpbusd` hold elements 16j..16j+15 of the pair.
                             let s = |k: usize| _mm_set1_epi32(sc[k] as i8 as i32);
                             let offset = _mm256_set1_epi8(32);
@@ -696,16 +681,7 @@ pub(super) mod avx512 {
         let mut out = [[0f32; T]; R];
         for r in 0..R {
             for t in 0..T {
-                out[r][t] = hsum512(acc[r][t]);
-                for j in main..cols {
-                    let c = &rows[r][j * size..(j + 1) * size];
-                    let w = match ty {
-                        GgmlType::F32 => f32::from_le_bytes(*bytes(c, 0)),
-                        GgmlType::F16 => f16_at(c, 0),
-                        _ => f32::from_bits((u16::from_le_bytes(*bytes(c, 0)) as u32) << 16),
-                    };
-                    out[r][t] += w * x[t][j];
-                }
+                out[r][t] = crate::kernels::simd::add_float_tail(hsum512(acc[r][t]), ty, rows[r], x[t], main);
             }
         }
         out
@@ -837,16 +813,13 @@ pub(super) mod float {
             for t in 0..T {
                 let s = _mm_add_ps(_mm256_castps256_ps128(acc[r][t]), _mm256_extractf128_ps::<1>(acc[r][t]));
                 let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-                out[r][t] = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-                for j in main..cols {
-                    let c = &rows[r][j * size..(j + 1) * size];
-                    let w = match ty {
-                        GgmlType::F32 => f32::from_le_bytes(*bytes(c, 0)),
-                        GgmlType::F16 => f16_at(c, 0),
-                        _ => f32::from_bits((u16::from_le_bytes(*bytes(c, 0)) as u32) << 16),
-                    };
-                    out[r][t] += w * x[t][j];
-                }
+                out[r][t] = crate::kernels::simd::add_float_tail(
+                    _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s))),
+                    ty,
+                    rows[r],
+                    x[t],
+                    main,
+                );
             }
         }
         out
