@@ -226,9 +226,12 @@ impl Executor for Compute {
 
 impl Compute {
     fn run_matmul(&self, weights: &[Option<TensorRef>; 3], n_tokens: usize, next: &AtomicUsize) {
-        let tokens: [_; CHUNKS] = std::array::from_fn(|c| self.tokens[c].read().unwrap_or_else(|e| e.into_inner()));
-        let xq: [&[BlockQ8]; CHUNKS] = std::array::from_fn(|c| &tokens[c].xq[..]);
-        let xf: [&[f32]; CHUNKS] = std::array::from_fn(|c| &tokens[c].xf[..]);
+        // Only the chunks that hold the job's tokens (one for a single token).
+        let tokens: [_; CHUNKS] = std::array::from_fn(|c| {
+            (c * self.per_chunk < n_tokens).then(|| self.tokens[c].read().unwrap_or_else(|e| e.into_inner()))
+        });
+        let xq: [&[BlockQ8]; CHUNKS] = std::array::from_fn(|c| tokens[c].as_ref().map_or(&[][..], |t| &t.xq[..]));
+        let xf: [&[f32]; CHUNKS] = std::array::from_fn(|c| tokens[c].as_ref().map_or(&[][..], |t| &t.xf[..]));
         // One token: each thread streams a few long runs of rows (the prefetcher follows a run;
         // small items claimed in turn interleave the threads' reads). A prompt: small items,
         // which balance threads whatever their speed.
