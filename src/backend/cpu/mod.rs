@@ -392,10 +392,7 @@ fn attend(
     // Row p of this head starts at byte 2 * (p * stride + offset).
     let (keys, values) = (&keys[2 * offset..], &values[2 * offset..]);
     kernels.dot_f16_rows(q, keys, 2 * stride, &mut scores[..n]);
-    for s in &mut scores[..n] {
-        *s *= scale;
-    }
-    ops::softmax(&mut scores[..n]);
+    kernels.softmax(&mut scores[..n], scale);
     kernels.sum_f16_rows(acc, &scores[..n], values, 2 * stride);
 }
 

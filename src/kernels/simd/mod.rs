@@ -214,6 +214,23 @@ impl Kernels {
         }
     }
 
+    /// Attention's weights from its scores: `x = softmax(scale · x)` (each value times
+    /// `scale`, exponentiated after subtracting the largest, divided by their sum).
+    #[inline]
+    pub fn softmax(self, x: &mut [f32], scale: f32) {
+        match self.isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as in `dot_q8`; the kernel reads and writes only within `x`.
+            Isa::Avx2 | Isa::Avx512Vnni => unsafe { x86::float::softmax(x, scale) },
+            _ => {
+                for v in x.iter_mut() {
+                    *v *= scale;
+                }
+                super::ops::softmax(x);
+            }
+        }
+    }
+
     /// Attention scores: `out[p] = q · row_p` where `row_p` is `q.len()` f16 values
     /// (little-endian) at byte `p * stride` of `keys`.
     ///
@@ -493,6 +510,32 @@ mod tests {
                     assert!(
                         (g - w).abs() <= 1e-5 * rows.max(1) as f32,
                         "{} sums {width}: {g} vs {w}",
+                        isa.name()
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_runnable_softmax_matches_the_scalar_one() {
+        let mut rng = fastrand::Rng::with_seed(11);
+        let scalar = Kernels::new(Isa::Scalar).expect("always");
+        for isa in Isa::ALL {
+            let Some(k) = Kernels::new(isa) else { continue };
+            for n in [1, 7, 8, 9, 64, 300, 513] {
+                // Scores as attention makes them, and some far below the largest (whose
+                // weights are 0 or under the smallest normal float).
+                let x: Vec<f32> = (0..n)
+                    .map(|i| if i % 13 == 5 { -1e4 } else { (rng.f32() - 0.5) * 40.0 })
+                    .collect();
+                let (mut got, mut want) = (x.clone(), x.clone());
+                k.softmax(&mut got, 0.125);
+                scalar.softmax(&mut want, 0.125);
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - w).abs() <= 2e-6 * w + 1e-30,
+                        "{} softmax of {n}, value {i}: {g} vs {w}",
                         isa.name()
                     );
                 }

@@ -718,6 +718,70 @@ pub(super) mod float {
         _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
     }
 
+    /// `e^x`, 8 at a time, to about 1 ulp (Cephes' `expf`: `x = n·ln 2 + r` with |r| <= ln 2 / 2,
+    /// `e^r` by a degree-7 polynomial, `2^n` built in the exponent bits). Inputs are clamped to
+    /// where `2^n` is a normal float: below, the result is the smallest normal instead of 0.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn exp8(x: __m256) -> __m256 {
+        let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.336_55)), _mm256_set1_ps(88.0));
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+            x,
+            _mm256_set1_ps(std::f32::consts::LOG2_E),
+        ));
+        // ln 2 in two parts, the first with few enough bits that n times it is exact.
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm256_set1_ps(1.987_569_1e-4);
+        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let y = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0));
+        let two_n = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
+        _mm256_mul_ps(y, _mm256_castsi256_ps(two_n))
+    }
+
+    /// See `Kernels::softmax`: `x = softmax(scale · x)`, 8 values per step in every pass
+    /// (the sums in 8 lanes, not one chain of dependent additions).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(in crate::kernels::simd) unsafe fn softmax(x: &mut [f32], scale: f32) {
+        let main = x.len() / 8 * 8;
+        let (body, tail) = x.split_at_mut(main);
+        let factor = _mm256_set1_ps(scale);
+        let mut max = _mm256_set1_ps(f32::NEG_INFINITY);
+        for c in body.chunks_exact_mut(8) {
+            let v = _mm256_mul_ps(_mm256_loadu_ps(c.as_ptr()), factor);
+            _mm256_storeu_ps(c.as_mut_ptr(), v);
+            max = _mm256_max_ps(max, v);
+        }
+        let mut m = [0f32; 8];
+        _mm256_storeu_ps(m.as_mut_ptr(), max);
+        let mut top = m.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        for v in tail.iter_mut() {
+            *v *= scale;
+            top = top.max(*v);
+        }
+        let (top_v, mut sum) = (_mm256_set1_ps(top), _mm256_setzero_ps());
+        for c in body.chunks_exact_mut(8) {
+            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), top_v));
+            _mm256_storeu_ps(c.as_mut_ptr(), e);
+            sum = _mm256_add_ps(sum, e);
+        }
+        let mut total = hsum(sum);
+        for v in tail.iter_mut() {
+            *v = (*v - top).exp();
+            total += *v;
+        }
+        let inv = 1.0 / total;
+        let inv_v = _mm256_set1_ps(inv);
+        for c in body.chunks_exact_mut(8) {
+            _mm256_storeu_ps(c.as_mut_ptr(), _mm256_mul_ps(_mm256_loadu_ps(c.as_ptr()), inv_v));
+        }
+        for v in tail.iter_mut() {
+            *v *= inv;
+        }
+    }
+
     /// Scores with the query held in C registers of 8 (a head of 8·C values).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
