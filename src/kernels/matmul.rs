@@ -6,7 +6,7 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use super::quant::{self, BlockQ8};
-use super::simd::{Kernels, TILE};
+use super::simd::Kernels;
 
 /// Weight rows per kernel call in a prompt for quantized rows: their activations are loaded
 /// once for all of them.
@@ -99,7 +99,7 @@ impl<'a, T> TokenRows<'a, T> {
 /// Computes `out[t * out_stride + r] = row_r · x_t` for `r` in `rows` and `t < n_tokens`
 /// with `kernels`.
 ///
-/// A prompt's rows go through the kernels [`prompt_row_tile`] at a time and tokens [`TILE`]
+/// A prompt's rows go through the kernels [`prompt_row_tile`] at a time and tokens [`super::simd::TILE`]
 /// at a time (the weights and activations of a tile are loaded once for all its products),
 /// the rest in smaller tiles; each (row, token) product is computed by the same instructions
 /// whatever its tile, so results do not depend on how a prompt was batched or split between
@@ -157,7 +157,7 @@ pub fn prompt_row_tile(ty: GgmlType) -> usize {
 /// 8-bit activations 3 or 4 rows gave nothing over 2 (within 5%, either way by type).
 const FLOAT_ROW_TILE: usize = 4;
 
-/// An activation form and the kernel that multiplies it.
+/// An activation form and the kernels that multiply it.
 trait Form: Sized {
     fn dot<const R: usize, const T: usize>(
         k: Kernels,
@@ -165,6 +165,7 @@ trait Form: Sized {
         rows: [&[u8]; R],
         x: [&[Self]; T],
     ) -> [[f32; T]; R];
+    fn dot_tokens<const R: usize>(k: Kernels, ty: GgmlType, rows: [&[u8]; R], x: &[&[Self]], out: &mut [[f32; R]]);
 }
 
 impl Form for BlockQ8 {
@@ -177,6 +178,10 @@ impl Form for BlockQ8 {
     ) -> [[f32; T]; R] {
         k.dot_q8(ty, rows, x)
     }
+    #[inline]
+    fn dot_tokens<const R: usize>(k: Kernels, ty: GgmlType, rows: [&[u8]; R], x: &[&[Self]], out: &mut [[f32; R]]) {
+        k.dot_q8_tokens(ty, rows, x, out)
+    }
 }
 
 impl Form for f32 {
@@ -188,6 +193,10 @@ impl Form for f32 {
         x: [&[Self]; T],
     ) -> [[f32; T]; R] {
         k.dot_f32(ty, rows, x)
+    }
+    #[inline]
+    fn dot_tokens<const R: usize>(k: Kernels, ty: GgmlType, rows: [&[u8]; R], x: &[&[Self]], out: &mut [[f32; R]]) {
+        k.dot_f32_tokens(ty, rows, x, out)
     }
 }
 
@@ -231,31 +240,37 @@ impl Job<'_, '_> {
         }
     }
 
-    /// A prompt: rows `R` at a time, each tile of rows against the tokens a chunk at a time.
+    /// A prompt: the tokens a chunk at a time, and each chunk against the rows `R` at a time.
     fn prompt<E: Form, const R: usize>(&self, x: &TokenRows<'_, E>) {
         let rows = self.rows.clone();
+        let mut tokens: [&[E]; TOKEN_CHUNK] = [&[]; TOKEN_CHUNK];
         for c0 in (0..self.n_tokens).step_by(TOKEN_CHUNK) {
-            let c1 = (c0 + TOKEN_CHUNK).min(self.n_tokens);
-            let full = c0 + (c1 - c0) / TILE * TILE;
+            let n = TOKEN_CHUNK.min(self.n_tokens - c0);
+            for (i, t) in tokens[..n].iter_mut().enumerate() {
+                *t = x.token(c0 + i);
+            }
             let mut r = rows.start;
             while r + R <= rows.end {
-                self.tiles::<E, R>(x, r, c0..full, full..c1);
+                self.chunk::<E, R>(&tokens[..n], r, c0);
                 r += R;
             }
             for r in r..rows.end {
-                self.tiles::<E, 1>(x, r, c0..full, full..c1);
+                self.chunk::<E, 1>(&tokens[..n], r, c0);
             }
         }
     }
 
-    /// Rows `r..r + R` against the tokens of `tiled` (a multiple of [`TILE`]) and `rest`.
+    /// Rows `r..r + R` against `tokens`, the batch's tokens from `t0`.
     #[inline]
-    fn tiles<E: Form, const R: usize>(&self, x: &TokenRows<'_, E>, r: usize, tiled: Range<usize>, rest: Range<usize>) {
-        for t0 in tiled.step_by(TILE) {
-            self.tile::<E, R, TILE>(x, r, t0);
-        }
-        for t in rest {
-            self.tile::<E, R, 1>(x, r, t);
+    fn chunk<E: Form, const R: usize>(&self, tokens: &[&[E]], r: usize, t0: usize) {
+        let w = self.w;
+        let mut v = [[0f32; R]; TOKEN_CHUNK];
+        let v = &mut v[..tokens.len()];
+        E::dot_tokens::<R>(self.kernels, w.ty, std::array::from_fn(|i| w.row(r + i)), tokens, v);
+        for (j, row) in v.iter().enumerate() {
+            for (i, &v) in row.iter().enumerate() {
+                self.out[(t0 + j) * self.out_stride + r + i].store(v.to_bits(), Ordering::Relaxed);
+            }
         }
     }
 

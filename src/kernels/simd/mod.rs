@@ -147,7 +147,12 @@ impl Kernels {
             Isa::Avx2 => unsafe { x86::avx2::dot_q8(ty, rows, x) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
-            Isa::Avx512Vnni => unsafe { x86::avx512::dot_q8(ty, rows, x) },
+            Isa::Avx512Vnni => {
+                let mut out = [[0f32; R]; T];
+                // SAFETY: as above.
+                unsafe { x86::avx512::dot_q8_tokens(ty, rows, &x, &mut out) };
+                std::array::from_fn(|r| std::array::from_fn(|t| out[t][r]))
+            }
             #[cfg(target_arch = "aarch64")]
             // SAFETY: as above.
             Isa::Neon => unsafe { neon::v80::dot_q8(ty, rows, x) },
@@ -156,6 +161,47 @@ impl Kernels {
             Isa::NeonDot => unsafe { neon::dot::dot_q8(ty, rows, x) },
             _ => rows.map(|row| x.map(|x| scalar_q8(ty, row, x))),
         }
+    }
+
+    /// `out[t][r] = rows[r] · x[t]` for every row `r` and every token `t` of `x` (any number
+    /// of them), each result the one [`Kernels::dot_q8`] gives for the pair. Prompts go this
+    /// way: a kernel may unpack the rows once for all the tokens.
+    ///
+    /// # Panics
+    /// As [`Kernels::dot_q8`], and if `out` does not have one entry per token.
+    #[inline]
+    pub fn dot_q8_tokens<const R: usize>(self, ty: GgmlType, rows: [&[u8]; R], x: &[&[BlockQ8]], out: &mut [[f32; R]]) {
+        assert_eq!(x.len(), out.len(), "dot_q8_tokens: one output per token");
+        let Some(first) = x.first() else { return };
+        let blocks = first.len();
+        assert!(R >= 1, "dot_q8_tokens: at least one row");
+        assert!(
+            x.iter().all(|x| x.len() == blocks),
+            "dot_q8_tokens: tokens of different lengths"
+        );
+        let row_bytes = ty.row_bytes(blocks * QK);
+        assert!(rows.iter().all(|r| r.len() == row_bytes), "dot_q8_tokens: row length");
+        assert!(
+            quant::uses_q8_activations(ty),
+            "dot_q8_tokens: {ty} rows take float activations"
+        );
+        match self.isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as in `dot_q8`; the lengths were checked above.
+            Isa::Avx512Vnni => unsafe { x86::avx512::dot_q8_tokens(ty, rows, x, out) },
+            _ => by_tiles(x, out, |t| self.dot_q8(ty, rows, t), |t| self.dot_q8(ty, rows, t)),
+        }
+    }
+
+    /// [`Kernels::dot_q8_tokens`] for float rows: `out[t][r] = rows[r] · x[t]`, each result
+    /// the one [`Kernels::dot_f32`] gives.
+    ///
+    /// # Panics
+    /// As [`Kernels::dot_f32`], and if `out` does not have one entry per token.
+    #[inline]
+    pub fn dot_f32_tokens<const R: usize>(self, ty: GgmlType, rows: [&[u8]; R], x: &[&[f32]], out: &mut [[f32; R]]) {
+        assert_eq!(x.len(), out.len(), "dot_f32_tokens: one output per token");
+        by_tiles(x, out, |t| self.dot_f32(ty, rows, t), |t| self.dot_f32(ty, rows, t));
     }
 
     /// `rows[r] · x[t]` for every row `r` and token `t`, for F32, F16 and BF16 rows of
@@ -279,6 +325,28 @@ impl Kernels {
                 }
             }
         }
+    }
+}
+
+/// `out[t] = products of token t` for every token of `x`, [`TILE`] tokens per call of `tile`
+/// and the rest one per call of `one`.
+#[inline]
+fn by_tiles<X: Copy, const R: usize>(
+    x: &[X],
+    out: &mut [[f32; R]],
+    tile: impl Fn([X; TILE]) -> [[f32; TILE]; R],
+    one: impl Fn([X; 1]) -> [[f32; 1]; R],
+) {
+    let tiled = x.len() / TILE * TILE;
+    for (xs, outs) in x[..tiled].chunks_exact(TILE).zip(out.chunks_exact_mut(TILE)) {
+        let v = tile(std::array::from_fn(|i| xs[i]));
+        for (i, o) in outs.iter_mut().enumerate() {
+            *o = std::array::from_fn(|r| v[r][i]);
+        }
+    }
+    for (&x, o) in x[tiled..].iter().zip(&mut out[tiled..]) {
+        let v = one([x]);
+        *o = std::array::from_fn(|r| v[r][0]);
     }
 }
 
@@ -452,6 +520,53 @@ mod tests {
             ran.len() >= 2 || cfg!(not(any(target_arch = "x86_64", target_arch = "aarch64"))),
             "only the scalar kernels ran: {ran:?}"
         );
+    }
+
+    /// Prompts go through `dot_q8_tokens` / `dot_f32_tokens`, generation through `dot_q8` /
+    /// `dot_f32`: every token's result is the single product's, to the bit, for any number
+    /// of tokens (tiles and leftovers) and for rows wider than a kernel unpacks at once.
+    #[test]
+    fn products_over_many_tokens_are_the_single_products() {
+        let mut rng = fastrand::Rng::with_seed(13);
+        for isa in Isa::ALL {
+            let Some(k) = Kernels::new(isa) else { continue };
+            for ty in Q8_TYPES {
+                // 70 blocks of 32: more than the 64 the AVX-512 kernel unpacks at once.
+                for cols in [ty.block_elements() * 3, (70 * QK).next_multiple_of(ty.block_elements())] {
+                    let rows: Vec<Vec<u8>> = (0..2).map(|_| rand_row(&mut rng, ty, cols)).collect();
+                    let xs: Vec<Vec<BlockQ8>> = (0..9).map(|_| activations(&mut rng, cols).1).collect();
+                    let x: Vec<&[BlockQ8]> = xs.iter().map(|x| &x[..]).collect();
+                    for n in [1, 4, 5, 9] {
+                        let mut out = vec![[0f32; 2]; n];
+                        k.dot_q8_tokens(ty, [&rows[0][..], &rows[1][..]], &x[..n], &mut out);
+                        for (t, got) in out.iter().enumerate() {
+                            for (r, row) in rows.iter().enumerate() {
+                                let one = k.dot_q8(ty, [&row[..]], [x[t]])[0][0];
+                                assert_eq!(
+                                    got[r].to_bits(),
+                                    one.to_bits(),
+                                    "{} {ty} cols {cols}, {n} tokens",
+                                    isa.name()
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+            for ty in FLOAT_TYPES {
+                let rows: Vec<Vec<u8>> = (0..2).map(|_| rand_row(&mut rng, ty, 77)).collect();
+                let xs: Vec<Vec<f32>> = (0..9).map(|_| (0..77).map(|_| rng.f32() - 0.5).collect()).collect();
+                let x: Vec<&[f32]> = xs.iter().map(|x| &x[..]).collect();
+                let mut out = vec![[0f32; 2]; 9];
+                k.dot_f32_tokens(ty, [&rows[0][..], &rows[1][..]], &x, &mut out);
+                for (t, got) in out.iter().enumerate() {
+                    for (r, row) in rows.iter().enumerate() {
+                        let one = k.dot_f32(ty, [&row[..]], [x[t]])[0][0];
+                        assert_eq!(got[r].to_bits(), one.to_bits(), "{} {ty}", isa.name());
+                    }
+                }
+            }
+        }
     }
 
     /// The quantizer of every variant gives the portable one's bits (values, scale and sum),
