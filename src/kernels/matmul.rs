@@ -7,13 +7,15 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use super::quant::{self, BlockQ8};
 use super::simd::Kernels;
+use crate::model::GgmlType;
 
-/// Weight rows per kernel call in a prompt for quantized rows: their activations are loaded
-/// once for all of them.
-const ROW_TILE: usize = 2;
+/// Weight rows per kernel call in a prompt: each token's activations are loaded once for all
+/// of them. Measured on SmolLM2-135M (pp512, 2 threads, Zen 5), 2 / 4 / 6 / 8 rows: Q4_0 1040
+/// / 1150 / 940 / 720 t/s, Q8_0 890-940 / 1065-1145 / 970 / 770, F16 679 / 927 / 747 / -
+/// (at 6 rows the accumulators and a tile's operands no longer fit in registers).
+const ROW_TILE: usize = 4;
 /// Weight rows per kernel call for one token.
 pub const GEN_ROW_TILE: usize = 4;
-use crate::model::GgmlType;
 
 /// Tokens per pass over a block of rows: their activations (up to ~120 KiB for a 1536-wide
 /// input) stay in L2 while the rows, in L1, are reused for each of them.
@@ -99,7 +101,7 @@ impl<'a, T> TokenRows<'a, T> {
 /// Computes `out[t * out_stride + r] = row_r · x_t` for `r` in `rows` and `t < n_tokens`
 /// with `kernels`.
 ///
-/// A prompt's rows go through the kernels [`prompt_row_tile`] at a time and tokens [`super::simd::TILE`]
+/// A prompt's rows go through the kernels [`ROW_TILE`] at a time and tokens [`super::simd::TILE`]
 /// at a time (the weights and activations of a tile are loaded once for all its products),
 /// the rest in smaller tiles; each (row, token) product is computed by the same instructions
 /// whatever its tile, so results do not depend on how a prompt was batched or split between
@@ -140,22 +142,6 @@ pub fn matmul_rows(
         }
     }
 }
-
-/// Weight rows per kernel call in a prompt for rows of `ty`: more rows reuse each loaded
-/// activation more often, at the cost of registers.
-pub fn prompt_row_tile(ty: GgmlType) -> usize {
-    match ty {
-        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => FLOAT_ROW_TILE,
-        _ => ROW_TILE,
-    }
-}
-
-/// Weight rows per kernel call for float rows in a prompt. Their activations are four times
-/// the bytes of 8-bit ones and come from L2, so each is used for more rows than there. Measured
-/// on SmolLM2-135M F16 (pp512, 2 threads, Zen 5): 2 rows 679 t/s, 4 rows 927; in a second
-/// run 4 rows 810-874, 6 rows 738-756 (24 accumulators and the tile's operands spill). For
-/// 8-bit activations 3 or 4 rows gave nothing over 2 (within 5%, either way by type).
-const FLOAT_ROW_TILE: usize = 4;
 
 /// An activation form and the kernels that multiply it.
 trait Form: Sized {
@@ -234,10 +220,7 @@ impl Job<'_, '_> {
             }
             return;
         }
-        match prompt_row_tile(w.ty) {
-            FLOAT_ROW_TILE => self.prompt::<E, FLOAT_ROW_TILE>(&x),
-            _ => self.prompt::<E, ROW_TILE>(&x),
-        }
+        self.prompt::<E, ROW_TILE>(&x);
     }
 
     /// A prompt: the tokens a chunk at a time, and each chunk against the rows `R` at a time.
