@@ -251,8 +251,9 @@ impl Job<'_, '_> {
         let v = &mut v[..tokens.len()];
         E::dot_tokens::<R>(self.kernels, w.ty, std::array::from_fn(|i| w.row(r + i)), tokens, v);
         for (j, row) in v.iter().enumerate() {
-            for (i, &v) in row.iter().enumerate() {
-                self.out[(t0 + j) * self.out_stride + r + i].store(v.to_bits(), Ordering::Relaxed);
+            let at = (t0 + j) * self.out_stride + r;
+            for (o, &v) in self.out[at..at + R].iter().zip(row) {
+                o.store(v.to_bits(), Ordering::Relaxed);
             }
         }
     }

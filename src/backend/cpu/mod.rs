@@ -346,28 +346,33 @@ impl Compute {
         let base = 2 * layer * self.context * kvd;
         let layer_k = &kv.k[base..base + 2 * self.context * kvd];
         let layer_v = &kv.v[base..base + 2 * self.context * kvd];
+        // An item is one token's query heads that share a key/value head: their keys and
+        // values are read from cache once for the group.
+        let kv_heads = cfg.n_kv_heads;
         loop {
             let item = next.fetch_add(1, Ordering::Relaxed);
-            if item >= n_tokens * cfg.n_heads {
+            if item >= n_tokens * kv_heads {
                 return;
             }
-            let (t, h) = (item / cfg.n_heads, item % cfg.n_heads);
+            let (t, kv_head) = (item / kv_heads, item % kv_heads);
             let pos = start + t;
-            let qh = &q[t * dim + h * hd..t * dim + (h + 1) * hd];
-            attend(
-                self.kernels,
-                qh,
-                layer_k,
-                layer_v,
-                kvd,
-                (h / group) * hd,
-                pos + 1,
-                &mut scores[..=pos],
-                &mut acc[..hd],
-            );
-            let out = &self.out[0][t * dim + h * hd..t * dim + (h + 1) * hd];
-            for (o, &a) in out.iter().zip(acc.iter()) {
-                o.store(a.to_bits(), Ordering::Relaxed);
+            for h in kv_head * group..(kv_head + 1) * group {
+                let qh = &q[t * dim + h * hd..t * dim + (h + 1) * hd];
+                attend(
+                    self.kernels,
+                    qh,
+                    layer_k,
+                    layer_v,
+                    kvd,
+                    kv_head * hd,
+                    pos + 1,
+                    &mut scores[..=pos],
+                    &mut acc[..hd],
+                );
+                let out = &self.out[0][t * dim + h * hd..t * dim + (h + 1) * hd];
+                for (o, &a) in out.iter().zip(acc.iter()) {
+                    o.store(a.to_bits(), Ordering::Relaxed);
+                }
             }
         }
     }
