@@ -5,6 +5,7 @@
 use std::ops::Range;
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use super::interleave::{self, GROUP};
 use super::quant::{self, BlockQ8};
 use super::simd::Kernels;
 use crate::model::GgmlType;
@@ -37,6 +38,9 @@ pub struct Weight<'a> {
     pub cols: usize,
     /// Number of rows (the output width).
     pub rows: usize,
+    /// For Q4_0, the rows interleaved in groups of 16 (see [`super::interleave`]), when the
+    /// kernels multiply that form; jobs then start at multiples of 16 rows.
+    pub interleaved: Option<&'a [u8]>,
 }
 
 impl<'a> Weight<'a> {
@@ -134,7 +138,10 @@ pub fn matmul_rows(
     match x {
         Activations::Q8(x) => {
             debug_assert_eq!(x.width, w.cols / quant::QK);
-            job.run(x)
+            match w.interleaved {
+                Some(groups) => job.run_interleaved(groups, x),
+                None => job.run(x),
+            }
         }
         Activations::F32(x) => {
             debug_assert_eq!(x.width, w.cols);
@@ -221,6 +228,41 @@ impl Job<'_, '_> {
             return;
         }
         self.prompt::<E, ROW_TILE>(&x);
+    }
+
+    /// Interleaved Q4_0 rows (for prompts and single tokens alike): each group of 16 rows
+    /// against the tokens a chunk at a time.
+    fn run_interleaved(&self, groups: &[u8], x: TokenRows<'_, BlockQ8>) {
+        let rows = self.rows.clone();
+        assert!(
+            rows.start.is_multiple_of(GROUP),
+            "interleaved rows are claimed in whole groups"
+        );
+        let group_bytes = self.w.cols / quant::QK * interleave::GROUP_BLOCK_BYTES;
+        let mut tokens: [&[BlockQ8]; TOKEN_CHUNK] = [&[]; TOKEN_CHUNK];
+        let mut v = [[0f32; GROUP]; TOKEN_CHUNK];
+        for c0 in (0..self.n_tokens).step_by(TOKEN_CHUNK) {
+            let n = TOKEN_CHUNK.min(self.n_tokens - c0);
+            for (i, t) in tokens[..n].iter_mut().enumerate() {
+                *t = x.token(c0 + i);
+            }
+            for g0 in rows.clone().step_by(GROUP) {
+                let at = g0 / GROUP * group_bytes;
+                if self.n_tokens == 1 && at + 2 * group_bytes <= groups.len() {
+                    crate::model::mmap::prefetch(&groups[at + group_bytes..at + 2 * group_bytes]);
+                }
+                let v = &mut v[..n];
+                self.kernels
+                    .dot_q4_0_group(&groups[at..at + group_bytes], &tokens[..n], v);
+                let valid = GROUP.min(rows.end - g0);
+                for (j, row) in v.iter().enumerate() {
+                    let at = (c0 + j) * self.out_stride + g0;
+                    for (o, &v) in self.out[at..at + valid].iter().zip(row) {
+                        o.store(v.to_bits(), Ordering::Relaxed);
+                    }
+                }
+            }
+        }
     }
 
     /// A prompt: the tokens a chunk at a time, and each chunk against the rows `R` at a time.

@@ -2,6 +2,7 @@
 //! `quant` and `matmul` are the hot ones.
 
 pub mod half;
+pub mod interleave;
 pub mod matmul;
 pub mod ops;
 pub mod quant;

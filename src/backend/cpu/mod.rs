@@ -265,7 +265,7 @@ impl Compute {
             };
             matmul_rows(
                 self.kernels,
-                &w.view(&self.file),
+                &w.view(&self.file, &self.weights.interleaved),
                 x,
                 n_tokens,
                 rows,
@@ -435,7 +435,11 @@ impl CpuBackend {
     /// As for [`CpuBackend::load`].
     pub fn from_parts(file: Arc<MappedFile>, gguf: &Gguf, opts: &CpuOptions) -> Result<CpuBackend, CpuError> {
         let cfg = LlamaConfig::from_gguf(gguf)?;
-        let weights = ModelWeights::load(gguf, &file, &cfg)?;
+        let mut weights = ModelWeights::load(gguf, &file, &cfg)?;
+        let kernels = opts.kernels.unwrap_or_else(Kernels::best);
+        if kernels.interleaves_q4_0() {
+            weights.interleave_q4_0(&file)?;
+        }
         let context = opts
             .context
             .unwrap_or_else(|| cfg.context_length.min(DEFAULT_CONTEXT))
@@ -470,7 +474,7 @@ impl CpuBackend {
             file: Arc::clone(&file),
             cfg: cfg.clone(),
             context,
-            kernels: opts.kernels.unwrap_or_else(Kernels::best),
+            kernels,
             tokens: (0..CHUNKS)
                 .map(|_| {
                     RwLock::new(TokenState {
@@ -607,7 +611,7 @@ impl CpuBackend {
         let cfg = &c.cfg;
         let (dim, kvd, ffn, hd) = (cfg.dim, cfg.kv_dim(), cfg.ffn_dim, cfg.head_dim);
         let n = tokens.len();
-        let embd = c.weights.token_embd.view(&c.file);
+        let embd = c.weights.token_embd.view(&c.file, &c.weights.interleaved);
         for (chunk, tokens) in c.tokens.iter().zip(tokens.chunks(c.per_chunk)) {
             let mut st = chunk.write().unwrap_or_else(|e| e.into_inner());
             for (x, &tok) in st.x.chunks_exact_mut(dim).zip(tokens) {

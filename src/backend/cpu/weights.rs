@@ -1,7 +1,7 @@
 //! The Llama weights of a GGUF file as validated views into the mapping.
 
 use crate::kernels::matmul::Weight;
-use crate::kernels::quant;
+use crate::kernels::{interleave, quant};
 use crate::model::{GgmlType, Gguf, LlamaConfig, MappedFile};
 
 use super::CpuError;
@@ -19,16 +19,22 @@ pub struct TensorRef {
     pub cols: usize,
     /// Rows (output width).
     pub rows: usize,
+    /// Where its interleaved copy starts in [`ModelWeights::interleaved`], if it has one.
+    pub interleaved: Option<usize>,
 }
 
 impl TensorRef {
-    /// The matrix view over the mapped bytes.
-    pub fn view<'a>(&self, file: &'a MappedFile) -> Weight<'a> {
+    /// The matrix view over the mapped bytes (and its interleaved copy in `interleaved`,
+    /// [`ModelWeights::interleaved`], if it has one).
+    pub fn view<'a>(&self, file: &'a MappedFile, interleaved: &'a [u8]) -> Weight<'a> {
         Weight {
             ty: self.ty,
             data: &file[self.offset..self.offset + self.len],
             cols: self.cols,
             rows: self.rows,
+            interleaved: self
+                .interleaved
+                .map(|at| &interleaved[at..at + interleave::q4_0_bytes(self.rows, self.cols)]),
         }
     }
 }
@@ -72,13 +78,62 @@ pub struct ModelWeights {
     pub layers: Vec<LayerWeights>,
     /// Per-pair RoPE inverse frequencies, `[rope_dims / 2]`.
     pub rope_inv_freq: Vec<f32>,
+    /// Interleaved copies of Q4_0 matrices, when the kernels multiply that form (see
+    /// [`ModelWeights::interleave_q4_0`]); empty otherwise.
+    pub interleaved: Vec<u8>,
 }
 
 impl ModelWeights {
     /// Bytes of what was expanded out of the file (norm vectors, RoPE frequencies).
     pub fn state_bytes(&self) -> usize {
         let norms: usize = self.layers.iter().map(|l| l.attn_norm.len() + l.ffn_norm.len()).sum();
-        4 * (norms + self.output_norm.len() + self.rope_inv_freq.len())
+        4 * (norms + self.output_norm.len() + self.rope_inv_freq.len()) + self.interleaved.len()
+    }
+
+    /// Makes an interleaved copy of every Q4_0 matrix that is multiplied (the layers' and
+    /// the output projection; the embedding table is only looked up), for kernels that take
+    /// that form ([`crate::kernels::simd::Kernels::interleaves_q4_0`]). It costs 1.11 times
+    /// the matrices' bytes in memory, once, at load.
+    ///
+    /// # Errors
+    /// The copy cannot be allocated.
+    pub fn interleave_q4_0(&mut self, file: &MappedFile) -> Result<(), CpuError> {
+        let mut matrices: Vec<&mut TensorRef> = vec![&mut self.output];
+        for l in &mut self.layers {
+            matrices.extend([
+                &mut l.attn_q,
+                &mut l.attn_k,
+                &mut l.attn_v,
+                &mut l.attn_output,
+                &mut l.ffn_gate,
+                &mut l.ffn_up,
+                &mut l.ffn_down,
+            ]);
+        }
+        matrices.retain(|t| t.ty == GgmlType::Q4_0);
+        let total: usize = matrices.iter().map(|t| interleave::q4_0_bytes(t.rows, t.cols)).sum();
+        let mut bytes = Vec::new();
+        bytes.try_reserve_exact(total).map_err(|_| {
+            CpuError::Context(format!(
+                "cannot allocate {} MiB for the interleaved Q4_0 matrices",
+                total >> 20
+            ))
+        })?;
+        bytes.resize(total, 0);
+        let mut at = 0;
+        for t in matrices {
+            let len = interleave::q4_0_bytes(t.rows, t.cols);
+            interleave::interleave_q4_0(
+                &file[t.offset..t.offset + t.len],
+                t.rows,
+                t.cols,
+                &mut bytes[at..at + len],
+            );
+            t.interleaved = Some(at);
+            at += len;
+        }
+        self.interleaved = bytes;
+        Ok(())
     }
 
     /// Finds, checks and maps every tensor the config calls for.
@@ -116,6 +171,7 @@ impl ModelWeights {
                 len: t.size as usize,
                 cols,
                 rows,
+                interleaved: None,
             })
         };
         let vector = |name: &str, len: usize| -> Result<Vec<f32>, CpuError> {
@@ -137,6 +193,7 @@ impl ModelWeights {
                     len: t.size as usize,
                     cols: len,
                     rows: 1,
+                    interleaved: None,
                 })
             })?;
             let mut out = vec![0f32; len];
@@ -188,6 +245,7 @@ impl ModelWeights {
             tied_output,
             layers,
             rope_inv_freq,
+            interleaved: Vec::new(),
         })
     }
 

@@ -204,6 +204,34 @@ impl Kernels {
         by_tiles(x, out, |t| self.dot_f32(ty, rows, t), |t| self.dot_f32(ty, rows, t));
     }
 
+    /// Whether Q4_0 matrices should be interleaved at load (see [`super::interleave`]): only
+    /// these kernels have an interleaved Q4_0 kernel that beats the row-by-row one.
+    pub fn interleaves_q4_0(self) -> bool {
+        self.isa == Isa::Avx512Vnni
+    }
+
+    /// `out[t][l]` = row `l` of an interleaved Q4_0 group times token `t`, for every token of
+    /// `x`; the result of a pair does not depend on the number of tokens.
+    ///
+    /// # Panics
+    /// If the group does not hold one interleaved block per activation block, the tokens
+    /// differ in length, or `out` does not have one entry per token.
+    #[inline]
+    pub fn dot_q4_0_group(self, group: &[u8], x: &[&[BlockQ8]], out: &mut [[f32; 16]]) {
+        use super::interleave::GROUP_BLOCK_BYTES;
+        assert_eq!(x.len(), out.len(), "dot_q4_0_group: one output per token");
+        assert!(
+            x.iter().all(|x| x.len() * GROUP_BLOCK_BYTES == group.len()),
+            "dot_q4_0_group: lengths"
+        );
+        match self.isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as in `dot_q8`; the lengths were checked above.
+            Isa::Avx512Vnni => unsafe { x86::avx512::dot_q4_0_group(group, x, out) },
+            _ => super::interleave::dot_q4_0_group(group, x, out),
+        }
+    }
+
     /// `rows[r] · x[t]` for every row `r` and token `t`, for F32, F16 and BF16 rows of
     /// `x[t].len()` elements. The result of a pair does not depend on `R` or `T`.
     ///
@@ -563,6 +591,41 @@ mod tests {
                     for (r, row) in rows.iter().enumerate() {
                         let one = k.dot_f32(ty, [&row[..]], [x[t]])[0][0];
                         assert_eq!(got[r].to_bits(), one.to_bits(), "{} {ty}", isa.name());
+                    }
+                }
+            }
+        }
+    }
+
+    /// The interleaved Q4_0 kernel of every variant gives the portable one's bits, for any
+    /// number of tokens.
+    #[test]
+    fn every_runnable_interleaved_kernel_gives_the_portable_bits() {
+        use super::super::interleave::{self, GROUP};
+        let mut rng = fastrand::Rng::with_seed(19);
+        let (rows, cols) = (37, 11 * QK);
+        let data: Vec<u8> = (0..rows)
+            .flat_map(|_| rand_row(&mut rng, GgmlType::Q4_0, cols))
+            .collect();
+        let mut inter = vec![0; interleave::q4_0_bytes(rows, cols)];
+        interleave::interleave_q4_0(&data, rows, cols, &mut inter);
+        let xs: Vec<Vec<BlockQ8>> = (0..7).map(|_| activations(&mut rng, cols).1).collect();
+        let x: Vec<&[BlockQ8]> = xs.iter().map(|x| &x[..]).collect();
+        for isa in Isa::ALL {
+            let Some(k) = Kernels::new(isa) else { continue };
+            for group in inter.chunks_exact(cols / QK * interleave::GROUP_BLOCK_BYTES) {
+                let mut want = vec![[0f32; GROUP]; x.len()];
+                interleave::dot_q4_0_group(group, &x, &mut want);
+                for n in [1, 4, 7] {
+                    let mut got = vec![[0f32; GROUP]; n];
+                    k.dot_q4_0_group(group, &x[..n], &mut got);
+                    for (g, w) in got.iter().zip(&want) {
+                        assert_eq!(
+                            g.map(f32::to_bits),
+                            w.map(f32::to_bits),
+                            "{} with {n} tokens",
+                            isa.name()
+                        );
                     }
                 }
             }

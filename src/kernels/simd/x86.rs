@@ -738,6 +738,63 @@ pub(super) mod avx512 {
         }
     }
 
+    /// One group of interleaved Q4_0 rows (see `kernels::interleave`) against T tokens: lane
+    /// `l` of result `t` is row `l` times token `t`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn q4_0_group_tile<const T: usize>(group: &[u8], x: [&[BlockQ8]; T]) -> [__m512; T] {
+        use crate::kernels::interleave::{GROUP, GROUP_BLOCK_BYTES};
+        let mut acc = [_mm512_setzero_ps(); T];
+        let low = _mm512_set1_epi8(0x0f);
+        for (b, blk) in group.chunks_exact(GROUP_BLOCK_BYTES).enumerate() {
+            let blk: &[u8; GROUP_BLOCK_BYTES] = blk.try_into().expect("one block");
+            let d = _mm512_loadu_ps(blk.as_ptr().cast());
+            let m = _mm512_mul_ps(d, _mm512_set1_ps(-8.0));
+            // w[k]: bytes 4k..4k + 4 of every row, values 4k.. (low nibbles); w[k + 4]:
+            // values 16 + 4k.. (high nibbles).
+            let mut w = [_mm512_setzero_si512(); 8];
+            for k in 0..4 {
+                let v = _mm512_loadu_si512(blk[GROUP * 4 + 64 * k..].as_ptr().cast());
+                w[k] = _mm512_and_si512(v, low);
+                w[k + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
+            }
+            for t in 0..T {
+                let xb = &x[t][b];
+                let four = |k: usize| {
+                    let q = &xb.qs[4 * k..4 * k + 4];
+                    _mm512_set1_epi32(i32::from_le_bytes([q[0] as u8, q[1] as u8, q[2] as u8, q[3] as u8]))
+                };
+                // Two chains of 4, not one of 8: the additions are exact either way.
+                let (mut p0, mut p1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+                for k in 0..4 {
+                    p0 = _mm512_dpbusd_epi32(p0, w[k], four(k));
+                    p1 = _mm512_dpbusd_epi32(p1, w[k + 4], four(k + 4));
+                }
+                let p = _mm512_cvtepi32_ps(_mm512_add_epi32(p0, p1));
+                acc[t] = _mm512_fmadd_ps(p, _mm512_mul_ps(d, _mm512_set1_ps(xb.d)), acc[t]);
+                acc[t] = _mm512_fmadd_ps(m, _mm512_set1_ps(xb.s), acc[t]);
+            }
+        }
+        acc
+    }
+
+    /// See `Kernels::dot_q4_0_group` (which checks the lengths this relies on): 4 tokens per
+    /// pass over the group, then one at a time.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(in crate::kernels::simd) unsafe fn dot_q4_0_group(group: &[u8], x: &[&[BlockQ8]], out: &mut [[f32; 16]]) {
+        let tiled = x.len() / 4 * 4;
+        for t in (0..tiled).step_by(4) {
+            let acc = q4_0_group_tile::<4>(group, [x[t], x[t + 1], x[t + 2], x[t + 3]]);
+            for (i, a) in acc.iter().enumerate() {
+                _mm512_storeu_ps(out[t + i].as_mut_ptr(), *a);
+            }
+        }
+        for t in tiled..x.len() {
+            let [a] = q4_0_group_tile::<1>(group, [x[t]]);
+            _mm512_storeu_ps(out[t].as_mut_ptr(), a);
+        }
+    }
+
     /// See `Kernels::dot_f32` (which checks the lengths this relies on): 16 columns per step.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
     pub(in crate::kernels::simd) unsafe fn dot_f32<const R: usize, const T: usize>(
