@@ -32,6 +32,9 @@ pub struct BackendInfo {
     /// Host memory the backend allocated beyond the mapped weights: its run state, the KV
     /// cache included (the CPU backend; the TPU backend's state is on the device).
     pub host_state_bytes: u64,
+    /// The part of `host_state_bytes` that holds weights rearranged for the kernels (the CPU
+    /// backend's interleaved Q4_0 matrices on AVX-512).
+    pub rearranged_weight_bytes: u64,
     /// Most tokens one `prefill` call accepts; longer prompts are fed in pieces.
     pub max_batch: usize,
 }
@@ -196,6 +199,14 @@ impl fmt::Display for BackendInfo {
             self.vocab_size,
             self.weight_bytes as f64 / (1 << 20) as f64,
             self.kv_cache_bytes as f64 / (1 << 20) as f64
-        )
+        )?;
+        if self.rearranged_weight_bytes > 0 {
+            write!(
+                f,
+                " (and {:.1} MiB of weights rearranged for the kernels)",
+                self.rearranged_weight_bytes as f64 / (1 << 20) as f64
+            )?;
+        }
+        Ok(())
     }
 }

@@ -141,11 +141,15 @@ pub(super) fn bench(a: &BenchArgs) -> Result<(), CliError> {
     if info.host_state_bytes > 0 {
         let mib = |b: u64| b as f64 / (1 << 20) as f64;
         println!(
-            "\nCPU backend: {} kernels; memory beyond the mapped weights {:.1} MiB (KV cache {:.1} MiB as f16 for {} tokens; the rest is activations for batches of {} tokens)",
+            "\nCPU backend: {} kernels; memory beyond the mapped weights {:.1} MiB (KV cache {:.1} MiB as f16 for {} tokens;{} the rest is activations for batches of {} tokens)",
             kernels.unwrap_or("no"),
             mib(info.host_state_bytes),
             mib(info.kv_cache_bytes),
             info.context_length,
+            match info.rearranged_weight_bytes {
+                0 => String::new(),
+                b => format!(" Q4_0 matrices interleaved for the kernels {:.1} MiB;", mib(b)),
+            },
             info.max_batch
         );
     }

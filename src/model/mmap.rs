@@ -36,6 +36,24 @@ impl MappedFile {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Drops the resident pages of `range` from this process (the whole pages it touches):
+    /// for bytes that have been copied elsewhere and will not be read again soon. They are
+    /// read from the file again if they are.
+    ///
+    /// # Errors
+    /// The range is outside the file, or the kernel refused the advice.
+    pub fn release(&self, range: std::ops::Range<usize>) -> io::Result<()> {
+        // SAFETY: MADV_DONTNEED on a private, read-only file mapping that has never been
+        // written drops only the page-table entries: a later read faults the same bytes back
+        // in from the file, so every slice of the mapping keeps reading what it read before.
+        // (The hazard memmap2 warns of is pages written through a private mapping, whose
+        // changes would be lost; this mapping cannot be written.)
+        unsafe {
+            self.map
+                .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, range.start, range.len())
+        }
+    }
 }
 
 impl Deref for MappedFile {

@@ -511,6 +511,7 @@ impl CpuBackend {
             weight_bytes: compute.weights.bytes(),
             kv_cache_bytes: (2 * kv_len * 2) as u64,
             host_state_bytes: 0,
+            rearranged_weight_bytes: 0,
             max_batch: batch,
         };
         let mut backend = CpuBackend {
@@ -523,6 +524,7 @@ impl CpuBackend {
             compute,
         };
         backend.info.host_state_bytes = backend.state_bytes();
+        backend.info.rearranged_weight_bytes = backend.compute.weights.interleaved.len() as u64;
         Ok(backend)
     }
 

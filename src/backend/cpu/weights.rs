@@ -98,6 +98,8 @@ impl ModelWeights {
     /// # Errors
     /// The copy cannot be allocated.
     pub fn interleave_q4_0(&mut self, file: &MappedFile) -> Result<(), CpuError> {
+        // The tied output is also the embedding table, which lookups keep reading.
+        let tied = self.tied_output;
         let mut matrices: Vec<&mut TensorRef> = vec![&mut self.output];
         for l in &mut self.layers {
             matrices.extend([
@@ -131,6 +133,12 @@ impl ModelWeights {
             );
             t.interleaved = Some(at);
             at += len;
+            if !(tied && t.offset == self.token_embd.offset) {
+                // The file's copy is no longer read: let it leave memory (best effort).
+                if let Err(e) = file.release(t.offset..t.offset + t.len) {
+                    log::debug!("could not release mapped Q4_0 rows: {e}");
+                }
+            }
         }
         self.interleaved = bytes;
         Ok(())

@@ -295,6 +295,7 @@ impl SophonBackend {
             weight_bytes: std::fs::metadata(path).map_or(0, |m| m.len()),
             kv_cache_bytes: kv_bytes,
             host_state_bytes: 0,
+            rearranged_weight_bytes: 0,
             max_batch: layout.max_input,
         };
         let n_candidates = layout.sample_head.as_ref().map_or(0, |h| h.candidates);
