@@ -23,10 +23,10 @@ pub fn softmax(x: &mut [f32]) {
     }
 }
 
-/// SwiGLU of one element: `silu(gate) * up`.
+/// SiLU of one element: `x / (1 + e^-x)` (SwiGLU multiplies it by the up projection).
 #[inline]
-pub fn silu_times(gate: f32, up: f32) -> f32 {
-    gate / (1.0 + (-gate).exp()) * up
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
 }
 
 /// Rotary position embedding on one head, ggml's "normal" layout: dimension pairs

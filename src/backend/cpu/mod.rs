@@ -309,12 +309,10 @@ impl Compute {
                     }
                     Stage::Glu { cols } => {
                         let (gate, up) = (&self.out[0][t * cols..], &self.out[1][t * cols..]);
-                        for ((r, g), u) in st.row[..cols].iter_mut().zip(gate).zip(up) {
-                            let (g, u) = (
-                                f32::from_bits(g.load(Ordering::Relaxed)),
-                                f32::from_bits(u.load(Ordering::Relaxed)),
-                            );
-                            *r = ops::silu_times(g, u);
+                        read_atomics(gate, &mut st.row[..cols]);
+                        self.kernels.silu(&mut st.row[..cols]);
+                        for (r, u) in st.row[..cols].iter_mut().zip(up) {
+                            *r *= f32::from_bits(u.load(Ordering::Relaxed));
                         }
                         cols
                     }

@@ -913,6 +913,21 @@ pub(super) mod float {
         _mm256_mul_ps(y, _mm256_castsi256_ps(two_n))
     }
 
+    /// See `Kernels::silu`: `x / (1 + e^-x)`, 8 values per step.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(in crate::kernels::simd) unsafe fn silu(x: &mut [f32]) {
+        let one = _mm256_set1_ps(1.0);
+        let mut chunks = x.chunks_exact_mut(8);
+        for c in chunks.by_ref() {
+            let v = _mm256_loadu_ps(c.as_ptr());
+            let e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), v));
+            _mm256_storeu_ps(c.as_mut_ptr(), _mm256_div_ps(v, _mm256_add_ps(one, e)));
+        }
+        for v in chunks.into_remainder() {
+            *v /= 1.0 + (-*v).exp();
+        }
+    }
+
     /// See `Kernels::softmax`: `x = softmax(scale · x)`, 8 values per step in every pass
     /// (the sums in 8 lanes, not one chain of dependent additions).
     #[target_feature(enable = "avx2,fma,f16c")]
