@@ -854,6 +854,86 @@ pub(super) mod avx512 {
         }
     }
 
+    /// Scores with the query held in C registers of 16 (a head of 16·C values), 16 rows at
+    /// a time (16 independent sums in flight, summed together by `tile_sums`).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn dot_rows_fixed<const C: usize>(q: &[f32], keys: &[u8], stride: usize, out: &mut [f32]) {
+        let mut qv = [_mm512_setzero_ps(); C];
+        for (c, qv) in qv.iter_mut().enumerate() {
+            *qv = _mm512_loadu_ps(q[16 * c..16 * c + 16].as_ptr());
+        }
+        let row_dot = |p: usize| {
+            let row = &keys[p * stride..p * stride + 32 * C];
+            let mut a = _mm512_setzero_ps();
+            for (c, &qc) in qv.iter().enumerate() {
+                a = _mm512_fmadd_ps(widen16::<2>(row[32 * c..].as_ptr()), qc, a);
+            }
+            a
+        };
+        let done = out.len() / 16 * 16;
+        let mut chunks = out.chunks_exact_mut(16);
+        for (k, o) in chunks.by_ref().enumerate() {
+            let mut a = [[_mm512_setzero_ps(); 4]; 4];
+            for (i, a) in a.iter_mut().flatten().enumerate() {
+                *a = row_dot(16 * k + i);
+            }
+            let sums = tile_sums(&a);
+            for (o, s) in o.iter_mut().zip(sums.iter().flatten()) {
+                *o = *s;
+            }
+        }
+        for (p, o) in chunks.into_remainder().iter_mut().enumerate() {
+            *o = hsum512(row_dot(done + p));
+        }
+    }
+
+    /// See `Kernels::dot_f16_rows` (which checks the lengths this relies on).
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(in crate::kernels::simd) unsafe fn dot_f16_rows(q: &[f32], keys: &[u8], stride: usize, out: &mut [f32]) {
+        match q.len() {
+            64 => dot_rows_fixed::<4>(q, keys, stride, out),
+            128 => dot_rows_fixed::<8>(q, keys, stride, out),
+            _ => super::float::dot_f16_rows(q, keys, stride, out),
+        }
+    }
+
+    /// The weighted sum with the accumulator held in C registers of 16, twice (even and odd
+    /// rows: two chains of additions per register, not one).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn sum_rows_fixed<const C: usize>(acc: &mut [f32], w: &[f32], values: &[u8], stride: usize) {
+        let (mut even, mut odd) = ([_mm512_setzero_ps(); C], [_mm512_setzero_ps(); C]);
+        let add_row = |a: &mut [__m512; C], p: usize, wp: f32| {
+            let row = &values[p * stride..p * stride + 32 * C];
+            let wv = _mm512_set1_ps(wp);
+            for (c, a) in a.iter_mut().enumerate() {
+                *a = _mm512_fmadd_ps(wv, widen16::<2>(row[32 * c..].as_ptr()), *a);
+            }
+        };
+        let mut pairs = w.chunks_exact(2);
+        for (k, wp) in pairs.by_ref().enumerate() {
+            add_row(&mut even, 2 * k, wp[0]);
+            add_row(&mut odd, 2 * k + 1, wp[1]);
+        }
+        if let [last] = pairs.remainder() {
+            add_row(&mut even, w.len() - 1, *last);
+        }
+        for c in 0..C {
+            _mm512_storeu_ps(acc[16 * c..16 * c + 16].as_mut_ptr(), _mm512_add_ps(even[c], odd[c]));
+        }
+    }
+
+    /// See `Kernels::sum_f16_rows` (which checks the lengths this relies on).
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(in crate::kernels::simd) unsafe fn sum_f16_rows(acc: &mut [f32], w: &[f32], values: &[u8], stride: usize) {
+        match acc.len() {
+            64 => sum_rows_fixed::<4>(acc, w, values, stride),
+            128 => sum_rows_fixed::<8>(acc, w, values, stride),
+            _ => super::float::sum_f16_rows(acc, w, values, stride),
+        }
+    }
+
     /// See `Kernels::dot_f32` (which checks the lengths this relies on): 16 columns per step.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
     pub(in crate::kernels::simd) unsafe fn dot_f32<const R: usize, const T: usize>(
