@@ -29,14 +29,25 @@ pub fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
 
-/// Rotary position embedding on one head, ggml's "normal" layout: dimension pairs
-/// `(2i, 2i+1)` are rotated by `pos * inv_freq[i]`. (GGUF converters permute the Q/K weights
-/// of Hugging Face checkpoints so that this layout is the right one; the NeoX layout, pairs
-/// `(i, i + d/2)`, is not used by the llama architecture.)
-pub fn rope(head: &mut [f32], pos: usize, inv_freq: &[f32]) {
+/// Rotary position embedding, ggml's "normal" layout: dimension pairs `(2i, 2i+1)` are
+/// rotated by `pos * inv_freq[i]`. (GGUF converters permute the Q/K weights of Hugging Face
+/// checkpoints so that this layout is the right one; the NeoX layout, pairs `(i, i + d/2)`,
+/// is not used by the llama architecture.) This gives the `(cos, sin)` of each pair's angle
+/// at `pos`, side by side in `out` (`2 * inv_freq.len()` values): the same for every head
+/// and layer of a token, so computed once per token.
+pub fn rope_angles(pos: usize, inv_freq: &[f32], out: &mut [f32]) {
     let pos = pos as f32;
-    for (pair, &f) in head.chunks_exact_mut(2).zip(inv_freq) {
+    for (cs, &f) in out.chunks_exact_mut(2).zip(inv_freq) {
         let (sin, cos) = (pos * f).sin_cos();
+        cs[0] = cos;
+        cs[1] = sin;
+    }
+}
+
+/// Rotates one head's pairs by the angles of [`rope_angles`].
+pub fn rope_rotate(head: &mut [f32], angles: &[f32]) {
+    for (pair, cs) in head.chunks_exact_mut(2).zip(angles.chunks_exact(2)) {
+        let (cos, sin) = (cs[0], cs[1]);
         let (a, b) = (pair[0], pair[1]);
         pair[0] = a * cos - b * sin;
         pair[1] = a * sin + b * cos;
@@ -66,10 +77,15 @@ mod tests {
 
     #[test]
     fn rope_at_zero_is_identity_and_preserves_norm() {
+        let rope = |h: &mut [f32], pos: usize| {
+            let mut angles = [0f32; 4];
+            rope_angles(pos, &[1.0, 0.01], &mut angles);
+            rope_rotate(h, &angles);
+        };
         let mut h = [1.0f32, 2.0, 3.0, 4.0];
-        rope(&mut h, 0, &[1.0, 0.01]);
+        rope(&mut h, 0);
         assert_eq!(h, [1.0, 2.0, 3.0, 4.0]);
-        rope(&mut h, 7, &[1.0, 0.01]);
+        rope(&mut h, 7);
         let n: f32 = h.iter().map(|v| v * v).sum();
         assert!((n - 30.0).abs() < 1e-4);
     }

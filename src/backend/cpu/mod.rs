@@ -411,6 +411,8 @@ pub struct CpuBackend {
     kv_row: Vec<f32>,
     /// The last token's residual stream, on its way to the output norm, `[dim]`.
     last_x: Vec<f32>,
+    /// Each token's rotary (cos, sin) pairs, `[batch][rope_dims]`.
+    rope_angles: Vec<f32>,
 }
 
 impl CpuBackend {
@@ -519,6 +521,7 @@ impl CpuBackend {
             logits: vec![0.0; vocab],
             kv_row: vec![0.0; kvd],
             last_x: vec![0.0; dim],
+            rope_angles: vec![0.0; batch * cfg.rope_dims],
             compute,
         };
         backend.info.host_state_bytes = backend.state_bytes();
@@ -557,6 +560,7 @@ impl CpuBackend {
                 .iter()
                 .map(|v| bytes(v))
                 .sum::<usize>()
+            + bytes(&self.rope_angles)
             + c.weights.state_bytes();
         total as u64
     }
@@ -612,6 +616,10 @@ impl CpuBackend {
         let (dim, kvd, ffn, hd) = (cfg.dim, cfg.kv_dim(), cfg.ffn_dim, cfg.head_dim);
         let n = tokens.len();
         let embd = c.weights.token_embd.view(&c.file, &c.weights.interleaved);
+        // The rotary angles of each token, for every head of every layer.
+        for (t, angles) in self.rope_angles.chunks_exact_mut(cfg.rope_dims).take(n).enumerate() {
+            ops::rope_angles(start + t, &c.weights.rope_inv_freq, angles);
+        }
         for (chunk, tokens) in c.tokens.iter().zip(tokens.chunks(c.per_chunk)) {
             let mut st = chunk.write().unwrap_or_else(|e| e.into_inner());
             for (x, &tok) in st.x.chunks_exact_mut(dim).zip(tokens) {
@@ -632,14 +640,15 @@ impl CpuBackend {
                     let pos = start + t;
                     let qt = &mut q[t * dim..(t + 1) * dim];
                     read_atomics(&c.out[0][t * dim..(t + 1) * dim], qt);
+                    let angles = &self.rope_angles[t * cfg.rope_dims..(t + 1) * cfg.rope_dims];
                     for head in qt.chunks_exact_mut(hd) {
-                        ops::rope(&mut head[..cfg.rope_dims], pos, &c.weights.rope_inv_freq);
+                        ops::rope_rotate(&mut head[..cfg.rope_dims], angles);
                     }
                     let at = 2 * (base + pos * kvd);
                     let kt = &mut self.kv_row[..kvd];
                     read_atomics(&c.out[1][t * kvd..(t + 1) * kvd], kt);
                     for head in kt.chunks_exact_mut(hd) {
-                        ops::rope(&mut head[..cfg.rope_dims], pos, &c.weights.rope_inv_freq);
+                        ops::rope_rotate(&mut head[..cfg.rope_dims], angles);
                     }
                     store_f16(&mut kv.k[at..at + 2 * kvd], kt);
                     read_atomics(&c.out[2][t * kvd..(t + 1) * kvd], kt);
