@@ -2,7 +2,7 @@
 //! decoding a token (backend forward on two threads, sampling with every filter, stop-string
 //! scanning, UTF-8 streaming) performs zero heap allocations anywhere in the process; and
 //! serving one (the daemon's engine thread writing a JSON token event or console text to a
-//! client's socket) performs none either.
+//! client's socket) performs none either; nor does decoding with any weight type's kernels.
 //!
 //! It runs without libtest's harness (`harness = false`): the count is process-wide, and the
 //! harness's own thread allocates when it prints its "running for over 60 seconds" notice
@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use llama_tpu::backend::cpu::{CpuBackend, CpuOptions};
+use llama_tpu::backend::Backend;
 use llama_tpu::chat::ChatTemplate;
 use llama_tpu::engine::{Engine, FinishReason, Input, Request};
 use llama_tpu::model::{Gguf, MappedFile};
@@ -110,6 +111,47 @@ fn decoding_a_token_allocates_nothing() {
             grew,
             0,
             "round {round}: {grew} allocations over {} tokens",
+            counts.len() - WARM_UP
+        );
+    }
+}
+
+/// Every weight type's kernels, as this machine chooses them (the numpy reference's toy
+/// models: each quantized type, F16, BF16 and F32; on AVX-512 Q4_0 goes through its
+/// interleaved kernel): after a batched prefill, decoding allocates nothing.
+fn decoding_every_weight_type_allocates_nothing() {
+    let dir = common::scratch("alloc-types");
+    common::numpy_reference(&dir);
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("toy.json")).unwrap()).unwrap();
+    let types: Vec<&str> = meta["types"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert!(types.len() >= 10, "toy types: {types:?}");
+    for ty in types {
+        let file = Arc::new(MappedFile::open(&dir.join(format!("toy_{ty}.gguf"))).unwrap());
+        let gguf = Gguf::parse(&file).unwrap();
+        let opts = CpuOptions {
+            threads: 2,
+            context: Some(64),
+            ..CpuOptions::default()
+        };
+        let mut backend = CpuBackend::from_parts(Arc::clone(&file), &gguf, &opts).unwrap();
+        let prompt: Vec<u32> = (0..9).map(|i| 7 + 31 * i).collect();
+        backend.prefill(&prompt, 0).unwrap();
+        let mut counts = Vec::with_capacity(32);
+        for pos in prompt.len()..prompt.len() + 12 {
+            backend.decode(pos as u32 % 300, pos).unwrap();
+            counts.push(ALLOCATIONS.load(Ordering::Relaxed));
+        }
+        let grew = grew_after_warm_up(&counts);
+        assert_eq!(
+            grew,
+            0,
+            "{ty}: {grew} allocations over {} decoded tokens",
             counts.len() - WARM_UP
         );
     }
@@ -388,9 +430,13 @@ fn the_counter_sees_allocations() {
 }
 
 fn main() {
-    let tests: [(&str, fn()); 4] = [
+    let tests: [(&str, fn()); 5] = [
         ("the_counter_sees_allocations", the_counter_sees_allocations),
         ("decoding_a_token_allocates_nothing", decoding_a_token_allocates_nothing),
+        (
+            "decoding_every_weight_type_allocates_nothing",
+            decoding_every_weight_type_allocates_nothing,
+        ),
         ("serving_a_token_allocates_nothing", serving_a_token_allocates_nothing),
         (
             "streaming_over_http_allocates_nothing_per_token",
