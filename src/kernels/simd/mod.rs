@@ -331,10 +331,7 @@ impl Kernels {
         match self.isa {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as in `dot_q8`; the lengths were checked above.
-            Isa::Avx2 => unsafe { x86::float::dot_f16_rows(q, keys, stride, out) },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: as above.
-            Isa::Avx512Vnni => unsafe { x86::avx512::dot_f16_rows(q, keys, stride, out) },
+            Isa::Avx2 | Isa::Avx512Vnni => unsafe { x86::float::dot_f16_rows(q, keys, stride, out) },
             #[cfg(target_arch = "aarch64")]
             // SAFETY: as above.
             Isa::Neon | Isa::NeonDot => unsafe { neon::float::dot_f16_rows(q, keys, stride, out) },
@@ -357,10 +354,7 @@ impl Kernels {
         match self.isa {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as in `dot_q8`; the lengths were checked above.
-            Isa::Avx2 => unsafe { x86::float::sum_f16_rows(acc, w, values, stride) },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: as above.
-            Isa::Avx512Vnni => unsafe { x86::avx512::sum_f16_rows(acc, w, values, stride) },
+            Isa::Avx2 | Isa::Avx512Vnni => unsafe { x86::float::sum_f16_rows(acc, w, values, stride) },
             #[cfg(target_arch = "aarch64")]
             // SAFETY: as above.
             Isa::Neon | Isa::NeonDot => unsafe { neon::float::sum_f16_rows(acc, w, values, stride) },
