@@ -680,7 +680,11 @@ mod tests {
         let scalar = Kernels::new(Isa::Scalar).expect("always");
         for isa in Isa::ALL {
             let Some(k) = Kernels::new(isa) else { continue };
-            for (width, stride, rows) in [(64, 384, 37), (128, 256, 5), (7, 20, 9), (8, 16, 1), (40, 80, 0)] {
+            let many = (0..100).map(|n| (64, 384, n));
+            for (width, stride, rows) in [(64, 384, 37), (128, 256, 5), (7, 20, 9), (8, 16, 1), (40, 80, 0)]
+                .into_iter()
+                .chain(many)
+            {
                 let table: Vec<u8> = (0..stride * rows.max(1) / 2)
                     .flat_map(|_| half::f16::from_f32(rng.f32() - 0.5).to_bits().to_le_bytes())
                     .collect();
