@@ -241,49 +241,45 @@ impl Job<'_, '_> {
             "interleaved rows are claimed in whole groups"
         );
         let group_bytes = self.w.cols / quant::QK * interleave::GROUP_BLOCK_BYTES;
-        let mut tokens: [&[BlockQ8]; TOKEN_CHUNK] = [&[]; TOKEN_CHUNK];
         let mut v = [[0f32; GROUP]; TOKEN_CHUNK];
-        for c0 in (0..self.n_tokens).step_by(TOKEN_CHUNK) {
-            let n = TOKEN_CHUNK.min(self.n_tokens - c0);
-            for (i, t) in tokens[..n].iter_mut().enumerate() {
-                *t = x.token(c0 + i);
-            }
+        self.each_chunk(&x, |c0, tokens| {
             for g0 in rows.clone().step_by(GROUP) {
                 let at = g0 / GROUP * group_bytes;
                 if self.n_tokens == 1 && at + 2 * group_bytes <= groups.len() {
                     crate::model::mmap::prefetch(&groups[at + group_bytes..at + 2 * group_bytes]);
                 }
-                let v = &mut v[..n];
-                self.kernels
-                    .dot_q4_0_group(&groups[at..at + group_bytes], &tokens[..n], v);
-                let valid = GROUP.min(rows.end - g0);
-                for (j, row) in v.iter().enumerate() {
-                    let at = (c0 + j) * self.out_stride + g0;
-                    for (o, &v) in self.out[at..at + valid].iter().zip(row) {
-                        o.store(v.to_bits(), Ordering::Relaxed);
-                    }
-                }
+                let v = &mut v[..tokens.len()];
+                self.kernels.dot_q4_0_group(&groups[at..at + group_bytes], tokens, v);
+                self.store(c0, g0, v, GROUP.min(rows.end - g0));
             }
-        }
+        });
     }
 
     /// A prompt: the tokens a chunk at a time, and each chunk against the rows `R` at a time.
     fn prompt<E: Form, const R: usize>(&self, x: &TokenRows<'_, E>) {
         let rows = self.rows.clone();
+        self.each_chunk(x, |c0, tokens| {
+            let mut r = rows.start;
+            while r + R <= rows.end {
+                self.chunk::<E, R>(tokens, r, c0);
+                r += R;
+            }
+            for r in r..rows.end {
+                self.chunk::<E, 1>(tokens, r, c0);
+            }
+        });
+    }
+
+    /// Calls `f(c0, tokens)` for each chunk of up to [`TOKEN_CHUNK`] tokens from `c0`, with
+    /// their rows gathered once.
+    fn each_chunk<'x, E>(&self, x: &TokenRows<'x, E>, mut f: impl FnMut(usize, &[&'x [E]])) {
         let mut tokens: [&[E]; TOKEN_CHUNK] = [&[]; TOKEN_CHUNK];
         for c0 in (0..self.n_tokens).step_by(TOKEN_CHUNK) {
             let n = TOKEN_CHUNK.min(self.n_tokens - c0);
             for (i, t) in tokens[..n].iter_mut().enumerate() {
                 *t = x.token(c0 + i);
             }
-            let mut r = rows.start;
-            while r + R <= rows.end {
-                self.chunk::<E, R>(&tokens[..n], r, c0);
-                r += R;
-            }
-            for r in r..rows.end {
-                self.chunk::<E, 1>(&tokens[..n], r, c0);
-            }
+            f(c0, &tokens[..n]);
         }
     }
 
@@ -294,9 +290,15 @@ impl Job<'_, '_> {
         let mut v = [[0f32; R]; TOKEN_CHUNK];
         let v = &mut v[..tokens.len()];
         E::dot_tokens::<R>(self.kernels, w.ty, std::array::from_fn(|i| w.row(r + i)), tokens, v);
+        self.store(t0, r, v, R);
+    }
+
+    /// Stores the first `width` values of `v[j]` as rows `r..` of token `t0 + j`.
+    #[inline]
+    fn store<const N: usize>(&self, t0: usize, r: usize, v: &[[f32; N]], width: usize) {
         for (j, row) in v.iter().enumerate() {
             let at = (t0 + j) * self.out_stride + r;
-            for (o, &v) in self.out[at..at + R].iter().zip(row) {
+            for (o, &v) in self.out[at..at + width].iter().zip(row) {
                 o.store(v.to_bits(), Ordering::Relaxed);
             }
         }
