@@ -4,10 +4,35 @@
 # tpu-mlir wheel that sim/install.sh fetched and the versions seen working together (see
 # ../shared design notes: onnxruntime_extensions imports transformers, which works without
 # torch; protobuf is re-pinned after it). Prints the venv's python. Fails loudly.
+#
+# SIM_VENV names another venv to make (sim/bmodel.sh's, which adds torch): it starts as a copy of
+# this one made of hard links, so the 1.7 GB of compile tools are on disk once. Nothing edits a
+# venv's files in place (pip and Python replace files), so the copies cannot change each other;
+# the scripts in bin/ name their venv's python and are rewritten.
+# pip keeps no cache (--no-cache-dir): torch's CUDA wheels alone would leave 3 GB behind.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${SIM_VENV:-.cache/sim-venv}
+BASE=.cache/sim-venv
+VENV=${SIM_VENV:-$BASE}
 sim/install.sh >/dev/null
+if [ "$VENV" != "$BASE" ] && [ ! -e "$VENV/.done" ]; then
+    SIM_VENV=$BASE "$0" >/dev/null
+    exec 9>"$VENV.lock"
+    flock 9
+    if [ ! -e "$VENV/.done" ]; then
+        rm -rf "$VENV" "$VENV.part"
+        cp -al "$BASE" "$VENV.part"
+        rm -f "$VENV.part/.done"
+        from=$(cd "$BASE" && pwd) to=$(pwd)/$VENV
+        grep -lIF "$from" "$VENV.part"/bin/* | while read -r script; do
+            sed -i "s#$from#$to#g" "$script"
+        done
+        mv "$VENV.part" "$VENV"
+        touch "$VENV/.done"
+    fi
+    echo "$VENV/bin/python"
+    exit 0
+fi
 exec 9>"$VENV.lock"
 flock 9
 if [ ! -e "$VENV/.done" ]; then
@@ -20,7 +45,7 @@ if [ ! -e "$VENV/.done" ]; then
     command -v cmake >/dev/null || { echo "cmake is missing (apt-get install cmake): the compiler JIT-builds its attention kernel with it" >&2; exit 1; }
     rm -rf "$VENV"
     "$PY" -m venv "$VENV"
-    pip() { "$VENV/bin/pip" --quiet --disable-pip-version-check "$@"; }
+    pip() { "$VENV/bin/pip" --quiet --disable-pip-version-check --no-cache-dir "$@"; }
     pip install --no-deps .cache/pip/tpu_mlir-1.30.2-py3-none-any.whl >&2
     # transformers brings tokenizers (the toy's tokenizer.json); gguf writes the toy's GGUF.
     pip install numpy==1.24.4 tqdm==4.70.1 filelock==4.1.0 psutil==7.2.2 pillow==12.3.0 \
