@@ -181,7 +181,8 @@ struct Compute {
     kv: RwLock<KvCache>,
     /// Outputs of the matrices of a job (up to three: Q/K/V or gate/up), `[tokens][rows]`.
     out: [Vec<AtomicU32>; 3],
-    /// Per-thread attention scratch: scores `[context]` then an accumulator `[head_dim]`.
+    /// Per-thread attention scratch for a KV group's query heads: scores `[group][context]`
+    /// then accumulators `[group][head_dim]`.
     scratch: Vec<Mutex<Vec<f32>>>,
 }
 
@@ -340,12 +341,13 @@ impl Compute {
         let q = self.q.read().unwrap_or_else(|e| e.into_inner());
         let kv = self.kv.read().unwrap_or_else(|e| e.into_inner());
         let mut scratch = self.scratch[worker].lock().unwrap_or_else(|e| e.into_inner());
-        let (scores, acc) = scratch.split_at_mut(self.context);
+        let (scores, acc) = scratch.split_at_mut(group * self.context);
         let base = 2 * layer * self.context * kvd;
         let layer_k = &kv.k[base..base + 2 * self.context * kvd];
         let layer_v = &kv.v[base..base + 2 * self.context * kvd];
-        // An item is one token's query heads that share a key/value head: their keys and
-        // values are read from cache once for the group.
+        let scale = 1.0 / (hd as f32).sqrt();
+        // An item is one token's query heads that share a key/value head: the kernels read
+        // their keys and values from the cache once for the group.
         let kv_heads = cfg.n_kv_heads;
         loop {
             let item = next.fetch_add(1, Ordering::Relaxed);
@@ -353,50 +355,23 @@ impl Compute {
                 return;
             }
             let (t, kv_head) = (item / kv_heads, item % kv_heads);
-            let pos = start + t;
-            for h in kv_head * group..(kv_head + 1) * group {
-                let qh = &q[t * dim + h * hd..t * dim + (h + 1) * hd];
-                attend(
-                    self.kernels,
-                    qh,
-                    layer_k,
-                    layer_v,
-                    kvd,
-                    kv_head * hd,
-                    pos + 1,
-                    &mut scores[..=pos],
-                    &mut acc[..hd],
-                );
-                let out = &self.out[0][t * dim + h * hd..t * dim + (h + 1) * hd];
-                for (o, &a) in out.iter().zip(acc.iter()) {
-                    o.store(a.to_bits(), Ordering::Relaxed);
-                }
+            let n = start + t + 1;
+            let heads = t * dim + kv_head * group * hd..t * dim + (kv_head + 1) * group * hd;
+            // Row p of this KV head starts at byte 2 * (p * kvd + kv_head * hd).
+            let (keys, values) = (&layer_k[2 * kv_head * hd..], &layer_v[2 * kv_head * hd..]);
+            let scores = &mut scores[..group * n];
+            self.kernels
+                .dot_f16_rows_heads(&q[heads.clone()], group, keys, 2 * kvd, scores);
+            for head_scores in scores.chunks_exact_mut(n) {
+                self.kernels.softmax(head_scores, scale);
+            }
+            let acc = &mut acc[..group * hd];
+            self.kernels.sum_f16_rows_heads(acc, group, scores, values, 2 * kvd);
+            for (o, &a) in self.out[0][heads].iter().zip(acc.iter()) {
+                o.store(a.to_bits(), Ordering::Relaxed);
             }
         }
     }
-}
-
-/// One query head against `n` cached positions: `acc = softmax(q·k / sqrt(d)) · v`, keys and
-/// values f16 rows `stride` values apart, this head's at `offset`.
-#[allow(clippy::too_many_arguments)]
-fn attend(
-    kernels: Kernels,
-    q: &[f32],
-    keys: &[u8],
-    values: &[u8],
-    stride: usize,
-    offset: usize,
-    n: usize,
-    scores: &mut [f32],
-    acc: &mut [f32],
-) {
-    let hd = q.len();
-    let scale = 1.0 / (hd as f32).sqrt();
-    // Row p of this head starts at byte 2 * (p * stride + offset).
-    let (keys, values) = (&keys[2 * offset..], &values[2 * offset..]);
-    kernels.dot_f16_rows(q, keys, 2 * stride, &mut scores[..n]);
-    kernels.softmax(&mut scores[..n], scale);
-    kernels.sum_f16_rows(acc, &scores[..n], values, 2 * stride);
 }
 
 /// The CPU backend. See the module documentation.
@@ -493,7 +468,7 @@ impl CpuBackend {
             }),
             out: [atomics(out_len), atomics(batch * widest), atomics(batch * widest)],
             scratch: (0..threads)
-                .map(|_| Mutex::new(vec![0.0; context + cfg.head_dim]))
+                .map(|_| Mutex::new(vec![0.0; (cfg.n_heads / cfg.n_kv_heads) * (context + cfg.head_dim)]))
                 .collect(),
             weights,
         });

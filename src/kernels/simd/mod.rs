@@ -369,6 +369,66 @@ impl Kernels {
             }
         }
     }
+
+    /// [`Kernels::dot_f16_rows`] for several query heads that share their keys (the heads of a
+    /// KV group): `q` is the heads back to back, `out` their score rows back to back. A key
+    /// row is read once for up to 4 heads. The same bits as head by head.
+    ///
+    /// # Panics
+    /// If `q` or `out` does not divide into `heads` equal rows, or `keys` is too short.
+    pub fn dot_f16_rows_heads(self, q: &[f32], heads: usize, keys: &[u8], stride: usize, out: &mut [f32]) {
+        let (width, n) = split_heads(q.len(), out.len(), heads);
+        check_rows(width, keys.len(), stride, n);
+        for h in (0..heads).step_by(4) {
+            let some = (heads - h).min(4);
+            let (q, out) = (&q[h * width..(h + some) * width], &mut out[h * n..(h + some) * n]);
+            match self.isa {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: as in `dot_q8`; the lengths were checked above, at most 4 heads.
+                Isa::Avx2 | Isa::Avx512Vnni => unsafe { x86::float::dot_f16_rows_heads(q, some, keys, stride, out) },
+                _ => {
+                    for h in 0..some {
+                        self.dot_f16_rows(
+                            &q[h * width..(h + 1) * width],
+                            keys,
+                            stride,
+                            &mut out[h * n..(h + 1) * n],
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`Kernels::sum_f16_rows`] for several heads that share their values: `w` is their
+    /// weight rows back to back, `acc` their sums back to back. A value row is read once for
+    /// up to 4 heads. The same bits as head by head.
+    ///
+    /// # Panics
+    /// If `acc` or `w` does not divide into `heads` equal rows, or `values` is too short.
+    pub fn sum_f16_rows_heads(self, acc: &mut [f32], heads: usize, w: &[f32], values: &[u8], stride: usize) {
+        let (width, n) = split_heads(acc.len(), w.len(), heads);
+        check_rows(width, values.len(), stride, n);
+        for h in (0..heads).step_by(4) {
+            let some = (heads - h).min(4);
+            let (acc, w) = (&mut acc[h * width..(h + some) * width], &w[h * n..(h + some) * n]);
+            match self.isa {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: as in `dot_q8`; the lengths were checked above, at most 4 heads.
+                Isa::Avx2 | Isa::Avx512Vnni => unsafe { x86::float::sum_f16_rows_heads(acc, some, w, values, stride) },
+                _ => {
+                    for g in 0..some {
+                        self.sum_f16_rows(
+                            &mut acc[g * width..(g + 1) * width],
+                            &w[g * n..(g + 1) * n],
+                            values,
+                            stride,
+                        );
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// `out[t] = products of token t` for every token of `x`, [`TILE`] tokens per call of `tile`
@@ -411,6 +471,15 @@ fn add_float_tail(start: f32, ty: GgmlType, row: &[u8], x: &[f32], from: usize) 
 }
 
 /// Rows of `width` f16 values `stride` bytes apart: `rows` of them fit in `len` bytes.
+/// Each head's width and row count from the lengths of all heads' queries and rows.
+fn split_heads(q_len: usize, rows_len: usize, heads: usize) -> (usize, usize) {
+    assert!(
+        heads > 0 && q_len.is_multiple_of(heads) && rows_len.is_multiple_of(heads),
+        "attention: {q_len} and {rows_len} values are not {heads} heads"
+    );
+    (q_len / heads, rows_len / heads)
+}
+
 fn check_rows(width: usize, len: usize, stride: usize, rows: usize) {
     assert!(stride >= 2 * width, "f16 rows: the stride is shorter than a row");
     assert!(
@@ -709,6 +778,44 @@ mod tests {
                         "{} sums {width}: {g} vs {w}",
                         isa.name()
                     );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn attention_over_a_kv_group_has_the_bits_of_head_by_head() {
+        let mut rng = fastrand::Rng::with_seed(5);
+        for isa in Isa::ALL {
+            let Some(k) = Kernels::new(isa) else { continue };
+            for (width, stride) in [(64, 384), (128, 512), (7, 20)] {
+                for heads in 1..=9 {
+                    for rows in [0, 1, 5, 33] {
+                        let table: Vec<u8> = (0..stride * rows.max(1) / 2)
+                            .flat_map(|_| half::f16::from_f32(rng.f32() - 0.5).to_bits().to_le_bytes())
+                            .collect();
+                        let q: Vec<f32> = (0..heads * width).map(|_| rng.f32() - 0.5).collect();
+                        let mut got = vec![f32::NAN; heads * rows];
+                        k.dot_f16_rows_heads(&q, heads, &table, stride, &mut got);
+                        let mut want = vec![0f32; heads * rows];
+                        for h in 0..heads {
+                            let out = &mut want[h * rows..(h + 1) * rows];
+                            k.dot_f16_rows(&q[h * width..(h + 1) * width], &table, stride, out);
+                        }
+                        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                        let case = format!("{} width {width}, {heads} heads, {rows} rows", isa.name());
+                        assert_eq!(bits(&got), bits(&want), "scores, {case}");
+
+                        let weights: Vec<f32> = (0..heads * rows).map(|_| rng.f32()).collect();
+                        let mut got = vec![f32::NAN; heads * width];
+                        k.sum_f16_rows_heads(&mut got, heads, &weights, &table, stride);
+                        let mut want = vec![0f32; heads * width];
+                        for h in 0..heads {
+                            let acc = &mut want[h * width..(h + 1) * width];
+                            k.sum_f16_rows(acc, &weights[h * rows..(h + 1) * rows], &table, stride);
+                        }
+                        assert_eq!(bits(&got), bits(&want), "sums, {case}");
+                    }
                 }
             }
         }

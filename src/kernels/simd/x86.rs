@@ -1059,6 +1059,127 @@ pub(super) mod float {
         }
     }
 
+    /// Scores of G query heads that share their keys (one KV group, `q` the heads back to back,
+    /// `out` their score rows back to back): a key row is widened once for the G heads. Each
+    /// score is `dot_rows_fixed`'s operations in its order, so the bits are the same.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_rows_heads<const C: usize, const G: usize>(q: &[f32], keys: &[u8], stride: usize, out: &mut [f32]) {
+        let n = out.len() / G;
+        let heads: [&[f32]; G] = std::array::from_fn(|g| &q[8 * C * g..8 * C * (g + 1)]);
+        for p in 0..n {
+            let row = &keys[p * stride..p * stride + 16 * C];
+            let mut a = [_mm256_setzero_ps(); G];
+            for c in 0..C {
+                let k = load_f16x8(row, 16 * c);
+                for (a, head) in a.iter_mut().zip(heads) {
+                    *a = _mm256_fmadd_ps(k, _mm256_loadu_ps(head[8 * c..8 * c + 8].as_ptr()), *a);
+                }
+            }
+            for (g, a) in a.iter().enumerate() {
+                out[g * n + p] = hsum(*a);
+            }
+        }
+    }
+
+    /// See `Kernels::dot_f16_rows_heads` (which checks the lengths this relies on and passes
+    /// at most 4 heads).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(in crate::kernels::simd) unsafe fn dot_f16_rows_heads(
+        q: &[f32],
+        heads: usize,
+        keys: &[u8],
+        stride: usize,
+        out: &mut [f32],
+    ) {
+        match (q.len() / heads, heads) {
+            (64, 2) => dot_rows_heads::<8, 2>(q, keys, stride, out),
+            (64, 3) => dot_rows_heads::<8, 3>(q, keys, stride, out),
+            (64, 4) => dot_rows_heads::<8, 4>(q, keys, stride, out),
+            (128, 2) => dot_rows_heads::<16, 2>(q, keys, stride, out),
+            (128, 3) => dot_rows_heads::<16, 3>(q, keys, stride, out),
+            (128, 4) => dot_rows_heads::<16, 4>(q, keys, stride, out),
+            (width, _) => {
+                let n = out.len() / heads;
+                for h in 0..heads {
+                    dot_f16_rows(
+                        &q[h * width..(h + 1) * width],
+                        keys,
+                        stride,
+                        &mut out[h * n..(h + 1) * n],
+                    );
+                }
+            }
+        }
+    }
+
+    /// The weighted sums of G heads over the same value rows (`w` their weight rows back to
+    /// back, `acc` their sums back to back): a value row is widened once for the G heads. The
+    /// head's columns go in slices of V vectors (G·V accumulators must fit in the 16
+    /// registers); each column is still `sum_rows_fixed`'s chain of FMAs in row order, the same
+    /// bits.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn sum_rows_heads<const C: usize, const G: usize, const V: usize>(
+        acc: &mut [f32],
+        w: &[f32],
+        values: &[u8],
+        stride: usize,
+    ) {
+        let n = w.len() / G;
+        let weights: [&[f32]; G] = std::array::from_fn(|g| &w[g * n..(g + 1) * n]);
+        for first in (0..C).step_by(V) {
+            let mut a = [[_mm256_setzero_ps(); V]; G];
+            for p in 0..n {
+                let row = &values[p * stride + 16 * first..p * stride + 16 * (first + V)];
+                let v: [__m256; V] = std::array::from_fn(|c| load_f16x8(row, 16 * c));
+                for (a, weights) in a.iter_mut().zip(weights) {
+                    let wv = _mm256_set1_ps(weights[p]);
+                    for (a, v) in a.iter_mut().zip(v) {
+                        *a = _mm256_fmadd_ps(wv, v, *a);
+                    }
+                }
+            }
+            for (g, a) in a.iter().enumerate() {
+                for (c, a) in a.iter().enumerate() {
+                    let at = 8 * C * g + 8 * (first + c);
+                    _mm256_storeu_ps(acc[at..at + 8].as_mut_ptr(), *a);
+                }
+            }
+        }
+    }
+
+    /// See `Kernels::sum_f16_rows_heads` (which checks the lengths this relies on and passes
+    /// at most 4 heads).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(in crate::kernels::simd) unsafe fn sum_f16_rows_heads(
+        acc: &mut [f32],
+        heads: usize,
+        w: &[f32],
+        values: &[u8],
+        stride: usize,
+    ) {
+        match (acc.len() / heads, heads) {
+            (64, 2) => sum_rows_heads::<8, 2, 4>(acc, w, values, stride),
+            (64, 3) => sum_rows_heads::<8, 3, 2>(acc, w, values, stride),
+            (64, 4) => sum_rows_heads::<8, 4, 2>(acc, w, values, stride),
+            (128, 2) => sum_rows_heads::<16, 2, 4>(acc, w, values, stride),
+            (128, 3) => sum_rows_heads::<16, 3, 2>(acc, w, values, stride),
+            (128, 4) => sum_rows_heads::<16, 4, 2>(acc, w, values, stride),
+            (width, _) => {
+                let n = w.len() / heads;
+                for h in 0..heads {
+                    sum_f16_rows(
+                        &mut acc[h * width..(h + 1) * width],
+                        &w[h * n..(h + 1) * n],
+                        values,
+                        stride,
+                    );
+                }
+            }
+        }
+    }
+
     /// The weighted sum with the accumulator held in C registers of 8.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
