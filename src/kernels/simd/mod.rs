@@ -385,7 +385,10 @@ impl Kernels {
             match self.isa {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: as in `dot_q8`; the lengths were checked above, at most 4 heads.
-                Isa::Avx2 | Isa::Avx512Vnni => unsafe { x86::float::dot_f16_rows_heads(q, some, keys, stride, out) },
+                Isa::Avx2 => unsafe { x86::float::dot_f16_rows_heads(q, some, keys, stride, out) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: as above.
+                Isa::Avx512Vnni => unsafe { x86::avx512::dot_f16_rows_heads(q, some, keys, stride, out) },
                 _ => {
                     for h in 0..some {
                         self.dot_f16_rows(
@@ -415,7 +418,10 @@ impl Kernels {
             match self.isa {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: as in `dot_q8`; the lengths were checked above, at most 4 heads.
-                Isa::Avx2 | Isa::Avx512Vnni => unsafe { x86::float::sum_f16_rows_heads(acc, some, w, values, stride) },
+                Isa::Avx2 => unsafe { x86::float::sum_f16_rows_heads(acc, some, w, values, stride) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: as above.
+                Isa::Avx512Vnni => unsafe { x86::avx512::sum_f16_rows_heads(acc, some, w, values, stride) },
                 _ => {
                     for g in 0..some {
                         self.sum_f16_rows(

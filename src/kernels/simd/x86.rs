@@ -868,6 +868,127 @@ pub(super) mod avx512 {
         }
     }
 
+    /// Scores of G query heads that share their keys, two keys per 512-bit register: key p in
+    /// the low 8 lanes, key p + 1 in the high 8, each query's 8-value pieces broadcast to both.
+    /// Each lane runs the 256-bit kernel's chain of FMAs (`float::dot_f16_rows`) and the
+    /// reduction pairs the lanes as its horizontal sum does, so every score has its bits.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn dot_rows_heads<const C: usize, const G: usize>(q: &[f32], keys: &[u8], stride: usize, out: &mut [f32]) {
+        let n = out.len() / G;
+        let qb: [[__m512; C]; G] = std::array::from_fn(|g| {
+            std::array::from_fn(|c| _mm512_broadcast_f32x8(_mm256_loadu_ps(q[8 * (C * g + c)..][..8].as_ptr())))
+        });
+        for p in (0..n).step_by(2) {
+            // An odd last key is paired with itself; its high half is not stored.
+            let (low, high) = (
+                &keys[p * stride..][..16 * C],
+                &keys[(p + 1).min(n - 1) * stride..][..16 * C],
+            );
+            let mut a = [_mm512_setzero_ps(); G];
+            for c in 0..C {
+                let halves = _mm256_inserti128_si256::<1>(
+                    _mm256_castsi128_si256(_mm_loadu_si128(low[16 * c..][..16].as_ptr().cast())),
+                    _mm_loadu_si128(high[16 * c..][..16].as_ptr().cast()),
+                );
+                let k = _mm512_cvtph_ps(halves);
+                for g in 0..G {
+                    a[g] = _mm512_fmadd_ps(k, qb[g][c], a[g]);
+                }
+            }
+            for g in 0..G {
+                // hsum's three steps in each 8-lane half: lane i + 4 onto lane i, then lane
+                // i + 2, then lane 1 onto lane 0.
+                let v = a[g];
+                let v = _mm512_add_ps(v, _mm512_shuffle_f32x4::<0b10_11_00_01>(v, v));
+                let v = _mm512_add_ps(v, _mm512_permute_ps::<0b00_00_11_10>(v));
+                let v = _mm512_add_ps(v, _mm512_movehdup_ps(v));
+                out[g * n + p] = _mm512_cvtss_f32(v);
+                if p + 1 < n {
+                    out[g * n + p + 1] = _mm_cvtss_f32(_mm512_extractf32x4_ps::<2>(v));
+                }
+            }
+        }
+    }
+
+    /// See `Kernels::dot_f16_rows_heads` (which checks the lengths this relies on and passes
+    /// at most 4 heads).
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(in crate::kernels::simd) unsafe fn dot_f16_rows_heads(
+        q: &[f32],
+        heads: usize,
+        keys: &[u8],
+        stride: usize,
+        out: &mut [f32],
+    ) {
+        match (q.len() / heads, heads) {
+            (64, 1) => dot_rows_heads::<8, 1>(q, keys, stride, out),
+            (64, 2) => dot_rows_heads::<8, 2>(q, keys, stride, out),
+            (64, 3) => dot_rows_heads::<8, 3>(q, keys, stride, out),
+            (64, 4) => dot_rows_heads::<8, 4>(q, keys, stride, out),
+            (128, 1) => dot_rows_heads::<16, 1>(q, keys, stride, out),
+            (128, 2) => dot_rows_heads::<16, 2>(q, keys, stride, out),
+            _ => float::dot_f16_rows_heads(q, heads, keys, stride, out),
+        }
+    }
+
+    /// The weighted sums of G heads over the same value rows, 16 columns per register: each
+    /// lane is the 256-bit kernel's chain of FMAs in row order (`float::sum_f16_rows`), the
+    /// same bits. V registers of each head's columns per pass (G·V accumulators in 32).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn sum_rows_heads<const C: usize, const G: usize, const V: usize>(
+        acc: &mut [f32],
+        w: &[f32],
+        values: &[u8],
+        stride: usize,
+    ) {
+        let n = w.len() / G;
+        let weights: [&[f32]; G] = std::array::from_fn(|g| &w[g * n..(g + 1) * n]);
+        for first in (0..C).step_by(V) {
+            let mut a = [[_mm512_setzero_ps(); V]; G];
+            for p in 0..n {
+                let row = &values[p * stride + 32 * first..][..32 * V];
+                let v: [__m512; V] = std::array::from_fn(|c| widen16::<2>(row[32 * c..][..32].as_ptr()));
+                for g in 0..G {
+                    let wv = _mm512_set1_ps(weights[g][p]);
+                    for c in 0..V {
+                        a[g][c] = _mm512_fmadd_ps(wv, v[c], a[g][c]);
+                    }
+                }
+            }
+            for g in 0..G {
+                for c in 0..V {
+                    let at = 16 * C * g + 16 * (first + c);
+                    _mm512_storeu_ps(acc[at..at + 16].as_mut_ptr(), a[g][c]);
+                }
+            }
+        }
+    }
+
+    /// See `Kernels::sum_f16_rows_heads` (which checks the lengths this relies on and passes
+    /// at most 4 heads).
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(in crate::kernels::simd) unsafe fn sum_f16_rows_heads(
+        acc: &mut [f32],
+        heads: usize,
+        w: &[f32],
+        values: &[u8],
+        stride: usize,
+    ) {
+        match (acc.len() / heads, heads) {
+            (64, 1) => sum_rows_heads::<4, 1, 4>(acc, w, values, stride),
+            (64, 2) => sum_rows_heads::<4, 2, 4>(acc, w, values, stride),
+            (64, 3) => sum_rows_heads::<4, 3, 4>(acc, w, values, stride),
+            (64, 4) => sum_rows_heads::<4, 4, 4>(acc, w, values, stride),
+            (128, 1) => sum_rows_heads::<8, 1, 8>(acc, w, values, stride),
+            (128, 2) => sum_rows_heads::<8, 2, 4>(acc, w, values, stride),
+            (128, 3) => sum_rows_heads::<8, 3, 4>(acc, w, values, stride),
+            (128, 4) => sum_rows_heads::<8, 4, 4>(acc, w, values, stride),
+            _ => float::sum_f16_rows_heads(acc, heads, w, values, stride),
+        }
+    }
+
     /// 16 values of a row at `p`: `KIND` 2 is f16, 3 bf16, 4 f32.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
