@@ -21,10 +21,11 @@ if [ "$VENV" != "$BASE" ] && [ ! -e "$VENV/.done" ]; then
     flock 9
     if [ ! -e "$VENV/.done" ]; then
         rm -rf "$VENV" "$VENV.part"
-        cp -al "$BASE" "$VENV.part"
+        # A filesystem without hard links gets a plain copy (1.7 GB more).
+        cp -al "$BASE" "$VENV.part" 2>/dev/null || { rm -rf "$VENV.part"; cp -a "$BASE" "$VENV.part"; }
         rm -f "$VENV.part/.done"
         from=$(cd "$BASE" && pwd) to=$(pwd)/$VENV
-        grep -lIF "$from" "$VENV.part"/bin/* | while read -r script; do
+        { grep -lIF "$from" "$VENV.part"/bin/* || true; } | while read -r script; do
             sed -i "s#$from#$to#g" "$script"
         done
         mv "$VENV.part" "$VENV"
