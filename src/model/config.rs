@@ -144,6 +144,11 @@ impl LlamaConfig {
     pub fn kv_dim(&self) -> usize {
         self.n_kv_heads * self.head_dim
     }
+
+    /// Query heads per key/value head (1 without grouped-query attention).
+    pub fn heads_per_kv_head(&self) -> usize {
+        self.n_heads / self.n_kv_heads
+    }
 }
 
 /// Why a configuration could not be read.

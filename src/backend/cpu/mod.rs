@@ -337,7 +337,7 @@ impl Compute {
     fn run_attention(&self, layer: usize, n_tokens: usize, start: usize, worker: usize, next: &AtomicUsize) {
         let cfg = &self.cfg;
         let (dim, hd, kvd) = (cfg.dim, cfg.head_dim, cfg.kv_dim());
-        let group = cfg.n_heads / cfg.n_kv_heads;
+        let group = cfg.heads_per_kv_head();
         let q = self.q.read().unwrap_or_else(|e| e.into_inner());
         let kv = self.kv.read().unwrap_or_else(|e| e.into_inner());
         let mut scratch = self.scratch[worker].lock().unwrap_or_else(|e| e.into_inner());
@@ -468,7 +468,7 @@ impl CpuBackend {
             }),
             out: [atomics(out_len), atomics(batch * widest), atomics(batch * widest)],
             scratch: (0..threads)
-                .map(|_| Mutex::new(vec![0.0; (cfg.n_heads / cfg.n_kv_heads) * (context + cfg.head_dim)]))
+                .map(|_| Mutex::new(vec![0.0; cfg.heads_per_kv_head() * (context + cfg.head_dim)]))
                 .collect(),
             weights,
         });
