@@ -25,7 +25,7 @@ QEMU         := qemu-aarch64 -cpu cortex-a53
 
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 
-.PHONY: soak fuzz fuzz-ci sim sim-real bmodel cross-test-ci deb deb-check cross-amd64 cross-test-glibc231 all build run demo model test-data venv test check-units bench clean help install install-files cross-setup cross cross-check cross-test
+.PHONY: soak fuzz fuzz-ci sim sim-real bmodel cross-test-ci deb deb-check cross-amd64 cross-test-glibc231 all build run demo model test-data venv test check-units check-docs bench clean help install install-files cross-setup cross cross-check cross-test
 
 # make install: PREFIX and DESTDIR as usual; the configuration goes to SYSCONFDIR.
 PREFIX     ?= /usr/local
@@ -38,26 +38,36 @@ DOCDIR     := $(PREFIX)/share/doc/llama-tpu
 all: build
 
 help:
-	@echo "make demo       the daemon on the default model answers over its socket and a serial line"
+	@echo "make demo       the daemon on the default model answers over its socket, a serial line and HTTP (PROMPT=...)"
 	@echo "make run        build, fetch the default model, answer PROMPT (chat, greedy)"
-	@echo "make install    binary, systemd units, configuration, docs (PREFIX=$(PREFIX), DESTDIR, SYSCONFDIR)"
-	@echo "make check-units  systemd-analyze verify on the units as installed"
-	@echo "make test       everything the tests need, then fmt, clippy and the whole test suite"
-	@echo "make sim        BM1684X simulator, compile tools (Python 3.10) and the toy bmodels the tests use"
-	@echo "make soak       2000 requests through the socket and a serial line, memory/fds/threads checked flat"
-	@echo "make fuzz       the fuzz targets, FUZZ_SECONDS (600) each; make fuzz-ci: 30 s each"
-	@echo "make sim-real   SmolLM2-135M compiled by llm_convert.py, on the simulated chip against the CPU backend (~15 min)"
-	@echo "make bmodel     compile a Llama-2 checkpoint (HF=dir) to a BM1684X bmodel with the vendor's llm_convert.py"
+	@echo "make build      release build of target/release/llama-tpu"
+	@echo "make all        the same as make build"
 	@echo "make model      fetch SmolLM2-135M-Instruct (Q4_1 GGUF) into models/ and check it"
 	@echo "make bench      prompt and generation speed on the default model (THREADS=n)"
-	@echo "make build      release build of target/release/llama-tpu"
+	@echo "make test       everything the tests need, then fmt, clippy, the whole test suite, check-units, check-docs"
+	@echo "make test-data  llama.cpp's tokenizer test vectors (from the llama-cpp-python source package) into .cache"
+	@echo "make venv       the Python venv of the tests and downloads (.cache/venv: numpy, gguf, openai, selenium...)"
+	@echo "make check-units  systemd-analyze verify and security on the units as installed"
+	@echo "make check-docs docs/architecture.md names every src file, links resolve, make help lists every target"
+	@echo "make sim        BM1684X simulator, compile tools (Python 3.10) and the toy bmodels the tests use"
+	@echo "make sim-real   SmolLM2-135M compiled by llm_convert.py, on the simulated chip against the CPU backend (~15 min)"
+	@echo "make bmodel     compile a Llama-2 checkpoint (HF=dir) to a BM1684X bmodel with the vendor's llm_convert.py"
+	@echo "make soak       2000 requests through the socket and a serial line, memory/fds/threads checked flat"
+	@echo "make fuzz       the fuzz targets, FUZZ_SECONDS (600) each"
+	@echo "make fuzz-ci    the fuzz targets, 30 s each (CI)"
+	@echo "make install    make build, then make install-files"
+	@echo "make install-files  binary, systemd units, configuration, docs (PREFIX=$(PREFIX), DESTDIR, SYSCONFDIR, BIN)"
+	@echo "make cross-setup  the aarch64 toolchain: Debian's rustc and aarch64 std, zig and cargo-zigbuild, qemu-user"
 	@echo "make cross      aarch64 release binary for the BM1684X SoC (glibc 2.31 floor)"
-	@echo "make cross-check  the cross binary needs nothing newer than glibc 2.31 and no other library"
+	@echo "make cross-check  the cross binary needs nothing newer than glibc 2.31 and no other library; its size"
 	@echo "make cross-test the whole test suite built for aarch64, run under qemu (Cortex-A53)"
 	@echo "make cross-test-ci  the part of it CI runs (unit, CLI, reference forward)"
 	@echo "make cross-test-glibc231  the same suite against glibc 2.31 (bullseye's libc6:arm64 under qemu -L)"
+	@echo "make cross-amd64  x86_64 release binary with the glibc 2.31 floor (for the amd64 package)"
 	@echo "make deb        llama-tpu_$(VERSION)_arm64.deb and _amd64.deb in target/deb (glibc 2.31 floor)"
 	@echo "make deb-check  dpkg-deb --info/--contents, install/remove/purge in a scratch root, lintian"
+	@echo "make clean      cargo clean and remove .cache (downloads, venvs, toy bmodels)"
+	@echo "make help       this list"
 
 build:
 	$(CARGO) build --release
@@ -144,6 +154,7 @@ test: model test-data venv sim
 		|| { echo "== failed tests, as the harness reported them:"; \
 		     grep -a -A6 "panicked at" .cache/test.log | grep -av '^\[0\]' | head -100; exit 1; }
 	$(MAKE) --no-print-directory check-units
+	$(MAKE) --no-print-directory check-docs
 
 # Installs into a scratch root and runs systemd-analyze verify there (with the test build of
 # the binary: the units only need an executable at the path they name).
@@ -153,24 +164,29 @@ check-units:
 	$(MAKE) --no-print-directory install-files BIN=target/test-opt/llama-tpu DESTDIR=$(CURDIR)/.cache/unit-root PREFIX=/usr >/dev/null
 	./systemd/verify.sh .cache/unit-root
 
+# The docs against the tree (no build): docs/architecture.md names every file under src/ and
+# no file that is gone, links in README.md and docs/ resolve, make help lists every target.
+check-docs:
+	$(PYTHON) scripts/check-docs.py
+
 install: build install-files
 
-# The configuration is installed only when absent: an administrator's edits are kept.
+# The configuration is installed only when absent: an administrator's edits are kept. Nothing
+# is written into the tree, so `sudo make install-files` after `make build` leaves no root-owned
+# files behind.
 install-files:
-	mkdir -p .cache
 	install -Dm755 $(BIN) $(DESTDIR)$(BINDIR)/llama-tpu
+	install -d $(DESTDIR)$(UNITDIR) $(DESTDIR)$(DOCDIR)
 	sed -e 's|/usr/bin/llama-tpu|$(BINDIR)/llama-tpu|g' -e 's|/etc/llama-tpu/|$(SYSCONFDIR)/llama-tpu/|g' \
-		-e 's|/usr/share/doc/llama-tpu/|$(DOCDIR)/|g' systemd/llama-tpu.service > .cache/llama-tpu.service
-	install -Dm644 .cache/llama-tpu.service $(DESTDIR)$(UNITDIR)/llama-tpu.service
-	sed -e 's|/usr/share/doc/llama-tpu/|$(DOCDIR)/|g' systemd/llama-tpu.socket > .cache/llama-tpu.socket
-	install -Dm644 .cache/llama-tpu.socket $(DESTDIR)$(UNITDIR)/llama-tpu.socket
+		-e 's|/usr/share/doc/llama-tpu/|$(DOCDIR)/|g' systemd/llama-tpu.service > $(DESTDIR)$(UNITDIR)/llama-tpu.service
+	sed -e 's|/usr/share/doc/llama-tpu/|$(DOCDIR)/|g' systemd/llama-tpu.socket > $(DESTDIR)$(UNITDIR)/llama-tpu.socket
+	chmod 644 $(DESTDIR)$(UNITDIR)/llama-tpu.service $(DESTDIR)$(UNITDIR)/llama-tpu.socket
 	install -Dm644 systemd/llama-tpu.sysusers $(DESTDIR)$(PREFIX)/lib/sysusers.d/llama-tpu.conf
 	install -Dm644 systemd/llama-tpu-http.conf $(DESTDIR)$(PREFIX)/share/llama-tpu/llama-tpu-http.conf
 	test -e $(DESTDIR)$(SYSCONFDIR)/llama-tpu/llama-tpu.toml || \
 		install -Dm644 systemd/llama-tpu.toml $(DESTDIR)$(SYSCONFDIR)/llama-tpu/llama-tpu.toml
-	install -Dm644 README.md $(DESTDIR)$(DOCDIR)/README.md
-	install -Dm644 docs/protocol.md $(DESTDIR)$(DOCDIR)/protocol.md
-	install -Dm644 docs/http.md $(DESTDIR)$(DOCDIR)/http.md
+	@# Every page of docs/ (and the images they show), beside the README.
+	install -m644 README.md $(wildcard docs/*.md docs/*.png) $(DESTDIR)$(DOCDIR)/
 	@echo "installed. Next: systemd-sysusers (creates the llama-tpu user), set 'model' in $(SYSCONFDIR)/llama-tpu/llama-tpu.toml,"
 	@echo "then: systemctl daemon-reload && systemctl enable --now llama-tpu.socket llama-tpu.service"
 
