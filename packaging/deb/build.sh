@@ -1,8 +1,8 @@
 #!/bin/sh
 # Builds llama-tpu_<version>_<arch>.deb from a built binary with dpkg-deb (no debhelper
 # needed): the binary, the systemd units, the default configuration as a conffile, the
-# sysusers file, docs, and maintainer scripts that create the system user and enable (not
-# start) the units.
+# sysusers file, the README and docs/, and maintainer scripts that create the system user and
+# enable (not start) the units.
 # Usage: build.sh ARCH BINARY VERSION OUTDIR
 set -eu
 arch=$1 binary=$2 version=$3 out=$4
@@ -17,9 +17,11 @@ install -Dm644 "$top/systemd/llama-tpu.socket" "$stage/lib/systemd/system/llama-
 install -Dm644 "$top/systemd/llama-tpu.sysusers" "$stage/usr/lib/sysusers.d/llama-tpu.conf"
 install -Dm644 "$top/systemd/llama-tpu-http.conf" "$stage/usr/share/llama-tpu/llama-tpu-http.conf"
 install -Dm644 "$top/systemd/llama-tpu.toml" "$stage/etc/llama-tpu/llama-tpu.toml"
+# The README and every page of docs/ (with the images they show), side by side.
 install -Dm644 "$top/README.md" "$stage/usr/share/doc/llama-tpu/README.md"
-install -Dm644 "$top/docs/protocol.md" "$stage/usr/share/doc/llama-tpu/protocol.md"
-install -Dm644 "$top/docs/http.md" "$stage/usr/share/doc/llama-tpu/http.md"
+for doc in "$top"/docs/*.md "$top"/docs/*.png; do
+    if [ -e "$doc" ]; then install -m644 "$doc" "$stage/usr/share/doc/llama-tpu/"; fi
+done
 install -Dm644 "$here/copyright" "$stage/usr/share/doc/llama-tpu/copyright"
 printf 'llama-tpu (%s) unstable; urgency=medium\n\n  * Release %s.\n\n -- llama-tpu developers <maintainers@llama-tpu.example.org>  %s\n' \
     "$version" "$version" "$(date -R -d @"${SOURCE_DATE_EPOCH:-$(git -C "$top" log -1 --format=%ct 2>/dev/null || date +%s)}")" \

@@ -4,6 +4,7 @@
 # system user and the enabled units appear inside the root), removal and purge, and lintian.
 # Usage: check.sh DEB...
 set -eu
+top=$(cd "$(dirname "$0")/../.." && pwd)
 fail() { echo "deb check: $*" >&2; exit 1; }
 host_arch=$(dpkg --print-architecture)
 for deb in "$@"; do
@@ -13,9 +14,18 @@ for deb in "$@"; do
     echo "$contents"
     for path in ./usr/bin/llama-tpu ./lib/systemd/system/llama-tpu.service ./lib/systemd/system/llama-tpu.socket \
         ./etc/llama-tpu/llama-tpu.toml ./usr/lib/sysusers.d/llama-tpu.conf ./usr/share/doc/llama-tpu/copyright \
-        ./usr/share/doc/llama-tpu/protocol.md ./usr/share/llama-tpu/llama-tpu-http.conf; do
+        ./usr/share/doc/llama-tpu/README.md ./usr/share/llama-tpu/llama-tpu-http.conf; do
         echo "$contents" | grep -q " $path\$" || fail "$path missing from $deb"
     done
+    # Every page of docs/ (and its images), where the units' Documentation= expects them.
+    docs=0
+    for doc in "$top"/docs/*.md "$top"/docs/*.png; do
+        [ -e "$doc" ] || continue
+        path=./usr/share/doc/llama-tpu/$(basename "$doc")
+        echo "$contents" | grep -q " $path\$" || fail "$path missing from $deb"
+        docs=$((docs + 1))
+    done
+    echo "README.md and $docs files of docs/ in /usr/share/doc/llama-tpu: ok"
     echo "$contents" | grep -q "root/root" || fail "files not owned by root"
     dpkg-deb --field "$deb" Depends | grep -q 'libc6 (>= 2.3[01])' || fail "libc6 dependency is not the 2.31 floor"
     [ "$(dpkg-deb --ctrl-tarfile "$deb" | tar -xO ./conffiles)" = /etc/llama-tpu/llama-tpu.toml ] || fail "conffile"
@@ -50,7 +60,7 @@ for deb in "$@"; do
 done
 if command -v lintian >/dev/null; then
     # Errors fail the check; warnings are shown. Tags the project accepts, with reasons:
-    #  no-manual-page: `llama-tpu --help` and the README document everything.
+    #  no-manual-page: `llama-tpu --help`, the README and docs/ document everything.
     lintian --fail-on error --suppress-tags no-manual-page "$@"
     echo "lintian: no errors"
 else
