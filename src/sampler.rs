@@ -1,6 +1,7 @@
 //! Token choice from logits: greedy, or temperature sampling narrowed by top-k, top-p and
-//! min-p, with a repetition penalty over a window of recent tokens. Seeded and reproducible;
-//! all scratch is allocated once, and no step sorts the whole vocabulary.
+//! min-p, with a repetition penalty over a window of recent tokens and OpenAI's frequency and
+//! presence penalties over the answer so far. Seeded and reproducible; all scratch is allocated
+//! once, and no step sorts the whole vocabulary.
 
 /// Candidates examined first when only top-p/min-p narrow the choice (no top-k): enough for
 /// nearly every token; the set grows by doubling when their mass is short of top-p.

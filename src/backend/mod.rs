@@ -1,9 +1,11 @@
-//! Backends run the model: the CPU reference backend here, the Sophon TPU backend later. They
-//! know nothing of serving: the engine drives them through [`Backend`] only.
+//! Backends run the model: the CPU reference backend ([`cpu`]) and the Sophon BM1684X TPU
+//! backend ([`sophon`]). They know nothing of serving: the engine drives them through
+//! [`Backend`] only.
 //!
 //! The interface is shaped for a device that keeps its KV cache resident: the caller says
-//! which positions a call covers and the backend writes keys/values there in place. Nothing
-//! but token ids goes in, and logits (or, for a device that samples on chip, a token id) come out.
+//! which positions a call covers and the backend writes keys/values there in place. Token ids
+//! go in (and, for a device that samples on chip, the request's sampling settings), and logits
+//! (or that device's token id) come out.
 
 pub mod cpu;
 pub mod sophon;

@@ -1,4 +1,6 @@
-//! Read-only memory mapping of model files: the weights are used where they lie, never copied.
+//! Read-only memory mapping of model files: the weights are used where they lie, never copied
+//! (except rows a kernel wants rearranged, whose pages are then released), with a prefetch hint
+//! for the rows about to be read.
 #![allow(unsafe_code)]
 
 use std::fs::File;

@@ -1,5 +1,5 @@
 //! Operating-system glue for the daemon: systemd notification and watchdog, signals, logging
-//! in the journal's format. Nothing here knows about models or requests.
+//! in the journal's format, the heap's setup. Nothing here knows about models or requests.
 
 pub mod logging;
 pub mod memory;

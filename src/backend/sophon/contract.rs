@@ -1,5 +1,5 @@
-//! The Llama bmodel contract (../shared/design/bmodel-contract.md), checked against what the
-//! runtime says about the nets: everything the backend needs is read from the bmodel, and a
+//! The Llama bmodel contract (docs/tpu.md: "The bmodel contract", "Which bmodels run"), checked
+//! against what the runtime says about the nets: everything the backend needs is read from the bmodel, and a
 //! bmodel that does not fit is refused with a message naming the mismatch. Pure: nets in,
 //! layout or error out.
 //!

@@ -1,6 +1,8 @@
 //! x86_64 kernels: AVX2 (`maddubs` + `madd` on 256-bit vectors, one block per step) and
 //! AVX-512 with VNNI (`vpdpbusd` on 512-bit vectors, two blocks per step). They unpack
-//! blocks with the same helpers.
+//! blocks with the same helpers. Beside the block dot products: the 8-bit activation
+//! quantizer, Q4_0 interleaved groups, float rows, the f16 KV cache's attention rows (scores
+//! and weighted sums, a KV group's query heads at once), SiLU and softmax.
 //!
 //! Soundness, for every function here: the callers (`Kernels`, in the parent module) reach
 //! them only after checking that the CPU has the features named in `target_feature` and that
