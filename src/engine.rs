@@ -6,6 +6,7 @@
 //! the per-token loop is allocated when the engine is made; a decoded token allocates nothing.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::backend::{Backend, BackendError, BackendInfo, Next};
@@ -219,7 +220,8 @@ pub enum EngineError {
 /// See the module documentation.
 pub struct Engine {
     backend: Box<dyn Backend>,
-    tokenizer: Tokenizer,
+    /// Shared with the HTTP front's `/tokenize` (read-only).
+    tokenizer: Arc<Tokenizer>,
     template: Option<ChatTemplate>,
     sampler: Sampler,
     /// Logits copied out of the backend so the sampler may modify them.
@@ -245,7 +247,7 @@ impl Engine {
             piece: String::with_capacity(TEXT_CAPACITY),
             held: String::with_capacity(TEXT_CAPACITY),
             backend,
-            tokenizer,
+            tokenizer: Arc::new(tokenizer),
             template,
         }
     }
@@ -258,6 +260,11 @@ impl Engine {
     /// The tokenizer.
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
+    }
+
+    /// The tokenizer, for threads that tokenize beside the engine (it is immutable).
+    pub fn shared_tokenizer(&self) -> Arc<Tokenizer> {
+        Arc::clone(&self.tokenizer)
     }
 
     /// The chat template in use.

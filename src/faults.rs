@@ -1,8 +1,9 @@
 //! Fault points for the tests: places where the test build can make the daemon misbehave on
 //! purpose (a slow model load, a failing device call, a stalled engine, a panicking
-//! connection thread), each armed by an environment variable. They exist only with the `fault-injection` feature, which only the test build
-//! enables (Cargo.toml: the crate's dev-dependency on itself); a release or package build
-//! compiles every point to nothing, so no environment can arm it there.
+//! connection thread, a quicker HTTP heartbeat), each armed by an environment variable. They
+//! exist only with the `fault-injection` feature, which only the test build enables
+//! (Cargo.toml: the crate's dev-dependency on itself); a release or package build compiles
+//! every point to nothing, so no environment can arm it there.
 
 /// Sleeps while the model loads for `LLAMA_TPU_FAULT_LOAD_DELAY_MS` milliseconds (a 7B
 /// bmodel's load, in a test).
@@ -47,6 +48,16 @@ pub fn stall_decode(step: u64) {
         }
     }
     let _ = step;
+}
+
+/// The interval of an HTTP stream's comments while it waits for its first token:
+/// `LLAMA_TPU_FAULT_HEARTBEAT_MS` in a test (which cannot wait the real 10 s), else `normal`.
+pub fn heartbeat(normal: std::time::Duration) -> std::time::Duration {
+    #[cfg(feature = "fault-injection")]
+    if let Some(ms) = armed("LLAMA_TPU_FAULT_HEARTBEAT_MS") {
+        return std::time::Duration::from_millis(ms);
+    }
+    normal
 }
 
 /// Whether the fault point `name` is armed, and its number.

@@ -353,14 +353,17 @@ fn streaming_over_http_allocates_nothing_per_token() {
     };
     let shared = Arc::new(Shared::new(facts, 4, defaults));
     let engine_shared = Arc::clone(&shared);
+    let tokenizer = engine.shared_tokenizer();
     let engine_thread = std::thread::spawn(move || engine_thread::serve(engine, engine_shared));
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let open = Arc::new(AtomicUsize::new(0));
     let config = HttpConfig {
-        policy: Policy::for_tcp(addr, None),
+        policy: Policy::for_tcp(None, None, &[]),
         max_connections: 4,
         outbound_buffer: DEFAULT_CAPACITY,
+        tokenizer,
+        chat_template: None,
     };
     let (s, o) = (Arc::clone(&shared), Arc::clone(&open));
     let accept = std::thread::spawn(move || accept_loop(HttpListener::Tcp(listener), s, config, o));
@@ -369,7 +372,7 @@ fn streaming_over_http_allocates_nothing_per_token() {
             r#"{{"messages":[{{"role":"user","content":"Tell me a story about the sea."}}],"max_tokens":{n},"stream":true}}"#
         );
         format!(
-            "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         )
     };
@@ -381,7 +384,8 @@ fn streaming_over_http_allocates_nothing_per_token() {
         let before = ALLOCATIONS.load(Ordering::Relaxed);
         let mut client = TcpStream::connect(addr).unwrap();
         client.write_all(ask.as_bytes()).unwrap();
-        // Read to the end (the server closes after [DONE]), keeping only the last bytes.
+        // Read to the end (asked to, the server closes after the last chunk), keeping only
+        // the last bytes.
         let mut chunk = [0u8; 4096];
         let mut tail = [0u8; 64];
         loop {
@@ -396,7 +400,7 @@ fn streaming_over_http_allocates_nothing_per_token() {
             tail[keep..].copy_from_slice(&chunk[n - take..n]);
         }
         assert!(
-            tail.ends_with(b"data: [DONE]\n\n"),
+            tail.ends_with(b"data: [DONE]\n\n\r\n0\r\n\r\n"),
             "{}",
             String::from_utf8_lossy(&tail)
         );

@@ -32,12 +32,13 @@ fn free_port() -> u16 {
 }
 
 fn start(name: &str) -> Daemon {
-    start_with(name, &[])
+    start_with(name, &[], &[])
 }
 
-/// Starts the daemon and waits until `/health` says it is serving.
-fn start_with(name: &str, env: &[(&str, &str)]) -> Daemon {
-    let d = spawn(name, env);
+/// Starts the daemon (with more `serve` arguments) and waits until `/health` says it is
+/// serving.
+fn start_with(name: &str, env: &[(&str, &str)], args: &[&str]) -> Daemon {
+    let d = spawn_with(name, env, args);
     let until = Instant::now() + Duration::from_secs(120);
     while health(d.port).0 != 200 {
         assert!(Instant::now() < until, "the daemon never became healthy");
@@ -51,7 +52,10 @@ fn health(port: u16) -> (u16, String) {
     let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
         return (0, String::new());
     };
-    let _ = write!(s, "GET /health HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n");
+    let _ = write!(
+        s,
+        "GET /health HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+    );
     let mut all = String::new();
     if s.read_to_string(&mut all).is_err() || all.len() < 12 {
         return (0, String::new());
@@ -65,6 +69,10 @@ fn health(port: u16) -> (u16, String) {
 
 /// Starts the daemon and returns once its HTTP port accepts connections.
 fn spawn(name: &str, env: &[(&str, &str)]) -> Daemon {
+    spawn_with(name, env, &[])
+}
+
+fn spawn_with(name: &str, env: &[(&str, &str)], args: &[&str]) -> Daemon {
     let dir = common::scratch(name);
     let port = free_port();
     let child = common::bin(env!("CARGO_BIN_EXE_llama-tpu"))
@@ -82,6 +90,7 @@ fn spawn(name: &str, env: &[(&str, &str)]) -> Daemon {
         .arg("--socket")
         .arg(dir.join("s.sock"))
         .args(["--http", &format!("127.0.0.1:{port}")])
+        .args(args)
         .stderr(std::fs::File::create(dir.join("log")).unwrap())
         .stdin(Stdio::null())
         .envs(env.iter().copied())
@@ -148,19 +157,103 @@ fn first_record(d: &Daemon) -> (String, usize) {
     }
 }
 
-/// Sends raw bytes, returns the status and the body.
+/// One connection, kept alive, reading responses one at a time.
+struct Client {
+    reader: std::io::BufReader<TcpStream>,
+}
+
+/// A response: status, headers (lower-case names) and the body (de-chunked).
+struct Response {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Response {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+}
+
+impl Client {
+    fn connect(port: u16) -> Client {
+        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        Client {
+            reader: std::io::BufReader::new(s),
+        }
+    }
+
+    fn send(&mut self, raw: &str) {
+        self.reader.get_mut().write_all(raw.as_bytes()).unwrap();
+    }
+
+    fn line(&mut self) -> String {
+        use std::io::BufRead;
+        let mut line = String::new();
+        self.reader.read_line(&mut line).unwrap();
+        line.trim_end_matches(['\r', '\n']).to_string()
+    }
+
+    /// Reads the next response; `head_request`: it answers a HEAD (no body follows).
+    fn read(&mut self, head_request: bool) -> Response {
+        let status_line = self.line();
+        assert!(status_line.starts_with("HTTP/1.1 "), "status line: {status_line:?}");
+        let status = status_line[9..12].parse().unwrap();
+        let mut headers = Vec::new();
+        loop {
+            let line = self.line();
+            if line.is_empty() {
+                break;
+            }
+            let (name, value) = line.split_once(':').unwrap();
+            headers.push((name.to_ascii_lowercase(), value.trim().to_string()));
+        }
+        let mut r = Response {
+            status,
+            headers,
+            body: String::new(),
+        };
+        if head_request || status == 100 || status == 204 {
+            return r;
+        }
+        if r.header("transfer-encoding") == Some("chunked") {
+            loop {
+                let size = usize::from_str_radix(&self.line(), 16).unwrap();
+                let mut chunk = vec![0u8; size + 2];
+                self.reader.read_exact(&mut chunk).unwrap();
+                assert_eq!(&chunk[size..], b"\r\n");
+                if size == 0 {
+                    break;
+                }
+                r.body.push_str(std::str::from_utf8(&chunk[..size]).unwrap());
+            }
+        } else if let Some(n) = r.header("content-length") {
+            let mut body = vec![0u8; n.parse().unwrap()];
+            self.reader.read_exact(&mut body).unwrap();
+            r.body = String::from_utf8(body).unwrap();
+        } else {
+            self.reader.read_to_string(&mut r.body).unwrap();
+        }
+        r
+    }
+}
+
+/// Sends raw bytes on a new connection, returns the status and the body.
 fn exchange(port: u16, request: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    s.write_all(request.as_bytes()).unwrap();
-    let mut all = String::new();
-    s.read_to_string(&mut all).unwrap();
-    let status = all[9..12].parse().unwrap();
-    let body = all
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    let mut c = Client::connect(port);
+    c.send(request);
+    let r = c.read(request.starts_with("HEAD "));
+    (r.status, r.body)
+}
+
+/// The JSON events of an SSE body (comments and `[DONE]` left out).
+fn events(body: &str) -> Vec<Value> {
+    body.split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap_or_else(|e| panic!("{e}: {d}")))
+        .collect()
 }
 
 fn post(port: u16, path: &str, body: &str) -> (u16, String) {
@@ -197,19 +290,17 @@ fn chat_completions_streamed_and_whole() {
         &format!(r#"{{"messages":{QUESTION},"max_tokens":3,"stream":true,"stream_options":{{"include_usage":true}}}}"#),
     );
     assert_eq!(status, 200, "{body}");
-    let events: Vec<&str> = body.split("\n\n").filter(|e| !e.is_empty()).collect();
-    assert_eq!(events.last(), Some(&"data: [DONE]"), "{body}");
-    let chunks: Vec<Value> = events[..events.len() - 1]
-        .iter()
-        .map(|e| serde_json::from_str(e.strip_prefix("data: ").unwrap()).unwrap())
-        .collect();
+    assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
+    let chunks = events(&body);
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant", "{body}");
     let deltas = chunks
         .iter()
         .filter(|c| c["choices"][0]["delta"]["content"].is_string())
         .count();
-    assert_eq!(deltas, 3, "{body}");
+    assert_eq!(deltas, 4, "{body}: the role's empty content and 3 tokens");
     let last = &chunks[chunks.len() - 2];
     assert_eq!(last["choices"][0]["finish_reason"], "length", "{body}");
+    assert_eq!(last["choices"][0]["native_finish_reason"], "length", "{body}");
     let usage = &chunks[chunks.len() - 1];
     assert_eq!(usage["choices"], Value::Array(vec![]));
     assert_eq!(usage["usage"]["completion_tokens"], 3);
@@ -341,8 +432,11 @@ fn sigterm_ends_an_open_stream_with_a_last_chunk_and_done() {
     let mut rest = String::new();
     s.read_to_string(&mut rest).unwrap();
     seen.push_str(&rest);
-    assert!(seen.ends_with("data: [DONE]\n\n"), "{seen}");
-    assert!(seen.contains("\"finish_reason\":\"cancelled\""), "{seen}");
+    assert!(seen.ends_with("data: [DONE]\n\n\r\n0\r\n\r\n"), "{seen}");
+    assert!(
+        seen.contains("\"finish_reason\":\"stop\",\"native_finish_reason\":\"cancelled\""),
+        "{seen}"
+    );
     assert_eq!(d.child.wait().unwrap().code(), Some(0));
 }
 
@@ -482,7 +576,7 @@ fn a_unix_http_socket_answers_and_applies_the_allow_list() {
         let until = Instant::now() + Duration::from_secs(120);
         let reply = loop {
             if let Ok(mut s) = UnixStream::connect(&path) {
-                s.write_all(b"GET /v1/models HTTP/1.1\r\nHost: anything\r\n\r\n")
+                s.write_all(b"GET /v1/models HTTP/1.1\r\nHost: anything\r\nConnection: close\r\n\r\n")
                     .unwrap();
                 let mut all = String::new();
                 let _ = s.read_to_string(&mut all);
@@ -503,4 +597,343 @@ fn a_unix_http_socket_answers_and_applies_the_allow_list() {
     let refused = run(me + 1);
     assert!(refused.starts_with("HTTP/1.1 403"), "{refused}");
     assert!(refused.contains("permission_denied"), "{refused}");
+}
+
+/// Several requests in turn on one connection: a whole answer, a stream (chunked), HEAD
+/// without a body, `100 Continue` before the body is sent, two requests sent at once, and the
+/// connection closed once it has been idle.
+#[test]
+fn one_connection_serves_requests_in_turn() {
+    let d = start("http-keepalive");
+    let port = d.port;
+    let host = format!("127.0.0.1:{port}");
+    let mut c = Client::connect(port);
+    let post = |path: &str, body: &str| {
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    c.send(&format!("GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n"));
+    let r = c.read(false);
+    assert_eq!((r.status, r.header("connection")), (200, Some("keep-alive")));
+    c.send(&post(
+        "/v1/completions",
+        r#"{"prompt":"The capital of France is","max_tokens":3}"#,
+    ));
+    let whole = c.read(false);
+    assert_eq!(whole.status, 200, "{}", whole.body);
+    c.send(&post(
+        "/completions",
+        r#"{"prompt":"The capital of France is","max_tokens":3,"stream":true}"#,
+    ));
+    let streamed = c.read(false);
+    assert_eq!(streamed.header("transfer-encoding"), Some("chunked"));
+    let text: String = events(&streamed.body)
+        .iter()
+        .map(|e| e["choices"][0]["text"].as_str().unwrap().to_string())
+        .collect();
+    let v: Value = serde_json::from_str(&whole.body).unwrap();
+    assert_eq!(
+        text,
+        v["choices"][0]["text"].as_str().unwrap(),
+        "greedy: streamed = whole"
+    );
+
+    // HEAD: the headers of a GET, no body.
+    c.send(&format!("HEAD / HTTP/1.1\r\nHost: {host}\r\n\r\n"));
+    let head = c.read(true);
+    assert_eq!(head.status, 200);
+    assert!(head.header("content-length").unwrap().parse::<usize>().unwrap() > 1000);
+    // The model by its id; another id is 404.
+    let model: Value =
+        serde_json::from_str(&exchange(port, &format!("GET /v1/models HTTP/1.1\r\nHost: {host}\r\n\r\n")).1).unwrap();
+    let id = model["data"][0]["id"].as_str().unwrap();
+    c.send(&format!("GET /v1/models/{id} HTTP/1.1\r\nHost: {host}\r\n\r\n"));
+    let one: Value = serde_json::from_str(&c.read(false).body).unwrap();
+    assert_eq!(one["id"], id);
+    c.send(&format!("GET /models/nope HTTP/1.1\r\nHost: {host}\r\n\r\n"));
+    assert_eq!(c.read(false).status, 404);
+
+    // Expect: 100-continue: the head alone gets `100 Continue`, then the body is sent.
+    let body = r#"{"content":"Hello world"}"#;
+    c.send(&format!(
+        "POST /tokenize HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+        body.len()
+    ));
+    assert_eq!(c.read(false).status, 100);
+    c.send(body);
+    let tokens: Value = serde_json::from_str(&c.read(false).body).unwrap();
+    assert!(!tokens["tokens"].as_array().unwrap().is_empty());
+
+    // Two requests in one write: two answers, in order.
+    c.send(&format!(
+        "GET /health HTTP/1.1\r\nHost: {host}\r\n\r\nGET /v1/models HTTP/1.1\r\nHost: {host}\r\n\r\n"
+    ));
+    assert!(c.read(false).body.contains("\"status\":\"ok\""));
+    assert!(c.read(false).body.contains("\"object\":\"list\""));
+
+    // Idle past the timeout: the daemon closes the connection.
+    let mut rest = Vec::new();
+    let n = c.reader.read_to_end(&mut rest).unwrap();
+    assert_eq!(n, 0, "nothing more was sent");
+}
+
+/// A stream's status line and first event go out when the request is queued (behind another
+/// request), then comments keep it alive until its first token (the test build shortens the
+/// interval); the wait is counted in events, not seconds.
+#[test]
+fn a_queued_stream_is_answered_at_once_and_kept_alive() {
+    let d = start_with("http-queued", &[("LLAMA_TPU_FAULT_HEARTBEAT_MS", "100")], &[]);
+    let port = d.port;
+    let (first, _) = long_stream(port);
+    let body = r#"{"messages":[{"role":"user","content":"Hi"}],"max_tokens":2,"stream":true}"#;
+    let mut c = Client::connect(port);
+    c.send(&format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    ));
+    // Status line, headers and the role's event while the first stream still runs.
+    let status = c.line();
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    while !c.line().is_empty() {}
+    let mut seen = String::new();
+    let mut comments = 0;
+    while comments < 3 {
+        let size = usize::from_str_radix(&c.line(), 16).unwrap();
+        let mut chunk = vec![0u8; size + 2];
+        c.reader.read_exact(&mut chunk).unwrap();
+        let piece = String::from_utf8_lossy(&chunk[..size]).to_string();
+        if piece.starts_with(':') {
+            comments += 1;
+        } else {
+            assert!(
+                piece.contains("\"role\":\"assistant\""),
+                "before its first token: {piece}"
+            );
+        }
+        seen.push_str(&piece);
+    }
+    let log = std::fs::read_to_string(&d.log).unwrap();
+    assert!(
+        !log.contains("request done:"),
+        "the first request was still running while the second got its 200: {log}"
+    );
+    // The first client leaves; the second request runs and its tokens follow the comments.
+    drop(first);
+    let mut rest = String::new();
+    loop {
+        let size = usize::from_str_radix(&c.line(), 16).unwrap();
+        let mut chunk = vec![0u8; size + 2];
+        c.reader.read_exact(&mut chunk).unwrap();
+        if size == 0 {
+            break;
+        }
+        rest.push_str(&String::from_utf8_lossy(&chunk[..size]));
+    }
+    let chunks = events(&rest);
+    assert!(
+        chunks.iter().any(|e| e["choices"][0]["delta"]["content"]
+            .as_str()
+            .is_some_and(|t| !t.is_empty())),
+        "{rest}"
+    );
+    assert_eq!(
+        chunks.last().unwrap()["choices"][0]["finish_reason"],
+        "length",
+        "{rest}"
+    );
+    assert_eq!(first_record(&d).0, "cancelled");
+}
+
+/// With a key, every route of the table but the page and `/health` needs it; with it, none
+/// says 401. CORS: a configured origin's preflight is answered, its requests carry the
+/// headers; another origin is refused.
+#[test]
+fn the_key_guards_every_route_and_cors_names_its_origins() {
+    use llama_tpu::server::http::head::Method;
+    use llama_tpu::server::http::routes::ROUTES;
+    let dir = common::scratch("http-key-file");
+    let key_file = dir.join("key");
+    std::fs::write(&key_file, "s3cret-key\n").unwrap();
+    let key_arg = key_file.display().to_string();
+    let d = start_with(
+        "http-key",
+        &[],
+        &["--api-key-file", &key_arg, "--cors-origin", "https://app.example"],
+    );
+    let port = d.port;
+    for row in ROUTES {
+        let path = if row.path.len() > 1 && row.path.ends_with('/') {
+            format!("{}x", row.path)
+        } else {
+            row.path.to_string()
+        };
+        let request = |auth: &str| {
+            match row.method {
+            Method::Post => format!(
+                "POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{auth}Content-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+            ),
+            _ => format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{auth}Connection: close\r\n\r\n"),
+        }
+        };
+        let (without, body) = exchange(port, &request(""));
+        let (with, _) = exchange(port, &request("Authorization: Bearer s3cret-key\r\n"));
+        if row.needs_key {
+            assert_eq!(without, 401, "{path} without the key: {body}");
+        } else {
+            assert_eq!(without, 200, "{path} is open: {body}");
+        }
+        assert_ne!(with, 401, "{path} with the key");
+    }
+    let mut c = Client::connect(port);
+    c.send(&format!(
+        "OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nOrigin: https://app.example\r\nAccess-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: authorization, content-type\r\n\r\n"
+    ));
+    let preflight = c.read(false);
+    assert_eq!(preflight.status, 204);
+    assert_eq!(
+        preflight.header("access-control-allow-origin"),
+        Some("https://app.example")
+    );
+    assert!(preflight
+        .header("access-control-allow-headers")
+        .unwrap()
+        .contains("Authorization"));
+    assert!(preflight
+        .header("access-control-allow-methods")
+        .unwrap()
+        .contains("POST"));
+    c.send(&format!(
+        "GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nOrigin: https://app.example\r\nAuthorization: Bearer s3cret-key\r\n\r\n"
+    ));
+    let models = c.read(false);
+    assert_eq!(models.status, 200);
+    assert_eq!(
+        models.header("access-control-allow-origin"),
+        Some("https://app.example")
+    );
+    let (status, _) = exchange(
+        port,
+        &format!("OPTIONS /v1/models HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nOrigin: https://evil.example\r\n\r\n"),
+    );
+    assert_eq!(status, 403);
+}
+
+/// llama-server's `/tokenize`, `/detokenize` and `/props`, on the default model.
+#[test]
+fn tokenize_detokenize_and_props_as_llama_server_has_them() {
+    let d = start("http-tokenize");
+    let (status, body) = post(d.port, "/tokenize", r#"{"content":"Hello world, café <|im_start|>"}"#);
+    assert_eq!(status, 200, "{body}");
+    let ids: Vec<u64> = serde_json::from_str::<Value>(&body).unwrap()["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    // The same ids as the CLI's tokenizer (which parses special tokens, as llama-server does
+    // by default), without BOS unless asked.
+    let cli = common::bin(env!("CARGO_BIN_EXE_llama-tpu"))
+        .args(["tokenize", "--no-bos", "--model"])
+        .arg(common::default_model())
+        .arg("Hello world, café <|im_start|>")
+        .output()
+        .unwrap();
+    let cli_ids: Vec<u64> = String::from_utf8_lossy(&cli.stdout)
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|w| !w.is_empty())
+        .map(|w| w.parse().unwrap())
+        .collect();
+    assert_eq!(ids, cli_ids);
+    let (_, plain) = post(
+        d.port,
+        "/tokenize",
+        r#"{"content":"<|im_start|>","parse_special":false,"with_pieces":true}"#,
+    );
+    let pieces: Value = serde_json::from_str(&plain).unwrap();
+    let joined: String = pieces["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["piece"].as_str().unwrap())
+        .collect();
+    assert_eq!(joined, "<|im_start|>", "as text, piece by piece: {plain}");
+    assert!(pieces["tokens"].as_array().unwrap().len() > 1, "{plain}");
+    let (_, text) = post(d.port, "/detokenize", &format!("{{\"tokens\":{ids:?}}}"));
+    assert_eq!(
+        serde_json::from_str::<Value>(&text).unwrap()["content"],
+        "Hello world, café <|im_start|>"
+    );
+    let (status, _) = post(d.port, "/detokenize", r#"{"tokens":[99999999]}"#);
+    assert_eq!(status, 400);
+    let (status, props) = exchange(
+        d.port,
+        &format!("GET /props HTTP/1.1\r\nHost: 127.0.0.1:{}\r\n\r\n", d.port),
+    );
+    assert_eq!(status, 200);
+    let props: Value = serde_json::from_str(&props).unwrap();
+    assert_eq!(props["default_generation_settings"]["n_ctx"], 4096, "{props}");
+    assert_eq!(props["total_slots"], 1);
+    assert_eq!(props["chat_template"], "chatml");
+    assert_eq!(props["default_generation_settings"]["params"]["temperature"], 0.0);
+}
+
+/// What clients send that the daemon does not know is ignored; what it cannot honor is named;
+/// finish reasons are OpenAI's with the daemon's own beside them; an error the engine finds
+/// after a stream's 200 comes as an error event.
+#[test]
+fn the_wire_is_lenient_where_peers_are_and_exact_where_clients_look() {
+    let d = start("http-wire");
+    let (status, body) = post(
+        d.port,
+        "/v1/chat/completions",
+        r#"{"messages":[{"role":"user","content":[{"type":"text","text":"What is the capital"},{"type":"text","text":"of France?"}],"name":"ann"}],"max_tokens":30,"seed":-1,"cache_prompt":true,"parallel_tool_calls":true,"repetition_penalty":1.0}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("Paris"),
+        "{body}"
+    );
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert_eq!(v["choices"][0]["native_finish_reason"], "eos");
+    assert!(v["usage"]["prompt_tokens_details"]["cached_tokens"].is_u64());
+    let log = std::fs::read_to_string(&d.log).unwrap();
+    assert!(
+        log.contains("ignored fields: cache_prompt, messages[0].name, parallel_tool_calls"),
+        "{log}"
+    );
+    for (field, body) in [
+        ("tools", r#""tools":[{"type":"function","function":{"name":"f"}}]"#),
+        ("response_format", r#""response_format":{"type":"json_object"}"#),
+        ("logit_bias", r#""logit_bias":{"15":3}"#),
+        ("n", r#""n":3"#),
+    ] {
+        let (status, reply) = post(
+            d.port,
+            "/v1/chat/completions",
+            &format!(r#"{{"messages":{QUESTION},{body}}}"#),
+        );
+        assert_eq!(status, 400, "{reply}");
+        assert!(reply.contains(&format!("'{field}'")), "{reply}");
+    }
+    // A prompt longer than the context is found by the engine: before a whole answer, a 400;
+    // after a stream's 200, an error event ends the stream.
+    let long = "word ".repeat(5000);
+    let (status, reply) = post(d.port, "/v1/completions", &format!(r#"{{"prompt":"{long}"}}"#));
+    assert_eq!(status, 400, "{reply}");
+    assert!(reply.contains("prompt_too_long"), "{reply}");
+    let (status, reply) = post(
+        d.port,
+        "/v1/completions",
+        &format!(r#"{{"prompt":"{long}","stream":true}}"#),
+    );
+    assert_eq!(status, 200);
+    let last = events(&reply).pop().unwrap();
+    assert_eq!(last["error"]["code"], "prompt_too_long", "{reply}");
+    assert!(!reply.contains("[DONE]"), "{reply}");
 }

@@ -65,8 +65,13 @@ pub struct Config {
     pub serial: Vec<String>,
     /// The HTTP front: `IP:PORT` or `unix:PATH`; absent: off.
     pub http: Option<String>,
-    /// File holding the HTTP API key (required for an address that is not loopback).
+    /// File holding the HTTP API key (a reachable address needs it, or `allowed_hosts`).
     pub api_key_file: Option<PathBuf>,
+    /// `Host` names the HTTP front answers to besides localhost and IP addresses (`*`: any);
+    /// unset: any with a key, the local names only without one.
+    pub allowed_hosts: Option<Vec<String>>,
+    /// Web origins whose pages may call the HTTP API (CORS); empty: none.
+    pub cors_origins: Vec<String>,
     /// Requests waiting at most.
     pub queue_depth: usize,
     /// Seconds a request may run (0 = no limit).
@@ -124,6 +129,8 @@ impl Default for Config {
             serial: Vec::new(),
             http: None,
             api_key_file: None,
+            allowed_hosts: None,
+            cors_origins: Vec::new(),
             queue_depth: 8,
             request_timeout: 300,
             shutdown_grace: 0.0,
@@ -201,6 +208,33 @@ impl Config {
                 self.outbound_buffer
             )));
         }
+        for host in self.allowed_hosts.iter().flatten() {
+            let ok = host == "*"
+                || (!host.is_empty()
+                    && host.len() <= 253
+                    && host
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-.:[]_".contains(&b)));
+            if !ok {
+                return Err(bad(format!(
+                    "allowed_hosts: '{host}' is not a host name (box.local, 192.168.1.20, or * for any)"
+                )));
+            }
+        }
+        for origin in &self.cors_origins {
+            let ok = origin == "*"
+                || ((origin.starts_with("http://") || origin.starts_with("https://"))
+                    && origin.len() <= 300
+                    && !origin
+                        .trim_end_matches('/')
+                        .split_once("://")
+                        .is_some_and(|(_, a)| a.is_empty() || a.contains('/')));
+            if !ok {
+                return Err(bad(format!(
+                    "cors_origins: '{origin}' is not a web origin (https://app.example:8443, or * for any)"
+                )));
+            }
+        }
         if self.threads > MAX_THREADS {
             return Err(bad(format!(
                 "threads must be at most {MAX_THREADS}, got {}",
@@ -249,10 +283,7 @@ impl Config {
             }
             let listener = std::os::unix::net::UnixListener::bind(path)
                 .map_err(|e| bad(format!("http: cannot listen on {}: {e}", path.display())))?;
-            let policy = Policy {
-                hosts: Vec::new(),
-                api_key,
-            };
+            let policy = Policy::for_unix(api_key, &self.cors_origins);
             return Ok(Some((HttpListener::Unix(listener), policy)));
         }
         let sock: std::net::SocketAddr = addr.parse().map_err(|_| {
@@ -261,14 +292,17 @@ impl Config {
             ))
         })?;
         if !sock.ip().is_loopback() && api_key.is_none() {
-            return Err(bad(format!(
-                "http = '{addr}' is reachable from other machines: set api_key_file (clients send 'Authorization: Bearer KEY'), or bind a loopback address"
-            )));
+            if self.allowed_hosts.is_none() {
+                return Err(bad(format!(
+                    "http = '{addr}' is reachable from other machines: set api_key_file (clients send 'Authorization: Bearer KEY'), or allowed_hosts to serve those names without a key, or bind a loopback address"
+                )));
+            }
+            log::warn!("http = '{addr}': no API key, anyone who can reach it may use it (allowed_hosts is set)");
         }
         let listener =
             std::net::TcpListener::bind(sock).map_err(|e| bad(format!("http: cannot listen on {sock}: {e}")))?;
-        let bound = listener.local_addr().unwrap_or(sock);
-        Ok(Some((HttpListener::Tcp(listener), Policy::for_tcp(bound, api_key))))
+        let policy = Policy::for_tcp(self.allowed_hosts.as_deref(), api_key, &self.cors_origins);
+        Ok(Some((HttpListener::Tcp(listener), policy)))
     }
 
     /// The socket's file mode.
@@ -387,6 +421,8 @@ mod tests {
             "serial",
             "http",
             "api_key_file",
+            "allowed_hosts",
+            "cors_origins",
             "queue_depth",
             "request_timeout",
             "shutdown_grace",

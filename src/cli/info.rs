@@ -1,4 +1,5 @@
-//! `llama-tpu info`: what a model file is.
+//! `llama-tpu info`: what a model file is: a GGUF's metadata, tensors and tokenizer, or a
+//! bmodel's nets and its Llama contract, read through the Sophon runtime.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

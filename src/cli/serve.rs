@@ -1,5 +1,8 @@
-//! `llama-tpu serve`: the daemon. Loads the model once and serves it over a UNIX socket and
-//! serial lines until SIGTERM, speaking systemd's notify protocol.
+//! `llama-tpu serve`: the daemon. Reads the configuration, loads the model once (the HTTP
+//! front, if configured, answers `loading` meanwhile) and serves it over a UNIX socket, serial
+//! lines and HTTP until SIGTERM or SIGINT; SIGHUP re-reads the reloadable settings. Speaks
+//! systemd's notify protocol (READY, STATUS, STOPPING, and the watchdog while the engine makes
+//! progress); `--check` only says whether a model is configured (for ExecCondition=).
 
 use std::path::PathBuf;
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -58,12 +61,21 @@ pub struct ServeArgs {
     /// Serve a serial line (repeatable; replaces the file's list).
     #[arg(long, value_name = "DEVICE[:BAUD]")]
     serial: Vec<String>,
-    /// Serve the HTTP API too: IP:PORT (loopback unless an API key is set) or unix:PATH.
+    /// Serve the HTTP API too: IP:PORT (loopback unless an API key or allowed_hosts is set)
+    /// or unix:PATH.
     #[arg(long, value_name = "ADDR")]
     http: Option<String>,
     /// File holding the HTTP API key (clients send 'Authorization: Bearer KEY').
     #[arg(long, value_name = "FILE")]
     api_key_file: Option<PathBuf>,
+    /// A Host name the HTTP front answers to besides localhost and IP addresses; '*' for any
+    /// (repeatable; replaces the file's list).
+    #[arg(long = "allowed-host", value_name = "NAME")]
+    allowed_hosts: Vec<String>,
+    /// A web origin whose pages may call the HTTP API, e.g. https://app.example (repeatable;
+    /// replaces the file's list).
+    #[arg(long = "cors-origin", value_name = "ORIGIN")]
+    cors_origins: Vec<String>,
     /// Requests that may wait behind the running one [default: 8].
     #[arg(long)]
     queue_depth: Option<usize>,
@@ -144,6 +156,12 @@ impl ServeArgs {
         }
         if self.api_key_file.is_some() {
             c.api_key_file = self.api_key_file.clone();
+        }
+        if !self.allowed_hosts.is_empty() {
+            c.allowed_hosts = Some(self.allowed_hosts.clone());
+        }
+        if !self.cors_origins.is_empty() {
+            c.cors_origins = self.cors_origins.clone();
         }
         if !self.serial.is_empty() {
             c.serial = self.serial.clone();

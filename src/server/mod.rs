@@ -1,10 +1,14 @@
 //! The daemon's serving side: transports, the pure protocol, the queue and the engine thread.
 //!
-//! Data flows one way: a transport ([`unix`], [`serial`]) frames bytes into lines
-//! ([`framing`]), the pure parser turns lines into requests ([`protocol`]), a [`session`] turns
-//! requests into jobs on the bounded [`queue`], and the [`engine_thread`], the only owner of
-//! the engine, streams each job's text back through the job's reply ([`events`] for JSON
-//! clients). This module knows the engine only through its request and summary types.
+//! Data flows one way: a transport ([`unix`], [`serial`], [`http`]) frames bytes into lines
+//! ([`framing`]; HTTP reads request heads and bodies), the pure parser turns lines into
+//! requests ([`protocol`]), a [`session`] turns requests into jobs on the bounded [`queue`],
+//! and the [`engine_thread`], the only owner of the engine, streams each job's text back
+//! through the job's reply ([`events`] for JSON clients) into the client's bounded
+//! [`outbound`] buffer, which a thread of the transport drains. [`shared`] holds what the
+//! threads share and [`metrics`] the Prometheus counters. Only the engine thread drives the
+//! engine; the rest knows it through its request and summary types (and the HTTP front reads
+//! its immutable tokenizer for `/tokenize`).
 
 pub mod engine_thread;
 pub mod events;
@@ -77,6 +81,8 @@ impl Server {
     /// A thread cannot be started.
     pub fn start(engine: Engine, shared: Arc<Shared>, transports: Transports) -> std::io::Result<Server> {
         let conns = Arc::new(Connections::default());
+        let tokenizer = engine.shared_tokenizer();
+        let chat_template = engine.template().map(|t| t.to_string());
         let s = Arc::clone(&shared);
         let engine = spawn("engine", move || engine_thread::serve(engine, s))?;
         let accept = match transports.listener {
@@ -94,6 +100,8 @@ impl Server {
                 policy,
                 max_connections: transports.max_connections,
                 outbound_buffer: transports.outbound_buffer,
+                tokenizer,
+                chat_template,
             };
             let open = Arc::clone(&http_open);
             spawn("http-accept", move || {

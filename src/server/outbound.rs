@@ -41,6 +41,9 @@ struct Pending {
     closed: bool,
     /// The client cannot be written to.
     gone: bool,
+    /// The drainer wrote every byte up to the close (an HTTP connection may then carry the
+    /// next request).
+    delivered: bool,
 }
 
 /// See the module documentation.
@@ -65,6 +68,7 @@ impl Outbound {
                 capacity,
                 closed: false,
                 gone: false,
+                delivered: false,
             }),
             more: Condvar::new(),
         })
@@ -126,6 +130,13 @@ impl Outbound {
         lock(&self.pending).gone
     }
 
+    /// Whether the drainer has ended, and whether it had delivered everything queued before
+    /// [`Outbound::close`]: `None` while it runs.
+    pub fn delivered(&self) -> Option<bool> {
+        let p = lock(&self.pending);
+        p.gone.then_some(p.delivered)
+    }
+
     /// Whether the session is over (closed) or the client gone.
     fn finished(&self) -> bool {
         let p = lock(&self.pending);
@@ -150,6 +161,8 @@ impl Outbound {
                 'pulling: loop {
                     let n = me.pull(&mut buf);
                     if n == 0 {
+                        let mut p = lock(&me.pending);
+                        p.delivered = p.closed && !p.gone;
                         break;
                     }
                     let mut sent = 0;

@@ -1,5 +1,6 @@
-//! One client's conversation with the daemon, whatever the transport: lines in, requests to
-//! the queue, events or text out.
+//! One client's conversation with the daemon over a line transport (the UNIX socket or a
+//! serial line; HTTP has its own, in `http::conn`): lines in, requests to the queue, events or
+//! text out.
 //!
 //! A session owns the client's text-mode history and its per-connection settings (`/set`),
 //! and knows whether its one request is still running. Its [`Output`] is shared with the

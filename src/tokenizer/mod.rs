@@ -275,6 +275,16 @@ impl Tokenizer {
         &self.bytes[self.offsets[i] as usize..self.offsets[i + 1] as usize]
     }
 
+    /// The text a control token is written as (`<|im_start|>`), for showing it; `None` for
+    /// ordinary tokens (their bytes are [`Tokenizer::token_bytes`]).
+    pub fn control_text(&self, id: u32) -> Option<String> {
+        self.inner
+            .get_added_tokens_decoder()
+            .get(&id)
+            .filter(|t| t.special)
+            .map(|t| t.content.clone())
+    }
+
     /// Whether `id` ends a generation.
     pub fn is_eog(&self, id: u32) -> bool {
         self.eog.contains(&id)

@@ -1,33 +1,45 @@
-//! The HTTP transport: a listener (loopback TCP or a UNIX socket), one thread per connection
-//! that reads one request within a time limit, routes it, and for a completion queues a job
-//! whose [`Reply`] writes server-sent events (or one JSON body) into the connection's bounded
-//! outbound buffer, drained by a thread of its own: the engine never waits on an HTTP client.
-//! One request per connection (`Connection: close`); a client that goes away while its
-//! request waits or runs cancels it.
+//! The HTTP transport: a listener (TCP or a UNIX socket), one thread per connection that
+//! reads requests in turn (keep-alive, with an idle timeout), passes each through the policy
+//! and the route table, and for a completion queues a job whose [`Reply`] writes server-sent
+//! events (or one JSON body) into the connection's bounded outbound buffer, drained by a
+//! thread of its own: the engine never waits on an HTTP client. A stream's status line goes
+//! out as soon as its request is queued, with a comment every [`HEARTBEAT`] until the first
+//! token; a client that goes away while its request waits or runs cancels it.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use serde_json::json;
+use nix::poll::{poll, PollFd, PollFlags};
+use serde_json::{json, Value};
 
-use super::head::{self, Head, Method, Policy};
+use super::head::{self, Admitted, Head, Method, Policy};
 use super::openai::{self, ApiRequest, Endpoint};
-use super::HttpError;
+use super::routes::{self, Route};
+use super::{llamacpp, HttpError};
 use crate::engine::{Input, Request, Summary};
 use crate::server::outbound::{Outbound, Pushed};
 use crate::server::protocol::Prompt;
 use crate::server::queue::{Job, Outcome, Refused, Reply};
 use crate::server::shared::Shared;
+use crate::tokenizer::Tokenizer;
 
-/// Time a client has to send its whole request (head and body): a client that trickles
-/// bytes is dropped.
+/// Time a client has to send a whole request (head and body) once it has begun: a client
+/// that trickles bytes is dropped.
 pub const REQUEST_TIME: Duration = Duration::from_secs(10);
 
-/// How often a connection waiting on its job looks for the client going away.
+/// How long an open connection may wait between requests before it is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often a stream that waits for its first token (queued, or a long prompt) gets an SSE
+/// comment, so that proxies and clients with read timeouts keep it (nginx: 60 s).
+pub const HEARTBEAT: Duration = Duration::from_secs(10);
+
+/// How often a connection thread looks for the client going away, or for shutdown.
 const WATCH_TICK: Duration = Duration::from_millis(100);
 
 /// Room for a whole non-streamed answer (a full context of text, escaped) in the outbound
@@ -68,7 +80,11 @@ impl HttpListener {
             HttpListener::Unix(l) => l.accept().map(|(s, _)| (Stream::Unix(s), "unix".to_string()))?,
         };
         match &stream {
-            Stream::Tcp(s) => s.set_nonblocking(false)?,
+            Stream::Tcp(s) => {
+                s.set_nonblocking(false)?;
+                // Small SSE events go out as they are written.
+                let _ = s.set_nodelay(true);
+            }
             Stream::Unix(s) => s.set_nonblocking(false)?,
         }
         Ok((stream, peer))
@@ -107,7 +123,7 @@ pub fn answer_while_loading(
         .stack_size(crate::server::CONNECTION_STACK)
         .spawn(move || {
             let body = json!({"status": "loading"}).to_string();
-            let response = json_response(503, &body, "Retry-After: 1\r\n");
+            let response = Response::json(503, &body).header("Retry-After: 1").bytes(false, None);
             while !loaded.load(Ordering::Acquire) {
                 let Ok((mut stream, _)) = listener.accept() else {
                     std::thread::sleep(Duration::from_millis(50));
@@ -160,6 +176,42 @@ impl Stream {
             Stream::Unix(s) => s.shutdown(std::net::Shutdown::Both),
         };
     }
+
+    fn fd(&self) -> RawFd {
+        match self {
+            Stream::Tcp(s) => s.as_raw_fd(),
+            Stream::Unix(s) => s.as_raw_fd(),
+        }
+    }
+
+    /// Whether the client has closed its side or the connection broke, waiting up to `wait`
+    /// for news. What it may have sent ahead (the next request on a kept-alive connection) is
+    /// looked at, not read.
+    fn peer_left(&self, wait: Duration) -> bool {
+        use nix::sys::socket::{recv, MsgFlags};
+        let mut fds = [PollFd::new(self.fd(), PollFlags::POLLIN)];
+        let ms = i32::try_from(wait.as_millis()).unwrap_or(i32::MAX);
+        if !poll(&mut fds, ms).is_ok_and(|n| n > 0) {
+            return false;
+        }
+        if fds[0]
+            .revents()
+            .is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR))
+        {
+            return true;
+        }
+        let mut byte = [0u8; 1];
+        match recv(self.fd(), &mut byte, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT) {
+            Ok(0) => true,
+            Ok(_) => {
+                // Bytes of the next request wait: poll would wake at once, so wait instead.
+                std::thread::sleep(wait);
+                false
+            }
+            Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => false,
+            Err(_) => true,
+        }
+    }
 }
 
 impl Read for Stream {
@@ -175,10 +227,14 @@ impl Read for Stream {
 pub struct HttpConfig {
     /// Who may ask.
     pub policy: Policy,
-    /// Most HTTP connections open at once.
+    /// Most HTTP connections open at once (an idle kept-alive one counts).
     pub max_connections: usize,
     /// Each streamed reply's outbound buffer.
     pub outbound_buffer: usize,
+    /// The model's tokenizer, for `/tokenize` and `/detokenize`.
+    pub tokenizer: Arc<Tokenizer>,
+    /// The chat template's name, for `/props`.
+    pub chat_template: Option<String>,
 }
 
 /// Accepts connections until the daemon stops.
@@ -204,7 +260,6 @@ pub fn accept_loop(listener: HttpListener, shared: Arc<Shared>, config: HttpConf
         // On a UNIX socket, allow_uids / allow_gids apply as on the main socket.
         if let Stream::Unix(s) = &stream {
             use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
-            use std::os::fd::AsRawFd;
             let allowed =
                 getsockopt(s.as_raw_fd(), PeerCredentials).is_ok_and(|c| shared.defaults().allows(c.uid(), c.gid()));
             if !allowed {
@@ -216,7 +271,7 @@ pub fn accept_loop(listener: HttpListener, shared: Arc<Shared>, config: HttpConf
                     "this user may not use the daemon".into(),
                 );
                 if let Ok(mut w) = stream.writer() {
-                    let _ = w.write_all(&error_response(&e));
+                    let _ = w.write_all(&Response::error(&e).bytes(false, None));
                 }
                 stream.shutdown();
                 continue;
@@ -229,10 +284,10 @@ pub fn accept_loop(listener: HttpListener, shared: Arc<Shared>, config: HttpConf
                 "too_many_connections",
                 "too many connections; try again later".into(),
             );
-            let mut w = stream.writer().ok();
-            if let Some(w) = w.as_mut() {
-                let _ = w.write_all(&error_response(&e));
+            if let Ok(mut w) = stream.writer() {
+                let _ = w.write_all(&Response::error(&e).bytes(false, None));
             }
+            stream.shutdown();
             continue;
         }
         open.fetch_add(1, Ordering::AcqRel);
@@ -242,7 +297,7 @@ pub fn accept_loop(listener: HttpListener, shared: Arc<Shared>, config: HttpConf
             .stack_size(crate::server::CONNECTION_STACK)
             .spawn(move || {
                 let _slot = Slot(open2);
-                serve(stream, &peer, &shared, &config);
+                Connection::new(stream, peer).serve(&shared, &config);
             });
         if let Err(e) = spawned {
             open.fetch_sub(1, Ordering::AcqRel);
@@ -260,24 +315,79 @@ impl Drop for Slot {
     }
 }
 
-/// A whole response with a JSON body.
-fn json_response(status: u16, body: &str, extra: &str) -> Vec<u8> {
-    format!(
-        "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\nConnection: close\r\n{extra}\r\n{body}",
-        reason(status),
-        body.len()
-    )
-    .into_bytes()
+/// A response with a whole body.
+struct Response {
+    status: u16,
+    content_type: &'static str,
+    body: Vec<u8>,
+    headers: String,
 }
 
-fn error_response(e: &HttpError) -> Vec<u8> {
-    let extra = if e.status == 503 { "Retry-After: 1\r\n" } else { "" };
-    json_response(e.status, &e.body(), extra)
+impl Response {
+    fn new(status: u16, content_type: &'static str, body: impl Into<Vec<u8>>) -> Response {
+        Response {
+            status,
+            content_type,
+            body: body.into(),
+            headers: String::new(),
+        }
+    }
+
+    fn json(status: u16, body: &str) -> Response {
+        Response::new(status, "application/json", body)
+    }
+
+    fn error(e: &HttpError) -> Response {
+        let r = Response::json(e.status, &e.body());
+        if e.status == 503 {
+            r.header("Retry-After: 1")
+        } else {
+            r
+        }
+    }
+
+    fn header(mut self, line: &str) -> Response {
+        self.headers.push_str(line);
+        self.headers.push_str("\r\n");
+        self
+    }
+
+    /// The whole response; `keep`: the connection stays open; `cors`: the origin to allow.
+    fn bytes(&self, keep: bool, cors: Option<&str>) -> Vec<u8> {
+        self.render(keep, cors, true)
+    }
+
+    fn render(&self, keep: bool, cors: Option<&str>, with_body: bool) -> Vec<u8> {
+        let mut out = format!(
+            "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\nConnection: {}\r\n{}{}\r\n",
+            self.status,
+            reason(self.status),
+            self.content_type,
+            self.body.len(),
+            if keep { "keep-alive" } else { "close" },
+            cors_headers(cors),
+            self.headers,
+        )
+        .into_bytes();
+        if with_body {
+            out.extend_from_slice(&self.body);
+        }
+        out
+    }
+}
+
+/// The CORS headers for a configured origin (none otherwise).
+fn cors_headers(origin: Option<&str>) -> String {
+    origin.map_or_else(String::new, |o| {
+        format!("Access-Control-Allow-Origin: {o}\r\nVary: Origin\r\nAccess-Control-Expose-Headers: Content-Type\r\n")
+    })
 }
 
 fn reason(status: u16) -> &'static str {
     match status {
+        100 => "Continue",
         200 => "OK",
+        204 => "No Content",
         400 => "Bad Request",
         401 => "Unauthorized",
         403 => "Forbidden",
@@ -287,95 +397,427 @@ fn reason(status: u16) -> &'static str {
         411 => "Length Required",
         413 => "Content Too Large",
         415 => "Unsupported Media Type",
+        417 => "Expectation Failed",
         431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
         503 => "Service Unavailable",
         _ => "Error",
     }
 }
 
-/// Reads one request (head and body) within [`REQUEST_TIME`].
-fn read_request(stream: &mut Stream) -> Result<(Head, Vec<u8>), HttpError> {
-    let timeout = || {
-        HttpError::new(
-            408,
-            "invalid_request_error",
-            "request_timeout",
-            format!("the request was not sent within {} s", REQUEST_TIME.as_secs()),
-        )
-    };
-    let deadline = Instant::now() + REQUEST_TIME;
-    let mut buf = vec![0u8; head::MAX_HEAD];
-    let mut have = 0;
-    let (head, used) = loop {
-        if have > 0 {
-            if let Some(parsed) = head::parse(&buf[..have])? {
-                break parsed;
-            }
-        }
-        if have == buf.len() {
-            return Err(HttpError::header_too_large());
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(timeout());
-        }
-        let _ = stream.set_read_timeout(Some(left));
-        match stream.read(&mut buf[have..]) {
-            Ok(0) => return Err(HttpError::bad_request("the connection closed mid-request".into())),
-            Ok(n) => have += n,
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => return Err(timeout()),
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => return Err(HttpError::bad_request(format!("reading the request: {e}"))),
-        }
-    };
-    let mut body = Vec::with_capacity(head.content_length);
-    body.extend_from_slice(&buf[used..have.min(used + head.content_length)]);
-    while body.len() < head.content_length {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(timeout());
-        }
-        let _ = stream.set_read_timeout(Some(left));
-        let want = head.content_length - body.len();
-        let chunk = &mut buf[..want.min(head::MAX_HEAD)];
-        match stream.read(chunk) {
-            Ok(0) => return Err(HttpError::bad_request("the connection closed mid-body".into())),
-            Ok(n) => body.extend_from_slice(&chunk[..n]),
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => return Err(timeout()),
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => return Err(HttpError::bad_request(format!("reading the request: {e}"))),
-        }
-    }
-    Ok((head, body))
+/// Why a connection is not read any more.
+enum Ended {
+    /// The client closed it, or the idle time passed, or the daemon stops.
+    Quietly,
+    /// The request could not be read: answer this, then close.
+    With(HttpError),
 }
 
-fn serve(mut stream: Stream, peer: &str, shared: &Arc<Shared>, config: &HttpConfig) {
-    let answer = |stream: &Stream, bytes: &[u8]| {
-        if let Ok(mut w) = stream.writer() {
-            let _ = w.write_all(bytes);
-            let _ = w.flush();
+/// One client connection: its stream and what it sent ahead of the request being served.
+struct Connection {
+    stream: Stream,
+    peer: String,
+    buf: Vec<u8>,
+    have: usize,
+}
+
+impl Connection {
+    fn new(stream: Stream, peer: String) -> Connection {
+        Connection {
+            stream,
+            peer,
+            buf: vec![0u8; head::MAX_HEAD],
+            have: 0,
         }
-        stream.shutdown();
-    };
-    let (head, body) = match read_request(&mut stream) {
-        Ok(r) => r,
-        Err(e) => {
-            log::info!("http {peer}: {}", e.message);
-            return answer(&stream, &error_response(&e));
-        }
-    };
-    let api = head.path.starts_with("/v1/") || head.path == "/metrics";
-    if let Err(e) = config.policy.check(&head, api) {
-        log::warn!(
-            "http {peer}: {} {}: {}",
-            head.status_line_method(),
-            head.path,
-            e.message
-        );
-        return answer(&stream, &error_response(&e));
     }
-    let endpoint = match (head.method, head.path.as_str()) {
-        (Method::Get | Method::Head, "/health") => {
+
+    /// Serves requests in turn until one asks to close, fails, or the client goes.
+    fn serve(mut self, shared: &Arc<Shared>, config: &HttpConfig) {
+        let mut first = true;
+        loop {
+            match self.next_request(shared, first) {
+                Ok((head, used)) => {
+                    first = false;
+                    if !self.handle(head, used, shared, config) {
+                        break;
+                    }
+                }
+                Err(Ended::Quietly) => break,
+                Err(Ended::With(e)) => {
+                    log::info!("http {}: {}", self.peer, e.message);
+                    self.send(&Response::error(&e).bytes(false, None));
+                    break;
+                }
+            }
+        }
+        self.stream.shutdown();
+    }
+
+    /// Reads into the buffer with `deadline`; `Ok(false)`: the client closed the connection.
+    fn fill(&mut self, deadline: Instant, shared: &Shared) -> Result<bool, Ended> {
+        loop {
+            if shared.is_stopping() {
+                return Err(Ended::With(HttpError::new(
+                    503,
+                    "server_error",
+                    "shutting_down",
+                    "the daemon is shutting down".into(),
+                )));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Ended::With(HttpError::new(
+                    408,
+                    "invalid_request_error",
+                    "request_timeout",
+                    format!("the request was not sent within {} s", REQUEST_TIME.as_secs()),
+                )));
+            }
+            let _ = self.stream.set_read_timeout(Some(left.min(WATCH_TICK)));
+            match self.stream.read(&mut self.buf[self.have..]) {
+                Ok(0) => return Ok(false),
+                Ok(n) => {
+                    self.have += n;
+                    return Ok(true);
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => return Err(Ended::With(HttpError::bad_request(format!("reading the request: {e}")))),
+            }
+        }
+    }
+
+    /// Waits for the next request's head: the first within [`REQUEST_TIME`], a later one
+    /// begun within [`IDLE_TIMEOUT`] and sent within [`REQUEST_TIME`].
+    fn next_request(&mut self, shared: &Shared, first: bool) -> Result<(Head, usize), Ended> {
+        if self.have == 0 && !first {
+            let idle_until = Instant::now() + IDLE_TIMEOUT;
+            loop {
+                if shared.is_stopping() || Instant::now() >= idle_until {
+                    return Err(Ended::Quietly);
+                }
+                let mut fds = [PollFd::new(self.stream.fd(), PollFlags::POLLIN)];
+                if poll(&mut fds, WATCH_TICK.as_millis() as i32).is_ok_and(|n| n > 0) {
+                    break;
+                }
+            }
+        }
+        let deadline = Instant::now() + REQUEST_TIME;
+        loop {
+            if self.have > 0 {
+                if let Some(parsed) = head::parse(&self.buf[..self.have]).map_err(Ended::With)? {
+                    return Ok(parsed);
+                }
+                if self.have == self.buf.len() {
+                    return Err(Ended::With(HttpError::header_too_large()));
+                }
+            }
+            match self.fill(deadline, shared) {
+                Ok(true) => {}
+                Ok(false) if self.have == 0 => return Err(Ended::Quietly),
+                Ok(false) => {
+                    return Err(Ended::With(HttpError::bad_request(
+                        "the connection closed mid-request".into(),
+                    )))
+                }
+                // A connection that never sent a byte of a later request just ends.
+                Err(Ended::With(e)) if self.have == 0 && !first && e.status != 408 => {
+                    let _ = e;
+                    return Err(Ended::Quietly);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Reads the body that follows a head of `used` bytes (sending `100 Continue` first when
+    /// the client waits for it), and drops both from the buffer.
+    fn read_body(&mut self, head: &Head, used: usize, shared: &Shared) -> Result<Vec<u8>, Ended> {
+        let want = head.content_length;
+        let mut body = Vec::with_capacity(want);
+        let ahead = (self.have - used).min(want);
+        body.extend_from_slice(&self.buf[used..used + ahead]);
+        self.consume(used + ahead);
+        if body.len() < want && head.expect_continue {
+            self.send(b"HTTP/1.1 100 Continue\r\n\r\n");
+        }
+        let deadline = Instant::now() + REQUEST_TIME;
+        while body.len() < want {
+            match self.fill(deadline, shared)? {
+                false => {
+                    return Err(Ended::With(HttpError::bad_request(
+                        "the connection closed mid-body".into(),
+                    )))
+                }
+                true => {
+                    let take = self.have.min(want - body.len());
+                    body.extend_from_slice(&self.buf[..take]);
+                    self.consume(take);
+                }
+            }
+        }
+        Ok(body)
+    }
+
+    /// Drops the first `n` buffered bytes (what was served); the rest is the next request.
+    fn consume(&mut self, n: usize) {
+        self.buf.copy_within(n..self.have, 0);
+        self.have -= n;
+    }
+
+    /// Writes bytes directly (whole responses); `false` if the client cannot take them.
+    fn send(&self, bytes: &[u8]) -> bool {
+        match self.stream.writer() {
+            Ok(mut w) => w.write_all(bytes).and_then(|()| w.flush()).is_ok(),
+            Err(_) => false,
+        }
+    }
+
+    /// Answers a request that ends here (no body read, or one read whole). Returns whether the
+    /// connection goes on.
+    fn reply(&mut self, head: &Head, r: &Response, keep: bool, cors: Option<&str>) -> bool {
+        let keep = keep && !head.close;
+        let bytes = r.render(keep, cors, head.method != Method::Head);
+        self.send(&bytes) && keep
+    }
+
+    /// Serves one request whose head took `used` bytes. Returns whether to read another.
+    fn handle(&mut self, head: Head, used: usize, shared: &Arc<Shared>, config: &HttpConfig) -> bool {
+        // An answer given without reading the body leaves it in the way of the next request.
+        let body_pending = head.content_length > 0;
+        // A CORS preflight never carries credentials: the request it announces will.
+        let needs_key = head.method != Method::Options && routes::needs_key(&head.path);
+        let admitted = match config.policy.check(&head, needs_key) {
+            Ok(a) => a,
+            Err(e) => {
+                log::warn!(
+                    "http {}: {} {}: {}",
+                    self.peer,
+                    head.method.as_str(),
+                    head.path,
+                    e.message
+                );
+                return self.reply(&head, &Response::error(&e), false, None);
+            }
+        };
+        let cors = admitted.cors_origin.clone();
+        let cors = cors.as_deref();
+        let route = match routes::route(head.method, &head.path) {
+            Ok(r) => r,
+            Err(e) => return self.reply(&head, &Response::error(&e), !body_pending, cors),
+        };
+        let post = matches!(
+            route,
+            Route::Chat | Route::Completion | Route::Tokenize | Route::Detokenize
+        );
+        if !post {
+            self.consume(used.min(self.have));
+            if body_pending {
+                // A GET with a body: nobody sends one; read it off rather than guess.
+                let _ = self.read_body(
+                    &Head {
+                        content_length: head.content_length,
+                        expect_continue: false,
+                        ..head.clone()
+                    },
+                    0,
+                    shared,
+                );
+            }
+            let r = simple_route(&route, &admitted, shared, config);
+            return self.reply(&head, &r, true, cors);
+        }
+        if head.content_type.as_deref() != Some("application/json") {
+            let e = HttpError::new(
+                415,
+                "invalid_request_error",
+                "unsupported_media_type",
+                "the body must be sent as Content-Type: application/json".into(),
+            );
+            return self.reply(&head, &Response::error(&e), !body_pending, cors);
+        }
+        let body = match self.read_body(&head, used, shared) {
+            Ok(b) => b,
+            Err(Ended::With(e)) => {
+                log::info!("http {}: {}", self.peer, e.message);
+                return self.reply(&head, &Response::error(&e), false, cors);
+            }
+            Err(Ended::Quietly) => return false,
+        };
+        let endpoint = match route {
+            Route::Chat => Endpoint::Chat,
+            Route::Completion => Endpoint::Completion,
+            Route::Tokenize | Route::Detokenize => {
+                let result = if route == Route::Tokenize {
+                    llamacpp::tokenize(&body, &config.tokenizer)
+                } else {
+                    llamacpp::detokenize(&body, &config.tokenizer)
+                };
+                let r = match result {
+                    Ok(v) => Response::json(200, &v.to_string()),
+                    Err(e) => Response::error(&e),
+                };
+                return self.reply(&head, &r, true, cors);
+            }
+            _ => return false,
+        };
+        let request = match openai::parse(endpoint, &body) {
+            Ok(r) => r,
+            Err(e) => return self.reply(&head, &Response::error(&e), true, cors),
+        };
+        drop(body);
+        if !request.ignored.is_empty() {
+            log::debug!("http {}: ignored fields: {}", self.peer, request.ignored.join(", "));
+        }
+        self.complete(&head, shared, config, request, cors)
+    }
+
+    /// Queues a completion, then watches the client until the reply is over. Returns whether
+    /// the connection goes on.
+    fn complete(
+        &mut self,
+        head: &Head,
+        shared: &Arc<Shared>,
+        config: &HttpConfig,
+        api: ApiRequest,
+        cors: Option<&str>,
+    ) -> bool {
+        let keep = !head.close;
+        let defaults = shared.defaults();
+        let mut sampling = defaults.sampling.clone();
+        crate::server::session::apply_settings(&mut sampling, &api.settings);
+        // What can be checked before queueing is a 4xx; what the engine finds later comes
+        // after the stream's 200, as an error event.
+        let refused = if let Err(e) = sampling.validate() {
+            Some(HttpError::bad_field("invalid_field", e.to_string()))
+        } else if matches!(api.prompt, Prompt::Messages(_)) && !shared.facts.has_chat_template {
+            Some(HttpError::bad_field(
+                "no_chat_template",
+                "this model has no chat template: use /v1/completions".into(),
+            ))
+        } else {
+            None
+        };
+        if let Some(e) = refused {
+            return self.reply(head, &Response::error(&e), true, cors);
+        }
+        sampling.seed = api.settings.seed.or(defaults.seed).unwrap_or_else(|| fastrand::u64(..));
+        let capacity = if api.stream {
+            config.outbound_buffer
+        } else {
+            config.outbound_buffer.max(WHOLE_ANSWER)
+        };
+        let out = Outbound::new(capacity);
+        let writer = match self.stream.writer() {
+            Ok(w) => w,
+            Err(e) => {
+                log::warn!("http {}: {e}", self.peer);
+                return false;
+            }
+        };
+        if let Err(e) = out.drain_into(writer, "http-writer".into()) {
+            log::error!("http {}: cannot start a writer thread: {e}", self.peer);
+            return false;
+        }
+        let done = Arc::new(AtomicBool::new(false));
+        let cancel = Arc::new(AtomicBool::new(false));
+        let framing = Framing {
+            chunked: api.stream && !head.http10,
+            keep: keep && (!api.stream || !head.http10),
+            cors: cors.map(str::to_string),
+        };
+        let reply = HttpReply::new(
+            Arc::clone(&out),
+            &api,
+            Arc::clone(&done),
+            shared.facts.model.clone(),
+            framing,
+        );
+        let pieces = Arc::clone(&reply.pieces);
+        let start = Arc::clone(&reply.start);
+        let input = match api.prompt {
+            Prompt::Text(t) => Input::Text(t),
+            Prompt::Messages(m) => Input::Chat(m),
+        };
+        let job = Job {
+            request: Request {
+                input,
+                sampling,
+                max_tokens: api.settings.max_tokens.or(defaults.max_tokens),
+                stop: api.stop,
+                deadline: None,
+                drop_old_turns: api.drop_old_turns,
+            },
+            time_limit: defaults.request_timeout,
+            cancel: Arc::clone(&cancel),
+            reply: Box::new(reply),
+        };
+        match shared.queue.push(job) {
+            Ok(_) => {
+                if api.stream {
+                    start.begin();
+                }
+            }
+            Err((mut job, refused)) => {
+                let (code, message) = match refused {
+                    Refused::Full => ("busy", "the queue is full; try again later"),
+                    Refused::Closed => ("shutting_down", "the daemon is shutting down"),
+                };
+                shared.metrics.failed(code);
+                job.reply.finish(Outcome::Failed { code, message });
+            }
+        }
+        // Watch for the client leaving until the reply is written; keep a waiting stream alive.
+        let mut last_beat = Instant::now();
+        let beat = crate::faults::heartbeat(HEARTBEAT);
+        while !done.load(Ordering::Acquire) {
+            // The writer ends on its own once the reply is whole: only a failed write, or the
+            // client closing its side, means it left.
+            if out.delivered() == Some(false) || self.stream.peer_left(WATCH_TICK) {
+                // What the engine had handed over when the client left: a test holds the
+                // engine to at most one more token.
+                let handed = pieces.load(Ordering::Acquire);
+                cancel.store(true, Ordering::Release);
+                out.mark_gone();
+                log::info!(
+                    "http {}: client left after {handed} tokens; its request is cancelled",
+                    self.peer
+                );
+                return false;
+            }
+            if api.stream && pieces.load(Ordering::Acquire) == 0 && last_beat.elapsed() >= beat {
+                last_beat = Instant::now();
+                start.comment(b": waiting for the first token\n\n");
+            }
+        }
+        // The writer thread sends what is queued and ends.
+        let until = Instant::now() + Duration::from_secs(5);
+        loop {
+            match out.delivered() {
+                Some(delivered) => return delivered && start.keep(),
+                None if Instant::now() >= until || self.stream.peer_left(Duration::from_millis(10)) => {
+                    out.mark_gone();
+                    return false;
+                }
+                None => {}
+            }
+        }
+    }
+}
+
+/// Answers the routes that need neither a body nor the engine.
+fn simple_route(route: &Route, admitted: &Admitted, shared: &Shared, config: &HttpConfig) -> Response {
+    let model = || {
+        json!({
+            "id": shared.facts.model, "object": "model", "created": 0, "owned_by": "llama-tpu",
+            "meta": {"backend": shared.facts.backend, "context_length": shared.facts.context_length},
+        })
+    };
+    match route {
+        Route::Health => {
             let (status, state) = if shared.is_stopping() {
                 (503, "stopping")
             } else {
@@ -384,195 +826,159 @@ fn serve(mut stream: Stream, peer: &str, shared: &Arc<Shared>, config: &HttpConf
             let body = json!({
                 "status": state, "model": shared.facts.model, "backend": shared.facts.backend,
                 "busy": shared.queue.busy(), "queue_depth": shared.queue.waiting(),
-            })
-            .to_string();
-            return answer(&stream, &json_response(status, &body, ""));
+            });
+            Response::json(status, &body.to_string())
         }
-        (Method::Get | Method::Head, "/v1/models") => {
-            let body = json!({"object": "list", "data": [{
-                "id": shared.facts.model, "object": "model", "created": 0, "owned_by": "llama-tpu",
-                "meta": {"backend": shared.facts.backend, "context_length": shared.facts.context_length},
-            }]})
-            .to_string();
-            return answer(&stream, &json_response(200, &body, ""));
-        }
-        (Method::Get | Method::Head, "/") => {
-            let response = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\nX-Frame-Options: DENY\r\nReferrer-Policy: no-referrer\r\nContent-Security-Policy: {PAGE_POLICY}\r\nConnection: close\r\n\r\n",
-                CHAT_PAGE.len()
-            );
-            let mut bytes = response.into_bytes();
-            if head.method == Method::Get {
-                bytes.extend_from_slice(CHAT_PAGE.as_bytes());
-            }
-            return answer(&stream, &bytes);
-        }
-        (Method::Get | Method::Head, "/metrics") => {
-            let text = shared.metrics.render(
+        Route::Models => Response::json(200, &json!({"object": "list", "data": [model()]}).to_string()),
+        Route::Model(id) if *id == shared.facts.model => Response::json(200, &model().to_string()),
+        Route::Model(id) => Response::error(&HttpError::new(
+            404,
+            "invalid_request_error",
+            "model_not_found",
+            format!("no model '{id}' here (this daemon serves '{}')", shared.facts.model),
+        )),
+        Route::Page => Response::new(200, "text/html; charset=utf-8", CHAT_PAGE)
+            .header("X-Frame-Options: DENY")
+            .header("Referrer-Policy: no-referrer")
+            .header(&format!("Content-Security-Policy: {PAGE_POLICY}")),
+        Route::Metrics => Response::new(
+            200,
+            "text/plain; version=0.0.4",
+            shared.metrics.render(
                 shared.queue.waiting(),
                 shared.queue.busy(),
                 shared.stats.connections.load(Ordering::Relaxed),
-            );
-            let response = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n{text}",
-                text.len()
-            );
-            return answer(&stream, response.as_bytes());
+            ),
+        ),
+        Route::Props => Response::json(200, &props(shared, config).to_string()),
+        Route::Preflight => {
+            let mut r = Response::new(204, "text/plain", Vec::new()).header("Allow: GET, HEAD, POST, OPTIONS");
+            if admitted.cors_origin.is_some() {
+                r = r
+                    .header("Access-Control-Allow-Methods: GET, HEAD, POST, OPTIONS")
+                    .header("Access-Control-Allow-Headers: Authorization, Content-Type")
+                    .header("Access-Control-Max-Age: 600");
+            }
+            r
         }
-        (Method::Post, "/v1/chat/completions") => Endpoint::Chat,
-        (Method::Post, "/v1/completions") => Endpoint::Completion,
-        (_, "/" | "/health" | "/metrics" | "/v1/models" | "/v1/chat/completions" | "/v1/completions") => {
-            let e = HttpError::new(
-                405,
-                "invalid_request_error",
-                "method_not_allowed",
-                format!("{} is not allowed on {}", head.status_line_method(), head.path),
-            );
-            return answer(&stream, &error_response(&e));
+        // POST routes are served by the caller.
+        Route::Chat | Route::Completion | Route::Tokenize | Route::Detokenize => {
+            Response::error(&HttpError::bad_request("unexpected route".into()))
         }
-        _ => {
-            let e = HttpError::new(
-                404,
-                "invalid_request_error",
-                "not_found",
-                format!("no such endpoint: {}", head.path),
-            );
-            return answer(&stream, &error_response(&e));
-        }
-    };
-    if head.content_type.as_deref() != Some("application/json") {
-        let e = HttpError::new(
-            415,
-            "invalid_request_error",
-            "unsupported_media_type",
-            "the body must be sent as Content-Type: application/json".into(),
-        );
-        return answer(&stream, &error_response(&e));
     }
-    let request = match openai::parse(endpoint, &body) {
-        Ok(r) => r,
-        Err(e) => return answer(&stream, &error_response(&e)),
-    };
-    drop(body);
-    complete(stream, peer, shared, config, request);
 }
 
-/// Queues a completion, then watches the client until the reply is over.
-fn complete(stream: Stream, peer: &str, shared: &Arc<Shared>, config: &HttpConfig, api: ApiRequest) {
-    let capacity = if api.stream {
-        config.outbound_buffer
-    } else {
-        config.outbound_buffer.max(WHOLE_ANSWER)
-    };
-    let out = Outbound::new(capacity);
-    let writer = match stream.writer() {
-        Ok(w) => w,
-        Err(e) => {
-            log::warn!("http {peer}: {e}");
+/// `GET /props`: what llama-server says of itself, with this daemon's values.
+fn props(shared: &Shared, config: &HttpConfig) -> Value {
+    let d = shared.defaults();
+    let s = &d.sampling;
+    let piece = |id: Option<u32>| id.map(|i| config.tokenizer.decode(&[i]));
+    json!({
+        "default_generation_settings": {
+            "n_ctx": shared.facts.context_length,
+            "params": {
+                "temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p, "min_p": s.min_p,
+                "repeat_penalty": s.repeat_penalty, "repeat_last_n": s.repeat_last_n,
+                "seed": d.seed.map_or(-1, |s| s as i64), "n_predict": d.max_tokens.map_or(-1, |n| n as i64),
+            },
+        },
+        "total_slots": 1,
+        "model_alias": shared.facts.model,
+        "model_path": shared.facts.model,
+        "modalities": {"vision": false, "audio": false},
+        "chat_template": config.chat_template,
+        "bos_token": piece(config.tokenizer.bos),
+        "eos_token": piece(config.tokenizer.eos),
+        "build_info": format!("llama-tpu {}", env!("CARGO_PKG_VERSION")),
+        "backend": shared.facts.backend,
+    })
+}
+
+/// How a completion's bytes go on the wire.
+struct Framing {
+    /// A stream in HTTP/1.1 chunks (the connection can carry the next request); HTTP/1.0
+    /// streams end with the connection instead.
+    chunked: bool,
+    /// The connection stays open after the reply.
+    keep: bool,
+    /// The CORS origin to name, if any.
+    cors: Option<String>,
+}
+
+/// The start of a stream, sent once by whoever comes first: the connection thread once the
+/// request is queued, or the engine with the first text. Heartbeat comments go through it
+/// too, so they are framed like everything else.
+struct StreamStart {
+    out: Arc<Outbound>,
+    /// The status line, headers and the first event (the assistant's role).
+    head: Vec<u8>,
+    chunked: bool,
+    keep: bool,
+    started: Mutex<bool>,
+}
+
+impl StreamStart {
+    /// Sends the head once; `false` if the client cannot take it.
+    fn begin(&self) -> bool {
+        let mut started = self.started.lock().unwrap_or_else(PoisonError::into_inner);
+        if *started {
+            return true;
+        }
+        *started = true;
+        self.out.push(&self.head, false) == Pushed::Queued
+    }
+
+    fn is_started(&self) -> bool {
+        *self.started.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// An SSE comment, if the stream has begun.
+    fn comment(&self, text: &[u8]) {
+        if !self.is_started() {
             return;
         }
-    };
-    if let Err(e) = out.drain_into(writer, "http-writer".into()) {
-        log::error!("http {peer}: cannot start a writer thread: {e}");
-        return;
+        let mut framed = [0u8; 128];
+        let n = frame_into(&mut framed[..], self.chunked, text);
+        let _ = self.out.push(&framed[..n], false);
     }
-    let defaults = shared.defaults();
-    let mut sampling = defaults.sampling.clone();
-    crate::server::session::apply_settings(&mut sampling, &api.settings);
-    sampling.seed = api.settings.seed.or(defaults.seed).unwrap_or_else(|| fastrand::u64(..));
-    let done = Arc::new(AtomicBool::new(false));
-    let cancel = Arc::new(AtomicBool::new(false));
-    let reply = HttpReply::new(Arc::clone(&out), &api, Arc::clone(&done), shared.facts.model.clone());
-    let pieces = Arc::clone(&reply.pieces);
-    let input = match api.prompt {
-        Prompt::Text(t) => Input::Text(t),
-        Prompt::Messages(m) => Input::Chat(m),
-    };
-    let job = Job {
-        request: Request {
-            input,
-            sampling,
-            max_tokens: api.settings.max_tokens.or(defaults.max_tokens),
-            stop: api.stop,
-            deadline: None,
-            drop_old_turns: false,
-        },
-        time_limit: defaults.request_timeout,
-        cancel: Arc::clone(&cancel),
-        reply: Box::new(reply),
-    };
-    if let Err((mut job, refused)) = shared.queue.push(job) {
-        let (code, message) = match refused {
-            Refused::Full => ("busy", "the queue is full; try again later"),
-            Refused::Closed => ("shutting_down", "the daemon is shutting down"),
-        };
-        shared.metrics.failed(code);
-        job.reply.finish(Outcome::Failed { code, message });
-    }
-    // Watch for the client leaving (EOF or an error) until the reply is written.
-    let mut stream = stream;
-    let mut byte = [0u8; 512];
-    let _ = stream.set_read_timeout(Some(WATCH_TICK));
-    while !done.load(Ordering::Acquire) {
-        match stream.read(&mut byte) {
-            Ok(0) => {
-                // What the engine had handed over when the client left: a test holds the
-                // engine to at most one more token.
-                let handed = pieces.load(Ordering::Acquire);
-                cancel.store(true, Ordering::Release);
-                out.mark_gone();
-                log::info!("http {peer}: client left after {handed} tokens; its request is cancelled");
-                break;
-            }
-            Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
-                ) =>
-            {
-                if out.is_gone() {
-                    cancel.store(true, Ordering::Release);
-                    break;
-                }
-            }
-            Err(_) => {
-                cancel.store(true, Ordering::Release);
-                out.mark_gone();
-                break;
-            }
-        }
-    }
-    // The writer thread sends what is queued and ends; the socket closes with the last clone.
-    let until = Instant::now() + Duration::from_secs(5);
-    while !out.is_gone() && Instant::now() < until {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    stream.shutdown();
-}
 
-impl Head {
-    fn status_line_method(&self) -> &'static str {
-        match self.method {
-            Method::Get => "GET",
-            Method::Head => "HEAD",
-            Method::Post => "POST",
-            Method::Other => "this method",
-        }
+    fn keep(&self) -> bool {
+        self.keep
     }
 }
 
-/// OpenAI's `finish_reason` for the engine's reasons: `stop` (end of text or a stop string)
-/// and `length` (max_tokens, or the context full); the daemon's own where OpenAI has none:
-/// `cancelled` (shutdown, or the client left), `time_limit`, `slow_client`.
-fn finish_reason(s: &Summary) -> &'static str {
+/// `payload` framed as one HTTP chunk (or as it is) into `buf`; returns the length.
+fn frame_into(buf: &mut [u8], chunked: bool, payload: &[u8]) -> usize {
+    let mut w = std::io::Cursor::new(buf);
+    if chunked {
+        let _ = write!(w, "{:x}\r\n", payload.len());
+    }
+    let _ = w.write_all(payload);
+    if chunked {
+        let _ = w.write_all(b"\r\n");
+    }
+    w.position() as usize
+}
+
+/// OpenAI's `finish_reason` for the engine's reasons (`stop`: end of text or a stop string;
+/// `length`: max_tokens, the context, or a limit of the daemon's) and the daemon's own reason
+/// (`native_finish_reason`, as OpenRouter names a provider's own).
+fn finish_reasons(s: &Summary) -> (&'static str, &'static str) {
     use crate::engine::FinishReason as F;
-    match s.reason {
-        F::Eos | F::Stop => "stop",
-        F::Length | F::Context => "length",
-        F::Cancelled => "cancelled",
-        F::TimeLimit => "time_limit",
-        F::SlowClient => "slow_client",
+    let openai = match s.reason {
+        F::Eos | F::Stop | F::Cancelled => "stop",
+        F::Length | F::Context | F::TimeLimit | F::SlowClient => "length",
+    };
+    (openai, s.reason.as_str())
+}
+
+/// The HTTP status for an engine or queue failure code: the client's fault (400), the
+/// server's (500), or try again later (503).
+fn failure_status(code: &str) -> u16 {
+    match code {
+        "busy" | "shutting_down" => 503,
+        "invalid_field" | "prompt_too_long" | "invalid_prompt" | "no_chat_template" => 400,
+        _ => 500,
     }
 }
 
@@ -585,40 +991,79 @@ struct HttpReply {
     id: String,
     created: u64,
     model: String,
-    /// Whether the status line went out (a stream's, with its first text).
-    started: bool,
+    framing: Framing,
+    start: Arc<StreamStart>,
     fell_behind: bool,
     /// The whole answer (not streamed).
     text: String,
-    /// Where each chunk is built (reused: no allocation per token once grown).
+    /// Where each event is built, and where it is framed (both reused: no allocation per
+    /// token once grown).
     scratch: Vec<u8>,
+    framed: Vec<u8>,
     done: Arc<AtomicBool>,
     /// Pieces of text the engine has handed over (counted before each is written).
     pieces: Arc<AtomicUsize>,
 }
 
 impl HttpReply {
-    fn new(out: Arc<Outbound>, api: &ApiRequest, done: Arc<AtomicBool>, model: String) -> HttpReply {
+    fn new(out: Arc<Outbound>, api: &ApiRequest, done: Arc<AtomicBool>, model: String, framing: Framing) -> HttpReply {
         let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let kind = match api.endpoint {
             Endpoint::Chat => "chatcmpl",
             Endpoint::Completion => "cmpl",
         };
-        HttpReply {
-            out,
+        let mut reply = HttpReply {
+            out: Arc::clone(&out),
             endpoint: api.endpoint,
             stream: api.stream,
             include_usage: api.include_usage,
             id: format!("{kind}-{:016x}", fastrand::u64(..)),
             created,
             model,
-            started: false,
+            start: Arc::new(StreamStart {
+                out,
+                head: Vec::new(),
+                chunked: framing.chunked,
+                keep: framing.keep,
+                started: Mutex::new(false),
+            }),
+            framing,
             fell_behind: false,
             text: String::new(),
             scratch: Vec::with_capacity(1024),
+            framed: Vec::with_capacity(1024),
             done,
             pieces: Arc::new(AtomicUsize::new(0)),
+        };
+        if reply.stream {
+            let mut head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\nX-Accel-Buffering: no\r\nConnection: {}\r\n{}{}\r\n",
+                if reply.framing.keep { "keep-alive" } else { "close" },
+                if reply.framing.chunked { "Transfer-Encoding: chunked\r\n" } else { "" },
+                cors_headers(reply.framing.cors.as_deref()),
+            )
+            .into_bytes();
+            // The first event names the role (clients' stream helpers read it there).
+            reply.chunk_start();
+            match reply.endpoint {
+                Endpoint::Chat => reply.scratch.extend_from_slice(
+                    b"{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"logprobs\":null,\"finish_reason\":null}]}\n\n",
+                ),
+                Endpoint::Completion => reply
+                    .scratch
+                    .extend_from_slice(b"{\"index\":0,\"text\":\"\",\"logprobs\":null,\"finish_reason\":null}]}\n\n"),
+            }
+            reply.frame();
+            head.extend_from_slice(&reply.framed);
+            reply.start = Arc::new(StreamStart {
+                out: Arc::clone(&reply.out),
+                head,
+                chunked: reply.framing.chunked,
+                keep: reply.framing.keep,
+                started: Mutex::new(false),
+            });
         }
+        reply
     }
 
     fn object(&self) -> &'static str {
@@ -641,13 +1086,70 @@ impl HttpReply {
         self.scratch.extend_from_slice(b",\"choices\":[");
     }
 
-    fn start_stream(&mut self) -> bool {
-        if self.started {
-            return true;
+    /// Frames `scratch` into `framed` (one HTTP chunk when chunked).
+    fn frame(&mut self) {
+        self.framed.clear();
+        if self.framing.chunked {
+            let _ = write!(self.framed, "{:x}\r\n", self.scratch.len());
         }
-        self.started = true;
-        let head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\nConnection: close\r\n\r\n";
-        self.out.push(head, false) == Pushed::Queued
+        self.framed.extend_from_slice(&self.scratch);
+        if self.framing.chunked {
+            self.framed.extend_from_slice(b"\r\n");
+        }
+    }
+
+    /// The usage object.
+    fn usage(summary: &Summary) -> Value {
+        json!({
+            "prompt_tokens": summary.prompt_tokens,
+            "completion_tokens": summary.completion_tokens,
+            "total_tokens": summary.prompt_tokens + summary.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": summary.cached_tokens},
+        })
+    }
+
+    fn timings(summary: &Summary) -> Value {
+        json!({
+            "time_to_first_token_ms": summary.time_to_first_token.as_secs_f64() * 1000.0,
+            "predicted_per_second": summary.generation_tokens_per_second(),
+            "dropped_messages": summary.dropped_messages,
+        })
+    }
+
+    /// The bytes that end a stream.
+    fn stream_end(&mut self, summary: &Summary) -> Vec<u8> {
+        let (reason, native) = finish_reasons(summary);
+        let mut all = Vec::new();
+        self.chunk_start();
+        match self.endpoint {
+            Endpoint::Chat => self
+                .scratch
+                .extend_from_slice(b"{\"index\":0,\"delta\":{},\"logprobs\":null,\"finish_reason\":"),
+            Endpoint::Completion => self
+                .scratch
+                .extend_from_slice(b"{\"index\":0,\"text\":\"\",\"logprobs\":null,\"finish_reason\":"),
+        }
+        let _ = write!(
+            self.scratch,
+            "\"{reason}\",\"native_finish_reason\":\"{native}\"}}],\"timings\":{}}}\n\n",
+            Self::timings(summary)
+        );
+        self.frame();
+        all.extend_from_slice(&self.framed);
+        if self.include_usage {
+            self.chunk_start();
+            let _ = write!(self.scratch, "],\"usage\":{}}}\n\n", Self::usage(summary));
+            self.frame();
+            all.extend_from_slice(&self.framed);
+        }
+        self.scratch.clear();
+        self.scratch.extend_from_slice(b"data: [DONE]\n\n");
+        self.frame();
+        all.extend_from_slice(&self.framed);
+        if self.framing.chunked {
+            all.extend_from_slice(b"0\r\n\r\n");
+        }
+        all
     }
 }
 
@@ -658,7 +1160,7 @@ impl Reply for HttpReply {
             self.text.push_str(piece);
             return !self.out.is_gone();
         }
-        if !self.start_stream() {
+        if !self.start.begin() {
             return false;
         }
         self.chunk_start();
@@ -668,10 +1170,15 @@ impl Reply for HttpReply {
         }
         let _ = serde_json::to_writer(&mut self.scratch, piece);
         match self.endpoint {
-            Endpoint::Chat => self.scratch.extend_from_slice(b"},\"finish_reason\":null}]}\n\n"),
-            Endpoint::Completion => self.scratch.extend_from_slice(b",\"finish_reason\":null}]}\n\n"),
+            Endpoint::Chat => self
+                .scratch
+                .extend_from_slice(b"},\"logprobs\":null,\"finish_reason\":null}]}\n\n"),
+            Endpoint::Completion => self
+                .scratch
+                .extend_from_slice(b",\"logprobs\":null,\"finish_reason\":null}]}\n\n"),
         }
-        match self.out.push(&self.scratch, false) {
+        self.frame();
+        match self.out.push(&self.framed, false) {
             Pushed::Queued => true,
             Pushed::Full => {
                 self.fell_behind = true;
@@ -688,11 +1195,7 @@ impl Reply for HttpReply {
     fn finish(&mut self, outcome: Outcome<'_>) {
         let bytes = match outcome {
             Outcome::Failed { code, message } => {
-                let status = match code {
-                    "busy" | "shutting_down" => 503,
-                    "device" => 500,
-                    _ => 400,
-                };
+                let status = failure_status(code);
                 let e = HttpError::new(
                     status,
                     if status == 400 {
@@ -703,63 +1206,42 @@ impl Reply for HttpReply {
                     code,
                     message.to_string(),
                 );
-                if self.started {
-                    // Mid-stream: an error event, then the end.
-                    format!("data: {}\n\ndata: [DONE]\n\n", e.body()).into_bytes()
+                if self.start.is_started() {
+                    // After the 200: an error event, and the stream ends.
+                    self.scratch.clear();
+                    self.scratch.extend_from_slice(b"data: ");
+                    self.scratch.extend_from_slice(e.body().as_bytes());
+                    self.scratch.extend_from_slice(b"\n\n");
+                    self.frame();
+                    let mut all = self.framed.clone();
+                    if self.framing.chunked {
+                        all.extend_from_slice(b"0\r\n\r\n");
+                    }
+                    all
                 } else {
-                    error_response(&e)
+                    Response::error(&e).bytes(self.framing.keep, self.framing.cors.as_deref())
                 }
             }
             Outcome::Done(summary) => {
-                let usage = json!({
-                    "prompt_tokens": summary.prompt_tokens,
-                    "completion_tokens": summary.completion_tokens,
-                    "total_tokens": summary.prompt_tokens + summary.completion_tokens,
-                });
-                let reason = finish_reason(summary);
                 if self.stream {
-                    let mut all = Vec::new();
-                    if !self.started {
-                        self.start_stream();
-                    }
-                    self.chunk_start();
-                    match self.endpoint {
-                        Endpoint::Chat => self
-                            .scratch
-                            .extend_from_slice(b"{\"index\":0,\"delta\":{},\"finish_reason\":"),
-                        Endpoint::Completion => self
-                            .scratch
-                            .extend_from_slice(b"{\"index\":0,\"text\":\"\",\"finish_reason\":"),
-                    }
-                    let _ = serde_json::to_writer(&mut self.scratch, reason);
-                    self.scratch.extend_from_slice(b"}]}\n\n");
-                    all.extend_from_slice(&self.scratch);
-                    if self.include_usage {
-                        self.chunk_start();
-                        let _ = write!(self.scratch, "],\"usage\":{usage}}}\n\n");
-                        all.extend_from_slice(&self.scratch);
-                    }
-                    all.extend_from_slice(b"data: [DONE]\n\n");
-                    all
+                    self.start.begin();
+                    self.stream_end(summary)
                 } else {
+                    let (reason, native) = finish_reasons(summary);
                     let choice = match self.endpoint {
                         Endpoint::Chat => {
-                            json!({"index": 0, "message": {"role": "assistant", "content": self.text}, "finish_reason": reason, "logprobs": null})
+                            json!({"index": 0, "message": {"role": "assistant", "content": self.text, "refusal": null}, "logprobs": null, "finish_reason": reason, "native_finish_reason": native})
                         }
                         Endpoint::Completion => {
-                            json!({"index": 0, "text": self.text, "finish_reason": reason, "logprobs": null})
+                            json!({"index": 0, "text": self.text, "logprobs": null, "finish_reason": reason, "native_finish_reason": native})
                         }
                     };
                     let body = json!({
                         "id": self.id, "object": self.object(), "created": self.created, "model": self.model,
-                        "choices": [choice], "usage": usage,
-                        "timings": {
-                            "time_to_first_token_ms": summary.time_to_first_token.as_secs_f64() * 1000.0,
-                            "predicted_per_second": summary.generation_tokens_per_second(),
-                        },
+                        "choices": [choice], "usage": Self::usage(summary), "timings": Self::timings(summary),
                     })
                     .to_string();
-                    json_response(200, &body, "")
+                    Response::json(200, &body).bytes(self.framing.keep, self.framing.cors.as_deref())
                 }
             }
         };
@@ -768,5 +1250,37 @@ impl Reply for HttpReply {
         }
         self.out.close();
         self.done.store(true, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_are_framed_with_their_hex_length() {
+        let mut buf = [0u8; 64];
+        let n = frame_into(&mut buf, true, b": waiting\n\n");
+        assert_eq!(&buf[..n], b"b\r\n: waiting\n\n\r\n");
+        let n = frame_into(&mut buf, false, b"x");
+        assert_eq!(&buf[..n], b"x");
+    }
+
+    #[test]
+    fn cors_headers_name_the_origin() {
+        let s = String::from_utf8(Response::json(200, "{}").bytes(true, Some("https://a.example"))).unwrap();
+        assert!(
+            s.contains("\r\nAccess-Control-Allow-Origin: https://a.example\r\nVary: Origin\r\n"),
+            "{s}"
+        );
+        assert!(s.ends_with("\r\n\r\n{}") && s.contains("Connection: keep-alive"), "{s}");
+    }
+
+    #[test]
+    fn failures_are_the_clients_or_the_servers() {
+        assert_eq!(failure_status("prompt_too_long"), 400);
+        assert_eq!(failure_status("busy"), 503);
+        assert_eq!(failure_status("device"), 500);
+        assert_eq!(failure_status("tokenizer"), 500);
     }
 }

@@ -1,7 +1,10 @@
 //! An HTTP/1.1 request head, as a pure function: bytes in, a [`Head`] or an [`HttpError`] out
-//! (httparse does the tokenizing), and the checks every request passes before it is routed:
-//! the `Host` (against DNS rebinding), the `Origin` (no cross-origin browser requests) and the
-//! API key. No sockets: it can be unit-tested and fuzzed alone.
+//! (httparse does the tokenizing), and the policy every request passes before it is routed:
+//! who may connect (the `Host`, against DNS rebinding), from which web pages (the `Origin`,
+//! with CORS for the origins the administrator names) and with which key. No sockets: it can
+//! be unit-tested and fuzzed alone.
+
+use std::net::IpAddr;
 
 use super::HttpError;
 
@@ -21,8 +24,23 @@ pub enum Method {
     Head,
     /// POST.
     Post,
-    /// Anything else (OPTIONS included: no CORS preflight is ever granted).
+    /// OPTIONS (a CORS preflight).
+    Options,
+    /// Anything else.
     Other,
+}
+
+impl Method {
+    /// The method as the request line spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Get => "GET",
+            Method::Head => "HEAD",
+            Method::Post => "POST",
+            Method::Options => "OPTIONS",
+            Method::Other => "this method",
+        }
+    }
 }
 
 /// What the daemon reads from a request head.
@@ -42,8 +60,14 @@ pub struct Head {
     pub content_length: usize,
     /// The token of `Authorization: Bearer <token>`.
     pub bearer: Option<String>,
-    /// `Connection: close` or HTTP/1.0: close after the response.
+    /// The client speaks HTTP/1.0 (no chunked replies; the connection closes unless it asks
+    /// for keep-alive).
+    pub http10: bool,
+    /// The connection closes after this request (`Connection: close`, or HTTP/1.0 without
+    /// `Connection: keep-alive`).
     pub close: bool,
+    /// `Expect: 100-continue`: the client waits for `100 Continue` before sending the body.
+    pub expect_continue: bool,
 }
 
 /// Parses a request head from the start of `buf`. `Ok(None)`: incomplete, read more (unless
@@ -66,10 +90,12 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Head, usize)>, HttpError> {
         Some("GET") => Method::Get,
         Some("HEAD") => Method::Head,
         Some("POST") => Method::Post,
+        Some("OPTIONS") => Method::Options,
         _ => Method::Other,
     };
     let target = req.path.unwrap_or("/");
     let path = target.split(['?', '#']).next().unwrap_or("/").to_string();
+    let http10 = req.version == Some(0);
     let mut head = Head {
         method,
         path,
@@ -78,7 +104,9 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Head, usize)>, HttpError> {
         content_type: None,
         content_length: 0,
         bearer: None,
-        close: req.version == Some(0),
+        http10,
+        close: http10,
+        expect_continue: false,
     };
     let mut length_seen = false;
     for h in req.headers.iter() {
@@ -126,74 +154,153 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Head, usize)>, HttpError> {
                 let token = value.strip_prefix("Bearer ").map(str::trim).unwrap_or("");
                 head.bearer = Some(token.to_string());
             }
-            "connection" if value.eq_ignore_ascii_case("close") => head.close = true,
+            "connection" => {
+                for option in value.split(',').map(str::trim) {
+                    if option.eq_ignore_ascii_case("close") {
+                        head.close = true;
+                    } else if option.eq_ignore_ascii_case("keep-alive") && http10 {
+                        head.close = false;
+                    }
+                }
+            }
+            "expect" if value.eq_ignore_ascii_case("100-continue") => head.expect_continue = true,
+            "expect" => {
+                return Err(HttpError::new(
+                    417,
+                    "invalid_request_error",
+                    "expectation_failed",
+                    format!("Expect: {value} is not supported (only 100-continue)"),
+                ))
+            }
             _ => {}
         }
     }
     Ok(Some((head, n)))
 }
 
-/// Who may ask: the names the server answers to and the API key.
+/// Which `Host` names a TCP listener answers to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Hosts {
+    /// Any name: a UNIX socket (no web page can reach it), `allowed_hosts = ["*"]`, or an API
+    /// key without `allowed_hosts` (a page that rebinds a name to this address has no key).
+    Any,
+    /// `localhost`, IP addresses (a rebinding attack needs a name of the attacker's) and these
+    /// names (lower case), on any port: an SSH tunnel or a proxy may use another one.
+    Names(Vec<String>),
+}
+
+/// Who may ask: the names the server answers to, the web origins that may call it, the key.
 #[derive(Debug, Clone)]
 pub struct Policy {
-    /// `Host` values accepted (lower case). Empty: any (a UNIX socket, which no web page can
-    /// reach).
-    pub hosts: Vec<String>,
-    /// The API key; when set, every API request must carry it.
+    /// Accepted `Host` names.
+    pub hosts: Hosts,
+    /// The API key; when set, every request but the page and `/health` must carry it.
     pub api_key: Option<String>,
+    /// Web origins (`https://app.example:8443`, lower case, or `*`) that may call the API from
+    /// their pages: preflights are answered and replies carry CORS headers for them.
+    pub cors_origins: Vec<String>,
+}
+
+/// What a request may do after the policy looked at it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admitted {
+    /// The origin to name in `Access-Control-Allow-Origin` (a configured CORS origin).
+    pub cors_origin: Option<String>,
+}
+
+/// The name part of a `Host` value or an origin's authority (`[::1]:80` -> `::1`,
+/// `Box.Local:8080` -> `box.local`).
+pub fn host_name(authority: &str) -> String {
+    let a = authority.trim();
+    let name = if let Some(rest) = a.strip_prefix('[') {
+        rest.split(']').next().unwrap_or("")
+    } else {
+        a.rsplit_once(':')
+            .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
+            .map_or(a, |(name, _)| name)
+    };
+    name.trim_end_matches('.').to_ascii_lowercase()
 }
 
 impl Policy {
-    /// The policy for a TCP address `ip:port`: that address and the localhost names on its
-    /// port. A browser resolving some other name to this address (DNS rebinding) sends that
-    /// name as `Host`, which is refused.
-    pub fn for_tcp(addr: std::net::SocketAddr, api_key: Option<String>) -> Policy {
-        let port = addr.port();
-        let ip = match addr.ip() {
-            std::net::IpAddr::V4(ip) => ip.to_string(),
-            std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+    /// The policy for a TCP listener: `allowed_hosts` as configured (`None`: not set).
+    pub fn for_tcp(allowed_hosts: Option<&[String]>, api_key: Option<String>, cors_origins: &[String]) -> Policy {
+        let hosts = match allowed_hosts {
+            Some(list) if list.iter().any(|h| h == "*") => Hosts::Any,
+            Some(list) => Hosts::Names(list.iter().map(|h| host_name(h)).collect()),
+            None if api_key.is_some() => Hosts::Any,
+            None => Hosts::Names(Vec::new()),
         };
-        let mut hosts = vec![format!("{ip}:{port}")];
-        if port == 80 {
-            hosts.push(ip.clone());
+        Policy {
+            hosts,
+            api_key,
+            cors_origins: cors_origins
+                .iter()
+                .map(|o| o.trim_end_matches('/').to_ascii_lowercase())
+                .collect(),
         }
-        if addr.ip().is_loopback() {
-            for name in ["localhost", "127.0.0.1", "[::1]"] {
-                hosts.push(format!("{name}:{port}"));
-                if port == 80 {
-                    hosts.push(name.to_string());
-                }
-            }
-        }
-        hosts.sort();
-        hosts.dedup();
-        Policy { hosts, api_key }
     }
 
-    /// Checks where a request comes from; `needs_key`: the path is an API one (the page and
-    /// `/health` are served without the key, as llama.cpp's server does).
+    /// The policy for a UNIX socket: any `Host` (only local processes reach it: a proxy).
+    pub fn for_unix(api_key: Option<String>, cors_origins: &[String]) -> Policy {
+        Policy {
+            hosts: Hosts::Any,
+            ..Policy::for_tcp(None, api_key, cors_origins)
+        }
+    }
+
+    /// Whether `name` (no port) is one this server answers to.
+    fn host_allowed(&self, name: &str) -> bool {
+        match &self.hosts {
+            Hosts::Any => true,
+            Hosts::Names(names) => {
+                name == "localhost" || name.parse::<IpAddr>().is_ok() || names.iter().any(|n| n == name)
+            }
+        }
+    }
+
+    /// Whether a web origin counts as this server's own: the page itself (the origin is the
+    /// `Host`, over http or https: a TLS proxy), a localhost name (a tunnel) or a name
+    /// `allowed_hosts` lists.
+    fn same_origin(&self, origin: &str, host: Option<&str>) -> bool {
+        let Some(authority) = origin
+            .strip_prefix("http://")
+            .or_else(|| origin.strip_prefix("https://"))
+        else {
+            return false;
+        };
+        if host.is_some_and(|h| h.eq_ignore_ascii_case(authority)) {
+            return true;
+        }
+        let name = host_name(authority);
+        match &self.hosts {
+            Hosts::Names(names) => name == "localhost" || names.contains(&name),
+            Hosts::Any => false,
+        }
+    }
+
+    /// Checks where a request comes from; `needs_key`: anything but the page and `/health`
+    /// (as llama.cpp's server does).
     ///
     /// # Errors
     /// 403 for a foreign `Host` or `Origin`, 401 for a missing or wrong key.
-    pub fn check(&self, head: &Head, needs_key: bool) -> Result<(), HttpError> {
-        if !self.hosts.is_empty() {
-            let host = head.host.as_deref().unwrap_or("").to_ascii_lowercase();
-            if !self.hosts.contains(&host) {
+    pub fn check(&self, head: &Head, needs_key: bool) -> Result<Admitted, HttpError> {
+        if self.hosts != Hosts::Any {
+            let host = head.host.as_deref().unwrap_or("");
+            if !self.host_allowed(&host_name(host)) || host.is_empty() {
                 return Err(HttpError::forbidden(format!(
-                    "Host '{host}' is not a name of this server (allowed: {})",
-                    self.hosts.join(", ")
+                    "Host '{host}' is not a name of this server: add it to allowed_hosts (or set an API key)"
                 )));
             }
         }
+        let mut admitted = Admitted { cors_origin: None };
         if let Some(origin) = &head.origin {
-            // Same origin only: the page served here. A UNIX socket has no web origin at all.
-            let origin = origin.to_ascii_lowercase();
-            let same = origin
-                .strip_prefix("http://")
-                .is_some_and(|h| !self.hosts.is_empty() && self.hosts.iter().any(|a| a == h));
-            if !same {
+            let origin = origin.trim_end_matches('/').to_ascii_lowercase();
+            if self.cors_origins.iter().any(|o| *o == origin || o == "*") {
+                admitted.cors_origin = Some(origin);
+            } else if !self.same_origin(&origin, head.host.as_deref()) {
                 return Err(HttpError::forbidden(format!(
-                    "cross-origin requests are refused (Origin '{origin}')"
+                    "cross-origin requests from '{origin}' are refused (cors_origins names the origins that may call)"
                 )));
             }
         }
@@ -210,7 +317,7 @@ impl Policy {
                 }
             }
         }
-        Ok(())
+        Ok(admitted)
     }
 }
 
@@ -233,7 +340,7 @@ mod tests {
 
     #[test]
     fn a_post_head_is_read() {
-        let raw = "POST /v1/chat/completions?x=1 HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: 12\r\nAuthorization: Bearer k3y\r\n\r\n{\"a\": true}X";
+        let raw = "POST /v1/chat/completions?x=1 HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: 12\r\nAuthorization: Bearer k3y\r\nExpect: 100-continue\r\n\r\n{\"a\": true}X";
         let (h, n) = parse(raw.as_bytes()).unwrap().unwrap();
         assert_eq!(&raw[n..], "{\"a\": true}X");
         assert_eq!(h.method, Method::Post);
@@ -241,7 +348,7 @@ mod tests {
         assert_eq!(h.content_type.as_deref(), Some("application/json"));
         assert_eq!(h.content_length, 12);
         assert_eq!(h.bearer.as_deref(), Some("k3y"));
-        assert!(!h.close);
+        assert!(!h.close && !h.http10 && h.expect_continue);
     }
 
     #[test]
@@ -264,35 +371,117 @@ mod tests {
                 .status,
             400
         );
-        assert!(head("GET / HTTP/1.0\r\n\r\n").close);
+        assert_eq!(
+            parse(b"GET / HTTP/1.1\r\nExpect: magic\r\n\r\n").unwrap_err().status,
+            417
+        );
     }
 
     #[test]
-    fn host_origin_and_key() {
-        let p = Policy::for_tcp("127.0.0.1:8080".parse().unwrap(), Some("secret".into()));
-        let ok = head("POST /v1/models HTTP/1.1\r\nHost: localhost:8080\r\nAuthorization: Bearer secret\r\n\r\n");
+    fn connection_persistence_follows_the_version_and_the_header() {
+        assert!(head("GET / HTTP/1.0\r\n\r\n").close);
+        assert!(!head("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").close);
+        assert!(!head("GET / HTTP/1.1\r\n\r\n").close);
+        assert!(head("GET / HTTP/1.1\r\nConnection: keep-alive, close\r\n\r\n").close);
+    }
+
+    #[test]
+    fn host_names_lose_their_port() {
+        assert_eq!(host_name("Box.Local:8080"), "box.local");
+        assert_eq!(host_name("[::1]:9000"), "::1");
+        assert_eq!(host_name("[fe80::1]"), "fe80::1");
+        assert_eq!(host_name("example.com."), "example.com");
+        assert_eq!(host_name("192.168.1.20"), "192.168.1.20");
+    }
+
+    #[test]
+    fn loopback_without_a_key_answers_local_names_on_any_port() {
+        let p = Policy::for_tcp(None, None, &[]);
+        for host in [
+            "localhost:8080",
+            "localhost:9999",
+            "127.0.0.1:8080",
+            "[::1]:1",
+            "192.168.1.20:8080",
+        ] {
+            let h = head(&format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n"));
+            assert!(p.check(&h, true).is_ok(), "{host}");
+        }
+        for host in ["rebound.example:8080", "box.local:8080", ""] {
+            let h = head(&format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n"));
+            assert_eq!(p.check(&h, false).unwrap_err().status, 403, "{host}");
+        }
+        assert_eq!(p.check(&head("GET / HTTP/1.1\r\n\r\n"), false).unwrap_err().status, 403);
+        // The page from a tunnel or a TLS proxy is same-origin; another site is not.
+        let ok = head("POST /v1/x HTTP/1.1\r\nHost: localhost:9999\r\nOrigin: http://localhost:9999\r\n\r\n");
         assert!(p.check(&ok, true).is_ok());
-        let rebound = head("GET / HTTP/1.1\r\nHost: evil.example:8080\r\n\r\n");
-        assert_eq!(p.check(&rebound, false).unwrap_err().status, 403);
-        let no_host = head("GET / HTTP/1.1\r\n\r\n");
-        assert_eq!(p.check(&no_host, false).unwrap_err().status, 403);
-        let foreign = head("POST /v1/x HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nOrigin: http://evil.example\r\nAuthorization: Bearer secret\r\n\r\n");
-        assert_eq!(p.check(&foreign, true).unwrap_err().status, 403);
-        let same = head("POST /v1/x HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nOrigin: http://127.0.0.1:8080\r\nAuthorization: Bearer secret\r\n\r\n");
-        assert!(p.check(&same, true).is_ok());
-        let wrong = head("POST /v1/x HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nAuthorization: Bearer secreT\r\n\r\n");
-        assert_eq!(p.check(&wrong, true).unwrap_err().status, 401);
-        assert!(p.check(&wrong, false).is_ok(), "the page and /health need no key");
-        let v6 = Policy::for_tcp("[::1]:9000".parse().unwrap(), None);
-        assert!(v6.hosts.contains(&"[::1]:9000".to_string()));
-        assert!(v6.hosts.contains(&"localhost:9000".to_string()));
-        let any = Policy {
-            hosts: Vec::new(),
-            api_key: None,
-        };
-        assert!(any.check(&no_host, true).is_ok());
-        let browser = head("GET / HTTP/1.1\r\nOrigin: http://localhost\r\n\r\n");
-        assert_eq!(any.check(&browser, false).unwrap_err().status, 403);
+        let tls = head("POST /v1/x HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nOrigin: https://localhost\r\n\r\n");
+        assert!(p.check(&tls, true).is_ok());
+        for origin in [
+            "http://evil.example",
+            "http://192.168.1.9",
+            "null",
+            "file://",
+            "http://localhost.evil.example",
+        ] {
+            let h = head(&format!(
+                "POST /v1/x HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nOrigin: {origin}\r\n\r\n"
+            ));
+            assert_eq!(p.check(&h, true).unwrap_err().status, 403, "{origin}");
+        }
+    }
+
+    #[test]
+    fn a_key_or_allowed_hosts_open_other_names() {
+        let keyed = Policy::for_tcp(None, Some("secret".into()), &[]);
+        let lan = head("POST /v1/x HTTP/1.1\r\nHost: box.local:8080\r\nAuthorization: Bearer secret\r\n\r\n");
+        assert!(keyed.check(&lan, true).is_ok());
+        let wrong = head("POST /v1/x HTTP/1.1\r\nHost: box.local:8080\r\nAuthorization: Bearer secreT\r\n\r\n");
+        assert_eq!(keyed.check(&wrong, true).unwrap_err().status, 401);
+        assert!(keyed.check(&wrong, false).is_ok(), "the page and /health need no key");
+        let named = Policy::for_tcp(Some(&["Box.Local".to_string()]), None, &[]);
+        assert!(named
+            .check(&head("GET / HTTP/1.1\r\nHost: box.local:8080\r\n\r\n"), true)
+            .is_ok());
+        assert!(named
+            .check(&head("GET / HTTP/1.1\r\nHost: localhost:7\r\n\r\n"), true)
+            .is_ok());
+        let other = head("GET / HTTP/1.1\r\nHost: other.local:8080\r\n\r\n");
+        assert_eq!(named.check(&other, true).unwrap_err().status, 403);
+        let proxied = head("POST /v1/x HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nOrigin: https://box.local\r\n\r\n");
+        assert!(
+            named.check(&proxied, true).is_ok(),
+            "https origins of allowed hosts are the page's"
+        );
+        let star = Policy::for_tcp(Some(&["*".to_string()]), None, &[]);
+        assert!(star.check(&other, true).is_ok());
+        let foreign = head("POST /v1/x HTTP/1.1\r\nHost: other.local:8080\r\nOrigin: http://evil.example\r\n\r\n");
+        assert_eq!(star.check(&foreign, true).unwrap_err().status, 403);
+    }
+
+    #[test]
+    fn cors_origins_are_named_back() {
+        let p = Policy::for_tcp(None, None, &["https://App.Example:8443/".to_string()]);
+        let h = head(
+            "OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: localhost:8080\r\nOrigin: https://app.example:8443\r\n\r\n",
+        );
+        assert_eq!(
+            p.check(&h, false).unwrap().cors_origin.as_deref(),
+            Some("https://app.example:8443")
+        );
+        let other = head("GET / HTTP/1.1\r\nHost: localhost:8080\r\nOrigin: https://app.example\r\n\r\n");
+        assert_eq!(p.check(&other, false).unwrap_err().status, 403);
+    }
+
+    #[test]
+    fn a_unix_socket_takes_any_host_but_not_foreign_origins() {
+        let p = Policy::for_unix(None, &[]);
+        assert!(p.check(&head("GET / HTTP/1.1\r\nHost: anything\r\n\r\n"), true).is_ok());
+        assert!(p.check(&head("GET / HTTP/1.1\r\n\r\n"), true).is_ok());
+        let proxied = head("POST /v1/x HTTP/1.1\r\nHost: box.example\r\nOrigin: https://box.example\r\n\r\n");
+        assert!(p.check(&proxied, true).is_ok());
+        let browser = head("GET / HTTP/1.1\r\nHost: box.example\r\nOrigin: http://localhost\r\n\r\n");
+        assert_eq!(p.check(&browser, false).unwrap_err().status, 403);
     }
 
     #[test]

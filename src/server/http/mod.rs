@@ -1,12 +1,16 @@
 //! The HTTP front: an OpenAI-compatible API (`/v1/chat/completions`, `/v1/completions`,
-//! `/v1/models`) and `/health`, one more transport in front of the same queue and engine.
+//! `/v1/models`), llama-server's `/tokenize`, `/detokenize` and `/props`, `/health`,
+//! `/metrics` and the chat page: one more transport in front of the same queue and engine.
 //!
-//! `head` (the request head and who may ask) and `openai` (request bodies into engine
-//! requests) are pure; the connection loop that uses them comes on top.
+//! `head` (the request head and who may ask), `routes` (the route table), `openai` (request
+//! bodies into engine requests) and `llamacpp` (llama-server's own endpoints) are pure; `conn`
+//! (connections, replies) uses them.
 
 pub mod conn;
 pub mod head;
+pub mod llamacpp;
 pub mod openai;
+pub mod routes;
 
 use serde_json::json;
 

@@ -1,9 +1,11 @@
 //! OpenAI's request bodies (`/v1/chat/completions`, `/v1/completions`) into the daemon's
 //! generation requests, as a pure function: bytes in, an [`ApiRequest`] or a 400 out.
 //!
-//! Fields the common clients send that do not change the answer (`model`, `user`, `n: 1`,
-//! `logprobs: false`, ...) are accepted; fields the daemon cannot honor (`n > 1`, `tools`,
-//! `logprobs: true`, ...) are refused naming the field, never silently ignored.
+//! Lenient where peers are: fields the daemon does not know are ignored (and named in
+//! [`ApiRequest::ignored`] for the log), as llama.cpp's server and vLLM do, since clients send
+//! their own (`cache_prompt`, `parallel_tool_calls`, ...). Strict where an answer would be
+//! wrong: fields it knows but cannot honor yet (`n > 1`, `tools`, a JSON `response_format`,
+//! `logit_bias`, `logprobs: true`, ...) are refused naming the field, never silently dropped.
 
 use serde_json::{Map, Value};
 
@@ -36,21 +38,23 @@ pub struct ApiRequest {
     pub stream: bool,
     /// `stream_options.include_usage`: a last chunk with the token counts.
     pub include_usage: bool,
+    /// The daemon's `drop_old_turns` (an extension field): a chat that outgrows the context
+    /// loses its oldest turns instead of being refused.
+    pub drop_old_turns: bool,
+    /// Fields that were ignored, for the log (`messages[2].foo` inside messages).
+    pub ignored: Vec<String>,
 }
 
-/// OpenAI fields for features the daemon does not have (tools, logit bias, echo, ...).
+/// OpenAI fields for features the daemon does not have yet; each is accepted only in its
+/// "off" spelling (null, false, empty, `best_of: 1`).
 const UNSUPPORTED: &[&str] = &[
     "tools",
     "functions",
-    "tool_choice",
-    "function_call",
-    "parallel_tool_calls",
     "logit_bias",
     "echo",
     "best_of",
     "suffix",
     "audio",
-    "modalities",
     "prediction",
 ];
 
@@ -88,10 +92,12 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, HttpError> {
     let mut stop = StopStrings::new();
     let mut stream = false;
     let mut stream_options = None;
+    let mut drop_old_turns = false;
+    let mut ignored = Vec::new();
     for (key, value) in obj {
         let is_null = value.is_null();
         match (endpoint, key.as_str()) {
-            (Endpoint::Chat, "messages") => prompt = Some(Prompt::Messages(parse_messages(value)?)),
+            (Endpoint::Chat, "messages") => prompt = Some(Prompt::Messages(parse_messages(value, &mut ignored)?)),
             (Endpoint::Completion, "prompt") => prompt = Some(Prompt::Text(parse_prompt(value)?)),
             // Not read: one model is resident, whatever a client calls it; `user` is for abuse
             // tracking at OpenAI.
@@ -110,6 +116,12 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, HttpError> {
                 "temperature" | "top_p" | "top_k" | "min_p" | "seed" | "repeat_penalty" | "frequency_penalty"
                 | "presence_penalty",
             ) if is_null => {}
+            // llama.cpp's server and OpenAI's newer clients: -1 asks for a random seed.
+            (_, "seed") if value.as_i64() == Some(-1) => {}
+            // vLLM's name for llama.cpp's multiplicative penalty.
+            (_, "repetition_penalty") => {
+                protocol::set_setting(&mut settings, "repeat_penalty", &value).map_err(from_protocol)?;
+            }
             (
                 _,
                 "temperature" | "top_p" | "top_k" | "min_p" | "seed" | "repeat_penalty" | "frequency_penalty"
@@ -127,7 +139,14 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, HttpError> {
             (_, "response_format") if is_null || value.get("type").and_then(Value::as_str) == Some("text") => {}
             (_, "response_format") => return Err(refuse("response_format", "can only be {\"type\": \"text\"}")),
             (_, "tools" | "functions") if is_null || value.as_array().is_some_and(Vec::is_empty) => {}
-            (_, "tool_choice" | "function_call" | "parallel_tool_calls") if is_null || value == "none" => {}
+            // Without tools there is nothing to choose: only a demand for a call is refused.
+            (_, "tool_choice" | "function_call") if is_null || value == "none" || value == "auto" => {}
+            (_, "tool_choice" | "function_call") => return Err(refuse(&key, "needs tools, which are not supported")),
+            (Endpoint::Chat, "drop_old_turns") => {
+                drop_old_turns = value
+                    .as_bool()
+                    .ok_or_else(|| invalid("drop_old_turns", "true or false"))?
+            }
             // Features the daemon does not have: accepted only in their "off" spelling.
             (_, name) if UNSUPPORTED.contains(&name) => {
                 let off = is_null
@@ -138,20 +157,15 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, HttpError> {
                     return Err(refuse(&key, "is not supported"));
                 }
             }
-            // Accepted, and meaningless here: OpenAI's storage, service tier and metadata.
-            (_, "store" | "metadata" | "service_tier" | "reasoning_effort") => {}
-            (_, other) => {
-                return Err(HttpError::bad_field(
-                    "unknown_field",
-                    format!("unknown field '{other}'"),
-                ))
-            }
+            // Everything else: other servers' extensions (`cache_prompt`), OpenAI's storage,
+            // metadata and service tier, fields newer than this daemon.
+            (_, _) => ignored.push(key),
         }
     }
     let include_usage = match stream_options {
         Some(include) if stream => include,
-        Some(_) => return Err(invalid("stream_options", "given only with \"stream\": true")),
-        None => false,
+        // Some clients send stream_options on every call; without a stream it means nothing.
+        Some(_) | None => false,
     };
     let prompt = prompt.ok_or_else(|| {
         HttpError::bad_field(
@@ -169,6 +183,8 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, HttpError> {
         stop,
         stream,
         include_usage,
+        drop_old_turns,
+        ignored,
     })
 }
 
@@ -176,23 +192,13 @@ fn parse_stream_options(value: Value) -> Result<bool, HttpError> {
     let Value::Object(o) = value else {
         return Err(invalid("stream_options", "an object"));
     };
-    let mut include = false;
-    for (k, v) in o {
-        match k.as_str() {
-            "include_usage" => {
-                include = v
-                    .as_bool()
-                    .ok_or_else(|| invalid("stream_options.include_usage", "true or false"))?
-            }
-            _ => {
-                return Err(HttpError::bad_field(
-                    "unknown_field",
-                    format!("unknown field 'stream_options.{k}'"),
-                ))
-            }
-        }
+    // Newer options (`continuous_usage_stats`, ...) change nothing here.
+    match o.get("include_usage") {
+        None | Some(Value::Null) => Ok(false),
+        Some(v) => v
+            .as_bool()
+            .ok_or_else(|| invalid("stream_options.include_usage", "true or false")),
     }
-    Ok(include)
 }
 
 /// `prompt`: a string, or a list of one string (a list of several asks for several answers).
@@ -210,7 +216,7 @@ fn parse_prompt(value: Value) -> Result<String, HttpError> {
 
 /// `messages`: roles system (or OpenAI's newer `developer`), user, assistant; content a string
 /// or a list of text parts. The content stays text: it is never parsed for control tokens.
-fn parse_messages(value: Value) -> Result<Vec<Message>, HttpError> {
+fn parse_messages(value: Value, ignored: &mut Vec<String>) -> Result<Vec<Message>, HttpError> {
     let Value::Array(items) = value else {
         return Err(invalid("messages", "a list of messages"));
     };
@@ -220,7 +226,7 @@ fn parse_messages(value: Value) -> Result<Vec<Message>, HttpError> {
     items
         .into_iter()
         .enumerate()
-        .map(|(i, item)| {
+        .map(|(i, item)| -> Result<Message, HttpError> {
             let Value::Object(m) = item else {
                 return Err(invalid(&format!("messages[{i}]"), "an object"));
             };
@@ -243,18 +249,14 @@ fn parse_messages(value: Value) -> Result<Vec<Message>, HttpError> {
                         })
                     }
                     "content" => content = Some(parse_content(i, v)?),
-                    // A participant's name does not change what the template renders.
-                    "name" if v.is_string() => {}
-                    "tool_calls" | "function_call" | "tool_call_id" | "refusal" | "audio" if v.is_null() => {}
-                    "tool_calls" | "function_call" | "tool_call_id" | "audio" => {
+                    "tool_calls" | "function_call" | "tool_call_id" | "audio"
+                        if !(v.is_null() || v.as_array().is_some_and(Vec::is_empty)) =>
+                    {
                         return Err(refuse(&format!("messages[{i}].{k}"), "is not supported"))
                     }
-                    _ => {
-                        return Err(HttpError::bad_field(
-                            "unknown_field",
-                            format!("unknown field 'messages[{i}].{k}'"),
-                        ))
-                    }
+                    // A participant's name, a refusal, clients' own annotations: the template
+                    // renders role and content only.
+                    _ => ignored.push(format!("messages[{i}].{k}")),
                 }
             }
             let role = role.ok_or_else(|| invalid(&format!("messages[{i}].role"), "given"))?;
@@ -274,7 +276,13 @@ fn parse_content(i: usize, v: Value) -> Result<String, HttpError> {
                     part.get("type").and_then(Value::as_str),
                     part.get("text").and_then(Value::as_str),
                 ) {
-                    (Some("text"), Some(t)) => text.push_str(t),
+                    // Parts are separate paragraphs: "Say" + "hello" must not read "Sayhello".
+                    (Some("text"), Some(t)) => {
+                        if !text.is_empty() {
+                            text.push('\n');
+                        }
+                        text.push_str(t)
+                    }
                     (Some(other), _) if other != "text" => {
                         return Err(refuse(
                             &format!("messages[{i}].content"),
@@ -313,7 +321,7 @@ mod tests {
             r.prompt,
             Prompt::Messages(vec![
                 Message::new(Role::System, "Be brief."),
-                Message::new(Role::User, "Hi there")
+                Message::new(Role::User, "Hi \nthere")
             ])
         );
         assert!(r.stream && r.include_usage);
@@ -338,7 +346,19 @@ mod tests {
                 r#"{"messages":[{"role":"user","content":"x"}],"logprobs":true}"#,
                 "'logprobs'",
             ),
-            (r#"{"messages":[{"role":"user","content":"x"}],"bogus":1}"#, "'bogus'"),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"tool_choice":"required"}"#,
+                "'tool_choice'",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"logit_bias":{"1":5}}"#,
+                "'logit_bias'",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_object"}}"#,
+                "'response_format'",
+            ),
+            (r#"{"messages":[{"role":"user","content":"x"}],"seed":-2}"#, "'seed'"),
             (
                 r#"{"messages":[{"role":"user","content":"x"}],"temperature":-1}"#,
                 "'temperature'",
@@ -348,11 +368,7 @@ mod tests {
                 r#"{"messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#,
                 "messages[0].content",
             ),
-            (
-                r#"{"messages":[{"role":"user","content":"x"}],"stream_options":{"include_usage":true}}"#,
-                "'stream_options'",
-            ),
-            (r#"{"prompt":"x"}"#, "'prompt'"),
+            (r#"{"prompt":"x"}"#, "'messages'"),
             (r#"{"model":"m"}"#, "'messages'"),
         ] {
             let e = chat(body).unwrap_err();
@@ -363,6 +379,30 @@ mod tests {
         assert_eq!(chat("[1]").unwrap_err().code, "bad_request");
         let e = parse(Endpoint::Completion, br#"{"prompt":["a","b"]}"#).unwrap_err();
         assert!(e.message.contains("'prompt'"));
+    }
+
+    #[test]
+    fn what_other_clients_add_is_ignored_and_named() {
+        let r = chat(
+            r#"{"messages":[{"role":"user","content":[{"type":"text","text":"Say"},{"type":"text","text":"hello"}],"name":"ann","x":1}],
+               "cache_prompt":true,"parallel_tool_calls":false,"seed":-1,"repetition_penalty":1.2,"tools":[],"tool_choice":"auto",
+               "stream_options":{"include_usage":true,"continuous_usage_stats":true},"drop_old_turns":true}"#,
+        )
+        .unwrap();
+        assert_eq!(r.prompt, Prompt::Messages(vec![Message::new(Role::User, "Say\nhello")]));
+        assert_eq!(r.settings.seed, None, "-1 is a random seed");
+        assert_eq!(r.settings.repeat_penalty, Some(1.2));
+        assert!(!r.include_usage, "no stream, no usage chunk");
+        assert!(r.drop_old_turns);
+        assert_eq!(
+            r.ignored,
+            [
+                "cache_prompt",
+                "messages[0].name",
+                "messages[0].x",
+                "parallel_tool_calls"
+            ]
+        );
     }
 
     #[test]
