@@ -112,3 +112,98 @@ pub fn simulator_chip() -> std::sync::MutexGuard<'static, ()> {
     static CHIP: std::sync::Mutex<()> = std::sync::Mutex::new(());
     CHIP.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
+
+/// A `serve` daemon with the HTTP front on a free loopback port, on the default model
+/// (greedy, one thread); killed when dropped.
+pub struct HttpDaemon {
+    /// The process.
+    pub child: std::process::Child,
+    /// The HTTP port.
+    pub port: u16,
+    /// Its log (debug level).
+    pub log: PathBuf,
+}
+
+impl Drop for HttpDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl HttpDaemon {
+    /// Starts one with more `serve` arguments and waits until `/health` says it serves.
+    pub fn start(name: &str, args: &[&str]) -> HttpDaemon {
+        use std::io::{Read, Write};
+        use std::time::{Duration, Instant};
+        let dir = scratch(name);
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let child = bin(env!("CARGO_BIN_EXE_llama-tpu"))
+            .args([
+                "serve",
+                "--temperature",
+                "0",
+                "--log-level",
+                "debug",
+                "--threads",
+                "1",
+                "--model",
+            ])
+            .arg(default_model())
+            .arg("--socket")
+            .arg(dir.join("s.sock"))
+            .args(["--http", &format!("127.0.0.1:{port}")])
+            .args(args)
+            .stderr(std::fs::File::create(dir.join("log")).unwrap())
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let d = HttpDaemon {
+            child,
+            port,
+            log: dir.join("log"),
+        };
+        let until = Instant::now() + Duration::from_secs(120);
+        loop {
+            let mut reply = String::new();
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+                let _ = write!(
+                    s,
+                    "GET /health HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+                );
+                let _ = s.read_to_string(&mut reply);
+            }
+            if reply.starts_with("HTTP/1.1 200") {
+                return d;
+            }
+            assert!(Instant::now() < until, "the daemon never became healthy");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The OpenAI base URL.
+    pub fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}/v1", self.port)
+    }
+}
+
+/// Runs a script of `tests/reference` with the test venv's Python (`$LLAMA_TPU_PYTHON`, set
+/// by `make test`) and returns the JSON it prints; fails with its stderr.
+pub fn reference_script(name: &str, args: &[&str]) -> serde_json::Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference").join(name);
+    let python = std::env::var("LLAMA_TPU_PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = Command::new(&python)
+        .arg(&script)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {python}: {e} (`make test` sets up .cache/venv)"));
+    assert!(
+        out.status.success(),
+        "{name} failed (its packages come with `make venv`):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{name} printed no JSON: {e}"))
+}
