@@ -483,21 +483,23 @@ fn the_openai_python_client_streams_and_not() {
 }
 
 /// The chat page in a real browser: headless Chromium driven by Selenium (Debian's chromium
-/// and chromium-driver; `.ci/run` installs them, `make venv` installs selenium).
+/// and chromium-driver; `.ci/run` installs them, `make venv` installs selenium). The daemon
+/// has one queue place, so two long streams make the page's next question a 503 busy.
 #[test]
-fn the_chat_page_in_a_browser_answers_and_stops() {
+fn the_chat_page_in_a_browser_answers_keeps_the_chat_retries_and_stops() {
     assert!(
         std::path::Path::new("/usr/bin/chromium").exists() && std::path::Path::new("/usr/bin/chromedriver").exists(),
         "this test needs a browser: apt-get install chromium chromium-driver"
     );
-    let d = start("http-page");
+    let d = start_with("http-page", &[], &["--queue-depth", "1"]);
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/chat_page.py");
-    let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("chat-page.png");
+    let tmp = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let (wide, phone) = (tmp.join("chat-page.png"), tmp.join("chat-page-phone.png"));
     let python = std::env::var("LLAMA_TPU_PYTHON").unwrap_or_else(|_| "python3".into());
     let out = std::process::Command::new(&python)
         .arg(&script)
         .arg(format!("http://127.0.0.1:{}", d.port))
-        .arg(&shot)
+        .args([&wide, &phone])
         .output()
         .unwrap_or_else(|e| panic!("cannot run {python}: {e} (`make test` sets up .cache/venv)"));
     assert!(
@@ -506,24 +508,141 @@ fn the_chat_page_in_a_browser_answers_and_stops() {
         String::from_utf8_lossy(&out.stderr)
     );
     let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
-    eprintln!("{seen}\nscreenshot: {}", shot.display());
+    eprintln!("{seen}\nscreenshots: {} {}", wide.display(), phone.display());
     assert!(seen["state"].as_str().unwrap().contains("SmolLM2"), "{seen}");
+
+    // The answer streams in, with its timings and finish reason (OpenAI's, then the daemon's).
     assert!(seen["answer"].as_str().unwrap().contains("Paris"), "{seen}");
     let meta = seen["answer_meta"].as_str().unwrap();
     assert!(
-        meta.contains("first token") && meta.contains("tokens/s") && meta.contains("stop"),
+        meta.contains("first token") && meta.contains("tokens/s") && meta.contains("stop (eos)"),
         "{meta}"
     );
+    // A reload keeps the turns, their meta lines and the settings; New chat clears them.
+    assert_eq!(seen["reload_keeps_chat"], true, "{seen}");
+    assert_eq!(seen["reload_keeps_settings"], serde_json::json!(["0", "40"]), "{seen}");
+    assert_eq!(seen["new_chat_clears"], true, "{seen}");
+
+    // Text is text: typed markup, and markup in an answer's Markdown.
     assert_eq!(
         seen["markup_text"],
         "<b>bold</b><img src=x onerror=\"document.title='owned'\">"
     );
     assert_eq!(seen["markup_elements"], 0, "{seen}");
     assert_eq!(seen["title"], "llama-tpu");
+    assert_eq!(seen["stored_markup_elements"], 0, "{seen}");
+    assert_eq!(seen["stored_title"], "llama-tpu");
+
+    // Markdown from a stored conversation: fences (one still open) as <pre><code>, each with
+    // a Copy button, as each answer; lists, emphasis, inline code; only the http(s) link.
+    assert_eq!(seen["stored_turns"], 4, "{seen}");
+    let blocks = seen["code_blocks"].as_array().unwrap();
+    assert_eq!(blocks.len(), 2, "{seen}");
+    assert!(
+        blocks[0]
+            .as_str()
+            .unwrap()
+            .starts_with("print(\"Hello, world!\")\nnumbers = [0, 1,"),
+        "{seen}"
+    );
+    assert_eq!(blocks[1], "console.log(", "{seen}");
+    assert_eq!(
+        (&seen["code_copy_buttons"], &seen["answer_copy_buttons"]),
+        (&2.into(), &2.into()),
+        "{seen}"
+    );
+    assert_eq!(
+        seen["markdown"],
+        serde_json::json!({"h3": 1, "ol > li": 2, "li ul > li": 1, "strong": 1, "em": 1, "p code": 1}),
+        "{seen}"
+    );
+    assert_eq!(
+        seen["links"],
+        serde_json::json!([["https://docs.python.org/3/", "noopener noreferrer", "_blank"]]),
+        "{seen}"
+    );
+    let copied = seen["copied"].as_array().unwrap();
+    assert!(
+        copied.len() == 2
+            && copied[0]
+                .as_str()
+                .unwrap()
+                .starts_with("print(\"Hello, world!\")\nnumbers = [0,")
+            && copied[1]
+                .as_str()
+                .unwrap()
+                .starts_with("### Hello in Python\n\nSave this as `hello.py`:"),
+        "{seen}"
+    );
+    assert_eq!(seen["copy_label"], "Copied", "{seen}");
+    // At phone width: nothing wider than the window, the long code line scrolls in its block,
+    // the settings start folded.
+    assert_eq!(seen["phone_width"], 400, "{seen}");
+    assert_eq!(seen["phone_overflow"], 0, "{seen}");
+    assert_eq!(seen["phone_code_scrolls"], true, "{seen}");
+    assert_eq!(seen["phone_settings_folded"], true, "{seen}");
+
+    // The system prompt goes first and is kept; drop_old_turns is asked for, and the turn the
+    // daemon dropped to fit the context leaves the page's history too.
+    assert_eq!(seen["system_first"], true, "{seen}");
+    assert_eq!(seen["drop_old_turns_sent"], true, "{seen}");
+    assert!(
+        seen["dropped_meta"]
+            .as_str()
+            .unwrap()
+            .ends_with("2 old messages dropped to fit the context"),
+        "{seen}"
+    );
+    let kept = seen["after_drop_stored"].as_array().unwrap();
+    assert_eq!((kept.len(), kept[0].as_str()), (4, Some("What is 2+2?")), "{seen}");
+    assert_eq!(seen["after_drop_turns"], 4, "{seen}");
+    assert_eq!(seen["system_kept"], "You are a helpful assistant.");
+    assert_eq!(seen["system_cleared"], true);
+
+    // 503 busy: the error and Retry; the next question goes without the failed one; Retry
+    // asks it again, after the rest, and it is answered.
+    assert_eq!(seen["busy_meta"], "error: the queue is full; try again later", "{seen}");
+    assert_eq!(
+        (&seen["busy_retry_buttons"], &seen["busy_failed_turns"]),
+        (&1.into(), &2.into()),
+        "{seen}"
+    );
+    assert_eq!(
+        seen["after_busy_sent"],
+        serde_json::json!(["What is the capital of Italy?"]),
+        "{seen}"
+    );
+    assert!(seen["after_busy_answer"].as_str().unwrap().contains("Rome"), "{seen}");
+    let retried = seen["retry_sent"].as_array().unwrap();
+    assert_eq!(
+        (retried.len(), retried[0].as_str(), retried[2].as_str()),
+        (
+            3,
+            Some("What is the capital of Italy?"),
+            Some("What is the capital of Spain?")
+        ),
+        "{seen}"
+    );
+    assert!(seen["retry_answer"].as_str().unwrap().contains("Madrid"), "{seen}");
+    assert!(seen["retry_meta"].as_str().unwrap().contains("tokens/s"), "{seen}");
+    assert_eq!(seen["retry_turns"].as_array().unwrap().len(), 4, "{seen}");
+
+    // Stop aborts the request; the daemon cancels the generation.
     assert_eq!(seen["stopped_meta"], "stopped");
     assert_eq!(seen["cancelled"], 1.0, "{seen}");
     assert_eq!(seen["send_enabled_after_stop"], true);
-    assert!(std::fs::metadata(&shot).unwrap().len() > 10_000, "the screenshot");
+
+    assert_eq!(
+        seen["left_meta"], "error: the page was left during the answer",
+        "{seen}"
+    );
+    assert_eq!(seen["left_retry_buttons"], 1, "{seen}");
+    assert_eq!(seen["left_stored_failed"], serde_json::json!([true, true]), "{seen}");
+
+    assert_eq!(seen["screenshot_phone_overflow"], 0, "{seen}");
+    for shot in [&wide, &phone] {
+        assert!(std::fs::metadata(shot).unwrap().len() > 10_000, "{}", shot.display());
+    }
 }
 
 /// While the model loads (the test build holds the load for 3 s), `/health` says so with 503;
