@@ -5,107 +5,20 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-struct Daemon {
-    child: Child,
-    port: u16,
-    log: std::path::PathBuf,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+type Daemon = common::HttpDaemon;
+use common::http_health as health;
 
 fn start(name: &str) -> Daemon {
-    start_with(name, &[], &[])
+    Daemon::start(name, &[])
 }
 
-/// Starts the daemon (with more `serve` arguments) and waits until `/health` says it is
-/// serving.
 fn start_with(name: &str, env: &[(&str, &str)], args: &[&str]) -> Daemon {
-    let d = spawn_with(name, env, args);
-    let until = Instant::now() + Duration::from_secs(120);
-    while health(d.port).0 != 200 {
-        assert!(Instant::now() < until, "the daemon never became healthy");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    d
-}
-
-/// `/health`'s status and body; 0 when the port does not answer yet.
-fn health(port: u16) -> (u16, String) {
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
-        return (0, String::new());
-    };
-    let _ = write!(
-        s,
-        "GET /health HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
-    );
-    let mut all = String::new();
-    if s.read_to_string(&mut all).is_err() || all.len() < 12 {
-        return (0, String::new());
-    }
-    let body = all
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (all[9..12].parse().unwrap_or(0), body)
-}
-
-/// Starts the daemon and returns once its HTTP port accepts connections.
-fn spawn(name: &str, env: &[(&str, &str)]) -> Daemon {
-    spawn_with(name, env, &[])
-}
-
-fn spawn_with(name: &str, env: &[(&str, &str)], args: &[&str]) -> Daemon {
-    let dir = common::scratch(name);
-    let port = free_port();
-    let child = common::bin(env!("CARGO_BIN_EXE_llama-tpu"))
-        .args([
-            "serve",
-            "--temperature",
-            "0",
-            "--log-level",
-            "debug",
-            "--threads",
-            "1",
-            "--model",
-        ])
-        .arg(common::default_model())
-        .arg("--socket")
-        .arg(dir.join("s.sock"))
-        .args(["--http", &format!("127.0.0.1:{port}")])
-        .args(args)
-        .stderr(std::fs::File::create(dir.join("log")).unwrap())
-        .stdin(Stdio::null())
-        .envs(env.iter().copied())
-        .spawn()
-        .unwrap();
-    let until = Instant::now() + Duration::from_secs(120);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < until, "the HTTP port never opened");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Daemon {
-        child,
-        port,
-        log: dir.join("log"),
-    }
+    Daemon::start_with(name, env, args)
 }
 
 /// A streamed request that asks for a long answer; returns the open connection after the
@@ -444,19 +357,7 @@ fn sigterm_ends_an_open_stream_with_a_last_chunk_and_done() {
 #[test]
 fn the_openai_python_client_streams_and_not() {
     let d = start("http-openai");
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/openai_client.py");
-    let python = std::env::var("LLAMA_TPU_PYTHON").unwrap_or_else(|_| "python3".into());
-    let out = std::process::Command::new(&python)
-        .arg(&script)
-        .arg(format!("http://127.0.0.1:{}/v1", d.port))
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {python}: {e} (`make test` sets up .cache/venv)"));
-    assert!(
-        out.status.success(),
-        "the openai client failed (it needs the openai package: `make venv`):\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let seen = common::reference_script("openai_client.py", &[&d.base_url()]);
     eprintln!("{seen}");
     assert!(seen["chat"]["text"].as_str().unwrap().contains("Paris"), "{seen}");
     assert_eq!(seen["chat"]["finish_reason"], "stop");
@@ -492,22 +393,11 @@ fn the_chat_page_in_a_browser_answers_keeps_the_chat_retries_and_stops() {
         "this test needs a browser: apt-get install chromium chromium-driver"
     );
     let d = start_with("http-page", &[], &["--queue-depth", "1"]);
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/chat_page.py");
     let tmp = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
     let (wide, phone) = (tmp.join("chat-page.png"), tmp.join("chat-page-phone.png"));
-    let python = std::env::var("LLAMA_TPU_PYTHON").unwrap_or_else(|_| "python3".into());
-    let out = std::process::Command::new(&python)
-        .arg(&script)
-        .arg(format!("http://127.0.0.1:{}", d.port))
-        .args([&wide, &phone])
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {python}: {e} (`make test` sets up .cache/venv)"));
-    assert!(
-        out.status.success(),
-        "the browser test failed (it needs selenium: `make venv`):\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let base = format!("http://127.0.0.1:{}", d.port);
+    let (wide_arg, phone_arg) = (wide.display().to_string(), phone.display().to_string());
+    let seen = common::reference_script("chat_page.py", &[&base, &wide_arg, &phone_arg]);
     eprintln!("{seen}\nscreenshots: {} {}", wide.display(), phone.display());
     assert!(seen["state"].as_str().unwrap().contains("SmolLM2"), "{seen}");
 
@@ -649,7 +539,7 @@ fn the_chat_page_in_a_browser_answers_keeps_the_chat_retries_and_stops() {
 /// once loaded, 200.
 #[test]
 fn health_says_loading_then_ok() {
-    let d = spawn("http-loading", &[("LLAMA_TPU_FAULT_LOAD_DELAY_MS", "3000")]);
+    let d = Daemon::spawn("http-loading", &[("LLAMA_TPU_FAULT_LOAD_DELAY_MS", "3000")], &[]);
     let (status, body) = health(d.port);
     assert_eq!(status, 503, "{body}");
     let v: Value = serde_json::from_str(&body).unwrap();

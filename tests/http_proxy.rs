@@ -23,14 +23,6 @@ impl Drop for Stopped {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn need(tool: &str, package: &str) {
     let found = Command::new("sh")
         .args(["-c", &format!("command -v {tool}")])
@@ -167,7 +159,7 @@ fn behind_nginx_and_caddy_with_tls() {
     let d = common::HttpDaemon::start("http-proxy-daemon", &["--allowed-host", "box.example"]);
     let upstream = d.port;
 
-    let nginx_port = free_port();
+    let nginx_port = common::free_port();
     let dirs = dir.display();
     let server = documented("nginx");
     let server = replaced(
@@ -202,7 +194,7 @@ fn behind_nginx_and_caddy_with_tls() {
     drop(nginx);
 
     // Caddy signs the certificate with its own authority: curl trusts that one.
-    let caddy_port = free_port();
+    let caddy_port = common::free_port();
     let site = documented("caddyfile");
     let site = replaced(
         &site,

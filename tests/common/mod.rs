@@ -113,14 +113,22 @@ pub fn simulator_chip() -> std::sync::MutexGuard<'static, ()> {
     CHIP.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// A free loopback TCP port (bound and released: good for a test that binds it at once).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port()
+}
+
 /// A `serve` daemon with the HTTP front on a free loopback port, on the default model
-/// (greedy, one thread); killed when dropped.
+/// (greedy, one thread, debug log); killed when dropped.
 pub struct HttpDaemon {
     /// The process.
     pub child: std::process::Child,
     /// The HTTP port.
     pub port: u16,
-    /// Its log (debug level).
+    /// Its log.
     pub log: PathBuf,
 }
 
@@ -134,13 +142,25 @@ impl Drop for HttpDaemon {
 impl HttpDaemon {
     /// Starts one with more `serve` arguments and waits until `/health` says it serves.
     pub fn start(name: &str, args: &[&str]) -> HttpDaemon {
-        use std::io::{Read, Write};
-        use std::time::{Duration, Instant};
+        HttpDaemon::start_with(name, &[], args)
+    }
+
+    /// The same with environment variables (the test build's fault points).
+    pub fn start_with(name: &str, env: &[(&str, &str)], args: &[&str]) -> HttpDaemon {
+        let d = HttpDaemon::spawn(name, env, args);
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while http_health(d.port).0 != 200 {
+            assert!(std::time::Instant::now() < until, "the daemon never became healthy");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        d
+    }
+
+    /// Starts one and returns once its HTTP port accepts connections (the model may still
+    /// be loading).
+    pub fn spawn(name: &str, env: &[(&str, &str)], args: &[&str]) -> HttpDaemon {
         let dir = scratch(name);
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .unwrap()
-            .port();
+        let port = free_port();
         let child = bin(env!("CARGO_BIN_EXE_llama-tpu"))
             .args([
                 "serve",
@@ -159,28 +179,18 @@ impl HttpDaemon {
             .args(args)
             .stderr(std::fs::File::create(dir.join("log")).unwrap())
             .stdin(std::process::Stdio::null())
+            .envs(env.iter().copied())
             .spawn()
             .unwrap();
-        let d = HttpDaemon {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(std::time::Instant::now() < until, "the HTTP port never opened");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        HttpDaemon {
             child,
             port,
             log: dir.join("log"),
-        };
-        let until = Instant::now() + Duration::from_secs(120);
-        loop {
-            let mut reply = String::new();
-            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
-                let _ = write!(
-                    s,
-                    "GET /health HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
-                );
-                let _ = s.read_to_string(&mut reply);
-            }
-            if reply.starts_with("HTTP/1.1 200") {
-                return d;
-            }
-            assert!(Instant::now() < until, "the daemon never became healthy");
-            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
@@ -188,6 +198,27 @@ impl HttpDaemon {
     pub fn base_url(&self) -> String {
         format!("http://127.0.0.1:{}/v1", self.port)
     }
+}
+
+/// `/health`'s status and body on a loopback port; 0 when the port does not answer yet.
+pub fn http_health(port: u16) -> (u16, String) {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return (0, String::new());
+    };
+    let _ = write!(
+        s,
+        "GET /health HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+    );
+    let mut all = String::new();
+    if s.read_to_string(&mut all).is_err() || all.len() < 12 {
+        return (0, String::new());
+    }
+    let body = all
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (all[9..12].parse().unwrap_or(0), body)
 }
 
 /// Runs a script of `tests/reference` with the test venv's Python (`$LLAMA_TPU_PYTHON`, set
