@@ -458,6 +458,20 @@ mod tests {
         let c: Config =
             toml::from_str("serial = [\"/dev/serial/by-path/pci-0000:00:14.0-usb-0:2:1.0-port0\"]").unwrap();
         assert_eq!(c.serial_lines().unwrap()[0].baud, crate::server::serial::DEFAULT_BAUD);
+        for bad in [
+            "allowed_hosts = [\"a b\"]",
+            "allowed_hosts = [\"\"]",
+            "cors_origins = [\"ftp://x\"]",
+            "cors_origins = [\"https://app.example/path\"]",
+        ] {
+            let c: Config = toml::from_str(bad).unwrap();
+            assert_eq!(c.validate().unwrap_err().exit, Exit::Config, "{bad}");
+        }
+        let c: Config = toml::from_str(
+            "allowed_hosts = [\"box.local\", \"*\"]\ncors_origins = [\"https://app.example:8443/\", \"*\"]",
+        )
+        .unwrap();
+        assert!(c.validate().is_ok());
         let c: Config = toml::from_str("socket_mode = \"0600\"\nrequest_timeout = 0").unwrap();
         assert_eq!(c.socket_mode().unwrap(), 0o600);
         assert_eq!(c.defaults().unwrap().request_timeout, None);
