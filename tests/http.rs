@@ -675,6 +675,19 @@ fn one_connection_serves_requests_in_turn() {
     let tokens: Value = serde_json::from_str(&c.read(false).body).unwrap();
     assert!(!tokens["tokens"].as_array().unwrap().is_empty());
 
+    // A refusal whose request had no body keeps the connection, and the next request is
+    // answered as itself (the refused head is not read again).
+    c.send(&format!("GET /nope HTTP/1.1\r\nHost: {host}\r\n\r\n"));
+    assert_eq!(c.read(false).status, 404);
+    c.send(&format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: text/plain\r\nContent-Length: 0\r\n\r\n"
+    ));
+    assert_eq!(c.read(false).status, 415);
+    c.send(&format!("GET /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\n\r\n"));
+    assert_eq!(c.read(false).status, 405);
+    c.send(&format!("GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n"));
+    assert!(c.read(false).body.contains("\"status\":\"ok\""));
+
     // Two requests in one write: two answers, in order.
     c.send(&format!(
         "GET /health HTTP/1.1\r\nHost: {host}\r\n\r\nGET /v1/models HTTP/1.1\r\nHost: {host}\r\n\r\n"
@@ -797,7 +810,7 @@ fn the_key_guards_every_route_and_cors_names_its_origins() {
     }
     let mut c = Client::connect(port);
     c.send(&format!(
-        "OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nOrigin: https://app.example\r\nAccess-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: authorization, content-type\r\n\r\n"
+        "OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nOrigin: https://app.example\r\nAccess-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: authorization, content-type, x-stainless-lang\r\n\r\n"
     ));
     let preflight = c.read(false);
     assert_eq!(preflight.status, 204);
@@ -805,10 +818,12 @@ fn the_key_guards_every_route_and_cors_names_its_origins() {
         preflight.header("access-control-allow-origin"),
         Some("https://app.example")
     );
-    assert!(preflight
-        .header("access-control-allow-headers")
-        .unwrap()
-        .contains("Authorization"));
+    assert_eq!(
+        preflight.header("access-control-allow-headers"),
+        Some("authorization, content-type, x-stainless-lang"),
+        "the headers the client announced (the OpenAI SDK adds its own)"
+    );
+    assert_eq!(preflight.header("content-length"), None, "a 204 says no length");
     assert!(preflight
         .header("access-control-allow-methods")
         .unwrap()
@@ -822,6 +837,16 @@ fn the_key_guards_every_route_and_cors_names_its_origins() {
         models.header("access-control-allow-origin"),
         Some("https://app.example")
     );
+    let (status, refused) = {
+        let mut c = Client::connect(port);
+        c.send(&format!(
+            "GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nOrigin: https://app.example\r\n\r\n"
+        ));
+        let r = c.read(false);
+        (r.status, r.header("access-control-allow-origin").map(str::to_string))
+    };
+    assert_eq!(status, 401);
+    assert_eq!(refused.as_deref(), Some("https://app.example"), "the page may read why");
     let (status, _) = exchange(
         port,
         &format!("OPTIONS /v1/models HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nOrigin: https://evil.example\r\n\r\n"),

@@ -301,6 +301,9 @@ impl Config {
         }
         let listener =
             std::net::TcpListener::bind(sock).map_err(|e| bad(format!("http: cannot listen on {sock}: {e}")))?;
+        if api_key.is_none() && self.allowed_hosts.iter().flatten().any(|h| h == "*") {
+            log::warn!("allowed_hosts = [\"*\"] without an API key: any web page whose name resolves to this address may use the API (no DNS-rebinding protection)");
+        }
         let policy = Policy::for_tcp(self.allowed_hosts.as_deref(), api_key, &self.cors_origins);
         Ok(Some((HttpListener::Tcp(listener), policy)))
     }

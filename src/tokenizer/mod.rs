@@ -275,14 +275,16 @@ impl Tokenizer {
         &self.bytes[self.offsets[i] as usize..self.offsets[i + 1] as usize]
     }
 
-    /// The text a control token is written as (`<|im_start|>`), for showing it; `None` for
-    /// ordinary tokens (their bytes are [`Tokenizer::token_bytes`]).
-    pub fn control_text(&self, id: u32) -> Option<String> {
+    /// The text each control token is written as (`<|im_start|>`), by id, for showing them;
+    /// ordinary tokens are [`Tokenizer::token_bytes`]. Built anew on each call (the library
+    /// copies its table): call it once per request, not per token.
+    pub fn control_texts(&self) -> std::collections::HashMap<u32, String> {
         self.inner
             .get_added_tokens_decoder()
-            .get(&id)
-            .filter(|t| t.special)
-            .map(|t| t.content.clone())
+            .into_iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, t)| (id, t.content))
+            .collect()
     }
 
     /// Whether `id` ends a generation.

@@ -177,6 +177,13 @@ impl Stream {
         };
     }
 
+    fn shutdown_write(&self) {
+        let _ = match self {
+            Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Write),
+            Stream::Unix(s) => s.shutdown(std::net::Shutdown::Write),
+        };
+    }
+
     fn fd(&self) -> RawFd {
         match self {
             Stream::Tcp(s) => s.as_raw_fd(),
@@ -358,12 +365,20 @@ impl Response {
     }
 
     fn render(&self, keep: bool, cors: Option<&str>, with_body: bool) -> Vec<u8> {
+        // A 204 has no body and says nothing of its length.
+        let length = if self.status == 204 {
+            String::new()
+        } else {
+            format!(
+                "Content-Type: {}\r\nContent-Length: {}\r\n",
+                self.content_type,
+                self.body.len()
+            )
+        };
         let mut out = format!(
-            "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\nConnection: {}\r\n{}{}\r\n",
+            "HTTP/1.1 {} {}\r\n{length}Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\nConnection: {}\r\n{}{}\r\n",
             self.status,
             reason(self.status),
-            self.content_type,
-            self.body.len(),
             if keep { "keep-alive" } else { "close" },
             cors_headers(cors),
             self.headers,
@@ -450,7 +465,32 @@ impl Connection {
                 }
             }
         }
+        if !shared.is_stopping() {
+            self.linger();
+        }
         self.stream.shutdown();
+    }
+
+    /// Closes gently: the reply is sent, then what the client still sends (a body refused
+    /// unread) is read off for a moment, so that the kernel does not answer it with a reset,
+    /// which would destroy the reply before the client reads it.
+    fn linger(&mut self) {
+        self.stream.shutdown_write();
+        let until = Instant::now() + Duration::from_secs(1);
+        let mut left = head::MAX_BODY;
+        while left > 0 && Instant::now() < until {
+            let _ = self.stream.set_read_timeout(Some(WATCH_TICK));
+            match self.stream.read(&mut self.buf) {
+                Ok(0) => break,
+                Ok(n) => left = left.saturating_sub(n),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                    ) => {}
+                Err(_) => break,
+            }
+        }
     }
 
     /// Reads into the buffer with `deadline`; `Ok(false)`: the client closed the connection.
@@ -490,10 +530,12 @@ impl Connection {
         }
     }
 
-    /// Waits for the next request's head: the first within [`REQUEST_TIME`], a later one
-    /// begun within [`IDLE_TIMEOUT`] and sent within [`REQUEST_TIME`].
+    /// Waits for the next request's head: begun within [`IDLE_TIMEOUT`], sent whole within
+    /// [`REQUEST_TIME`].
     fn next_request(&mut self, shared: &Shared, first: bool) -> Result<(Head, usize), Ended> {
-        if self.have == 0 && !first {
+        // A connection that sends nothing (a browser's spare one, or one done asking) is
+        // closed after the idle time, quietly; a request begun has REQUEST_TIME to arrive whole.
+        if self.have == 0 {
             let idle_until = Instant::now() + IDLE_TIMEOUT;
             loop {
                 if shared.is_stopping() || Instant::now() >= idle_until {
@@ -523,7 +565,7 @@ impl Connection {
                         "the connection closed mid-request".into(),
                     )))
                 }
-                // A connection that never sent a byte of a later request just ends.
+                // A connection that closed before a byte of a later request just ends.
                 Err(Ended::With(e)) if self.have == 0 && !first && e.status != 408 => {
                     let _ = e;
                     return Err(Ended::Quietly);
@@ -533,15 +575,15 @@ impl Connection {
         }
     }
 
-    /// Reads the body that follows a head of `used` bytes (sending `100 Continue` first when
-    /// the client waits for it), and drops both from the buffer.
-    fn read_body(&mut self, head: &Head, used: usize, shared: &Shared) -> Result<Vec<u8>, Ended> {
+    /// Reads the body that follows the head (already consumed), sending `100 Continue` first
+    /// when an HTTP/1.1 client waits for it, and drops it from the buffer.
+    fn read_body(&mut self, head: &Head, shared: &Shared) -> Result<Vec<u8>, Ended> {
         let want = head.content_length;
         let mut body = Vec::with_capacity(want);
-        let ahead = (self.have - used).min(want);
-        body.extend_from_slice(&self.buf[used..used + ahead]);
-        self.consume(used + ahead);
-        if body.len() < want && head.expect_continue {
+        let ahead = self.have.min(want);
+        body.extend_from_slice(&self.buf[..ahead]);
+        self.consume(ahead);
+        if body.len() < want && head.expect_continue && !head.http10 {
             self.send(b"HTTP/1.1 100 Continue\r\n\r\n");
         }
         let deadline = Instant::now() + REQUEST_TIME;
@@ -586,6 +628,8 @@ impl Connection {
 
     /// Serves one request whose head took `used` bytes. Returns whether to read another.
     fn handle(&mut self, head: Head, used: usize, shared: &Arc<Shared>, config: &HttpConfig) -> bool {
+        // The head is served from here on; what follows it is its body, then the next request.
+        self.consume(used);
         // An answer given without reading the body leaves it in the way of the next request.
         let body_pending = head.content_length > 0;
         // A CORS preflight never carries credentials: the request it announces will.
@@ -600,7 +644,9 @@ impl Connection {
                     head.path,
                     e.message
                 );
-                return self.reply(&head, &Response::error(&e), false, None);
+                // A configured web application may read why it was refused.
+                let cors = config.policy.cors_origin(&head);
+                return self.reply(&head, &Response::error(&e), false, cors.as_deref());
             }
         };
         let cors = admitted.cors_origin.clone();
@@ -614,21 +660,10 @@ impl Connection {
             Route::Chat | Route::Completion | Route::Tokenize | Route::Detokenize
         );
         if !post {
-            self.consume(used.min(self.have));
-            if body_pending {
-                // A GET with a body: nobody sends one; read it off rather than guess.
-                let _ = self.read_body(
-                    &Head {
-                        content_length: head.content_length,
-                        expect_continue: false,
-                        ..head.clone()
-                    },
-                    0,
-                    shared,
-                );
-            }
-            let r = simple_route(&route, &admitted, shared, config);
-            return self.reply(&head, &r, true, cors);
+            // A GET with a body: nobody sends one; read it off rather than guess.
+            let read_off = !body_pending || self.read_body(&head, shared).is_ok();
+            let r = simple_route(&route, &admitted, &head, shared, config);
+            return self.reply(&head, &r, read_off, cors);
         }
         if head.content_type.as_deref() != Some("application/json") {
             let e = HttpError::new(
@@ -639,7 +674,7 @@ impl Connection {
             );
             return self.reply(&head, &Response::error(&e), !body_pending, cors);
         }
-        let body = match self.read_body(&head, used, shared) {
+        let body = match self.read_body(&head, shared) {
             Ok(b) => b,
             Err(Ended::With(e)) => {
                 log::info!("http {}: {}", self.peer, e.message);
@@ -809,7 +844,7 @@ impl Connection {
 }
 
 /// Answers the routes that need neither a body nor the engine.
-fn simple_route(route: &Route, admitted: &Admitted, shared: &Shared, config: &HttpConfig) -> Response {
+fn simple_route(route: &Route, admitted: &Admitted, head: &Head, shared: &Shared, config: &HttpConfig) -> Response {
     let model = || {
         json!({
             "id": shared.facts.model, "object": "model", "created": 0, "owned_by": "llama-tpu",
@@ -854,9 +889,15 @@ fn simple_route(route: &Route, admitted: &Admitted, shared: &Shared, config: &Ht
         Route::Preflight => {
             let mut r = Response::new(204, "text/plain", Vec::new()).header("Allow: GET, HEAD, POST, OPTIONS");
             if admitted.cors_origin.is_some() {
+                // The headers the page's client announced (the OpenAI SDK adds its own), once
+                // head.rs has checked they are a plain list of names.
+                let headers = head
+                    .cors_request_headers
+                    .as_deref()
+                    .unwrap_or("Authorization, Content-Type");
                 r = r
                     .header("Access-Control-Allow-Methods: GET, HEAD, POST, OPTIONS")
-                    .header("Access-Control-Allow-Headers: Authorization, Content-Type")
+                    .header(&format!("Access-Control-Allow-Headers: {headers}"))
                     .header("Access-Control-Max-Age: 600");
             }
             r
@@ -914,27 +955,52 @@ struct StreamStart {
     head: Vec<u8>,
     chunked: bool,
     keep: bool,
-    started: Mutex<bool>,
+    /// One lock for the stream's whole life, so the head goes out once, before anything else,
+    /// and nothing follows the end.
+    state: Mutex<StreamState>,
+}
+
+/// Where a stream is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StreamState {
+    /// Nothing sent yet.
+    Pending,
+    /// The head went out.
+    Started,
+    /// The reply is complete (or the client gone): nothing more goes out.
+    Ended,
 }
 
 impl StreamStart {
-    /// Sends the head once; `false` if the client cannot take it.
+    fn lock(&self) -> std::sync::MutexGuard<'_, StreamState> {
+        // Each critical section leaves the state whole: a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sends the head once; `false` if the client cannot take it or the stream has ended.
     fn begin(&self) -> bool {
-        let mut started = self.started.lock().unwrap_or_else(PoisonError::into_inner);
-        if *started {
-            return true;
+        let mut state = self.lock();
+        match *state {
+            StreamState::Started => true,
+            StreamState::Ended => false,
+            StreamState::Pending => {
+                // The reserve may hold it: a long origin and model name make a long head.
+                if self.out.push(&self.head, true) == Pushed::Queued {
+                    *state = StreamState::Started;
+                    true
+                } else {
+                    self.out.mark_gone();
+                    *state = StreamState::Ended;
+                    false
+                }
+            }
         }
-        *started = true;
-        self.out.push(&self.head, false) == Pushed::Queued
     }
 
-    fn is_started(&self) -> bool {
-        *self.started.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// An SSE comment, if the stream has begun.
+    /// An SSE comment, if the stream has begun and not ended.
     fn comment(&self, text: &[u8]) {
-        if !self.is_started() {
+        let state = self.lock();
+        if *state != StreamState::Started {
             return;
         }
         let mut framed = [0u8; 128];
@@ -949,6 +1015,7 @@ impl StreamStart {
 
 /// `payload` framed as one HTTP chunk (or as it is) into `buf`; returns the length.
 fn frame_into(buf: &mut [u8], chunked: bool, payload: &[u8]) -> usize {
+    debug_assert!(payload.len() + 12 <= buf.len(), "a frame larger than its buffer");
     let mut w = std::io::Cursor::new(buf);
     if chunked {
         let _ = write!(w, "{:x}\r\n", payload.len());
@@ -1025,7 +1092,7 @@ impl HttpReply {
                 head: Vec::new(),
                 chunked: framing.chunked,
                 keep: framing.keep,
-                started: Mutex::new(false),
+                state: Mutex::new(StreamState::Pending),
             }),
             framing,
             fell_behind: false,
@@ -1060,7 +1127,7 @@ impl HttpReply {
                 head,
                 chunked: reply.framing.chunked,
                 keep: reply.framing.keep,
-                started: Mutex::new(false),
+                state: Mutex::new(StreamState::Pending),
             });
         }
         reply
@@ -1193,6 +1260,11 @@ impl Reply for HttpReply {
     }
 
     fn finish(&mut self, outcome: Outcome<'_>) {
+        // Decided, written and closed under the stream's lock: the connection thread cannot
+        // start the stream or add a comment in between.
+        let start = Arc::clone(&self.start);
+        let mut state = start.lock();
+        let started = *state == StreamState::Started;
         let bytes = match outcome {
             Outcome::Failed { code, message } => {
                 let status = failure_status(code);
@@ -1206,7 +1278,7 @@ impl Reply for HttpReply {
                     code,
                     message.to_string(),
                 );
-                if self.start.is_started() {
+                if started {
                     // After the 200: an error event, and the stream ends.
                     self.scratch.clear();
                     self.scratch.extend_from_slice(b"data: ");
@@ -1222,33 +1294,45 @@ impl Reply for HttpReply {
                     Response::error(&e).bytes(self.framing.keep, self.framing.cors.as_deref())
                 }
             }
+            Outcome::Done(summary) if self.stream => {
+                let mut all = if started { Vec::new() } else { start.head.clone() };
+                all.extend_from_slice(&self.stream_end(summary));
+                all
+            }
             Outcome::Done(summary) => {
-                if self.stream {
-                    self.start.begin();
-                    self.stream_end(summary)
-                } else {
-                    let (reason, native) = finish_reasons(summary);
-                    let choice = match self.endpoint {
-                        Endpoint::Chat => {
-                            json!({"index": 0, "message": {"role": "assistant", "content": self.text, "refusal": null}, "logprobs": null, "finish_reason": reason, "native_finish_reason": native})
-                        }
-                        Endpoint::Completion => {
-                            json!({"index": 0, "text": self.text, "logprobs": null, "finish_reason": reason, "native_finish_reason": native})
-                        }
-                    };
-                    let body = json!({
-                        "id": self.id, "object": self.object(), "created": self.created, "model": self.model,
-                        "choices": [choice], "usage": Self::usage(summary), "timings": Self::timings(summary),
-                    })
-                    .to_string();
-                    Response::json(200, &body).bytes(self.framing.keep, self.framing.cors.as_deref())
-                }
+                let (reason, native) = finish_reasons(summary);
+                let choice = match self.endpoint {
+                    Endpoint::Chat => {
+                        json!({"index": 0, "message": {"role": "assistant", "content": self.text, "refusal": null}, "logprobs": null, "finish_reason": reason, "native_finish_reason": native})
+                    }
+                    Endpoint::Completion => {
+                        json!({"index": 0, "text": self.text, "logprobs": null, "finish_reason": reason, "native_finish_reason": native})
+                    }
+                };
+                let body = json!({
+                    "id": self.id, "object": self.object(), "created": self.created, "model": self.model,
+                    "choices": [choice], "usage": Self::usage(summary), "timings": Self::timings(summary),
+                })
+                .to_string();
+                Response::json(200, &body).bytes(self.framing.keep, self.framing.cors.as_deref())
             }
         };
-        if self.out.push(&bytes, true) != Pushed::Queued {
-            self.out.mark_gone();
+        if *state != StreamState::Ended {
+            match self.out.push(&bytes, true) {
+                Pushed::Queued => {}
+                Pushed::Full => {
+                    log::warn!(
+                        "http: a reply of {} bytes does not fit the client's outbound buffer; it is dropped",
+                        bytes.len()
+                    );
+                    self.out.mark_gone();
+                }
+                Pushed::Gone => self.out.mark_gone(),
+            }
         }
         self.out.close();
+        *state = StreamState::Ended;
+        drop(state);
         self.done.store(true, Ordering::Release);
     }
 }

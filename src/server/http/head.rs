@@ -68,6 +68,9 @@ pub struct Head {
     pub close: bool,
     /// `Expect: 100-continue`: the client waits for `100 Continue` before sending the body.
     pub expect_continue: bool,
+    /// A preflight's `Access-Control-Request-Headers`, when it is a plain list of header names
+    /// (so it can be named back).
+    pub cors_request_headers: Option<String>,
 }
 
 /// Parses a request head from the start of `buf`. `Ok(None)`: incomplete, read more (unless
@@ -107,6 +110,7 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Head, usize)>, HttpError> {
         http10,
         close: http10,
         expect_continue: false,
+        cors_request_headers: None,
     };
     let mut length_seen = false;
     for h in req.headers.iter() {
@@ -162,6 +166,11 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Head, usize)>, HttpError> {
                         head.close = false;
                     }
                 }
+            }
+            "access-control-request-headers"
+                if value.len() <= 512 && value.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_, ".contains(&b)) =>
+            {
+                head.cors_request_headers = Some(value.to_string());
             }
             "expect" if value.eq_ignore_ascii_case("100-continue") => head.expect_continue = true,
             "expect" => {
@@ -279,6 +288,16 @@ impl Policy {
         }
     }
 
+    /// The configured CORS origin a request comes from, if any (named back even on a refusal,
+    /// so the page can read why).
+    pub fn cors_origin(&self, head: &Head) -> Option<String> {
+        let origin = head.origin.as_deref()?.trim_end_matches('/').to_ascii_lowercase();
+        self.cors_origins
+            .iter()
+            .any(|o| *o == origin || o == "*")
+            .then_some(origin)
+    }
+
     /// Checks where a request comes from; `needs_key`: anything but the page and `/health`
     /// (as llama.cpp's server does).
     ///
@@ -296,8 +315,8 @@ impl Policy {
         let mut admitted = Admitted { cors_origin: None };
         if let Some(origin) = &head.origin {
             let origin = origin.trim_end_matches('/').to_ascii_lowercase();
-            if self.cors_origins.iter().any(|o| *o == origin || o == "*") {
-                admitted.cors_origin = Some(origin);
+            if let Some(allowed) = self.cors_origin(head) {
+                admitted.cors_origin = Some(allowed);
             } else if !self.same_origin(&origin, head.host.as_deref()) {
                 return Err(HttpError::forbidden(format!(
                     "cross-origin requests from '{origin}' are refused (cors_origins names the origins that may call)"
@@ -463,8 +482,11 @@ mod tests {
     fn cors_origins_are_named_back() {
         let p = Policy::for_tcp(None, None, &["https://App.Example:8443/".to_string()]);
         let h = head(
-            "OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: localhost:8080\r\nOrigin: https://app.example:8443\r\n\r\n",
+            "OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: localhost:8080\r\nOrigin: https://app.example:8443\r\nAccess-Control-Request-Headers: authorization, x-stainless-os\r\n\r\n",
         );
+        assert_eq!(h.cors_request_headers.as_deref(), Some("authorization, x-stainless-os"));
+        let odd = head("OPTIONS / HTTP/1.1\r\nAccess-Control-Request-Headers: a:b\r\n\r\n");
+        assert_eq!(odd.cors_request_headers, None);
         assert_eq!(
             p.check(&h, false).unwrap().cors_origin.as_deref(),
             Some("https://app.example:8443")

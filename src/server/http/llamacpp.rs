@@ -74,11 +74,12 @@ pub fn tokenize(body: &[u8], tokenizer: &Tokenizer) -> Result<Value, HttpError> 
     if !with_pieces {
         return Ok(json!({ "tokens": ids }));
     }
+    let controls = tokenizer.control_texts();
     let tokens: Vec<Value> = ids
         .iter()
         .map(|&id| {
             let bytes = tokenizer.token_bytes(id);
-            let piece = match (tokenizer.control_text(id), std::str::from_utf8(bytes)) {
+            let piece = match (controls.get(&id), std::str::from_utf8(bytes)) {
                 (Some(control), _) => json!(control),
                 (None, Ok(s)) => json!(s),
                 (None, Err(_)) => json!(bytes),
@@ -120,9 +121,10 @@ pub fn detokenize(body: &[u8], tokenizer: &Tokenizer) -> Result<Value, HttpError
         })
         .collect::<Result<Vec<u32>, _>>()?;
     // Control tokens are shown as their text, as llama-server shows them.
+    let controls = tokenizer.control_texts();
     let mut bytes = Vec::new();
     for &id in &ids {
-        match tokenizer.control_text(id) {
+        match controls.get(&id) {
             Some(text) => bytes.extend_from_slice(text.as_bytes()),
             None => bytes.extend_from_slice(tokenizer.token_bytes(id)),
         }
