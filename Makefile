@@ -80,7 +80,8 @@ run: build model
 demo: build model
 	$(PYTHON) scripts/demo.py $(BIN) $(MODEL_FILE) .cache/demo "$(PROMPT)"
 
-# A Python 3 virtual environment for downloads and the numpy reference (numpy, gguf).
+# A Python 3 virtual environment for downloads, the numpy reference (numpy, gguf) and the
+# clients the HTTP tests drive (openai, langchain-openai, litellm: pinned; selenium).
 # The marker names what the venv holds: a new package list gets a new marker, so an old venv
 # is completed, not trusted.
 VENV_DONE := $(VENV)/.done-5
