@@ -41,18 +41,8 @@ pub fn scratch(name: &str) -> PathBuf {
 /// `$LLAMA_TPU_PYTHON` (set by `make test` to its venv) or `python3`. Fails loudly when Python,
 /// numpy or gguf are missing.
 pub fn numpy_reference(dir: &Path) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/llama_reference.py");
-    let python = std::env::var("LLAMA_TPU_PYTHON").unwrap_or_else(|_| "python3".into());
-    let out = Command::new(&python)
-        .arg(&script)
-        .arg(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {python}: {e} (`make test` sets up .cache/venv)"));
-    assert!(
-        out.status.success(),
-        "the numpy reference failed; it needs numpy and gguf (`make venv`):\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let dir = dir.display().to_string();
+    run_reference("llama_reference.py", &[&dir]);
 }
 
 /// Reads little-endian f32s.
@@ -222,8 +212,8 @@ pub fn http_health(port: u16) -> (u16, String) {
 }
 
 /// Runs a script of `tests/reference` with the test venv's Python (`$LLAMA_TPU_PYTHON`, set
-/// by `make test`) and returns the JSON it prints; fails with its stderr.
-pub fn reference_script(name: &str, args: &[&str]) -> serde_json::Value {
+/// by `make test`) and returns what it printed; fails with its stderr.
+fn run_reference(name: &str, args: &[&str]) -> Vec<u8> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference").join(name);
     let python = std::env::var("LLAMA_TPU_PYTHON").unwrap_or_else(|_| "python3".into());
     let out = Command::new(&python)
@@ -236,5 +226,10 @@ pub fn reference_script(name: &str, args: &[&str]) -> serde_json::Value {
         "{name} failed (its packages come with `make venv`):\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{name} printed no JSON: {e}"))
+    out.stdout
+}
+
+/// The same, for a script that prints JSON.
+pub fn reference_script(name: &str, args: &[&str]) -> serde_json::Value {
+    serde_json::from_slice(&run_reference(name, args)).unwrap_or_else(|e| panic!("{name} printed no JSON: {e}"))
 }

@@ -759,17 +759,20 @@ impl Connection {
         }
         let done = Arc::new(AtomicBool::new(false));
         let cancel = Arc::new(AtomicBool::new(false));
-        let framing = Framing {
+        let start = StreamStart {
+            out: Arc::clone(&out),
+            head: Vec::new(),
+            // HTTP/1.0 has no chunks: its stream ends with the connection.
             chunked: api.stream && !head.http10,
             keep: keep && (!api.stream || !head.http10),
-            cors: cors.map(str::to_string),
+            state: Mutex::new(StreamState::Pending),
         };
         let reply = HttpReply::new(
-            Arc::clone(&out),
+            start,
             &api,
             Arc::clone(&done),
             shared.facts.model.clone(),
-            framing,
+            cors.map(str::to_string),
         );
         let pieces = Arc::clone(&reply.pieces);
         let start = Arc::clone(&reply.start);
@@ -935,17 +938,6 @@ fn props(shared: &Shared, config: &HttpConfig) -> Value {
     })
 }
 
-/// How a completion's bytes go on the wire.
-struct Framing {
-    /// A stream in HTTP/1.1 chunks (the connection can carry the next request); HTTP/1.0
-    /// streams end with the connection instead.
-    chunked: bool,
-    /// The connection stays open after the reply.
-    keep: bool,
-    /// The CORS origin to name, if any.
-    cors: Option<String>,
-}
-
 /// The start of a stream, sent once by whoever comes first: the connection thread once the
 /// request is queued, or the engine with the first text. Heartbeat comments go through it
 /// too, so they are framed like everything else.
@@ -953,7 +945,9 @@ struct StreamStart {
     out: Arc<Outbound>,
     /// The status line, headers and the first event (the assistant's role).
     head: Vec<u8>,
+    /// HTTP/1.1 chunks (the connection can carry the next request).
     chunked: bool,
+    /// The connection stays open after the reply.
     keep: bool,
     /// One lock for the stream's whole life, so the head goes out once, before anything else,
     /// and nothing follows the end.
@@ -1058,7 +1052,8 @@ struct HttpReply {
     id: String,
     created: u64,
     model: String,
-    framing: Framing,
+    /// The CORS origin to name, if any.
+    cors: Option<String>,
     start: Arc<StreamStart>,
     fell_behind: bool,
     /// The whole answer (not streamed).
@@ -1073,28 +1068,29 @@ struct HttpReply {
 }
 
 impl HttpReply {
-    fn new(out: Arc<Outbound>, api: &ApiRequest, done: Arc<AtomicBool>, model: String, framing: Framing) -> HttpReply {
+    /// A reply through `start` (its head is filled in here for a stream).
+    fn new(
+        start: StreamStart,
+        api: &ApiRequest,
+        done: Arc<AtomicBool>,
+        model: String,
+        cors: Option<String>,
+    ) -> HttpReply {
         let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let kind = match api.endpoint {
             Endpoint::Chat => "chatcmpl",
             Endpoint::Completion => "cmpl",
         };
         let mut reply = HttpReply {
-            out: Arc::clone(&out),
+            out: Arc::clone(&start.out),
             endpoint: api.endpoint,
             stream: api.stream,
             include_usage: api.include_usage,
             id: format!("{kind}-{:016x}", fastrand::u64(..)),
             created,
             model,
-            start: Arc::new(StreamStart {
-                out,
-                head: Vec::new(),
-                chunked: framing.chunked,
-                keep: framing.keep,
-                state: Mutex::new(StreamState::Pending),
-            }),
-            framing,
+            start: Arc::new(start),
+            cors,
             fell_behind: false,
             text: String::new(),
             scratch: Vec::with_capacity(1024),
@@ -1105,9 +1101,9 @@ impl HttpReply {
         if reply.stream {
             let mut head = format!(
                 "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\nX-Accel-Buffering: no\r\nConnection: {}\r\n{}{}\r\n",
-                if reply.framing.keep { "keep-alive" } else { "close" },
-                if reply.framing.chunked { "Transfer-Encoding: chunked\r\n" } else { "" },
-                cors_headers(reply.framing.cors.as_deref()),
+                if reply.start.keep { "keep-alive" } else { "close" },
+                if reply.start.chunked { "Transfer-Encoding: chunked\r\n" } else { "" },
+                cors_headers(reply.cors.as_deref()),
             )
             .into_bytes();
             // The first event names the role (clients' stream helpers read it there).
@@ -1122,13 +1118,10 @@ impl HttpReply {
             }
             reply.frame();
             head.extend_from_slice(&reply.framed);
-            reply.start = Arc::new(StreamStart {
-                out: Arc::clone(&reply.out),
-                head,
-                chunked: reply.framing.chunked,
-                keep: reply.framing.keep,
-                state: Mutex::new(StreamState::Pending),
-            });
+            // Nothing else holds the start yet.
+            if let Some(start) = Arc::get_mut(&mut reply.start) {
+                start.head = head;
+            }
         }
         reply
     }
@@ -1156,11 +1149,11 @@ impl HttpReply {
     /// Frames `scratch` into `framed` (one HTTP chunk when chunked).
     fn frame(&mut self) {
         self.framed.clear();
-        if self.framing.chunked {
+        if self.start.chunked {
             let _ = write!(self.framed, "{:x}\r\n", self.scratch.len());
         }
         self.framed.extend_from_slice(&self.scratch);
-        if self.framing.chunked {
+        if self.start.chunked {
             self.framed.extend_from_slice(b"\r\n");
         }
     }
@@ -1213,7 +1206,7 @@ impl HttpReply {
         self.scratch.extend_from_slice(b"data: [DONE]\n\n");
         self.frame();
         all.extend_from_slice(&self.framed);
-        if self.framing.chunked {
+        if self.start.chunked {
             all.extend_from_slice(b"0\r\n\r\n");
         }
         all
@@ -1286,12 +1279,12 @@ impl Reply for HttpReply {
                     self.scratch.extend_from_slice(b"\n\n");
                     self.frame();
                     let mut all = self.framed.clone();
-                    if self.framing.chunked {
+                    if self.start.chunked {
                         all.extend_from_slice(b"0\r\n\r\n");
                     }
                     all
                 } else {
-                    Response::error(&e).bytes(self.framing.keep, self.framing.cors.as_deref())
+                    Response::error(&e).bytes(self.start.keep, self.cors.as_deref())
                 }
             }
             Outcome::Done(summary) if self.stream => {
@@ -1314,7 +1307,7 @@ impl Reply for HttpReply {
                     "choices": [choice], "usage": Self::usage(summary), "timings": Self::timings(summary),
                 })
                 .to_string();
-                Response::json(200, &body).bytes(self.framing.keep, self.framing.cors.as_deref())
+                Response::json(200, &body).bytes(self.start.keep, self.cors.as_deref())
             }
         };
         if *state != StreamState::Ended {
