@@ -145,6 +145,9 @@ pub struct Summary {
     pub time_to_first_token: Duration,
     /// Time spent generating after the first token.
     pub generation_time: Duration,
+    /// What picked the tokens: `host` (the host sampler on the logits) or an on-chip
+    /// picker (`greedy_head`, `sample_head`, `lm_head`), see [`Backend::picker`].
+    pub picker: &'static str,
 }
 
 impl Summary {
@@ -356,6 +359,7 @@ impl Engine {
             prompt_time: Duration::ZERO,
             time_to_first_token: Duration::ZERO,
             generation_time: Duration::ZERO,
+            picker: self.backend.picker(),
         };
         if cancel.load(Ordering::Relaxed) {
             summary.reason = FinishReason::Cancelled;

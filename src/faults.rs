@@ -36,6 +36,19 @@ pub fn device_fails(launch: u64) -> bool {
     false
 }
 
+/// Whether the device launch numbered `launch` (from 1) goes to the runtime unchecked with
+/// its first output's memory size zero, when it is past
+/// `LLAMA_TPU_FAULT_RUNTIME_ASSERT_AFTER`:
+/// the vendor's runtime then asserts inside the call, as it would on a real mistake.
+pub fn runtime_asserts(launch: u64) -> bool {
+    #[cfg(feature = "fault-injection")]
+    if let Some(after) = armed("LLAMA_TPU_FAULT_RUNTIME_ASSERT_AFTER") {
+        return launch > after;
+    }
+    let _ = launch;
+    false
+}
+
 /// Stalls the decode step numbered `step` (from 1) for `LLAMA_TPU_FAULT_STALL_MS` when it is
 /// `LLAMA_TPU_FAULT_STALL_STEP` (default 3): an engine that stops making progress.
 pub fn stall_decode(step: u64) {

@@ -205,49 +205,37 @@ impl Sampler {
             // Plain temperature sampling: draw from the softmax in vocabulary order, no sort.
             return draw(&self.candidates, max, &mut self.rng);
         }
-        // Narrow to a sorted prefix of the best candidates without sorting them all.
-        let k = match self.cfg.top_k {
-            0 => self.candidates.len(),
-            k => k.min(self.candidates.len()),
-        };
-        let mut m = if self.cfg.top_p < 1.0 || self.cfg.min_p > 0.0 {
-            NUCLEUS_START.min(k)
+        let weight = |c: &(f32, u32)| (c.0 - max).exp();
+        // Narrow to a sorted prefix of the best candidates without sorting them all. With
+        // top-k, top-p is measured over the k kept (renormalized, as llama.cpp's chain does
+        // it and as the chip's sampling head sees them); without, over the vocabulary.
+        let (m, total) = if self.cfg.top_k > 0 {
+            let k = self.cfg.top_k.min(self.candidates.len());
+            let total = select_top(&mut self.candidates, k).iter().map(weight).sum();
+            (k, total)
         } else {
-            k
-        };
-        let total: f32 = self.candidates.iter().map(|c| (c.0 - max).exp()).sum();
-        loop {
-            let prefix = select_top(&mut self.candidates, m);
-            let mass: f32 = prefix.iter().map(|c| (c.0 - max).exp()).sum::<f32>() / total;
-            // The prefix is enough when it holds the top-p mass, or when min-p already cuts
-            // inside it, or when it is all that top-k allows.
-            let min_p_cut = self.cfg.min_p > 0.0 && prefix.last().is_some_and(|c| (c.0 - max).exp() < self.cfg.min_p);
-            if m == k || mass >= self.cfg.top_p || min_p_cut {
-                break;
-            }
-            m = (m * 2).min(k);
-        }
-        let mut keep = m;
-        // min-p: relative to the best token.
-        if self.cfg.min_p > 0.0 {
-            keep = self.candidates[..keep]
-                .iter()
-                .position(|c| (c.0 - max).exp() < self.cfg.min_p)
-                .unwrap_or(keep)
-                .max(1);
-        }
-        // top-p over what remains (probabilities renormalized over the whole vocabulary).
-        if self.cfg.top_p < 1.0 {
-            let mut cum = 0.0;
-            for (i, c) in self.candidates[..keep].iter().enumerate() {
-                cum += (c.0 - max).exp() / total;
-                if cum >= self.cfg.top_p {
-                    keep = i + 1;
-                    break;
+            let k = self.candidates.len();
+            let mut m = NUCLEUS_START.min(k);
+            let total: f32 = self.candidates.iter().map(weight).sum();
+            loop {
+                let prefix = select_top(&mut self.candidates, m);
+                let mass: f32 = prefix.iter().map(weight).sum::<f32>() / total;
+                // The prefix is enough when it holds the top-p mass, or when min-p already
+                // cuts inside it.
+                let min_p_cut = self.cfg.min_p > 0.0 && prefix.last().is_some_and(|c| weight(c) < self.cfg.min_p);
+                if m == k || mass >= self.cfg.top_p || min_p_cut {
+                    break (m, total);
                 }
+                m = (m * 2).min(k);
             }
-        }
-        draw(&self.candidates[..keep.max(1)], max, &mut self.rng)
+        };
+        let keep = nucleus(
+            self.candidates[..m].iter().map(weight),
+            total,
+            self.cfg.top_p,
+            self.cfg.min_p,
+        );
+        draw(&self.candidates[..keep], max, &mut self.rng)
     }
 
     /// llama.cpp's multiplicative repetition penalty over the window of recent tokens (prompt
@@ -280,6 +268,24 @@ impl Sampler {
             }
         }
     }
+}
+
+/// How many of the best candidates min-p and top-p keep (at least one), given their
+/// weights best first (probabilities up to a common factor) and `total`, the weight top-p is
+/// measured against: min-p drops those below `min_p` times the best; top-p keeps the
+/// shortest prefix whose share of `total` reaches `top_p` (the one that crosses included).
+/// The host sampler and the finishing of the chip's sampling head both cut here.
+pub fn nucleus(weights: impl Iterator<Item = f32>, total: f32, top_p: f32, min_p: f32) -> usize {
+    let (mut kept, mut cum, mut best) = (0, 0.0f32, None);
+    for w in weights {
+        let first = *best.get_or_insert(w);
+        if kept > 0 && ((min_p > 0.0 && w < min_p * first) || (top_p < 1.0 && cum >= top_p * total)) {
+            break;
+        }
+        cum += w;
+        kept += 1;
+    }
+    kept.max(1)
 }
 
 /// Draws one candidate with probability proportional to `exp(logit - max)`.
@@ -514,5 +520,41 @@ mod tests {
             ..SamplerConfig::default()
         };
         assert!(bad.validate().unwrap_err().contains("presence_penalty"));
+    }
+
+    #[test]
+    fn nucleus_keeps_the_crossing_candidate_and_cuts_on_min_p() {
+        let w = [0.5f32, 0.3, 0.15, 0.05];
+        assert_eq!(nucleus(w.into_iter(), 1.0, 0.5, 0.0), 1, "0.5 reached by the first");
+        assert_eq!(nucleus(w.into_iter(), 1.0, 0.6, 0.0), 2, "the one that crosses is kept");
+        assert_eq!(nucleus(w.into_iter(), 1.0, 1.0, 0.0), 4);
+        assert_eq!(nucleus(w.into_iter(), 1.0, 1.0, 0.2), 3, "0.05 < 0.2 x 0.5");
+        // Scale-free: weights and total in any common unit.
+        assert_eq!(nucleus(w.iter().map(|x| x * 8.0), 8.0, 0.6, 0.2), 2);
+        assert_eq!(nucleus(std::iter::empty(), 1.0, 0.5, 0.0), 1);
+    }
+
+    /// With top-k, top-p is a share of the k kept: [4, 3, 0.5] at top_k 2 leaves
+    /// softmax(4, 3) = (0.731, 0.269); top_p 0.72 keeps only the first (0.731 >= 0.72),
+    /// where its share of the whole vocabulary (0.715) would have kept two.
+    #[test]
+    fn top_p_after_top_k_is_a_share_of_the_k() {
+        let mut both = 0;
+        for seed in 0..200 {
+            let mut s = Sampler::new(
+                3,
+                SamplerConfig {
+                    temperature: 1.0,
+                    top_k: 2,
+                    top_p: 0.72,
+                    min_p: 0.0,
+                    seed,
+                    ..Default::default()
+                },
+            );
+            let mut l = vec![4.0, 3.0, 0.5];
+            both += usize::from(s.sample(&mut l) != 0);
+        }
+        assert_eq!(both, 0, "only the best token may be drawn");
     }
 }

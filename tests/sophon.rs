@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use llama_tpu::backend::cpu::{CpuBackend, CpuOptions};
 use llama_tpu::backend::sophon::contract::{LmHeadOutput, Prefill};
 use llama_tpu::backend::sophon::ffi::DataType;
-use llama_tpu::backend::sophon::llama::Picker;
+use llama_tpu::backend::sophon::llama::{Picker, HEAD_TOP_P_OFF};
 use llama_tpu::backend::sophon::plan::Route;
 use llama_tpu::backend::sophon::{SophonBackend, SophonOptions};
 use llama_tpu::backend::{Backend, BackendError, Next};
@@ -44,7 +44,7 @@ struct Pair {
     // to the end of its teardown. Fields drop in order, so the lock is the last field: first,
     // it was released before the backend closed the device, and the next test's backend
     // opened the simulator while this one was still shutting it down.
-    _chip: std::sync::MutexGuard<'static, ()>,
+    _chip: common::Chip,
 }
 
 fn pair(bmodel: &str, gguf: &str, tolerance: f32) -> Pair {
@@ -77,10 +77,11 @@ fn pair(bmodel: &str, gguf: &str, tolerance: f32) -> Pair {
 }
 
 /// Settings only the host can apply (min_p): the backend hands back the logits.
+/// Sampling over the whole vocabulary (top_k 0): more than a head returns, so the host samples.
 fn host_sampling() -> SamplerConfig {
     SamplerConfig {
         temperature: 0.8,
-        min_p: 0.05,
+        top_k: 0,
         ..SamplerConfig::default()
     }
 }
@@ -199,10 +200,8 @@ toy_matches_cpu!(
     BF16_TOLERANCE,
     |l| {
         assert_eq!((l.hidden_dtype, l.kv_dtype), (DataType::F32, DataType::Bf16));
-        assert_eq!(
-            (l.embedding_cache.net.as_str(), l.embedding_cache.stage),
-            ("embedding", 0)
-        );
+        let (_, decode) = l.embedding_nets().unwrap();
+        assert_eq!((decode.net.as_str(), decode.stage), ("embedding", 0));
     }
 );
 toy_matches_cpu!(
@@ -364,14 +363,46 @@ fn greedy_heads_give_the_cpus_tokens() {
     }
 }
 
-/// What the numpy model of the vendor heads' math (tests/reference/sample_head.py) gives.
+/// What the numpy model of the vendor heads' math (tests/reference/sample_head.py) gives,
+/// with the settings the backend writes to the head (its own top-p cut switched off).
 fn numpy_head(logits: &[f32], ids: &[u32], cfg: &SamplerConfig, top_k: usize) -> (Vec<f32>, Vec<u32>) {
+    let v = sample_model(serde_json::json!({
+        "logits": logits, "ids": ids, "penalty": cfg.repeat_penalty,
+        "temperature": cfg.temperature, "top_k": top_k, "top_p": HEAD_TOP_P_OFF,
+    }));
+    let probs = v["probs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect();
+    let ids = v["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect();
+    (probs, ids)
+}
+
+/// The candidates the request's settings keep, by the numpy model of the host sampler's cut
+/// (the same script), from the logits and the ids to penalize.
+fn numpy_request(logits: &[f32], ids: &[u32], cfg: &SamplerConfig) -> Vec<u32> {
+    let v = sample_model(serde_json::json!({
+        "logits": logits, "ids": ids, "penalty": cfg.repeat_penalty,
+        "temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p, "min_p": cfg.min_p,
+    }));
+    v["kept"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn sample_model(input: serde_json::Value) -> serde_json::Value {
     let python = std::env::var("LLAMA_TPU_PYTHON").unwrap_or_else(|_| "python3".into());
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/sample_head.py");
-    let input = serde_json::json!({
-        "logits": logits, "ids": ids, "penalty": cfg.repeat_penalty,
-        "temperature": cfg.temperature, "top_k": top_k, "top_p": cfg.top_p,
-    });
     let mut child = std::process::Command::new(&python)
         .arg(&script)
         .stdin(std::process::Stdio::piped())
@@ -392,32 +423,21 @@ fn numpy_head(logits: &[f32], ids: &[u32], cfg: &SamplerConfig, top_k: usize) ->
         "the numpy head model failed (it needs numpy: `make test` sets LLAMA_TPU_PYTHON):\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let probs = v["probs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect();
-    let ids = v["ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect();
-    (probs, ids)
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// The chip's sampling head against the numpy model of its math, on the logits lm_head left
 /// and the ids the head was given, over a prompt and several decoded tokens (the penalty
-/// window moving), with llama.cpp's top_k 40 where the head takes one and a real penalty.
-fn sampling_head_matches_its_model(bmodel: &str, gguf: &str, top_k: usize) {
+/// window moving), with llama.cpp's top_k 40, a top_p, a min_p and a real penalty; and the
+/// host's cut of its candidates against the numpy model of what the request asked for.
+/// `head_k`: the candidates the head computes (40; LLM-TPU's, without a top_k input, 50).
+fn sampling_head_matches_its_model(bmodel: &str, gguf: &str, head_k: usize) {
     let mut p = pair(bmodel, gguf, F16_TOLERANCE);
     let cfg = SamplerConfig {
         temperature: 0.7,
-        top_k,
+        top_k: 40,
         top_p: 0.9,
-        min_p: 0.0,
+        min_p: 0.02,
         repeat_penalty: 1.3,
         repeat_last_n: 8,
         seed: 11,
@@ -427,7 +447,6 @@ fn sampling_head_matches_its_model(bmodel: &str, gguf: &str, top_k: usize) {
     p.tpu.configure_sampling(&cfg).unwrap();
     p.tpu.record_logits();
     assert_eq!(p.tpu.token_picker(), Picker::Sample, "{bmodel}");
-    let head_k = if top_k == 0 { 50 } else { top_k };
     let mut seen: Vec<u32> = PROMPT.to_vec();
     let mut t = token(p.tpu.prefill(&PROMPT, 0).unwrap());
     for step in 0..6 {
@@ -442,13 +461,10 @@ fn sampling_head_matches_its_model(bmodel: &str, gguf: &str, top_k: usize) {
         assert_eq!(ids, &want_ids[..], "{bmodel} step {step}: candidates");
         let d = max_diff(probs, &want_probs);
         assert!(d < 1e-4, "{bmodel} step {step}: probabilities differ by {d}");
-        // The drawn token is one of the candidates the head kept.
-        let kept: Vec<u32> = ids
-            .iter()
-            .zip(probs)
-            .filter(|(_, &p)| p > 1e-6)
-            .map(|(&i, _)| i)
-            .collect();
+        // The host's cut is the request's, and the token was drawn from it.
+        let kept = &ids[..p.tpu.kept_candidates()];
+        let want_kept = numpy_request(&logits, &given, &cfg);
+        assert_eq!(kept, &want_kept[..], "{bmodel} step {step}: kept candidates");
         assert!(kept.contains(&t), "{bmodel} step {step}: drew {t}, kept {kept:?}");
         seen.push(t);
         t = token(p.tpu.decode(t, seen.len() - 1).unwrap());
@@ -462,20 +478,150 @@ fn converter_sample_head_matches_the_model_of_its_math() {
 
 #[test]
 fn llm_tpu_penalty_sample_head_matches_the_model_of_its_math() {
-    // No top_k input: it always keeps its 50; a request for fewer samples on the host.
-    sampling_head_matches_its_model("toy_llmtpu_f16.bmodel", "toy_kv4.gguf", 0);
-    let mut p = pair("toy_llmtpu_f16.bmodel", "toy_kv4.gguf", F16_TOLERANCE);
-    p.tpu
-        .configure_sampling(&SamplerConfig {
-            temperature: 0.7,
-            top_k: 40,
-            ..SamplerConfig::default()
-        })
-        .unwrap();
-    assert_eq!(p.tpu.token_picker(), Picker::Host);
+    // No top_k input: it always computes its 50, and the host keeps the request's 40.
+    sampling_head_matches_its_model("toy_llmtpu_f16.bmodel", "toy_kv4.gguf", 50);
 }
 
-/// The same seed gives the same tokens; a tiny top_p keeps only the 5 the heads always keep.
+/// Each request runs where its settings are honoured exactly: greedy on greedy_head; a top_k
+/// the head returns, with any top_p, min_p and repetition penalty, on the sampling head (the
+/// host cuts its candidates); the whole vocabulary (top_k 0), more candidates than the head
+/// returns, OpenAI's additive penalties or a repetition window longer than the head's ids
+/// input, on the host. The engine reports the picker of each (the daemon test reads it).
+#[test]
+fn each_request_runs_where_it_is_honoured_exactly() {
+    let sampled = SamplerConfig {
+        temperature: 0.8,
+        top_k: 40,
+        top_p: 0.9,
+        min_p: 0.0,
+        ..SamplerConfig::default()
+    };
+    let cases = [
+        (
+            "greedy",
+            SamplerConfig {
+                temperature: 0.0,
+                ..sampled.clone()
+            },
+            Picker::Greedy,
+        ),
+        ("top_k 40, top_p 0.9", sampled.clone(), Picker::Sample),
+        (
+            "top_p 0.05",
+            SamplerConfig {
+                top_p: 0.05,
+                ..sampled.clone()
+            },
+            Picker::Sample,
+        ),
+        (
+            "min_p 0.1",
+            SamplerConfig {
+                min_p: 0.1,
+                ..sampled.clone()
+            },
+            Picker::Sample,
+        ),
+        (
+            "top_k 3",
+            SamplerConfig {
+                top_k: 3,
+                ..sampled.clone()
+            },
+            Picker::Sample,
+        ),
+        ("the defaults", SamplerConfig::default(), Picker::Sample),
+        (
+            "top_k 0",
+            SamplerConfig {
+                top_k: 0,
+                ..sampled.clone()
+            },
+            Picker::Host,
+        ),
+        (
+            "top_k 51",
+            SamplerConfig {
+                top_k: 51,
+                ..sampled.clone()
+            },
+            Picker::Host,
+        ),
+        (
+            "frequency_penalty",
+            SamplerConfig {
+                frequency_penalty: 0.5,
+                ..sampled.clone()
+            },
+            Picker::Host,
+        ),
+        (
+            "a window past the head's ids",
+            SamplerConfig {
+                repeat_penalty: 1.1,
+                repeat_last_n: 64,
+                ..sampled.clone()
+            },
+            Picker::Host,
+        ),
+    ];
+    let mut p = pair("toy_conv_f16_sample.bmodel", "toy_kv2.gguf", F16_TOLERANCE);
+    p.tpu.record_logits();
+    for (what, cfg, want) in cases {
+        p.tpu.configure_sampling(&cfg).unwrap();
+        assert_eq!(p.tpu.token_picker(), want, "{what}");
+        let next = p.tpu.prefill(&PROMPT, 0).unwrap();
+        if want == Picker::Sample {
+            let t = token(next);
+            // What the chip and the host's cut kept is what the request asked for.
+            let logits = p.tpu.recorded_logits().to_vec();
+            let given = p.tpu.penalized_ids().unwrap();
+            let kept = &p.tpu.candidates().1[..p.tpu.kept_candidates()];
+            assert_eq!(kept, &numpy_request(&logits, &given, &cfg)[..], "{what}");
+            assert!(kept.contains(&t), "{what}: drew {t}, kept {kept:?}");
+        }
+    }
+}
+
+/// Two requests whose prompts end at the same position with different tokens: the second's
+/// penalty window is its own tokens (the vendor rebuilds it from the request on every call),
+/// never what the first left on the device; checked against the numpy model of the head
+/// on the second prompt's own tokens.
+#[test]
+fn the_penalty_window_is_rebuilt_from_each_prompt() {
+    let cfg = SamplerConfig {
+        temperature: 0.7,
+        top_k: 50,
+        top_p: 1.0,
+        min_p: 0.0,
+        repeat_penalty: 2.0,
+        repeat_last_n: 8,
+        seed: 5,
+        ..SamplerConfig::default()
+    };
+    let first = [256, 10, 20, 30, 40];
+    let second = [256, 72, 101, 108, 111];
+    let mut p = pair("toy_llmtpu_f16.bmodel", "toy_kv4.gguf", F16_TOLERANCE);
+    p.tpu.record_logits();
+    p.tpu.configure_sampling(&cfg).unwrap();
+    assert_eq!(p.tpu.token_picker(), Picker::Sample);
+    p.tpu.prefill(&first, 0).unwrap();
+    p.tpu.configure_sampling(&cfg).unwrap();
+    p.tpu.prefill(&second, 0).unwrap();
+    let logits = p.tpu.recorded_logits().to_vec();
+    let (want_probs, want_ids) = numpy_head(&logits, &second, &cfg, 50);
+    let (probs, ids) = p.tpu.candidates();
+    assert_eq!(ids, &want_ids[..], "candidates");
+    let d = max_diff(probs, &want_probs);
+    assert!(
+        d < 1e-4,
+        "probabilities differ by {d} from the head's math on the second prompt"
+    );
+    let given: std::collections::BTreeSet<u32> = p.tpu.penalized_ids().unwrap().into_iter().collect();
+    assert_eq!(given, second.into_iter().collect(), "penalized ids");
+}
+
+/// The same seed gives the same tokens on the chip, another seed others.
 #[test]
 fn sampling_on_the_chip_is_seeded() {
     let mut p = pair("toy_conv_f16_sample.bmodel", "toy_kv2.gguf", F16_TOLERANCE);
@@ -486,6 +632,7 @@ fn sampling_on_the_chip_is_seeded() {
             top_p: 1.0,
             min_p: 0.0,
             repeat_penalty: 1.1,
+            repeat_last_n: 16,
             seed,
             ..SamplerConfig::default()
         };
@@ -528,7 +675,7 @@ fn a_corrupt_or_foreign_bmodel_is_refused_with_the_reason() {
     let foreign: PathBuf = lib.join("../python/tools/soc_infer/demo/Yuv2rgb_0_int8/compilation.bmodel");
     let e = err(&foreign);
     assert!(
-        e.contains("does not fit the Llama contract") && e.contains("embedding"),
+        e.contains("does not fit the Llama contract") && e.contains("no block_N nets"),
         "{e}"
     );
     // No runtime where it is looked for.
@@ -566,10 +713,8 @@ fn a_decoded_token_makes_no_device_copy_and_moves_only_what_changes() {
         presence_penalty: 0.0,
     };
     use Picker::{Greedy, Host, LmHead, Sample};
-    let all50 = SamplerConfig {
-        top_k: 0,
-        ..sampled.clone()
-    };
+    // LLM-TPU's head has no top_k input: it returns its 50, of which the host keeps 40.
+    let all50 = sampled.clone();
     let toys = [
         (
             "toy_llmtpu_f16.bmodel",

@@ -112,7 +112,18 @@ fn the_daemon_serves_the_toy_bmodel_over_its_socket() {
     let (text, done) = answer(&mut reader);
     assert_eq!(done["reason"], "length", "{done}");
     assert_eq!(done["completion_tokens"], 12, "{done}");
+    assert_eq!(done["picker"], "greedy_head", "{done}");
     assert_eq!(text, expected);
+
+    // Which picker ran is said: sampling the head returns runs on it; over the whole
+    // vocabulary (top_k 0) on the host.
+    for (top_k, picker) in [(40, "sample_head"), (0, "host")] {
+        let line =
+            format!("{{\"id\":9,\"prompt\":\"hello\",\"max_tokens\":2,\"temperature\":0.8,\"top_k\":{top_k}}}\n");
+        writer.write_all(line.as_bytes()).unwrap();
+        let (_, done) = answer(&mut reader);
+        assert_eq!(done["picker"], picker, "top_k {top_k}: {done}");
+    }
 
     // A chat (template from tokenizer_config.json) that runs into SEQLEN ends with `context`.
     writer
@@ -203,4 +214,72 @@ fn a_device_failure_mid_generation_ends_the_daemon_with_69() {
     assert_eq!(status.code(), Some(69), "{}", log());
     assert!(!socket.exists(), "the socket file was left behind");
     assert!(log().contains("device failure"), "{}", log());
+}
+
+/// The vendor's runtime asserting inside a call (its asserts are C++ exceptions; the test
+/// build's fault point hands the second launch to it with outputs too small, which it checks
+/// and throws on, as it did on a real mistake of ours): the daemon does not hang on the
+/// runtime's held locks; it ends with exit 69 for systemd to restart it, the runtime's own
+/// message in its output, within seconds.
+#[test]
+fn an_assert_inside_the_vendor_runtime_ends_the_daemon_with_69() {
+    use std::io::{BufReader, Write};
+    use std::os::unix::net::UnixStream;
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    let _chip = common::simulator_chip();
+    let lib = common::simulator_lib_dir();
+    let toys = common::toy_models();
+    let dir = common::scratch("sophon-runtime-assert");
+    let socket = dir.join("llama.sock");
+    let log_path = dir.join("log");
+    let log_file = std::fs::File::create(&log_path).unwrap();
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_llama-tpu"))
+        .args(["serve", "--backend", "sophon", "--model"])
+        .arg(toys.join("toy_conv_f16_dyn.bmodel"))
+        .arg("--tokenizer")
+        .arg(toys.join("tokenizer.json"))
+        .arg("--sophon-lib")
+        .arg(&lib)
+        .arg("--socket")
+        .arg(&socket)
+        .env("LLAMA_TPU_FAULT_RUNTIME_ASSERT_AFTER", "1")
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone().unwrap())
+        .stderr(log_file)
+        .spawn()
+        .unwrap();
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let until = Instant::now() + Duration::from_secs(60);
+    let stream = loop {
+        if let Ok(s) = UnixStream::connect(&socket) {
+            break s;
+        }
+        assert!(daemon.try_wait().unwrap().is_none(), "exited early:\n{}", log());
+        assert!(Instant::now() < until, "no socket:\n{}", log());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut writer = stream.try_clone().unwrap();
+    writer
+        .write_all(b"{\"id\":1,\"prompt\":\"hello\",\"max_tokens\":4,\"temperature\":0}\n")
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = daemon.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > until {
+            let _ = daemon.kill();
+            panic!("hung after the runtime's assert:\n{}", log());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    drop(BufReader::new(stream));
+    let log = log();
+    assert_eq!(status.code(), Some(69), "{status}:\n{log}");
+    assert!(
+        log.contains("BMRT_ASSERT"),
+        "the runtime's message is in the output:\n{log}"
+    );
 }

@@ -39,6 +39,8 @@ pub struct Config {
     pub sophon_lib: Option<PathBuf>,
     /// sophon: device indices.
     pub devices: Vec<usize>,
+    /// sophon: the embedding table of a bmodel without embedding nets.
+    pub embedding_table: Option<PathBuf>,
     /// tokenizer.json (or a SentencePiece tokenizer.model) instead of the model's vocabulary.
     pub tokenizer: Option<PathBuf>,
     /// Chat template name.
@@ -115,6 +117,7 @@ impl Default for Config {
             backend: "cpu".into(),
             sophon_lib: None,
             devices: vec![0],
+            embedding_table: None,
             tokenizer: None,
             chat_template: None,
             threads: 0,
@@ -382,6 +385,7 @@ impl Config {
             backend: self.backend.clone(),
             sophon_lib: self.sophon_lib.clone(),
             devices: self.devices.clone(),
+            embedding_table: self.embedding_table.clone(),
             threads: self.threads,
             ctx_size: self.ctx_size,
             tokenizer: self.tokenizer.clone(),
@@ -410,6 +414,7 @@ mod tests {
             "backend",
             "sophon_lib",
             "devices",
+            "embedding_table",
             "tokenizer",
             "chat_template",
             "threads",

@@ -191,10 +191,15 @@ fn bmodel_info(a: &InfoArgs) -> Result<(), CliError> {
             contract::Prefill::WithHistory => "dynamic, in chunks after history K/V (block_kv_N)",
         },
         layout.max_input,
-        if layout.embedding_cache.net == "embedding" {
-            "; the decode embedding is a stage of net embedding"
-        } else {
-            ""
+        match &layout.embedding {
+            contract::Embedding::Nets { decode, .. } if decode.net == "embedding" => {
+                "; the decode embedding is a stage of net embedding"
+            }
+            contract::Embedding::Nets { devices: 1, .. } if layout.devices > 1 => {
+                "; the embedding runs on the first device, its rows carried to the others"
+            }
+            contract::Embedding::Table => "; embedding rows gathered on the host from the table beside the bmodel",
+            _ => "",
         }
     );
     println!(

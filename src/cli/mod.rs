@@ -118,6 +118,10 @@ pub struct ModelArgs {
     /// sophon: TPU device indices, comma-separated (/dev/bm-sophonN on PCIe; the SoC has 0).
     #[arg(long, value_name = "N[,N..]", value_delimiter = ',', default_value = "0")]
     pub devices: Vec<usize>,
+    /// sophon: the embedding table of a bmodel without embedding nets (--embedding_disk builds;
+    /// default: config/embedding.bin or embedding.bin beside the bmodel).
+    #[arg(long, value_name = "FILE")]
+    pub embedding_table: Option<PathBuf>,
     /// Threads for matrix work (0 = all cores; at most 1024).
     #[arg(short, long, default_value_t = 0, value_parser = threads_in_range)]
     pub threads: usize,
@@ -236,6 +240,10 @@ pub fn open_sophon(
     vocab_hint: Option<usize>,
 ) -> Result<crate::backend::sophon::SophonBackend, CliError> {
     use crate::backend::sophon::{SophonBackend, SophonError, SophonOptions};
+    let unfinished = std::sync::Arc::clone(crate::backend::sophon::device::unfinished_call());
+    if let Err(e) = crate::sys::signals::exit_on_abort_while(unfinished, Exit::Unavailable as i32) {
+        log::warn!("cannot watch for the vendor runtime's aborts: {e}");
+    }
     if let Err(e) = std::fs::metadata(&args.model) {
         return Err(CliError::new(
             Exit::NoInput,
@@ -246,6 +254,7 @@ pub fn open_sophon(
         lib_dir: args.sophon_lib.clone(),
         devices: args.devices.clone(),
         vocab_hint,
+        embedding_table: args.embedding_table.clone(),
     };
     let name = args.model.display();
     SophonBackend::open(&args.model, &opts).map_err(|e| match e {

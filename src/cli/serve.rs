@@ -37,6 +37,10 @@ pub struct ServeArgs {
     /// sophon: TPU device indices, comma-separated [default: 0].
     #[arg(long, value_name = "N[,N..]", value_delimiter = ',')]
     devices: Vec<usize>,
+    /// sophon: the embedding table of a bmodel without embedding nets (--embedding_disk builds;
+    /// default: config/embedding.bin or embedding.bin beside the bmodel).
+    #[arg(long, value_name = "FILE")]
+    embedding_table: Option<PathBuf>,
     /// Threads for matrix work (0 = all cores; at most 1024).
     #[arg(short, long, value_parser = super::threads_in_range)]
     threads: Option<usize>,
@@ -129,7 +133,14 @@ impl ServeArgs {
         macro_rules! flag {
             ($($f:ident),*) => { $( if let Some(v) = &self.$f { c.$f = v.clone().into(); } )* };
         }
-        flag!(model, tokenizer, chat_template, socket_group, sophon_lib);
+        flag!(
+            model,
+            tokenizer,
+            chat_template,
+            socket_group,
+            sophon_lib,
+            embedding_table
+        );
         if !self.devices.is_empty() {
             c.devices = self.devices.clone();
         }

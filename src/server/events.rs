@@ -89,7 +89,8 @@ impl EventWriter {
     }
 
     /// `{"id":..,"event":"done","reason":..,"prompt_tokens":..,"completion_tokens":..,
-    /// "cached_tokens":..,"time_to_first_token_ms":..,"tokens_per_second":..,"dropped_messages":..}`.
+    /// "cached_tokens":..,"time_to_first_token_ms":..,"tokens_per_second":..,"dropped_messages":..,
+    /// "picker":..}`.
     pub fn done(&mut self, id: &EventId, s: &Summary) -> &[u8] {
         self.start(id, "done");
         self.string_field("reason", s.reason.as_str());
@@ -103,6 +104,7 @@ impl EventWriter {
             s.generation_tokens_per_second(),
             s.dropped_messages
         );
+        self.string_field("picker", s.picker);
         self.finish()
     }
 
@@ -164,12 +166,14 @@ mod tests {
             dropped_messages: 2,
             prompt_time: Duration::from_millis(30),
             time_to_first_token: Duration::from_millis(45),
+            picker: "sample_head",
             generation_time: Duration::from_millis(80),
         };
         let v = parse(w.done(&id, &s));
         assert_eq!(v["reason"], "stop");
         assert_eq!(v["completion_tokens"], 9);
         assert_eq!(v["dropped_messages"], 2);
+        assert_eq!(v["picker"], "sample_head");
         assert_eq!(v["time_to_first_token_ms"].as_f64(), Some(45.0));
         assert_eq!(v["tokens_per_second"].as_f64(), Some(100.0));
         let mut fields = serde_json::Map::new();

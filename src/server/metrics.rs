@@ -20,6 +20,9 @@ const OUTCOMES: [&str; 10] = [
     "device",
 ];
 
+/// What picks tokens (the backend's `picker`): the host sampler, or a head on the chip.
+const PICKERS: [&str; 4] = ["host", "greedy_head", "sample_head", "lm_head"];
+
 /// Upper bounds (seconds) of the time-to-first-token buckets.
 const TTFT_BOUNDS: [f64; 10] = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 /// Upper bounds (tokens per second) of the generation-speed buckets.
@@ -73,6 +76,7 @@ impl Histogram {
 /// See the module documentation.
 pub struct Metrics {
     outcomes: [AtomicU64; OUTCOMES.len()],
+    pickers: [AtomicU64; PICKERS.len()],
     prompt_tokens: AtomicU64,
     generated_tokens: AtomicU64,
     ttft: Histogram,
@@ -83,6 +87,7 @@ impl Default for Metrics {
     fn default() -> Self {
         Metrics {
             outcomes: Default::default(),
+            pickers: Default::default(),
             prompt_tokens: AtomicU64::new(0),
             generated_tokens: AtomicU64::new(0),
             ttft: Histogram::new(&TTFT_BOUNDS),
@@ -100,6 +105,9 @@ impl Metrics {
     pub fn done(&self, s: &Summary) {
         let reason = s.reason.as_str();
         self.outcomes[outcome_index(reason)].fetch_add(1, Ordering::Relaxed);
+        if let Some(i) = PICKERS.iter().position(|p| *p == s.picker) {
+            self.pickers[i].fetch_add(1, Ordering::Relaxed);
+        }
         self.prompt_tokens.fetch_add(s.prompt_tokens as u64, Ordering::Relaxed);
         self.generated_tokens
             .fetch_add(s.completion_tokens as u64, Ordering::Relaxed);
@@ -131,6 +139,16 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "llama_tpu_requests_total{{outcome=\"{name}\"}} {}",
+                n.load(Ordering::Relaxed)
+            );
+        }
+        out.push_str(
+            "# HELP llama_tpu_requests_by_picker_total Requests the engine ran, by what picked their tokens (host: the host sampler on the logits; the others: heads on the chip).\n# TYPE llama_tpu_requests_by_picker_total counter\n",
+        );
+        for (name, n) in PICKERS.iter().zip(&self.pickers) {
+            let _ = writeln!(
+                out,
+                "llama_tpu_requests_by_picker_total{{picker=\"{name}\"}} {}",
                 n.load(Ordering::Relaxed)
             );
         }
@@ -193,6 +211,7 @@ mod tests {
             dropped_messages: 0,
             prompt_time: Duration::from_millis(100),
             time_to_first_token: Duration::from_millis(300),
+            picker: "sample_head",
             generation_time: Duration::from_millis(400),
         };
         m.done(&s);
@@ -204,6 +223,8 @@ mod tests {
         assert!(text.contains("llama_tpu_requests_total{outcome=\"cancelled\"} 1\n"));
         assert!(text.contains("llama_tpu_requests_total{outcome=\"refused\"} 1\n"));
         assert!(text.contains("llama_tpu_generated_tokens_total 10\n"));
+        assert!(text.contains("llama_tpu_requests_by_picker_total{picker=\"sample_head\"} 2\n"));
+        assert!(text.contains("llama_tpu_requests_by_picker_total{picker=\"host\"} 0\n"));
         assert!(text.contains("llama_tpu_time_to_first_token_seconds_bucket{le=\"0.25\"} 0\n"));
         assert!(text.contains("llama_tpu_time_to_first_token_seconds_bucket{le=\"0.5\"} 2\n"));
         assert!(text.contains("llama_tpu_time_to_first_token_seconds_bucket{le=\"+Inf\"} 2\n"));

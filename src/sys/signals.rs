@@ -2,7 +2,10 @@
 
 use std::sync::mpsc::Sender;
 
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use signal_hook::consts::{SIGABRT, SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 /// What a signal asks for.
@@ -33,4 +36,15 @@ pub fn forward<T: From<Request> + Send + 'static>(to: Sender<T>) -> std::io::Res
         }
     })?;
     Ok(())
+}
+
+/// Exits with `status` at once when the process aborts (SIGABRT) while `flag` is set: a
+/// vendor library failing inside a call (its C++ assert unwinds to the top, where the Rust
+/// runtime aborts: it cannot catch a foreign exception) ends the process with the status
+/// that names an unavailable device, rather than as a crash.
+///
+/// # Errors
+/// The handler cannot be installed.
+pub fn exit_on_abort_while(flag: Arc<AtomicBool>, status: i32) -> std::io::Result<()> {
+    signal_hook::flag::register_conditional_shutdown(SIGABRT, status, flag).map(|_| ())
 }

@@ -97,10 +97,45 @@ pub fn toy_models() -> PathBuf {
 }
 
 /// The simulated chip, held by a test while its backend lives: the simulator models one chip
-/// per process, and two runtimes driving it from parallel tests disturb each other.
-pub fn simulator_chip() -> std::sync::MutexGuard<'static, ()> {
+/// per process, and two runtimes driving it from parallel tests disturb each other. A test
+/// that holds it for [`SIMULATOR_TEST_LIMIT`] is hung (in the vendor's runtime, or in a
+/// daemon it waits for): the whole test process ends then, with the test named, rather than
+/// CI waiting for its own limit.
+pub fn simulator_chip() -> Chip {
     static CHIP: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    CHIP.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    let guard = CHIP.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let held = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let watched = std::sync::Arc::clone(&held);
+    let test = std::thread::current().name().unwrap_or("?").to_string();
+    std::thread::spawn(move || {
+        let start = std::time::Instant::now();
+        while watched.load(std::sync::atomic::Ordering::Relaxed) {
+            if start.elapsed() > SIMULATOR_TEST_LIMIT {
+                eprintln!(
+                    "{test} has held the simulated chip for {} s: hung; ending the test process",
+                    SIMULATOR_TEST_LIMIT.as_secs()
+                );
+                std::process::exit(124);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    });
+    Chip { _guard: guard, held }
+}
+
+/// Longest a test may hold the simulated chip (the slowest takes about 2 minutes).
+pub const SIMULATOR_TEST_LIMIT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// See [`simulator_chip`].
+pub struct Chip {
+    _guard: std::sync::MutexGuard<'static, ()>,
+    held: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for Chip {
+    fn drop(&mut self) {
+        self.held.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// A free loopback TCP port (bound and released: good for a test that binds it at once).

@@ -11,6 +11,11 @@ heads to: LLM-TPU's `PenaltySampleHead` (models/Llama2/compile/export_onnx.py) a
 
 Reads {"logits": [...], "ids": [...], "penalty", "temperature", "top_k", "top_p"} as JSON on
 stdin, prints {"probs": [...], "ids": [...]}.
+
+With "min_p" in the input it models the host sampler's cut instead (docs/tpu.md, "Sampling"),
+what a request asks for: the same penalty, the `top_k` best, divided by `temperature`, their
+softmax; min-p drops those below min_p times the best; top-p keeps the shortest prefix whose
+probability reaches top_p, the one that crosses included. Prints {"kept": [ids...]}.
 """
 import json
 import sys
@@ -29,6 +34,18 @@ def main():
     ids = np.array(d["ids"], np.int64)
     seen = logits[ids]
     logits[ids] = np.where(seen < 0, seen * d["penalty"], seen / d["penalty"])
+    if "min_p" in d:
+        k = int(d["top_k"])
+        best = np.argsort(-logits, kind="stable")[:k]
+        p = softmax(logits[best] / d["temperature"])
+        keep = len(p)
+        cut = np.nonzero(p < d["min_p"] * p[0])[0]
+        if d["min_p"] > 0 and len(cut):
+            keep = min(keep, max(int(cut[0]), 1))
+        if d["top_p"] < 1.0:
+            keep = min(keep, int(np.argmax(np.cumsum(p) >= d["top_p"])) + 1)
+        json.dump({"kept": best[:keep].tolist()}, sys.stdout)
+        return
     k = min(int(d["top_k"]), 50)
     best = np.argsort(-logits, kind="stable")[:k]
     scaled = logits[best] / d["temperature"]

@@ -40,6 +40,25 @@ pub enum Prefill {
     WithHistory,
 }
 
+/// Where block 0's input, a token's embedding row, comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Embedding {
+    /// Nets on the chip: the prefill stage (`embedding`) and the decode one.
+    Nets {
+        /// The prefill embedding.
+        prefill: NetStage,
+        /// The decode embedding (`embedding_cache`, or a one-token stage of `embedding`).
+        decode: NetStage,
+        /// Devices it was compiled for: all the blocks' or one (sophon-demo compiles the
+        /// embedding for one device and the blocks with `--num_device`).
+        devices: usize,
+    },
+    /// No embedding nets (tpu-mlir's `--embedding_disk`): the host gathers the rows from
+    /// the table the converter wrote beside the bmodel (`config/embedding.bin`: raw
+    /// `[vocabulary, hidden]` rows in the hidden states' type, no header).
+    Table,
+}
+
 /// Where an embedding is: a net and its stage.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetStage {
@@ -75,10 +94,8 @@ pub struct LlamaLayout {
     pub mask_dtype: DataType,
     /// The prefill kind.
     pub prefill: Prefill,
-    /// The prefill embedding.
-    pub embedding: NetStage,
-    /// The decode embedding (`embedding_cache`, or a one-token stage of `embedding`).
-    pub embedding_cache: NetStage,
+    /// Where the embedding rows come from.
+    pub embedding: Embedding,
     /// Token ids are 1-D (`[L]`, `[1]`: the original Llama2-TPU export) rather than `[1, L]`.
     pub flat_ids: bool,
     /// History lengths of the decode blocks' stages, in stage order (stage 0 is S).
@@ -92,6 +109,16 @@ pub struct LlamaLayout {
     pub greedy_head: bool,
     /// An on-chip sampling head.
     pub sample_head: Option<SampleHead>,
+}
+
+impl LlamaLayout {
+    /// The prefill and decode embedding nets, unless the host gathers the rows.
+    pub fn embedding_nets(&self) -> Option<(&NetStage, &NetStage)> {
+        match &self.embedding {
+            Embedding::Nets { prefill, decode, .. } => Some((prefill, decode)),
+            Embedding::Table => None,
+        }
+    }
 }
 
 /// An on-chip sampling head: logits and the ids to penalize in, with its settings; the
@@ -224,10 +251,16 @@ fn float(net: &Net, p: &Port, what: &str) -> Result<DataType, ContractError> {
     }
 }
 
-/// The embeddings: `embedding` (longest ids) and `embedding_cache`, or one `embedding` net with
-/// a one-token stage (sophon-demo's build).
-fn embeddings(nets: &[Net]) -> Result<(NetStage, NetStage, usize, bool), ContractError> {
-    let emb = net(nets, "embedding")?;
+/// The embedding nets: `embedding` (longest ids) and `embedding_cache`, or one `embedding`
+/// net with a one-token stage (sophon-demo's build); none (an `--embedding_disk` build).
+/// Also the prefill's token count and whether ids are 1-D.
+fn embeddings(nets: &[Net]) -> Result<Option<(NetStage, NetStage, usize, bool)>, ContractError> {
+    let Some(emb) = nets.iter().find(|n| n.name == "embedding") else {
+        return match nets.iter().find(|n| n.name == "embedding_cache") {
+            Some(_) => Err(bad("an embedding_cache net but no embedding net")),
+            None => Ok(None),
+        };
+    };
     if emb.stages.is_empty() {
         return Err(bad("embedding has no stages"));
     }
@@ -251,7 +284,7 @@ fn embeddings(nets: &[Net]) -> Result<(NetStage, NetStage, usize, bool), Contrac
             None => return Err(bad("no net named embedding_cache (nor a one-token stage of embedding)")),
         },
     };
-    Ok((
+    Ok(Some((
         NetStage {
             net: "embedding".into(),
             stage: prefill_stage,
@@ -259,7 +292,72 @@ fn embeddings(nets: &[Net]) -> Result<(NetStage, NetStage, usize, bool), Contrac
         decode,
         max_input,
         flat_ids,
-    ))
+    )))
+}
+
+/// Checks that a net has `inputs` inputs and `outputs` outputs per device, on `devices`.
+fn counts(net: &Net, devices: usize, inputs: usize, outputs: usize) -> Result<(), ContractError> {
+    if net.inputs.len() != devices * inputs || net.outputs.len() != devices * outputs {
+        return Err(bad(format!(
+            "net {} has {} inputs and {} outputs; expected {inputs} and {outputs}{}",
+            net.name,
+            net.inputs.len(),
+            net.outputs.len(),
+            if devices > 1 {
+                format!(" per device, on {devices} devices")
+            } else {
+                String::new()
+            }
+        )));
+    }
+    Ok(())
+}
+
+/// What a net the contract does not know would have done, where its name says it.
+fn unknown_net_meaning(name: &str) -> &'static str {
+    if name.contains("lora") {
+        "a LoRA adapter (--lora_max_rank): it changes every answer"
+    } else if name.starts_with("block_prompt_") {
+        "a shared prompt's prefill (--share_prompt): its cache belongs in every answer"
+    } else if name.contains("vit") || name.contains("vision") {
+        "a vision encoder"
+    } else if name.contains("unshare") {
+        "an unshared prefill (share_cache builds)"
+    } else {
+        "unknown to this backend"
+    }
+}
+
+/// Refuses nets outside the contract, naming them: a net the backend would not launch may
+/// carry what the answers depend on (LoRA adapters, a shared prompt), so a bmodel is run
+/// whole or not at all.
+fn unknown_nets(nets: &[Net], layers: usize) -> Result<(), ContractError> {
+    // block_cache_N and block_kv_N past the layers are named by the check of their own.
+    let numbered = |name: &str, prefix: &str| {
+        name.strip_prefix(prefix)
+            .and_then(|i| i.parse::<usize>().ok())
+            .is_some_and(|i| i < layers || prefix != "block_")
+    };
+    let known = |name: &str| {
+        matches!(
+            name,
+            "embedding" | "embedding_cache" | "lm_head" | "greedy_head" | "sample_head" | "penalty_sample_head"
+        ) || ["block_", "block_cache_", "block_kv_"]
+            .iter()
+            .any(|p| numbered(name, p))
+    };
+    let unknown: Vec<String> = nets
+        .iter()
+        .filter(|n| !known(&n.name))
+        .map(|n| format!("{} ({})", n.name, unknown_net_meaning(&n.name)))
+        .collect();
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    Err(bad(format!(
+        "the bmodel has nets this backend does not run, and answers without them would not be the model's: {}",
+        unknown.join(", ")
+    )))
 }
 
 /// Checks the nets against the contract.
@@ -274,35 +372,6 @@ pub fn check(nets: &[Net]) -> Result<LlamaLayout, ContractError> {
             n.name, n.addr_mode
         )));
     }
-    let (embedding, embedding_cache, max_input, flat_ids) = embeddings(nets)?;
-    let emb = net(nets, &embedding.net)?;
-    // The embedding takes one input, the token ids, per device.
-    let devices = emb.inputs.len().max(1);
-    let out = port(emb, false, 0)?;
-    let stage = &emb.stages[embedding.stage];
-    let (emb_in, emb_out) = match (stage.input_shapes.first(), stage.output_shapes.first()) {
-        (Some(i), Some(o)) => (i, o),
-        _ => return Err(bad("embedding has no input or no output")),
-    };
-    let hidden = emb_out.last().map_or(0, |&h| h.max(0) as usize);
-    if max_input == 0 || hidden == 0 {
-        return Err(bad(format!("embedding has shapes {emb_in:?} -> {emb_out:?}")));
-    }
-    let hidden_dtype = float(emb, out, "output 0")?;
-    let (l, h) = (max_input, hidden);
-    expect_in(emb, embedding.stage, true, 0, I32, &[&[1, l], &[l]])?;
-    expect_in(emb, embedding.stage, false, 0, hidden_dtype, &[&[1, l, h], &[l, h]])?;
-    let emb_cache = net(nets, &embedding_cache.net)?;
-    expect_in(emb_cache, embedding_cache.stage, true, 0, I32, &[&[1, 1], &[1]])?;
-    expect_in(
-        emb_cache,
-        embedding_cache.stage,
-        false,
-        0,
-        hidden_dtype,
-        &[&[1, 1, h], &[1, h]],
-    )?;
-
     let numbered = |prefix: &str| {
         nets.iter()
             .filter(|n| n.name.strip_prefix(prefix).is_some_and(|i| i.parse::<usize>().is_ok()))
@@ -312,6 +381,69 @@ pub fn check(nets: &[Net]) -> Result<LlamaLayout, ContractError> {
     if layers == 0 {
         return Err(bad("no block_N nets"));
     }
+    unknown_nets(nets, layers)?;
+    // The devices are the blocks': each decode block takes hidden state, position, mask, K
+    // and V per device and gives hidden state, K and V.
+    let cache0 = net(nets, "block_cache_0")?;
+    let devices = cache0.inputs.len() / 5;
+    if devices == 0 || cache0.inputs.len() != devices * 5 || cache0.outputs.len() != devices * 3 {
+        return Err(bad(format!(
+            "block_cache_0 has {} inputs and {} outputs; expected 5 and 3 per device",
+            cache0.inputs.len(),
+            cache0.outputs.len()
+        )));
+    }
+    let first = net(nets, "block_0")?;
+    let input = port(first, true, 0)?;
+    let (max_input, hidden) = (dim(&input.shape, 1), dim(&input.shape, 2));
+    if max_input == 0 || hidden == 0 || input.shape.len() != 3 {
+        return Err(bad(format!(
+            "block_0's input 0 has shape {:?}; expected [1, tokens, hidden]",
+            input.shape
+        )));
+    }
+    let hidden_dtype = float(first, input, "input 0")?;
+    let (l, h) = (max_input, hidden);
+    let (embedding, flat_ids) = match embeddings(nets)? {
+        None => {
+            if hidden_dtype == DataType::F32 {
+                return Err(bad(
+                    "no embedding nets, and f32 hidden states: tpu-mlir writes no embedding table for those",
+                ));
+            }
+            (Embedding::Table, false)
+        }
+        Some((prefill, decode, emb_input, flat_ids)) => {
+            let emb = net(nets, &prefill.net)?;
+            let emb_devices = emb.inputs.len();
+            if emb_devices != 1 && emb_devices != devices {
+                return Err(bad(format!(
+                    "embedding has {emb_devices} inputs; expected one per device ({devices}) or one"
+                )));
+            }
+            if emb_input != max_input {
+                return Err(bad(format!(
+                    "the embedding takes {emb_input} tokens, block_0 {max_input}"
+                )));
+            }
+            expect_in(emb, prefill.stage, true, 0, I32, &[&[1, l], &[l]])?;
+            expect_in(emb, prefill.stage, false, 0, hidden_dtype, &[&[1, l, h], &[l, h]])?;
+            let emb_cache = net(nets, &decode.net)?;
+            expect_in(emb_cache, decode.stage, true, 0, I32, &[&[1, 1], &[1]])?;
+            expect_in(emb_cache, decode.stage, false, 0, hidden_dtype, &[&[1, 1, h], &[1, h]])?;
+            for n in [emb, emb_cache] {
+                counts(n, emb_devices, 1, 1)?;
+            }
+            (
+                Embedding::Nets {
+                    prefill,
+                    decode,
+                    devices: emb_devices,
+                },
+                flat_ids,
+            )
+        }
+    };
     for prefix in ["block_cache_", "block_kv_"] {
         if let Some(extra) = nets.iter().find(|n| {
             n.name
@@ -325,14 +457,12 @@ pub fn check(nets: &[Net]) -> Result<LlamaLayout, ContractError> {
             )));
         }
     }
-    let first = net(nets, "block_0")?;
     let k = port(first, false, 1)?;
     let (kv_heads, head_dim) = (dim(&k.shape, 2), dim(&k.shape, 3));
     if kv_heads == 0 || head_dim == 0 {
         return Err(bad(format!("block_0's k output has shape {:?}", k.shape)));
     }
     let kv_dtype = float(first, k, "output 1")?;
-    let cache0 = net(nets, "block_cache_0")?;
     let decode_stages: Vec<usize> = cache0
         .stages
         .iter()
@@ -346,12 +476,18 @@ pub fn check(nets: &[Net]) -> Result<LlamaLayout, ContractError> {
     }
     if max_input > seq_len {
         return Err(bad(format!(
-            "the embedding takes {max_input} tokens, more than the {seq_len} the KV cache holds"
+            "the prefill takes {max_input} tokens, more than the {seq_len} the KV cache holds"
         )));
     }
     let mask_dtype = float(cache0, port(cache0, true, 2)?, "input 2 (attention_mask)")?;
 
     let history = numbered("block_kv_");
+    if first.inputs.len() % devices != 0 {
+        return Err(bad(format!(
+            "block_0 has {} inputs, not a multiple of the {devices} devices of the decode blocks",
+            first.inputs.len()
+        )));
+    }
     let per_device_inputs = first.inputs.len() / devices;
     let prefill = match (per_device_inputs, history) {
         (3, 0) => Prefill::Static(float(first, port(first, true, 2)?, "input 2 (attention_mask)")?),
@@ -371,6 +507,7 @@ pub fn check(nets: &[Net]) -> Result<LlamaLayout, ContractError> {
     let (kvh, d, s) = (kv_heads, head_dim, seq_len);
     for i in 0..layers {
         let b = net(nets, &format!("block_{i}"))?;
+        counts(b, devices, per_device_inputs, 3)?;
         expect(b, true, 0, hidden_dtype, &[1, l, h])?;
         expect(b, true, 1, I32, &[1, l])?;
         if let Prefill::Static(mask) = prefill {
@@ -384,6 +521,7 @@ pub fn check(nets: &[Net]) -> Result<LlamaLayout, ContractError> {
             if !kvn.dynamic {
                 return Err(bad(format!("{} is not dynamic", kvn.name)));
             }
+            counts(kvn, devices, 4, 3)?;
             expect(kvn, true, 0, hidden_dtype, &[1, l, h])?;
             expect(kvn, true, 1, I32, &[1, l])?;
             expect(kvn, true, 2, kv_dtype, &[1, s, kvh, d])?;
@@ -393,6 +531,7 @@ pub fn check(nets: &[Net]) -> Result<LlamaLayout, ContractError> {
             expect(kvn, false, 2, kv_dtype, &[1, l, kvh, d])?;
         }
         let c = net(nets, &format!("block_cache_{i}"))?;
+        counts(c, devices, 5, 3)?;
         if c.stages.len() != decode_stages.len() {
             return Err(bad(format!(
                 "{} has {} stages, block_cache_0 {}",
@@ -430,6 +569,7 @@ pub fn check(nets: &[Net]) -> Result<LlamaLayout, ContractError> {
     });
 
     let head = net(nets, "lm_head")?;
+    counts(head, 1, 1, 1)?;
     expect_in(head, 0, true, 0, hidden_dtype, &[&[1, h], &[1, 1, h]])?;
     let h_out = port(head, false, 0)?;
     let lm_head = match (h_out.dtype, elements(&h_out.shape)) {
@@ -449,6 +589,7 @@ pub fn check(nets: &[Net]) -> Result<LlamaLayout, ContractError> {
     let greedy_head = match nets.iter().find(|n| n.name == "greedy_head") {
         Some(g) => {
             let v = vocab.ok_or_else(|| bad("greedy_head present but lm_head outputs a token, not logits"))?;
+            counts(g, 1, 1, 1)?;
             expect(g, true, 0, DataType::F32, &[1, v])?;
             expect(g, false, 0, DataType::I32, &[1, 1])?;
             true
@@ -475,7 +616,6 @@ pub fn check(nets: &[Net]) -> Result<LlamaLayout, ContractError> {
         mask_dtype,
         prefill,
         embedding,
-        embedding_cache,
         flat_ids,
         decode_stages,
         cache_in_decode_inputs,
@@ -762,23 +902,18 @@ mod tests {
             (l.prefill, l.lm_head, l.flat_ids),
             (Prefill::Static(F32), LmHeadOutput::Token, true)
         );
-        assert_eq!(l.embedding_cache.net, "embedding_cache");
+        assert_eq!(l.embedding_nets().unwrap().1.net, "embedding_cache");
         // sophon-demo: both embeddings are stages of one net named embedding.
         let cache = nets.remove(1);
         nets[0].stages.push(cache.stages[0].clone());
         let l = check(&nets).unwrap();
-        assert_eq!(
-            (
-                l.embedding.stage,
-                l.embedding_cache.net.as_str(),
-                l.embedding_cache.stage
-            ),
-            (0, "embedding", 1)
-        );
+        let (prefill, decode) = l.embedding_nets().unwrap();
+        assert_eq!((prefill.stage, decode.net.as_str(), decode.stage), (0, "embedding", 1));
         // Stages in the other order: the longest is the prefill one.
         nets[0].stages.swap(0, 1);
         let l = check(&nets).unwrap();
-        assert_eq!((l.embedding.stage, l.embedding_cache.stage, l.max_input), (1, 0, 32));
+        let (prefill, decode) = l.embedding_nets().unwrap();
+        assert_eq!((prefill.stage, decode.stage, l.max_input), (1, 0, 32));
     }
 
     /// tpu-mlir's `--dynamic` and `--use_block_with_kv` builds: no prefill mask, block_kv_N
@@ -929,8 +1064,7 @@ mod tests {
             e.contains("block_cache_0 input 2") && e.contains("[1, 1, 1, 33]"),
             "{e}"
         );
-        let mut nets = toy(I32, 1);
-        nets.truncate(3);
+        let nets = toy(I32, 1);
         assert!(err(nets).contains("expected F16, BF16 or F32"));
         let mut nets = toy(F16, 1);
         nets.push(n("block_cache_1", vec![], vec![]));
@@ -938,5 +1072,98 @@ mod tests {
         let mut nets = toy(F16, 1);
         nets[3].addr_mode = 2;
         assert!(err(nets).contains("io_tag"));
+    }
+
+    /// sophon-demo's multi-chip build: the blocks compiled with `--num_device 2` (one group of
+    /// inputs and outputs per device), the embedding for one device. The devices are the
+    /// blocks'.
+    #[test]
+    fn the_devices_are_the_blocks_and_a_one_device_embedding_fits() {
+        let mut nets = toy(F16, 2);
+        for net in nets.iter_mut().filter(|n| n.name.starts_with("block_")) {
+            net.inputs = [net.inputs.clone(), net.inputs.clone()].concat();
+            net.outputs = [net.outputs.clone(), net.outputs.clone()].concat();
+            net.stages = vec![stage_of(&net.inputs, &net.outputs)];
+        }
+        let l = check(&nets).unwrap();
+        assert_eq!(l.devices, 2);
+        assert!(
+            matches!(l.embedding, Embedding::Nets { devices: 1, .. }),
+            "{:?}",
+            l.embedding
+        );
+        // An embedding for 3 devices fits neither.
+        let emb = &mut nets[0];
+        emb.inputs = vec![emb.inputs[0].clone(); 3];
+        emb.outputs = vec![emb.outputs[0].clone(); 3];
+        emb.stages = vec![stage_of(&emb.inputs, &emb.outputs)];
+        let e = check(&nets).unwrap_err().to_string();
+        assert!(e.contains("embedding has 3 inputs"), "{e}");
+    }
+
+    /// Every net's inputs and outputs are counted, not only the first ones.
+    #[test]
+    fn an_extra_input_or_output_is_refused() {
+        let mut nets = toy(F16, 2);
+        let extra = p(F16, &[1, 1]);
+        nets[5].inputs.push(extra.clone());
+        nets[5].stages = vec![stage_of(&nets[5].inputs, &nets[5].outputs)];
+        let e = check(&nets).unwrap_err().to_string();
+        assert!(
+            e.contains("net block_1 has 4 inputs and 3 outputs; expected 3 and 3"),
+            "{e}"
+        );
+        let mut nets = toy(F16, 1);
+        nets[2].outputs.push(extra);
+        let e = check(&nets).unwrap_err().to_string();
+        assert!(e.contains("net lm_head has 1 inputs and 2 outputs"), "{e}");
+    }
+
+    /// Nets whose meaning would change the answer are refused by name: LoRA adapters
+    /// (`--lora_max_rank`), a shared prompt (`--share_prompt`), anything unknown.
+    #[test]
+    fn lora_and_shared_prompt_nets_are_refused_by_name() {
+        let mut nets = toy(F16, 2);
+        for name in ["embedding_lora", "embedding_cache_lora", "lm_head_lora"] {
+            nets.push(n(name, vec![p(F16, &[1, 8])], vec![p(F16, &[1, 8])]));
+        }
+        let e = check(&nets).unwrap_err().to_string();
+        assert!(
+            e.contains("embedding_lora (a LoRA adapter")
+                && e.contains("embedding_cache_lora (a LoRA adapter")
+                && e.contains("lm_head_lora (a LoRA adapter"),
+            "{e}"
+        );
+        let mut nets = toy(F16, 2);
+        for i in 0..2 {
+            nets.push(n(
+                &format!("block_prompt_{i}"),
+                vec![p(F16, &[1, 8])],
+                vec![p(F16, &[1, 8])],
+            ));
+        }
+        nets.push(n("vit", vec![p(F16, &[1, 8])], vec![p(F16, &[1, 8])]));
+        let e = check(&nets).unwrap_err().to_string();
+        assert!(
+            e.contains("block_prompt_0 (a shared prompt")
+                && e.contains("block_prompt_1 (a shared prompt")
+                && e.contains("vit (a vision encoder)"),
+            "{e}"
+        );
+    }
+
+    /// An `--embedding_disk` build has no embedding nets: the host gathers rows (the hidden
+    /// size and prefill length are block 0's); half an embedding pair is refused.
+    #[test]
+    fn no_embedding_nets_means_a_table() {
+        let mut nets = toy(Bf16, 2);
+        nets.retain(|n| !n.name.starts_with("embedding"));
+        let l = check(&nets).unwrap();
+        assert_eq!(l.embedding, Embedding::Table);
+        assert_eq!((l.hidden, l.max_input, l.hidden_dtype), (64, 32, Bf16));
+        let mut nets = toy(F16, 2);
+        nets.retain(|n| n.name != "embedding");
+        let e = check(&nets).unwrap_err().to_string();
+        assert!(e.contains("an embedding_cache net but no embedding net"), "{e}");
     }
 }

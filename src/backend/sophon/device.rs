@@ -140,10 +140,15 @@ impl Device {
         self.index
     }
 
-    /// Runs `f` with the raw handle, no other call on this device overlapping it.
+    /// Runs `f` with the raw handle, no other call on this device overlapping it. While it
+    /// runs, [`unfinished_call`] is set; it stays set if the call never returns.
     pub fn with_handle<T>(&self, f: impl FnOnce(Handle) -> T) -> T {
         let _guard = self.calls.lock().unwrap_or_else(PoisonError::into_inner);
-        f(self.handle)
+        let unfinished = unfinished_call();
+        unfinished.store(true, Ordering::SeqCst);
+        let result = f(self.handle);
+        unfinished.store(false, Ordering::SeqCst);
+        result
     }
 
     /// What was asked of this device so far.
@@ -292,10 +297,29 @@ impl Device {
 
 impl Drop for Device {
     fn drop(&mut self) {
+        if runtime_abandoned() {
+            return;
+        }
         // SAFETY: the handle came from bm_dev_request and is released once; buffers hold an
         // Arc to the device, so none outlives it.
         unsafe { (self.rt.api.dev_free)(self.handle) }
     }
+}
+
+/// Set while a call into the vendor's runtime runs, and left set by one that never returned:
+/// the runtime's asserts are C++ exceptions, which unwind through the caller. After that the
+/// runtime's state is unknown (its locks may be held, a teardown can wait forever), so
+/// nothing calls into it again: buffers, contexts and devices are left to the process's
+/// end, and the CLI turns the abort that ends such an unwinding into exit 69
+/// (`sys::signals::exit_on_abort_while`).
+pub fn unfinished_call() -> &'static Arc<AtomicBool> {
+    static FLAG: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
+    FLAG.get_or_init(|| Arc::new(AtomicBool::new(false)))
+}
+
+/// Whether a runtime call never returned (see [`unfinished_call`]): teardown skips the runtime.
+pub fn runtime_abandoned() -> bool {
+    unfinished_call().load(Ordering::SeqCst)
 }
 
 /// Device memory made by the backend, freed on drop.
@@ -339,6 +363,9 @@ impl DeviceBuffer {
 
 impl Drop for DeviceBuffer {
     fn drop(&mut self) {
+        if runtime_abandoned() {
+            return;
+        }
         let free = self.device.rt.api.free_device;
         // SAFETY: the memory came from bm_malloc_device_byte on this device and is freed once.
         self.device.with_handle(|h| unsafe { free(h, self.mem) })

@@ -230,28 +230,36 @@ pub struct NetInfo {
 /// The runtime's entry points, resolved from the loaded libraries.
 #[allow(missing_docs)]
 pub struct Api {
-    pub dev_getcount: unsafe extern "C" fn(*mut c_int) -> Status,
-    pub dev_request: unsafe extern "C" fn(*mut Handle, c_int) -> Status,
-    pub dev_free: unsafe extern "C" fn(Handle),
-    pub malloc_device_byte: unsafe extern "C" fn(Handle, *mut DeviceMem, c_uint) -> Status,
-    pub free_device: unsafe extern "C" fn(Handle, DeviceMem),
-    pub memcpy_s2d: unsafe extern "C" fn(Handle, DeviceMem, *const c_void) -> Status,
-    pub memcpy_s2d_partial: unsafe extern "C" fn(Handle, DeviceMem, *const c_void, c_uint) -> Status,
-    pub memcpy_d2s: unsafe extern "C" fn(Handle, *mut c_void, DeviceMem) -> Status,
-    pub memcpy_d2s_partial: unsafe extern "C" fn(Handle, *mut c_void, DeviceMem, c_uint) -> Status,
-    pub memcpy_d2d_byte: unsafe extern "C" fn(Handle, DeviceMem, usize, DeviceMem, usize, usize) -> Status,
-    pub thread_sync: unsafe extern "C" fn(Handle) -> Status,
-    pub rt_create: unsafe extern "C" fn(Handle) -> *mut c_void,
-    pub rt_create_ex: unsafe extern "C" fn(*mut Handle, c_int) -> *mut c_void,
-    pub rt_destroy: unsafe extern "C" fn(*mut c_void),
-    pub rt_set_flags: unsafe extern "C" fn(*mut c_void, u32),
-    pub rt_load_bmodel: unsafe extern "C" fn(*mut c_void, *const c_char) -> bool,
-    pub rt_get_network_number: unsafe extern "C" fn(*mut c_void) -> c_int,
-    pub rt_get_network_names: unsafe extern "C" fn(*mut c_void, *mut *mut *const c_char),
-    pub rt_get_network_info: unsafe extern "C" fn(*mut c_void, *const c_char) -> *const NetInfo,
-    pub rt_tensor_with_device: unsafe extern "C" fn(*mut Tensor, DeviceMem, i32, Shape),
-    pub rt_launch_tensor_ex:
-        unsafe extern "C" fn(*mut c_void, *const c_char, *const Tensor, c_int, *mut Tensor, c_int, bool, bool) -> bool,
+    pub dev_getcount: unsafe extern "C-unwind" fn(*mut c_int) -> Status,
+    pub dev_request: unsafe extern "C-unwind" fn(*mut Handle, c_int) -> Status,
+    pub dev_free: unsafe extern "C-unwind" fn(Handle),
+    pub malloc_device_byte: unsafe extern "C-unwind" fn(Handle, *mut DeviceMem, c_uint) -> Status,
+    pub free_device: unsafe extern "C-unwind" fn(Handle, DeviceMem),
+    pub memcpy_s2d: unsafe extern "C-unwind" fn(Handle, DeviceMem, *const c_void) -> Status,
+    pub memcpy_s2d_partial: unsafe extern "C-unwind" fn(Handle, DeviceMem, *const c_void, c_uint) -> Status,
+    pub memcpy_d2s: unsafe extern "C-unwind" fn(Handle, *mut c_void, DeviceMem) -> Status,
+    pub memcpy_d2s_partial: unsafe extern "C-unwind" fn(Handle, *mut c_void, DeviceMem, c_uint) -> Status,
+    pub memcpy_d2d_byte: unsafe extern "C-unwind" fn(Handle, DeviceMem, usize, DeviceMem, usize, usize) -> Status,
+    pub thread_sync: unsafe extern "C-unwind" fn(Handle) -> Status,
+    pub rt_create: unsafe extern "C-unwind" fn(Handle) -> *mut c_void,
+    pub rt_create_ex: unsafe extern "C-unwind" fn(*mut Handle, c_int) -> *mut c_void,
+    pub rt_destroy: unsafe extern "C-unwind" fn(*mut c_void),
+    pub rt_set_flags: unsafe extern "C-unwind" fn(*mut c_void, u32),
+    pub rt_load_bmodel: unsafe extern "C-unwind" fn(*mut c_void, *const c_char) -> bool,
+    pub rt_get_network_number: unsafe extern "C-unwind" fn(*mut c_void) -> c_int,
+    pub rt_get_network_names: unsafe extern "C-unwind" fn(*mut c_void, *mut *mut *const c_char),
+    pub rt_get_network_info: unsafe extern "C-unwind" fn(*mut c_void, *const c_char) -> *const NetInfo,
+    pub rt_tensor_with_device: unsafe extern "C-unwind" fn(*mut Tensor, DeviceMem, i32, Shape),
+    pub rt_launch_tensor_ex: unsafe extern "C-unwind" fn(
+        *mut c_void,
+        *const c_char,
+        *const Tensor,
+        c_int,
+        *mut Tensor,
+        c_int,
+        bool,
+        bool,
+    ) -> bool,
 }
 
 /// The loaded libraries and their entry points. The libraries stay loaded as long as this
@@ -327,6 +335,7 @@ impl Runtime {
                 return Err(format!("{missing} is not in {}", d.display()));
             }
         }
+        line_buffered_c_stdout();
         // SAFETY: loading runs the libraries' initializers; these are the vendor's runtime
         // libraries, which are made to be loaded into a host process (as its demos do).
         let bmlib = unsafe { Library::new(path("libbmlib.so")) }.map_err(|e| e.to_string())?;
@@ -400,7 +409,7 @@ fn check_version(bmrt: &Library) -> Result<Option<String>, String> {
     let has = |name: &[u8]| unsafe { bmrt.get::<*const c_void>(name) }.is_ok();
     let version = {
         // SAFETY: `libbmrt_version` is `const char* (void)`, returning a static string.
-        match unsafe { bmrt.get::<unsafe extern "C" fn() -> *const c_char>(b"libbmrt_version") } {
+        match unsafe { bmrt.get::<unsafe extern "C-unwind" fn() -> *const c_char>(b"libbmrt_version") } {
             Ok(f) => {
                 // SAFETY: a static NUL-terminated string (or null) from the runtime.
                 let p = unsafe { f() };
@@ -430,6 +439,27 @@ fn check_version(bmrt: &Library) -> Result<Option<String>, String> {
             version.as_deref().unwrap_or("no libbmrt_version")
         ))
     }
+}
+
+extern "C" {
+    /// The C library's standard output stream (glibc's `stdout`).
+    #[link_name = "stdout"]
+    static C_STDOUT: *mut c_void;
+    fn setvbuf(stream: *mut c_void, buf: *mut std::ffi::c_char, mode: c_int, size: usize) -> c_int;
+}
+
+/// Makes the C library's stdout line-buffered, once, before the vendor's libraries print to
+/// it: their messages (a `BMRT_ASSERT` first of all) then reach the journal when they are
+/// written, not at an exit that may never flush them.
+fn line_buffered_c_stdout() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    const IOLBF: c_int = 1;
+    // SAFETY: `stdout` is glibc's stream pointer, valid for the process's lifetime; setvbuf
+    // with no buffer of ours asks the library to allocate its own. Nothing in this program
+    // writes to C's stdout before the vendor's libraries are loaded, which is when this runs.
+    ONCE.call_once(|| unsafe {
+        setvbuf(C_STDOUT, std::ptr::null_mut(), IOLBF, 0);
+    });
 }
 
 #[cfg(test)]

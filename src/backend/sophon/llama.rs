@@ -30,11 +30,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::contract::{self, LlamaLayout, LmHeadOutput, Prefill, SampleHead};
+use super::contract::{self, Embedding, LlamaLayout, LmHeadOutput, Prefill, SampleHead};
 use super::device::{Device, DeviceBuffer, Traffic};
 use super::ffi::{DataType, DeviceMem};
 use super::plan::{self, Plan, Route};
 use super::runtime::{Launch, Loaded};
+use super::table::EmbeddingTable;
 use crate::backend::{Backend, BackendError, BackendInfo, Next};
 use crate::sampler::SamplerConfig;
 
@@ -48,6 +49,9 @@ pub struct SophonOptions {
     pub devices: Vec<usize>,
     /// Vocabulary size, needed only when lm_head returns a token instead of logits.
     pub vocab_hint: Option<usize>,
+    /// The embedding table of a bmodel without embedding nets (default: the vendor's names
+    /// beside the bmodel, see [`super::table::TABLE_NAMES`]).
+    pub embedding_table: Option<PathBuf>,
 }
 
 /// Why the backend could not be made.
@@ -76,6 +80,13 @@ fn masked(dtype: DataType) -> &'static [u8] {
         _ => &F16,
     }
 }
+
+/// Candidates the vendor's sampling heads always keep, whatever top_p says.
+const HEAD_KEEPS: usize = 5;
+
+/// The top_p written to a sampling head: above any cumulative probability, so the head keeps
+/// every candidate and the host makes the request's cut.
+pub const HEAD_TOP_P_OFF: f32 = 2.0;
 
 /// What picks the next token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,6 +126,11 @@ struct DeviceState {
     _owned: Vec<DeviceBuffer>,
     /// Per layer: `block_kv_N`'s own history inputs (K, V), on bmodels with history.
     history_inputs: Vec<[DeviceMem; 2]>,
+    /// Per layer: the dynamic prefill nets' own K and V outputs (`block_N`'s, then
+    /// `block_kv_N`'s), where a chunk too short for the runtime's check of a cache slice
+    /// is written before it is copied into the cache.
+    prefill_outputs: Vec<[DeviceMem; 2]>,
+    history_outputs: Vec<[DeviceMem; 2]>,
 }
 
 /// The sampling head's buffers and the penalty window (on the first device).
@@ -129,8 +145,14 @@ struct SampleState {
     candidates: DeviceBuffer,
     /// Ring slots (repeat_last_n, at most the ids input's length).
     ring: usize,
-    /// Candidates valid per launch (top_k; all of them for a head without top_k).
+    /// Candidates valid per launch (the top_k written; all of them for a head without one).
     top_k: usize,
+    /// What the host finishes on them: the request's top_k (at most `top_k`), top_p, min_p.
+    keep_k: usize,
+    top_p: f32,
+    min_p: f32,
+    /// Candidates kept after the host's cut, at the last launch.
+    kept: usize,
     /// The ring on the device holds the window ending at this position.
     synced: Option<usize>,
     /// Tokens in the ring.
@@ -141,8 +163,12 @@ struct SampleState {
 
 /// The nets, prepared for launching on the buffers above.
 struct Nets {
-    embedding: Launch,
-    embedding_cache: Launch,
+    /// The embedding nets (none: the host gathers rows of the table).
+    embedding: Option<Launch>,
+    embedding_cache: Option<Launch>,
+    /// Devices the embedding nets run on: all, or the first only (then the rows are carried
+    /// to the others through the host).
+    embedding_devices: usize,
     blocks: Vec<Launch>,
     /// `block_kv_N` (bmodels with history).
     with_history: Vec<Launch>,
@@ -168,6 +194,8 @@ pub struct SophonBackend {
     devs: Vec<DeviceState>,
     heads: HeadState,
     sample: Option<SampleState>,
+    /// The embedding table (bmodels without embedding nets).
+    table: Option<EmbeddingTable>,
     picker: Picker,
     rng: fastrand::Rng,
     /// Tokens by position, as the cache holds them (for a re-prefill and the penalty window).
@@ -224,8 +252,22 @@ impl SophonBackend {
             LmHeadOutput::Token => opts.vocab_hint.unwrap_or(0),
         };
         let mut nets = Nets {
-            embedding: loaded.prepare_spanning(&layout.embedding.net, layout.embedding.stage)?,
-            embedding_cache: loaded.prepare_spanning(&layout.embedding_cache.net, layout.embedding_cache.stage)?,
+            embedding: match &layout.embedding {
+                Embedding::Nets {
+                    prefill, devices: 1, ..
+                } => Some(loaded.prepare(&prefill.net, prefill.stage)?),
+                Embedding::Nets { prefill, .. } => Some(loaded.prepare_spanning(&prefill.net, prefill.stage)?),
+                Embedding::Table => None,
+            },
+            embedding_cache: match &layout.embedding {
+                Embedding::Nets { decode, devices: 1, .. } => Some(loaded.prepare(&decode.net, decode.stage)?),
+                Embedding::Nets { decode, .. } => Some(loaded.prepare_spanning(&decode.net, decode.stage)?),
+                Embedding::Table => None,
+            },
+            embedding_devices: match layout.embedding {
+                Embedding::Nets { devices, .. } => devices,
+                Embedding::Table => 0,
+            },
             blocks: (0..layout.layers)
                 .map(|i| loaded.prepare_spanning(&format!("block_{i}"), 0))
                 .collect::<Result<_, _>>()?,
@@ -249,6 +291,18 @@ impl SophonBackend {
                 Some(h) => Some(loaded.prepare(&h.net, 0)?),
                 None => None,
             },
+        };
+        let table = match layout.embedding {
+            Embedding::Table => Some(
+                EmbeddingTable::open(
+                    opts.embedding_table.as_deref(),
+                    path,
+                    vocab,
+                    layout.hidden * layout.hidden_dtype.size(),
+                )
+                .map_err(contract::ContractError)?,
+            ),
+            Embedding::Nets { .. } => None,
         };
         let devs = opened
             .iter()
@@ -302,6 +356,7 @@ impl SophonBackend {
         let ids_len = layout.sample_head.as_ref().map_or(0, |h| h.ids_len);
         let scratch = [
             layout.max_input * 4,
+            layout.max_input * layout.hidden * layout.hidden_dtype.size(),
             (s + 1) * layout.mask_dtype.size(),
             vocab * 4,
             ids_len * 4,
@@ -322,6 +377,7 @@ impl SophonBackend {
             devs,
             heads,
             sample,
+            table,
             rng: fastrand::Rng::with_seed(0),
             history: vec![0; s],
             mask_state: None,
@@ -390,6 +446,12 @@ impl SophonBackend {
         (&self.probs[..k], &self.candidates[..k])
     }
 
+    /// How many of those the host's top_k / top_p / min_p cut kept at the last token (the
+    /// draw was among them).
+    pub fn kept_candidates(&self) -> usize {
+        self.sample.as_ref().map_or(0, |s| s.kept)
+    }
+
     /// The ids the sampling head penalized at its last launch, as it was given them (the
     /// window of the last `repeat_last_n` tokens, and a static head's padding).
     ///
@@ -431,14 +493,36 @@ impl SophonBackend {
         let hidden_row = l.hidden * l.hidden_dtype.size();
         let kv_row = l.kv_heads * l.head_dim * l.kv_dtype.size();
         let (kvh, hd, h) = (l.kv_heads as i32, l.head_dim as i32, l.hidden as i32);
-        let ids = &mut self.bytes[..n * 4];
-        for (cell, &t) in ids.chunks_exact_mut(4).zip(tokens) {
-            cell.copy_from_slice(&(t as i32).to_le_bytes());
+        let in_place = (n * kv_row).div_ceil(4096) * 4096 >= l.max_input * kv_row;
+        let own_outputs = |s: &DeviceState, layer: usize| {
+            let list = if start > 0 {
+                &s.history_outputs
+            } else {
+                &s.prefill_outputs
+            };
+            list.get(layer).copied().unwrap_or_default()
+        };
+        match (&self.table, self.nets.embedding.as_mut()) {
+            (Some(table), _) => {
+                let rows = &mut self.bytes[..n * hidden_row];
+                table.gather(tokens, rows).map_err(BackendError::BadToken)?;
+                for (dev, state) in self.loaded.devices().iter().zip(&self.devs) {
+                    dev.write(state.hidden[0].mem(), rows)?;
+                }
+            }
+            (None, Some(net)) => {
+                let ids = &mut self.bytes[..n * 4];
+                for (cell, &t) in ids.chunks_exact_mut(4).zip(tokens) {
+                    cell.copy_from_slice(&(t as i32).to_le_bytes());
+                }
+                for (dev, state) in self.loaded.devices().iter().zip(&self.devs) {
+                    dev.write(state.ids.mem(), &self.bytes[..n * 4])?;
+                }
+                self.loaded.launch(net)?;
+                self.spread_embedding(n * hidden_row)?;
+            }
+            (None, None) => return Err(missing("embedding")),
         }
-        for (dev, state) in self.loaded.devices().iter().zip(&self.devs) {
-            dev.write(state.ids.mem(), &self.bytes[..n * 4])?;
-        }
-        self.loaded.launch(&mut self.nets.embedding)?;
         for layer in 0..layers {
             let net = if start > 0 {
                 &mut self.nets.with_history[layer]
@@ -470,20 +554,52 @@ impl SophonBackend {
                         set(net.input(2, d), hk.slice(0, start * kv_row), &past);
                         set(net.input(3, d), hv.slice(0, start * kv_row), &past);
                     }
-                    // A dynamic net writes its real rows: n, at the prompt's place.
-                    net.set_output(1, d, k.slice(start * kv_row, n * kv_row));
-                    net.set_output(2, d, v.slice(start * kv_row, n * kv_row));
+                    // A dynamic net writes its real rows, n, at the prompt's place in the
+                    // cache; but the runtime wants an output's memory, rounded up to 4 KiB,
+                    // to hold the compiled (longest) shape: a shorter chunk goes to the
+                    // net's own outputs and is copied into the cache after the launch.
+                    if in_place {
+                        net.set_output(1, d, k.slice(start * kv_row, n * kv_row));
+                        net.set_output(2, d, v.slice(start * kv_row, n * kv_row));
+                    } else {
+                        let [ok, ov] = own_outputs(state, layer);
+                        net.set_output(1, d, Some(ok));
+                        net.set_output(2, d, Some(ov));
+                    }
                 }
             }
             self.loaded.launch(net)?;
+            if dynamic && !in_place {
+                for (dev, state) in self.loaded.devices().iter().zip(&self.devs) {
+                    let [ok, ov] = own_outputs(state, layer);
+                    dev.copy(state.k[layer], start * kv_row, ok, 0, n * kv_row)?;
+                    dev.copy(state.v[layer], start * kv_row, ov, 0, n * kv_row)?;
+                }
+            }
         }
         self.last_row = n - 1;
+        Ok(())
+    }
+
+    /// After an embedding net compiled for one device ran on a multi-device bmodel, carries
+    /// its `bytes` of rows to the other devices' block inputs, through the host.
+    fn spread_embedding(&mut self, bytes: usize) -> Result<(), BackendError> {
+        if self.nets.embedding_devices != 1 || self.devs.len() < 2 {
+            return Ok(());
+        }
+        let devices = self.loaded.devices();
+        let rows = &mut self.bytes[..bytes];
+        devices[0].read(self.devs[0].hidden[0].mem(), rows)?;
+        for (dev, state) in devices.iter().zip(&self.devs).skip(1) {
+            dev.write(state.hidden[0].mem(), rows)?;
+        }
         Ok(())
     }
 
     /// One token at position `pos`, attending to the cache before it.
     fn decode_step(&mut self, token: u32, pos: usize) -> Result<(), BackendError> {
         let l = &self.layout;
+        let hidden_row = l.hidden * l.hidden_dtype.size();
         let kv_row = l.kv_heads * l.head_dim * l.kv_dtype.size();
         let cell = l.mask_dtype.size();
         let (kvh, hd) = (l.kv_heads as i32, l.head_dim as i32);
@@ -518,7 +634,21 @@ impl SophonBackend {
             }
         }
         self.mask_state = Some((kv, pos));
-        self.loaded.launch(&mut self.nets.embedding_cache)?;
+        match (&self.table, self.nets.embedding_cache.as_mut()) {
+            (Some(table), _) => {
+                let row = &mut self.bytes[..table.row_bytes()];
+                table.gather(&[token], row).map_err(BackendError::BadToken)?;
+                for (dev, state) in self.loaded.devices().iter().zip(&self.devs) {
+                    dev.write(state.hidden[0].mem(), row)?;
+                }
+            }
+            (None, Some(net)) => {
+                self.loaded.launch(net)?;
+                self.spread_embedding(hidden_row)?;
+            }
+            (None, None) => return Err(missing("embedding_cache")),
+        }
+        let l = &self.layout;
         for layer in 0..l.layers {
             let net = &mut self.nets.caches[layer];
             for (d, state) in self.devs.iter().enumerate() {
@@ -619,9 +749,13 @@ impl SophonBackend {
             }
             *t = id as u32;
         }
+        let keep_k = state.keep_k.min(k);
+        let total = self.probs[..keep_k].iter().sum();
+        let kept = crate::sampler::nucleus(self.probs[..keep_k].iter().copied(), total, state.top_p, state.min_p);
+        state.kept = kept;
         Ok(Next::Token(draw(
-            &self.probs[..k],
-            &self.candidates[..k],
+            &self.probs[..kept],
+            &self.candidates[..kept],
             &mut self.rng,
         )))
     }
@@ -676,6 +810,18 @@ fn dtype_name(d: DataType) -> &'static str {
         DataType::Bf16 => "bf16",
         _ => "f16",
     }
+}
+
+/// Whether a sampling head gives exactly what the host sampler would for these settings
+/// (the host finishing top_k, top_p and min_p on its candidates): a top_k it returns (0 means
+/// the whole vocabulary, more than it returns), a temperature, the repetition window within
+/// its ids input, and none of OpenAI's additive penalties (it has no input for them).
+pub fn chip_can_sample(head: &SampleHead, cfg: &SamplerConfig) -> bool {
+    cfg.temperature > 0.0
+        && (1..=head.candidates).contains(&cfg.top_k)
+        && (cfg.repeat_last_n <= head.ids_len || cfg.repeat_penalty == 1.0)
+        && cfg.frequency_penalty == 0.0
+        && cfg.presence_penalty == 0.0
 }
 
 /// Points a tensor at `mem` with `dims` (a range the contract ruled out leaves an empty
@@ -777,8 +923,23 @@ impl DeviceState {
                     ]
                 })
                 .collect(),
+            prefill_outputs: own_kv_outputs(&nets.blocks, d),
+            history_outputs: own_kv_outputs(&nets.with_history, d),
         })
     }
+}
+
+/// The K and V outputs each net was loaded with, on device `d` (before [`bind`] points them
+/// into the cache).
+fn own_kv_outputs(nets: &[Launch], d: usize) -> Vec<[DeviceMem; 2]> {
+    nets.iter()
+        .map(|n| {
+            [
+                n.output_mem(1, d).unwrap_or_default(),
+                n.output_mem(2, d).unwrap_or_default(),
+            ]
+        })
+        .collect()
 }
 
 /// Points every net's tensors at the backend's buffers, once; what changes per launch
@@ -793,13 +954,14 @@ fn bind(nets: &mut Nets, l: &LlamaLayout, devs: &[DeviceState], heads: &HeadStat
         }
     };
     for (d, st) in devs.iter().enumerate() {
-        mem(nets.embedding.input(0, d), Some(st.ids.mem()));
-        mem(nets.embedding.output(0, d), Some(st.hidden[0].mem()));
-        mem(nets.embedding_cache.input(0, d), Some(st.token.mem()));
-        mem(
-            nets.embedding_cache.output(0, d),
-            st.hidden[0].mem().slice(0, hidden_row),
-        );
+        if let Some(net) = nets.embedding.as_mut() {
+            mem(net.input(0, d), Some(st.ids.mem()));
+            mem(net.output(0, d), Some(st.hidden[0].mem()));
+        }
+        if let Some(net) = nets.embedding_cache.as_mut() {
+            mem(net.input(0, d), Some(st.token.mem()));
+            mem(net.output(0, d), st.hidden[0].mem().slice(0, hidden_row));
+        }
         for layer in 0..l.layers {
             let (a, b) = (&st.hidden[layer % 2], &st.hidden[(layer + 1) % 2]);
             for net in [Some(&mut nets.blocks[layer]), nets.with_history.get_mut(layer)]
@@ -853,6 +1015,10 @@ impl SampleState {
             candidates: dev.alloc(c * 4)?,
             ring: 1,
             top_k: c,
+            keep_k: c,
+            top_p: 1.0,
+            min_p: 0.0,
+            kept: 0,
             synced: None,
             filled: 0,
             fill_pos: 0,
@@ -861,13 +1027,19 @@ impl SampleState {
     }
 
     /// Writes the settings (f32, as the head's inputs are declared; top_k as i32) and sizes
-    /// the penalty window. Returns whether the head can honour them.
+    /// the penalty window. The chip does what needs the whole vocabulary (the penalty, the
+    /// best candidates, the temperature, their softmax); its own top-p cut is switched off
+    /// (it drops the candidate that crosses top_p and always keeps five), and the host
+    /// finishes top_k, top_p and min_p on the candidates exactly as its sampler does.
     fn configure(&mut self, dev: &Device, cfg: &SamplerConfig) -> Result<(), BackendError> {
         let c = self.head.candidates;
+        self.keep_k = cfg.top_k.clamp(1, c);
         self.top_k = match self.head.top_k {
-            Some(_) if cfg.top_k > 0 => cfg.top_k.min(c),
-            _ => c,
+            // The converter's head always keeps five: fewer would index past its top-k.
+            Some(_) => self.keep_k.max(HEAD_KEEPS).min(c),
+            None => c,
         };
+        (self.top_p, self.min_p) = (cfg.top_p, cfg.min_p);
         // repeat_last_n 0 turns the penalty off, as on the host.
         let penalty = if cfg.repeat_last_n == 0 {
             1.0
@@ -877,7 +1049,7 @@ impl SampleState {
         let mut settings = [0u8; 16];
         settings[0..4].copy_from_slice(&penalty.to_le_bytes());
         settings[4..8].copy_from_slice(&cfg.temperature.to_le_bytes());
-        settings[8..12].copy_from_slice(&cfg.top_p.to_le_bytes());
+        settings[8..12].copy_from_slice(&HEAD_TOP_P_OFF.to_le_bytes());
         settings[12..16].copy_from_slice(&(self.top_k as i32).to_le_bytes());
         let len = if self.head.top_k.is_some() { 16 } else { 12 };
         dev.write(self.settings.mem(), &settings[..len])?;
@@ -939,6 +1111,11 @@ impl Backend for SophonBackend {
         self.check_call(tokens, start)?;
         let n = tokens.len();
         self.history[start..start + n].copy_from_slice(tokens);
+        // A prompt is a new request's (or a new chunk's): its window is rebuilt from its own
+        // tokens, never continued from what the ring held before.
+        if let Some(s) = self.sample.as_mut() {
+            s.synced = None;
+        }
         self.sync_sample_window(start + n - 1)?;
         let plan = plan::plan(&self.layout, start, n);
         self.last_plan = Some(plan);
@@ -996,12 +1173,6 @@ impl Backend for SophonBackend {
     }
 
     fn configure_sampling(&mut self, cfg: &SamplerConfig) -> Result<(), BackendError> {
-        let head_fits = |h: &SampleHead| match h.top_k {
-            // The vendor's heads always keep their 5 best candidates.
-            Some(_) => cfg.top_k == 0 || cfg.top_k >= 5,
-            // Without a top_k input the head keeps all its candidates.
-            None => cfg.top_k == 0 || cfg.top_k >= h.candidates,
-        };
         self.picker = if self.layout.lm_head == LmHeadOutput::Token {
             if !cfg.is_greedy() {
                 log::warn!(
@@ -1011,13 +1182,12 @@ impl Backend for SophonBackend {
             Picker::LmHead
         } else if cfg.is_greedy() && self.nets.greedy.is_some() {
             Picker::Greedy
-        } else if cfg.temperature > 0.0
-            && cfg.min_p <= 0.0
-            && cfg.frequency_penalty == 0.0
-            && cfg.presence_penalty == 0.0
-            && self.layout.sample_head.as_ref().is_some_and(head_fits)
+        } else if self
+            .layout
+            .sample_head
+            .as_ref()
+            .is_some_and(|h| chip_can_sample(h, cfg))
         {
-            // OpenAI's additive penalties have no input on the vendor's heads: host sampling.
             Picker::Sample
         } else {
             Picker::Host

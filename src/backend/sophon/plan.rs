@@ -126,8 +126,11 @@ mod tests {
             kv_dtype: DataType::F16,
             mask_dtype: DataType::F16,
             prefill,
-            embedding: stage("embedding"),
-            embedding_cache: stage("embedding_cache"),
+            embedding: crate::backend::sophon::contract::Embedding::Nets {
+                prefill: stage("embedding"),
+                decode: stage("embedding_cache"),
+                devices: 1,
+            },
             flat_ids: false,
             decode_stages: vec![s],
             cache_in_decode_inputs: true,

@@ -328,12 +328,29 @@ impl Launch {
         self.outputs.get(i).map_or(&[], |t| t.shape.dims())
     }
 
-    /// Points output `i` of device `d`'s group at `mem` (its shape stays the compiled one).
+    /// Points output `i` of device `d`'s group at `mem` (its shape stays the compiled one:
+    /// the runtime checks an output's memory against that, see [`Loaded::launch`]).
     pub fn set_output(&mut self, i: usize, d: usize, mem: Option<DeviceMem>) {
         if let Some(t) = self.output(i, d) {
             t.device_mem = mem.unwrap_or_default();
         }
     }
+}
+
+/// Bytes a tensor's shape asks for (0 for a negative dimension: refused by `fits`).
+fn bytes_of(t: &Tensor) -> u64 {
+    let size = DataType::from_raw(t.dtype).map_or(4, DataType::size) as u64;
+    t.shape
+        .dims()
+        .iter()
+        .try_fold(size, |n, &d| u64::try_from(d).ok().and_then(|d| n.checked_mul(d)))
+        .unwrap_or(u64::MAX)
+}
+
+/// What bmrt's `fill_dynamic_tensor_info` asserts: the memory, rounded up to its 4 KiB
+/// pages, holds the shape.
+fn fits(t: &Tensor) -> bool {
+    bytes_of(t) <= u64::from(t.device_mem.size).div_ceil(4096) * 4096
 }
 
 fn tensor(port: &Port) -> Tensor {
@@ -421,6 +438,34 @@ impl Loaded {
         for (t, shape) in net.outputs.iter_mut().zip(&net.output_shapes) {
             t.shape = *shape;
         }
+        // The runtime asserts what is checked here (bmrt's fill_dynamic_tensor_info: an
+        // input's memory holds the shape given, an output's the compiled one), and its
+        // assert is a C++ exception no caller can catch: a tensor too small is refused
+        // before it gets there.
+        let launch_no = device.traffic().snapshot().launches;
+        if crate::faults::runtime_asserts(launch_no) {
+            // A first output with no memory.
+            if let Some(t) = net.outputs.first_mut() {
+                t.device_mem.size = 0;
+            }
+        }
+        for (what, list) in [("input", &net.inputs), ("output", &net.outputs)] {
+            if crate::faults::runtime_asserts(launch_no) {
+                break;
+            }
+            if let Some((i, t)) = list.iter().enumerate().find(|(_, t)| !fits(t)) {
+                return Err(failed(
+                    "bmrt_launch_tensor_ex",
+                    format!(
+                        "net {} {what} {i}: shape {:?} needs {} bytes, its device memory holds {}",
+                        net.name(),
+                        t.shape.dims(),
+                        bytes_of(t),
+                        t.device_mem.size
+                    ),
+                ));
+            }
+        }
         // SAFETY: a loaded context; the tensors have the counts the runtime reported for the
         // net and each points at device memory at least as large as its shape (the backend
         // sizes its buffers from the nets' shapes; slices are range-checked when made);
@@ -471,6 +516,9 @@ impl Loaded {
 
 impl Drop for Loaded {
     fn drop(&mut self) {
+        if super::device::runtime_abandoned() {
+            return;
+        }
         let device = self.device();
         let destroy = device.runtime().api.rt_destroy;
         // SAFETY: the context came from bmrt_create(_ex) and is destroyed once, before the

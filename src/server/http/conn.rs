@@ -1173,6 +1173,7 @@ impl HttpReply {
             "time_to_first_token_ms": summary.time_to_first_token.as_secs_f64() * 1000.0,
             "predicted_per_second": summary.generation_tokens_per_second(),
             "dropped_messages": summary.dropped_messages,
+            "picker": summary.picker,
         })
     }
 
