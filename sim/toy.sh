@@ -13,7 +13,14 @@
 #     conv_bf16        -q bf16                                  (MHA; lm_head returns the token)
 #     conv_f16_dyn     -q f16 --do_sample --dynamic             (prefill of the prompt's real length)
 #     conv_f16_hist    -q f16 --do_sample --use_block_with_kv   (chunked prefill after history)
-# with toy_kv2.gguf / toy_kv4.gguf (GQA / MHA: the same weights) for the CPU backend.
+# with toy_kv2.gguf / toy_kv4.gguf (GQA / MHA: the same weights) for the CPU backend; and in
+# the shapes real models have (sim/w4_model.py: SEQLEN 512, head_dim 128, GQA), quantized to
+# int4 by the compiler as sophon-demo and LLM-TPU users run them, each in a folder of its own
+# with what the converter wrote beside it and the CPU's GGUF of the compiler's own int4 weights
+# (dequantized from what --debug keeps; also two wrong readings of them, for the tests):
+#   w4f16/   -q w4f16 --q_group_size 64 --do_sample --use_block_with_kv
+#   w4bf16/  -q w4bf16 --q_group_size 64 --do_sample --use_block_with_kv --embedding_disk
+#            (no embedding nets: config/embedding.bin beside the bmodel)
 # Prints the folder. Fails loudly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,9 +30,9 @@ OUT=.cache/toy
 mkdir -p "$OUT"
 exec 9>.cache/toy.lock
 flock 9
-STAMP=$(cat sim/toy.sh sim/toy_model.py sim/run_tool.py sim/bmodel.sh sim/stand-in/torch/__init__.py | sha256sum | cut -c1-16)
+STAMP=$(cat sim/toy.sh sim/toy_model.py sim/w4_model.py sim/run_tool.py sim/bmodel.sh sim/stand-in/torch/__init__.py | sha256sum | cut -c1-16)
 if [ "$(cat "$OUT/.stamp" 2>/dev/null)" != "$STAMP" ]; then
-    rm -f "$OUT/.stamp" "$OUT"/*.bmodel
+    rm -rf "$OUT/.stamp" "$OUT"/*.bmodel "$OUT/w4f16" "$OUT/w4bf16"
     # A failed attention-kernel build is remembered by the compiler (~/.ppl/cache/flag.txt)
     # and makes later builds fail too: start clean after one.
     if ! "$PY" sim/toy_model.py "$OUT" llmtpu_f16:llmtpu:f16:4 l2t_f16:l2t:f16:4 sd_bf16:sd:bf16:4 >&2; then
@@ -49,6 +56,33 @@ if [ "$(cat "$OUT/.stamp" 2>/dev/null)" != "$STAMP" ]; then
     convert conv_bf16 hf_kv4_bf16 bf16
     convert conv_f16_dyn hf_kv2 f16 --do_sample --dynamic
     convert conv_f16_hist hf_kv2 f16 --do_sample --use_block_with_kv
+    "$PY" sim/w4_model.py checkpoints "$OUT" >&2
+    w4() {
+        local name=$1 checkpoint=$2 quant=$3
+        shift 3
+        local dir=$OUT/work/$name
+        rm -rf "$dir"
+        if ! sim/bmodel.sh "$OUT/$checkpoint" 512 "$quant" "$dir" --q_group_size 64 --debug "$@" > "$OUT/work/$name.log" 2>&1; then
+            tail -40 "$OUT/work/$name.log" >&2
+            echo "llm_convert.py failed for $name (log $OUT/work/$name.log)" >&2
+            exit 1
+        fi
+        mkdir -p "$OUT/$name"
+        mv "$dir"/*.bmodel "$OUT/$name/toy_$name.bmodel"
+        cp "$OUT/tokenizer.json" "$OUT/$name/"
+        if [ -e "$dir/config/embedding.bin" ]; then
+            mkdir -p "$OUT/$name/config"
+            mv "$dir/config/embedding.bin" "$OUT/$name/config/"
+        fi
+        # The converter's work folder (its name says the build: model_quant_seq..._dynamic).
+        local work
+        work=$(find "$dir" -mindepth 1 -maxdepth 1 -type d ! -name config | head -1)
+        "$PY" sim/w4_model.py dequantize "$work" "$quant" "$OUT/$name/toy_$name.gguf"
+        "$PY" sim/w4_model.py dequantize "$work" "$quant" "$OUT/$name/wrong_group.gguf" --group 128
+        "$PY" sim/w4_model.py dequantize "$work" "$quant" "$OUT/$name/wrong_zero_point.gguf" --swap-zero-point
+    }
+    w4 w4f16 hf_w4 w4f16 --do_sample --use_block_with_kv
+    w4 w4bf16 hf_w4_bf16 w4bf16 --do_sample --use_block_with_kv --embedding_disk
     rm -rf "$OUT/work"
     echo "$STAMP" > "$OUT/.stamp"
     echo "toy bmodels built in $(( $(date +%s) - start )) s" >&2

@@ -915,3 +915,111 @@ fn a_runtime_older_than_0_5_1_is_refused_before_any_structure_is_read() {
     assert_eq!(out.status.code(), Some(69), "{stderr}");
     assert!(stderr.contains("libsophon 0.5.1 or newer"), "{stderr}");
 }
+
+/// A prompt of 200 tokens: two of the 128-token chunks a `--use_block_with_kv` build of
+/// SEQLEN 512 prefills in (the converter's default chunk, SEQLEN / 4).
+fn long_prompt() -> Vec<u32> {
+    std::iter::once(256)
+        .chain((0..199).map(|i| 97 + (i * 7 % 26) as u32))
+        .collect()
+}
+
+/// The logits of both backends over a long prompt and `steps` teacher-forced decoded tokens
+/// (host picker: the logits come back): the worst difference, and how many of the steps'
+/// greedy tokens agree.
+fn w4_run(p: &mut Pair, steps: usize) -> (f32, usize) {
+    p.tpu.configure_sampling(&host_sampling()).unwrap();
+    assert_eq!(p.tpu.token_picker(), Picker::Host);
+    let prompt = long_prompt();
+    let c = logits(p.cpu.prefill(&prompt, 0).unwrap());
+    let t = logits(p.tpu.prefill(&prompt, 0).unwrap());
+    let mut worst = max_diff(&t, &c);
+    let mut agree = usize::from(argmax(&t) == argmax(&c));
+    let mut token = argmax(&c);
+    for pos in prompt.len()..prompt.len() + steps - 1 {
+        let c = logits(p.cpu.decode(token, pos).unwrap());
+        let t = logits(p.tpu.decode(token, pos).unwrap());
+        worst = worst.max(max_diff(&t, &c));
+        agree += usize::from(argmax(&t) == argmax(&c));
+        token = argmax(&c);
+    }
+    (worst, agree)
+}
+
+/// Measured: 0.0038 over the prompt and 16 tokens (logits of magnitude ~1-4: the chip's
+/// half-precision arithmetic on the same int4 weights), where a wrong group size gives 1.7
+/// and a swapped zero point 3.1.
+const W4_F16_TOLERANCE: f32 = 0.02;
+/// Measured: 0.024 (bf16 keeps 3 fewer bits); wrong readings 1.7 and 3.1.
+const W4_BF16_TOLERANCE: f32 = 0.1;
+
+/// What sophon-demo and LLM-TPU users run: int4 weights in groups of 64 (-q w4f16 / w4bf16),
+/// made by the compiler itself, in real models' shapes (SEQLEN 512, head_dim 128, GQA), a
+/// prompt of two prefill chunks; against the CPU backend on the same dequantized weights
+/// (sim/w4_model.py reads them from what the converter kept). The same comparison with the
+/// weights read with a wrong group size or zero point is far off: the check can fail.
+fn w4_matches_the_cpu_backend(dir: &str, tolerance: f32) {
+    let bmodel = format!("{dir}/toy_{dir}.bmodel");
+    let mut p = pair(&bmodel, &format!("{dir}/toy_{dir}.gguf"), tolerance);
+    let l = p.tpu.layout().clone();
+    assert_eq!((l.seq_len, l.max_input, l.head_dim, l.kv_heads), (512, 128, 128, 1));
+    assert_eq!(l.prefill, Prefill::WithHistory);
+    let (worst, agree) = w4_run(&mut p, 16);
+    eprintln!("{dir}: worst logit difference {worst}, greedy agreement {agree}/16");
+    assert!(worst < tolerance, "{dir}: {worst}");
+    assert_eq!(agree, 16, "{dir}");
+    drop(p);
+    for wrong in ["wrong_group", "wrong_zero_point"] {
+        let mut p = pair(&bmodel, &format!("{dir}/{wrong}.gguf"), tolerance);
+        let (worst, _) = w4_run(&mut p, 1);
+        eprintln!("{dir} against {wrong}: {worst}");
+        assert!(worst > 4.0 * tolerance, "{dir}: a {wrong} reading is as close: {worst}");
+    }
+}
+
+#[test]
+fn w4f16_matches_the_cpu_backend_on_its_dequantized_weights() {
+    w4_matches_the_cpu_backend("w4f16", W4_F16_TOLERANCE);
+}
+
+/// The W4BF16 build is also an `--embedding_disk` one: no embedding nets; the host gathers
+/// rows of config/embedding.bin beside it.
+#[test]
+fn w4bf16_without_embedding_nets_matches_the_cpu_backend() {
+    w4_matches_the_cpu_backend("w4bf16", W4_BF16_TOLERANCE);
+}
+
+/// An `--embedding_disk` bmodel whose table is missing or of another size is refused at
+/// load, saying what was looked for and expected; `--embedding-table` names one elsewhere.
+#[test]
+fn a_missing_or_wrong_embedding_table_is_refused() {
+    let _chip = common::simulator_chip();
+    let toys = common::toy_models();
+    let dir = common::scratch("sophon-table");
+    let bmodel = dir.join("model.bmodel");
+    std::fs::copy(toys.join("w4bf16/toy_w4bf16.bmodel"), &bmodel).unwrap();
+    let open = |table: Option<PathBuf>| {
+        SophonBackend::open(
+            &bmodel,
+            &SophonOptions {
+                lib_dir: Some(common::simulator_lib_dir()),
+                embedding_table: table,
+                ..SophonOptions::default()
+            },
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+    };
+    let e = open(None).unwrap_err();
+    assert!(
+        e.contains("embedding table was not found") && e.contains("config/embedding.bin"),
+        "{e}"
+    );
+    let table = std::fs::read(toys.join("w4bf16/config/embedding.bin")).unwrap();
+    std::fs::write(dir.join("embedding.bin"), &table[..table.len() - 512]).unwrap();
+    let e = open(None).unwrap_err();
+    assert!(e.contains(&format!("expected {}", table.len())), "{e}");
+    let elsewhere = dir.join("elsewhere.bin");
+    std::fs::write(&elsewhere, &table).unwrap();
+    open(Some(elsewhere)).unwrap();
+}
