@@ -6,6 +6,8 @@
 
 mod common;
 
+use std::path::PathBuf;
+
 /// Reads JSON events until `done` or `error`; returns the text and the last event.
 fn answer(reader: &mut impl std::io::BufRead) -> (String, serde_json::Value) {
     let mut text = String::new();
@@ -146,49 +148,91 @@ fn the_daemon_serves_the_toy_bmodel_over_its_socket() {
     assert!(status.success(), "{status}:\n{}", log());
 }
 
+/// A `serve --backend sophon` daemon on a toy bmodel with a fault point armed, its stdout
+/// and stderr in one log, and a client connected to its socket.
+struct Faulty {
+    daemon: std::process::Child,
+    stream: std::os::unix::net::UnixStream,
+    socket: PathBuf,
+    log_path: PathBuf,
+}
+
+impl Faulty {
+    fn start(name: &str, bmodel: &str, fault: (&str, &str)) -> Faulty {
+        use std::process::{Command, Stdio};
+        use std::time::{Duration, Instant};
+        let toys = common::toy_models();
+        let dir = common::scratch(name);
+        let socket = dir.join("llama.sock");
+        let log_path = dir.join("log");
+        let log_file = std::fs::File::create(&log_path).unwrap();
+        let mut daemon = Command::new(env!("CARGO_BIN_EXE_llama-tpu"))
+            .args(["serve", "--backend", "sophon", "--model"])
+            .arg(toys.join(bmodel))
+            .arg("--tokenizer")
+            .arg(toys.join("tokenizer.json"))
+            .arg("--sophon-lib")
+            .arg(common::simulator_lib_dir())
+            .arg("--socket")
+            .arg(&socket)
+            .env(fault.0, fault.1)
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file)
+            .spawn()
+            .unwrap();
+        let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+        let until = Instant::now() + Duration::from_secs(60);
+        let stream = loop {
+            if let Ok(s) = std::os::unix::net::UnixStream::connect(&socket) {
+                break s;
+            }
+            assert!(daemon.try_wait().unwrap().is_none(), "exited early:\n{}", log());
+            assert!(Instant::now() < until, "no socket:\n{}", log());
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        Faulty {
+            daemon,
+            stream,
+            socket,
+            log_path,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Waits up to `secs` for the daemon to exit (killed and failed past that: hung).
+    fn exit_status(&mut self, secs: u64) -> std::process::ExitStatus {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        loop {
+            if let Some(s) = self.daemon.try_wait().unwrap() {
+                return s;
+            }
+            if std::time::Instant::now() > until {
+                let _ = self.daemon.kill();
+                panic!("still running after {secs} s:\n{}", self.log());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}
+
 /// A device call that fails mid-generation (the test build's fault point fails every launch
 /// after the 20th: the prompt and a few tokens in): the client gets a `device` error, the
 /// daemon exits 69 for systemd to restart it, and the socket file is gone.
 #[test]
 fn a_device_failure_mid_generation_ends_the_daemon_with_69() {
     use std::io::{BufReader, Write};
-    use std::os::unix::net::UnixStream;
-    use std::process::{Command, Stdio};
-    use std::time::{Duration, Instant};
-
     let _chip = common::simulator_chip();
-    let lib = common::simulator_lib_dir();
-    let toys = common::toy_models();
-    let dir = common::scratch("sophon-device-failure");
-    let socket = dir.join("llama.sock");
-    let log_path = dir.join("log");
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_llama-tpu"))
-        .args(["serve", "--backend", "sophon", "--model"])
-        .arg(toys.join("toy_conv_f16_sample.bmodel"))
-        .arg("--tokenizer")
-        .arg(toys.join("tokenizer.json"))
-        .arg("--sophon-lib")
-        .arg(&lib)
-        .arg("--socket")
-        .arg(&socket)
-        .env("LLAMA_TPU_FAULT_DEVICE_AFTER", "20")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .unwrap();
-    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
-    let until = Instant::now() + Duration::from_secs(60);
-    let stream = loop {
-        if let Ok(s) = UnixStream::connect(&socket) {
-            break s;
-        }
-        assert!(daemon.try_wait().unwrap().is_none(), "exited early:\n{}", log());
-        assert!(Instant::now() < until, "no socket:\n{}", log());
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut writer = stream.try_clone().unwrap();
-    let mut reader = BufReader::new(stream);
+    let mut d = Faulty::start(
+        "sophon-device-failure",
+        "toy_conv_f16_sample.bmodel",
+        ("LLAMA_TPU_FAULT_DEVICE_AFTER", "20"),
+    );
+    let mut writer = d.stream.try_clone().unwrap();
+    let mut reader = BufReader::new(d.stream.try_clone().unwrap());
     writer
         .write_all(b"{\"id\":1,\"prompt\":\"hello\",\"max_tokens\":20,\"temperature\":0}\n")
         .unwrap();
@@ -199,84 +243,31 @@ fn a_device_failure_mid_generation_ends_the_daemon_with_69() {
         "{end}"
     );
     assert!(!text.is_empty(), "the failure came mid-generation, after some tokens");
-    let until = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(s) = daemon.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            Instant::now() < until,
-            "still running after the device failed:\n{}",
-            log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert_eq!(status.code(), Some(69), "{}", log());
-    assert!(!socket.exists(), "the socket file was left behind");
-    assert!(log().contains("device failure"), "{}", log());
+    let status = d.exit_status(60);
+    assert_eq!(status.code(), Some(69), "{status}:\n{}", d.log());
+    assert!(!d.socket.exists(), "the socket file was left behind");
+    assert!(d.log().contains("device failure"), "{}", d.log());
 }
 
 /// The vendor's runtime asserting inside a call (its asserts are C++ exceptions; the test
-/// build's fault point hands the second launch to it with outputs too small, which it checks
-/// and throws on, as it did on a real mistake of ours): the daemon does not hang on the
+/// build's fault point hands the second launch to it with an output of no memory, which it
+/// checks and throws on, as it did on a real mistake of ours): the daemon does not hang on the
 /// runtime's held locks; it ends with exit 69 for systemd to restart it, the runtime's own
-/// message in its output, within seconds.
+/// message in its output (a hang is taken as one after 2 minutes: the simulator is slow).
 #[test]
 fn an_assert_inside_the_vendor_runtime_ends_the_daemon_with_69() {
-    use std::io::{BufReader, Write};
-    use std::os::unix::net::UnixStream;
-    use std::process::{Command, Stdio};
-    use std::time::{Duration, Instant};
-
+    use std::io::Write;
     let _chip = common::simulator_chip();
-    let lib = common::simulator_lib_dir();
-    let toys = common::toy_models();
-    let dir = common::scratch("sophon-runtime-assert");
-    let socket = dir.join("llama.sock");
-    let log_path = dir.join("log");
-    let log_file = std::fs::File::create(&log_path).unwrap();
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_llama-tpu"))
-        .args(["serve", "--backend", "sophon", "--model"])
-        .arg(toys.join("toy_conv_f16_dyn.bmodel"))
-        .arg("--tokenizer")
-        .arg(toys.join("tokenizer.json"))
-        .arg("--sophon-lib")
-        .arg(&lib)
-        .arg("--socket")
-        .arg(&socket)
-        .env("LLAMA_TPU_FAULT_RUNTIME_ASSERT_AFTER", "1")
-        .stdin(Stdio::null())
-        .stdout(log_file.try_clone().unwrap())
-        .stderr(log_file)
-        .spawn()
-        .unwrap();
-    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
-    let until = Instant::now() + Duration::from_secs(60);
-    let stream = loop {
-        if let Ok(s) = UnixStream::connect(&socket) {
-            break s;
-        }
-        assert!(daemon.try_wait().unwrap().is_none(), "exited early:\n{}", log());
-        assert!(Instant::now() < until, "no socket:\n{}", log());
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut writer = stream.try_clone().unwrap();
-    writer
+    let mut d = Faulty::start(
+        "sophon-runtime-assert",
+        "toy_conv_f16_dyn.bmodel",
+        ("LLAMA_TPU_FAULT_RUNTIME_ASSERT_AFTER", "1"),
+    );
+    d.stream
         .write_all(b"{\"id\":1,\"prompt\":\"hello\",\"max_tokens\":4,\"temperature\":0}\n")
         .unwrap();
-    let until = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = daemon.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > until {
-            let _ = daemon.kill();
-            panic!("hung after the runtime's assert:\n{}", log());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    drop(BufReader::new(stream));
-    let log = log();
+    let status = d.exit_status(120);
+    let log = d.log();
     assert_eq!(status.code(), Some(69), "{status}:\n{log}");
     assert!(
         log.contains("BMRT_ASSERT"),
