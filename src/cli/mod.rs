@@ -4,6 +4,7 @@
 mod bench;
 mod client;
 pub mod config;
+mod doctor;
 mod info;
 mod run;
 mod serve;
@@ -100,6 +101,10 @@ enum Command {
     Ask(client::AskArgs),
     /// Talk with a running daemon interactively.
     Chat(client::ChatArgs),
+    /// Check a TPU box (or the simulator) for the vendor FAQ's failure causes: runtime and
+    /// driver versions, device nodes, the bmodel, device memory, the tokenizer, one short run.
+    /// One line per check (ok, note, problem); exit 1 when any is a problem.
+    Doctor(doctor::DoctorArgs),
 }
 
 /// Options that choose and load a model.
@@ -370,6 +375,7 @@ pub fn main() -> u8 {
         Command::Serve(a) => serve::serve(&a),
         Command::Ask(a) => client::ask(&a),
         Command::Chat(a) => client::chat(&a),
+        Command::Doctor(a) => doctor::doctor(&a),
     };
     match result {
         Ok(()) => Exit::Ok as u8,

@@ -227,6 +227,35 @@ pub struct NetInfo {
     pub addr_mode: c_int,
 }
 
+/// `struct bm_heap_stat`: one device-memory heap, in MiB.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HeapStat {
+    /// Size of the heap.
+    pub mem_total: c_uint,
+    /// Free in it.
+    pub mem_avail: c_uint,
+    /// In use.
+    pub mem_used: c_uint,
+}
+
+/// `bm_dev_stat_t`: a device's memory and load (`bm_get_stat`), memory in MiB (the vendor's
+/// LLM demos print `mem_used / mem_total` as MB). The simulator answers every field 0.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DevStat {
+    /// Device memory, MiB.
+    pub mem_total: c_int,
+    /// Of it in use, MiB.
+    pub mem_used: c_int,
+    /// TPU load, percent.
+    pub tpu_util: c_int,
+    /// Heaps described in `heap_stat`.
+    pub heap_num: c_int,
+    /// The heaps (on the SoC: NPU, VPU, VPP).
+    pub heap_stat: [HeapStat; 4],
+}
+
 /// The runtime's entry points, resolved from the loaded libraries.
 #[allow(missing_docs)]
 pub struct Api {
@@ -260,6 +289,8 @@ pub struct Api {
         bool,
         bool,
     ) -> bool,
+    /// Optional (`None` when the library lacks it): `bm_get_stat`, for `llama-tpu doctor`.
+    pub get_stat: Option<unsafe extern "C-unwind" fn(Handle, *mut DevStat) -> Status>,
 }
 
 /// The loaded libraries and their entry points. The libraries stay loaded as long as this
@@ -375,6 +406,8 @@ impl Runtime {
             rt_get_network_info: sym!(bmrt, b"bmrt_get_network_info"),
             rt_tensor_with_device: sym!(bmrt, b"bmrt_tensor_with_device"),
             rt_launch_tensor_ex: sym!(bmrt, b"bmrt_launch_tensor_ex"),
+            // SAFETY: as for `sym!`, but a missing symbol is `None`, not an error.
+            get_stat: unsafe { bmlib.get(b"bm_get_stat") }.ok().map(|f| *f),
         };
         Ok(Runtime {
             api,
@@ -383,6 +416,53 @@ impl Runtime {
             _bmrt: bmrt,
             _bmlib: bmlib,
         })
+    }
+}
+
+/// What [`Runtime::device_stat`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatAnswer {
+    /// The device's figures.
+    Stat(DevStat),
+    /// libbmlib has no `bm_get_stat`.
+    NoSymbol,
+}
+
+impl Runtime {
+    /// Device `index`'s memory figures (`bm_get_stat`), on a handle of its own requested and
+    /// freed around the call: for a look before a bmodel is loaded (`llama-tpu doctor`).
+    ///
+    /// # Errors
+    /// No such device, or a call fails: the message names the call and its status.
+    pub fn device_stat(&self, index: usize) -> Result<StatAnswer, String> {
+        let Some(get_stat) = self.api.get_stat else {
+            return Ok(StatAnswer::NoSymbol);
+        };
+        let mut count: c_int = 0;
+        // SAFETY: writes one int through a valid pointer.
+        let status = unsafe { (self.api.dev_getcount)(&mut count) };
+        if status != 0 {
+            return Err(format!("bm_dev_getcount: status {status}"));
+        }
+        let Some(id) = c_int::try_from(index).ok().filter(|&i| i < count) else {
+            return Err(format!("device {index} does not exist ({} found)", count.max(0)));
+        };
+        let mut handle: Handle = std::ptr::null_mut();
+        // SAFETY: writes one handle through a valid pointer; `id` is in range.
+        let status = unsafe { (self.api.dev_request)(&mut handle, id) };
+        if status != 0 || handle.is_null() {
+            return Err(format!("bm_dev_request: status {status}"));
+        }
+        let mut stat = DevStat::default();
+        // SAFETY: `handle` was just requested and is live; the struct is `bm_dev_stat_t`'s
+        // layout (a test pins its size), written through a valid pointer.
+        let status = unsafe { get_stat(handle, &mut stat) };
+        // SAFETY: the handle was requested above and is freed once, here; nothing else has it.
+        unsafe { (self.api.dev_free)(handle) };
+        if status != 0 {
+            return Err(format!("bm_get_stat: status {status}"));
+        }
+        Ok(StatAnswer::Stat(stat))
     }
 }
 
@@ -501,6 +581,16 @@ mod tests {
         assert_eq!(offsets, [8, 12, 16, 40, 48, 72, 80, 88, 120, 128, 136, 140]);
         assert_eq!(DataType::from_raw(8), Some(DataType::Bf16));
         assert_eq!(DataType::from_raw(11), None);
+    }
+
+    #[test]
+    fn the_device_stat_matches_bmlib() {
+        assert_eq!(size_of::<HeapStat>(), 12);
+        assert_eq!(size_of::<DevStat>(), 64);
+        assert_eq!(
+            (offset_of!(DevStat, heap_num), offset_of!(DevStat, heap_stat)),
+            (12, 16)
+        );
     }
 
     #[test]
