@@ -3,6 +3,7 @@ a Hugging Face checkpoint for the vendor's llm_convert.py, and an F16 GGUF of ex
 numbers for the CPU backend.
 
     real_model.py MODEL.gguf OUT_DIR
+    real_model.py MODEL.gguf OUT_DIR --w4 CONVERTER_WORK_DIR QUANT OUT.gguf
 
 From the Q4_1 GGUF: every tensor dequantized and rounded to float16; written as
 OUT_DIR/hf/model.safetensors (float16, Hugging Face names, the Q and K rows put back in
@@ -10,6 +11,10 @@ Hugging Face's order: llama.cpp's converter permutes them for its interleaved Ro
 config.json, and as OUT_DIR/smollm2-135m-f16.gguf (2-D tensors F16, norms F32 holding the same
 float16 values, the GGUF's own metadata and vocabulary). The output layer is tied to the token
 embedding, as in the original.
+
+With --w4: the GGUF of the bmodel that `llm_convert.py -q w4f16 --debug` made of that
+checkpoint: its int4 weights dequantized as sim/w4_model.py does (in f32: exact), the Q/K rows
+permuted back to llama.cpp's order, everything else the F16 GGUF's numbers.
 """
 import json
 import os
@@ -55,10 +60,16 @@ def save_safetensors(path, tensors):
             f.write(raw)
 
 
+def permute(w, n_head):
+    """llama.cpp's convert_hf_to_gguf permute of q/k rows (the inverse of `unpermute`)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
 def main():
-    if len(sys.argv) != 3:
+    if len(sys.argv) not in (3, 7) or (len(sys.argv) == 7 and sys.argv[3] != "--w4"):
         sys.exit(__doc__)
-    src, out = sys.argv[1:]
+    src, out = sys.argv[1:3]
+    w4 = sys.argv[4:7] if len(sys.argv) == 7 else None
     r = gguf.GGUFReader(src)
     n_head = field(r, "llama.attention.head_count")
     n_kv = field(r, "llama.attention.head_count_kv")
@@ -67,6 +78,23 @@ def main():
     for t in r.tensors:
         w = gguf.quants.dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)])
         weights[t.name] = f16(w)
+    if w4:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import w4_model
+        work, quant, target = w4
+        short = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output",
+                 "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down"}
+        for i in range(layers):
+            for key, w in w4_model.layer_weights(work, quant, i).items():
+                name = f"blk.{i}.{short[key]}.weight"
+                if key in ("q", "k"):
+                    w = permute(w, n_head if key == "q" else n_kv)
+                if w.shape != weights[name].shape:
+                    sys.exit(f"{name}: dequantizes to {w.shape}, the GGUF's is {weights[name].shape}")
+                weights[name] = w.astype(np.float32)
+        write_gguf(r, weights, target, gguf.LlamaFileType.ALL_F32)
+        print(target)
+        return
 
     names = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
              "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
@@ -105,8 +133,13 @@ def main():
     with open(os.path.join(out, "hf", "tokenizer_config.json"), "w") as f:
         json.dump({"chat_template": field(r, "tokenizer.chat_template")}, f)
 
-    # The same numbers as an F16 GGUF for the CPU backend: metadata and vocabulary copied.
-    w = gguf.GGUFWriter(os.path.join(out, "smollm2-135m-f16.gguf"), "llama")
+    write_gguf(r, weights, os.path.join(out, "smollm2-135m-f16.gguf"), gguf.LlamaFileType.MOSTLY_F16)
+    print(out)
+
+
+def write_gguf(r, weights, path, file_type):
+    """The weights as a GGUF for the CPU backend: metadata and vocabulary copied from `r`."""
+    w = gguf.GGUFWriter(path, "llama")
     skip = {"GGUF.version", "GGUF.tensor_count", "GGUF.kv_count", "general.architecture", "general.file_type",
             "general.quantization_version"}
     for key, f in r.fields.items():
@@ -118,7 +151,7 @@ def main():
             w.add_key_value(key, value, vtype, sub_type=f.types[-1])
         else:
             w.add_key_value(key, value, vtype)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    w.add_file_type(file_type)
     for t in r.tensors:
         value = weights[t.name]
         w.add_tensor(t.name, value if value.ndim > 1 else value.astype(np.float32))
@@ -126,7 +159,6 @@ def main():
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    print(out)
 
 
 if __name__ == "__main__":

@@ -54,30 +54,38 @@ def half(bits, quant):
     return bits.view(np.float16).astype(np.float32)
 
 
+def layer_weights(work, quant, i, group=None, swap_zero_point=False):
+    """Layer i's seven projections as the compiler quantized them, dequantized: {key: [out, in]}
+    (Hugging Face's layout), from the converter's --debug work folder."""
+    path = os.path.join(work, f"block_{i}", f"block_{i}_tpu_lowered_bm1684x_{quant}_weight.npz")
+    z = np.load(path)
+    out = {}
+    for key, name in PROJ.items():
+        base = f"model.layers.{i}.{name}"
+        scale_key = next(k for k in z.files if k.startswith(base + "_scale"))
+        scale = half(z[scale_key], quant)
+        rows = scale.shape[0]
+        packed = z[base + "_uint"].reshape(rows, -1)
+        cols = packed.shape[1] * 2
+        q = np.stack([packed & 15, packed >> 4], -1).reshape(rows, cols).astype(np.float32)
+        zp = z[base + "_zp"].reshape(rows, -1).astype(np.float32)
+        if swap_zero_point:
+            zp = 15.0 - zp
+        g = group or cols // scale.shape[1]
+        per = cols // g
+        scale = scale[:, :per] if per <= scale.shape[1] else np.repeat(scale, per // scale.shape[1], 1)
+        zp = zp[:, :per] if per <= zp.shape[1] else np.repeat(zp, per // zp.shape[1], 1)
+        out[key] = (q - np.repeat(zp, g, 1)) * np.repeat(scale, g, 1)
+    return out
+
+
 def dequantize(work, quant, out, group=None, swap_zero_point=False):
     realistic()
     p = toy.make_weights(KV_HEADS)
     for i, layer in enumerate(p["layers"]):
-        path = os.path.join(work, f"block_{i}", f"block_{i}_tpu_lowered_bm1684x_{quant}_weight.npz")
-        z = np.load(path)
-        for key, name in PROJ.items():
-            base = f"model.layers.{i}.{name}"
-            scale_key = next(k for k in z.files if k.startswith(base + "_scale"))
-            scale = half(z[scale_key], quant)
-            rows = scale.shape[0]
-            packed = z[base + "_uint"].reshape(rows, -1)
-            cols = packed.shape[1] * 2
-            q = np.stack([packed & 15, packed >> 4], -1).reshape(rows, cols).astype(np.float32)
-            zp = z[base + "_zp"].reshape(rows, -1).astype(np.float32)
-            if swap_zero_point:
-                zp = 15.0 - zp
-            g = group or cols // scale.shape[1]
-            per = cols // g
-            scale = scale[:, :per] if per <= scale.shape[1] else np.repeat(scale, per // scale.shape[1], 1)
-            zp = zp[:, :per] if per <= zp.shape[1] else np.repeat(zp, per // zp.shape[1], 1)
-            w = (q - np.repeat(zp, g, 1)) * np.repeat(scale, g, 1)
+        for key, w in layer_weights(work, quant, i, group, swap_zero_point).items():
             if w.shape != layer[key].shape:
-                sys.exit(f"{path}: {base} dequantizes to {w.shape}, the checkpoint's is {layer[key].shape}")
+                sys.exit(f"layer {i}: {key} dequantizes to {w.shape}, the checkpoint's is {layer[key].shape}")
             layer[key] = w
     toy.write_gguf(out, p, KV_HEADS)
 

@@ -176,19 +176,16 @@ fn decoding_a_token_on_the_tpu_allocates_nothing() {
     )
     .unwrap();
     let mut engine = Engine::new(Box::new(backend), tok, None);
-    let picks = [
-        ("greedy_head", 0.0, 0.0),
-        ("sample_head", 0.9, 0.0),
-        ("host", 0.9, 0.05),
-    ];
-    for (pick, temperature, min_p) in picks {
+    // (picker, temperature, top_k): the whole vocabulary (top_k 0) is sampled on the host.
+    let picks = [("greedy_head", 0.0, 40), ("sample_head", 0.9, 40), ("host", 0.9, 0)];
+    for (pick, temperature, top_k) in picks {
         let req = Request {
             input: Input::Text("hello".into()),
             sampling: SamplerConfig {
                 temperature,
-                top_k: 40,
+                top_k,
                 top_p: 0.95,
-                min_p,
+                min_p: 0.05,
                 repeat_penalty: 1.0,
                 repeat_last_n: 16,
                 seed: 5,

@@ -40,8 +40,27 @@ fn logits(n: Next<'_>) -> Vec<f32> {
 #[test]
 #[ignore = "minutes on the simulator: `make sim-real` runs it"]
 fn smollm2_on_the_simulated_chip_follows_the_cpu_backend() {
+    follows_the_cpu_backend("smollm2-135m-f16-seq32.bmodel", "smollm2-135m-f16.gguf", TOLERANCE);
+}
+
+/// The same model quantized by the compiler (`-q w4f16 --q_group_size 64`, what users run),
+/// against the CPU backend on the compiler's own int4 weights, dequantized from what
+/// `llm_convert.py --debug` kept (sim/real_model.py --w4). Measured: see the output; the
+/// same tolerance holds (both sides hold the same weights; the chip's arithmetic differs).
+#[test]
+#[ignore = "minutes on the simulator: `make sim-real` runs it"]
+fn smollm2_w4f16_on_the_simulated_chip_follows_the_cpu_backend() {
+    follows_the_cpu_backend(
+        "smollm2-135m-w4f16-seq32.bmodel",
+        "smollm2-135m-w4f16-dequantized.gguf",
+        TOLERANCE,
+    );
+}
+
+fn follows_the_cpu_backend(bmodel: &str, gguf: &str, tolerance: f32) {
+    let _chip = common::simulator_chip();
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/real");
-    let bmodel = dir.join("smollm2-135m-f16-seq32.bmodel");
+    let bmodel = dir.join(bmodel);
     assert!(bmodel.exists(), "{} is missing: run `make sim-real`", bmodel.display());
     let tok = Tokenizer::from_file(&dir.join("hf/tokenizer.json")).unwrap();
     let text = ChatTemplate::ChatMl.render(&[Message {
@@ -61,17 +80,17 @@ fn smollm2_on_the_simulated_chip_follows_the_cpu_backend() {
     .unwrap();
     eprintln!("load: {:.1} s", t.elapsed().as_secs_f64());
     let mut cpu = CpuBackend::load(
-        &dir.join("smollm2-135m-f16.gguf"),
+        &dir.join(gguf),
         &CpuOptions {
             threads: 1,
             ..CpuOptions::default()
         },
     )
     .unwrap();
-    // Logits back (host picking): the comparison is on them.
+    // Logits back (host picking over the whole vocabulary): the comparison is on them.
     tpu.configure_sampling(&SamplerConfig {
         temperature: 0.8,
-        min_p: 0.05,
+        top_k: 0,
         ..SamplerConfig::default()
     })
     .unwrap();
@@ -103,10 +122,11 @@ fn smollm2_on_the_simulated_chip_follows_the_cpu_backend() {
         token = next;
     }
     eprintln!(
-        "logits compared at {} positions (the prompt's last and {STEPS} decoded), greedy tokens {:?}; worst logit difference {worst:.4}",
+        "logits compared at {} positions (the prompt's last and {STEPS} decoded), greedy tokens {:?}; worst logit difference {worst:.4} ({})",
         STEPS + 1,
-        tok.decode(&answer)
+        tok.decode(&answer),
+        bmodel.display()
     );
-    assert!(worst < TOLERANCE, "{worst}");
+    assert!(worst < tolerance, "{worst}");
     assert!(tok.decode(&answer).contains("Paris"));
 }
