@@ -196,6 +196,8 @@ fn chat_completions_streamed_and_whole() {
     assert!(text.contains("Paris"), "{text}");
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
     assert!(v["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+    // What picked the tokens: on the CPU backend always the host sampler.
+    assert_eq!(v["timings"]["picker"], "host", "{body}");
 
     let (status, body) = post(
         d.port,
