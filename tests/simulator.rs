@@ -58,7 +58,7 @@ fn simulator_loads_a_bmodel_and_describes_its_nets() {
     let e = llama_tpu::backend::sophon::contract::check(loaded.nets())
         .unwrap_err()
         .to_string();
-    assert!(e.contains("no net named embedding"), "{e}");
+    assert!(e.contains("no block_N nets"), "{e}");
 
     // A corrupt file is refused with an error naming the call; the process lives on.
     let dir = common::scratch("sim-corrupt");
@@ -93,7 +93,7 @@ fn simulator_info_describes_a_bmodel_and_says_why_it_is_not_a_llama() {
         "{stdout}"
     );
     assert!(
-        stderr.contains("does not fit the Llama contract: no net named embedding"),
+        stderr.contains("does not fit the Llama contract: no block_N nets"),
         "{stderr}"
     );
     let none = common::bin(env!("CARGO_BIN_EXE_llama-tpu"))
