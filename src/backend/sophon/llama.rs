@@ -611,7 +611,9 @@ impl SophonBackend {
             .filter(|&s| s > pos)
             .min()
             .unwrap_or(l.seq_len);
-        self.write_all(|s| s.token.mem(), 0, &(token as i32).to_le_bytes())?;
+        if self.table.is_none() {
+            self.write_all(|s| s.token.mem(), 0, &(token as i32).to_le_bytes())?;
+        }
         self.write_all(|s| s.position.mem(), 0, &(pos as i32).to_le_bytes())?;
         let minus = masked(l.mask_dtype);
         match self.mask_state {
