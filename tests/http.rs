@@ -35,7 +35,13 @@ fn long_stream(port: u16) -> (TcpStream, String) {
     .unwrap();
     let mut seen = String::new();
     let mut buf = [0u8; 4096];
-    while !seen.contains("\"text\":") {
+    // Until a generated token has come (the stream's first chunk, sent when it starts, has
+    // an empty text: a request still queued behind a loaded machine's engine shows that too).
+    let generating = |seen: &str| {
+        seen.match_indices("\"text\":\"")
+            .any(|(i, m)| !seen[i + m.len()..].starts_with('"'))
+    };
+    while !generating(&seen) {
         let n = s.read(&mut buf).unwrap();
         assert!(n > 0, "{seen}");
         seen.push_str(&String::from_utf8_lossy(&buf[..n]));
