@@ -429,7 +429,8 @@ impl Loaded {
         let device = self.device();
         let api = &device.runtime().api;
         device.traffic().count_launch();
-        if crate::faults::device_fails(device.traffic().snapshot().launches) {
+        let launch_no = device.traffic().snapshot().launches;
+        if crate::faults::device_fails(launch_no) {
             return Err(failed(
                 "bmrt_launch_tensor_ex",
                 format!("net {} did not launch (fault injected)", net.name()),
@@ -442,15 +443,15 @@ impl Loaded {
         // input's memory holds the shape given, an output's the compiled one), and its
         // assert is a C++ exception no caller can catch: a tensor too small is refused
         // before it gets there.
-        let launch_no = device.traffic().snapshot().launches;
-        if crate::faults::runtime_asserts(launch_no) {
+        let unchecked = crate::faults::runtime_asserts(launch_no);
+        if unchecked {
             // A first output with no memory.
             if let Some(t) = net.outputs.first_mut() {
                 t.device_mem.size = 0;
             }
         }
         for (what, list) in [("input", &net.inputs), ("output", &net.outputs)] {
-            if crate::faults::runtime_asserts(launch_no) {
+            if unchecked {
                 break;
             }
             if let Some((i, t)) = list.iter().enumerate().find(|(_, t)| !fits(t)) {
