@@ -254,6 +254,7 @@ fn serving_a_token_allocates_nothing() {
         backend: "cpu".into(),
         context_length: 512,
         has_chat_template: true,
+        slots: 1,
     };
     let defaults = Defaults {
         sampling: SamplerConfig {
@@ -343,6 +344,7 @@ fn streaming_over_http_allocates_nothing_per_token() {
         backend: "cpu".into(),
         context_length: 512,
         has_chat_template: true,
+        slots: 1,
     };
     let defaults = Defaults {
         seed: Some(11),

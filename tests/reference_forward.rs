@@ -60,6 +60,7 @@ fn logits_match_the_numpy_reference_for_every_weight_type() {
                 threads,
                 context: Some(32),
                 batch: 3,
+                slots: 1,
                 kernels: Some(kernels),
             };
             let mut b = CpuBackend::from_parts(Arc::clone(&file), &gguf, &opts).unwrap();

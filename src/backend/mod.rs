@@ -39,6 +39,24 @@ pub struct BackendInfo {
     pub rearranged_weight_bytes: u64,
     /// Most tokens one `prefill` call accepts; longer prompts are fed in pieces.
     pub max_batch: usize,
+    /// KV caches held (conversations kept at once), each `context_length` long.
+    pub slots: usize,
+}
+
+/// One sequence's part of a [`Backend::step`]: `len` tokens of slot `slot`'s conversation at
+/// positions `start..start + len`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    /// Which KV cache.
+    pub slot: usize,
+    /// Position of the first token.
+    pub start: usize,
+    /// Tokens (consecutive in the step's token list).
+    pub len: usize,
+    /// Whether the output for the last token is wanted (the end of a prompt, or a decode).
+    pub output: bool,
+    /// The token is one the slot's last output chose (generation), not prompt text.
+    pub decode: bool,
 }
 
 /// The result of a forward step.
@@ -51,7 +69,7 @@ pub enum Next<'a> {
 }
 
 /// A backend failure. Carries the operation's name so that a device error says which call failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum BackendError {
     /// A position outside the KV cache was asked for.
     #[error("position {pos} + {len} tokens is beyond the context length {context}")]
@@ -69,6 +87,10 @@ pub enum BackendError {
     /// An empty prefill.
     #[error("prefill called with no tokens")]
     Empty,
+    /// A step named a KV cache the backend does not hold, or its spans do not add up to its
+    /// tokens.
+    #[error("a step's spans do not fit the backend ({0})")]
+    BadSpan(&'static str),
     /// The device or its runtime failed.
     #[error("device call {call} failed: {detail}")]
     Device {
@@ -152,18 +174,50 @@ pub trait Backend: Send {
     /// Limits and sizes.
     fn info(&self) -> &BackendInfo;
 
-    /// Runs `tokens` at positions `start..start + tokens.len()` and returns the output for the
-    /// last one. `tokens.len()` may exceed `info().max_batch`; the backend splits it.
+    /// Runs `tokens` at positions `start..start + tokens.len()` of slot 0 and returns the
+    /// output for the last one. `tokens.len()` may exceed `info().max_batch`; the backend
+    /// splits it.
     ///
     /// # Errors
     /// Positions past the context, bad token ids, device failures.
     fn prefill(&mut self, tokens: &[u32], start: usize) -> Result<Next<'_>, BackendError>;
 
-    /// Runs one token at position `pos`.
+    /// Runs one token at position `pos` of slot 0.
     ///
     /// # Errors
     /// As for [`Backend::prefill`].
     fn decode(&mut self, token: u32, pos: usize) -> Result<Next<'_>, BackendError>;
+
+    /// One engine step: every span's tokens (`tokens` holds them back to back, in span order)
+    /// run in their own slot's KV cache; `out(i, next)` receives span `i`'s output when it
+    /// asked for one. A backend that computes several sequences in one pass (the CPU) shares
+    /// the weights' reads among them; this default runs the spans one after another, on
+    /// slot 0 (a backend with one KV cache).
+    ///
+    /// # Errors
+    /// As for [`Backend::prefill`]; a span for a slot the backend lacks.
+    fn step(
+        &mut self,
+        tokens: &[u32],
+        spans: &[Span],
+        out: &mut dyn FnMut(usize, Next<'_>),
+    ) -> Result<(), BackendError> {
+        check_spans(tokens, spans, 1)?;
+        let mut at = 0;
+        for (i, s) in spans.iter().enumerate() {
+            let part = &tokens[at..at + s.len];
+            at += s.len;
+            let next = if s.decode && s.len == 1 {
+                self.decode(part[0], s.start)?
+            } else {
+                self.prefill(part, s.start)?
+            };
+            if s.output {
+                out(i, next);
+            }
+        }
+        Ok(())
+    }
 
     /// Forgets the KV cache contents (a new conversation).
     fn reset(&mut self);
@@ -187,6 +241,27 @@ pub trait Backend: Send {
     fn traffic(&self) -> Option<Traffic> {
         None
     }
+}
+
+/// Checks that `spans` cover `tokens` exactly, each non-empty and in one of `slots` caches.
+///
+/// # Errors
+/// What does not fit.
+pub fn check_spans(tokens: &[u32], spans: &[Span], slots: usize) -> Result<(), BackendError> {
+    let mut total = 0usize;
+    for s in spans {
+        if s.len == 0 {
+            return Err(BackendError::Empty);
+        }
+        if s.slot >= slots {
+            return Err(BackendError::BadSpan("no such slot"));
+        }
+        total = total.saturating_add(s.len);
+    }
+    if total != tokens.len() {
+        return Err(BackendError::BadSpan("the spans' lengths are not the tokens'"));
+    }
+    Ok(())
 }
 
 impl fmt::Display for BackendInfo {

@@ -49,6 +49,8 @@ pub struct Config {
     pub threads: usize,
     /// KV cache length.
     pub ctx_size: Option<usize>,
+    /// KV caches (conversations served at once); unset: as many as memory holds, up to 4.
+    pub slots: Option<usize>,
     /// Socket path.
     pub socket: PathBuf,
     /// Socket file mode, octal.
@@ -122,6 +124,7 @@ impl Default for Config {
             chat_template: None,
             threads: 0,
             ctx_size: None,
+            slots: None,
             socket: DEFAULT_SOCKET.into(),
             socket_mode: "0660".into(),
             socket_group: None,
@@ -237,6 +240,13 @@ impl Config {
                     "cors_origins: '{origin}' is not a web origin (https://app.example:8443, or * for any)"
                 )));
             }
+        }
+        if self.slots.is_some_and(|n| !(1..=crate::engine::MAX_SLOTS).contains(&n)) {
+            return Err(bad(format!(
+                "slots must be from 1 to {}, got {}",
+                crate::engine::MAX_SLOTS,
+                self.slots.unwrap_or(0)
+            )));
         }
         if self.threads > MAX_THREADS {
             return Err(bad(format!(
@@ -388,6 +398,7 @@ impl Config {
             embedding_table: self.embedding_table.clone(),
             threads: self.threads,
             ctx_size: self.ctx_size,
+            slots: self.slots,
             tokenizer: self.tokenizer.clone(),
             chat_template: self.chat_template.clone(),
         }
@@ -419,6 +430,7 @@ mod tests {
             "chat_template",
             "threads",
             "ctx_size",
+            "slots",
             "socket",
             "socket_mode",
             "socket_group",

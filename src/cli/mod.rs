@@ -139,6 +139,19 @@ pub struct ModelArgs {
     /// Chat template (chatml, llama2, llama3); default: recognized from the model.
     #[arg(long)]
     pub chat_template: Option<String>,
+    /// KV caches: conversations kept and served at once (1 to 64; default: `serve` 4 on the
+    /// cpu backend, as many as memory holds up to 4; `run` and `bench` 1).
+    #[arg(long, value_parser = slots_in_range)]
+    pub slots: Option<usize>,
+}
+
+/// `--slots`: 1 to [`crate::engine::MAX_SLOTS`].
+fn slots_in_range(s: &str) -> Result<usize, String> {
+    let n: usize = s.parse().map_err(|e| format!("{e}"))?;
+    if !(1..=crate::engine::MAX_SLOTS).contains(&n) {
+        return Err(format!("from 1 to {}", crate::engine::MAX_SLOTS));
+    }
+    Ok(n)
 }
 
 /// A mapped and parsed GGUF.
@@ -322,14 +335,48 @@ fn load_sophon(args: &ModelArgs) -> Result<Engine, CliError> {
 }
 
 fn load_cpu(args: &ModelArgs, opened: &OpenedModel) -> Result<CpuBackend, CliError> {
-    let opts = CpuOptions {
+    let mut opts = CpuOptions {
         threads: args.threads,
         context: args.ctx_size,
+        slots: 1,
         ..CpuOptions::default()
     };
+    let per_slot = CpuBackend::kv_bytes_per_slot(&opened.gguf, &opts)
+        .map_err(|e| CliError::new(Exit::BadModel, format!("{}: {e}", args.model.display())))?;
+    let available = crate::sys::memory::available_bytes();
+    opts.slots = match args.slots {
+        Some(n) => {
+            let need = per_slot.saturating_mul(n as u64);
+            if let Some(free) = available.filter(|&free| need > free) {
+                return Err(CliError::new(
+                    Exit::Config,
+                    format!(
+                        "{n} slots need {} MiB of KV cache ({} MiB each), but {} MiB of memory is available: choose fewer slots or a shorter ctx_size",
+                        need >> 20,
+                        per_slot >> 20,
+                        free >> 20
+                    ),
+                ));
+            }
+            n
+        }
+        // As many as half the available memory holds, up to the default; at least one.
+        None => available.map_or(DEFAULT_SLOTS, |free| {
+            ((free / 2) / per_slot.max(1)).clamp(1, DEFAULT_SLOTS as u64) as usize
+        }),
+    };
+    log::info!(
+        "{} slots of {} MiB KV cache each ({} MiB of memory available)",
+        opts.slots,
+        per_slot >> 20,
+        available.map_or_else(|| "unknown".to_string(), |a| (a >> 20).to_string())
+    );
     CpuBackend::from_parts(Arc::clone(&opened.file), &opened.gguf, &opts)
         .map_err(|e| CliError::new(Exit::BadModel, format!("{}: {e}", args.model.display())))
 }
+
+/// Slots `serve` holds when not told: four conversations at once (llama-server's `-np 4`).
+pub const DEFAULT_SLOTS: usize = 4;
 
 /// Longest text read from stdin (64 MiB): far beyond any context, small enough to refuse a
 /// runaway pipe before it eats memory.

@@ -70,7 +70,10 @@ pub(super) fn run(a: &RunArgs) -> Result<(), CliError> {
         seed: a.seed,
     };
     sampling.validate().map_err(|e| CliError::new(Exit::Usage, e))?;
-    let mut engine = load_engine(&a.model)?;
+    // One request: one slot, unless asked.
+    let mut model = a.model.clone();
+    model.slots = model.slots.or(Some(1));
+    let mut engine = load_engine(&model)?;
     let input = if a.chat {
         let mut messages = Vec::new();
         if let Some(s) = &a.system {

@@ -47,6 +47,10 @@ pub struct ServeArgs {
     /// KV cache length in tokens.
     #[arg(short = 'c', long)]
     ctx_size: Option<usize>,
+    /// KV caches: conversations kept and served at once (1 to 64; default: as many as half the
+    /// available memory holds, up to 4).
+    #[arg(long, value_parser = super::slots_in_range)]
+    slots: Option<usize>,
     /// Tokenizer file (tokenizer.json, or a SentencePiece tokenizer.model) instead of the model's vocabulary.
     #[arg(long)]
     tokenizer: Option<PathBuf>,
@@ -161,6 +165,9 @@ impl ServeArgs {
         );
         if self.ctx_size.is_some() {
             c.ctx_size = self.ctx_size;
+        }
+        if self.slots.is_some() {
+            c.slots = self.slots;
         }
         if self.http.is_some() {
             c.http = self.http.clone();
@@ -295,6 +302,7 @@ pub(super) fn serve(a: &ServeArgs) -> Result<(), CliError> {
         backend: info.backend.to_string(),
         context_length: info.context_length,
         has_chat_template: engine.template().is_some(),
+        slots: engine.slots(),
     };
     let shared = Arc::new(Shared::new(facts, config.queue_depth, config.defaults()?));
     http_loaded.store(true, std::sync::atomic::Ordering::Release);

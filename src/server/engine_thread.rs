@@ -1,14 +1,15 @@
-//! The engine thread: the only owner of the engine (and so of the device). It takes jobs from
-//! the queue one at a time and streams their text to their replies.
+//! The engine thread: the only owner of the engine (and so of the device). It starts a job
+//! whenever a slot is idle and advances every running job one token per engine step, each
+//! job's text going to its own reply.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::backend::BackendError;
-use crate::engine::{Engine, EngineError, FinishReason, Sink};
+use crate::engine::{Clients, Engine, EngineError, FinishReason, Summary, MAX_SLOTS};
 
-use super::queue::{Outcome, Pop, Reply};
+use super::queue::{Job, Outcome, Pop, Reply};
 use super::shared::Shared;
 
 /// How often an idle engine thread shows life to the watchdog.
@@ -18,28 +19,86 @@ const IDLE_TICK: Duration = Duration::from_millis(250);
 #[derive(Debug)]
 pub struct DeviceFailure(pub String);
 
-/// Serves jobs until the queue is closed and empty, or the device fails.
+/// Serves jobs until the queue is closed and every job is over, or the device fails.
 ///
 /// # Errors
-/// A device failure (the job that met it is answered first).
+/// A device failure (the jobs that met it are answered first).
 pub fn serve(mut engine: Engine, shared: Arc<Shared>) -> Result<(), DeviceFailure> {
+    let mut running = Running {
+        jobs: std::iter::repeat_with(|| None)
+            .take(engine.slots().min(MAX_SLOTS))
+            .collect(),
+        shared: &shared,
+    };
+    let mut closed = false;
     loop {
         shared.stats.heartbeat();
-        let mut job = match shared.queue.pop(IDLE_TICK) {
-            Pop::Job(job) => job,
-            Pop::Idle => continue,
-            Pop::Closed => return Ok(()),
-        };
-        if let Some(limit) = job.time_limit {
-            // Settings are bounded (a year at most); a limit past the clock's end is none.
-            job.request.deadline = Instant::now().checked_add(limit);
+        // Start jobs while a slot is idle; wait for one only when nothing runs.
+        while !closed && engine.has_idle_slot() {
+            let wait = if engine.active() == 0 {
+                IDLE_TICK
+            } else {
+                Duration::ZERO
+            };
+            match shared.queue.pop(wait) {
+                Pop::Job(job) => running.start(&mut engine, job),
+                Pop::Idle => break,
+                Pop::Closed => closed = true,
+            }
         }
-        let mut sink = JobSink {
-            reply: job.reply.as_mut(),
-            shared: &shared,
-        };
-        let result = engine.generate(&job.request, &job.cancel, &mut sink);
-        shared.queue.finished();
+        if engine.active() == 0 {
+            if closed {
+                return Ok(());
+            }
+            continue;
+        }
+        if let Err(e) = engine.step(&mut running) {
+            let message = e.to_string();
+            log::error!("device failure: {message}");
+            return Err(DeviceFailure(message));
+        }
+    }
+}
+
+/// A started job: what its client is told through.
+struct Ticket {
+    cancel: Arc<AtomicBool>,
+    reply: Box<dyn Reply>,
+}
+
+/// The jobs in the engine's slots.
+struct Running<'a> {
+    jobs: Vec<Option<Ticket>>,
+    shared: &'a Shared,
+}
+
+impl Running<'_> {
+    fn start(&mut self, engine: &mut Engine, job: Job) {
+        let Job {
+            mut request,
+            time_limit,
+            cancel,
+            reply,
+            affinity,
+        } = job;
+        if let Some(limit) = time_limit {
+            // Settings are bounded (a year at most); a limit past the clock's end is none.
+            request.deadline = Instant::now().checked_add(limit);
+        }
+        let job = Ticket { cancel, reply };
+        match engine.admit(request, affinity) {
+            Ok(slot) => match self.jobs.get_mut(slot) {
+                Some(place) => *place = Some(job),
+                None => self.end(job, Err(EngineError::Busy)),
+            },
+            Err(e) => self.end(job, Err(e)),
+        }
+    }
+
+    /// Tells a job's client how it ended and counts it.
+    fn end(&self, mut job: Ticket, result: Result<Summary, EngineError>) {
+        let shared = self.shared;
+        shared.queue.finished(&job.cancel);
         shared.stats.requests.fetch_add(1, Ordering::Relaxed);
         match result {
             Ok(summary) => {
@@ -64,12 +123,42 @@ pub fn serve(mut engine: Engine, shared: Arc<Shared>) -> Result<(), DeviceFailur
                     code: error_code(&e),
                     message: &message,
                 });
-                if let EngineError::Backend(BackendError::Device { .. }) = e {
-                    log::error!("device failure: {message}");
-                    return Err(DeviceFailure(message));
+                if !matches!(e, EngineError::Backend(BackendError::Device { .. })) {
+                    log::info!("request refused: {message}");
                 }
-                log::info!("request refused: {message}");
             }
+        }
+    }
+}
+
+impl Clients for Running<'_> {
+    fn text(&mut self, slot: usize, piece: &str) -> Result<(), FinishReason> {
+        let Some(Some(job)) = self.jobs.get_mut(slot) else {
+            return Err(FinishReason::Cancelled);
+        };
+        if job.reply.text(piece) {
+            Ok(())
+        } else if job.reply.fell_behind() {
+            Err(FinishReason::SlowClient)
+        } else {
+            Err(FinishReason::Cancelled)
+        }
+    }
+
+    fn cancelled(&self, slot: usize) -> bool {
+        match self.jobs.get(slot) {
+            Some(Some(job)) => job.cancel.load(Ordering::Relaxed),
+            _ => true,
+        }
+    }
+
+    fn progress(&mut self) {
+        self.shared.stats.heartbeat();
+    }
+
+    fn finished(&mut self, slot: usize, result: Result<Summary, EngineError>) {
+        if let Some(job) = self.jobs.get_mut(slot).and_then(Option::take) {
+            self.end(job, result);
         }
     }
 }
@@ -81,31 +170,9 @@ pub fn error_code(e: &EngineError) -> &'static str {
         EngineError::EmptyPrompt => "invalid_prompt",
         EngineError::NoTemplate => "no_chat_template",
         EngineError::Sampling(_) => "invalid_field",
+        EngineError::Busy => "busy",
         EngineError::Tokenizer(_) => "tokenizer",
         EngineError::Backend(BackendError::Device { .. }) => "device",
         EngineError::Backend(_) => "backend",
-    }
-}
-
-struct JobSink<'a> {
-    reply: &'a mut dyn Reply,
-    shared: &'a Shared,
-}
-
-impl Sink for JobSink<'_> {
-    fn text(&mut self, piece: &str) -> bool {
-        self.reply.text(piece)
-    }
-
-    fn progress(&mut self) {
-        self.shared.stats.heartbeat();
-    }
-
-    fn refusal(&self) -> FinishReason {
-        if self.reply.fell_behind() {
-            FinishReason::SlowClient
-        } else {
-            FinishReason::Cancelled
-        }
     }
 }

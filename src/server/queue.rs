@@ -1,8 +1,9 @@
 //! The bounded FIFO between the transports and the engine thread.
 //!
 //! A transport pushes a [`Job`] (an engine request, its cancel flag and where its events go);
-//! the engine thread pops jobs one at a time. A full queue refuses at once (the client gets
-//! `busy`); a closed queue (shutdown) refuses everything and hands back what was waiting.
+//! the engine thread pops a job whenever one of its slots is idle, so jobs wait here only while
+//! every slot is busy. A full queue refuses at once (the client gets `busy`); a closed queue
+//! (shutdown) refuses everything and hands back what was waiting.
 
 use std::collections::VecDeque;
 use std::sync::atomic::AtomicBool;
@@ -49,6 +50,8 @@ pub struct Job {
     pub cancel: Arc<AtomicBool>,
     /// Where text and the outcome go.
     pub reply: Box<dyn Reply>,
+    /// The text-mode connection it came from, whose KV slot is kept for its next turn.
+    pub affinity: Option<u64>,
 }
 
 /// Why a push was refused.
@@ -76,9 +79,8 @@ pub enum Pop {
 #[derive(Default)]
 struct State {
     waiting: VecDeque<Job>,
-    running: bool,
-    /// The running job's cancel flag.
-    running_cancel: Option<Arc<AtomicBool>>,
+    /// The running jobs' cancel flags.
+    running: Vec<Arc<AtomicBool>>,
     closed: bool,
 }
 
@@ -105,7 +107,7 @@ impl Queue {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Appends a job; returns how many jobs are ahead of it (the running one included).
+    /// Appends a job; returns how many jobs are ahead of it (the running ones included).
     ///
     /// # Errors
     /// The queue is full or closed; the job is handed back.
@@ -117,7 +119,7 @@ impl Queue {
         if s.waiting.len() >= self.depth {
             return Err((Box::new(job), Refused::Full));
         }
-        let ahead = s.waiting.len() + usize::from(s.running);
+        let ahead = s.waiting.len() + s.running.len();
         s.waiting.push_back(job);
         drop(s);
         self.arrived.notify_one();
@@ -136,8 +138,7 @@ impl Queue {
         }
         match s.waiting.pop_front() {
             Some(job) => {
-                s.running = true;
-                s.running_cancel = Some(Arc::clone(&job.cancel));
+                s.running.push(Arc::clone(&job.cancel));
                 Pop::Job(job)
             }
             None if s.closed => Pop::Closed,
@@ -145,18 +146,24 @@ impl Queue {
         }
     }
 
-    /// The running job is over.
-    pub fn finished(&self) {
+    /// The running job with this cancel flag is over.
+    pub fn finished(&self, cancel: &Arc<AtomicBool>) {
         let mut s = self.lock();
-        s.running = false;
-        s.running_cancel = None;
+        if let Some(i) = s.running.iter().position(|c| Arc::ptr_eq(c, cancel)) {
+            s.running.swap_remove(i);
+        }
     }
 
-    /// Cancels the running job, if any (shutdown).
+    /// Cancels the running jobs (shutdown).
     pub fn cancel_running(&self) {
-        if let Some(c) = &self.lock().running_cancel {
+        for c in &self.lock().running {
             c.store(true, std::sync::atomic::Ordering::Relaxed);
         }
+    }
+
+    /// Jobs running.
+    pub fn running(&self) -> usize {
+        self.lock().running.len()
     }
 
     /// Jobs waiting (not counting the running one).
@@ -166,7 +173,7 @@ impl Queue {
 
     /// Whether a job is running.
     pub fn busy(&self) -> bool {
-        self.lock().running
+        !self.lock().running.is_empty()
     }
 
     /// Refuses further jobs and returns those still waiting.
@@ -199,6 +206,7 @@ mod tests {
             time_limit: None,
             cancel: Arc::default(),
             reply: Box::new(Nothing),
+            affinity: None,
         }
     }
 
@@ -213,19 +221,40 @@ mod tests {
         }
     }
 
+    /// Pops a job: its prompt and its cancel flag (to say it finished).
+    fn take(q: &Queue) -> (String, Arc<AtomicBool>) {
+        match q.pop(Duration::ZERO) {
+            Pop::Job(j) => {
+                let cancel = Arc::clone(&j.cancel);
+                (prompt(Pop::Job(j)), cancel)
+            }
+            other => (prompt(other), Arc::default()),
+        }
+    }
+
     #[test]
     fn first_in_first_out_with_positions_and_a_bound() {
         let q = Queue::new(2);
         assert_eq!(q.push(job("a")).ok(), Some(0));
         assert_eq!(q.push(job("b")).ok(), Some(1));
         assert_eq!(q.push(job("c")).err().map(|e| e.1), Some(Refused::Full));
-        assert_eq!(prompt(q.pop(Duration::ZERO)), "a");
+        let (a, a_cancel) = take(&q);
+        assert_eq!(a, "a");
         // "a" runs: "c" now fits, with two ahead of it.
         assert_eq!(q.push(job("c")).ok(), Some(2));
-        q.finished();
-        assert_eq!(prompt(q.pop(Duration::ZERO)), "b");
-        assert_eq!(prompt(q.pop(Duration::ZERO)), "c");
-        q.finished();
+        assert!(q.busy());
+        q.finished(&a_cancel);
+        assert!(!q.busy());
+        // Two slots: both run at once, and the queue knows both.
+        let (b, b_cancel) = take(&q);
+        let (c, c_cancel) = take(&q);
+        assert_eq!((b.as_str(), c.as_str()), ("b", "c"));
+        assert_eq!(q.running(), 2);
+        q.cancel_running();
+        assert!(b_cancel.load(std::sync::atomic::Ordering::Relaxed));
+        q.finished(&c_cancel);
+        q.finished(&b_cancel);
+        assert_eq!(q.running(), 0);
         assert_eq!(prompt(q.pop(Duration::from_millis(10))), "idle");
     }
 

@@ -157,7 +157,12 @@ pub struct Session {
     overrides: Settings,
     /// Who the client is, for logs.
     peer: String,
+    /// Names this connection to the engine, which keeps its KV slot for its next turn.
+    affinity: u64,
 }
+
+/// Connection numbers, for [`Session::affinity`].
+static NEXT_SESSION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl Drop for Session {
     /// A session that ends (its client gone, its thread failed) takes its request with it,
@@ -179,6 +184,7 @@ impl Session {
             running: None,
             overrides: Settings::default(),
             peer,
+            affinity: NEXT_SESSION.fetch_add(1, Ordering::Relaxed),
         }
     }
 
@@ -404,6 +410,7 @@ impl Session {
             time_limit: defaults.request_timeout,
             cancel: Arc::clone(&cancel),
             reply: Box::new(reply),
+            affinity: Some(self.affinity),
         };
         // The engine may answer (an error, even the whole reply) as soon as the job is in the
         // queue: holding this session's output across the push puts `queued` first. No lock

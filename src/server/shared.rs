@@ -20,6 +20,8 @@ pub struct ModelFacts {
     pub context_length: usize,
     /// Whether chat requests can be served.
     pub has_chat_template: bool,
+    /// KV caches: requests served at once.
+    pub slots: usize,
 }
 
 /// Settings a request does not give itself; re-read on SIGHUP.

@@ -19,3 +19,27 @@ pub fn use_one_heap() {
         libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
+
+/// Memory the kernel says can be had without swapping (`MemAvailable`), in bytes; `None`
+/// where it does not say.
+pub fn available_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    meminfo_available(&text)
+}
+
+fn meminfo_available(text: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn available_memory_is_read_from_meminfo() {
+        let text = "MemTotal:       24000000 kB\nMemFree:  100 kB\nMemAvailable:   2048 kB\n";
+        assert_eq!(super::meminfo_available(text), Some(2048 * 1024));
+        assert_eq!(super::meminfo_available("MemTotal: 5 kB\n"), None);
+        assert_eq!(super::meminfo_available("MemAvailable: lots kB\n"), None);
+    }
+}

@@ -15,7 +15,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use super::{Backend, BackendError, BackendInfo, Next};
+use super::{check_spans, Backend, BackendError, BackendInfo, Next, Span};
 use crate::kernels::matmul::{matmul_rows, Activations, TokenRows};
 use crate::kernels::ops;
 use crate::kernels::quant::{self, BlockQ8, QK};
@@ -96,6 +96,8 @@ pub struct CpuOptions {
     pub batch: usize,
     /// Matrix kernels to use; `None` means the best this CPU runs.
     pub kernels: Option<Kernels>,
+    /// KV caches (conversations held at once), each `context` tokens long.
+    pub slots: usize,
 }
 
 impl Default for CpuOptions {
@@ -105,12 +107,14 @@ impl Default for CpuOptions {
             context: None,
             batch: DEFAULT_BATCH,
             kernels: None,
+            slots: 1,
         }
     }
 }
 
-/// Keys and values of every layer and position, `[layer][pos][kv_dim]`, as f16 (little-endian
-/// bytes), llama.cpp's default: half the memory of f32, and attention reads half the bytes.
+/// Keys and values of every slot, layer and position, `[slot][layer][pos][kv_dim]`, as f16
+/// (little-endian bytes), llama.cpp's default: half the memory of f32, and attention reads
+/// half the bytes.
 struct KvCache {
     k: Vec<u8>,
     v: Vec<u8>,
@@ -121,6 +125,13 @@ fn store_f16(dst: &mut [u8], src: &[f32]) {
     for (d, &v) in dst.chunks_exact_mut(2).zip(src) {
         d.copy_from_slice(&half::f16::from_f32(v).to_bits().to_le_bytes());
     }
+}
+
+/// Where a token of a batch goes: its slot's KV cache, at its position.
+#[derive(Debug, Clone, Copy, Default)]
+struct Place {
+    slot: usize,
+    pos: usize,
 }
 
 /// Chunks of a batch's per-token state (see [`Compute::tokens`]).
@@ -178,6 +189,8 @@ struct Compute {
     per_chunk: usize,
     /// Rotated queries, `[tokens][dim]`.
     q: RwLock<Vec<f32>>,
+    /// Each token's slot and position, `[tokens]`: a batch may hold several conversations.
+    places: RwLock<Vec<Place>>,
     kv: RwLock<KvCache>,
     /// Outputs of the matrices of a job (up to three: Q/K/V or gate/up), `[tokens][rows]`.
     out: [Vec<AtomicU32>; 3],
@@ -193,12 +206,9 @@ enum Job {
         weights: [Option<TensorRef>; 3],
         n_tokens: usize,
     },
-    /// Causal attention for `n_tokens` queries at positions `start..`, one item per (token, head).
-    Attention {
-        layer: usize,
-        n_tokens: usize,
-        start: usize,
-    },
+    /// Causal attention for `n_tokens` queries, each against its own slot's cache up to its
+    /// position ([`Compute::places`]), one item per (token, KV head).
+    Attention { layer: usize, n_tokens: usize },
     /// The per-token steps before a matrix job; its input is made in the forms `q8` and `f32`.
     Stage {
         stage: Stage,
@@ -214,7 +224,7 @@ impl Executor for Compute {
     fn run(&self, job: &Job, worker: usize, next: &AtomicUsize) {
         match *job {
             Job::MatMul { weights, n_tokens } => self.run_matmul(&weights, n_tokens, next),
-            Job::Attention { layer, n_tokens, start } => self.run_attention(layer, n_tokens, start, worker, next),
+            Job::Attention { layer, n_tokens } => self.run_attention(layer, n_tokens, worker, next),
             Job::Stage {
                 stage,
                 n_tokens,
@@ -334,17 +344,20 @@ impl Compute {
         }
     }
 
-    fn run_attention(&self, layer: usize, n_tokens: usize, start: usize, worker: usize, next: &AtomicUsize) {
+    /// Byte offset of `(slot, layer)`'s keys (or values) in the cache.
+    fn kv_base(&self, slot: usize, layer: usize) -> usize {
+        2 * (slot * self.cfg.n_layers + layer) * self.context * self.cfg.kv_dim()
+    }
+
+    fn run_attention(&self, layer: usize, n_tokens: usize, worker: usize, next: &AtomicUsize) {
         let cfg = &self.cfg;
         let (dim, hd, kvd) = (cfg.dim, cfg.head_dim, cfg.kv_dim());
         let group = cfg.heads_per_kv_head();
         let q = self.q.read().unwrap_or_else(|e| e.into_inner());
+        let places = self.places.read().unwrap_or_else(|e| e.into_inner());
         let kv = self.kv.read().unwrap_or_else(|e| e.into_inner());
         let mut scratch = self.scratch[worker].lock().unwrap_or_else(|e| e.into_inner());
         let (scores, acc) = scratch.split_at_mut(group * self.context);
-        let base = 2 * layer * self.context * kvd;
-        let layer_k = &kv.k[base..base + 2 * self.context * kvd];
-        let layer_v = &kv.v[base..base + 2 * self.context * kvd];
         let scale = 1.0 / (hd as f32).sqrt();
         // An item is one token's query heads that share a key/value head: the kernels read
         // their keys and values from the cache once for the group.
@@ -355,7 +368,11 @@ impl Compute {
                 return;
             }
             let (t, kv_head) = (item / kv_heads, item % kv_heads);
-            let n = start + t + 1;
+            let Place { slot, pos } = places[t];
+            let n = pos + 1;
+            let base = self.kv_base(slot, layer);
+            let layer_k = &kv.k[base..base + 2 * n * kvd];
+            let layer_v = &kv.v[base..base + 2 * n * kvd];
             let heads = t * dim + kv_head * group * hd..t * dim + (kv_head + 1) * group * hd;
             // Row p of this KV head starts at byte 2 * (p * kvd + kv_head * hd).
             let (keys, values) = (&layer_k[2 * kv_head * hd..], &layer_v[2 * kv_head * hd..]);
@@ -380,12 +397,17 @@ pub struct CpuBackend {
     compute: Arc<Compute>,
     pool: Pool<Compute>,
     batch: usize,
-    /// Logits of the last token, `[vocab]`.
+    /// Logits of the tokens of a batch whose output is wanted, `[slots][vocab]`.
     logits: Vec<f32>,
     /// One token's key or value row on its way into the f16 cache, `[kv_dim]`.
     kv_row: Vec<f32>,
-    /// The last token's residual stream, on its way to the output norm, `[dim]`.
+    /// The residual streams of the tokens whose output is wanted, on their way to the output
+    /// norm, `[slots][dim]`.
     last_x: Vec<f32>,
+    /// The tokens of the batch being filled, `[batch]`.
+    batch_tokens: Vec<u32>,
+    /// For each output wanted from the batch: the token's index in it and the span's.
+    wanted: Vec<(usize, usize)>,
     /// Each token's rotary (cos, sin) pairs, `[batch][rope_dims]`.
     rope_angles: Vec<f32>,
 }
@@ -404,6 +426,17 @@ impl CpuBackend {
         Self::from_parts(Arc::new(file), &gguf, opts)
     }
 
+    /// Bytes of one slot's KV cache for this model and these options.
+    ///
+    /// # Errors
+    /// The model's metadata is unusable, or the context is longer than it was trained for.
+    pub fn kv_bytes_per_slot(gguf: &Gguf, opts: &CpuOptions) -> Result<u64, CpuError> {
+        let cfg = LlamaConfig::from_gguf(gguf)?;
+        let context = context_for(&cfg, opts)?;
+        // Keys and values, f16.
+        Ok(2 * 2 * (cfg.n_layers as u64) * (context as u64) * (cfg.kv_dim() as u64))
+    }
+
     /// Builds the backend from an already parsed file.
     ///
     /// # Errors
@@ -415,17 +448,10 @@ impl CpuBackend {
         if kernels.interleaves_q4_0() {
             weights.interleave_q4_0(&file)?;
         }
-        let context = opts
-            .context
-            .unwrap_or_else(|| cfg.context_length.min(DEFAULT_CONTEXT))
-            .max(1);
-        if context > cfg.context_length.max(1) {
-            return Err(CpuError::Context(format!(
-                "a context of {context} tokens is longer than the model's {} (it was not trained for more)",
-                cfg.context_length
-            )));
-        }
-        let batch = opts.batch.clamp(1, context);
+        let context = context_for(&cfg, opts)?;
+        let slots = opts.slots.max(1);
+        // A batch holds at least one token of every slot (one step decodes them all).
+        let batch = opts.batch.clamp(1, context).max(slots);
         let threads = match opts.threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
@@ -433,13 +459,20 @@ impl CpuBackend {
         let (dim, kvd, ffn, vocab) = (cfg.dim, cfg.kv_dim(), cfg.ffn_dim, cfg.vocab_size);
         let widest = dim.max(ffn);
         let per_chunk = batch.div_ceil(CHUNKS);
-        let out_len = (batch * widest).max(vocab);
-        let kv_len = cfg.n_layers * context * kvd;
+        let out_len = (batch * widest).max(slots * vocab);
+        let kv_len = slots
+            .checked_mul(cfg.n_layers * context * kvd)
+            .ok_or_else(|| CpuError::Context(format!("{slots} slots of {context} tokens do not fit in memory")))?;
         // The KV cache is the one large allocation; refuse it with a message, not an abort.
+        // Written at once (zeros), so its memory is taken now, not under load.
         let kv_vec = || -> Result<Vec<u8>, CpuError> {
             let mut v = Vec::new();
-            v.try_reserve_exact(2 * kv_len)
-                .map_err(|_| CpuError::Context(format!("cannot allocate a KV cache of {} MiB", (kv_len * 4) >> 20)))?;
+            v.try_reserve_exact(2 * kv_len).map_err(|_| {
+                CpuError::Context(format!(
+                    "cannot allocate a KV cache of {} MiB ({slots} slots of {context} tokens)",
+                    (kv_len * 4) >> 20
+                ))
+            })?;
             v.resize(2 * kv_len, 0);
             Ok(v)
         };
@@ -462,6 +495,7 @@ impl CpuBackend {
                 .collect(),
             per_chunk,
             q: RwLock::new(vec![0.0; batch * dim]),
+            places: RwLock::new(vec![Place::default(); batch]),
             kv: RwLock::new(KvCache {
                 k: kv_vec()?,
                 v: kv_vec()?,
@@ -488,14 +522,17 @@ impl CpuBackend {
             host_state_bytes: 0,
             rearranged_weight_bytes: 0,
             max_batch: batch,
+            slots,
         };
         let mut backend = CpuBackend {
             info,
             pool,
             batch,
-            logits: vec![0.0; vocab],
+            logits: vec![0.0; slots * vocab],
             kv_row: vec![0.0; kvd],
-            last_x: vec![0.0; dim],
+            last_x: vec![0.0; slots * dim],
+            batch_tokens: vec![0; batch],
+            wanted: Vec::with_capacity(slots),
             rope_angles: vec![0.0; batch * cfg.rope_dims],
             compute,
         };
@@ -527,6 +564,9 @@ impl CpuBackend {
             .sum();
         let total = bytes(&kv.k)
             + bytes(&kv.v)
+            + bytes(&c.places.read().unwrap_or_else(|e| e.into_inner()))
+            + bytes(&self.batch_tokens)
+            + self.wanted.capacity() * std::mem::size_of::<(usize, usize)>()
             + tokens
             + read(&c.q)
             + c.out.iter().map(|o| bytes(o)).sum::<usize>()
@@ -550,18 +590,32 @@ impl CpuBackend {
         self.pool.threads()
     }
 
-    fn check(&self, tokens: &[u32], start: usize) -> Result<(), BackendError> {
-        if start + tokens.len() > self.info.context_length {
+    /// Checks a step before anything runs: spans that cover the tokens, positions inside
+    /// the context, ids inside the vocabulary.
+    fn check(&self, tokens: &[u32], spans: &[Span]) -> Result<(), BackendError> {
+        check_spans(tokens, spans, self.info.slots)?;
+        let context = self.info.context_length;
+        if let Some(s) = spans.iter().find(|s| s.start.saturating_add(s.len) > context) {
             return Err(BackendError::ContextOverflow {
-                pos: start,
-                len: tokens.len(),
-                context: self.info.context_length,
+                pos: s.start,
+                len: s.len,
+                context,
             });
         }
         match tokens.iter().find(|&&t| t as usize >= self.info.vocab_size) {
             Some(&t) => Err(BackendError::BadToken(t)),
             None => Ok(()),
         }
+    }
+
+    /// Runs the filled batch (`n` tokens, their places set) and hands the wanted outputs on.
+    fn run_batch(&mut self, n: usize, out: &mut dyn FnMut(usize, Next<'_>)) {
+        self.forward_batch(n);
+        let vocab = self.info.vocab_size;
+        for (row, &(_, span)) in self.wanted.iter().enumerate() {
+            out(span, Next::Logits(&self.logits[row * vocab..(row + 1) * vocab]));
+        }
+        self.wanted.clear();
     }
 
     /// Runs `stage` on the batch's `n` tokens, making the inputs that `weights` take; on the
@@ -584,16 +638,20 @@ impl CpuBackend {
         self.pool.run(Job::MatMul { weights, n_tokens: n });
     }
 
-    /// One batch of at most `self.batch` tokens; fills `self.logits` for the last if asked.
-    fn forward_batch(&mut self, tokens: &[u32], start: usize, want_logits: bool) {
+    /// One batch: the first `n` of `batch_tokens` at their [`Place`]s; fills a row of
+    /// `self.logits` for each token in `wanted`.
+    fn forward_batch(&mut self, n: usize) {
         let c = Arc::clone(&self.compute);
         let cfg = &c.cfg;
         let (dim, kvd, ffn, hd) = (cfg.dim, cfg.kv_dim(), cfg.ffn_dim, cfg.head_dim);
-        let n = tokens.len();
+        let tokens = &self.batch_tokens[..n];
         let embd = c.weights.token_embd.view(&c.file, &c.weights.interleaved);
-        // The rotary angles of each token, for every head of every layer.
-        for (t, angles) in self.rope_angles.chunks_exact_mut(cfg.rope_dims).take(n).enumerate() {
-            ops::rope_angles(start + t, &c.weights.rope_inv_freq, angles);
+        {
+            // The rotary angles of each token, for every head of every layer.
+            let places = c.places.read().unwrap_or_else(|e| e.into_inner());
+            for (angles, p) in self.rope_angles.chunks_exact_mut(cfg.rope_dims).zip(&places[..n]) {
+                ops::rope_angles(p.pos, &c.weights.rope_inv_freq, angles);
+            }
         }
         for (chunk, tokens) in c.tokens.iter().zip(tokens.chunks(c.per_chunk)) {
             let mut st = chunk.write().unwrap_or_else(|e| e.into_inner());
@@ -610,16 +668,15 @@ impl CpuBackend {
             {
                 let mut q = c.q.write().unwrap_or_else(|e| e.into_inner());
                 let mut kv = c.kv.write().unwrap_or_else(|e| e.into_inner());
-                let base = l * c.context * kvd;
-                for t in 0..n {
-                    let pos = start + t;
+                let places = c.places.read().unwrap_or_else(|e| e.into_inner());
+                for (t, p) in places[..n].iter().enumerate() {
                     let qt = &mut q[t * dim..(t + 1) * dim];
                     read_atomics(&c.out[0][t * dim..(t + 1) * dim], qt);
                     let angles = &self.rope_angles[t * cfg.rope_dims..(t + 1) * cfg.rope_dims];
                     for head in qt.chunks_exact_mut(hd) {
                         ops::rope_rotate(&mut head[..cfg.rope_dims], angles);
                     }
-                    let at = 2 * (base + pos * kvd);
+                    let at = c.kv_base(p.slot, l) + 2 * p.pos * kvd;
                     let kt = &mut self.kv_row[..kvd];
                     read_atomics(&c.out[1][t * kvd..(t + 1) * kvd], kt);
                     for head in kt.chunks_exact_mut(hd) {
@@ -630,11 +687,7 @@ impl CpuBackend {
                     store_f16(&mut kv.v[at..at + 2 * kvd], kt);
                 }
             }
-            self.pool.run(Job::Attention {
-                layer: l,
-                n_tokens: n,
-                start,
-            });
+            self.pool.run(Job::Attention { layer: l, n_tokens: n });
             let output = [Some(lw.attn_output), None, None];
             self.stage(Stage::Output { cols: dim }, n, &output);
             self.matmul(n, output);
@@ -649,29 +702,50 @@ impl CpuBackend {
             self.matmul(n, down);
         }
         self.stage(Stage::Add, n, &[None; 3]);
-        if want_logits {
-            // The last token's row, normalized, as the only input of the output matrix.
+        let wanted = self.wanted.len();
+        if wanted > 0 {
+            // The wanted tokens' rows, normalized, as the only inputs of the output matrix
+            // (rows 0.. of the batch: their residual streams are copied out first).
             let output = c.weights.output;
-            let (chunk, i) = ((n - 1) / c.per_chunk, (n - 1) % c.per_chunk);
-            let last = &mut self.last_x[..dim];
-            {
+            for (row, &(t, _)) in self.wanted.iter().enumerate() {
+                let (chunk, i) = (t / c.per_chunk, t % c.per_chunk);
                 let st = c.tokens[chunk].read().unwrap_or_else(|e| e.into_inner());
-                last.copy_from_slice(&st.x[i * dim..(i + 1) * dim]);
+                self.last_x[row * dim..(row + 1) * dim].copy_from_slice(&st.x[i * dim..(i + 1) * dim]);
             }
-            {
-                let mut guard = c.tokens[0].write().unwrap_or_else(|e| e.into_inner());
+            for row in 0..wanted {
+                let (chunk, i) = (row / c.per_chunk, row % c.per_chunk);
+                let mut guard = c.tokens[chunk].write().unwrap_or_else(|e| e.into_inner());
                 let st = &mut *guard;
+                let last = &self.last_x[row * dim..(row + 1) * dim];
                 ops::rms_norm(&mut st.row[..dim], last, &c.weights.output_norm, cfg.rms_eps);
                 if quant::uses_q8_activations(output.ty) {
-                    c.kernels.quantize_q8(&st.row[..dim], &mut st.xq[..dim / QK]);
+                    let blocks = dim / QK;
+                    c.kernels
+                        .quantize_q8(&st.row[..dim], &mut st.xq[i * blocks..(i + 1) * blocks]);
                 } else {
-                    st.xf[..dim].copy_from_slice(&st.row[..dim]);
+                    st.xf[i * dim..(i + 1) * dim].copy_from_slice(&st.row[..dim]);
                 }
             }
-            self.matmul(1, [Some(output), None, None]);
-            read_atomics(&c.out[0][..cfg.vocab_size], &mut self.logits);
+            self.matmul(wanted, [Some(output), None, None]);
+            let vocab = cfg.vocab_size;
+            read_atomics(&c.out[0][..wanted * vocab], &mut self.logits[..wanted * vocab]);
         }
     }
+}
+
+/// The KV cache length: asked for, or the model's own capped at [`DEFAULT_CONTEXT`].
+fn context_for(cfg: &LlamaConfig, opts: &CpuOptions) -> Result<usize, CpuError> {
+    let context = opts
+        .context
+        .unwrap_or_else(|| cfg.context_length.min(DEFAULT_CONTEXT))
+        .max(1);
+    if context > cfg.context_length.max(1) {
+        return Err(CpuError::Context(format!(
+            "a context of {context} tokens is longer than the model's {} (it was not trained for more)",
+            cfg.context_length
+        )));
+    }
+    Ok(context)
 }
 
 fn read_atomics(src: &[AtomicU32], dst: &mut [f32]) {
@@ -718,21 +792,66 @@ impl Backend for CpuBackend {
     }
 
     fn prefill(&mut self, tokens: &[u32], start: usize) -> Result<Next<'_>, BackendError> {
-        if tokens.is_empty() {
-            return Err(BackendError::Empty);
-        }
-        self.check(tokens, start)?;
-        let chunks = tokens.len().div_ceil(self.batch);
-        for (i, chunk) in tokens.chunks(self.batch).enumerate() {
-            self.forward_batch(chunk, start + i * self.batch, i + 1 == chunks);
-        }
-        Ok(Next::Logits(&self.logits))
+        let span = Span {
+            slot: 0,
+            start,
+            len: tokens.len(),
+            output: true,
+            decode: false,
+        };
+        self.step(tokens, &[span], &mut |_, _| {})?;
+        Ok(Next::Logits(&self.logits[..self.info.vocab_size]))
     }
 
     fn decode(&mut self, token: u32, pos: usize) -> Result<Next<'_>, BackendError> {
-        self.check(&[token], pos)?;
-        self.forward_batch(&[token], pos, true);
-        Ok(Next::Logits(&self.logits))
+        let span = Span {
+            slot: 0,
+            start: pos,
+            len: 1,
+            output: true,
+            decode: true,
+        };
+        self.step(&[token], &[span], &mut |_, _| {})?;
+        Ok(Next::Logits(&self.logits[..self.info.vocab_size]))
+    }
+
+    /// Packs the spans' tokens into forward batches of at most `batch` tokens (a long prompt
+    /// takes several): one pass over the weights serves every sequence in a batch.
+    fn step(
+        &mut self,
+        tokens: &[u32],
+        spans: &[Span],
+        out: &mut dyn FnMut(usize, Next<'_>),
+    ) -> Result<(), BackendError> {
+        self.check(tokens, spans)?;
+        let compute = Arc::clone(&self.compute);
+        let mut n = 0;
+        let mut at = 0;
+        for (i, s) in spans.iter().enumerate() {
+            for j in 0..s.len {
+                {
+                    let mut places = compute.places.write().unwrap_or_else(|e| e.into_inner());
+                    places[n] = Place {
+                        slot: s.slot,
+                        pos: s.start + j,
+                    };
+                }
+                self.batch_tokens[n] = tokens[at + j];
+                n += 1;
+                if j + 1 == s.len && s.output {
+                    self.wanted.push((n - 1, i));
+                }
+                if n == self.batch || self.wanted.len() == self.info.slots {
+                    self.run_batch(n, out);
+                    n = 0;
+                }
+            }
+            at += s.len;
+        }
+        if n > 0 {
+            self.run_batch(n, out);
+        }
+        Ok(())
     }
 
     fn reset(&mut self) {

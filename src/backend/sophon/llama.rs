@@ -351,6 +351,7 @@ impl SophonBackend {
             host_state_bytes: 0,
             rearranged_weight_bytes: 0,
             max_batch: layout.max_input,
+            slots: 1,
         };
         let n_candidates = layout.sample_head.as_ref().map_or(0, |h| h.candidates);
         let ids_len = layout.sample_head.as_ref().map_or(0, |h| h.ids_len);

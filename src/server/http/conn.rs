@@ -792,6 +792,7 @@ impl Connection {
             time_limit: defaults.request_timeout,
             cancel: Arc::clone(&cancel),
             reply: Box::new(reply),
+            affinity: None,
         };
         match shared.queue.push(job) {
             Ok(_) => {
