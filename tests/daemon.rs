@@ -79,6 +79,13 @@ impl Daemon {
             .arg("--socket")
             .arg(socket)
             .args(["--threads", "1", "--log-level", "debug"])
+            // Most tests here are about the queue: one request at a time, unless a test asks
+            // for slots.
+            .args(if extra.contains(&"--slots") {
+                &[][..]
+            } else {
+                &["--slots", "1"][..]
+            })
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -1335,4 +1342,57 @@ fn sixty_four_clients_at_once_none_lost_and_memory_flat() {
     );
     let (status, _) = d.stop();
     assert_eq!(status.code(), Some(0));
+}
+
+/// Four slots: a client that arrives while another streams gets its answer while the first
+/// one still streams (counted in events: the first one's next event after the second's whole
+/// answer is another token), and cancelling one of three streams leaves the other two
+/// untouched: their text is what each gives alone.
+#[test]
+fn streams_run_side_by_side_and_a_cancel_touches_only_its_own() {
+    let d = Daemon::start("daemon-slots", &["--slots", "4"]);
+    let mut a = d.client();
+    a.generate(long_story(1));
+    assert_eq!(a.event()["event"], "queued");
+    assert_eq!(a.event()["event"], "token", "A is running");
+    let mut b = d.client();
+    b.generate(capital_of_france(2, 20));
+    let (text, _, done) = b.answer();
+    assert!(text.contains("Paris") && done["event"] == "done", "{text} {done}");
+    assert_eq!(a.event()["event"], "token", "A still streams after B's whole answer");
+
+    // Alone, one after another (A still runs beside them: that is the point).
+    let prompt = |id: u64, p: &str| json!({"id": id, "prompt": p, "temperature": 0.8, "seed": id, "max_tokens": 24});
+    let prompts = ["Once upon a time", "The best way to learn is", "My favourite food is"];
+    let mut alone = Vec::new();
+    for (i, p) in prompts.iter().enumerate() {
+        let mut c = d.client();
+        c.generate(prompt(10 + i as u64, p));
+        alone.push(c.answer().0);
+    }
+    // Together, the second cancelled after its third token.
+    let mut clients: Vec<Client> = (0..3).map(|_| d.client()).collect();
+    for (i, (c, p)) in clients.iter_mut().zip(prompts).enumerate() {
+        c.generate(prompt(10 + i as u64, p));
+    }
+    let mut seen = 0;
+    loop {
+        let e = clients[1].event();
+        if e["event"] == "token" {
+            seen += 1;
+            if seen == 3 {
+                clients[1].send(r#"{"type":"cancel"}"#);
+            }
+        }
+        if e["event"] == "done" {
+            assert_eq!(e["reason"], "cancelled", "{e}");
+            break;
+        }
+    }
+    for i in [0, 2] {
+        let (text, _, done) = clients[i].answer();
+        assert_eq!(done["event"], "done");
+        assert_eq!(text, alone[i], "request {i} beside a cancelled one");
+    }
+    drop(a);
 }

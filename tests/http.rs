@@ -8,7 +8,7 @@ use std::net::TcpStream;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{json, Value};
 
 type Daemon = common::HttpDaemon;
 use common::http_health as health;
@@ -978,4 +978,59 @@ fn the_wire_is_lenient_where_peers_are_and_exact_where_clients_look() {
     let last = events(&reply).pop().unwrap();
     assert_eq!(last["error"]["code"], "prompt_too_long", "{reply}");
     assert!(!reply.contains("[DONE]"), "{reply}");
+}
+
+/// Four slots: a conversation's next turn finds its history in its slot (`cached_tokens` in
+/// the usage), while another conversation took a turn in between; `/metrics` counts it.
+#[test]
+fn a_conversations_next_turn_is_served_from_its_slot() {
+    let d = Daemon::start("http-slots", &["--slots", "4"]);
+    let chat = |messages: &Value| -> Value {
+        let body = json!({"messages": messages, "max_tokens": 8, "temperature": 0}).to_string();
+        let (status, body) = post(d.port, "/v1/chat/completions", &body);
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    };
+    let system = json!({"role": "system", "content": "You are a helpful assistant who answers briefly."});
+    let mut first = vec![system.clone(), json!({"role": "user", "content": "Name a fruit."})];
+    let mut other = vec![system, json!({"role": "user", "content": "Name a planet."})];
+    let a1 = chat(&json!(first));
+    assert_eq!(a1["usage"]["prompt_tokens_details"]["cached_tokens"], 0, "{a1}");
+    let b1 = chat(&json!(other));
+    for (talk, answer) in [(&mut first, &a1), (&mut other, &b1)] {
+        talk.push(json!({"role": "assistant", "content": answer["choices"][0]["message"]["content"]}));
+        talk.push(json!({"role": "user", "content": "And another?"}));
+    }
+    let a2 = chat(&json!(first));
+    let b2 = chat(&json!(other));
+    for (before, after) in [(&a1, &a2), (&b1, &b2)] {
+        let cached = after["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap();
+        let earlier = before["usage"]["prompt_tokens"].as_u64().unwrap();
+        assert!(
+            cached >= earlier,
+            "{cached} cached of a prompt that began with {earlier} computed ones: {after}"
+        );
+    }
+    let (status, metrics) = exchange(
+        d.port,
+        &format!("GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:{}\r\n\r\n", d.port),
+    );
+    assert_eq!(status, 200);
+    let value = |name: &str| -> u64 {
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in {metrics}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert!(value("llama_tpu_slot_hits_total") >= 2, "{metrics}");
+    assert!(value("llama_tpu_cached_prompt_tokens_total") >= 2 * value("llama_tpu_slot_hits_total"));
+    assert_eq!(value("llama_tpu_slots"), 4);
+    let (_, props) = exchange(
+        d.port,
+        &format!("GET /props HTTP/1.1\r\nHost: 127.0.0.1:{}\r\n\r\n", d.port),
+    );
+    assert!(props.contains("\"total_slots\":4"), "{props}");
 }

@@ -1,12 +1,18 @@
 //! Which KV cache a new request goes to.
 //!
 //! A slot is one conversation's KV cache. A request should land where its prompt's beginning
-//! is already computed (a conversation's next turn, a shared system prompt), but not at the
-//! cost of another conversation that will come back: a slot is only "the same conversation"
-//! when the prompt covers at least half of what it holds (llama.cpp's default
-//! `--slot-prompt-similarity 0.5`); otherwise the request takes the least recently used slot,
-//! an empty one first. A text-mode connection (socket, serial console) keeps its slot for its
-//! next turn: other requests take it only when no other idle slot is left.
+//! is already computed (a conversation's next turn), but not at the cost of another
+//! conversation that will come back: taking a slot saves its common prefix now and throws away
+//! the rest, which that conversation would compute again on its return. A slot is chosen for
+//! what it holds when what it saves is more than twice what it throws away (a next turn
+//! throws away nothing, or a token or two where the answer re-tokenizes differently; another
+//! conversation that shares only a system prompt throws away its own turns); among those, the
+//! one that saves most. Otherwise the request takes the least recently used slot, an empty one
+//! first. (llama.cpp's server asks that the common part be half of what the slot holds, which
+//! lets a new conversation with a long shared system prompt evict a short one.)
+//!
+//! A text-mode connection (socket, serial console) keeps its slot for its next turn: other
+//! requests take it only when no other idle slot is left.
 
 /// What the choice needs to know of one slot.
 #[derive(Debug, Clone, Copy)]
@@ -41,10 +47,14 @@ pub fn choose(slots: &[SlotView<'_>], prompt: &[u32], affinity: Option<u64>) -> 
             .iter()
             .enumerate()
             .filter(|(_, s)| tier(s))
-            .map(|(i, s)| (i, common_prefix(s.cached, prompt), s))
-            .filter(|&(_, common, s)| common > 0 && 2 * common >= s.cached.len())
-            .max_by_key(|&(i, common, s)| (common, std::cmp::Reverse(s.last_used), std::cmp::Reverse(i)));
-        if let Some((i, _, _)) = same_conversation {
+            .map(|(i, s)| {
+                let common = common_prefix(s.cached, prompt);
+                let lost = s.cached.len() - common;
+                (i, common, common as i64 - 2 * lost as i64, s)
+            })
+            .filter(|&(_, _, score, _)| score > 0)
+            .max_by_key(|&(i, common, score, s)| (score, common, std::cmp::Reverse(s.last_used), std::cmp::Reverse(i)));
+        if let Some((i, _, _, _)) = same_conversation {
             return Some(i);
         }
         let least_recent = slots
@@ -88,8 +98,11 @@ mod tests {
     fn a_new_conversation_sharing_only_a_system_prompt_takes_an_empty_slot() {
         let a = [1, 2, 3, 4, 5, 6, 7, 8];
         let slots = [view(&a, None, 5, true), view(&[], None, 0, true)];
-        // Shares 2 of the 8 tokens slot 0 holds: not its conversation.
-        assert_eq!(choose(&slots, &[1, 2, 40, 41], None), Some(1));
+        // Shares 5 of the 8 tokens slot 0 holds (llama.cpp would take it): not its
+        // conversation.
+        assert_eq!(choose(&slots, &[1, 2, 3, 4, 5, 40, 41], None), Some(1));
+        // A next turn that re-tokenized its answer's last token differently is.
+        assert_eq!(choose(&slots, &[1, 2, 3, 4, 5, 6, 7, 9, 10, 11], None), Some(0));
     }
 
     #[test]

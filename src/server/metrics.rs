@@ -78,6 +78,8 @@ pub struct Metrics {
     outcomes: [AtomicU64; OUTCOMES.len()],
     pickers: [AtomicU64; PICKERS.len()],
     prompt_tokens: AtomicU64,
+    cached_tokens: AtomicU64,
+    slot_hits: AtomicU64,
     generated_tokens: AtomicU64,
     ttft: Histogram,
     rate: Histogram,
@@ -89,6 +91,8 @@ impl Default for Metrics {
             outcomes: Default::default(),
             pickers: Default::default(),
             prompt_tokens: AtomicU64::new(0),
+            cached_tokens: AtomicU64::new(0),
+            slot_hits: AtomicU64::new(0),
             generated_tokens: AtomicU64::new(0),
             ttft: Histogram::new(&TTFT_BOUNDS),
             rate: Histogram::new(&RATE_BOUNDS),
@@ -109,6 +113,10 @@ impl Metrics {
             self.pickers[i].fetch_add(1, Ordering::Relaxed);
         }
         self.prompt_tokens.fetch_add(s.prompt_tokens as u64, Ordering::Relaxed);
+        self.cached_tokens.fetch_add(s.cached_tokens as u64, Ordering::Relaxed);
+        if s.cached_tokens > 0 {
+            self.slot_hits.fetch_add(1, Ordering::Relaxed);
+        }
         self.generated_tokens
             .fetch_add(s.completion_tokens as u64, Ordering::Relaxed);
         if s.completion_tokens > 0 {
@@ -129,8 +137,10 @@ impl Metrics {
         self.outcomes[outcome_index(outcome)].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Prometheus' text exposition format; `queue_depth` and `busy` are read by the caller.
-    pub fn render(&self, queue_depth: usize, busy: bool, connections: u64) -> String {
+    /// Prometheus' text exposition format; the gauges are read by the caller: `running` of
+    /// `slots` requests at once.
+    pub fn render(&self, queue_depth: usize, running: usize, slots: usize, connections: u64) -> String {
+        let busy = running > 0;
         let mut out = String::with_capacity(4096);
         out.push_str(
             "# HELP llama_tpu_requests_total Requests by how they ended.\n# TYPE llama_tpu_requests_total counter\n",
@@ -159,6 +169,16 @@ impl Metrics {
         );
         let _ = writeln!(
             out,
+            "# HELP llama_tpu_cached_prompt_tokens_total Prompt tokens found in a slot's KV cache (not computed again).\n# TYPE llama_tpu_cached_prompt_tokens_total counter\nllama_tpu_cached_prompt_tokens_total {}",
+            self.cached_tokens.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP llama_tpu_slot_hits_total Requests that found part of their prompt in a slot's KV cache.\n# TYPE llama_tpu_slot_hits_total counter\nllama_tpu_slot_hits_total {}",
+            self.slot_hits.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
             "# HELP llama_tpu_generated_tokens_total Generated tokens.\n# TYPE llama_tpu_generated_tokens_total counter\nllama_tpu_generated_tokens_total {}",
             self.generated_tokens.load(Ordering::Relaxed)
         );
@@ -175,6 +195,10 @@ impl Metrics {
             out,
             "# HELP llama_tpu_busy 1 while the engine runs a request.\n# TYPE llama_tpu_busy gauge\nllama_tpu_busy {}",
             u8::from(busy)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP llama_tpu_slots_busy Slots (KV caches) serving a request.\n# TYPE llama_tpu_slots_busy gauge\nllama_tpu_slots_busy {running}\n# HELP llama_tpu_slots Slots (KV caches): requests served at once.\n# TYPE llama_tpu_slots gauge\nllama_tpu_slots {slots}"
         );
         let _ = writeln!(
             out,
@@ -216,9 +240,14 @@ mod tests {
         };
         m.done(&s);
         s.reason = FinishReason::Cancelled;
+        s.cached_tokens = 7;
         m.done(&s);
         m.failed("busy");
-        let text = m.render(2, true, 3);
+        let text = m.render(2, 3, 4, 3);
+        assert!(text.contains("llama_tpu_cached_prompt_tokens_total 7\n"), "{text}");
+        assert!(text.contains("llama_tpu_slot_hits_total 1\n"));
+        assert!(text.contains("llama_tpu_slots_busy 3\n"));
+        assert!(text.contains("llama_tpu_slots 4\n"));
         assert!(text.contains("llama_tpu_requests_total{outcome=\"eos\"} 1\n"), "{text}");
         assert!(text.contains("llama_tpu_requests_total{outcome=\"cancelled\"} 1\n"));
         assert!(text.contains("llama_tpu_requests_total{outcome=\"refused\"} 1\n"));

@@ -209,6 +209,13 @@ impl HttpDaemon {
             .arg("--socket")
             .arg(dir.join("s.sock"))
             .args(["--http", &format!("127.0.0.1:{port}")])
+            // Tests of the queue (a stream waiting for another) need one request at a time;
+            // tests of slots say how many.
+            .args(if args.contains(&"--slots") {
+                &[][..]
+            } else {
+                &["--slots", "1"][..]
+            })
             .args(args)
             .stderr(std::fs::File::create(dir.join("log")).unwrap())
             .stdin(std::process::Stdio::null())

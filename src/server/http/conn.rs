@@ -885,7 +885,8 @@ fn simple_route(route: &Route, admitted: &Admitted, head: &Head, shared: &Shared
             "text/plain; version=0.0.4",
             shared.metrics.render(
                 shared.queue.waiting(),
-                shared.queue.busy(),
+                shared.queue.running(),
+                shared.facts.slots,
                 shared.stats.connections.load(Ordering::Relaxed),
             ),
         ),
@@ -927,7 +928,7 @@ fn props(shared: &Shared, config: &HttpConfig) -> Value {
                 "seed": d.seed.map_or(-1, |s| s as i64), "n_predict": d.max_tokens.map_or(-1, |n| n as i64),
             },
         },
-        "total_slots": 1,
+        "total_slots": shared.facts.slots,
         "model_alias": shared.facts.model,
         "model_path": shared.facts.model,
         "modalities": {"vision": false, "audio": false},
