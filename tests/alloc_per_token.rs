@@ -18,7 +18,7 @@ use std::sync::Arc;
 use llama_tpu::backend::cpu::{CpuBackend, CpuOptions};
 use llama_tpu::backend::Backend;
 use llama_tpu::chat::ChatTemplate;
-use llama_tpu::engine::{Engine, FinishReason, Input, Request};
+use llama_tpu::engine::{Clients, Engine, EngineError, FinishReason, Input, Request, Summary};
 use llama_tpu::model::{Gguf, MappedFile};
 use llama_tpu::sampler::SamplerConfig;
 use llama_tpu::server::engine_thread;
@@ -114,6 +114,89 @@ fn decoding_a_token_allocates_nothing() {
             counts.len() - WARM_UP
         );
     }
+}
+
+/// What a step sends the engine's clients, counted without allocating.
+struct Counted {
+    pieces: [usize; 4],
+    ended: [bool; 4],
+    /// The allocation count after each step.
+    counts: Vec<usize>,
+}
+
+impl Clients for Counted {
+    fn text(&mut self, slot: usize, _: &str) -> Result<(), FinishReason> {
+        self.pieces[slot] += 1;
+        Ok(())
+    }
+    fn cancelled(&self, _: usize) -> bool {
+        false
+    }
+    fn progress(&mut self) {
+        self.counts.push(ALLOCATIONS.load(Ordering::Relaxed));
+    }
+    fn finished(&mut self, slot: usize, _: Result<Summary, EngineError>) {
+        self.ended[slot] = true;
+    }
+}
+
+/// Four requests at once, each with its own sampling settings and stop strings, advanced one
+/// token each per step in one batched pass: after warm-up, a step allocates nothing.
+fn decoding_four_requests_at_once_allocates_nothing() {
+    let file = Arc::new(MappedFile::open(&common::default_model()).unwrap());
+    let gguf = Gguf::parse(&file).unwrap();
+    let tok = Tokenizer::from_gguf(&gguf).unwrap();
+    let opts = CpuOptions {
+        threads: 2,
+        context: Some(256),
+        slots: 4,
+        ..CpuOptions::default()
+    };
+    let backend = CpuBackend::from_parts(Arc::clone(&file), &gguf, &opts).unwrap();
+    let mut engine = Engine::new(Box::new(backend), tok, Some(ChatTemplate::ChatMl));
+    let prompts = [
+        "Once upon a time, in a small village by the sea,",
+        "The history of the printing press",
+        "Ten facts about the ocean:",
+        "Dear diary, today",
+    ];
+    for (i, p) in prompts.iter().enumerate() {
+        let mut req = Request::new(Input::Text((*p).into()));
+        req.sampling = SamplerConfig {
+            temperature: [0.0, 0.7, 0.9, 1.1][i],
+            top_k: [1, 40, 0, 50][i],
+            repeat_penalty: [1.0, 1.1, 1.0, 1.2][i],
+            frequency_penalty: [0.0, 0.0, 0.3, 0.0][i],
+            seed: i as u64,
+            ..SamplerConfig::default()
+        };
+        req.max_tokens = Some(40);
+        req.stop = llama_tpu::engine::stop_strings(["never appears here \u{1f409}"]).unwrap();
+        engine.admit(req, None).unwrap();
+    }
+    let mut c = Counted {
+        pieces: [0; 4],
+        ended: [false; 4],
+        counts: Vec::with_capacity(100),
+    };
+    // Prompts and the first few tokens; then 30 steps of four decodes each.
+    for _ in 0..WARM_UP + 30 {
+        engine.step(&mut c).unwrap();
+    }
+    assert_eq!(
+        engine.active(),
+        4,
+        "all four still run (none ended early: {:?})",
+        c.ended
+    );
+    assert!(c.pieces.iter().all(|&p| p >= 25), "{:?}", c.pieces);
+    let grew = grew_after_warm_up(&c.counts);
+    assert_eq!(
+        grew,
+        0,
+        "{grew} allocations over {} steps of 4 tokens",
+        c.counts.len() - WARM_UP
+    );
 }
 
 /// Every weight type's kernels, as this machine chooses them (the numpy reference's toy
@@ -433,9 +516,13 @@ fn the_counter_sees_allocations() {
 }
 
 fn main() {
-    let tests: [(&str, fn()); 5] = [
+    let tests: [(&str, fn()); 6] = [
         ("the_counter_sees_allocations", the_counter_sees_allocations),
         ("decoding_a_token_allocates_nothing", decoding_a_token_allocates_nothing),
+        (
+            "decoding_four_requests_at_once_allocates_nothing",
+            decoding_four_requests_at_once_allocates_nothing,
+        ),
         (
             "decoding_every_weight_type_allocates_nothing",
             decoding_every_weight_type_allocates_nothing,
