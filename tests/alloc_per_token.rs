@@ -94,6 +94,7 @@ fn decoding_a_token_allocates_nothing() {
         stop: llama_tpu::engine::stop_strings(["never appears in this story \u{1f409}"]).unwrap(),
         deadline: None,
         drop_old_turns: false,
+        ignore_eos: false,
     };
     for round in 0..2 {
         let mut counts: Vec<usize> = Vec::with_capacity(1000);
@@ -279,6 +280,7 @@ fn decoding_a_token_on_the_tpu_allocates_nothing() {
             stop: Default::default(),
             deadline: None,
             drop_old_turns: false,
+            ignore_eos: false,
         };
         let mut counts: Vec<usize> = Vec::with_capacity(1000);
         let cancel = AtomicBool::new(false);

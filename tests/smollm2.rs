@@ -334,6 +334,7 @@ fn an_overlong_conversation_is_fitted_by_arithmetic() {
         let mut e = engine(context);
         let req = Request {
             drop_old_turns: true,
+            ignore_eos: false,
             ..greedy(Input::Chat(talk.clone()), 4)
         };
         let (_, s) = generate(&mut e, &req);

@@ -229,6 +229,22 @@ pub fn load_tokenizer(args: &ModelArgs, gguf: &Gguf) -> Result<Tokenizer, CliErr
     }
 }
 
+/// The tokenizer of a model alone: `--tokenizer`, else the GGUF's vocabulary (a bmodel holds
+/// none).
+///
+/// # Errors
+/// As for [`load_tokenizer`]; a bmodel without `--tokenizer` (2).
+pub fn model_tokenizer(args: &ModelArgs) -> Result<Tokenizer, CliError> {
+    match &args.tokenizer {
+        Some(p) => open_tokenizer(p),
+        None if args.backend == "sophon" => Err(CliError::new(
+            Exit::Usage,
+            "the sophon backend needs --tokenizer (a bmodel holds no vocabulary)",
+        )),
+        None => load_tokenizer(args, &open_gguf(&args.model)?.gguf),
+    }
+}
+
 /// The backends `--backend` accepts.
 pub const BACKENDS: [&str; 2] = ["cpu", "sophon"];
 

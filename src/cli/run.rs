@@ -92,6 +92,7 @@ pub(super) fn run(a: &RunArgs) -> Result<(), CliError> {
             .map_err(|e| CliError::new(Exit::Usage, format!("--stop: {e}")))?,
         deadline: None,
         drop_old_turns: false,
+        ignore_eos: false,
     };
 
     // Ctrl-C ends the generation (reason "cancelled"); a second one exits at once.

@@ -51,6 +51,10 @@ pub struct Request {
     /// turns (a leading system message stays) until it does, and count them in the summary.
     /// Without it such a prompt is refused ([`EngineError::PromptTooLong`]).
     pub drop_old_turns: bool,
+    /// Never end on an end-of-generation token: they are masked out of the host's choice
+    /// (llama.cpp's `ignore_eos`; benchmarks use it for answers of a known length). One the
+    /// chip picks anyway is run like any other token.
+    pub ignore_eos: bool,
 }
 
 impl Request {
@@ -63,6 +67,7 @@ impl Request {
             stop: StopStrings::new(),
             deadline: None,
             drop_old_turns: false,
+            ignore_eos: false,
         }
     }
 }
@@ -599,7 +604,16 @@ impl Engine {
         }
         let token = match device_token {
             Some(t) => t,
-            None => slot.sampler.sample(&mut slot.logits),
+            None => {
+                if run.request.ignore_eos {
+                    for &t in self.tokenizer.eog_tokens() {
+                        if let Some(l) = slot.logits.get_mut(t as usize) {
+                            *l = f32::NEG_INFINITY;
+                        }
+                    }
+                }
+                slot.sampler.sample(&mut slot.logits)
+            }
         };
         slot.sampler.accept(token);
         if run.first_token_at.is_none() {
@@ -607,7 +621,7 @@ impl Engine {
             run.summary.time_to_first_token = now - run.started;
             run.first_token_at = Some(now);
         }
-        if self.tokenizer.is_eog(token) {
+        if self.tokenizer.is_eog(token) && !run.request.ignore_eos {
             return Some(FinishReason::Eos);
         }
         run.summary.completion_tokens += 1;

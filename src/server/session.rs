@@ -402,6 +402,7 @@ impl Session {
             stop,
             deadline: None,
             drop_old_turns,
+            ignore_eos: false,
         };
         let cancel = Arc::new(AtomicBool::new(false));
         let done = Arc::clone(&reply.done);

@@ -788,6 +788,7 @@ impl Connection {
                 stop: api.stop,
                 deadline: None,
                 drop_old_turns: api.drop_old_turns,
+                ignore_eos: api.ignore_eos,
             },
             time_limit: defaults.request_timeout,
             cancel: Arc::clone(&cancel),

@@ -41,6 +41,9 @@ pub struct ApiRequest {
     /// The daemon's `drop_old_turns` (an extension field): a chat that outgrows the context
     /// loses its oldest turns instead of being refused.
     pub drop_old_turns: bool,
+    /// llama.cpp's `ignore_eos` (an extension field): generate `max_tokens`, never ending on
+    /// an end-of-generation token.
+    pub ignore_eos: bool,
     /// Fields that were ignored, for the log (`messages[2].foo` inside messages).
     pub ignored: Vec<String>,
 }
@@ -93,6 +96,7 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, HttpError> {
     let mut stream = false;
     let mut stream_options = None;
     let mut drop_old_turns = false;
+    let mut ignore_eos = false;
     let mut ignored = Vec::new();
     for (key, value) in obj {
         let is_null = value.is_null();
@@ -147,6 +151,8 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, HttpError> {
                     .as_bool()
                     .ok_or_else(|| invalid("drop_old_turns", "true or false"))?
             }
+            (_, "ignore_eos") if is_null => {}
+            (_, "ignore_eos") => ignore_eos = value.as_bool().ok_or_else(|| invalid("ignore_eos", "true or false"))?,
             // Features the daemon does not have: accepted only in their "off" spelling.
             (_, name) if UNSUPPORTED.contains(&name) => {
                 let off = is_null
@@ -184,6 +190,7 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, HttpError> {
         stream,
         include_usage,
         drop_old_turns,
+        ignore_eos,
         ignored,
     })
 }

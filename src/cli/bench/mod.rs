@@ -1,5 +1,7 @@
 //! `llama-tpu bench`: prompt processing and generation speed, like llama.cpp's llama-bench.
 
+mod parallel;
+
 use std::time::Instant;
 
 use clap::Args;
@@ -22,6 +24,14 @@ pub struct BenchArgs {
     /// Repetitions; the median is reported.
     #[arg(short = 'r', long, default_value_t = 5)]
     repetitions: usize,
+    /// Instead of the tests above: N requests at once (comma-separated, e.g. 1,2,4,8), each a
+    /// prompt of --parallel-prompt tokens and -n generated tokens; prints the aggregate
+    /// generation speed and the time to first token of a request arriving while N-1 stream.
+    #[arg(long, value_name = "N[,N..]", value_delimiter = ',')]
+    parallel: Vec<usize>,
+    /// Prompt length of each request of --parallel.
+    #[arg(long, default_value_t = 64)]
+    parallel_prompt: usize,
 }
 
 /// The backend to measure, what to call its parallelism in the table, and the CPU kernels'
@@ -29,6 +39,10 @@ pub struct BenchArgs {
 type Measured = (Box<dyn Backend>, String, Option<&'static str>);
 
 fn open_backend(a: &BenchArgs) -> Result<Measured, CliError> {
+    open_backend_with(a, 1, a.model.ctx_size.unwrap_or(a.n_prompt.max(a.n_gen).max(1)))
+}
+
+fn open_backend_with(a: &BenchArgs, slots: usize, context: usize) -> Result<Measured, CliError> {
     if a.model.backend == "sophon" {
         // Random ids need the vocabulary size, which a bmodel whose lm_head returns a token
         // does not tell: --tokenizer gives it.
@@ -47,10 +61,10 @@ fn open_backend(a: &BenchArgs) -> Result<Measured, CliError> {
         return Ok((Box::new(backend), devices, None));
     }
     let opened = open_gguf(&a.model.model)?;
-    let context = a.model.ctx_size.unwrap_or(a.n_prompt.max(a.n_gen).max(1));
     let opts = CpuOptions {
         threads: a.model.threads,
         context: Some(context),
+        slots,
         ..CpuOptions::default()
     };
     let backend = CpuBackend::from_parts(opened.file.clone(), &opened.gguf, &opts)
@@ -61,6 +75,9 @@ fn open_backend(a: &BenchArgs) -> Result<Measured, CliError> {
 }
 
 pub(super) fn bench(a: &BenchArgs) -> Result<(), CliError> {
+    if !a.parallel.is_empty() {
+        return parallel::bench(a);
+    }
     let (mut backend, threads, kernels) = open_backend(a)?;
     let vocab = backend.info().vocab_size as u32;
     // A TPU bmodel holds SEQLEN tokens: longer tests are cut to it, and say so.
