@@ -88,11 +88,14 @@ fn follows_the_cpu_backend(bmodel: &str, gguf: &str, tolerance: f32) {
     )
     .unwrap();
     // Logits back (host picking over the whole vocabulary): the comparison is on them.
-    tpu.configure_sampling(&SamplerConfig {
-        temperature: 0.8,
-        top_k: 0,
-        ..SamplerConfig::default()
-    })
+    tpu.configure_sampling(
+        0,
+        &SamplerConfig {
+            temperature: 0.8,
+            top_k: 0,
+            ..SamplerConfig::default()
+        },
+    )
     .unwrap();
     assert_eq!(tpu.token_picker(), Picker::Host);
 

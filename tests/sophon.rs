@@ -123,7 +123,7 @@ const PROMPT: [u32; 5] = [256, 72, 101, 108, 108];
 /// Prefill then teacher-forced greedy decoding to `until` positions, comparing every step;
 /// returns the worst distance.
 fn greedy_run(p: &mut Pair, until: usize) -> f32 {
-    p.tpu.configure_sampling(&greedy()).unwrap();
+    p.tpu.configure_sampling(0, &greedy()).unwrap();
     let c = logits(p.cpu.prefill(&PROMPT, 0).unwrap());
     let mut worst = distance(p.tpu.prefill(&PROMPT, 0).unwrap(), &c);
     let mut t = argmax(&c);
@@ -284,7 +284,7 @@ fn continue_conversation(p: &mut Pair, cached: usize, more: usize, route: Route)
     let text: Vec<u32> = (0..cached + more).map(|i| 60 + (i as u32 * 7) % 60).collect();
     p.tpu.reset();
     p.cpu.reset();
-    p.tpu.configure_sampling(&host_sampling()).unwrap();
+    p.tpu.configure_sampling(0, &host_sampling()).unwrap();
     assert_eq!(p.tpu.token_picker(), Picker::Host);
     let a = p.tpu.prefill(&text[..cached], 0).unwrap();
     let b = logits(p.cpu.prefill(&text[..cached], 0).unwrap());
@@ -351,7 +351,7 @@ fn greedy_heads_give_the_cpus_tokens() {
         ("toy_llmtpu_f16.bmodel", "toy_kv4.gguf"),
     ] {
         let mut p = pair(bmodel, gguf, F16_TOLERANCE);
-        p.tpu.configure_sampling(&greedy()).unwrap();
+        p.tpu.configure_sampling(0, &greedy()).unwrap();
         assert_eq!(p.tpu.token_picker(), Picker::Greedy, "{bmodel}");
         let mut t = token(p.tpu.prefill(&PROMPT, 0).unwrap());
         let mut c = argmax(&logits(p.cpu.prefill(&PROMPT, 0).unwrap()));
@@ -444,7 +444,7 @@ fn sampling_head_matches_its_model(bmodel: &str, gguf: &str, head_k: usize) {
         frequency_penalty: 0.0,
         presence_penalty: 0.0,
     };
-    p.tpu.configure_sampling(&cfg).unwrap();
+    p.tpu.configure_sampling(0, &cfg).unwrap();
     p.tpu.record_logits();
     assert_eq!(p.tpu.token_picker(), Picker::Sample, "{bmodel}");
     let mut seen: Vec<u32> = PROMPT.to_vec();
@@ -568,7 +568,7 @@ fn each_request_runs_where_it_is_honoured_exactly() {
     let mut p = pair("toy_conv_f16_sample.bmodel", "toy_kv2.gguf", F16_TOLERANCE);
     p.tpu.record_logits();
     for (what, cfg, want) in cases {
-        p.tpu.configure_sampling(&cfg).unwrap();
+        p.tpu.configure_sampling(0, &cfg).unwrap();
         assert_eq!(p.tpu.token_picker(), want, "{what}");
         let next = p.tpu.prefill(&PROMPT, 0).unwrap();
         if want == Picker::Sample {
@@ -603,10 +603,10 @@ fn the_penalty_window_is_rebuilt_from_each_prompt() {
     let second = [256, 72, 101, 108, 111];
     let mut p = pair("toy_llmtpu_f16.bmodel", "toy_kv4.gguf", F16_TOLERANCE);
     p.tpu.record_logits();
-    p.tpu.configure_sampling(&cfg).unwrap();
+    p.tpu.configure_sampling(0, &cfg).unwrap();
     assert_eq!(p.tpu.token_picker(), Picker::Sample);
     p.tpu.prefill(&first, 0).unwrap();
-    p.tpu.configure_sampling(&cfg).unwrap();
+    p.tpu.configure_sampling(0, &cfg).unwrap();
     p.tpu.prefill(&second, 0).unwrap();
     let logits = p.tpu.recorded_logits().to_vec();
     let (want_probs, want_ids) = numpy_head(&logits, &second, &cfg, 50);
@@ -636,7 +636,7 @@ fn sampling_on_the_chip_is_seeded() {
             seed,
             ..SamplerConfig::default()
         };
-        p.tpu.configure_sampling(&cfg).unwrap();
+        p.tpu.configure_sampling(0, &cfg).unwrap();
         assert_eq!(p.tpu.token_picker(), Picker::Sample);
         let mut t = token(p.tpu.prefill(&PROMPT, 0).unwrap());
         let mut out = vec![t];
@@ -745,7 +745,7 @@ fn a_decoded_token_makes_no_device_copy_and_moves_only_what_changes() {
         let vocab = p.tpu.info().vocab_size as u64;
         for (cfg, expected) in configs {
             p.tpu.reset();
-            p.tpu.configure_sampling(&cfg).unwrap();
+            p.tpu.configure_sampling(0, &cfg).unwrap();
             let picker = p.tpu.token_picker();
             assert_eq!(picker, expected, "{bmodel}: {cfg:?}");
             let head = u64::from(matches!(picker, Picker::Greedy | Picker::Sample));
@@ -953,7 +953,7 @@ fn long_prompt() -> Vec<u32> {
 /// (host picker: the logits come back): the worst difference, and how many of the steps'
 /// greedy tokens agree.
 fn w4_run(p: &mut Pair, steps: usize) -> (f32, usize) {
-    p.tpu.configure_sampling(&host_sampling()).unwrap();
+    p.tpu.configure_sampling(0, &host_sampling()).unwrap();
     assert_eq!(p.tpu.token_picker(), Picker::Host);
     let prompt = long_prompt();
     let c = logits(p.cpu.prefill(&prompt, 0).unwrap());

@@ -222,18 +222,18 @@ pub trait Backend: Send {
     /// Forgets the KV cache contents (a new conversation).
     fn reset(&mut self);
 
-    /// The sampling settings of the next generation, for a backend that can pick tokens
-    /// itself (on-chip heads). One that cannot ignores them and returns logits.
+    /// The sampling settings of slot `slot`'s next generation, for a backend that can pick
+    /// tokens itself (on-chip heads). One that cannot ignores them and returns logits.
     ///
     /// # Errors
     /// The settings cannot be passed to the device.
-    fn configure_sampling(&mut self, _cfg: &SamplerConfig) -> Result<(), BackendError> {
+    fn configure_sampling(&mut self, _slot: usize, _cfg: &SamplerConfig) -> Result<(), BackendError> {
         Ok(())
     }
 
-    /// What picked the last token: `host` (the caller sampled the logits), or an on-chip
+    /// What picks slot `slot`'s tokens: `host` (the caller samples the logits), or an on-chip
     /// picker (`lm_head`, `greedy_head`, `sample_head`).
-    fn picker(&self) -> &'static str {
+    fn picker(&self, _slot: usize) -> &'static str {
         "host"
     }
 

@@ -814,7 +814,7 @@ fn check_run(backend: &mut crate::backend::sophon::SophonBackend, t: &Tokenizer,
     let started = Instant::now();
     let result = (|| -> Result<(std::time::Duration, std::time::Duration, Vec<u32>), crate::backend::BackendError> {
         backend.reset();
-        backend.configure_sampling(&greedy)?;
+        backend.configure_sampling(0, &greedy)?;
         let mut token = argmax(backend.prefill(&prompt, 0)?);
         let ttft = started.elapsed();
         let mut tokens = vec![token];
@@ -834,7 +834,7 @@ fn check_run(backend: &mut crate::backend::sophon::SophonBackend, t: &Tokenizer,
                  ({}): {text:?}{}",
                 prompt.len(),
                 ttft.as_secs_f64() * 1000.0,
-                backend.picker(),
+                backend.picker(0),
                 if simulator {
                     " (the simulator: its timings mean nothing)"
                 } else {

@@ -295,6 +295,8 @@ pub struct Engine {
     slots: Vec<Slot>,
     /// Counts admissions, for least-recently-used order.
     clock: u64,
+    /// The slot of the request admitted last.
+    last_admitted: usize,
     /// The tokens and spans of the step being built (capacity for a full one, made once).
     step_tokens: Vec<u32>,
     step_spans: Vec<Span>,
@@ -323,6 +325,7 @@ impl Engine {
             step_spans: Vec::with_capacity(slots.len()),
             slots,
             clock: 0,
+            last_admitted: 0,
             backend,
             tokenizer: Arc::new(tokenizer),
             template,
@@ -349,10 +352,10 @@ impl Engine {
         self.template
     }
 
-    /// What picked the last request's tokens (the backend's answer: `host`, or an on-chip
-    /// head).
+    /// What picks the tokens of the request admitted last (the backend's answer: `host`, or
+    /// an on-chip head).
     pub fn picker(&self) -> &'static str {
-        self.backend.picker()
+        self.backend.picker(self.last_admitted)
     }
 
     /// KV caches held.
@@ -442,8 +445,9 @@ impl Engine {
             slots::choose(&views, &prompt, affinity)
         };
         let i = chosen.ok_or(EngineError::Busy)?;
-        self.backend.configure_sampling(&request.sampling)?;
+        self.backend.configure_sampling(i, &request.sampling)?;
         self.clock += 1;
+        self.last_admitted = i;
         let slot = &mut self.slots[i];
         // Reuse the cached prefix; at least the last prompt token is recomputed for its logits.
         let reuse = slots::common_prefix(&slot.cached, &prompt).min(prompt.len() - 1);
@@ -464,7 +468,7 @@ impl Engine {
                 prompt_time: Duration::ZERO,
                 time_to_first_token: Duration::ZERO,
                 generation_time: Duration::ZERO,
-                picker: self.backend.picker(),
+                picker: self.backend.picker(i),
             },
             request,
             prompt,

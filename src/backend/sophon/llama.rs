@@ -1160,7 +1160,7 @@ impl Backend for SophonBackend {
         Some(self.loaded.traffic())
     }
 
-    fn picker(&self) -> &'static str {
+    fn picker(&self, _slot: usize) -> &'static str {
         match self.picker {
             Picker::Host => "host",
             Picker::LmHead => "lm_head",
@@ -1175,7 +1175,7 @@ impl Backend for SophonBackend {
         }
     }
 
-    fn configure_sampling(&mut self, cfg: &SamplerConfig) -> Result<(), BackendError> {
+    fn configure_sampling(&mut self, _slot: usize, cfg: &SamplerConfig) -> Result<(), BackendError> {
         self.picker = if self.layout.lm_head == LmHeadOutput::Token {
             if !cfg.is_greedy() {
                 log::warn!(

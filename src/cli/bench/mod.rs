@@ -110,7 +110,7 @@ pub(super) fn bench(a: &BenchArgs) -> Result<(), CliError> {
         temperature: 0.0,
         ..crate::sampler::SamplerConfig::default()
     };
-    backend.configure_sampling(&greedy).map_err(fail)?;
+    backend.configure_sampling(0, &greedy).map_err(fail)?;
     // What one prompt and one decoded token ask of the accelerator (TPU backend).
     let mut per_prompt = None;
     let mut per_token = None;
