@@ -7,7 +7,8 @@ use std::time::Duration;
 use log::LevelFilter;
 use serde::Deserialize;
 
-use super::{CliError, Exit, ModelArgs, DEFAULT_MODEL};
+use super::{CliError, Exit, DEFAULT_MODEL};
+use crate::engine::load::ModelSettings;
 use crate::sampler::SamplerConfig;
 use crate::server::http::conn::HttpListener;
 use crate::server::http::head::Policy;
@@ -388,9 +389,9 @@ impl Config {
         })
     }
 
-    /// The model options for [`super::load_engine`].
-    pub fn model_args(&self) -> ModelArgs {
-        ModelArgs {
+    /// The model settings for [`crate::engine::load::load_engine`].
+    pub fn model_settings(&self) -> ModelSettings {
+        ModelSettings {
             model: self.model.clone().unwrap_or_else(|| DEFAULT_MODEL.into()),
             backend: self.backend.clone(),
             sophon_lib: self.sophon_lib.clone(),

@@ -15,6 +15,7 @@ use clap::Args;
 use super::{CliError, Exit, ModelArgs};
 use crate::backend::sophon::ffi::{self, Runtime, StatAnswer, MIN_LIBSOPHON};
 use crate::backend::{Backend, Next};
+use crate::engine::load::{open_sophon, LoadFailure};
 use crate::tokenizer::Tokenizer;
 
 /// Arguments of `doctor`.
@@ -157,12 +158,12 @@ fn check(a: &DoctorArgs, r: &mut Report) {
         .as_ref()
         .and_then(|t| t.as_ref().ok())
         .map(Tokenizer::vocab_size);
-    let mut backend = match super::open_sophon(&a.model, hint) {
+    let mut backend = match open_sophon(&a.model.settings(), hint) {
         Ok(b) => b,
         Err(e) => {
             let todo = if e.message.contains("bm_malloc_device_byte") {
                 format!("too little device memory: {}", MEMORY_TODO)
-            } else if e.exit == Exit::BadModel {
+            } else if e.failure == LoadFailure::BadModel {
                 "a bmodel outside the Llama contract: see docs/tpu.md, Which bmodels run (compile it with \
                  tpu-mlir's llm_convert.py)"
                     .to_string()

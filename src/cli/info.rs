@@ -6,7 +6,8 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::{choose_template, open_gguf, CliError, Exit};
+use super::{CliError, Exit};
+use crate::engine::load::{choose_template, open_gguf};
 use crate::model::gguf::Value;
 use crate::model::LlamaConfig;
 use crate::tokenizer::Tokenizer;

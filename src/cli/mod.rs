@@ -1,5 +1,6 @@
 //! The `llama-tpu` command line. Each subcommand has its own file (`serve` the daemon, `ask`
-//! and `chat` its clients); this one holds the shared options, model loading and the exit codes.
+//! and `chat` its clients); this one holds the shared options and the exit codes. Engines are
+//! assembled by [`crate::engine::load`] from the options' [`ModelSettings`].
 
 mod bench;
 mod client;
@@ -11,20 +12,12 @@ mod serve;
 mod tokenize;
 
 use std::fmt;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::backend::cpu::{CpuBackend, CpuOptions};
-use crate::backend::{Backend, BackendError};
-use crate::chat::ChatTemplate;
-use crate::engine::Engine;
-use crate::model::{Gguf, MappedFile};
-use crate::tokenizer::Tokenizer;
-
-/// The embedded default model, fetched by `make model`.
-pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+pub use crate::engine::load::DEFAULT_MODEL;
+use crate::engine::load::{LoadError, LoadFailure, ModelSettings};
 
 /// Exit codes (sysexits.h values where one fits), documented in the README.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +63,20 @@ impl CliError {
 impl fmt::Display for CliError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.message)
+    }
+}
+
+/// A model that did not load exits with the code of its cause.
+impl From<LoadError> for CliError {
+    fn from(e: LoadError) -> CliError {
+        let exit = match e.failure {
+            LoadFailure::NoInput => Exit::NoInput,
+            LoadFailure::BadModel => Exit::BadModel,
+            LoadFailure::Unavailable => Exit::Unavailable,
+            LoadFailure::Usage => Exit::Usage,
+            LoadFailure::Config => Exit::Config,
+        };
+        CliError::new(exit, e.message)
     }
 }
 
@@ -145,6 +152,24 @@ pub struct ModelArgs {
     pub slots: Option<usize>,
 }
 
+impl ModelArgs {
+    /// The settings these options load a model with.
+    pub fn settings(&self) -> ModelSettings {
+        ModelSettings {
+            model: self.model.clone(),
+            backend: self.backend.clone(),
+            sophon_lib: self.sophon_lib.clone(),
+            devices: self.devices.clone(),
+            embedding_table: self.embedding_table.clone(),
+            threads: self.threads,
+            ctx_size: self.ctx_size,
+            tokenizer: self.tokenizer.clone(),
+            chat_template: self.chat_template.clone(),
+            slots: self.slots,
+        }
+    }
+}
+
 /// `--slots`: 1 to [`crate::engine::MAX_SLOTS`].
 fn slots_in_range(s: &str) -> Result<usize, String> {
     let n: usize = s.parse().map_err(|e| format!("{e}"))?;
@@ -152,60 +177,6 @@ fn slots_in_range(s: &str) -> Result<usize, String> {
         return Err(format!("from 1 to {}", crate::engine::MAX_SLOTS));
     }
     Ok(n)
-}
-
-/// A mapped and parsed GGUF.
-pub struct OpenedModel {
-    /// The mapping.
-    pub file: Arc<MappedFile>,
-    /// The parsed header.
-    pub gguf: Gguf,
-}
-
-/// Maps and parses a GGUF, with errors that name the file.
-///
-/// # Errors
-/// Missing file (66) or malformed content (65).
-pub fn open_gguf(path: &Path) -> Result<OpenedModel, CliError> {
-    let file = MappedFile::open(path).map_err(|e| {
-        let hint = if path == Path::new(DEFAULT_MODEL) {
-            " (run `make model` to fetch the default model)"
-        } else {
-            ""
-        };
-        CliError::new(Exit::NoInput, format!("{}: cannot open: {e}{hint}", path.display()))
-    })?;
-    let gguf = Gguf::parse(&file).map_err(|e| CliError::new(Exit::BadModel, format!("{}: {e}", path.display())))?;
-    Ok(OpenedModel {
-        file: Arc::new(file),
-        gguf,
-    })
-}
-
-/// The chat template: `--chat-template`, else recognized from the GGUF.
-///
-/// # Errors
-/// An unknown template name (the message lists the known ones).
-pub fn choose_template(name: Option<&str>, gguf: Option<&Gguf>) -> Result<Option<ChatTemplate>, CliError> {
-    if let Some(n) = name {
-        return n
-            .parse::<ChatTemplate>()
-            .map(Some)
-            .map_err(|e| CliError::new(Exit::Usage, e.to_string()));
-    }
-    let jinja = gguf.and_then(|g| g.str_opt("tokenizer.chat_template").ok().flatten());
-    Ok(jinja.and_then(ChatTemplate::detect))
-}
-
-/// A `--tokenizer` file: one that cannot be opened is 66, one that does not parse 65.
-fn open_tokenizer(path: &std::path::Path) -> Result<Tokenizer, CliError> {
-    if let Err(e) = std::fs::File::open(path) {
-        return Err(CliError::new(
-            Exit::NoInput,
-            format!("{}: cannot open the tokenizer: {e}", path.display()),
-        ));
-    }
-    Tokenizer::from_file(path).map_err(|e| CliError::new(Exit::BadModel, e.to_string()))
 }
 
 /// `--threads`: 0 (all cores) to [`config::MAX_THREADS`].
@@ -217,182 +188,8 @@ fn threads_in_range(s: &str) -> Result<usize, String> {
     Ok(n)
 }
 
-/// Loads the tokenizer for a model.
-///
-/// # Errors
-/// Unreadable or inconsistent tokenizer data (65 or 66).
-pub fn load_tokenizer(args: &ModelArgs, gguf: &Gguf) -> Result<Tokenizer, CliError> {
-    match &args.tokenizer {
-        Some(p) => open_tokenizer(p),
-        None => Tokenizer::from_gguf(gguf)
-            .map_err(|e| CliError::new(Exit::BadModel, format!("{}: {e}", args.model.display()))),
-    }
-}
-
-/// The tokenizer of a model alone: `--tokenizer`, else the GGUF's vocabulary (a bmodel holds
-/// none).
-///
-/// # Errors
-/// As for [`load_tokenizer`]; a bmodel without `--tokenizer` (2).
-pub fn model_tokenizer(args: &ModelArgs) -> Result<Tokenizer, CliError> {
-    match &args.tokenizer {
-        Some(p) => open_tokenizer(p),
-        None if args.backend == "sophon" => Err(CliError::new(
-            Exit::Usage,
-            "the sophon backend needs --tokenizer (a bmodel holds no vocabulary)",
-        )),
-        None => load_tokenizer(args, &open_gguf(&args.model)?.gguf),
-    }
-}
-
 /// The backends `--backend` accepts.
 pub const BACKENDS: [&str; 2] = ["cpu", "sophon"];
-
-/// Loads model, tokenizer, template and backend into an engine.
-///
-/// # Errors
-/// As for the pieces.
-pub fn load_engine(args: &ModelArgs) -> Result<Engine, CliError> {
-    if args.backend == "sophon" {
-        return load_sophon(args);
-    }
-    let opened = open_gguf(&args.model)?;
-    let template = choose_template(args.chat_template.as_deref(), Some(&opened.gguf))?;
-    // The model first: "unsupported architecture" says more than a missing tokenizer key.
-    let backend = load_cpu(args, &opened)?;
-    let tokenizer = load_tokenizer(args, &opened.gguf)?;
-    Ok(Engine::new(Box::new(backend), tokenizer, template))
-}
-
-/// Opens `--model` on the TPU with exit codes by cause: no runtime or device 69, a bmodel
-/// that does not load or fit 65.
-///
-/// # Errors
-/// As said.
-pub fn open_sophon(
-    args: &ModelArgs,
-    vocab_hint: Option<usize>,
-) -> Result<crate::backend::sophon::SophonBackend, CliError> {
-    use crate::backend::sophon::{SophonBackend, SophonError, SophonOptions};
-    let unfinished = std::sync::Arc::clone(crate::backend::sophon::device::unfinished_call());
-    if let Err(e) = crate::sys::signals::exit_on_abort_while(unfinished, Exit::Unavailable as i32) {
-        log::warn!("cannot watch for the vendor runtime's aborts: {e}");
-    }
-    if let Err(e) = std::fs::metadata(&args.model) {
-        return Err(CliError::new(
-            Exit::NoInput,
-            format!("{}: cannot open: {e}", args.model.display()),
-        ));
-    }
-    let opts = SophonOptions {
-        lib_dir: args.sophon_lib.clone(),
-        devices: args.devices.clone(),
-        vocab_hint,
-        embedding_table: args.embedding_table.clone(),
-    };
-    let name = args.model.display();
-    SophonBackend::open(&args.model, &opts).map_err(|e| match e {
-        SophonError::Runtime(m) => CliError::new(Exit::Unavailable, m),
-        SophonError::Contract(c) => CliError::new(Exit::BadModel, format!("{name}: {c}")),
-        SophonError::Device(
-            d @ BackendError::Device {
-                call: "bmrt_load_bmodel",
-                ..
-            },
-        ) => CliError::new(Exit::BadModel, format!("{name}: {d}")),
-        SophonError::Device(d) => CliError::new(Exit::Unavailable, format!("{name}: {d}")),
-    })
-}
-
-/// A bmodel on the TPU: the tokenizer comes from `--tokenizer` (a bmodel holds no
-/// vocabulary), the chat template from `--chat-template`, the `tokenizer_config.json` beside
-/// the tokenizer (as Hugging Face ships them), or Llama-2's for a bare `tokenizer.model`.
-fn load_sophon(args: &ModelArgs) -> Result<Engine, CliError> {
-    let Some(tokenizer_path) = &args.tokenizer else {
-        return Err(CliError::new(
-            Exit::Usage,
-            "the sophon backend needs --tokenizer tokenizer.json or tokenizer.model (a bmodel holds no vocabulary)",
-        ));
-    };
-    let tokenizer = open_tokenizer(tokenizer_path)?;
-    let template = match &args.chat_template {
-        Some(_) => choose_template(args.chat_template.as_deref(), None)?,
-        None => tokenizer_path
-            .parent()
-            .and_then(|dir| std::fs::read_to_string(dir.join("tokenizer_config.json")).ok())
-            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
-            .and_then(|v| {
-                v.get("chat_template")
-                    .and_then(|t| t.as_str())
-                    .and_then(ChatTemplate::detect)
-            })
-            // A bare SentencePiece tokenizer.model is what the Llama-2 demos ship: its chat
-            // format is Llama-2's.
-            .or_else(|| {
-                (tokenizer.kind() == crate::tokenizer::VocabKind::SentencePiece
-                    && tokenizer_path.extension().is_some_and(|e| e == "model"))
-                .then_some(ChatTemplate::Llama2)
-            }),
-    };
-    let backend = open_sophon(args, Some(tokenizer.vocab_size()))?;
-    let name = args.model.display();
-    let vocab = backend.info().vocab_size;
-    if tokenizer.vocab_size() > vocab {
-        return Err(CliError::new(
-            Exit::BadModel,
-            format!(
-                "{}: {} tokens, but {name} has logits for {vocab}: not this model's tokenizer",
-                tokenizer_path.display(),
-                tokenizer.vocab_size()
-            ),
-        ));
-    }
-    Ok(Engine::new(Box::new(backend), tokenizer, template))
-}
-
-fn load_cpu(args: &ModelArgs, opened: &OpenedModel) -> Result<CpuBackend, CliError> {
-    let mut opts = CpuOptions {
-        threads: args.threads,
-        context: args.ctx_size,
-        slots: 1,
-        ..CpuOptions::default()
-    };
-    let per_slot = CpuBackend::kv_bytes_per_slot(&opened.gguf, &opts)
-        .map_err(|e| CliError::new(Exit::BadModel, format!("{}: {e}", args.model.display())))?;
-    let available = crate::sys::memory::available_bytes();
-    opts.slots = match args.slots {
-        Some(n) => {
-            let need = per_slot.saturating_mul(n as u64);
-            if let Some(free) = available.filter(|&free| need > free) {
-                return Err(CliError::new(
-                    Exit::Config,
-                    format!(
-                        "{n} slots need {} MiB of KV cache ({} MiB each), but {} MiB of memory is available: choose fewer slots or a shorter ctx_size",
-                        need >> 20,
-                        per_slot >> 20,
-                        free >> 20
-                    ),
-                ));
-            }
-            n
-        }
-        // As many as half the available memory holds, up to the default; at least one.
-        None => available.map_or(DEFAULT_SLOTS, |free| {
-            ((free / 2) / per_slot.max(1)).clamp(1, DEFAULT_SLOTS as u64) as usize
-        }),
-    };
-    log::info!(
-        "{} slots of {} MiB KV cache each ({} MiB of memory available)",
-        opts.slots,
-        per_slot >> 20,
-        available.map_or_else(|| "unknown".to_string(), |a| (a >> 20).to_string())
-    );
-    CpuBackend::from_parts(Arc::clone(&opened.file), &opened.gguf, &opts)
-        .map_err(|e| CliError::new(Exit::BadModel, format!("{}: {e}", args.model.display())))
-}
-
-/// Slots `serve` holds when not told: four conversations at once (llama-server's `-np 4`).
-pub const DEFAULT_SLOTS: usize = 4;
 
 /// Longest text read from stdin (64 MiB): far beyond any context, small enough to refuse a
 /// runaway pipe before it eats memory.

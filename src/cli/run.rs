@@ -6,8 +6,9 @@ use std::sync::Arc;
 
 use clap::Args;
 
-use super::{load_engine, text_or_stdin, CliError, Exit, ModelArgs};
+use super::{text_or_stdin, CliError, Exit, ModelArgs};
 use crate::chat::{Message, Role};
+use crate::engine::load::load_engine;
 use crate::engine::{Input, Request};
 use crate::sampler::SamplerConfig;
 
@@ -71,7 +72,7 @@ pub(super) fn run(a: &RunArgs) -> Result<(), CliError> {
     };
     sampling.validate().map_err(|e| CliError::new(Exit::Usage, e))?;
     // One request: one slot, unless asked.
-    let mut model = a.model.clone();
+    let mut model = a.model.settings();
     model.slots = model.slots.or(Some(1));
     let mut engine = load_engine(&model)?;
     let input = if a.chat {

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use clap::Args;
 
 use super::config::Config;
-use super::{load_engine, CliError, Exit};
+use super::{CliError, Exit};
+use crate::engine::load::load_engine;
 use crate::server::shared::{ModelFacts, Shared};
 use crate::server::unix::Listener;
 use crate::server::{Server, Transports};
@@ -264,15 +265,15 @@ pub(super) fn serve(a: &ServeArgs) -> Result<(), CliError> {
     let (tx, rx) = mpsc::channel::<Event>();
     signals::forward(tx.clone())
         .map_err(|e| CliError::new(Exit::Failure, format!("cannot install signal handlers: {e}")))?;
-    let model_args = config.model_args();
-    notifier.status(&format!("loading {}", model_args.model.display()));
-    log::info!("loading {}", model_args.model.display());
-    let loading = model_args.clone();
+    let model_settings = config.model_settings();
+    notifier.status(&format!("loading {}", model_settings.model.display()));
+    log::info!("loading {}", model_settings.model.display());
+    let loading = model_settings.clone();
     std::thread::Builder::new()
         .name("load".into())
         .spawn(move || {
             crate::faults::slow_load();
-            let _ = tx.send(Event::Loaded(Box::new(load_engine(&loading))));
+            let _ = tx.send(Event::Loaded(Box::new(load_engine(&loading).map_err(CliError::from))));
         })
         .map_err(|e| CliError::new(Exit::Failure, format!("cannot start the loading thread: {e}")))?;
     let mut reload_pending = false;
@@ -295,8 +296,8 @@ pub(super) fn serve(a: &ServeArgs) -> Result<(), CliError> {
     };
     let info = engine.info().clone();
     let facts = ModelFacts {
-        model: model_args.model.file_name().map_or_else(
-            || model_args.model.display().to_string(),
+        model: model_settings.model.file_name().map_or_else(
+            || model_settings.model.display().to_string(),
             |n| n.to_string_lossy().into_owned(),
         ),
         backend: info.backend.to_string(),

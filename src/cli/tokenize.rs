@@ -2,7 +2,8 @@
 
 use clap::Args;
 
-use super::{load_tokenizer, open_gguf, text_or_stdin, CliError, Exit, ModelArgs};
+use super::{text_or_stdin, CliError, Exit, ModelArgs};
+use crate::engine::load::{load_tokenizer, open_gguf};
 
 /// Arguments of `tokenize`.
 #[derive(Debug, Args)]
@@ -26,13 +27,13 @@ pub struct TokenizeArgs {
 pub(super) fn tokenize(a: &TokenizeArgs) -> Result<(), CliError> {
     if let Some(path) = &a.write_json {
         let opened = open_gguf(&a.model.model)?;
-        let tok = load_tokenizer(&a.model, &opened.gguf)?;
+        let tok = load_tokenizer(&a.model.settings(), &opened.gguf)?;
         let json = tok.to_json().map_err(|e| CliError::new(Exit::Failure, e.to_string()))?;
         return std::fs::write(path, json).map_err(|e| CliError::new(Exit::Io, format!("{}: {e}", path.display())));
     }
     let text = text_or_stdin(a.text.as_deref())?;
     let opened = open_gguf(&a.model.model)?;
-    let tok = load_tokenizer(&a.model, &opened.gguf)?;
+    let tok = load_tokenizer(&a.model.settings(), &opened.gguf)?;
     let ids = tok
         .encode(&text, !a.no_bos)
         .map_err(|e| CliError::new(Exit::Failure, e.to_string()))?;

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub mod load;
 pub mod slots;
 
 use crate::backend::{Backend, BackendError, BackendInfo, Next, Span};

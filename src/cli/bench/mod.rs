@@ -6,9 +6,10 @@ use std::time::Instant;
 
 use clap::Args;
 
-use super::{open_gguf, CliError, Exit, ModelArgs};
+use super::{CliError, Exit, ModelArgs};
 use crate::backend::cpu::{CpuBackend, CpuOptions};
 use crate::backend::Backend;
+use crate::engine::load::{open_gguf, open_sophon, open_tokenizer};
 
 /// Arguments of `bench`.
 #[derive(Debug, Args)]
@@ -47,10 +48,10 @@ fn open_backend_with(a: &BenchArgs, slots: usize, context: usize) -> Result<Meas
         // Random ids need the vocabulary size, which a bmodel whose lm_head returns a token
         // does not tell: --tokenizer gives it.
         let vocab = match &a.model.tokenizer {
-            Some(p) => Some(super::open_tokenizer(p)?.vocab_size()),
+            Some(p) => Some(open_tokenizer(p)?.vocab_size()),
             None => None,
         };
-        let backend = super::open_sophon(&a.model, vocab)?;
+        let backend = open_sophon(&a.model.settings(), vocab)?;
         if backend.info().vocab_size == 0 {
             return Err(CliError::new(
                 Exit::Usage,

@@ -7,7 +7,8 @@
 use std::time::{Duration, Instant};
 
 use super::{open_backend_with, BenchArgs};
-use crate::cli::{model_tokenizer, CliError, Exit};
+use crate::cli::{CliError, Exit};
+use crate::engine::load::model_tokenizer;
 use crate::engine::{Clients, Engine, EngineError, FinishReason, Input, Request, Summary};
 use crate::sampler::SamplerConfig;
 
@@ -128,7 +129,7 @@ pub(super) fn bench(a: &BenchArgs) -> Result<(), CliError> {
             ),
         ));
     }
-    let tokenizer = model_tokenizer(&a.model)?;
+    let tokenizer = model_tokenizer(&a.model.settings())?;
     let mut engine = Engine::new(backend, tokenizer, None);
     let name = a
         .model
