@@ -28,7 +28,7 @@ use llama_tpu::backend::sophon::ffi::DataType;
 use llama_tpu::backend::sophon::llama::{Picker, HEAD_TOP_P_OFF};
 use llama_tpu::backend::sophon::plan::Route;
 use llama_tpu::backend::sophon::{SophonBackend, SophonOptions};
-use llama_tpu::backend::{Backend, BackendError, Next};
+use llama_tpu::backend::{Backend, BackendError, Next, Span};
 use llama_tpu::sampler::{argmax, SamplerConfig};
 
 /// Measured: 0.0045 (prefill), 0.0034 (decode).
@@ -1047,4 +1047,105 @@ fn a_missing_or_wrong_embedding_table_is_refused() {
     let elsewhere = dir.join("elsewhere.bin");
     std::fs::write(&elsewhere, &table).unwrap();
     open(Some(elsewhere)).unwrap();
+}
+
+/// Slots on the chip: a converter bmodel with io_alone decode blocks holds several KV caches
+/// (each its own device buffers). Two conversations interleaved in slots 0 and 1, one engine
+/// step each, give the tokens each gives alone: greedy on the chip's head, and seeded sampling
+/// with a penalty window (rebuilt from its own tokens whenever its slot's turn comes). A
+/// slot's turn after the other's moves its conversation into the working caches (two copies
+/// per layer each way, counted exactly); a slot that keeps its turn copies nothing. LLM-TPU's
+/// bmodel (decode blocks in the default address mode) holds one slot and refuses more, with
+/// the reason.
+#[test]
+fn two_interleaved_conversations_give_the_tokens_each_gives_alone() {
+    let mut p = pair("toy_conv_f16_sample.bmodel", "toy_kv2.gguf", F16_TOLERANCE);
+    assert!(p.tpu.info().slots >= 2, "slots: {}", p.tpu.info().slots);
+    let prompts = [PROMPT.to_vec(), vec![256, 87, 111, 114, 108, 100, 33, 32, 87]];
+    let settings = [
+        greedy(),
+        SamplerConfig {
+            temperature: 0.9,
+            top_k: 20,
+            repeat_penalty: 1.5,
+            repeat_last_n: 6,
+            seed: 9,
+            ..SamplerConfig::default()
+        },
+    ];
+    const STEPS: usize = 14;
+    let mut alone = Vec::new();
+    for k in 0..2 {
+        p.tpu.configure_sampling(0, &settings[k]).unwrap();
+        let mut t = next_token(p.tpu.prefill(&prompts[k], 0).unwrap());
+        let mut tokens = vec![t];
+        for i in 0..STEPS {
+            t = next_token(p.tpu.decode(t, prompts[k].len() + i).unwrap());
+            tokens.push(t);
+        }
+        alone.push(tokens);
+    }
+    assert_eq!(p.tpu.picker(0), "sample_head");
+
+    for k in 0..2 {
+        p.tpu.configure_sampling(k, &settings[k]).unwrap();
+    }
+    assert_eq!((p.tpu.picker(0), p.tpu.picker(1)), ("greedy_head", "sample_head"));
+    let mut together: Vec<Vec<u32>> = vec![Vec::new(); 2];
+    let span = |slot: usize, start: usize, len: usize, decode: bool| Span {
+        slot,
+        start,
+        len,
+        output: true,
+        decode,
+    };
+    let tokens: Vec<u32> = prompts.concat();
+    let spans = [span(0, 0, prompts[0].len(), false), span(1, 0, prompts[1].len(), false)];
+    p.tpu
+        .step(&tokens, &spans, &mut |i, n| together[spans[i].slot].push(next_token(n)))
+        .unwrap();
+    let before = p.tpu.traffic().unwrap();
+    for i in 0..STEPS {
+        let last = [together[0][i], together[1][i]];
+        let spans = [
+            span(0, prompts[0].len() + i, 1, true),
+            span(1, prompts[1].len() + i, 1, true),
+        ];
+        p.tpu
+            .step(&last, &spans, &mut |j, n| together[spans[j].slot].push(next_token(n)))
+            .unwrap();
+    }
+    let traffic = p.tpu.traffic().unwrap() - before;
+    assert_eq!(together, alone, "interleaved in two slots vs one after the other");
+    // Per step, two turns: each saves the leaving slot's new row and loads the coming one's
+    // rows, K and V, every layer.
+    let layers = p.tpu.layout().layers as u64;
+    assert_eq!(traffic.d2d_calls, STEPS as u64 * 2 * 4 * layers, "{traffic:?}");
+    // Slot 0 alone from here: its first turn brings it in, then nothing moves.
+    let mut t = *together[0].last().unwrap();
+    let mut pos = prompts[0].len() + STEPS;
+    t = next_token(p.tpu.decode(t, pos).unwrap());
+    pos += 1;
+    let before = p.tpu.traffic().unwrap();
+    for _ in 0..4 {
+        t = next_token(p.tpu.decode(t, pos).unwrap());
+        pos += 1;
+    }
+    assert_eq!((p.tpu.traffic().unwrap() - before).d2d_calls, 0);
+    drop(p);
+
+    let chip = common::simulator_chip();
+    let refused = SophonBackend::open(
+        &common::toy_models().join("toy_llmtpu_f16.bmodel"),
+        &SophonOptions {
+            lib_dir: Some(common::simulator_lib_dir()),
+            slots: Some(2),
+            ..SophonOptions::default()
+        },
+    )
+    .err()
+    .expect("two slots on a bmodel whose decode blocks are not io_alone")
+    .to_string();
+    assert!(refused.contains("not io_alone"), "{refused}");
+    drop(chip);
 }

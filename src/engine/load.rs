@@ -226,10 +226,12 @@ pub fn open_sophon(settings: &ModelSettings, vocab_hint: Option<usize>) -> Resul
         devices: settings.devices.clone(),
         vocab_hint,
         embedding_table: settings.embedding_table.clone(),
+        slots: settings.slots,
     };
     let name = settings.model.display();
     SophonBackend::open(&settings.model, &opts).map_err(|e| match e {
         SophonError::Runtime(m) => LoadError::new(LoadFailure::Unavailable, m),
+        SophonError::Slots(m) => LoadError::new(LoadFailure::Config, format!("{name}: {m}")),
         SophonError::Contract(c) => LoadError::new(LoadFailure::BadModel, format!("{name}: {c}")),
         SophonError::Device(
             d @ BackendError::Device {

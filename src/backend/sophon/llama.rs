@@ -23,6 +23,23 @@
 //! candidates, or the logits. The runtime moves a static net's inputs and outputs between our
 //! memory and the addresses it was compiled for inside each launch; that is not visible here.
 //!
+//! Slots: a bmodel whose decode blocks are io_alone holds several conversations, each with
+//! K and V caches of its own (as many as device memory holds beside the weights, up to four).
+//! The launches always read and write the working caches (the blocks' own history inputs):
+//! pointing a launch at another buffer was measured on the simulator to disturb what those
+//! inputs held (the runtime stages a static net's inputs at its compiled addresses). So a slot's
+//! turn brings its conversation into the working caches first: the leaving slot's new rows are
+//! saved to its own buffers and the coming slot's rows are loaded, two device copies per layer
+//! each way, counted like every copy of ours. A slot that keeps its turn (one conversation at
+//! a time, the common case) copies nothing. What the slots share (ids, hidden states, masks,
+//! the sampling head's settings and penalty window) is rewritten when another slot's turn
+//! comes. The slots take turns, one launch group each per engine step: fair, not faster (a
+//! batched decode needs `block_cache` nets compiled with a batch; the converter does not build
+//! them for llama). A bmodel whose decode blocks are in the default address mode has its history
+//! inputs in the activation area every net shares, so the runtime copies a cache in at every
+//! launch: several slots are offered only where the cache is read in place, and such a
+//! bmodel holds one.
+//!
 //! On a multi-chip bmodel every device has its own set of these buffers and each net's group
 //! of tensors for a device points at that device's set; lm_head and the heads run on the
 //! first. (The simulator has one chip: that path is argued, not tested.)
@@ -36,7 +53,7 @@ use super::ffi::{DataType, DeviceMem};
 use super::plan::{self, Plan, Route};
 use super::runtime::{Launch, Loaded};
 use super::table::EmbeddingTable;
-use crate::backend::{Backend, BackendError, BackendInfo, Next};
+use crate::backend::{check_spans, Backend, BackendError, BackendInfo, Next, Span};
 use crate::sampler::SamplerConfig;
 
 /// How to open a bmodel.
@@ -52,7 +69,13 @@ pub struct SophonOptions {
     /// The embedding table of a bmodel without embedding nets (default: the vendor's names
     /// beside the bmodel, see [`super::table::TABLE_NAMES`]).
     pub embedding_table: Option<PathBuf>,
+    /// KV caches (conversations kept at once); `None`: as many as device memory holds beside
+    /// the weights, up to [`DEFAULT_SLOTS`]. More than one needs io_alone decode blocks.
+    pub slots: Option<usize>,
 }
+
+/// Slots when not told: four conversations at once, if device memory holds them.
+pub const DEFAULT_SLOTS: usize = 4;
 
 /// Why the backend could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +89,9 @@ pub enum SophonError {
     /// The bmodel is not a Llama of the contract, or uses what this backend does not support.
     #[error(transparent)]
     Contract(#[from] contract::ContractError),
+    /// The slots asked for cannot be had (the numbers say why).
+    #[error("{0}")]
+    Slots(String),
 }
 
 /// The additive attention mask's "minus infinity" in the mask's type, as the vendor's demos
@@ -119,11 +145,11 @@ struct DeviceState {
     decode_mask: DeviceBuffer,
     /// Hidden states, `max_input` rows each; block `i` reads `hidden[i % 2]`.
     hidden: [DeviceBuffer; 2],
-    /// Per layer: the K and V cache, S rows each.
-    k: Vec<DeviceMem>,
-    v: Vec<DeviceMem>,
-    /// The cache buffers this backend allocated (none when the decode nets hold it).
-    _owned: Vec<DeviceBuffer>,
+    /// The K and V caches the launches read and write: the decode blocks' own history
+    /// inputs (io_alone), else buffers of ours. They hold the resident slot's conversation.
+    work: KvSet,
+    /// With several slots, every slot's caches while it is not resident.
+    stores: Vec<KvSet>,
     /// Per layer: `block_kv_N`'s own history inputs (K, V), on bmodels with history.
     history_inputs: Vec<[DeviceMem; 2]>,
     /// Per layer: the dynamic prefill nets' own K and V outputs (`block_N`'s, then
@@ -131,6 +157,24 @@ struct DeviceState {
     /// is written before it is copied into the cache.
     prefill_outputs: Vec<[DeviceMem; 2]>,
     history_outputs: Vec<[DeviceMem; 2]>,
+}
+
+/// One slot's K and V caches on one device, per layer S rows each.
+struct KvSet {
+    k: Vec<DeviceMem>,
+    v: Vec<DeviceMem>,
+    /// The buffers this backend allocated (none for slot 0 when the decode nets hold it).
+    _owned: Vec<DeviceBuffer>,
+}
+
+/// What a slot's conversation keeps on the host while other slots run.
+struct SlotState {
+    /// Tokens by position, as its cache holds them.
+    history: Vec<u32>,
+    picker: Picker,
+    rng: fastrand::Rng,
+    /// Its request's settings, written to the sampling head when it runs.
+    sampling: SamplerConfig,
 }
 
 /// The sampling head's buffers and the penalty window (on the first device).
@@ -196,6 +240,15 @@ pub struct SophonBackend {
     sample: Option<SampleState>,
     /// The embedding table (bmodels without embedding nets).
     table: Option<EmbeddingTable>,
+    /// The slot whose request runs now: `picker`, `rng`, `history` and the sampling head's
+    /// settings and window are its; the other slots' wait in `slots`.
+    slot: usize,
+    /// The slot whose conversation the working caches hold ([`DeviceState::work`]), its rows
+    /// written there, and how many of those (from the start) its store holds too.
+    resident: usize,
+    work_rows: usize,
+    saved_rows: usize,
+    slots: Vec<SlotState>,
     picker: Picker,
     rng: fastrand::Rng,
     /// Tokens by position, as the cache holds them (for a re-prefill and the penalty window).
@@ -304,11 +357,12 @@ impl SophonBackend {
             ),
             Embedding::Nets { .. } => None,
         };
-        let devs = opened
+        let mut devs = opened
             .iter()
             .enumerate()
             .map(|(d, dev)| DeviceState::new(dev, d, &layout, &nets))
             .collect::<Result<Vec<_>, _>>()?;
+        let slots = add_slots(&opened, &mut devs, &layout, opts.slots)?;
         let heads = HeadState {
             logits: opened[0].alloc(vocab.max(1) * 4)?,
             token: opened[0].alloc(4)?,
@@ -321,7 +375,7 @@ impl SophonBackend {
 
         let s = layout.seq_len;
         let row = layout.kv_heads * layout.head_dim * layout.kv_dtype.size();
-        let kv_bytes = (layout.devices * layout.layers * 2 * s * row) as u64;
+        let kv_bytes = (slots * layout.devices * layout.layers * 2 * s * row) as u64;
         let info = BackendInfo {
             backend: "sophon",
             model: format!(
@@ -351,7 +405,7 @@ impl SophonBackend {
             host_state_bytes: 0,
             rearranged_weight_bytes: 0,
             max_batch: layout.max_input,
-            slots: 1,
+            slots,
         };
         let n_candidates = layout.sample_head.as_ref().map_or(0, |h| h.candidates);
         let ids_len = layout.sample_head.as_ref().map_or(0, |h| h.ids_len);
@@ -381,6 +435,18 @@ impl SophonBackend {
             table,
             rng: fastrand::Rng::with_seed(0),
             history: vec![0; s],
+            slot: 0,
+            resident: 0,
+            work_rows: 0,
+            saved_rows: 0,
+            slots: (0..slots)
+                .map(|_| SlotState {
+                    history: vec![0; s],
+                    picker,
+                    rng: fastrand::Rng::with_seed(0),
+                    sampling: SamplerConfig::default(),
+                })
+                .collect(),
             mask_state: None,
             last_row: 0,
             current: 0,
@@ -490,6 +556,7 @@ impl SophonBackend {
     fn prefill_launch(&mut self, start: usize, n: usize) -> Result<(), BackendError> {
         let tokens = &self.history[start..start + n];
         let l = &self.layout;
+        let max_input = l.max_input;
         let (layers, dynamic) = (l.layers, !matches!(l.prefill, Prefill::Static(_)));
         let hidden_row = l.hidden * l.hidden_dtype.size();
         let kv_row = l.kv_heads * l.head_dim * l.kv_dtype.size();
@@ -531,7 +598,12 @@ impl SophonBackend {
                 &mut self.nets.blocks[layer]
             };
             for (d, state) in self.devs.iter().enumerate() {
-                let (k, v) = (state.k[layer], state.v[layer]);
+                let (k, v) = (state.work.k[layer], state.work.v[layer]);
+                if !dynamic {
+                    // A static prefill writes its `max_input` rows from position 0.
+                    net.set_output(1, d, k.slice(0, max_input * kv_row));
+                    net.set_output(2, d, v.slice(0, max_input * kv_row));
+                }
                 if dynamic {
                     set(
                         net.input(0, d),
@@ -573,8 +645,8 @@ impl SophonBackend {
             if dynamic && !in_place {
                 for (dev, state) in self.loaded.devices().iter().zip(&self.devs) {
                     let [ok, ov] = own_outputs(state, layer);
-                    dev.copy(state.k[layer], start * kv_row, ok, 0, n * kv_row)?;
-                    dev.copy(state.v[layer], start * kv_row, ov, 0, n * kv_row)?;
+                    dev.copy(state.work.k[layer], start * kv_row, ok, 0, n * kv_row)?;
+                    dev.copy(state.work.v[layer], start * kv_row, ov, 0, n * kv_row)?;
                 }
             }
         }
@@ -655,7 +727,7 @@ impl SophonBackend {
         for layer in 0..l.layers {
             let net = &mut self.nets.caches[layer];
             for (d, state) in self.devs.iter().enumerate() {
-                let (k, v) = (state.k[layer], state.v[layer]);
+                let (k, v) = (state.work.k[layer], state.work.v[layer]);
                 set(
                     net.input(2, d),
                     state.decode_mask.mem().slice(0, (kv + 1) * cell),
@@ -862,7 +934,6 @@ impl DeviceState {
     /// Allocates device `d`'s buffers and writes the tables that never change.
     fn new(dev: &Arc<Device>, d: usize, l: &LlamaLayout, nets: &Nets) -> Result<DeviceState, BackendError> {
         let (s, li) = (l.seq_len, l.max_input);
-        let kv_row = l.kv_heads * l.head_dim * l.kv_dtype.size();
         let positions = dev.alloc(s * 4)?;
         let table: Vec<u8> = (0..s as i32).flat_map(i32::to_le_bytes).collect();
         positions.write(&table)?;
@@ -882,25 +953,7 @@ impl DeviceState {
             _ => None,
         };
         let hidden_bytes = li * l.hidden * l.hidden_dtype.size();
-        let mut owned = Vec::new();
-        let (mut k, mut v) = (Vec::new(), Vec::new());
-        // The cache starts as zeros: rows not yet written are masked, but must hold finite
-        // numbers (a masked weight is exactly 0, and 0 x NaN is NaN).
-        let zeros = vec![0u8; s * kv_row];
-        for layer in 0..l.layers {
-            for (list, input) in [(&mut k, 3), (&mut v, 4)] {
-                let mem = if l.cache_in_decode_inputs {
-                    nets.caches[layer].input_mem(input, d).unwrap_or_default()
-                } else {
-                    let buf = dev.alloc(s * kv_row)?;
-                    let mem = buf.mem();
-                    owned.push(buf);
-                    mem
-                };
-                dev.write(mem, &zeros)?;
-                list.push(mem);
-            }
-        }
+        let first = KvSet::new(dev, d, l, l.cache_in_decode_inputs.then_some(nets))?;
         Ok(DeviceState {
             ids: {
                 let b = dev.alloc(li * 4)?;
@@ -913,9 +966,8 @@ impl DeviceState {
             _prefill_mask: prefill_mask,
             decode_mask: dev.alloc((s + 1) * l.mask_dtype.size())?,
             hidden: [dev.alloc(hidden_bytes)?, dev.alloc(hidden_bytes)?],
-            k,
-            v,
-            _owned: owned,
+            work: first,
+            stores: Vec::new(),
             history_inputs: nets
                 .with_history
                 .iter()
@@ -930,6 +982,126 @@ impl DeviceState {
             history_outputs: own_kv_outputs(&nets.with_history, d),
         })
     }
+}
+
+impl KvSet {
+    /// Slot caches on device `d`: the decode nets' own history inputs when `in_nets` is
+    /// given (io_alone blocks: the runtime reads them where they are), else buffers of ours.
+    fn new(dev: &Arc<Device>, d: usize, l: &LlamaLayout, in_nets: Option<&Nets>) -> Result<KvSet, BackendError> {
+        let kv_row = l.kv_heads * l.head_dim * l.kv_dtype.size();
+        let bytes = l.seq_len * kv_row;
+        let mut owned = Vec::new();
+        let (mut k, mut v) = (Vec::new(), Vec::new());
+        // The cache starts as zeros: rows not yet written are masked, but must hold finite
+        // numbers (a masked weight is exactly 0, and 0 x NaN is NaN).
+        let zeros = vec![0u8; bytes];
+        for layer in 0..l.layers {
+            for (list, input) in [(&mut k, 3), (&mut v, 4)] {
+                let mem = match in_nets {
+                    Some(nets) => nets.caches[layer].input_mem(input, d).unwrap_or_default(),
+                    None => {
+                        let buf = dev.alloc(bytes)?;
+                        let mem = buf.mem();
+                        owned.push(buf);
+                        mem
+                    }
+                };
+                dev.write(mem, &zeros)?;
+                list.push(mem);
+            }
+        }
+        Ok(KvSet { k, v, _owned: owned })
+    }
+}
+
+/// Gives every device the caches of the slots beyond the first: `asked`, or as many as device
+/// memory holds beside the weights up to [`DEFAULT_SLOTS`]. Returns the slots held.
+fn add_slots(
+    opened: &[Arc<Device>],
+    devs: &mut [DeviceState],
+    l: &LlamaLayout,
+    asked: Option<usize>,
+) -> Result<usize, SophonError> {
+    let kv_row = l.kv_heads * l.head_dim * l.kv_dtype.size();
+    let per_slot = (l.layers * 2 * l.seq_len * kv_row) as u64;
+    let mib = |b: u64| b >> 20;
+    if !l.cache_in_decode_inputs {
+        // Such a block's history inputs lie in the activation area every net shares: the
+        // runtime copies a cache in at every launch. Slots are offered where it reads in place.
+        if asked.is_some_and(|n| n > 1) {
+            return Err(SophonError::Slots(format!(
+                "{} slots asked, but this bmodel's decode blocks are not io_alone (the runtime copies their history in at every launch): it serves one conversation at a time (slots = 1)",
+                asked.unwrap_or(1)
+            )));
+        }
+        log::info!("1 slot: this bmodel's decode blocks are not io_alone (the runtime copies their history in at every launch)");
+        return Ok(1);
+    }
+    // What the devices have free now, the weights loaded (libbmlib's `bm_get_stat`, in MiB).
+    let free = opened
+        .iter()
+        .map(|dev| match dev.runtime().device_stat(dev.index()) {
+            Ok(super::ffi::StatAnswer::Stat(st)) if st.mem_total > 0 => {
+                u64::try_from(st.mem_total.saturating_sub(st.mem_used))
+                    .ok()
+                    .map(|m| m << 20)
+            }
+            _ => None,
+        })
+        .try_fold(u64::MAX, |low, f| f.map(|f| low.min(f)));
+    // Every slot has a store of its own beside the working caches.
+    let want = match asked {
+        Some(n) => n,
+        // A tenth of what is free stays for the runtime; without figures, allocation says.
+        None => free.map_or(DEFAULT_SLOTS, |f| {
+            ((f - f / 10) / per_slot.max(1)).clamp(1, DEFAULT_SLOTS as u64) as usize
+        }),
+    };
+    if want <= 1 {
+        return Ok(1);
+    }
+    let mut held = 0;
+    while held < want {
+        let mut made = Vec::with_capacity(opened.len());
+        for (d, dev) in opened.iter().enumerate() {
+            match KvSet::new(dev, d, l, None) {
+                Ok(set) => made.push(set),
+                Err(e) => {
+                    if asked.is_some() {
+                        return Err(SophonError::Slots(format!(
+                            "{want} slots need {} MiB of KV cache each on every device; device memory held {held} ({e})",
+                            mib(per_slot)
+                        )));
+                    }
+                    log::info!("device memory held {held} slots ({e})");
+                    break;
+                }
+            }
+        }
+        if made.len() < opened.len() {
+            break;
+        }
+        for (state, set) in devs.iter_mut().zip(made) {
+            state.stores.push(set);
+        }
+        held += 1;
+    }
+    if held < 2 {
+        // One store is no use: one slot works in place.
+        for state in devs.iter_mut() {
+            state.stores.clear();
+        }
+        held = 1;
+    }
+    log::info!(
+        "{held} slot(s) of {} MiB KV cache each per device ({})",
+        mib(per_slot),
+        free.map_or_else(
+            || "free device memory not reported".into(),
+            |f| format!("{} MiB were free", mib(f))
+        )
+    );
+    Ok(held)
 }
 
 /// The K and V outputs each net was loaded with, on device `d` (before [`bind`] points them
@@ -977,8 +1149,8 @@ fn bind(nets: &mut Nets, l: &LlamaLayout, devs: &[DeviceState], heads: &HeadStat
                     mem(net.input(2, d), Some(mask.mem()));
                 }
                 mem(net.output(0, d), Some(b.mem()));
-                mem(net.output(1, d), st.k[layer].slice(0, li * kv_row));
-                mem(net.output(2, d), st.v[layer].slice(0, li * kv_row));
+                mem(net.output(1, d), st.work.k[layer].slice(0, li * kv_row));
+                mem(net.output(2, d), st.work.v[layer].slice(0, li * kv_row));
             }
             let c = &mut nets.caches[layer];
             mem(c.input(0, d), a.mem().slice(0, hidden_row));
@@ -1105,12 +1277,79 @@ impl SampleState {
     }
 }
 
-impl Backend for SophonBackend {
-    fn info(&self) -> &BackendInfo {
-        &self.info
+impl SophonBackend {
+    /// Makes `slot`'s request the one the shared state serves: its history, picker and
+    /// random state come out of waiting, the sampling head gets its settings back and its
+    /// penalty window is rebuilt from its tokens (one small write each, when slots take
+    /// turns). The KV caches need nothing: launches point at the slot's own.
+    fn select(&mut self, slot: usize) -> Result<(), BackendError> {
+        if slot == self.slot {
+            return Ok(());
+        }
+        if slot >= self.slots.len() {
+            return Err(BackendError::BadSpan("no such slot"));
+        }
+        let leaving = &mut self.slots[self.slot];
+        std::mem::swap(&mut leaving.history, &mut self.history);
+        leaving.picker = self.picker;
+        leaving.rng = self.rng.clone();
+        let coming = &mut self.slots[slot];
+        std::mem::swap(&mut coming.history, &mut self.history);
+        self.picker = coming.picker;
+        self.rng = coming.rng.clone();
+        self.slot = slot;
+        if let Some(s) = self.sample.as_mut() {
+            s.synced = None;
+            if self.picker == Picker::Sample {
+                s.configure(self.loaded.device(), &self.slots[slot].sampling)?;
+            }
+        }
+        Ok(())
     }
 
-    fn prefill(&mut self, tokens: &[u32], start: usize) -> Result<Next<'_>, BackendError> {
+    /// Makes `slot`'s conversation, its first `rows` positions, the one the working caches
+    /// hold: the leaving slot's rows not yet in its store are saved there, then the coming
+    /// slot's are loaded (two device copies per layer each way, on every device). Nothing moves
+    /// while one slot keeps its turn, or on a backend of one slot (it works in place).
+    fn bring_in(&mut self, slot: usize, rows: usize) -> Result<(), BackendError> {
+        if slot == self.resident || self.devs.first().is_none_or(|d| d.stores.is_empty()) {
+            return Ok(());
+        }
+        let l = &self.layout;
+        let kv_row = l.kv_heads * l.head_dim * l.kv_dtype.size();
+        let (from, to) = (self.saved_rows, self.work_rows);
+        for (dev, state) in self.loaded.devices().iter().zip(&self.devs) {
+            let (work, leaving, coming) = (&state.work, &state.stores[self.resident], &state.stores[slot]);
+            for layer in 0..l.layers {
+                if to > from {
+                    dev.copy(
+                        leaving.k[layer],
+                        from * kv_row,
+                        work.k[layer],
+                        from * kv_row,
+                        (to - from) * kv_row,
+                    )?;
+                    dev.copy(
+                        leaving.v[layer],
+                        from * kv_row,
+                        work.v[layer],
+                        from * kv_row,
+                        (to - from) * kv_row,
+                    )?;
+                }
+                if rows > 0 {
+                    dev.copy(work.k[layer], 0, coming.k[layer], 0, rows * kv_row)?;
+                    dev.copy(work.v[layer], 0, coming.v[layer], 0, rows * kv_row)?;
+                }
+            }
+        }
+        self.resident = slot;
+        (self.saved_rows, self.work_rows) = (rows, rows);
+        Ok(())
+    }
+
+    /// [`Backend::prefill`] in the selected slot.
+    fn prefill_here(&mut self, tokens: &[u32], start: usize) -> Result<Next<'_>, BackendError> {
         self.check_call(tokens, start)?;
         let n = tokens.len();
         self.history[start..start + n].copy_from_slice(tokens);
@@ -1144,24 +1383,77 @@ impl Backend for SophonBackend {
             }
         }
         self.current = start + n - 1;
+        self.work_rows = start + n;
         self.head()
     }
 
-    fn decode(&mut self, token: u32, pos: usize) -> Result<Next<'_>, BackendError> {
+    /// [`Backend::decode`] in the selected slot.
+    fn decode_here(&mut self, token: u32, pos: usize) -> Result<Next<'_>, BackendError> {
         self.check_call(&[token], pos)?;
         self.history[pos] = token;
         self.sync_sample_window(pos)?;
         self.decode_step(token, pos)?;
         self.current = pos;
+        self.work_rows = pos + 1;
         self.head()
+    }
+}
+
+impl Backend for SophonBackend {
+    fn info(&self) -> &BackendInfo {
+        &self.info
+    }
+
+    fn prefill(&mut self, tokens: &[u32], start: usize) -> Result<Next<'_>, BackendError> {
+        self.select(0)?;
+        self.bring_in(0, start)?;
+        self.prefill_here(tokens, start)
+    }
+
+    fn decode(&mut self, token: u32, pos: usize) -> Result<Next<'_>, BackendError> {
+        self.select(0)?;
+        self.bring_in(0, pos)?;
+        self.decode_here(token, pos)
+    }
+
+    /// The slots take turns: each span is its own launches on its slot's caches (a batched
+    /// decode needs a bmodel compiled with a batch, which the converter does not build for
+    /// llama yet).
+    fn step(
+        &mut self,
+        tokens: &[u32],
+        spans: &[Span],
+        out: &mut dyn FnMut(usize, Next<'_>),
+    ) -> Result<(), BackendError> {
+        check_spans(tokens, spans, self.slots.len())?;
+        let mut at = 0;
+        for (i, s) in spans.iter().enumerate() {
+            self.select(s.slot)?;
+            self.bring_in(s.slot, s.start)?;
+            let part = &tokens[at..at + s.len];
+            at += s.len;
+            let next = if s.decode && s.len == 1 {
+                self.decode_here(part[0], s.start)?
+            } else {
+                self.prefill_here(part, s.start)?
+            };
+            if s.output {
+                out(i, next);
+            }
+        }
+        Ok(())
     }
 
     fn traffic(&self) -> Option<Traffic> {
         Some(self.loaded.traffic())
     }
 
-    fn picker(&self, _slot: usize) -> &'static str {
-        match self.picker {
+    fn picker(&self, slot: usize) -> &'static str {
+        let picker = match self.slots.get(slot) {
+            Some(state) if slot != self.slot => state.picker,
+            _ => self.picker,
+        };
+        match picker {
             Picker::Host => "host",
             Picker::LmHead => "lm_head",
             Picker::Greedy => "greedy_head",
@@ -1175,7 +1467,9 @@ impl Backend for SophonBackend {
         }
     }
 
-    fn configure_sampling(&mut self, _slot: usize, cfg: &SamplerConfig) -> Result<(), BackendError> {
+    fn configure_sampling(&mut self, slot: usize, cfg: &SamplerConfig) -> Result<(), BackendError> {
+        self.select(slot)?;
+        self.slots[slot].sampling = cfg.clone();
         self.picker = if self.layout.lm_head == LmHeadOutput::Token {
             if !cfg.is_greedy() {
                 log::warn!(
