@@ -5,11 +5,12 @@
 #
 # (defaults: 2 threads, 3 rounds, BUILDS "Q4_1 Q4_0 Q5_0 Q8_0 F16 Q4_K_M")
 #
-# Builds llama.cpp once (the tree llama-cpp-python 0.3.36 vendors, from its PyPI source
-# package; native CPU flags, AMX off: VMs that advertise AMX without enabling it crash in its
-# AMX kernel) into ~/.cache/llama-tpu, makes Q4_0, Q5_0, Q8_0, F16 and Q4_K_M builds of the
-# default model with its llama-quantize (requantized from the Q4_1 file: the same network,
-# for speed, not quality), then for each build alternates `llama-tpu bench` and
+# Builds llama.cpp's llama-bench, llama-quantize and llama-server once (the tree
+# llama-cpp-python 0.3.36 vendors, from its PyPI source package; native CPU flags, AMX off:
+# VMs that advertise AMX without enabling it crash in its AMX kernel) into ~/.cache/llama-tpu
+# (LLAMACPP_BUILD_ONLY=1: only that, for scripts/vs-llamacpp-parallel.sh), makes Q4_0, Q5_0,
+# Q8_0, F16 and Q4_K_M builds of the default model with its llama-quantize (requantized from
+# the Q4_1 file: the same network, for speed, not quality), then for each build alternates `llama-tpu bench` and
 # `llama-bench` (pp512, tg128, one repetition each) for ROUNDS rounds and prints the medians
 # and their ratios. Needs cmake and a C++ compiler; takes ~15 minutes cold on 2 cores.
 set -euo pipefail
@@ -29,18 +30,30 @@ stage() { echo "== $* ($(date +%T))" >&2; }
 [ -f "$MODEL" ] || make --no-print-directory model >&2
 [ -x "$BIN" ] || cargo build --release >&2
 mkdir -p "$CACHE"
-if [ ! -x "$CPP/build/bin/llama-bench" ] || [ ! -x "$CPP/build/bin/llama-quantize" ]; then
-    stage "building llama.cpp from $SDIST"
-    sdist=$(python3 scripts/pypi_fetch.py llama-cpp-python "$SDIST" "$SDIST_SHA256" .cache/pip)
-    rm -rf "$CPP" "$CPP.tmp"
-    mkdir -p "$CPP.tmp"
-    tar -xzf "$sdist" -C "$CPP.tmp" --strip-components=3 llama_cpp_python-0.3.36/vendor/llama.cpp
+# llama.cpp's tools, built in place in $CPP/build; a target missing from an existing tree
+# (llama-server, in caches made before vs-llamacpp-parallel.sh) is built into it.
+missing=$(for t in llama-bench llama-quantize llama-server; do [ -x "$CPP/build/bin/$t" ] || echo "$t"; done)
+if [ -n "$missing" ]; then
+    stage "building $(echo $missing) of llama.cpp from $SDIST"
+    if [ ! -f "$CPP/CMakeLists.txt" ]; then
+        sdist=$(python3 scripts/pypi_fetch.py llama-cpp-python "$SDIST" "$SDIST_SHA256" .cache/pip)
+        rm -rf "$CPP" "$CPP.tmp"
+        mkdir -p "$CPP.tmp"
+        tar -xzf "$sdist" -C "$CPP.tmp" --strip-components=3 llama_cpp_python-0.3.36/vendor/llama.cpp
+        mv "$CPP.tmp" "$CPP"
+    fi
+    # Trees built by this script's earlier versions were configured in $CPP.tmp, then moved:
+    # cmake will not reconfigure those in place.
+    grep -qxF "CMAKE_CACHEFILE_DIR:INTERNAL=$CPP/build" "$CPP/build/CMakeCache.txt" 2>/dev/null || rm -rf "$CPP/build"
+    # No web UI for llama-server: it would be fetched from Hugging Face or built with npm.
     no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
-    cmake -S "$CPP.tmp" -B "$CPP.tmp/build" -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF \
-        -DLLAMA_OPENSSL=OFF -DCMAKE_BUILD_TYPE=Release -DCMAKE_C_FLAGS="$no_amx" -DCMAKE_CXX_FLAGS="$no_amx" >&2
-    cmake --build "$CPP.tmp/build" -j "$(nproc)" --target llama-bench llama-quantize >&2
-    mv "$CPP.tmp" "$CPP"
+    cmake -S "$CPP" -B "$CPP/build" -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF \
+        -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DCMAKE_BUILD_TYPE=Release \
+        -DCMAKE_C_FLAGS="$no_amx" -DCMAKE_CXX_FLAGS="$no_amx" >&2
+    cmake --build "$CPP/build" -j "$(nproc)" --target $missing >&2
 fi
+# vs-llamacpp-parallel.sh wants only the builds above.
+[ -z "${LLAMACPP_BUILD_ONLY:-}" ] || exit 0
 
 # The builds, made once per model file.
 sum=$(sha256sum "$MODEL" | cut -c1-12)
