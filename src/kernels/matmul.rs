@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use super::interleave::{self, GROUP};
 use super::quant::{self, BlockQ8};
-use super::simd::Kernels;
+use super::simd::{Kernels, TILE};
 use crate::model::GgmlType;
 
 /// Weight rows per kernel call in a prompt: each token's activations are loaded once for all
@@ -19,6 +19,12 @@ use crate::model::GgmlType;
 const ROW_TILE: usize = 4;
 /// Weight rows per kernel call for one token.
 pub const GEN_ROW_TILE: usize = 4;
+/// Up to this many tokens (several requests decoding at once) are multiplied as generation
+/// is: each weight row read once, streamed with prefetch, against every token in tiles of
+/// [`super::simd::TILE`]. The prompt path unpacks a tile of rows once for a chunk of tokens,
+/// which pays only over many: measured on SmolLM2-135M Q4_1 (2 threads, AVX-512), four
+/// requests decoding together gave 172 t/s in all through it, against 138 for one alone.
+pub const SMALL_BATCH: usize = 8;
 
 /// Tokens per pass over a block of rows: their activations (up to ~120 KiB for a 1536-wide
 /// input) stay in L2 while the rows, in L1, are reused for each of them.
@@ -208,7 +214,7 @@ struct Job<'a, 'w> {
 impl Job<'_, '_> {
     fn run<E: Form>(&self, x: TokenRows<'_, E>) {
         let (w, rows) = (self.w, self.rows.clone());
-        if self.n_tokens == 1 {
+        if self.n_tokens <= SMALL_BATCH {
             let mut r = rows.start;
             while r < rows.end {
                 // Generation reads each row once: fetch rows ahead, one tile's lines at a
@@ -218,11 +224,11 @@ impl Job<'_, '_> {
                     crate::model::mmap::prefetch(w.rows_bytes(r + PREFETCH_ROWS..r + PREFETCH_ROWS + n));
                 }
                 if n == GEN_ROW_TILE {
-                    // One token, four rows: four independent sums in flight.
-                    self.tile::<E, GEN_ROW_TILE, 1>(&x, r, 0);
+                    // Four rows: four independent sums in flight per token.
+                    self.each_token::<E, GEN_ROW_TILE>(&x, r);
                 } else {
                     for r in r..rows.end {
-                        self.tile::<E, 1, 1>(&x, r, 0);
+                        self.each_token::<E, 1>(&x, r);
                     }
                 }
                 r += n;
@@ -230,6 +236,19 @@ impl Job<'_, '_> {
             return;
         }
         self.prompt::<E, ROW_TILE>(&x);
+    }
+
+    /// Rows `r..r + R` against every token, [`TILE`] tokens at a time while they last.
+    #[inline]
+    fn each_token<E: Form, const R: usize>(&self, x: &TokenRows<'_, E>, r: usize) {
+        let mut t = 0;
+        while t + TILE <= self.n_tokens {
+            self.tile::<E, R, TILE>(x, r, t);
+            t += TILE;
+        }
+        for t in t..self.n_tokens {
+            self.tile::<E, R, 1>(x, r, t);
+        }
     }
 
     /// Interleaved Q4_0 rows (for prompts and single tokens alike): each group of 16 rows
@@ -245,7 +264,7 @@ impl Job<'_, '_> {
         self.each_chunk(&x, |c0, tokens| {
             for g0 in rows.clone().step_by(GROUP) {
                 let at = g0 / GROUP * group_bytes;
-                if self.n_tokens == 1 && at + 2 * group_bytes <= groups.len() {
+                if self.n_tokens <= SMALL_BATCH && at + 2 * group_bytes <= groups.len() {
                     crate::model::mmap::prefetch(&groups[at + group_bytes..at + 2 * group_bytes]);
                 }
                 let v = &mut v[..tokens.len()];

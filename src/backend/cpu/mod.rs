@@ -243,11 +243,11 @@ impl Compute {
         });
         let xq: [&[BlockQ8]; CHUNKS] = std::array::from_fn(|c| tokens[c].as_ref().map_or(&[][..], |t| &t.xq[..]));
         let xf: [&[f32]; CHUNKS] = std::array::from_fn(|c| tokens[c].as_ref().map_or(&[][..], |t| &t.xf[..]));
-        // One token: each thread streams a few long runs of rows (the prefetcher follows a run;
+        // One token (or a few decoding together): each thread streams a few long runs of rows (the prefetcher follows a run;
         // small items claimed in turn interleave the threads' reads). A prompt: small items,
         // which balance threads whatever their speed.
         let per_item = |rows: usize| {
-            if n_tokens == 1 {
+            if n_tokens <= crate::kernels::matmul::SMALL_BATCH {
                 rows.div_ceil(self.scratch.len() * STREAMS_PER_THREAD)
                     .next_multiple_of(ROWS_PER_ITEM)
             } else {

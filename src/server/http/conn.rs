@@ -817,6 +817,11 @@ impl Connection {
             // The writer ends on its own once the reply is whole: only a failed write, or the
             // client closing its side, means it left.
             if out.delivered() == Some(false) || self.stream.peer_left(WATCH_TICK) {
+                if done.load(Ordering::Acquire) && out.delivered() != Some(false) {
+                    // The answer ended while this watch waited: a client that read it all and
+                    // closed did not leave early.
+                    break;
+                }
                 // What the engine had handed over when the client left: a test holds the
                 // engine to at most one more token.
                 let handed = pieces.load(Ordering::Acquire);
