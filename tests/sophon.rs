@@ -1087,8 +1087,8 @@ fn two_interleaved_conversations_give_the_tokens_each_gives_alone() {
     }
     assert_eq!(p.tpu.picker(0), "sample_head");
 
-    for k in 0..2 {
-        p.tpu.configure_sampling(k, &settings[k]).unwrap();
+    for (slot, cfg) in settings.iter().enumerate() {
+        p.tpu.configure_sampling(slot, cfg).unwrap();
     }
     assert_eq!((p.tpu.picker(0), p.tpu.picker(1)), ("greedy_head", "sample_head"));
     let mut together: Vec<Vec<u32>> = vec![Vec::new(); 2];
