@@ -63,6 +63,17 @@ pub fn stall_decode(step: u64) {
     let _ = step;
 }
 
+/// The memory available for the CPU backend's slots, in bytes: `LLAMA_TPU_FAULT_MEM_AVAILABLE_MIB`
+/// in a test lowers what the kernel reports (a small box), never raises it.
+pub fn available_memory(reported: Option<u64>) -> Option<u64> {
+    #[cfg(feature = "fault-injection")]
+    if let Some(mib) = armed("LLAMA_TPU_FAULT_MEM_AVAILABLE_MIB") {
+        let hooked = mib.saturating_mul(1 << 20);
+        return Some(reported.map_or(hooked, |r| r.min(hooked)));
+    }
+    reported
+}
+
 /// The interval of an HTTP stream's comments while it waits for its first token:
 /// `LLAMA_TPU_FAULT_HEARTBEAT_MS` in a test (which cannot wait the real 10 s), else `normal`.
 pub fn heartbeat(normal: std::time::Duration) -> std::time::Duration {

@@ -200,6 +200,85 @@ fn bench_prints_figures() {
     assert!(out.contains("| pp16 |") && out.contains("| tg8 |"), "{out}");
 }
 
+#[test]
+fn bench_parallel_prints_a_row_per_count() {
+    let m = common::default_model();
+    let o = run(&[
+        "bench",
+        "-m",
+        m.to_str().unwrap(),
+        "--parallel",
+        "1,3",
+        "--parallel-prompt",
+        "8",
+        "-n",
+        "6",
+        "-r",
+        "1",
+        "-t",
+        "2",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    for n in [1, 3] {
+        let row = out
+            .lines()
+            .find(|l| l.contains(&format!("| {n} | 8, 6 |")))
+            .unwrap_or_else(|| panic!("no row for {n}: {out}"));
+        let rate: f64 = row
+            .split('|')
+            .nth(6)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(rate > 0.0, "{row}");
+    }
+    let o = run(&["bench", "-m", m.to_str().unwrap(), "--parallel", "0"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+}
+
+/// Slots whose KV caches do not fit in the available memory are refused at start, with the
+/// numbers (a small box is the test build's fault point lowering the figure).
+#[test]
+fn slots_that_do_not_fit_are_refused_with_the_numbers() {
+    let m = common::default_model();
+    let args = |slots: &'static str| {
+        vec![
+            "run".to_string(),
+            "-m".into(),
+            m.display().to_string(),
+            "--slots".into(),
+            slots.into(),
+            "--max-tokens".into(),
+            "1".into(),
+            "Hi".into(),
+        ]
+    };
+    // 90 MiB per slot at the default context of 4096 tokens.
+    let o = bin()
+        .args(args("2"))
+        .env("LLAMA_TPU_FAULT_MEM_AVAILABLE_MIB", "150")
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(78), "{err}");
+    assert!(
+        err.contains("2 slots need 180 MiB of KV cache (90 MiB each), but 150 MiB"),
+        "{err}"
+    );
+    let o = bin()
+        .args(args("1"))
+        .env("LLAMA_TPU_FAULT_MEM_AVAILABLE_MIB", "150")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = bin().args(args("0")).output().unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+}
+
 /// The service unit lets the daemon open every device node bmlib needs for the TPU (and,
 /// with DevicePolicy=closed, nothing else but serial ports).
 #[test]

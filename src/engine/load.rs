@@ -300,7 +300,7 @@ fn load_cpu(settings: &ModelSettings, opened: &OpenedModel) -> Result<CpuBackend
     };
     let per_slot = CpuBackend::kv_bytes_per_slot(&opened.gguf, &opts)
         .map_err(|e| LoadError::new(LoadFailure::BadModel, format!("{}: {e}", settings.model.display())))?;
-    let available = crate::sys::memory::available_bytes();
+    let available = crate::faults::available_memory(crate::sys::memory::available_bytes());
     opts.slots = match settings.slots {
         Some(n) => {
             let need = per_slot.saturating_mul(n as u64);
