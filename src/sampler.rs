@@ -53,14 +53,31 @@ impl Default for SamplerConfig {
     }
 }
 
+/// Below this temperature the choice is argmax: at 1e-5 two logits 0.001 apart already stand
+/// e^-100 to 1 (vLLM's epsilon too), and below it `1 / t` times a logit leaves f32 (a
+/// temperature of 1e-40 gave NaN scores and a garbage answer).
+pub const GREEDY_BELOW: f32 = 1e-5;
+/// Highest temperature: beyond it the distribution is flat for any model's logits.
+pub const MAX_TEMPERATURE: f32 = 100.0;
+/// Largest top_k (more than any vocabulary; 0 is off).
+pub const MAX_TOP_K: usize = 1 << 20;
+/// The repetition penalty's range: `logit / p` and `logit * p` stay finite.
+pub const REPEAT_PENALTY_RANGE: (f32, f32) = (0.01, 100.0);
+
 impl SamplerConfig {
     /// Checks the ranges; the message names the setting.
     ///
     /// # Errors
     /// A value outside its meaningful range.
     pub fn validate(&self) -> Result<(), String> {
-        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(format!("temperature must be >= 0, got {}", self.temperature));
+        if !(0.0..=MAX_TEMPERATURE).contains(&self.temperature) {
+            return Err(format!(
+                "temperature must be in [0, {MAX_TEMPERATURE}], got {}",
+                self.temperature
+            ));
+        }
+        if self.top_k > MAX_TOP_K {
+            return Err(format!("top_k must be at most {MAX_TOP_K}, got {}", self.top_k));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
@@ -68,8 +85,12 @@ impl SamplerConfig {
         if !(0.0..=1.0).contains(&self.min_p) {
             return Err(format!("min_p must be in [0, 1], got {}", self.min_p));
         }
-        if !(self.repeat_penalty > 0.0 && self.repeat_penalty.is_finite()) {
-            return Err(format!("repeat_penalty must be > 0, got {}", self.repeat_penalty));
+        let (lo, hi) = REPEAT_PENALTY_RANGE;
+        if !(lo..=hi).contains(&self.repeat_penalty) {
+            return Err(format!(
+                "repeat_penalty must be in [{lo}, {hi}], got {}",
+                self.repeat_penalty
+            ));
         }
         for (name, v) in [
             ("frequency_penalty", self.frequency_penalty),
@@ -88,9 +109,10 @@ impl SamplerConfig {
         Ok(())
     }
 
-    /// Whether the choice is plain argmax (what an on-chip greedy head can do).
+    /// Whether the choice is plain argmax (what an on-chip greedy head can do): temperature 0,
+    /// or one too small to tell from it ([`GREEDY_BELOW`]).
     pub fn is_greedy(&self) -> bool {
-        self.temperature == 0.0 && !self.has_penalties()
+        self.temperature < GREEDY_BELOW && !self.has_penalties()
     }
 
     /// Whether any penalty changes the logits.
@@ -192,7 +214,7 @@ impl Sampler {
     /// Chooses the next token. `logits` is modified (penalties applied in place).
     pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
         self.apply_penalty(logits);
-        if self.cfg.temperature == 0.0 {
+        if self.cfg.temperature < GREEDY_BELOW {
             return argmax(logits);
         }
         let inv_t = 1.0 / self.cfg.temperature;
@@ -364,6 +386,51 @@ mod tests {
         };
         assert_eq!(run(7), run(7));
         assert_ne!(run(7), run(8));
+    }
+
+    /// A temperature too small to tell from 0 chooses as 0 does: no `1 / t` overflow into
+    /// NaN scores (issue 23 saw "J777" where greedy said " Paris.").
+    #[test]
+    fn a_tiny_temperature_is_greedy() {
+        for t in [1e-40, 1e-36, 1e-30, 1e-6] {
+            let cfg = SamplerConfig {
+                temperature: t,
+                seed: 3,
+                ..Default::default()
+            };
+            assert!(cfg.validate().is_ok(), "{t}");
+            assert!(cfg.is_greedy(), "{t}");
+            let mut s = Sampler::new(500, cfg);
+            for i in 0..50 {
+                let mut l = logits(500, i);
+                let want = argmax(&l);
+                assert_eq!(s.sample(&mut l), want, "temperature {t}");
+            }
+        }
+    }
+
+    #[test]
+    fn settings_beyond_their_range_are_refused() {
+        for cfg in [
+            SamplerConfig {
+                temperature: 1e3,
+                ..Default::default()
+            },
+            SamplerConfig {
+                repeat_penalty: 1e-40,
+                ..Default::default()
+            },
+            SamplerConfig {
+                repeat_penalty: 1e3,
+                ..Default::default()
+            },
+            SamplerConfig {
+                top_k: 1 << 40,
+                ..Default::default()
+            },
+        ] {
+            assert!(cfg.validate().is_err(), "{cfg:?}");
+        }
     }
 
     #[test]

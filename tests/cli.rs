@@ -360,6 +360,49 @@ fn settings_out_of_range_are_refused_with_the_right_code() {
     assert_ne!(o.status.code(), Some(255), "{}", stderr(&o));
 }
 
+/// The context and the answer's length have ranges too (issue 23): a context of 0 or longer
+/// than the model's, an answer limit past 2^20 tokens, a temperature past 100 are refused at
+/// start, 2 as a flag and 78 in the file, and `serve --check` does not call such a file valid.
+#[test]
+fn the_context_and_the_answer_length_have_ranges() {
+    let dir = common::scratch("ranges-2");
+    let socket = dir.join("s.sock");
+    let socket = socket.to_str().unwrap();
+    let model = common::default_model();
+    let model = model.to_str().unwrap();
+    for args in [
+        &["run", "-m", model, "--ctx-size", "0", "hi"][..],
+        &["run", "-m", model, "--ctx-size", "100000", "hi"],
+        &["run", "-m", model, "--max-tokens", "9223372036854775808", "hi"],
+        &["run", "-m", model, "--max-tokens", "1048577", "hi"],
+        &["run", "-m", model, "--temperature", "1000", "hi"],
+        &["serve", "--socket", socket, "-m", model, "--ctx-size", "0"],
+        &["serve", "--socket", socket, "-m", model, "--ctx-size", "100000"],
+        &["serve", "--socket", socket, "-m", model, "--max-tokens", "1048577"],
+    ] {
+        let o = run(args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+    }
+    for text in [
+        "ctx_size = 0\n",
+        "ctx_size = 100000\n",
+        "[generation]\nmax_tokens = 1048577\n",
+        "[generation]\ntemperature = 1000.0\n",
+    ] {
+        let file = dir.join("c.toml");
+        std::fs::write(&file, format!("model = \"{model}\"\n{text}")).unwrap();
+        let o = run(&["serve", "--socket", socket, "--config", file.to_str().unwrap()]);
+        assert_eq!(o.status.code(), Some(78), "{text}: {}", stderr(&o));
+        let o = run(&["serve", "--check", "--config", file.to_str().unwrap()]);
+        assert_ne!(
+            o.status.code(),
+            Some(0),
+            "--check called {text:?} valid: {}",
+            stderr(&o)
+        );
+    }
+}
+
 /// A `--tokenizer` that cannot be opened is a missing input (66), as the table says; one
 /// that does not parse is a bad model file (65).
 #[test]

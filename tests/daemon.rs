@@ -1102,7 +1102,7 @@ fn a_failing_connection_thread_frees_its_slot() {
 /// that, and the next client is served. Told by events, not by the clock.
 #[test]
 fn a_client_that_does_not_read_is_stopped_and_the_next_is_served() {
-    let d = Daemon::start("daemon-slow-client", &["--outbound-buffer", "2048"]);
+    let d = Daemon::start("daemon-slow-client", &["--outbound-buffer", "8192"]);
     let mut a = d.client();
     a.generate(long_story(1));
     // A is running (its first token came) before B asks: B must wait behind it.
@@ -1395,4 +1395,40 @@ fn streams_run_side_by_side_and_a_cancel_touches_only_its_own() {
         assert_eq!(text, alone[i], "request {i} beside a cancelled one");
     }
     drop(a);
+}
+
+/// A client refused at the connection cap reads why, even one that writes its request at once
+/// and keeps writing (issue 23: the refusal was written and the socket closed at once, so such
+/// a client often got EPIPE or a reset instead): 50 of 50.
+#[test]
+fn a_refused_client_reads_the_refusal_fifty_times_of_fifty() {
+    let d = Daemon::start("daemon-refusal", &["--max-connections", "1"]);
+    let mut holder = d.client();
+    holder.send(r#"{"type":"ping"}"#);
+    assert_eq!(holder.event()["event"], "pong");
+    let request = format!("{}\n", json!({"id": 1, "prompt": "x".repeat(3000), "max_tokens": 1}));
+    let mut failures = Vec::new();
+    for i in 0..50 {
+        let mut c = UnixStream::connect(&d.socket).unwrap();
+        c.set_read_timeout(Some(PATIENCE)).unwrap();
+        let mut outcome = String::new();
+        for _ in 0..4 {
+            if let Err(e) = c.write_all(request.as_bytes()) {
+                outcome = format!("write: {e}");
+                break;
+            }
+        }
+        let mut reply = String::new();
+        match c.read_to_string(&mut reply) {
+            Ok(_) if reply.contains("too_many_connections") => continue,
+            Ok(_) => outcome += &format!(" read {reply:?}"),
+            Err(e) => outcome += &format!(" read: {e}"),
+        }
+        failures.push(format!("{i}: {outcome}"));
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of 50 did not read the refusal: {failures:?}",
+        failures.len()
+    );
 }

@@ -23,6 +23,9 @@ const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
 /// Longest `request_timeout`: a year (longer is a typo; an unbounded one overflowed the clock).
 pub const MAX_REQUEST_TIMEOUT: u64 = 365 * 24 * 3600;
+/// `ctx_size`: a context shorter than a chat template's frame is no use; the model's own
+/// context is the real upper bound, checked when it is opened.
+pub const CTX_SIZE_RANGE: std::ops::RangeInclusive<usize> = 16..=(1 << 20);
 /// Most `threads`.
 pub const MAX_THREADS: usize = 1024;
 /// Most `queue_depth` and `max_connections` (each connection is a thread and a few buffers).
@@ -249,6 +252,13 @@ impl Config {
                 self.slots.unwrap_or(0)
             )));
         }
+        if let Some(n) = self.ctx_size.filter(|n| !CTX_SIZE_RANGE.contains(n)) {
+            return Err(bad(format!(
+                "ctx_size must be from {} to {} tokens (and at most the model's), got {n}",
+                CTX_SIZE_RANGE.start(),
+                CTX_SIZE_RANGE.end()
+            )));
+        }
         if self.threads > MAX_THREADS {
             return Err(bad(format!(
                 "threads must be at most {MAX_THREADS}, got {}",
@@ -378,6 +388,13 @@ impl Config {
             seed: 0,
         };
         sampling.validate().map_err(|e| bad(format!("[generation]: {e}")))?;
+        if g.max_tokens > crate::engine::MAX_ANSWER_TOKENS {
+            return Err(bad(format!(
+                "[generation]: max_tokens must be at most {}, got {}",
+                crate::engine::MAX_ANSWER_TOKENS,
+                g.max_tokens
+            )));
+        }
         Ok(Defaults {
             sampling,
             seed: g.seed,

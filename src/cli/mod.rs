@@ -74,7 +74,7 @@ impl From<LoadError> for CliError {
             LoadFailure::BadModel => Exit::BadModel,
             LoadFailure::Unavailable => Exit::Unavailable,
             LoadFailure::Usage => Exit::Usage,
-            LoadFailure::Config => Exit::Config,
+            LoadFailure::Config | LoadFailure::Range => Exit::Config,
         };
         CliError::new(exit, e.message)
     }
@@ -138,7 +138,7 @@ pub struct ModelArgs {
     #[arg(short, long, default_value_t = 0, value_parser = threads_in_range)]
     pub threads: usize,
     /// KV cache length in tokens (default: the model's trained context, at most 4096; never more than it).
-    #[arg(short = 'c', long)]
+    #[arg(short = 'c', long, value_parser = ctx_size_in_range)]
     pub ctx_size: Option<usize>,
     /// Tokenizer file (tokenizer.json, or a SentencePiece tokenizer.model) instead of the model's own vocabulary.
     #[arg(long)]
@@ -167,6 +167,37 @@ impl ModelArgs {
             chat_template: self.chat_template.clone(),
             slots: self.slots,
         }
+    }
+}
+
+/// `--ctx-size`: [`config::CTX_SIZE_RANGE`] (the model's own context is checked at load).
+fn ctx_size_in_range(s: &str) -> Result<usize, String> {
+    let n: usize = s.parse().map_err(|e| format!("{e}"))?;
+    if !config::CTX_SIZE_RANGE.contains(&n) {
+        return Err(format!(
+            "from {} to {} tokens",
+            config::CTX_SIZE_RANGE.start(),
+            config::CTX_SIZE_RANGE.end()
+        ));
+    }
+    Ok(n)
+}
+
+/// `--max-tokens`: 0 to [`crate::engine::MAX_ANSWER_TOKENS`].
+pub(crate) fn max_tokens_in_range(s: &str) -> Result<usize, String> {
+    let n: usize = s.parse().map_err(|e| format!("{e}"))?;
+    if n > crate::engine::MAX_ANSWER_TOKENS {
+        return Err(format!("at most {}", crate::engine::MAX_ANSWER_TOKENS));
+    }
+    Ok(n)
+}
+
+/// A load failure of settings given as flags: what is out of range for the model is a usage
+/// error (2), as any other bad flag.
+pub(crate) fn from_flags(e: LoadError) -> CliError {
+    match e.failure {
+        LoadFailure::Range => CliError::new(Exit::Usage, e.message),
+        _ => e.into(),
     }
 }
 

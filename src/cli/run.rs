@@ -46,8 +46,8 @@ pub struct RunArgs {
     /// RNG seed (same seed, same output).
     #[arg(short, long, default_value_t = 0)]
     seed: u64,
-    /// Most tokens to generate (default: until end of text or context).
-    #[arg(short = 'n', long)]
+    /// Most tokens to generate, at most 1048576 (default: until end of text or context).
+    #[arg(short = 'n', long, value_parser = super::max_tokens_in_range)]
     max_tokens: Option<usize>,
     /// Stop when this string is generated (repeatable).
     #[arg(long)]
@@ -74,7 +74,7 @@ pub(super) fn run(a: &RunArgs) -> Result<(), CliError> {
     // One request: one slot, unless asked.
     let mut model = a.model.settings();
     model.slots = model.slots.or(Some(1));
-    let mut engine = load_engine(&model)?;
+    let mut engine = load_engine(&model).map_err(super::from_flags)?;
     let input = if a.chat {
         let mut messages = Vec::new();
         if let Some(s) = &a.system {

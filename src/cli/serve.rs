@@ -269,11 +269,18 @@ pub(super) fn serve(a: &ServeArgs) -> Result<(), CliError> {
     notifier.status(&format!("loading {}", model_settings.model.display()));
     log::info!("loading {}", model_settings.model.display());
     let loading = model_settings.clone();
+    let ctx_from_flag = a.ctx_size.is_some();
     std::thread::Builder::new()
         .name("load".into())
         .spawn(move || {
             crate::faults::slow_load();
-            let _ = tx.send(Event::Loaded(Box::new(load_engine(&loading).map_err(CliError::from))));
+            let _ = tx.send(Event::Loaded(Box::new(load_engine(&loading).map_err(|e| {
+                if ctx_from_flag {
+                    super::from_flags(e)
+                } else {
+                    CliError::from(e)
+                }
+            }))));
         })
         .map_err(|e| CliError::new(Exit::Failure, format!("cannot start the loading thread: {e}")))?;
     let mut reload_pending = false;
@@ -449,6 +456,18 @@ fn check(config: &Config) -> Result<(), CliError> {
     if !model.is_file() {
         eprintln!("llama-tpu: model {} does not exist", model.display());
         std::process::exit(1);
+    }
+    // A context longer than the model's is found in its header (a CPU model; a bmodel's
+    // context is its SEQLEN, whatever is asked).
+    if let (Some(n), "cpu") = (config.ctx_size, config.backend.as_str()) {
+        let trained = crate::engine::load::open_gguf(model)
+            .ok()
+            .and_then(|m| crate::model::LlamaConfig::from_gguf(&m.gguf).ok())
+            .map(|c| c.context_length);
+        if let Some(trained) = trained.filter(|&t| n > t) {
+            eprintln!("llama-tpu: ctx_size {n} is longer than the model's context of {trained} tokens");
+            std::process::exit(255);
+        }
     }
     println!("configuration valid, model {}", model.display());
     Ok(())

@@ -66,6 +66,9 @@ pub enum LoadFailure {
     Usage,
     /// The settings ask for more than the machine has.
     Config,
+    /// A setting is outside what this model takes (a context longer than it was trained
+    /// for).
+    Range,
 }
 
 /// A model that did not load: its cause and the message for the user.
@@ -298,8 +301,13 @@ fn load_cpu(settings: &ModelSettings, opened: &OpenedModel) -> Result<CpuBackend
         slots: 1,
         ..CpuOptions::default()
     };
-    let per_slot = CpuBackend::kv_bytes_per_slot(&opened.gguf, &opts)
-        .map_err(|e| LoadError::new(LoadFailure::BadModel, format!("{}: {e}", settings.model.display())))?;
+    let per_slot = CpuBackend::kv_bytes_per_slot(&opened.gguf, &opts).map_err(|e| {
+        let failure = match e {
+            crate::backend::cpu::CpuError::Context(_) => LoadFailure::Range,
+            _ => LoadFailure::BadModel,
+        };
+        LoadError::new(failure, format!("{}: {e}", settings.model.display()))
+    })?;
     let available = crate::faults::available_memory(crate::sys::memory::available_bytes());
     opts.slots = match settings.slots {
         Some(n) => {

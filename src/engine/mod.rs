@@ -73,6 +73,10 @@ impl Request {
     }
 }
 
+/// Most tokens one answer may ask for (`max_tokens`): far past any context, small enough that
+/// no count overflows.
+pub const MAX_ANSWER_TOKENS: usize = 1 << 20;
+
 /// Most stop strings in one request (they are scanned every token).
 pub const MAX_STOP: usize = 8;
 /// Longest stop string in bytes.
@@ -412,6 +416,11 @@ impl Engine {
     pub fn admit(&mut self, request: Request, affinity: Option<u64>) -> Result<usize, EngineError> {
         let started = Instant::now();
         request.sampling.validate().map_err(EngineError::Sampling)?;
+        if let Some(n) = request.max_tokens.filter(|&n| n > MAX_ANSWER_TOKENS) {
+            return Err(EngineError::Sampling(format!(
+                "max_tokens must be at most {MAX_ANSWER_TOKENS}, got {n}"
+            )));
+        }
         let context = self.backend.info().context_length;
         let (prompt, dropped_messages) = match &request.input {
             Input::Chat(messages) if request.drop_old_turns => {

@@ -15,6 +15,19 @@ const INITIAL_CAPACITY: usize = 1024;
 /// which escapes to at most 6 (`\u001f`), and its quotes; a number is far shorter.
 const ID_JSON_BYTES: usize = 256 * 6 + 2;
 
+/// Longest error message sent, in bytes before escaping (a longer one is cut at a character
+/// boundary): messages name a setting or a file, and what a client sent is never echoed whole.
+pub const MAX_MESSAGE_BYTES: usize = 300;
+
+/// The longest line that can end a reply: an `error` with the longest id, a code and the
+/// longest message, each byte escaped to 6 (a `done` is shorter: its other fields are numbers
+/// and names), its CR on a serial line. [`super::outbound::RESERVE`] holds it.
+pub const MAX_LAST_LINE: usize = r#"{"id":,"event":"error","code":"","message":""}"#.len()
+    + ID_JSON_BYTES
+    + 32
+    + 6 * MAX_MESSAGE_BYTES
+    + "\r\n".len();
+
 /// A request id, serialized once (`None` when the client gave none), held inline: its bound
 /// is in its type.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -120,13 +133,26 @@ impl EventWriter {
         self.finish()
     }
 
-    /// `{"id":..,"event":"error","code":"..","message":".."}`.
+    /// `{"id":..,"event":"error","code":"..","message":".."}`; the message cut to
+    /// [`MAX_MESSAGE_BYTES`].
     pub fn error(&mut self, id: &EventId, code: &str, message: &str) -> &[u8] {
         self.start(id, "error");
         self.string_field("code", code);
-        self.string_field("message", message);
+        self.string_field("message", cut(message, MAX_MESSAGE_BYTES));
         self.finish()
     }
+}
+
+/// The longest start of `s` of at most `max` bytes that ends on a character boundary.
+pub fn cut(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod outbound;
 pub mod protocol;
 pub mod queue;
+pub mod refusal;
 pub mod serial;
 pub mod session;
 pub mod shared;

@@ -10,8 +10,11 @@ use std::collections::VecDeque;
 use std::io::Write;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
-/// Bytes kept for the end of a reply (a `done` event is about 250 bytes).
-pub const RESERVE: usize = 1024;
+/// Bytes kept for the end of a reply: the longest last line a request can make (an error with
+/// a 256-byte id and a message of control characters, each escaped to 6 bytes: 3,422), and
+/// HTTP's stream end (a model file name of 255 bytes included). A `done` is usually 250.
+pub const RESERVE: usize = 4096;
+const _: () = assert!(super::events::MAX_LAST_LINE <= RESERVE);
 
 /// Smallest buffer: the reserve and room for a few events.
 pub const MIN_CAPACITY: usize = 2 * RESERVE;
@@ -203,12 +206,48 @@ mod tests {
         assert_eq!(queued, room - room % chunk.len());
         // The end of a reply still fits.
         assert_eq!(o.push(&[b'd'; 300], true), Pushed::Queued);
-        let mut buf = [0u8; 4096];
+        let mut buf = [0u8; MIN_CAPACITY];
         assert_eq!(o.pull(&mut buf), queued + 300);
         assert_eq!(o.push(&chunk, false), Pushed::Queued);
         o.mark_gone();
         assert_eq!(o.push(&chunk, false), Pushed::Gone);
         assert_eq!(o.pull(&mut buf), 0);
+    }
+
+    /// The longest last line a request can make fits the reserve, whatever filled the buffer
+    /// before it (issue 23: an id of 256 control characters escapes to 1,538 bytes, and its
+    /// `done` did not fit 1,024; an error message can be longer still).
+    #[test]
+    fn the_longest_last_line_fits_the_reserve() {
+        use crate::engine::{FinishReason, Summary};
+        use crate::server::events::{EventId, EventWriter};
+        use std::time::Duration;
+        let id = EventId::new(Some(&serde_json::Value::String("\u{1}".repeat(256))));
+        let summary = Summary {
+            reason: FinishReason::SlowClient,
+            prompt_tokens: usize::MAX,
+            cached_tokens: usize::MAX,
+            completion_tokens: usize::MAX,
+            dropped_messages: usize::MAX,
+            prompt_time: Duration::MAX,
+            time_to_first_token: Duration::from_secs(365 * 24 * 3600),
+            generation_time: Duration::from_nanos(1),
+            picker: "greedy_head",
+        };
+        let mut w = EventWriter::new();
+        let done = w.done(&id, &summary).to_vec();
+        let error = w.error(&id, "no_chat_template", &"\u{1}".repeat(100_000)).to_vec();
+        for last in [done, error] {
+            // Filled to the last byte ordinary writes may use, one byte at a time.
+            let o = Outbound::new(MIN_CAPACITY);
+            while o.push(b"x", false) == Pushed::Queued {}
+            assert_eq!(
+                o.push(&last, true),
+                Pushed::Queued,
+                "a last line of {} bytes",
+                last.len()
+            );
+        }
     }
 
     #[test]

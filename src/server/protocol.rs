@@ -330,11 +330,25 @@ pub(crate) fn set_setting(s: &mut Settings, key: &str, value: &Value) -> Result<
             .ok_or_else(|| bad(key, expected))
     };
     match key {
-        "max_tokens" => s.max_tokens = Some(count()? as usize),
-        "top_k" => s.top_k = Some(count()? as usize),
+        "max_tokens" => {
+            s.max_tokens = Some(
+                usize::try_from(count()?)
+                    .ok()
+                    .filter(|&n| n <= crate::engine::MAX_ANSWER_TOKENS)
+                    .ok_or_else(|| bad(key, "an integer from 0 to 1048576"))?,
+            )
+        }
+        "top_k" => {
+            s.top_k = Some(
+                usize::try_from(count()?)
+                    .ok()
+                    .filter(|&n| n <= crate::sampler::MAX_TOP_K)
+                    .ok_or_else(|| bad(key, "an integer from 0 to 1048576"))?,
+            )
+        }
         "seed" => s.seed = Some(count()?),
-        "temperature" => s.temperature = Some(real(|v| v >= 0.0, "a number >= 0")?),
-        "repeat_penalty" => s.repeat_penalty = Some(real(|v| v > 0.0, "a number > 0")?),
+        "temperature" => s.temperature = Some(real(|v| (0.0..=100.0).contains(&v), "a number in [0, 100]")?),
+        "repeat_penalty" => s.repeat_penalty = Some(real(|v| (0.01..=100.0).contains(&v), "a number in [0.01, 100]")?),
         "top_p" => s.top_p = Some(real(|v| v > 0.0 && v <= 1.0, "a number in (0, 1]")?),
         "min_p" => s.min_p = Some(real(|v| (0.0..=1.0).contains(&v), "a number in [0, 1]")?),
         "frequency_penalty" => s.frequency_penalty = Some(real(|v| (-2.0..=2.0).contains(&v), "a number in [-2, 2]")?),
@@ -434,6 +448,18 @@ mod tests {
         assert_eq!(code(r#"{"prompt": "hi", "max_tokens": -1}"#), "invalid_field");
         assert_eq!(code(r#"{"prompt": "hi", "top_p": 1.5}"#), "invalid_field");
         assert_eq!(code(r#"{"prompt": "hi", "repeat_penalty": 0}"#), "invalid_field");
+        // Every number has a range (issue 23).
+        for field in [
+            r#""max_tokens": 9223372036854775808"#,
+            r#""max_tokens": 1048577"#,
+            r#""top_k": 1099511627776"#,
+            r#""temperature": 1e39"#,
+            r#""temperature": 101"#,
+            r#""repeat_penalty": 1e-40"#,
+        ] {
+            let line = format!(r#"{{"prompt": "hi", {field}}}"#);
+            assert_eq!(json(&line).err().map(|e| e.code()), Some("invalid_field"), "{line}");
+        }
         assert_eq!(code(r#"{"prompt": "hi", "stop": [1]}"#), "invalid_field");
         assert_eq!(code(r#"{"prompt": "hi", "messages": []}"#), "invalid_field");
         assert_eq!(

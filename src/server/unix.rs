@@ -207,11 +207,9 @@ pub fn accept_loop(
     drop(listener);
 }
 
-fn refuse(mut stream: UnixStream, code: &str, message: &str) {
-    use std::io::Write;
-    let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+fn refuse(stream: UnixStream, code: &str, message: &str) {
     let mut w = EventWriter::new();
-    let _ = stream.write_all(w.error(&EventId::default(), code, message));
+    super::refusal::refuse(stream, w.error(&EventId::default(), code, message).to_vec());
 }
 
 fn admit(

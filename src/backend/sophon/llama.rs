@@ -892,7 +892,7 @@ fn dtype_name(d: DataType) -> &'static str {
 /// the whole vocabulary, more than it returns), a temperature, the repetition window within
 /// its ids input, and none of OpenAI's additive penalties (it has no input for them).
 pub fn chip_can_sample(head: &SampleHead, cfg: &SamplerConfig) -> bool {
-    cfg.temperature > 0.0
+    cfg.temperature >= crate::sampler::GREEDY_BELOW
         && (1..=head.candidates).contains(&cfg.top_k)
         && (cfg.repeat_last_n <= head.ids_len || cfg.repeat_penalty == 1.0)
         && cfg.frequency_penalty == 0.0

@@ -170,6 +170,14 @@ impl Stream {
         })
     }
 
+    /// Sends a refusal and closes gently, on a thread of [`crate::server::refusal`]'s.
+    fn refuse(self, refusal: Vec<u8>) {
+        match self {
+            Stream::Tcp(s) => crate::server::refusal::refuse(s, refusal),
+            Stream::Unix(s) => crate::server::refusal::refuse(s, refusal),
+        }
+    }
+
     fn shutdown(&self) {
         let _ = match self {
             Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
@@ -277,10 +285,7 @@ pub fn accept_loop(listener: HttpListener, shared: Arc<Shared>, config: HttpConf
                     "permission_denied",
                     "this user may not use the daemon".into(),
                 );
-                if let Ok(mut w) = stream.writer() {
-                    let _ = w.write_all(&Response::error(&e).bytes(false, None));
-                }
-                stream.shutdown();
+                stream.refuse(Response::error(&e).bytes(false, None));
                 continue;
             }
         }
@@ -291,10 +296,7 @@ pub fn accept_loop(listener: HttpListener, shared: Arc<Shared>, config: HttpConf
                 "too_many_connections",
                 "too many connections; try again later".into(),
             );
-            if let Ok(mut w) = stream.writer() {
-                let _ = w.write_all(&Response::error(&e).bytes(false, None));
-            }
-            stream.shutdown();
+            stream.refuse(Response::error(&e).bytes(false, None));
             continue;
         }
         open.fetch_add(1, Ordering::AcqRel);
