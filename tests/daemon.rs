@@ -1403,9 +1403,17 @@ fn streams_run_side_by_side_and_a_cancel_touches_only_its_own() {
 #[test]
 fn a_refused_client_reads_the_refusal_fifty_times_of_fifty() {
     let d = Daemon::start("daemon-refusal", &["--max-connections", "1"]);
-    let mut holder = d.client();
-    holder.send(r#"{"type":"ping"}"#);
-    assert_eq!(holder.event()["event"], "pong");
+    // The one connection allowed (once the daemon has seen its readiness probe leave).
+    let until = Instant::now() + PATIENCE;
+    let _holder = loop {
+        let mut holder = d.client();
+        holder.send(r#"{"type":"ping"}"#);
+        if holder.event()["event"] == "pong" {
+            break holder;
+        }
+        assert!(Instant::now() < until, "the cap never freed");
+        std::thread::sleep(Duration::from_millis(50));
+    };
     let request = format!("{}\n", json!({"id": 1, "prompt": "x".repeat(3000), "max_tokens": 1}));
     let mut failures = Vec::new();
     for i in 0..50 {

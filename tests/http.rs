@@ -1076,10 +1076,18 @@ fn a_tiny_temperature_answers_greedily_and_numbers_have_ranges() {
 #[test]
 fn a_refused_http_client_reads_the_503_fifty_times_of_fifty() {
     let d = start_with("http-refusal", &[], &["--max-connections", "1"]);
-    // The one connection allowed, held open by a head that never ends.
-    let mut holder = TcpStream::connect(("127.0.0.1", d.port)).unwrap();
-    write!(holder, "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n").unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    // The one connection allowed, held open by a head that never ends (once the daemon has
+    // seen the readiness probes leave: a probe is refused while it holds).
+    let until = Instant::now() + Duration::from_secs(60);
+    let holder = loop {
+        let mut holder = TcpStream::connect(("127.0.0.1", d.port)).unwrap();
+        write!(holder, "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n").unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        if health(d.port).0 == 503 {
+            break holder;
+        }
+        assert!(Instant::now() < until, "the cap never held");
+    };
     let body = format!(r#"{{"prompt":"{}","max_tokens":1}}"#, "x".repeat(40_000));
     let mut failures = Vec::new();
     for i in 0..50 {
