@@ -82,16 +82,29 @@ pub fn refuse<S: Refusable>(mut stream: S, refusal: Vec<u8>) {
 
 fn linger<S: Refusable>(stream: &mut S) {
     stream.shut(Shutdown::Write);
-    let until = Instant::now() + LINGER;
     let mut buf = [0u8; 4096];
-    let mut left = LINGER_BYTES;
+    read_off(stream, |s, t| s.read_timeout(t), LINGER, LINGER_BYTES, &mut buf);
+    stream.shut(Shutdown::Both);
+}
+
+/// Reads and drops what a client still sends (the caller shut its own writing side first),
+/// until the client's end, `max` bytes, or `limit` of time; `set_timeout` bounds each read.
+pub fn read_off<S: Read>(
+    stream: &mut S,
+    set_timeout: impl Fn(&S, Duration),
+    limit: Duration,
+    max: usize,
+    buf: &mut [u8],
+) {
+    let until = Instant::now() + limit;
+    let mut left = max;
     while left > 0 {
         let now = Instant::now();
         if now >= until {
             break;
         }
-        stream.read_timeout((until - now).min(Duration::from_millis(200)));
-        match stream.read(&mut buf) {
+        set_timeout(stream, (until - now).min(Duration::from_millis(100)));
+        match stream.read(buf) {
             Ok(0) => break,
             Ok(n) => left = left.saturating_sub(n),
             Err(e)
@@ -102,7 +115,6 @@ fn linger<S: Refusable>(stream: &mut S) {
             Err(_) => break,
         }
     }
-    stream.shut(Shutdown::Both);
 }
 
 #[cfg(test)]

@@ -478,21 +478,15 @@ impl Connection {
     /// which would destroy the reply before the client reads it.
     fn linger(&mut self) {
         self.stream.shutdown_write();
-        let until = Instant::now() + Duration::from_secs(1);
-        let mut left = head::MAX_BODY;
-        while left > 0 && Instant::now() < until {
-            let _ = self.stream.set_read_timeout(Some(WATCH_TICK));
-            match self.stream.read(&mut self.buf) {
-                Ok(0) => break,
-                Ok(n) => left = left.saturating_sub(n),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
-                    ) => {}
-                Err(_) => break,
-            }
-        }
+        crate::server::refusal::read_off(
+            &mut self.stream,
+            |s, t| {
+                let _ = s.set_read_timeout(Some(t));
+            },
+            Duration::from_secs(1),
+            head::MAX_BODY,
+            &mut self.buf,
+        );
     }
 
     /// Reads into the buffer with `deadline`; `Ok(false)`: the client closed the connection.
