@@ -63,6 +63,28 @@ pub fn stall_decode(step: u64) {
     let _ = step;
 }
 
+/// Slows an engine step down: one that reads prompt tokens takes
+/// `LLAMA_TPU_FAULT_PROMPT_CHUNK_MS` longer (a big model's long prefill, in a test), one that
+/// makes tokens `LLAMA_TPU_FAULT_TOKEN_MS` longer (a slow device, so that what a client sees
+/// after a cancel can be counted in tokens rather than raced).
+pub fn slow_step(reads_prompt: bool, decodes: bool) {
+    #[cfg(feature = "fault-injection")]
+    {
+        if reads_prompt {
+            if let Some(ms) = armed("LLAMA_TPU_FAULT_PROMPT_CHUNK_MS") {
+                log::warn!("fault injected: a prompt chunk takes {ms} ms more");
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+            }
+        }
+        if decodes {
+            if let Some(ms) = armed("LLAMA_TPU_FAULT_TOKEN_MS") {
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+            }
+        }
+    }
+    let _ = (reads_prompt, decodes);
+}
+
 /// The memory available for the CPU backend's slots, in bytes: `LLAMA_TPU_FAULT_MEM_AVAILABLE_MIB`
 /// in a test lowers what the kernel reports (a small box), never raises it.
 pub fn available_memory(reported: Option<u64>) -> Option<u64> {

@@ -512,6 +512,30 @@ fn sigterm_mid_generation_cancels_tells_the_queue_and_exits_cleanly() {
     assert!(!socket.exists(), "the socket file was left behind");
 }
 
+/// SIGTERM while the engine is deep in a prompt (a fault point makes each prompt chunk take
+/// 5 s): the daemon still exits within 2 s, and the client whose prompt was being read is
+/// told why its request ended (issue 23; before, it read nothing).
+#[test]
+fn sigterm_in_a_long_prompt_answers_its_client_and_exits_within_2_s() {
+    let dir = common::scratch("daemon-term-prompt");
+    let d = Daemon::start_with(dir, &[], &[("LLAMA_TPU_FAULT_PROMPT_CHUNK_MS", "5000")]);
+    let mut a = d.client();
+    a.generate(capital_of_france(7, 20));
+    assert_eq!(a.event()["event"], "queued");
+    let until = Instant::now() + PATIENCE;
+    while !d.log().contains("fault injected: a prompt chunk") {
+        assert!(Instant::now() < until, "the prompt never started:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (status, took) = d.stop();
+    assert!(status.success(), "{status}");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    let e = a.event();
+    assert_eq!(e["event"], "error", "{e}");
+    assert_eq!(e["code"], "shutting_down", "{e}");
+    assert_eq!(e["id"], 7, "{e}");
+}
+
 #[test]
 fn stale_socket_is_replaced_a_live_one_refused() {
     let dir = common::scratch("daemon-stale");

@@ -361,6 +361,67 @@ fn sigterm_ends_an_open_stream_with_a_last_chunk_and_done() {
     assert_eq!(d.child.wait().unwrap().code(), Some(0));
 }
 
+/// SIGTERM while the engine is deep in a prompt (a fault point makes each prompt chunk take
+/// 5 s) and a client has sent only half of its request (issue 23): the daemon exits within
+/// 2 s all the same, the half-sent request is answered `503 shutting_down`, and the stream
+/// whose prompt was being read ends with an error event saying why, then its last chunk.
+#[test]
+fn sigterm_in_a_long_prompt_with_a_half_sent_request_exits_within_2_s_and_tells_both() {
+    let mut d = start_with("http-term-prompt", &[("LLAMA_TPU_FAULT_PROMPT_CHUNK_MS", "5000")], &[]);
+    let port = d.port;
+    let body = r#"{"prompt":"Once upon a time","max_tokens":50,"stream":true}"#;
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        stream,
+        "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let until = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&d.log)
+        .unwrap()
+        .contains("fault injected: a prompt chunk")
+    {
+        assert!(Instant::now() < until, "the prompt never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut half = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    half.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        half,
+        "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"prompt\":"
+    )
+    .unwrap();
+    // Until its connection thread has read the head (it then waits for the body).
+    std::thread::sleep(Duration::from_millis(300));
+    let signalled = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(d.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = d.child.wait().unwrap();
+    let took = signalled.elapsed();
+    let log = std::fs::read_to_string(&d.log).unwrap();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(took < Duration::from_secs(2), "exit took {took:?}\n{log}");
+    let mut answer = String::new();
+    let read = half.read_to_string(&mut answer);
+    assert!(
+        read.is_ok(),
+        "the half-sent request's client read {read:?} after {answer:?}"
+    );
+    assert!(answer.starts_with("HTTP/1.1 503 "), "{answer:?}");
+    assert!(answer.contains("\"shutting_down\""), "{answer:?}");
+    let mut seen = String::new();
+    let read = stream.read_to_string(&mut seen);
+    assert!(read.is_ok(), "the stream's client read {read:?} after {seen:?}");
+    assert!(seen.starts_with("HTTP/1.1 200 OK"), "{seen:?}");
+    assert!(seen.contains("\"code\":\"shutting_down\""), "{seen:?}");
+    assert!(seen.ends_with("\r\n0\r\n\r\n"), "{seen:?}");
+}
+
 /// The official `openai` Python package (installed in the test venv by `make venv`).
 #[test]
 fn the_openai_python_client_streams_and_not() {

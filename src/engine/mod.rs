@@ -513,6 +513,10 @@ impl Engine {
         if self.step_spans.is_empty() {
             return Ok(false);
         }
+        crate::faults::slow_step(
+            self.step_spans.iter().any(|s| !s.decode),
+            self.step_spans.iter().any(|s| s.decode),
+        );
         let Engine {
             backend,
             slots,

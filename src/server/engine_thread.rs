@@ -3,7 +3,7 @@
 //! job's text going to its own reply.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::backend::BackendError;
@@ -24,12 +24,11 @@ pub struct DeviceFailure(pub String);
 /// # Errors
 /// A device failure (the jobs that met it are answered first).
 pub fn serve(mut engine: Engine, shared: Arc<Shared>) -> Result<(), DeviceFailure> {
-    let mut running = Running {
-        jobs: std::iter::repeat_with(|| None)
-            .take(engine.slots().min(MAX_SLOTS))
-            .collect(),
-        shared: &shared,
-    };
+    shared
+        .started_jobs
+        .lock()
+        .resize_with(engine.slots().min(MAX_SLOTS), || None);
+    let mut running = Running { shared: &shared };
     let mut closed = false;
     loop {
         shared.stats.heartbeat();
@@ -66,9 +65,43 @@ struct Ticket {
     reply: Box<dyn Reply>,
 }
 
-/// The jobs in the engine's slots.
+/// The jobs in the engine's slots, by slot. They live here rather than on the engine
+/// thread's stack so that shutdown can answer them when the engine cannot: a prompt chunk of
+/// a big model may outlast the time the daemon has to exit, and its client must still be
+/// told why its request ended. A job answered that way leaves an empty place, which the
+/// engine takes as a cancel when it comes back.
+#[derive(Default)]
+pub struct StartedJobs {
+    jobs: Mutex<Vec<Option<Ticket>>>,
+}
+
+impl StartedJobs {
+    fn lock(&self) -> MutexGuard<'_, Vec<Option<Ticket>>> {
+        // Each critical section moves a ticket or writes through one: a holder's panic leaves
+        // the list whole.
+        self.jobs.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Answers every started job `shutting_down` from the calling thread (shutdown, once the
+    /// engine has had its time). Returns how many there were.
+    pub fn abandon(&self, shared: &Shared) -> usize {
+        let mut jobs = self.lock();
+        let mut answered = 0;
+        for mut job in jobs.iter_mut().filter_map(Option::take) {
+            shared.queue.finished(&job.cancel);
+            shared.metrics.failed("shutting_down");
+            job.reply.finish(Outcome::Failed {
+                code: "shutting_down",
+                message: "the daemon is shutting down; the request was stopped",
+            });
+            answered += 1;
+        }
+        answered
+    }
+}
+
+/// The engine thread's view of the started jobs.
 struct Running<'a> {
-    jobs: Vec<Option<Ticket>>,
     shared: &'a Shared,
 }
 
@@ -87,7 +120,7 @@ impl Running<'_> {
         }
         let job = Ticket { cancel, reply };
         match engine.admit(request, affinity) {
-            Ok(slot) => match self.jobs.get_mut(slot) {
+            Ok(slot) => match self.shared.started_jobs.lock().get_mut(slot) {
                 Some(place) => *place = Some(job),
                 None => self.end(job, Err(EngineError::Busy)),
             },
@@ -133,7 +166,8 @@ impl Running<'_> {
 
 impl Clients for Running<'_> {
     fn text(&mut self, slot: usize, piece: &str) -> Result<(), FinishReason> {
-        let Some(Some(job)) = self.jobs.get_mut(slot) else {
+        let mut jobs = self.shared.started_jobs.lock();
+        let Some(Some(job)) = jobs.get_mut(slot) else {
             return Err(FinishReason::Cancelled);
         };
         if job.reply.text(piece) {
@@ -146,7 +180,7 @@ impl Clients for Running<'_> {
     }
 
     fn cancelled(&self, slot: usize) -> bool {
-        match self.jobs.get(slot) {
+        match self.shared.started_jobs.lock().get(slot) {
             Some(Some(job)) => job.cancel.load(Ordering::Relaxed),
             _ => true,
         }
@@ -157,7 +191,8 @@ impl Clients for Running<'_> {
     }
 
     fn finished(&mut self, slot: usize, result: Result<Summary, EngineError>) {
-        if let Some(job) = self.jobs.get_mut(slot).and_then(Option::take) {
+        let job = self.shared.started_jobs.lock().get_mut(slot).and_then(Option::take);
+        if let Some(job) = job {
             self.end(job, result);
         }
     }

@@ -68,6 +68,14 @@ pub struct Server {
 /// them all between bursts instead of mapping fresh ones.
 pub(crate) const CONNECTION_STACK: usize = 256 * 1024;
 
+/// How long shutdown waits for the engine to end its cancelled requests (a token each; a
+/// prompt chunk may take longer) before it answers them itself.
+const ENGINE_TIME: Duration = Duration::from_millis(1200);
+
+/// How long after the grace shutdown may take in all: README promises an exit within 2 s of
+/// SIGTERM with the default grace (0), and the process still has to close and unlink.
+const EXIT_TIME: Duration = Duration::from_millis(1700);
+
 /// Stack of a connection's drainer thread (it only copies a buffer into a writer).
 pub(crate) const DRAINER_STACK: usize = 64 * 1024;
 
@@ -152,19 +160,29 @@ impl Server {
             std::thread::sleep(Duration::from_millis(10));
         }
         self.shared.queue.cancel_running();
-        // A cancelled request ends within one token; a prompt chunk may take longer, and
-        // exiting (within 2 s of the signal) does not need to wait for it.
-        let deadline = Instant::now() + Duration::from_millis(1500);
-        while !self.engine.is_finished() && Instant::now() < deadline {
+        // A cancelled request ends within one token; a prompt chunk may take longer (a big
+        // model's, on a slow device). The daemon exits within EXIT_TIME of the grace's end
+        // all the same, and every client is told why its request ended: what the engine has
+        // not answered by ENGINE_TIME is answered from here.
+        let cancelled = Instant::now();
+        while !self.engine.is_finished() && cancelled.elapsed() < ENGINE_TIME {
             std::thread::sleep(Duration::from_millis(10));
         }
-        // HTTP streams end with a last chunk saying they were cut: give their writers a
-        // moment to send it before the process exits.
-        let deadline = Instant::now() + Duration::from_millis(1000);
-        while self.http_open.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+        if !self.engine.is_finished() {
+            let answered = self.shared.started_jobs.abandon(&self.shared);
+            log::warn!(
+                "the engine is still busy with a prompt; {answered} requests answered shutting_down, exiting without waiting for it"
+            );
+        }
+        // HTTP replies end with a last chunk or body: give their writers the rest of the time
+        // to send it (a connection ends once its reply is written).
+        while self.http_open.load(Ordering::Acquire) > 0 && cancelled.elapsed() < EXIT_TIME {
             std::thread::sleep(Duration::from_millis(10));
         }
         self.conns.close_all();
+        while self.conns.open() > 0 && cancelled.elapsed() < EXIT_TIME {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         if let Some(a) = self.accept {
             let _ = a.join();
         }
@@ -175,8 +193,6 @@ impl Server {
                 Ok(Ok(())) => {}
                 Err(_) => return Some(DeviceFailure("the engine thread panicked".into())),
             }
-        } else {
-            log::warn!("the engine is still busy with a prompt; exiting without waiting for it");
         }
         None
     }

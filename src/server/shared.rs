@@ -123,6 +123,8 @@ pub struct Shared {
     pub stopping: AtomicBool,
     /// Requests by outcome, tokens, latency histograms (`/metrics`).
     pub metrics: super::metrics::Metrics,
+    /// The jobs in the engine's slots (the engine thread's; shutdown's at the last moment).
+    pub started_jobs: super::engine_thread::StartedJobs,
 }
 
 impl Shared {
@@ -135,6 +137,7 @@ impl Shared {
             defaults: RwLock::new(Arc::new(defaults)),
             stopping: AtomicBool::new(false),
             metrics: super::metrics::Metrics::default(),
+            started_jobs: super::engine_thread::StartedJobs::default(),
         }
     }
 

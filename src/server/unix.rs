@@ -165,11 +165,17 @@ pub struct Connections {
 }
 
 impl Connections {
-    /// Closes every connection (their threads then end).
+    /// Ends every connection's reading: their threads see the end of input and end, and each
+    /// writer thread sends what its client has not yet read (the end of a reply) and closes.
     pub fn close_all(&self) {
         for s in self.streams.lock().unwrap_or_else(PoisonError::into_inner).values() {
-            let _ = s.shutdown(Shutdown::Both);
+            let _ = s.shutdown(Shutdown::Read);
         }
+    }
+
+    /// Connections still open.
+    pub fn open(&self) -> usize {
+        self.streams.lock().unwrap_or_else(PoisonError::into_inner).len()
     }
 }
 

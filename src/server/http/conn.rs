@@ -467,23 +467,27 @@ impl Connection {
                 }
             }
         }
-        if !shared.is_stopping() {
-            self.linger();
-        }
+        // Shutting down, the process exits soon after: a short moment still lets a client
+        // whose request was cut off mid-send read why.
+        self.linger(if shared.is_stopping() {
+            Duration::from_millis(200)
+        } else {
+            Duration::from_secs(1)
+        });
         self.stream.shutdown();
     }
 
     /// Closes gently: the reply is sent, then what the client still sends (a body refused
     /// unread) is read off for a moment, so that the kernel does not answer it with a reset,
     /// which would destroy the reply before the client reads it.
-    fn linger(&mut self) {
+    fn linger(&mut self, time: Duration) {
         self.stream.shutdown_write();
         crate::server::refusal::read_off(
             &mut self.stream,
             |s, t| {
                 let _ = s.set_read_timeout(Some(t));
             },
-            Duration::from_secs(1),
+            time,
             head::MAX_BODY,
             &mut self.buf,
         );
