@@ -353,11 +353,26 @@ fn settings_out_of_range_are_refused_with_the_right_code() {
     let o = run(&["run", "--repeat-last-n", "1000000000000", "hello"]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("repeat_last_n"), "{}", stderr(&o));
-    // In range is fine: the file's value stands, the flag's replaces it.
+    // In range is fine: the file's value stands, the flag's replaces it. With the model there,
+    // `--check` is a full success: 0, and the line saying so.
+    let model = common::default_model();
     let file = dir.join("ok.toml");
-    std::fs::write(&file, "request_timeout = 31536000\n").unwrap();
-    let o = run(&["serve", "--check", "--config", file.to_str().unwrap()]);
-    assert_ne!(o.status.code(), Some(255), "{}", stderr(&o));
+    let text = format!("model = \"{}\"\nrequest_timeout = 31536000\n", model.display());
+    std::fs::write(&file, text).unwrap();
+    let file = file.to_str().unwrap();
+    for args in [
+        &["serve", "--check", "--config", file][..],
+        &["serve", "--check", "--config", file, "--request-timeout", "31536000"],
+    ] {
+        let o = run(args);
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {}", stderr(&o));
+        assert_eq!(
+            String::from_utf8_lossy(&o.stdout),
+            format!("configuration valid, model {}\n", model.display()),
+            "{args:?}"
+        );
+        assert_eq!(stderr(&o), "", "{args:?}");
+    }
 }
 
 /// The context and the answer's length have ranges too (issue 23): a context of 0 or longer
@@ -383,23 +398,43 @@ fn the_context_and_the_answer_length_have_ranges() {
         let o = run(args);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
     }
-    for text in [
-        "ctx_size = 0\n",
-        "ctx_size = 100000\n",
-        "[generation]\nmax_tokens = 1048577\n",
-        "[generation]\ntemperature = 1000.0\n",
+    // What the daemon says at start and what `--check` says (the same but for a context too
+    // long for the model, which the daemon finds as it loads it).
+    let too_long = "a context of 100000 tokens is longer than the model's 8192";
+    for (text, check_says, serve_says) in [
+        (
+            "ctx_size = 0\n",
+            "ctx_size must be from 16 to 1048576 tokens (and at most the model's), got 0",
+            None,
+        ),
+        (
+            "ctx_size = 100000\n",
+            "ctx_size 100000 is longer than the model's context of 8192 tokens",
+            Some(too_long),
+        ),
+        (
+            "[generation]\nmax_tokens = 1048577\n",
+            "max_tokens must be at most 1048576, got 1048577",
+            None,
+        ),
+        (
+            "[generation]\ntemperature = 1000.0\n",
+            "temperature must be in [0, 100], got 1000",
+            None,
+        ),
     ] {
         let file = dir.join("c.toml");
         std::fs::write(&file, format!("model = \"{model}\"\n{text}")).unwrap();
         let o = run(&["serve", "--socket", socket, "--config", file.to_str().unwrap()]);
         assert_eq!(o.status.code(), Some(78), "{text}: {}", stderr(&o));
+        let says = serve_says.unwrap_or(check_says);
+        assert!(stderr(&o).contains(says), "{text}: {}", stderr(&o));
+        // `--check` says an invalid configuration with 255 (its documented code), the reason,
+        // and not that it is valid.
         let o = run(&["serve", "--check", "--config", file.to_str().unwrap()]);
-        assert_ne!(
-            o.status.code(),
-            Some(0),
-            "--check called {text:?} valid: {}",
-            stderr(&o)
-        );
+        assert_eq!(o.status.code(), Some(255), "{text}: {}", stderr(&o));
+        assert!(stderr(&o).contains(check_says), "{text}: {}", stderr(&o));
+        assert_eq!(String::from_utf8_lossy(&o.stdout), "", "{text}");
     }
 }
 

@@ -92,15 +92,86 @@ fn token_ids_equal_llama_cpp_on_a_varied_text_set() {
     }
 }
 
-/// Follows llama.cpp's greedy continuation token by token (teacher forcing) and checks that at
-/// every step the token llama.cpp chose is our best, or within `MARGIN` of it. Numerically
-/// different but correct implementations (llama.cpp keeps an f16 KV cache and f16 activation
-/// scales, and activations are re-quantized at every layer, which turns last-bit differences
-/// into visible ones) can only disagree on near-ties: gaps seen up to 0.23 logits, in a logit
-/// range of about 30. A wrong forward pass gives gaps of whole logits.
+/// One step of llama.cpp's greedy continuation: the token it chose, and its highest logits
+/// (best first) from which it chose.
+struct Step {
+    id: u32,
+    top: Vec<(u32, f32)>,
+}
+
+/// A prompt of the greedy golden: llama.cpp's ids for it, the text of its continuation (the
+/// end-of-generation token left out) and its steps.
+struct Greedy {
+    prompt: String,
+    prompt_ids: Vec<u32>,
+    continuation: String,
+    steps: Vec<Step>,
+}
+
+fn greedy_golden() -> Vec<Greedy> {
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let step = |s: &serde_json::Value| Step {
+        id: s["id"].as_u64().unwrap() as u32,
+        top: s["top"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| (p[0].as_u64().unwrap() as u32, p[1].as_f64().unwrap() as f32))
+            .collect(),
+    };
+    golden("smollm2_greedy_llamacpp.json")
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| Greedy {
+            prompt: c["prompt"].as_str().unwrap().into(),
+            prompt_ids: ids(&c["prompt_ids"]),
+            continuation: c["continuation"].as_str().unwrap().into(),
+            steps: c["steps"].as_array().unwrap().iter().map(step).collect(),
+        })
+        .collect()
+}
+
+/// Follows llama.cpp's own greedy continuation (its token ids: teacher forcing) and compares our
+/// logits at every step with the 20 highest llama.cpp recorded there
+/// (scripts/llamacpp_golden.py asks llama.cpp's C API):
+/// - each of those 20 within `LOGIT_TOL` of ours, and none of our other logits above
+///   llama.cpp's 20th by more than `LOGIT_TOL` (the top of the distribution is the same);
+/// - the mean difference over all of them within `MEAN_TOL` (an error spread over every logit,
+///   too small for the per-logit bound, moves the mean);
+/// - our argmax is llama.cpp's token, except where llama.cpp's own top two are within `TIE`.
+///
+/// Why not equal: the same Llama on the same weights (Q4_1, the output matrix Q8_0), not the
+/// same arithmetic. Both quantize activations to 8 bits per block of 32 before each product
+/// (llama.cpp's q8_1/q8_0 with f16 scales), so a last-bit difference in a norm or a sum that
+/// moves a value across a rounding step becomes 1/127 of its block's range; llama.cpp's CPU
+/// attention is flash attention (its default here), which rounds Q to f16 and sums in another
+/// order; sums are ordered differently everywhere (SIMD widths). This compounds over 30 layers.
+///
+/// Measured (214 steps, 8 prompts), ours (AVX-512 VNNI / AVX2 / portable kernels) against this
+/// golden: logits within 1.03 / 1.08 / 1.06, 0.170 / 0.177 / 0.184 on average; another token at
+/// 6 / 7 / 5 steps, where llama.cpp's top two are at most 0.21 / 0.21 / 0.26 apart. Against
+/// llama.cpp with flash attention off: within 1.57, 0.18 on average, another token at gaps up to
+/// 0.38. llama.cpp against itself, flash attention off against on: within 1.04, 0.152 on
+/// average, another token at 4 prompts, at gaps up to 0.15. The bounds are the worst of these
+/// with a quarter or more as margin (other CPUs' kernels). Seen failing: layer 15's attention
+/// norm 5% off (a logit 2.5 away), the final norm 1% off (mean 0.258), RoPE base 50000 for
+/// 100000 (a logit 2.3 away), the golden shifted by one token (a logit 18 away); the old test
+/// (our logits choosing among tokens spelling llama.cpp's text) passed the first three. Below
+/// this noise (means 0.172 to 0.187): layer 15's FFN norm 2% off, RMS epsilon 1e-4, RoPE base
+/// 90000; the numpy reference (tests/reference_forward.rs) checks the math that closely.
 #[test]
 fn greedy_decoding_follows_llama_cpp() {
-    const MARGIN: f32 = 0.5;
+    const LOGIT_TOL: f32 = 2.0;
+    const MEAN_TOL: f32 = 0.23;
+    const TIE: f32 = 0.5;
+    let cases = greedy_golden();
     let (file, gguf) = open();
     let tok = Tokenizer::from_gguf(&gguf).unwrap();
     let opts = CpuOptions {
@@ -109,46 +180,79 @@ fn greedy_decoding_follows_llama_cpp() {
         ..CpuOptions::default()
     };
     let mut b = CpuBackend::from_parts(file, &gguf, &opts).unwrap();
-    let vocab = b.info().vocab_size as u32;
-    let (mut steps, mut exact, mut worst) = (0, 0, 0f32);
-    for case in golden("smollm2_greedy_llamacpp.json").as_array().unwrap() {
-        let prompt = case["prompt"].as_str().unwrap();
-        let mut rest = case["continuation"].as_str().unwrap().as_bytes();
-        let ids = tok.encode(prompt, true).unwrap();
-        let mut pos = ids.len();
-        let Next::Logits(l) = b.prefill(&ids, 0).unwrap() else {
+    let (mut steps, mut ties, mut differ) = (0, 0, 0);
+    let (mut worst, mut sum, mut compared, mut widest) = (0f32, 0f64, 0, 0f32);
+    for case in &cases {
+        let prompt = &case.prompt;
+        assert_eq!(tok.encode(prompt, true).unwrap(), case.prompt_ids, "{prompt:?}");
+        let ids: Vec<u32> = case.steps.iter().map(|s| s.id).collect();
+        let text = ids.iter().filter(|&&t| !tok.is_eog(t)).copied().collect::<Vec<_>>();
+        assert_eq!(tok.decode(&text), case.continuation, "{prompt:?}");
+        let Next::Logits(l) = b.prefill(&case.prompt_ids, 0).unwrap() else {
             unreachable!()
         };
         let mut logits = l.to_vec();
-        while !rest.is_empty() {
-            let best = (0..vocab)
-                .max_by(|&a, &c| logits[a as usize].total_cmp(&logits[c as usize]))
-                .unwrap();
-            let theirs = (0..vocab)
-                .filter(|&t| !tok.token_bytes(t).is_empty() && rest.starts_with(tok.token_bytes(t)))
-                .max_by(|&a, &c| logits[a as usize].total_cmp(&logits[c as usize]))
-                .expect("some token spells the continuation");
-            let gap = logits[best as usize] - logits[theirs as usize];
-            assert!(
-                gap <= MARGIN,
-                "{prompt:?}: step {steps}: llama.cpp's {:?} is {gap} below our {:?}",
-                tok.decode(&[theirs]),
-                tok.decode(&[best])
-            );
-            worst = worst.max(gap);
-            exact += (best == theirs) as usize;
+        let mut pos = case.prompt_ids.len();
+        for (i, step) in case.steps.iter().enumerate() {
+            let theirs = &step.top;
+            let at = format!("{prompt:?} step {i} (after {:?})", tok.decode(&ids[..i]));
+            assert_eq!(theirs[0].0, step.id, "{at}: the golden's best is its token");
+            for &(t, v) in theirs {
+                let d = (logits[t as usize] - v).abs();
+                assert!(
+                    d <= LOGIT_TOL,
+                    "{at}: {:?} scores {} here, {v} in llama.cpp",
+                    tok.decode(&[t]),
+                    logits[t as usize]
+                );
+                worst = worst.max(d);
+                sum += d as f64;
+                compared += 1;
+            }
+            let floor = theirs.last().unwrap().1;
+            for t in 0..logits.len() as u32 {
+                assert!(
+                    logits[t as usize] <= floor + LOGIT_TOL || theirs.iter().any(|p| p.0 == t),
+                    "{at}: {:?} scores {} here, under llama.cpp's 20th ({floor}) there",
+                    tok.decode(&[t]),
+                    logits[t as usize]
+                );
+            }
+            let ours = (0..logits.len())
+                .max_by(|&a, &c| logits[a].total_cmp(&logits[c]))
+                .unwrap() as u32;
+            let gap = theirs[0].1 - theirs[1].1;
+            ties += (gap < TIE) as usize;
+            if ours != step.id {
+                assert!(
+                    gap < TIE,
+                    "{at}: we choose {:?}, llama.cpp {:?} by {gap}",
+                    tok.decode(&[ours]),
+                    tok.decode(&[step.id])
+                );
+                differ += 1;
+                widest = widest.max(gap);
+            }
             steps += 1;
-            rest = &rest[tok.token_bytes(theirs).len()..];
-            let Next::Logits(l) = b.decode(theirs, pos).unwrap() else {
-                unreachable!()
-            };
-            logits.copy_from_slice(l);
-            pos += 1;
+            if i + 1 < case.steps.len() {
+                let Next::Logits(l) = b.decode(step.id, pos).unwrap() else {
+                    unreachable!()
+                };
+                logits.copy_from_slice(l);
+                pos += 1;
+            }
         }
     }
-    eprintln!("{exact}/{steps} steps chose llama.cpp's token, worst gap {worst}");
-    assert!(steps >= 80, "only {steps} steps checked");
-    assert!(exact * 100 >= steps * 95, "only {exact}/{steps} exact");
+    let mean = (sum / compared as f64) as f32;
+    eprintln!(
+        "{steps} steps of {} prompts: our token is llama.cpp's at {}, another at {differ} of \
+         the {ties} near-ties (llama.cpp's top two within {TIE}; the widest {widest}); \
+         {compared} logits differ by at most {worst}, {mean} on average",
+        cases.len(),
+        steps - differ
+    );
+    assert!(mean <= MEAN_TOL, "logits differ by {mean} on average");
+    assert!(steps >= 200, "only {steps} steps checked");
 }
 
 #[test]
