@@ -25,7 +25,7 @@ QEMU         := qemu-aarch64 -cpu cortex-a53
 
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 
-.PHONY: soak fuzz fuzz-ci sim sim-real bmodel cross-test-ci deb deb-check cross-amd64 cross-test-glibc231 all build run demo model test-data venv test check-units check-docs bench clean help install install-files cross-setup cross cross-check cross-test
+.PHONY: soak fuzz fuzz-ci sim sim-real bmodel cross-test-ci deb deb-check cross-amd64 cross-test-glibc231 all build run demo model test-data venv test test-confined check-units check-docs bench clean help install install-files cross-setup cross cross-check cross-test
 
 # make install: PREFIX and DESTDIR as usual; the configuration goes to SYSCONFDIR.
 PREFIX     ?= /usr/local
@@ -47,6 +47,7 @@ help:
 	@echo "make test       everything the tests need, then fmt, clippy, the whole test suite, check-units, check-docs"
 	@echo "make test-data  llama.cpp's tokenizer test vectors (from the llama-cpp-python source package) into .cache"
 	@echo "make venv       the Python venv of the tests and downloads (.cache/venv: numpy, gguf, openai, selenium...)"
+	@echo "make test-confined  the socket and HTTP tests with the daemon under the unit's system-call filter (in make test)"
 	@echo "make check-units  systemd-analyze verify and security on the units as installed"
 	@echo "make check-docs docs/architecture.md names every src file, links resolve, make help lists every target"
 	@echo "make sim        BM1684X simulator, compile tools (Python 3.10) and the toy bmodels the tests use"
@@ -154,8 +155,27 @@ test: model test-data venv sim
 	set -o pipefail; LLAMA_TPU_PYTHON=$(VENV)/bin/python $(CARGO) test --profile test-opt --no-fail-fast 2>&1 | tee .cache/test.log \
 		|| { echo "== failed tests, as the harness reported them:"; \
 		     grep -a -A6 "panicked at" .cache/test.log | grep -av '^\[0\]' | head -100; exit 1; }
+	$(MAKE) --no-print-directory test-confined
 	$(MAKE) --no-print-directory check-units
 	$(MAKE) --no-print-directory check-docs
+
+# The unit's confinement run, not only scored: the socket and HTTP suites again, every daemon
+# (and client) they start under the system-call filter systemd/llama-tpu.service declares
+# (scripts/syscall-filter-run: its SystemCallFilter= lines expanded by systemd-analyze, applied
+# with libseccomp, EPERM outside them). A call outside the filter fails its test here, not a box
+# in the field; each such call is also reported, and one a program shrugged off fails the run.
+# Needs systemd-analyze and python3-seccomp (Debian's, for /usr/bin/python3).
+CONFINED_TESTS := --test daemon --test http
+CONFINED_REPORT := .cache/confined-denied.log
+test-confined: model test-data venv
+	@/usr/bin/python3 -c 'import seccomp' 2>/dev/null || { echo "test-confined needs python3-seccomp (apt-get install python3-seccomp)" >&2; exit 1; }
+	rm -f $(CONFINED_REPORT)
+	rc=0; LLAMA_TPU_PYTHON=$(VENV)/bin/python SYSCALL_FILTER_REPORT=$(CURDIR)/$(CONFINED_REPORT) \
+		LLAMA_TPU_TEST_RUNNER="$(CURDIR)/scripts/syscall-filter-run $(CURDIR)/systemd/llama-tpu.service" \
+		$(CARGO) test --profile test-opt --no-fail-fast $(CONFINED_TESTS) || rc=$$?; \
+	if [ -s $(CONFINED_REPORT) ]; then echo "== system calls outside the unit's SystemCallFilter:"; cat $(CONFINED_REPORT); \
+		echo "test-confined: allow them in systemd/llama-tpu.service (saying why) or stop making them"; rc=1; fi; \
+	exit $$rc
 
 # Installs into a scratch root and runs systemd-analyze verify there (with the test build of
 # the binary: the units only need an executable at the path they name).
