@@ -199,6 +199,28 @@ impl Client {
         }
     }
 
+    /// Reads, without waiting, what the daemon has already sent, and returns the token
+    /// events among it: after this, whatever arrives was sent later.
+    fn drain_tokens(&mut self) -> usize {
+        self.stream.set_nonblocking(true).unwrap();
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = self.stream.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+        self.stream.set_nonblocking(false).unwrap();
+        let mut tokens = 0;
+        while let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.buf.drain(..=i).collect();
+            let e: Value = serde_json::from_slice(&line).unwrap();
+            assert!(e["event"] == "token", "{e}");
+            tokens += 1;
+        }
+        tokens
+    }
+
     fn event(&mut self) -> Value {
         let line = self.read_until(b'\n');
         serde_json::from_slice(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&line)))
@@ -321,9 +343,16 @@ fn clients_at_once_are_served_in_order_and_none_is_lost() {
     }
 }
 
+/// A full queue says busy; a client that leaves or cancels stops its request within a token,
+/// counted: every step makes its token in at least 20 ms (a fault point), so a client that
+/// reads as tokens come has read all but the one being made when it leaves or cancels.
 #[test]
 fn a_full_queue_says_busy_and_a_client_that_leaves_is_cancelled_at_once() {
-    let d = Daemon::start("daemon-busy", &["--queue-depth", "1"]);
+    let d = Daemon::start_with(
+        common::scratch("daemon-busy"),
+        &["--queue-depth", "1"],
+        &[("LLAMA_TPU_FAULT_TOKEN_MS", "20")],
+    );
     let mut a = d.client();
     a.generate(long_story(1));
     assert_eq!(a.event()["event"], "queued");
@@ -343,14 +372,17 @@ fn a_full_queue_says_busy_and_a_client_that_leaves_is_cancelled_at_once() {
     c.send(r#"{"type":"ping"}"#);
     assert_eq!(c.event()["event"], "pong");
 
-    // A leaves: its story is cancelled and B starts right away (not after 4000 tokens).
-    let disconnects = d.log().matches(": disconnected").count();
+    // A leaves after a few tokens: its story is cancelled and B starts right away.
+    for _ in 0..3 {
+        assert_eq!(a.event()["event"], "token");
+    }
+    let seen = 4 + a.drain_tokens();
     drop(a);
     let (text, _, done) = b.answer();
     assert!(text.contains("Paris") && done["reason"] == "eos", "{text} {done}");
+    // The engine's own record of A's request: cancelled, at most the token it was making
+    // and one more made before the hang-up reached it.
     let log = d.log();
-    assert!(log.matches(": disconnected").count() > disconnects, "{log}");
-    // The engine's own record of A's request: cancelled, far short of its 4000 tokens.
     let a_done = log
         .lines()
         .find(|l| l.contains("request done:"))
@@ -361,21 +393,28 @@ fn a_full_queue_says_busy_and_a_client_that_leaves_is_cancelled_at_once() {
         .and_then(|(_, rest)| rest.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("{a_done}"));
-    assert!(made < 4000, "{a_done}");
+    assert!(made <= seen + 2, "{made} tokens made, {seen} read when A left");
 
-    // An explicit cancel ends a running answer with reason "cancelled".
+    // An explicit cancel ends a running answer with reason "cancelled": at most 2 token
+    // events reach the client after it wrote the cancel.
     b.generate(long_story(4));
     assert_eq!(b.event()["event"], "queued");
-    assert_eq!(b.event()["event"], "token");
+    for _ in 0..3 {
+        assert_eq!(b.event()["event"], "token");
+    }
+    b.drain_tokens();
     b.send(r#"{"type":"cancel"}"#);
-    let (_, _, done) = loop {
+    let mut after = 0;
+    let done = loop {
         let e = b.event();
-        if e["event"] == "cancel" {
-            assert_eq!(e["cancelled"], true);
-            break b.answer();
+        match e["event"].as_str() {
+            Some("token") => after += 1,
+            Some("cancel") => assert_eq!(e["cancelled"], true),
+            _ => break e,
         }
     };
     assert_eq!(done["reason"], "cancelled", "{done}");
+    assert!(after <= 2, "{after} token events after the cancel");
     b.generate(long_story(5));
     b.event();
     b.generate(capital_of_france(6, 5));
@@ -502,7 +541,8 @@ fn sigterm_mid_generation_cancels_tells_the_queue_and_exits_cleanly() {
     let (status, took) = d.stop();
     assert!(status.success(), "{status}");
     assert!(
-        took < Duration::from_secs(2) || std::env::var_os("LLAMA_TPU_TEST_RUNNER").is_some(),
+        // Waived under qemu (make cross-test), not under make test-confined's seccomp wrapper.
+        took < Duration::from_secs(2) || std::env::var("LLAMA_TPU_TEST_RUNNER").is_ok_and(|r| r.contains("qemu")),
         "{took:?}"
     );
     let (_, _, done) = a.answer();
@@ -622,6 +662,18 @@ fn socket_mode_allow_list_and_reload() {
         .unwrap();
     assert_eq!(bad.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("queue_depht"));
+}
+
+#[test]
+fn socket_group_gives_the_socket_its_group() {
+    // A chown of the socket to a group of the daemon's own: the unit's system-call filter
+    // must allow it (make test-confined runs this under the filter).
+    let gid = nix::unistd::getgid();
+    let group = nix::unistd::Group::from_gid(gid).unwrap().unwrap().name;
+    let d = Daemon::start("daemon-group", &["--socket-group", &group, "--socket-mode", "0660"]);
+    let meta = std::fs::metadata(&d.socket).unwrap();
+    assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), gid.as_raw());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
 }
 
 #[test]
@@ -1150,6 +1202,77 @@ fn a_client_that_does_not_read_is_stopped_and_the_next_is_served() {
     // A's connection still works for its next request.
     a.send(r#"{"type":"ping"}"#);
     assert_eq!(a.event()["event"], "pong");
+}
+
+/// Waits until the daemon's log says `any` of `marks`; returns the one it said.
+fn wait_for_log<'a>(d: &Daemon, marks: &[&'a str]) -> &'a str {
+    let until = Instant::now() + PATIENCE;
+    loop {
+        let log = d.log();
+        if let Some(m) = marks.iter().find(|m| log.contains(**m)) {
+            return m;
+        }
+        assert!(Instant::now() < until, "the log never said {marks:?}:\n{log}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A client that stops reading does not lose its answer, nor hold anyone up (issue 23): once
+/// its buffer is full its request waits out of the batch while another conversation goes
+/// on, and when it reads again the answer goes on to its natural end. Before, the request
+/// ended `slow_client` the moment its buffer filled (a serial console slower than the model
+/// lost every long answer).
+#[test]
+fn a_client_that_stops_reading_waits_out_of_the_batch_and_gets_its_whole_answer() {
+    let d = Daemon::start("daemon-stop-reading", &["--outbound-buffer", "8192", "--slots", "2"]);
+    let mut a = d.client();
+    // About 40 bytes an event: 800 tokens are four times what the buffers hold.
+    let mut story = long_story(1);
+    story["max_tokens"] = json!(800);
+    a.generate(story);
+    let seen = wait_for_log(&d, &["its client takes no more text", "request done:"]);
+    assert_eq!(seen, "its client takes no more text", "{}", d.log());
+    // Another conversation is served while A's request waits.
+    let mut b = d.client();
+    b.generate(capital_of_france(2, 20));
+    let (text, _, done) = b.answer();
+    assert!(text.contains("Paris") && done["reason"] == "eos", "{text} {done}");
+    let (_, token_events, done) = a.answer();
+    assert_eq!(done["event"], "done", "{done}");
+    assert!(done["reason"] == "length" || done["reason"] == "eos", "{done}");
+    // Every token made reached the client.
+    let made = done["completion_tokens"].as_u64().unwrap() as usize;
+    assert!(
+        made > 500 && token_events <= made && made <= token_events + 8,
+        "{made} made, {token_events} events"
+    );
+    assert!(d.log().contains("its client reads again"), "{}", d.log());
+}
+
+/// A request whose client takes nothing for `client_stall_timeout` (1 s here) ends
+/// `slow_client`, its last line sent from the buffer's reserve, at most the one token whose
+/// text no longer fitted generated past what was delivered; its slot serves the next
+/// request.
+#[test]
+fn a_client_that_takes_nothing_for_the_stall_timeout_is_stopped() {
+    let d = Daemon::start(
+        "daemon-stall-timeout",
+        &["--outbound-buffer", "8192", "--client-stall-timeout", "1"],
+    );
+    let mut a = d.client();
+    a.generate(long_story(1));
+    wait_for_log(&d, &["took nothing for 1 s (client_stall_timeout)"]);
+    let mut b = d.client();
+    b.generate(capital_of_france(2, 20));
+    let (text, _, done) = b.answer();
+    assert!(text.contains("Paris") && done["reason"] == "eos", "{text} {done}");
+    let (_, token_events, done) = a.answer();
+    assert_eq!(done["reason"], "slow_client", "{done}");
+    let made = done["completion_tokens"].as_u64().unwrap() as usize;
+    assert!(
+        made < 4000 && made <= token_events + 1,
+        "{made} made, {token_events} delivered"
+    );
 }
 
 /// An engine that stops making progress (the test build stalls its third decode step for 30

@@ -84,6 +84,8 @@ pub struct Config {
     pub queue_depth: usize,
     /// Seconds a request may run (0 = no limit).
     pub request_timeout: u64,
+    /// Seconds a request waits, out of the batch, for a client that takes none of its answer.
+    pub client_stall_timeout: u64,
     /// Seconds a running request may go on after SIGTERM before it is cancelled.
     pub shutdown_grace: f64,
     /// error, warn, info, debug, trace.
@@ -143,6 +145,7 @@ impl Default for Config {
             cors_origins: Vec::new(),
             queue_depth: 8,
             request_timeout: 300,
+            client_stall_timeout: crate::server::shared::DEFAULT_CLIENT_STALL_TIMEOUT,
             shutdown_grace: 0.0,
             log_level: "info".into(),
             generation: Generation::default(),
@@ -201,6 +204,15 @@ impl Config {
         }
         if !(self.shutdown_grace.is_finite() && (0.0..=3600.0).contains(&self.shutdown_grace)) {
             return Err(bad("shutdown_grace must be between 0 and 3600 seconds"));
+        }
+        let stall = crate::server::shared::CLIENT_STALL_TIMEOUT_RANGE;
+        if !stall.contains(&self.client_stall_timeout) {
+            return Err(bad(format!(
+                "client_stall_timeout must be between {} and {} seconds, got {}",
+                stall.start(),
+                stall.end(),
+                self.client_stall_timeout
+            )));
         }
         if self.request_timeout > MAX_REQUEST_TIMEOUT {
             return Err(bad(format!(
@@ -401,6 +413,7 @@ impl Config {
             max_tokens: (g.max_tokens > 0).then_some(g.max_tokens),
             system_prompt: g.system_prompt.clone().filter(|s| !s.is_empty()),
             request_timeout: (self.request_timeout > 0).then(|| Duration::from_secs(self.request_timeout)),
+            client_stall_timeout: Duration::from_secs(self.client_stall_timeout),
             allow_uids: self.allow_uids.clone(),
             allow_gids: self.allow_gids.clone(),
         })
@@ -463,6 +476,7 @@ mod tests {
             "cors_origins",
             "queue_depth",
             "request_timeout",
+            "client_stall_timeout",
             "shutdown_grace",
             "log_level",
             "max_tokens",

@@ -91,10 +91,14 @@ pub struct ServeArgs {
     /// Most socket connections at once [default: 16].
     #[arg(long)]
     max_connections: Option<usize>,
-    /// Bytes queued for each client; a request whose client falls further behind is stopped
-    /// with reason slow_client [default: 65536].
+    /// Bytes queued for each client; a request whose client falls further behind waits for
+    /// it out of the batch [default: 65536].
     #[arg(long, value_name = "BYTES")]
     outbound_buffer: Option<usize>,
+    /// Seconds a request waits for a client that takes none of its answer before it ends
+    /// with reason slow_client, 1-3600 [default: 30].
+    #[arg(long, value_name = "SECONDS")]
+    client_stall_timeout: Option<u64>,
     /// Seconds a request may run, 0 = no limit [default: 300].
     #[arg(long, value_name = "SECONDS")]
     request_timeout: Option<u64>,
@@ -160,6 +164,7 @@ impl ServeArgs {
             queue_depth,
             max_connections,
             outbound_buffer,
+            client_stall_timeout,
             request_timeout,
             shutdown_grace,
             log_level
@@ -436,13 +441,14 @@ fn reload(a: &ServeArgs, running: &Config, shared: &Shared) {
     let fixed = Config {
         generation: running.generation.clone(),
         request_timeout: running.request_timeout,
+        client_stall_timeout: running.client_stall_timeout,
         allow_uids: running.allow_uids.clone(),
         allow_gids: running.allow_gids.clone(),
         log_level: running.log_level.clone(),
         ..fresh
     };
     if &fixed != running {
-        log::warn!("reload: settings other than [generation], request_timeout, allow_uids, allow_gids and log_level changed; they apply after a restart");
+        log::warn!("reload: settings other than [generation], request_timeout, client_stall_timeout, allow_uids, allow_gids and log_level changed; they apply after a restart");
     }
     log::info!("reloaded the configuration");
 }

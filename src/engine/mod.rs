@@ -252,6 +252,17 @@ pub trait Clients {
     /// Whether the request in `slot` was cancelled (checked before every step).
     fn cancelled(&self, slot: usize) -> bool;
 
+    /// Whether the client of the generating request in `slot` can take more text (checked
+    /// before every step). `Ok(false)`: not yet (it is not reading); the request sits this
+    /// step out, keeping its place. `Err(reason)` ends it.
+    ///
+    /// # Errors
+    /// The request must stop, for the reason given (one waited for too long: `SlowClient`).
+    fn ready(&mut self, slot: usize) -> Result<bool, FinishReason> {
+        let _ = slot;
+        Ok(true)
+    }
+
     /// Called after every backend step, so a watchdog sees the device answer even while no
     /// text comes out.
     fn progress(&mut self) {}
@@ -269,6 +280,8 @@ struct Run {
     first_token_at: Option<Instant>,
     /// The token to run next (generation); `None` while the prompt is still being fed.
     pending: Option<u32>,
+    /// Its client cannot take more text yet: it sits out the steps until it can.
+    waiting: bool,
     summary: Summary,
 }
 
@@ -485,6 +498,7 @@ impl Engine {
             started,
             first_token_at: None,
             pending: None,
+            waiting: false,
         });
         Ok(i)
     }
@@ -499,13 +513,21 @@ impl Engine {
     pub fn step(&mut self, clients: &mut dyn Clients) -> Result<bool, BackendError> {
         let now = Instant::now();
         for i in 0..self.slots.len() {
-            let Some(run) = &self.slots[i].run else { continue };
+            let Some(run) = &mut self.slots[i].run else { continue };
             let reason = if clients.cancelled(i) {
                 FinishReason::Cancelled
             } else if run.request.deadline.is_some_and(|d| now >= d) {
                 FinishReason::TimeLimit
-            } else {
+            } else if run.pending.is_none() {
                 continue;
+            } else {
+                match clients.ready(i) {
+                    Ok(ready) => {
+                        run.waiting = !ready;
+                        continue;
+                    }
+                    Err(reason) => reason,
+                }
             };
             self.finish(i, reason, clients);
         }
@@ -567,7 +589,7 @@ impl Engine {
         self.step_tokens.clear();
         self.step_spans.clear();
         for (i, slot) in self.slots.iter().enumerate() {
-            if let Some(token) = slot.run.as_ref().and_then(|r| r.pending) {
+            if let Some(token) = slot.run.as_ref().filter(|r| !r.waiting).and_then(|r| r.pending) {
                 self.step_tokens.push(token);
                 // Capacity is one span per slot: the push cannot fail to fit.
                 self.step_spans.push(Span {

@@ -15,6 +15,9 @@ use super::shared::Shared;
 /// How often an idle engine thread shows life to the watchdog.
 const IDLE_TICK: Duration = Duration::from_millis(250);
 
+/// How often requests that wait for their clients look again when nothing else runs.
+const WAITING_TICK: Duration = Duration::from_millis(10);
+
 /// A device failure ended the engine thread; the daemon must exit so it can be restarted.
 #[derive(Debug)]
 pub struct DeviceFailure(pub String);
@@ -51,10 +54,16 @@ pub fn serve(mut engine: Engine, shared: Arc<Shared>) -> Result<(), DeviceFailur
             }
             continue;
         }
-        if let Err(e) = engine.step(&mut running) {
-            let message = e.to_string();
-            log::error!("device failure: {message}");
-            return Err(DeviceFailure(message));
+        match engine.step(&mut running) {
+            // Nothing ran, yet requests remain: each waits for its client to read. Look
+            // again in a moment rather than spin (requests that merely ended go on at once).
+            Ok(false) if engine.active() > 0 => std::thread::sleep(WAITING_TICK),
+            Ok(_) => {}
+            Err(e) => {
+                let message = e.to_string();
+                log::error!("device failure: {message}");
+                return Err(DeviceFailure(message));
+            }
         }
     }
 }
@@ -63,6 +72,8 @@ pub fn serve(mut engine: Engine, shared: Arc<Shared>) -> Result<(), DeviceFailur
 struct Ticket {
     cancel: Arc<AtomicBool>,
     reply: Box<dyn Reply>,
+    /// Its client takes no text (said once in the log).
+    waiting: bool,
 }
 
 /// The jobs in the engine's slots, by slot. They live here rather than on the engine
@@ -118,7 +129,11 @@ impl Running<'_> {
             // Settings are bounded (a year at most); a limit past the clock's end is none.
             request.deadline = Instant::now().checked_add(limit);
         }
-        let job = Ticket { cancel, reply };
+        let job = Ticket {
+            cancel,
+            reply,
+            waiting: false,
+        };
         match engine.admit(request, affinity) {
             Ok(slot) => match self.shared.started_jobs.lock().get_mut(slot) {
                 Some(place) => *place = Some(job),
@@ -172,11 +187,42 @@ impl Clients for Running<'_> {
         };
         if job.reply.text(piece) {
             Ok(())
-        } else if job.reply.fell_behind() {
-            Err(FinishReason::SlowClient)
         } else {
             Err(FinishReason::Cancelled)
         }
+    }
+
+    fn ready(&mut self, slot: usize) -> Result<bool, FinishReason> {
+        let mut jobs = self.shared.started_jobs.lock();
+        let Some(Some(job)) = jobs.get_mut(slot) else {
+            return Err(FinishReason::Cancelled);
+        };
+        let Some(taken) = job.reply.waiting() else {
+            if job.waiting {
+                job.waiting = false;
+                log::debug!("slot {slot}: its client reads again; the request goes on");
+            }
+            return Ok(true);
+        };
+        if !job.waiting {
+            job.waiting = true;
+            log::info!("slot {slot}: its client takes no more text; the request waits out of the batch");
+        }
+        // A request whose client does not read never holds up another: the queue has jobs
+        // only while every slot is busy.
+        if self.shared.queue.waiting() > 0 {
+            log::info!("slot {slot}: a queued request needs the slot; the request whose client does not read ends");
+            return Err(FinishReason::SlowClient);
+        }
+        let limit = self.shared.defaults().client_stall_timeout;
+        if taken.elapsed() >= limit {
+            log::info!(
+                "slot {slot}: its client took nothing for {} s (client_stall_timeout); the request ends",
+                limit.as_secs()
+            );
+            return Err(FinishReason::SlowClient);
+        }
+        Ok(false)
     }
 
     fn cancelled(&self, slot: usize) -> bool {

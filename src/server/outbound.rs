@@ -8,7 +8,9 @@
 
 use std::collections::VecDeque;
 use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 /// Bytes kept for the end of a reply: the longest last line a request can make (an error with
 /// a 256-byte id and a message of control characters, each escaped to 6 bytes: 3,422), and
@@ -22,6 +24,10 @@ pub const MIN_CAPACITY: usize = 2 * RESERVE;
 /// Default size: a 512-token JSON answer (about 40 bytes an event) fits whole, so a serial
 /// line at 9600 baud that reads nothing until the end keeps up.
 pub const DEFAULT_CAPACITY: usize = 64 * 1024;
+
+/// How long a client whose session is over still has to take what was queued for it (the end
+/// of a request stopped because it did not read, say) before its drainer gives up.
+pub const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 /// Largest size the setting accepts.
 pub const MAX_CAPACITY: usize = 16 << 20;
@@ -42,6 +48,8 @@ struct Pending {
     capacity: usize,
     /// No more bytes will come: the drainer ends once the queue is empty.
     closed: bool,
+    /// When it was closed.
+    closed_at: Option<Instant>,
     /// The client cannot be written to.
     gone: bool,
     /// The drainer wrote every byte up to the close (an HTTP connection may then carry the
@@ -53,6 +61,9 @@ struct Pending {
 pub struct Outbound {
     pending: Mutex<Pending>,
     more: Condvar,
+    created: Instant,
+    /// Milliseconds after `created` when the client last took bytes (a write succeeded).
+    taken_ms: AtomicU64,
 }
 
 fn lock(m: &Mutex<Pending>) -> MutexGuard<'_, Pending> {
@@ -70,11 +81,25 @@ impl Outbound {
                 bytes: VecDeque::with_capacity(capacity),
                 capacity,
                 closed: false,
+                closed_at: None,
                 gone: false,
                 delivered: false,
             }),
             more: Condvar::new(),
+            created: Instant::now(),
+            taken_ms: AtomicU64::new(0),
         })
+    }
+
+    /// When the client last took bytes (or the buffer was made): a client that reads
+    /// nothing leaves this behind.
+    pub fn last_taken(&self) -> Instant {
+        self.created + Duration::from_millis(self.taken_ms.load(Ordering::Relaxed))
+    }
+
+    fn taken(&self) {
+        let ms = u64::try_from(self.created.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.taken_ms.store(ms, Ordering::Relaxed);
     }
 
     /// Queues `bytes` whole or not at all. Ordinary writes leave [`RESERVE`] bytes free;
@@ -118,7 +143,12 @@ impl Outbound {
 
     /// No more writes: the drainer sends what is queued, then ends.
     pub fn close(&self) {
-        lock(&self.pending).closed = true;
+        let mut p = lock(&self.pending);
+        if !p.closed {
+            p.closed = true;
+            p.closed_at = Some(Instant::now());
+        }
+        drop(p);
         self.more.notify_all();
     }
 
@@ -140,17 +170,18 @@ impl Outbound {
         p.gone.then_some(p.delivered)
     }
 
-    /// Whether the session is over (closed) or the client gone.
-    fn finished(&self) -> bool {
+    /// Whether a drainer whose write timed out should try again: the client is not gone,
+    /// and the session is not over or ended less than [`CLOSE_WAIT`] ago.
+    fn may_wait(&self) -> bool {
         let p = lock(&self.pending);
-        p.closed || p.gone
+        !p.gone && p.closed_at.is_none_or(|t| t.elapsed() < CLOSE_WAIT)
     }
 
     /// Starts the thread that drains this buffer into `writer` (the client's socket or serial
     /// port; give it a write timeout of a second or so). It ends when the buffer is closed and
     /// empty, or a write fails. A client that does not read only keeps this thread waiting
-    /// (its requests are stopped when the buffer fills); once its session is over, a timeout
-    /// ends the wait.
+    /// (its requests wait out of the batch, then stop); once its session is over, it has
+    /// [`CLOSE_WAIT`] to read the rest.
     ///
     /// # Errors
     /// The thread cannot be started.
@@ -172,13 +203,16 @@ impl Outbound {
                     while sent < n {
                         match writer.write(&buf[sent..n]) {
                             Ok(0) => break 'pulling,
-                            Ok(k) => sent += k,
+                            Ok(k) => {
+                                sent += k;
+                                me.taken();
+                            }
                             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                             Err(e)
                                 if matches!(
                                     e.kind(),
                                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                                ) && !me.finished() => {}
+                                ) && me.may_wait() => {}
                             Err(_) => break 'pulling,
                         }
                     }

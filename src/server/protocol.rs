@@ -322,11 +322,12 @@ pub(crate) fn parse_stop(value: Value) -> Result<StopStrings, ProtocolError> {
 /// Sets one numeric setting from JSON or from a `/set` argument (parsed as JSON).
 pub(crate) fn set_setting(s: &mut Settings, key: &str, value: &Value) -> Result<(), ProtocolError> {
     let count = || value.as_u64().ok_or_else(|| bad(key, "a non-negative integer"));
-    let real = |ok: fn(f64) -> bool, expected: &'static str| {
+    // Checked as stored: 1e-50 is above 0 but becomes 0 as an f32.
+    let real = |ok: fn(f32) -> bool, expected: &'static str| {
         value
             .as_f64()
-            .filter(|v| v.is_finite() && ok(*v))
             .map(|v| v as f32)
+            .filter(|v| v.is_finite() && ok(*v))
             .ok_or_else(|| bad(key, expected))
     };
     match key {
@@ -447,6 +448,9 @@ mod tests {
         assert_eq!(code(r#"{"prompt": 5}"#), "invalid_field");
         assert_eq!(code(r#"{"prompt": "hi", "max_tokens": -1}"#), "invalid_field");
         assert_eq!(code(r#"{"prompt": "hi", "top_p": 1.5}"#), "invalid_field");
+        // Above 0 as written, 0 as stored (found by the openai fuzz target).
+        assert_eq!(code(r#"{"prompt": "hi", "top_p": 1e-50}"#), "invalid_field");
+        assert_eq!(code(r#"{"prompt": "hi", "temperature": 1e300}"#), "invalid_field");
         assert_eq!(code(r#"{"prompt": "hi", "repeat_penalty": 0}"#), "invalid_field");
         // Every number has a range (issue 23).
         for field in [

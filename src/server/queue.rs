@@ -8,7 +8,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::engine::{Request, Summary};
 
@@ -28,13 +28,16 @@ pub enum Outcome<'a> {
 
 /// Where a job's output goes: implemented by each transport. Called on the engine thread.
 pub trait Reply: Send {
-    /// A piece of generated text (whole UTF-8 characters). `false` means the client is gone
-    /// or too far behind.
+    /// A piece of generated text (whole UTF-8 characters). `false` means the client is gone.
+    /// Text that does not fit the client's outbound buffer is kept, in order, until it has
+    /// room (see [`Reply::waiting`]).
     fn text(&mut self, piece: &str) -> bool;
-    /// After `text` returned `false`: whether for a full outbound buffer (the client is not
-    /// reading fast enough) rather than a client gone.
-    fn fell_behind(&self) -> bool {
-        false
+    /// Whether text handed over still waits for room (the client stopped reading): `Some(t)`,
+    /// the client having last taken bytes at `t`; `None` once everything is queued for it
+    /// (what waited goes now if it fits). The engine makes no more text for the request
+    /// while it waits.
+    fn waiting(&mut self) -> Option<Instant> {
+        None
     }
     /// The job is over; called exactly once.
     fn finish(&mut self, outcome: Outcome<'_>);

@@ -8,6 +8,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
 
 use serde_json::{json, Map, Value};
 
@@ -45,8 +46,9 @@ A line starting with { is a JSON request (see docs/protocol.md).
 Every reply ends with the byte 0x04 (EOT).";
 
 /// Where a session's bytes go: the client's outbound buffer, which a thread of the
-/// transport's drains. Writes never block; they fail once the client is gone or, for all but
-/// the end of a reply, when the buffer is full (the client has fallen behind).
+/// transport's drains. Writes never block. Other writes fail once the client is gone or the
+/// buffer is full; a reply's text that does not fit is kept until the client has room, and
+/// meanwhile the engine makes no more of it.
 pub struct Output {
     out: Arc<Outbound>,
     /// Serial consoles want CR LF line ends.
@@ -55,8 +57,8 @@ pub struct Output {
     scratch: Vec<u8>,
     /// Writing the end of a reply: it may use the buffer's reserve.
     ending: bool,
-    /// A write did not fit since the last reply began.
-    fell_behind: bool,
+    /// A reply's text that did not fit yet (line ends already converted).
+    unsent: Vec<u8>,
 }
 
 impl Output {
@@ -68,29 +70,40 @@ impl Output {
             events: EventWriter::new(),
             scratch: Vec::with_capacity(4096),
             ending: false,
-            fell_behind: false,
+            unsent: Vec::with_capacity(4096),
         }
     }
 
-    /// Writes bytes; `false` once the client is gone or has fallen behind.
+    /// Writes bytes; `false` once the client is gone or the buffer is full.
     pub fn write(&mut self, bytes: &[u8]) -> bool {
         let (out, ending) = (Arc::clone(&self.out), self.ending);
-        let ok = send(&out, self.crlf, &mut self.scratch, ending, bytes);
-        self.note(ok)
+        send(&out, self.crlf, &mut self.scratch, ending, bytes) == Pushed::Queued
     }
 
     /// Writes an event made by `make` from the reused event buffer.
     fn event(&mut self, make: impl FnOnce(&mut EventWriter) -> &[u8]) -> bool {
         let line = make(&mut self.events);
-        let ok = send(&self.out, self.crlf, &mut self.scratch, self.ending, line);
-        self.note(ok)
+        send(&self.out, self.crlf, &mut self.scratch, self.ending, line) == Pushed::Queued
     }
 
-    fn note(&mut self, pushed: Pushed) -> bool {
-        if pushed == Pushed::Full {
-            self.fell_behind = true;
+    /// Writes a reply's text: queued, or kept in order until the client has room. `false`
+    /// once the client is gone.
+    fn answer(&mut self, bytes: &[u8]) -> bool {
+        answer(&self.out, self.crlf, &mut self.scratch, &mut self.unsent, bytes)
+    }
+
+    /// [`Output::answer`] for an event made by `make`.
+    fn answer_event(&mut self, make: impl FnOnce(&mut EventWriter) -> &[u8]) -> bool {
+        let line = make(&mut self.events);
+        answer(&self.out, self.crlf, &mut self.scratch, &mut self.unsent, line)
+    }
+
+    /// Queues the reply text that waited, if it fits now; `true` when nothing waits.
+    fn flush_unsent(&mut self) -> bool {
+        if !self.unsent.is_empty() && self.out.push(&self.unsent, false) == Pushed::Queued {
+            self.unsent.clear();
         }
-        pushed == Pushed::Queued && (self.ending || !self.fell_behind)
+        self.unsent.is_empty()
     }
 
     /// Whether the client can no longer be written to.
@@ -105,20 +118,41 @@ impl Output {
 }
 
 fn send(out: &Outbound, crlf: bool, scratch: &mut Vec<u8>, last: bool, bytes: &[u8]) -> Pushed {
-    if crlf && bytes.contains(&b'\n') {
-        scratch.clear();
-        let mut previous = 0;
-        for &b in bytes {
-            if b == b'\n' && previous != b'\r' {
-                scratch.push(b'\r');
-            }
-            scratch.push(b);
-            previous = b;
+    out.push(line_ends(crlf, scratch, bytes), last)
+}
+
+fn answer(out: &Outbound, crlf: bool, scratch: &mut Vec<u8>, unsent: &mut Vec<u8>, bytes: &[u8]) -> bool {
+    let bytes = line_ends(crlf, scratch, bytes);
+    if unsent.is_empty() {
+        match out.push(bytes, false) {
+            Pushed::Queued => return true,
+            Pushed::Gone => return false,
+            Pushed::Full => {}
         }
-        out.push(scratch, last)
-    } else {
-        out.push(bytes, last)
+    } else if out.is_gone() {
+        return false;
     }
+    // The engine makes no more text for this request until this has gone out: what waits is
+    // at most a token's text and the stop-string tail held before it.
+    unsent.extend_from_slice(bytes);
+    true
+}
+
+/// `bytes` with CR LF line ends (built in `scratch`) when `crlf`.
+fn line_ends<'a>(crlf: bool, scratch: &'a mut Vec<u8>, bytes: &'a [u8]) -> &'a [u8] {
+    if !(crlf && bytes.contains(&b'\n')) {
+        return bytes;
+    }
+    scratch.clear();
+    let mut previous = 0;
+    for &b in bytes {
+        if b == b'\n' && previous != b'\r' {
+            scratch.push(b'\r');
+        }
+        scratch.push(b);
+        previous = b;
+    }
+    scratch
 }
 
 type SharedOutput = Arc<Mutex<Output>>;
@@ -571,13 +605,14 @@ impl JobReply {
 }
 
 impl Reply for JobReply {
-    fn fell_behind(&self) -> bool {
-        lock(&self.out).fell_behind
+    fn waiting(&mut self) -> Option<Instant> {
+        let mut out = lock(&self.out);
+        (!out.flush_unsent()).then(|| out.out.last_taken())
     }
 
     fn text(&mut self, piece: &str) -> bool {
         match &mut self.mode {
-            Mode::Json(id) => lock(&self.out).event(|w| w.token(id, piece)),
+            Mode::Json(id) => lock(&self.out).answer_event(|w| w.token(id, piece)),
             Mode::Text { answer, clean, .. } => {
                 answer.push_str(piece);
                 // A model can emit terminal escape sequences and the end-of-reply byte; a
@@ -589,7 +624,7 @@ impl Reply for JobReply {
                 } else {
                     piece
                 };
-                lock(&self.out).write(text.as_bytes())
+                lock(&self.out).answer(text.as_bytes())
             }
         }
     }
@@ -597,11 +632,15 @@ impl Reply for JobReply {
     fn finish(&mut self, outcome: Outcome<'_>) {
         let output = Arc::clone(&self.out);
         let mut out = lock(&output);
-        // The end of the reply may use the buffer's reserve; the next reply starts afresh.
+        // What waited goes first if it fits; a client that never made room for it (the
+        // request ends slow_client or cancelled) does without. The end of the reply may use
+        // the buffer's reserve.
+        if !out.flush_unsent() {
+            out.unsent.clear();
+        }
         out.ending = true;
         self.write_end(&mut out, outcome);
         out.ending = false;
-        out.fell_behind = false;
     }
 }
 
@@ -643,7 +682,7 @@ impl JobReply {
                             FinishReason::TimeLimit => Some("[stopped at the request time limit]"),
                             FinishReason::Context => Some("[the context is full: /reset to start over]"),
                             FinishReason::SlowClient => {
-                                Some("[stopped: the answer was not read fast enough (outbound_buffer)]")
+                                Some("[stopped: the answer was not being read (client_stall_timeout), or another request needed the slot]")
                             }
                         };
                         if let Some(n) = note {

@@ -24,6 +24,12 @@ pub struct ModelFacts {
     pub slots: usize,
 }
 
+/// Seconds a request waits for a client that takes none of its answer, by default.
+pub const DEFAULT_CLIENT_STALL_TIMEOUT: u64 = 30;
+
+/// The range of `client_stall_timeout`, in seconds.
+pub const CLIENT_STALL_TIMEOUT_RANGE: std::ops::RangeInclusive<u64> = 1..=3600;
+
 /// Settings a request does not give itself; re-read on SIGHUP.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Defaults {
@@ -37,6 +43,9 @@ pub struct Defaults {
     pub system_prompt: Option<String>,
     /// Longest time a request may run.
     pub request_timeout: Option<Duration>,
+    /// How long a request whose client takes no bytes waits for it, out of the batch, before
+    /// it ends `slow_client`.
+    pub client_stall_timeout: Duration,
     /// Peers allowed on the UNIX socket by uid (empty with `allow_gids` empty: everyone the
     /// socket's file mode lets in).
     pub allow_uids: Vec<u32>,
@@ -52,6 +61,7 @@ impl Default for Defaults {
             max_tokens: Some(512),
             system_prompt: None,
             request_timeout: Some(Duration::from_secs(300)),
+            client_stall_timeout: Duration::from_secs(DEFAULT_CLIENT_STALL_TIMEOUT),
             allow_uids: Vec::new(),
             allow_gids: Vec::new(),
         }

@@ -299,6 +299,10 @@ pub fn accept_loop(listener: HttpListener, shared: Arc<Shared>, config: HttpConf
             stream.refuse(Response::error(&e).bytes(false, None));
             continue;
         }
+        // Our bounded buffer is the one that counts: keep the kernel's behind it small (TCP's
+        // would otherwise grow to megabytes, and a client that stops reading would be seen to
+        // only after that much).
+        let _ = nix::sys::socket::setsockopt(stream.fd(), nix::sys::socket::sockopt::SndBuf, &config.outbound_buffer);
         open.fetch_add(1, Ordering::AcqRel);
         let (shared, config, open2) = (Arc::clone(&shared), Arc::clone(&config), Arc::clone(&open));
         let spawned = std::thread::Builder::new()
@@ -1063,7 +1067,8 @@ struct HttpReply {
     /// The CORS origin to name, if any.
     cors: Option<String>,
     start: Arc<StreamStart>,
-    fell_behind: bool,
+    /// Chunks that did not fit the client's buffer yet (the engine waits for them).
+    unsent: Vec<u8>,
     /// The whole answer (not streamed).
     text: String,
     /// Where each event is built, and where it is framed (both reused: no allocation per
@@ -1099,7 +1104,7 @@ impl HttpReply {
             model,
             start: Arc::new(start),
             cors,
-            fell_behind: false,
+            unsent: Vec::with_capacity(1024),
             text: String::new(),
             scratch: Vec::with_capacity(1024),
             framed: Vec::with_capacity(1024),
@@ -1247,23 +1252,36 @@ impl Reply for HttpReply {
                 .extend_from_slice(b",\"logprobs\":null,\"finish_reason\":null}]}\n\n"),
         }
         self.frame();
-        match self.out.push(&self.framed, false) {
-            Pushed::Queued => true,
-            Pushed::Full => {
-                self.fell_behind = true;
-                false
+        if self.unsent.is_empty() {
+            match self.out.push(&self.framed, false) {
+                Pushed::Queued => return true,
+                Pushed::Gone => return false,
+                Pushed::Full => {}
             }
-            Pushed::Gone => false,
+        } else if self.out.is_gone() {
+            return false;
         }
+        // Kept until the client makes room; the engine makes no more text meanwhile.
+        self.unsent.extend_from_slice(&self.framed);
+        true
     }
 
-    fn fell_behind(&self) -> bool {
-        self.fell_behind
+    fn waiting(&mut self) -> Option<Instant> {
+        if !self.unsent.is_empty() && self.out.push(&self.unsent, false) == Pushed::Queued {
+            self.unsent.clear();
+        }
+        (!self.unsent.is_empty()).then(|| self.out.last_taken())
     }
 
     fn finish(&mut self, outcome: Outcome<'_>) {
         // Decided, written and closed under the stream's lock: the connection thread cannot
         // start the stream or add a comment in between.
+        // What waited goes first if it fits; a client that never made room for it does
+        // without (its request ends slow_client or cancelled).
+        if !self.unsent.is_empty() {
+            let _ = self.out.push(&self.unsent, false);
+            self.unsent.clear();
+        }
         let start = Arc::clone(&self.start);
         let mut state = start.lock();
         let started = *state == StreamState::Started;
