@@ -53,7 +53,7 @@ help:
 	@echo "make sim        BM1684X simulator, compile tools (Python 3.10) and the toy bmodels the tests use"
 	@echo "make sim-real   SmolLM2-135M compiled by llm_convert.py, on the simulated chip against the CPU backend (~15 min)"
 	@echo "make bmodel     compile a Llama-2 checkpoint (HF=dir) to a BM1684X bmodel with the vendor's llm_convert.py"
-	@echo "make soak       2000 requests through the socket and a serial line, memory/fds/threads checked flat"
+	@echo "make soak       2000 requests through the socket, HTTP and a serial line, memory/fds/threads checked flat"
 	@echo "make fuzz       the fuzz targets, FUZZ_SECONDS (600) each"
 	@echo "make fuzz-ci    the fuzz targets, 30 s each (CI)"
 	@echo "make install    make build, then make install-files"
@@ -123,7 +123,8 @@ sim:
 sim-real: sim
 	sim/real.sh
 
-# The daemon serving 2,000 requests in a row (socket and serial, noise, an unplug), with its
+# The daemon serving 2,000 requests in a row (socket, HTTP streamed and not with a client
+# leaving now and then, /health and /metrics polls, serial with noise and an unplug), with its
 # memory, descriptors and threads printed and checked flat (on demand: SOAK_REQUESTS).
 SOAK_REQUESTS ?= 2000
 soak: build model
