@@ -21,17 +21,6 @@ struct Daemon {
     child: Child,
     dir: PathBuf,
     socket: PathBuf,
-    /// Held while the daemon runs: the load test takes the whole machine and runs alone, so
-    /// its 64 clients do not starve the other tests' daemons (their checks count events, but
-    /// a starved daemon still looks like a stalled or slow one).
-    _turn: Option<std::sync::RwLockReadGuard<'static, ()>>,
-}
-
-static TURNS: std::sync::RwLock<()> = std::sync::RwLock::new(());
-
-/// A turn beside the other ordinary tests (not beside the load test).
-fn turn() -> Option<std::sync::RwLockReadGuard<'static, ()>> {
-    Some(TURNS.read().unwrap_or_else(std::sync::PoisonError::into_inner))
 }
 
 fn bin() -> std::process::Command {
@@ -53,14 +42,8 @@ impl Daemon {
     /// The same with environment variables (the test build's fault points).
     fn start_with(dir: PathBuf, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
         let socket = dir.join("llama.sock");
-        let _turn = turn();
         let child = Daemon::spawn_with(&dir, &socket, extra, env);
-        let mut d = Daemon {
-            child,
-            dir,
-            socket,
-            _turn,
-        };
+        let mut d = Daemon { child, dir, socket };
         d.wait_ready();
         d
     }
@@ -636,7 +619,6 @@ fn socket_mode_allow_list_and_reload() {
         child: _child,
         dir: dir.clone(),
         socket: socket.clone(),
-        _turn: turn(),
     };
     d.signal(Signal::SIGHUP);
     let until = Instant::now() + PATIENCE;
@@ -958,7 +940,6 @@ fn systemd_notifications_and_watchdog() {
         child,
         dir: dir.clone(),
         socket,
-        _turn: turn(),
     };
     let mut messages: Vec<String> = Vec::new();
     let until = Instant::now() + PATIENCE;
@@ -1022,7 +1003,6 @@ fn socket_activation_uses_the_socket_systemd_passes() {
         child,
         dir: dir.clone(),
         socket: socket.clone(),
-        _turn: turn(),
     };
     d.wait_ready();
     // The daemon answers as soon as its threads run; the line saying where it serves follows.
@@ -1122,7 +1102,6 @@ fn signals_during_a_long_load_are_handled() {
         child,
         dir: dir.clone(),
         socket: socket_hup,
-        _turn: turn(),
     };
     d.wait_ready();
     let text = d.log();
@@ -1303,7 +1282,6 @@ fn a_stalled_engine_stops_the_watchdog_pings() {
         child,
         dir: dir.clone(),
         socket,
-        _turn: turn(),
     };
     d.wait_ready();
     let pings = |notify: &UnixDatagram, until: Instant| {
@@ -1341,154 +1319,6 @@ fn a_stalled_engine_stops_the_watchdog_pings() {
         "{}",
         d.log()
     );
-}
-
-/// RssAnon of a process, in KiB (anonymous memory: what a leak grows).
-fn rss_anon_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("RssAnon:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-        .unwrap()
-}
-
-/// What one load client saw.
-#[derive(Default, Debug)]
-struct Tally {
-    answered: usize,
-    cancelled: usize,
-    errors: usize,
-    abandoned: usize,
-}
-
-/// One client of the load: ten short requests over one connection (five JSON, a text-mode
-/// turn, two cancelled at once, two lines of garbage), then one more it leaves in the middle
-/// of. Each client starts at a different point of the mix, so all kinds run at once.
-fn load_client(socket: &Path, who: usize) -> Tally {
-    let mut t = Tally::default();
-    let mut c = Client::new(UnixStream::connect(socket).unwrap());
-    c.send("/set max_tokens 1");
-    c.read_until(0x04);
-    for j in 0..10 {
-        match (who + j) % 10 {
-            // JSON requests: answered, with a done event.
-            0..=4 => {
-                c.generate(json!({"id": j, "prompt": "Hi", "max_tokens": 1, "temperature": 0}));
-                let (_, _, end) = c.answer();
-                assert_eq!(end["event"], "done", "client {who} request {j}: {end}");
-                t.answered += 1;
-            }
-            // A text-mode turn: answered, ending with EOT.
-            5 => {
-                c.send("Hello");
-                let reply = c.read_until(0x04);
-                assert!(!reply.is_empty(), "client {who} request {j}");
-                t.answered += 1;
-            }
-            // A request cancelled right away: it still ends, with a reason.
-            6 | 7 => {
-                c.generate(json!({"id": j, "prompt": "Once", "max_tokens": 64}));
-                c.send(r#"{"type":"cancel"}"#);
-                let (_, _, end) = c.answer();
-                assert_eq!(end["event"], "done", "client {who} request {j}: {end}");
-                if end["reason"] == "cancelled" {
-                    t.cancelled += 1;
-                } else {
-                    t.answered += 1;
-                }
-            }
-            // Garbage: an error naming it, and the connection goes on.
-            8 => {
-                c.send(r#"{"prompt": "#);
-                let e = c.event();
-                assert_eq!(e["code"], "invalid_json", "client {who}: {e}");
-                t.errors += 1;
-            }
-            _ => {
-                c.send_bytes(b"\xff\xfe not text\n");
-                let reply = String::from_utf8_lossy(&c.read_until(0x04)).into_owned();
-                assert!(reply.contains("error"), "client {who}: {reply}");
-                t.errors += 1;
-            }
-        }
-    }
-    // The last request: the client leaves in the middle of it (provoked: no answer expected).
-    c.generate(json!({"id": "gone", "prompt": "Write a long poem", "max_tokens": 200}));
-    assert_eq!(c.event()["event"], "queued");
-    drop(c);
-    t.abandoned += 1;
-    t
-}
-
-/// 64 clients at once, 10 requests each plus one abandoned mid-stream, with max_connections
-/// and queue_depth 64: every request answered (or ended with its documented error), none lost
-/// or hung; anonymous memory after a second round equal to after the first, within 2 MiB.
-#[test]
-fn sixty_four_clients_at_once_none_lost_and_memory_flat() {
-    // Alone: no other test's daemon runs beside these 64 clients.
-    let _alone = TURNS.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let dir = common::scratch("daemon-load");
-    let socket = dir.join("llama.sock");
-    let child = Daemon::spawn(&dir, &socket, &["--max-connections", "64", "--queue-depth", "64"]);
-    let mut d = Daemon {
-        child,
-        dir,
-        socket,
-        _turn: None,
-    };
-    d.wait_ready();
-    let round = |d: &Daemon| -> Tally {
-        let socket = d.socket.clone();
-        let clients: Vec<_> = (0..64)
-            .map(|who| {
-                let socket = socket.clone();
-                std::thread::spawn(move || load_client(&socket, who))
-            })
-            .collect();
-        let mut total = Tally::default();
-        for c in clients {
-            let t = c.join().expect("a client failed");
-            total.answered += t.answered;
-            total.cancelled += t.cancelled;
-            total.errors += t.errors;
-            total.abandoned += t.abandoned;
-        }
-        total
-    };
-    // The abandoned requests end too: wait for an idle daemon, then measure.
-    let settle = |d: &Daemon| {
-        let until = Instant::now() + PATIENCE;
-        loop {
-            let mut c = d.client();
-            c.send(r#"{"type":"status"}"#);
-            let s = c.event();
-            if s["state"] == "idle" && s["connections"] == 1 {
-                return;
-            }
-            assert!(Instant::now() < until, "{s}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
-    // The first round warms up what is made once (the heap's high-water mark, cached thread
-    // stacks); a second one must leave the daemon where the first left it.
-    let mut after = Vec::new();
-    for _ in 0..2 {
-        let t = round(&d);
-        assert_eq!(t.answered + t.cancelled + t.errors, 64 * 10, "{t:?}");
-        assert_eq!(t.abandoned, 64);
-        settle(&d);
-        after.push(rss_anon_kib(d.child.id()));
-    }
-    eprintln!("load: 2 rounds of 64 clients x 11 requests; RssAnon after each {after:?} KiB");
-    assert!(
-        after[1] <= after[0] + 2048,
-        "anonymous memory grew from {} KiB to {} KiB",
-        after[0],
-        after[1]
-    );
-    let (status, _) = d.stop();
-    assert_eq!(status.code(), Some(0));
 }
 
 /// Four slots: a client that arrives while another streams gets its answer while the first

@@ -339,10 +339,15 @@ impl Session {
             RequestKind::Ping => self.reply(&id, "pong", Map::new()),
             RequestKind::Status => self.reply(&id, "status", self.status()),
             RequestKind::Cancel => {
-                let running = self.cancel();
+                // The acknowledgement goes out before the request's `done`: the output stays
+                // locked from the reply to the flag, and the engine needs it to end the request.
+                let output = Arc::clone(&self.out);
+                let mut out = lock(&output);
+                let running = self.busy();
                 let mut fields = Map::new();
                 fields.insert("cancelled".into(), running.into());
-                self.reply(&id, "cancel", fields);
+                out.event(|w| w.reply(&id, "cancel", &fields));
+                self.cancel();
             }
             RequestKind::Reset => {
                 if self.busy() {

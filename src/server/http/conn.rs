@@ -1350,10 +1350,11 @@ impl Reply for HttpReply {
                 Pushed::Gone => self.out.mark_gone(),
             }
         }
+        // Done before closed: a client that reads the end and hangs up at once must not be
+        // taken for one that left early.
+        self.done.store(true, Ordering::Release);
         self.out.close();
         *state = StreamState::Ended;
-        drop(state);
-        self.done.store(true, Ordering::Release);
     }
 }
 
