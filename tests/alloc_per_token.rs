@@ -95,6 +95,7 @@ fn decoding_a_token_allocates_nothing() {
         deadline: None,
         drop_old_turns: false,
         ignore_eos: false,
+        shape: None,
     };
     for round in 0..2 {
         let mut counts: Vec<usize> = Vec::with_capacity(1000);
@@ -281,6 +282,7 @@ fn decoding_a_token_on_the_tpu_allocates_nothing() {
             deadline: None,
             drop_old_turns: false,
             ignore_eos: false,
+            shape: None,
         };
         let mut counts: Vec<usize> = Vec::with_capacity(1000);
         let cancel = AtomicBool::new(false);
@@ -438,6 +440,7 @@ fn streaming_over_http_allocates_nothing_per_token() {
     let shared = Arc::new(Shared::new(facts, 4, defaults));
     let engine_shared = Arc::clone(&shared);
     let tokenizer = engine.shared_tokenizer();
+    let grammars = engine.grammars();
     let engine_thread = std::thread::spawn(move || engine_thread::serve(engine, engine_shared));
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -447,6 +450,7 @@ fn streaming_over_http_allocates_nothing_per_token() {
         max_connections: 4,
         outbound_buffer: DEFAULT_CAPACITY,
         tokenizer,
+        grammars,
         chat_template: None,
     };
     let (s, o) = (Arc::clone(&shared), Arc::clone(&open));

@@ -410,6 +410,42 @@ fn a_full_queue_says_busy_and_a_client_that_leaves_is_cancelled_at_once() {
     assert_eq!(e["code"], "connection_busy", "one request per connection: {e}");
 }
 
+/// `json_schema` on the socket (issue 24): the answer is a document the schema accepts, `{}`
+/// any JSON value; a schema the daemon cannot follow is an error event naming the keyword.
+#[test]
+fn json_schema_shapes_the_answer_over_the_socket() {
+    let d = Daemon::start("daemon-schema", &[]);
+    let mut c = d.client();
+    let schema = json!({"type": "object", "properties": {
+        "city": {"enum": ["Paris", "Rome"]}, "people": {"type": "integer", "minimum": 0, "maximum": 99},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 10}, "minItems": 1, "maxItems": 2}},
+        "required": ["city", "people", "tags"]});
+    c.generate(
+        json!({"id": 1, "messages": [{"role": "user", "content": "Where do you live?"}],
+                      "temperature": 0, "max_tokens": 200, "json_schema": schema}),
+    );
+    let (text, _, done) = c.answer();
+    assert_eq!(done["reason"], "eos", "{done}: {text}");
+    let doc: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    let keys: Vec<&String> = doc.as_object().unwrap().keys().collect();
+    assert_eq!(keys.len(), 3, "{text}");
+    assert!(["Paris", "Rome"].contains(&doc["city"].as_str().unwrap()), "{text}");
+    assert!(doc["people"].as_u64().unwrap() <= 99, "{text}");
+    let tags = doc["tags"].as_array().unwrap();
+    assert!(
+        (1..=2).contains(&tags.len()) && tags.iter().all(|t| t.as_str().unwrap().chars().count() <= 10),
+        "{text}"
+    );
+    c.generate(json!({"id": 2, "prompt": "A list:", "temperature": 0, "max_tokens": 100, "json_schema": {}}));
+    let (text, _, done) = c.answer();
+    assert_eq!(done["reason"], "eos", "{done}: {text}");
+    serde_json::from_str::<Value>(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    c.generate(json!({"id": 3, "prompt": "x", "json_schema": {"type": "array", "uniqueItems": true}}));
+    let (_, _, e) = c.answer();
+    assert_eq!(e["code"], "invalid_schema", "{e}");
+    assert!(e["message"].as_str().unwrap().contains("uniqueItems"), "{e}");
+}
+
 #[test]
 fn bad_input_gets_an_error_and_the_connection_keeps_working() {
     let d = Daemon::start("daemon-bad", &["--ctx-size", "128"]);

@@ -1068,12 +1068,12 @@ fn the_wire_is_lenient_where_peers_are_and_exact_where_clients_look() {
     assert!(v["usage"]["prompt_tokens_details"]["cached_tokens"].is_u64());
     let log = std::fs::read_to_string(&d.log).unwrap();
     assert!(
-        log.contains("ignored fields: cache_prompt, messages[0].name, parallel_tool_calls"),
+        log.contains("ignored fields: messages[0].name, cache_prompt, parallel_tool_calls"),
         "{log}"
     );
     for (field, body) in [
         ("tools", r#""tools":[{"type":"function","function":{"name":"f"}}]"#),
-        ("response_format", r#""response_format":{"type":"json_object"}"#),
+        ("response_format.type", r#""response_format":{"type":"xml"}"#),
         ("logit_bias", r#""logit_bias":{"15":3}"#),
         ("n", r#""n":3"#),
     ] {

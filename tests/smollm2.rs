@@ -439,6 +439,7 @@ fn an_overlong_conversation_is_fitted_by_arithmetic() {
         let req = Request {
             drop_old_turns: true,
             ignore_eos: false,
+            shape: None,
             ..greedy(Input::Chat(talk.clone()), 4)
         };
         let (_, s) = generate(&mut e, &req);

@@ -91,6 +91,9 @@ pub enum BackendError {
     /// tokens.
     #[error("a step's spans do not fit the backend ({0})")]
     BadSpan(&'static str),
+    /// The model cannot do what the request needs.
+    #[error("{0}")]
+    Unsupported(&'static str),
     /// The device or its runtime failed.
     #[error("device call {call} failed: {detail}")]
     Device {
@@ -228,6 +231,15 @@ pub trait Backend: Send {
     /// # Errors
     /// The settings cannot be passed to the device.
     fn configure_sampling(&mut self, _slot: usize, _cfg: &SamplerConfig) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    /// Makes slot `slot`'s request return logits for the host to pick from, whatever its
+    /// settings (after [`Backend::configure_sampling`]): its answer is constrained by a mask.
+    ///
+    /// # Errors
+    /// The model cannot return logits (its head picks tokens on the device).
+    fn sample_on_host(&mut self, _slot: usize) -> Result<(), BackendError> {
         Ok(())
     }
 

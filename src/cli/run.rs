@@ -94,6 +94,7 @@ pub(super) fn run(a: &RunArgs) -> Result<(), CliError> {
         deadline: None,
         drop_old_turns: false,
         ignore_eos: false,
+        shape: None,
     };
 
     // Ctrl-C ends the generation (reason "cancelled"); a second one exits at once.

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub mod constraint;
 pub mod load;
 pub mod slots;
 
@@ -16,6 +17,8 @@ use crate::backend::{Backend, BackendError, BackendInfo, Next, Span};
 use crate::chat::{ChatTemplate, Message, Part, RenderState, Role};
 use crate::sampler::{Sampler, SamplerConfig};
 use crate::tokenizer::{TextStream, Tokenizer, TokenizerError};
+pub use constraint::Shape;
+use constraint::{Constraint, GrammarError, Grammars, Progress};
 use slots::SlotView;
 
 /// Most slots an engine holds (its per-step lists are inline arrays of this size).
@@ -56,6 +59,8 @@ pub struct Request {
     /// (llama.cpp's `ignore_eos`; benchmarks use it for answers of a known length). One the
     /// chip picks anyway is run like any other token.
     pub ignore_eos: bool,
+    /// What the answer must be (a JSON document); `None`: free text.
+    pub shape: Option<Shape>,
 }
 
 impl Request {
@@ -69,6 +74,7 @@ impl Request {
             deadline: None,
             drop_old_turns: false,
             ignore_eos: false,
+            shape: None,
         }
     }
 }
@@ -237,6 +243,9 @@ pub enum EngineError {
     /// Every slot is serving a request (the caller admits only when one is idle).
     #[error("every slot is busy")]
     Busy,
+    /// The answer's shape cannot be used (an unsupported schema) or its grammar failed.
+    #[error("{0}")]
+    Grammar(#[from] GrammarError),
 }
 
 /// Receives what the engine makes for the requests it runs, slot by slot (the daemon's engine
@@ -301,6 +310,8 @@ struct Slot {
     piece: String,
     /// Text not yet sent because it may be the start of a stop string.
     held: String,
+    /// Where the answer is in the document it must be, for a constrained request.
+    constraint: Option<Constraint>,
     run: Option<Run>,
 }
 
@@ -309,6 +320,7 @@ pub struct Engine {
     backend: Box<dyn Backend>,
     /// Shared with the HTTP front's `/tokenize` (read-only).
     tokenizer: Arc<Tokenizer>,
+    grammars: Arc<Grammars>,
     template: Option<ChatTemplate>,
     slots: Vec<Slot>,
     /// Counts admissions, for least-recently-used order.
@@ -325,6 +337,7 @@ impl Engine {
     /// tokenizer.
     pub fn new(backend: Box<dyn Backend>, tokenizer: Tokenizer, template: Option<ChatTemplate>) -> Engine {
         let info = backend.info().clone();
+        let tokenizer = Arc::new(tokenizer);
         let slots = (0..info.slots.max(1))
             .map(|_| Slot {
                 cached: Vec::with_capacity(info.context_length),
@@ -335,6 +348,7 @@ impl Engine {
                 stream: TextStream::new(),
                 piece: String::with_capacity(TEXT_CAPACITY),
                 held: String::with_capacity(TEXT_CAPACITY),
+                constraint: None,
                 run: None,
             })
             .collect::<Vec<_>>();
@@ -345,9 +359,16 @@ impl Engine {
             clock: 0,
             last_admitted: 0,
             backend,
-            tokenizer: Arc::new(tokenizer),
+            grammars: Arc::new(Grammars::new(Arc::clone(&tokenizer))),
+            tokenizer,
             template,
         }
+    }
+
+    /// What compiles answers' shapes for this model (the transports check a request's schema
+    /// with it before queueing).
+    pub fn grammars(&self) -> Arc<Grammars> {
+        Arc::clone(&self.grammars)
     }
 
     /// Backend limits.
@@ -468,7 +489,15 @@ impl Engine {
             slots::choose(&views, &prompt, affinity)
         };
         let i = chosen.ok_or(EngineError::Busy)?;
+        let constraint = match &request.shape {
+            Some(shape) => Some(self.grammars.compile(shape)?),
+            None => None,
+        };
         self.backend.configure_sampling(i, &request.sampling)?;
+        if constraint.is_some() {
+            // The mask is applied to logits: the host picks this request's tokens.
+            self.backend.sample_on_host(i)?;
+        }
         self.clock += 1;
         self.last_admitted = i;
         let slot = &mut self.slots[i];
@@ -481,6 +510,7 @@ impl Engine {
         slot.sampler.reset(Some(&prompt));
         slot.stream.clear();
         slot.held.clear();
+        slot.constraint = constraint;
         slot.run = Some(Run {
             summary: Summary {
                 reason: FinishReason::Eos,
@@ -652,6 +682,11 @@ impl Engine {
                         }
                     }
                 }
+                if let Some(c) = slot.constraint.as_mut() {
+                    if let Err(e) = c.mask(&mut slot.logits) {
+                        return self.fail(i, e, clients);
+                    }
+                }
                 slot.sampler.sample(&mut slot.logits)
             }
         };
@@ -664,6 +699,11 @@ impl Engine {
         if self.tokenizer.is_eog(token) && !run.request.ignore_eos {
             return Some(FinishReason::Eos);
         }
+        let complete = match slot.constraint.as_mut().map(|c| c.advance(token)) {
+            Some(Err(e)) => return self.fail(i, e, clients),
+            Some(Ok(progress)) => progress == Progress::Complete,
+            None => false,
+        };
         run.summary.completion_tokens += 1;
         slot.piece.clear();
         slot.stream.push(self.tokenizer.token_bytes(token), &mut slot.piece);
@@ -672,6 +712,10 @@ impl Engine {
             Ok(false) => {}
             Ok(true) => return Some(FinishReason::Stop),
             Err(reason) => return Some(reason),
+        }
+        if complete {
+            // The document is whole and nothing may follow: the answer's natural end.
+            return Some(FinishReason::Eos);
         }
         if run
             .request
@@ -688,10 +732,22 @@ impl Engine {
         None
     }
 
+    /// Ends the request in slot `i` with an error from its grammar.
+    fn fail(&mut self, i: usize, e: GrammarError, clients: &mut dyn Clients) -> Option<FinishReason> {
+        let slot = &mut self.slots[i];
+        slot.held.clear();
+        slot.constraint = None;
+        if slot.run.take().is_some() {
+            clients.finished(i, Err(EngineError::Grammar(e)));
+        }
+        None
+    }
+
     /// Ends the request in slot `i`.
     fn finish(&mut self, i: usize, reason: FinishReason, clients: &mut dyn Clients) {
         let slot = &mut self.slots[i];
         let Some(mut run) = slot.run.take() else { return };
+        slot.constraint = None;
         // Text held for a possible stop string is real output when no stop string came.
         if !matches!(
             reason,

@@ -252,6 +252,7 @@ pub fn error_code(e: &EngineError) -> &'static str {
         EngineError::NoTemplate => "no_chat_template",
         EngineError::Sampling(_) => "invalid_field",
         EngineError::Busy => "busy",
+        EngineError::Grammar(_) => "invalid_schema",
         EngineError::Tokenizer(_) => "tokenizer",
         EngineError::Backend(BackendError::Device { .. }) => "device",
         EngineError::Backend(_) => "backend",

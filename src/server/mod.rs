@@ -91,6 +91,7 @@ impl Server {
     pub fn start(engine: Engine, shared: Arc<Shared>, transports: Transports) -> std::io::Result<Server> {
         let conns = Arc::new(Connections::default());
         let tokenizer = engine.shared_tokenizer();
+        let grammars = engine.grammars();
         let chat_template = engine.template().map(|t| t.to_string());
         let s = Arc::clone(&shared);
         let engine = spawn("engine", move || engine_thread::serve(engine, s))?;
@@ -110,6 +111,7 @@ impl Server {
                 max_connections: transports.max_connections,
                 outbound_buffer: transports.outbound_buffer,
                 tokenizer,
+                grammars,
                 chat_template,
             };
             let open = Arc::clone(&http_open);

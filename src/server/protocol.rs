@@ -10,7 +10,7 @@ use crate::chat::{Message, Role};
 
 /// Most messages in one request.
 pub const MAX_MESSAGES: usize = 1024;
-use crate::engine::StopStrings;
+use crate::engine::{Shape, StopStrings};
 pub use crate::engine::{MAX_STOP, MAX_STOP_BYTES};
 /// Longest `id` echoed back.
 pub const MAX_ID_BYTES: usize = 256;
@@ -99,6 +99,8 @@ pub struct Generate {
     pub settings: Settings,
     /// Stop strings.
     pub stop: StopStrings,
+    /// `json_schema`: the answer must be a JSON document this schema accepts (`{}`: any).
+    pub shape: Option<Shape>,
 }
 
 /// Text-mode commands.
@@ -247,12 +249,14 @@ const GENERATE_FIELDS: &[&str] = &[
     "presence_penalty",
     "seed",
     "stop",
+    "json_schema",
 ];
 
 fn parse_generate(obj: Map<String, Value>) -> Result<Generate, ProtocolError> {
     let mut prompt = None;
     let mut settings = Settings::default();
     let mut stop = StopStrings::new();
+    let mut shape = None;
     for (key, value) in obj {
         let set_prompt = |p: Prompt, prompt: &mut Option<Prompt>| match prompt {
             Some(_) => Err(ProtocolError::Prompt),
@@ -268,11 +272,22 @@ fn parse_generate(obj: Map<String, Value>) -> Result<Generate, ProtocolError> {
             },
             "messages" => set_prompt(Prompt::Messages(parse_messages(value)?), &mut prompt)?,
             "stop" => stop = parse_stop(value)?,
+            "json_schema" => match value {
+                Value::Null => shape = None,
+                Value::Object(o) if o.is_empty() => shape = Some(Shape::AnyJson),
+                s @ Value::Object(_) => shape = Some(Shape::Schema(std::sync::Arc::new(s))),
+                _ => return Err(bad("json_schema", "a JSON schema (an object; {} for any JSON value)")),
+            },
             _ => set_setting(&mut settings, &key, &value)?,
         }
     }
     let prompt = prompt.ok_or(ProtocolError::Prompt)?;
-    Ok(Generate { prompt, settings, stop })
+    Ok(Generate {
+        prompt,
+        settings,
+        stop,
+        shape,
+    })
 }
 
 fn parse_messages(value: Value) -> Result<Vec<Message>, ProtocolError> {

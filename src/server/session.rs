@@ -328,13 +328,8 @@ impl Session {
                 if self.busy() {
                     return self.error(true, &id, "connection_busy", BUSY_MESSAGE);
                 }
-                let Generate { prompt, settings, stop } = g;
-                let (input, drop_old_turns) = match prompt {
-                    Prompt::Text(t) => (Input::Text(t), false),
-                    Prompt::Messages(m) => (Input::Chat(m), true),
-                };
                 let reply = JobReply::json(Arc::clone(&self.out), id.clone());
-                self.submit(input, drop_old_turns, &settings, stop, reply, Some(&id));
+                self.submit(g, reply, Some(&id));
             }
             RequestKind::Ping => self.reply(&id, "pong", Map::new()),
             RequestKind::Status => self.reply(&id, "status", self.status()),
@@ -402,26 +397,29 @@ impl Session {
             messages.extend(history.iter().cloned());
         }
         let reply = JobReply::text(Arc::clone(&self.out), Arc::clone(&self.history), self.console);
-        self.submit(
-            Input::Chat(messages),
-            true,
-            &Settings::default(),
-            crate::engine::StopStrings::new(),
-            reply,
-            None,
-        );
+        let turn = Generate {
+            prompt: Prompt::Messages(messages),
+            settings: Settings::default(),
+            stop: crate::engine::StopStrings::new(),
+            shape: None,
+        };
+        self.submit(turn, reply, None);
     }
 
     /// Queues a generation; `json` carries the id for a `queued` event (none in text mode).
-    fn submit(
-        &mut self,
-        input: Input,
-        drop_old_turns: bool,
-        settings: &Settings,
-        stop: crate::engine::StopStrings,
-        reply: JobReply,
-        json: Option<&EventId>,
-    ) {
+    fn submit(&mut self, g: Generate, reply: JobReply, json: Option<&EventId>) {
+        let Generate {
+            prompt,
+            settings,
+            stop,
+            shape,
+        } = g;
+        // A conversation that outgrows the context loses its oldest turns; raw text cannot.
+        let (input, drop_old_turns) = match prompt {
+            Prompt::Text(t) => (Input::Text(t), false),
+            Prompt::Messages(m) => (Input::Chat(m), true),
+        };
+        let settings = &settings;
         let defaults = self.shared.defaults();
         let mut sampling = defaults.sampling.clone();
         apply_settings(&mut sampling, &self.overrides);
@@ -442,6 +440,7 @@ impl Session {
             deadline: None,
             drop_old_turns,
             ignore_eos: false,
+            shape,
         };
         let cancel = Arc::new(AtomicBool::new(false));
         let done = Arc::clone(&reply.done);

@@ -182,6 +182,23 @@ fn check_against_body(endpoint: Endpoint, r: &ApiRequest, obj: &Map<String, Valu
         }
         (prompt, _) => panic!("{endpoint:?} gave {prompt:?}"),
     };
+    // A shape exactly when the body asked for JSON (`response_format` json_object or
+    // json_schema); a schema given is the one the body carries.
+    let format = given(obj, "response_format");
+    let asked = format.and_then(|f| f.get("type")).and_then(Value::as_str);
+    assert_eq!(
+        r.shape.is_some(),
+        matches!(asked, Some("json_object" | "json_schema")),
+        "shape {:?} for {format:?}",
+        r.shape
+    );
+    if let (Some(llama_tpu::engine::Shape::Schema(schema)), Some("json_schema")) = (&r.shape, asked) {
+        assert_eq!(
+            Some(&**schema),
+            format.and_then(|f| f["json_schema"].get("schema")),
+            "schema"
+        );
+    }
     // A name is a field of the body the parser does not read, or one of a message's.
     let own: &[&str] = match endpoint {
         Endpoint::Chat => &["messages", "drop_old_turns"],

@@ -1467,6 +1467,17 @@ impl Backend for SophonBackend {
         }
     }
 
+    fn sample_on_host(&mut self, slot: usize) -> Result<(), BackendError> {
+        self.select(slot)?;
+        if self.layout.lm_head == LmHeadOutput::Token {
+            return Err(BackendError::Unsupported(
+                "this bmodel's lm_head picks tokens on the chip and returns no logits: a constrained answer (a JSON schema) cannot run on it",
+            ));
+        }
+        self.picker = Picker::Host;
+        Ok(())
+    }
+
     fn configure_sampling(&mut self, slot: usize, cfg: &SamplerConfig) -> Result<(), BackendError> {
         self.select(slot)?;
         self.slots[slot].sampling = cfg.clone();

@@ -1,5 +1,6 @@
 //! `llama-tpu bench`: prompt processing and generation speed, like llama.cpp's llama-bench.
 
+mod constrained;
 mod parallel;
 
 use std::time::Instant;
@@ -33,6 +34,10 @@ pub struct BenchArgs {
     /// Prompt length of each request of --parallel.
     #[arg(long, default_value_t = 64)]
     parallel_prompt: usize,
+    /// Instead of the tests above: a free answer and one constrained to this JSON schema,
+    /// through the engine; prints the time per token of each (-n tokens at most).
+    #[arg(long, value_name = "FILE")]
+    json_schema: Option<std::path::PathBuf>,
 }
 
 /// The backend to measure, what to call its parallelism in the table, and the CPU kernels'
@@ -78,6 +83,9 @@ fn open_backend_with(a: &BenchArgs, slots: usize, context: usize) -> Result<Meas
 pub(super) fn bench(a: &BenchArgs) -> Result<(), CliError> {
     if !a.parallel.is_empty() {
         return parallel::bench(a);
+    }
+    if let Some(file) = &a.json_schema {
+        return constrained::bench(a, file);
     }
     let (mut backend, threads, kernels) = open_backend(a)?;
     let vocab = backend.info().vocab_size as u32;

@@ -248,6 +248,9 @@ pub struct HttpConfig {
     pub outbound_buffer: usize,
     /// The model's tokenizer, for `/tokenize` and `/detokenize`.
     pub tokenizer: Arc<Tokenizer>,
+    /// Compiles a request's `response_format` schema before it is queued: a schema the
+    /// daemon cannot follow is a 400 at once.
+    pub grammars: Arc<crate::engine::constraint::Grammars>,
     /// The chat template's name, for `/props`.
     pub chat_template: Option<String>,
 }
@@ -732,6 +735,11 @@ impl Connection {
         // after the stream's 200, as an error event.
         let refused = if let Err(e) = sampling.validate() {
             Some(HttpError::bad_field("invalid_field", e.to_string()))
+        } else if let Some(e) = api.shape.as_ref().and_then(|s| config.grammars.compile(s).err()) {
+            Some(HttpError::bad_field(
+                "invalid_schema",
+                format!("response_format: the schema cannot be followed: {e}"),
+            ))
         } else if matches!(api.prompt, Prompt::Messages(_)) && !shared.facts.has_chat_template {
             Some(HttpError::bad_field(
                 "no_chat_template",
@@ -793,6 +801,7 @@ impl Connection {
                 deadline: None,
                 drop_old_turns: api.drop_old_turns,
                 ignore_eos: api.ignore_eos,
+                shape: api.shape,
             },
             time_limit: defaults.request_timeout,
             cancel: Arc::clone(&cancel),
@@ -1050,7 +1059,7 @@ fn finish_reasons(s: &Summary) -> (&'static str, &'static str) {
 fn failure_status(code: &str) -> u16 {
     match code {
         "busy" | "shutting_down" => 503,
-        "invalid_field" | "prompt_too_long" | "invalid_prompt" | "no_chat_template" => 400,
+        "invalid_field" | "prompt_too_long" | "invalid_prompt" | "no_chat_template" | "invalid_schema" => 400,
         _ => 500,
     }
 }

@@ -4,14 +4,14 @@
 //! Lenient where peers are: fields the daemon does not know are ignored (and named in
 //! [`ApiRequest::ignored`] for the log), as llama.cpp's server and vLLM do, since clients send
 //! their own (`cache_prompt`, `parallel_tool_calls`, ...). Strict where an answer would be
-//! wrong: fields it knows but cannot honor yet (`n > 1`, `tools`, a JSON `response_format`,
-//! `logit_bias`, `logprobs: true`, ...) are refused naming the field, never silently dropped.
+//! wrong: fields it knows but cannot honor yet (`n > 1`, `tools`, `logit_bias`,
+//! `logprobs: true`, ...) are refused naming the field, never silently dropped.
 
 use serde_json::{Map, Value};
 
 use super::HttpError;
 use crate::chat::{Message, Role};
-use crate::engine::StopStrings;
+use crate::engine::{Shape, StopStrings};
 use crate::server::protocol::{self, Prompt, ProtocolError, Settings, MAX_MESSAGES};
 
 /// Which API a body is for.
@@ -44,6 +44,8 @@ pub struct ApiRequest {
     /// llama.cpp's `ignore_eos` (an extension field): generate `max_tokens`, never ending on
     /// an end-of-generation token.
     pub ignore_eos: bool,
+    /// `response_format`: what the answer must be (a JSON document); `None`: text.
+    pub shape: Option<Shape>,
     /// Fields that were ignored, for the log (`messages[2].foo` inside messages).
     pub ignored: Vec<String>,
 }
@@ -97,6 +99,7 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, HttpError> {
     let mut stream_options = None;
     let mut drop_old_turns = false;
     let mut ignore_eos = false;
+    let mut shape = None;
     let mut ignored = Vec::new();
     for (key, value) in obj {
         let is_null = value.is_null();
@@ -140,8 +143,7 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, HttpError> {
             (_, "logprobs") if is_null || value == Value::Bool(false) || value.as_u64() == Some(0) => {}
             (_, "top_logprobs") if is_null => {}
             (_, "logprobs" | "top_logprobs") => return Err(refuse(&key, "is not supported")),
-            (_, "response_format") if is_null || value.get("type").and_then(Value::as_str) == Some("text") => {}
-            (_, "response_format") => return Err(refuse("response_format", "can only be {\"type\": \"text\"}")),
+            (_, "response_format") => shape = parse_response_format(value)?,
             (_, "tools" | "functions") if is_null || value.as_array().is_some_and(Vec::is_empty) => {}
             // Without tools there is nothing to choose: only a demand for a call is refused.
             (_, "tool_choice" | "function_call") if is_null || value == "none" || value == "auto" => {}
@@ -191,8 +193,52 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, HttpError> {
         include_usage,
         drop_old_turns,
         ignore_eos,
+        shape,
         ignored,
     })
+}
+
+/// `response_format`: `{"type": "text"}` (or null), `{"type": "json_object"}` (an object,
+/// any), `{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}` (OpenAI's), and
+/// llama-server's `{"type": "json_object", "schema": {...}}`. A schema is always followed
+/// exactly, `strict` or not; one the daemon cannot follow is refused, never loosened.
+fn parse_response_format(value: Value) -> Result<Option<Shape>, HttpError> {
+    if value.is_null() {
+        return Ok(None);
+    }
+    let Value::Object(mut o) = value else {
+        return Err(invalid("response_format", "an object"));
+    };
+    let schema = |v: Option<Value>, field: &str| match v {
+        Some(s @ Value::Object(_)) => Ok(Some(Shape::Schema(std::sync::Arc::new(s)))),
+        Some(Value::Bool(true)) | None => Ok(Some(Shape::AnyJson)),
+        Some(_) => Err(invalid(field, "a JSON schema (an object)")),
+    };
+    match o.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => match o.remove("schema") {
+            None | Some(Value::Null) => Ok(Some(Shape::Schema(std::sync::Arc::new(
+                serde_json::json!({"type": "object"}),
+            )))),
+            s => schema(s, "response_format.schema"),
+        },
+        Some("json_schema") => {
+            let Some(Value::Object(mut inner)) = o.remove("json_schema") else {
+                return Err(invalid("response_format.json_schema", "an object with a 'schema'"));
+            };
+            if let Some(strict) = inner.get("strict").filter(|v| !v.is_null() && !v.is_boolean()) {
+                return Err(invalid(
+                    "response_format.json_schema.strict",
+                    &format!("true or false, not {strict}"),
+                ));
+            }
+            schema(inner.remove("schema"), "response_format.json_schema.schema")
+        }
+        _ => Err(invalid(
+            "response_format.type",
+            "\"text\", \"json_object\" or \"json_schema\"",
+        )),
+    }
 }
 
 fn parse_stream_options(value: Value) -> Result<bool, HttpError> {
@@ -362,8 +408,8 @@ mod tests {
                 "'logit_bias'",
             ),
             (
-                r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_object"}}"#,
-                "'response_format'",
+                r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"xml"}}"#,
+                "'response_format.type'",
             ),
             (r#"{"messages":[{"role":"user","content":"x"}],"seed":-2}"#, "'seed'"),
             (
@@ -401,12 +447,13 @@ mod tests {
         assert_eq!(r.settings.repeat_penalty, Some(1.2));
         assert!(!r.include_usage, "no stream, no usage chunk");
         assert!(r.drop_old_turns);
+        // In the body's order (serde_json keeps it: llguidance enables `preserve_order`).
         assert_eq!(
             r.ignored,
             [
-                "cache_prompt",
                 "messages[0].name",
                 "messages[0].x",
+                "cache_prompt",
                 "parallel_tool_calls"
             ]
         );

@@ -1,0 +1,312 @@
+//! Constrained decoding: an answer that must be a JSON document (any value, or one a JSON
+//! Schema describes). At every step only the tokens that keep the output a prefix of a valid
+//! document may be chosen: a mask over the vocabulary, computed by walking the tokens' bytes
+//! through the grammar's automaton (llguidance, the library llama.cpp and vLLM use; its
+//! token trie is built once per model, a schema compiles in about a millisecond).
+//!
+//! The mask goes into the host sampler (disallowed logits become -inf), so a constrained
+//! request always takes the logits path, on the TPU too.
+
+use std::sync::{Arc, OnceLock};
+
+use llguidance::api::TopLevelGrammar;
+use llguidance::earley::SlicedBiasComputer;
+use llguidance::toktrie::{InferenceCapabilities, TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
+use llguidance::{Matcher, ParserFactory};
+use serde_json::{json, Value};
+
+use crate::tokenizer::Tokenizer;
+
+/// Most lexer states one request's grammar may build (llguidance's default allows about ten
+/// times more, hundreds of MB for a hostile schema).
+const MAX_LEXER_STATES: usize = 20_000;
+
+/// What an answer must be.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Shape {
+    /// Any JSON value (`response_format: json_object` asks for an object: a schema).
+    AnyJson,
+    /// A document the schema accepts.
+    Schema(Arc<Value>),
+}
+
+/// Grammars for one model: the token trie (built on first use: about 0.1 s and 20 MB for a
+/// 49k vocabulary, which a daemon that is never asked for JSON does not pay) and what
+/// compiles schemas against it. Shared by the engine and the transports, which compile a
+/// request's schema before queueing it so that a bad one is refused at once.
+pub struct Grammars {
+    tokenizer: Arc<Tokenizer>,
+    factory: OnceLock<Result<ParserFactory, String>>,
+}
+
+/// A schema (or other grammar) that cannot be used, said for the client.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct GrammarError(pub String);
+
+impl Grammars {
+    /// Grammars over `tokenizer`'s vocabulary.
+    pub fn new(tokenizer: Arc<Tokenizer>) -> Grammars {
+        Grammars {
+            tokenizer,
+            factory: OnceLock::new(),
+        }
+    }
+
+    fn factory(&self) -> Result<&ParserFactory, GrammarError> {
+        self.factory
+            .get_or_init(|| build_factory(&self.tokenizer))
+            .as_ref()
+            .map_err(|e| GrammarError(e.clone()))
+    }
+
+    /// The constraint for one answer.
+    ///
+    /// # Errors
+    /// The schema uses something not supported (the message names it) or is not a schema.
+    pub fn compile(&self, shape: &Shape) -> Result<Constraint, GrammarError> {
+        let mut schema = match shape {
+            Shape::AnyJson => any_json(),
+            Shape::Schema(s) => Value::clone(s),
+        };
+        let Some(object) = schema.as_object_mut() else {
+            return Err(GrammarError("a JSON schema must be an object".into()));
+        };
+        // Ours, not the client's: one space after `,` and `:` and no other whitespace (a small
+        // model left free loops on newlines), objects closed unless they say otherwise (as
+        // llama.cpp's schemas are), overlapping oneOf taken as anyOf (as llama.cpp does).
+        object.insert(
+            "x-guidance".into(),
+            json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": ",
+                   "coerce_one_of": true, "lenient": false}),
+        );
+        bound(&mut schema);
+        let factory = self.factory()?;
+        let parser = factory
+            .create_parser(TopLevelGrammar::from_json_schema(schema))
+            .map_err(|e| GrammarError(short(&e.to_string())))?;
+        let matcher = Matcher::new(Ok(parser));
+        if let Some(e) = matcher.get_error() {
+            return Err(GrammarError(short(&e)));
+        }
+        Ok(Constraint { matcher })
+    }
+}
+
+/// An error message as a client should read it: the first line, at most 300 bytes.
+fn short(message: &str) -> String {
+    let line = message.lines().next().unwrap_or(message).trim();
+    let mut end = line.len().min(300);
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    line[..end].to_string()
+}
+
+/// The largest magnitude a number may be written with (15 digits before the point).
+const NUMBER_LIMIT: f64 = 999_999_999_999_999.0;
+
+/// Any JSON value, written as a schema with numbers bounded the way [`bound`] does.
+fn any_json() -> Value {
+    json!({
+        "$defs": {"llama_tpu_any": {"anyOf": [
+            {"type": "string"}, {"type": "number"}, {"type": "boolean"}, {"type": "null"},
+            {"type": "array", "items": {"$ref": "#/$defs/llama_tpu_any"}},
+            {"type": "object", "additionalProperties": {"$ref": "#/$defs/llama_tpu_any"}},
+        ]}},
+        "$ref": "#/$defs/llama_tpu_any",
+    })
+}
+
+/// Makes a schema something a model can always finish, without letting through a document
+/// the client's schema refuses:
+/// - every object schema that does not say gets `additionalProperties: false`, so a model
+///   cannot invent keys (JSON Schema's default is open; llama.cpp's grammars are closed);
+/// - numbers are written with at most 15 digits before the point and 6 after, integers with
+///   at most 15 (where the schema gives no tighter bound): a small model otherwise writes
+///   digits until the answer's limit (seen: `0.000000151569532883133333...`), and llama.cpp's
+///   grammars bound them too (16 and 16).
+fn bound(schema: &mut Value) {
+    match schema {
+        Value::Object(o) => {
+            let types: Vec<&str> = match o.get("type") {
+                Some(Value::String(t)) => vec![t.as_str()],
+                Some(Value::Array(ts)) => ts.iter().filter_map(Value::as_str).collect(),
+                _ => Vec::new(),
+            };
+            let (object, number, integer) = (
+                types.contains(&"object") || o.contains_key("properties"),
+                types.contains(&"number"),
+                types.contains(&"integer"),
+            );
+            if object && !o.contains_key("additionalProperties") {
+                o.insert("additionalProperties".into(), Value::Bool(false));
+            }
+            if number || integer {
+                if !o.contains_key("minimum") && !o.contains_key("exclusiveMinimum") {
+                    o.insert("minimum".into(), json!(-NUMBER_LIMIT));
+                }
+                if !o.contains_key("maximum") && !o.contains_key("exclusiveMaximum") {
+                    o.insert("maximum".into(), json!(NUMBER_LIMIT));
+                }
+            }
+            if number && !integer && !o.contains_key("multipleOf") {
+                o.insert("multipleOf".into(), json!(0.000001));
+            }
+            for (key, v) in o.iter_mut() {
+                if key != "const" && key != "enum" && key != "default" && key != "examples" {
+                    bound(v);
+                }
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(bound),
+        _ => {}
+    }
+}
+
+fn build_factory(tokenizer: &Arc<Tokenizer>) -> Result<ParserFactory, String> {
+    let controls = tokenizer.control_texts();
+    let words: Vec<Vec<u8>> = (0..tokenizer.vocab_size() as u32)
+        .map(|id| match tokenizer.token_bytes(id) {
+            // A control token as llguidance wants it: a 0xFF byte (never in UTF-8 text) and its
+            // name, so no text the grammar allows can match it.
+            [] => [&[0xFF][..], controls.get(&id).map_or(&b""[..], |t| t.as_bytes())].concat(),
+            b => b.to_vec(),
+        })
+        .collect();
+    let eog = tokenizer.eog_tokens();
+    let first = *eog.first().ok_or("the model has no end-of-generation token")?;
+    let info = TokRxInfo::new(words.len() as u32, first);
+    let trie = TokTrie::from(&info, &words).with_eos_tokens(eog);
+    let env: TokEnv = Arc::new(Vocabulary {
+        trie,
+        tokenizer: Arc::clone(tokenizer),
+    });
+    let slices = SlicedBiasComputer::general_slices();
+    let mut factory = ParserFactory::new(&env, InferenceCapabilities::default(), &slices).map_err(|e| e.to_string())?;
+    factory.quiet();
+    let limits = factory.limits_mut();
+    limits.verbose_errors = false;
+    limits.max_lexer_states = MAX_LEXER_STATES;
+    Ok(factory)
+}
+
+/// llguidance's view of the tokenizer: the trie of token bytes, and our own encoding for
+/// text it wants as tokens.
+struct Vocabulary {
+    trie: TokTrie,
+    tokenizer: Arc<Tokenizer>,
+}
+
+impl TokenizerEnv for Vocabulary {
+    fn tok_trie(&self) -> &TokTrie {
+        &self.trie
+    }
+
+    fn tokenize_bytes(&self, bytes: &[u8]) -> Vec<TokenId> {
+        match std::str::from_utf8(bytes)
+            .ok()
+            .and_then(|t| self.tokenizer.encode(t, false).ok())
+        {
+            Some(ids) => ids,
+            None => self.trie.greedy_tokenize(bytes),
+        }
+    }
+}
+
+/// One answer's constraint: where it is in the document.
+pub struct Constraint {
+    matcher: Matcher,
+}
+
+impl std::fmt::Debug for Constraint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Constraint")
+    }
+}
+
+/// What a token did to the document.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// More must or may follow.
+    Open,
+    /// The document is complete and nothing may follow it.
+    Complete,
+}
+
+impl Constraint {
+    /// Sets every token that cannot come next to -inf. An end-of-generation token is allowed
+    /// only once the document is complete.
+    ///
+    /// # Errors
+    /// The grammar failed (it ran out of its limits).
+    pub fn mask(&mut self, logits: &mut [f32]) -> Result<(), GrammarError> {
+        let allowed = self
+            .matcher
+            .compute_mask()
+            .map_err(|e| GrammarError(short(&e.to_string())))?;
+        for (word, chunk) in allowed.as_slice().iter().zip(logits.chunks_mut(32)) {
+            if *word == u32::MAX {
+                continue;
+            }
+            for (bit, logit) in chunk.iter_mut().enumerate() {
+                if word >> bit & 1 == 0 {
+                    *logit = f32::NEG_INFINITY;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves past `token`, the one chosen.
+    ///
+    /// # Errors
+    /// The token does not fit the grammar (a device that picked it ignoring the mask).
+    pub fn advance(&mut self, token: u32) -> Result<Progress, GrammarError> {
+        self.matcher
+            .consume_token(token)
+            .map_err(|e| GrammarError(short(&e.to_string())))?;
+        Ok(if self.matcher.is_stopped() {
+            Progress::Complete
+        } else {
+            Progress::Open
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn objects_are_closed_and_numbers_bounded_unless_they_say() {
+        let mut s = json!({"type": "object", "properties": {"a": {"type": "object"}, "b": {"const": {"type": "object"}},
+                           "n": {"type": "number", "maximum": 5}, "i": {"type": "integer", "multipleOf": 3}},
+                           "$defs": {"x": {"properties": {}, "additionalProperties": true}}});
+        bound(&mut s);
+        assert_eq!(s["additionalProperties"], false);
+        assert_eq!(s["properties"]["a"]["additionalProperties"], false);
+        assert_eq!(s["properties"]["b"]["const"], json!({"type": "object"}));
+        assert_eq!(s["$defs"]["x"]["additionalProperties"], true);
+        let n = &s["properties"]["n"];
+        assert_eq!(
+            (n["minimum"].as_f64(), n["maximum"].as_f64()),
+            (Some(-NUMBER_LIMIT), Some(5.0))
+        );
+        assert_eq!(n["multipleOf"].as_f64(), Some(0.000001));
+        let i = &s["properties"]["i"];
+        assert_eq!(
+            (i["multipleOf"].as_f64(), i["maximum"].as_f64()),
+            (Some(3.0), Some(NUMBER_LIMIT))
+        );
+    }
+
+    #[test]
+    fn messages_are_one_short_line() {
+        assert_eq!(
+            short("Unimplemented keys: [\"uniqueItems\"]\nmore"),
+            "Unimplemented keys: [\"uniqueItems\"]"
+        );
+        assert!(short(&"é".repeat(400)).len() <= 300);
+    }
+}
