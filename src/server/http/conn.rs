@@ -852,7 +852,8 @@ impl Connection {
             }
         }
         // The writer thread sends what is queued and ends.
-        let until = Instant::now() + Duration::from_secs(5);
+        // As long as its drainer waits for a client whose reply is closed.
+        let until = Instant::now() + crate::server::outbound::CLOSE_WAIT;
         loop {
             match out.delivered() {
                 Some(delivered) => return delivered && start.keep(),
