@@ -342,6 +342,9 @@ fn serving_a_token_allocates_nothing() {
         context_length: 512,
         has_chat_template: true,
         slots: 1,
+        quantization: "Q4_1".into(),
+        file_size: 0,
+        modified: None,
     };
     let defaults = Defaults {
         sampling: SamplerConfig {
@@ -432,6 +435,9 @@ fn streaming_over_http_allocates_nothing_per_token() {
         context_length: 512,
         has_chat_template: true,
         slots: 1,
+        quantization: "Q4_1".into(),
+        file_size: 0,
+        modified: None,
     };
     let defaults = Defaults {
         seed: Some(11),

@@ -307,6 +307,7 @@ pub(super) fn serve(a: &ServeArgs) -> Result<(), CliError> {
         }
     };
     let info = engine.info().clone();
+    let file = std::fs::metadata(&model_settings.model).ok();
     let facts = ModelFacts {
         model: model_settings.model.file_name().map_or_else(
             || model_settings.model.display().to_string(),
@@ -316,6 +317,9 @@ pub(super) fn serve(a: &ServeArgs) -> Result<(), CliError> {
         context_length: info.context_length,
         has_chat_template: engine.template().is_some(),
         slots: engine.slots(),
+        quantization: info.dtype.clone(),
+        file_size: file.as_ref().map_or(0, std::fs::Metadata::len),
+        modified: file.and_then(|m| m.modified().ok()),
     };
     let shared = Arc::new(Shared::new(facts, config.queue_depth, config.defaults()?));
     http_loaded.store(true, std::sync::atomic::Ordering::Release);

@@ -22,6 +22,13 @@ pub struct ModelFacts {
     pub has_chat_template: bool,
     /// KV caches: requests served at once.
     pub slots: usize,
+    /// The weights' type as the backend names it (`Q4_1`, `f16`): Ollama's
+    /// `quantization_level`.
+    pub quantization: String,
+    /// The model file's size in bytes.
+    pub file_size: u64,
+    /// When the model file was last changed, if the file system says.
+    pub modified: Option<std::time::SystemTime>,
 }
 
 /// Seconds a request waits for a client that takes none of its answer, by default.
