@@ -18,6 +18,8 @@ use nix::poll::{poll, PollFd, PollFlags};
 use serde_json::{json, Value};
 
 use super::head::{self, Admitted, Head, Method, Policy};
+use super::ollama::{self, OllamaRequest};
+use super::ollama_reply::{self, OllamaReply};
 use super::openai::{self, ApiRequest, Endpoint};
 use super::routes::{self, Route};
 use super::{llamacpp, HttpError};
@@ -332,7 +334,7 @@ impl Drop for Slot {
 }
 
 /// A response with a whole body.
-struct Response {
+pub(super) struct Response {
     status: u16,
     content_type: &'static str,
     body: Vec<u8>,
@@ -340,7 +342,7 @@ struct Response {
 }
 
 impl Response {
-    fn new(status: u16, content_type: &'static str, body: impl Into<Vec<u8>>) -> Response {
+    pub(super) fn new(status: u16, content_type: &'static str, body: impl Into<Vec<u8>>) -> Response {
         Response {
             status,
             content_type,
@@ -349,7 +351,7 @@ impl Response {
         }
     }
 
-    fn json(status: u16, body: &str) -> Response {
+    pub(super) fn json(status: u16, body: &str) -> Response {
         Response::new(status, "application/json", body)
     }
 
@@ -362,14 +364,14 @@ impl Response {
         }
     }
 
-    fn header(mut self, line: &str) -> Response {
+    pub(super) fn header(mut self, line: &str) -> Response {
         self.headers.push_str(line);
         self.headers.push_str("\r\n");
         self
     }
 
     /// The whole response; `keep`: the connection stays open; `cors`: the origin to allow.
-    fn bytes(&self, keep: bool, cors: Option<&str>) -> Vec<u8> {
+    pub(super) fn bytes(&self, keep: bool, cors: Option<&str>) -> Vec<u8> {
         self.render(keep, cors, true)
     }
 
@@ -401,7 +403,7 @@ impl Response {
 }
 
 /// The CORS headers for a configured origin (none otherwise).
-fn cors_headers(origin: Option<&str>) -> String {
+pub(super) fn cors_headers(origin: Option<&str>) -> String {
     origin.map_or_else(String::new, |o| {
         format!("Access-Control-Allow-Origin: {o}\r\nVary: Origin\r\nAccess-Control-Expose-Headers: Content-Type\r\n")
     })
@@ -426,6 +428,33 @@ fn reason(status: u16) -> &'static str {
         500 => "Internal Server Error",
         503 => "Service Unavailable",
         _ => "Error",
+    }
+}
+
+/// Which API a request speaks: the shape of its replies and errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dialect {
+    /// OpenAI's (and llama-server's): `{"error": {"message", "type", "code"}}`, SSE streams.
+    OpenAi,
+    /// Ollama's (`/api/`): `{"error": "..."}`, NDJSON streams.
+    Ollama,
+}
+
+impl Dialect {
+    fn of(path: &str) -> Dialect {
+        if routes::is_ollama(path) {
+            Dialect::Ollama
+        } else {
+            Dialect::OpenAi
+        }
+    }
+
+    /// An error answered in this API's shape.
+    fn error(self, e: &HttpError) -> Response {
+        match self {
+            Dialect::OpenAi => Response::error(e),
+            Dialect::Ollama => ollama_reply::error_response(e),
+        }
     }
 }
 
@@ -641,6 +670,7 @@ impl Connection {
         let body_pending = head.content_length > 0;
         // A CORS preflight never carries credentials: the request it announces will.
         let needs_key = head.method != Method::Options && routes::needs_key(&head.path);
+        let dialect = Dialect::of(&head.path);
         let admitted = match config.policy.check(&head, needs_key) {
             Ok(a) => a,
             Err(e) => {
@@ -653,20 +683,16 @@ impl Connection {
                 );
                 // A configured web application may read why it was refused.
                 let cors = config.policy.cors_origin(&head);
-                return self.reply(&head, &Response::error(&e), false, cors.as_deref());
+                return self.reply(&head, &dialect.error(&e), false, cors.as_deref());
             }
         };
         let cors = admitted.cors_origin.clone();
         let cors = cors.as_deref();
         let route = match routes::route(head.method, &head.path) {
             Ok(r) => r,
-            Err(e) => return self.reply(&head, &Response::error(&e), !body_pending, cors),
+            Err(e) => return self.reply(&head, &dialect.error(&e), !body_pending, cors),
         };
-        let post = matches!(
-            route,
-            Route::Chat | Route::Completion | Route::Tokenize | Route::Detokenize
-        );
-        if !post {
+        if !route.takes_body() {
             // A GET with a body: nobody sends one; read it off rather than guess.
             let read_off = !body_pending || self.read_body(&head, shared).is_ok();
             let r = simple_route(&route, &admitted, &head, shared, config);
@@ -679,13 +705,13 @@ impl Connection {
                 "unsupported_media_type",
                 "the body must be sent as Content-Type: application/json".into(),
             );
-            return self.reply(&head, &Response::error(&e), !body_pending, cors);
+            return self.reply(&head, &dialect.error(&e), !body_pending, cors);
         }
         let body = match self.read_body(&head, shared) {
             Ok(b) => b,
             Err(Ended::With(e)) => {
                 log::info!("http {}: {}", self.peer, e.message);
-                return self.reply(&head, &Response::error(&e), false, cors);
+                return self.reply(&head, &dialect.error(&e), false, cors);
             }
             Err(Ended::Quietly) => return false,
         };
@@ -704,6 +730,38 @@ impl Connection {
                 };
                 return self.reply(&head, &r, true, cors);
             }
+            Route::OllamaShow => {
+                let r = match ollama::show(
+                    &body,
+                    &shared.facts,
+                    &shared.defaults(),
+                    config.chat_template.as_deref(),
+                ) {
+                    Ok(v) => Response::json(200, &v.to_string()),
+                    Err(e) => ollama_reply::error_response(&e),
+                };
+                return self.reply(&head, &r, true, cors);
+            }
+            Route::OllamaChat | Route::OllamaGenerate => {
+                let endpoint = if route == Route::OllamaChat {
+                    Endpoint::Chat
+                } else {
+                    Endpoint::Completion
+                };
+                let request = match ollama::parse(endpoint, &body) {
+                    Ok(OllamaRequest::Generate(r)) => *r,
+                    Ok(OllamaRequest::Load { endpoint, unload }) => {
+                        let r = ollama_reply::load_response(endpoint, &shared.facts.model, unload);
+                        return self.reply(&head, &r, true, cors);
+                    }
+                    Err(e) => return self.reply(&head, &ollama_reply::error_response(&e), true, cors),
+                };
+                drop(body);
+                if !request.ignored.is_empty() {
+                    log::debug!("http {}: ignored fields: {}", self.peer, request.ignored.join(", "));
+                }
+                return self.complete(&head, shared, config, request, cors, Dialect::Ollama);
+            }
             _ => return false,
         };
         let request = match openai::parse(endpoint, &body) {
@@ -714,7 +772,7 @@ impl Connection {
         if !request.ignored.is_empty() {
             log::debug!("http {}: ignored fields: {}", self.peer, request.ignored.join(", "));
         }
-        self.complete(&head, shared, config, request, cors)
+        self.complete(&head, shared, config, request, cors, Dialect::OpenAi)
     }
 
     /// Queues a completion, then watches the client until the reply is over. Returns whether
@@ -726,6 +784,7 @@ impl Connection {
         config: &HttpConfig,
         api: ApiRequest,
         cors: Option<&str>,
+        dialect: Dialect,
     ) -> bool {
         let keep = !head.close;
         let defaults = shared.defaults();
@@ -736,20 +795,28 @@ impl Connection {
         let refused = if let Err(e) = sampling.validate() {
             Some(HttpError::bad_field("invalid_field", e.to_string()))
         } else if let Some(e) = api.shape.as_ref().and_then(|s| config.grammars.compile(s).err()) {
+            let field = match dialect {
+                Dialect::OpenAi => "response_format",
+                Dialect::Ollama => "format",
+            };
             Some(HttpError::bad_field(
                 "invalid_schema",
-                format!("response_format: the schema cannot be followed: {e}"),
+                format!("{field}: the schema cannot be followed: {e}"),
             ))
         } else if matches!(api.prompt, Prompt::Messages(_)) && !shared.facts.has_chat_template {
+            let instead = match dialect {
+                Dialect::OpenAi => "use /v1/completions",
+                Dialect::Ollama => "use /api/generate with \"raw\": true",
+            };
             Some(HttpError::bad_field(
                 "no_chat_template",
-                "this model has no chat template: use /v1/completions".into(),
+                format!("this model has no chat template: {instead}"),
             ))
         } else {
             None
         };
         if let Some(e) = refused {
-            return self.reply(head, &Response::error(&e), true, cors);
+            return self.reply(head, &dialect.error(&e), true, cors);
         }
         sampling.seed = api.settings.seed.or(defaults.seed).unwrap_or_else(|| fastrand::u64(..));
         let capacity = if api.stream {
@@ -779,15 +846,30 @@ impl Connection {
             keep: keep && (!api.stream || !head.http10),
             state: Mutex::new(StreamState::Pending),
         };
-        let reply = HttpReply::new(
-            start,
-            &api,
-            Arc::clone(&done),
-            shared.facts.model.clone(),
-            cors.map(str::to_string),
-        );
-        let pieces = Arc::clone(&reply.pieces);
-        let start = Arc::clone(&reply.start);
+        let (reply, pieces, start, heartbeat): (Box<dyn Reply>, _, _, &[u8]) = match dialect {
+            Dialect::OpenAi => {
+                let reply = HttpReply::new(
+                    start,
+                    &api,
+                    Arc::clone(&done),
+                    shared.facts.model.clone(),
+                    cors.map(str::to_string),
+                );
+                let (pieces, start) = (Arc::clone(&reply.pieces), Arc::clone(&reply.start));
+                (Box::new(reply), pieces, start, b": waiting for the first token\n\n")
+            }
+            Dialect::Ollama => {
+                let reply = OllamaReply::new(
+                    start,
+                    &api,
+                    Arc::clone(&done),
+                    shared.facts.model.clone(),
+                    cors.map(str::to_string),
+                );
+                let (pieces, start) = (Arc::clone(&reply.pieces), Arc::clone(&reply.start));
+                (Box::new(reply), pieces, start, ollama_reply::heartbeat(api.endpoint))
+            }
+        };
         let input = match api.prompt {
             Prompt::Text(t) => Input::Text(t),
             Prompt::Messages(m) => Input::Chat(m),
@@ -805,7 +887,7 @@ impl Connection {
             },
             time_limit: defaults.request_timeout,
             cancel: Arc::clone(&cancel),
-            reply: Box::new(reply),
+            reply,
             affinity: None,
         };
         match shared.queue.push(job) {
@@ -848,7 +930,7 @@ impl Connection {
             }
             if api.stream && pieces.load(Ordering::Acquire) == 0 && last_beat.elapsed() >= beat {
                 last_beat = Instant::now();
-                start.comment(b": waiting for the first token\n\n");
+                start.comment(heartbeat);
             }
         }
         // The writer thread sends what is queued and ends.
@@ -911,6 +993,9 @@ fn simple_route(route: &Route, admitted: &Admitted, head: &Head, shared: &Shared
             ),
         ),
         Route::Props => Response::json(200, &props(shared, config).to_string()),
+        Route::OllamaTags => Response::json(200, &ollama::tags(&shared.facts).to_string()),
+        Route::OllamaPs => Response::json(200, &ollama::ps(&shared.facts).to_string()),
+        Route::OllamaVersion => Response::json(200, &ollama::version().to_string()),
         Route::Preflight => {
             let mut r = Response::new(204, "text/plain", Vec::new()).header("Allow: GET, HEAD, POST, OPTIONS");
             if admitted.cors_origin.is_some() {
@@ -928,9 +1013,13 @@ fn simple_route(route: &Route, admitted: &Admitted, head: &Head, shared: &Shared
             r
         }
         // POST routes are served by the caller.
-        Route::Chat | Route::Completion | Route::Tokenize | Route::Detokenize => {
-            Response::error(&HttpError::bad_request("unexpected route".into()))
-        }
+        Route::Chat
+        | Route::Completion
+        | Route::Tokenize
+        | Route::Detokenize
+        | Route::OllamaChat
+        | Route::OllamaGenerate
+        | Route::OllamaShow => Response::error(&HttpError::bad_request("unexpected route".into())),
     }
 }
 
@@ -963,14 +1052,14 @@ fn props(shared: &Shared, config: &HttpConfig) -> Value {
 /// The start of a stream, sent once by whoever comes first: the connection thread once the
 /// request is queued, or the engine with the first text. Heartbeat comments go through it
 /// too, so they are framed like everything else.
-struct StreamStart {
-    out: Arc<Outbound>,
+pub(super) struct StreamStart {
+    pub(super) out: Arc<Outbound>,
     /// The status line, headers and the first event (the assistant's role).
-    head: Vec<u8>,
+    pub(super) head: Vec<u8>,
     /// HTTP/1.1 chunks (the connection can carry the next request).
-    chunked: bool,
+    pub(super) chunked: bool,
     /// The connection stays open after the reply.
-    keep: bool,
+    pub(super) keep: bool,
     /// One lock for the stream's whole life, so the head goes out once, before anything else,
     /// and nothing follows the end.
     state: Mutex<StreamState>,
@@ -978,7 +1067,7 @@ struct StreamStart {
 
 /// Where a stream is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum StreamState {
+pub(super) enum StreamState {
     /// Nothing sent yet.
     Pending,
     /// The head went out.
@@ -988,13 +1077,13 @@ enum StreamState {
 }
 
 impl StreamStart {
-    fn lock(&self) -> std::sync::MutexGuard<'_, StreamState> {
+    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, StreamState> {
         // Each critical section leaves the state whole: a poisoned lock is still usable.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Sends the head once; `false` if the client cannot take it or the stream has ended.
-    fn begin(&self) -> bool {
+    pub(super) fn begin(&self) -> bool {
         let mut state = self.lock();
         match *state {
             StreamState::Started => true,
@@ -1046,7 +1135,7 @@ fn frame_into(buf: &mut [u8], chunked: bool, payload: &[u8]) -> usize {
 /// OpenAI's `finish_reason` for the engine's reasons (`stop`: end of text or a stop string;
 /// `length`: max_tokens, the context, or a limit of the daemon's) and the daemon's own reason
 /// (`native_finish_reason`, as OpenRouter names a provider's own).
-fn finish_reasons(s: &Summary) -> (&'static str, &'static str) {
+pub(super) fn finish_reasons(s: &Summary) -> (&'static str, &'static str) {
     use crate::engine::FinishReason as F;
     let openai = match s.reason {
         F::Eos | F::Stop | F::Cancelled => "stop",
@@ -1057,7 +1146,7 @@ fn finish_reasons(s: &Summary) -> (&'static str, &'static str) {
 
 /// The HTTP status for an engine or queue failure code: the client's fault (400), the
 /// server's (500), or try again later (503).
-fn failure_status(code: &str) -> u16 {
+pub(super) fn failure_status(code: &str) -> u16 {
     match code {
         "busy" | "shutting_down" => 503,
         "invalid_field" | "prompt_too_long" | "invalid_prompt" | "no_chat_template" | "invalid_schema" => 400,

@@ -1,14 +1,18 @@
 //! The HTTP front: an OpenAI-compatible API (`/v1/chat/completions`, `/v1/completions`,
-//! `/v1/models`), llama-server's `/tokenize`, `/detokenize` and `/props`, `/health`,
-//! `/metrics` and the chat page: one more transport in front of the same queue and engine.
+//! `/v1/models`), Ollama's (`/api/chat`, `/api/generate`, ...), llama-server's `/tokenize`,
+//! `/detokenize` and `/props`, `/health`, `/metrics` and the chat page: one more transport in
+//! front of the same queue and engine.
 //!
-//! `head` (the request head and who may ask), `routes` (the route table), `openai` (request
-//! bodies into engine requests) and `llamacpp` (llama-server's own endpoints) are pure; `conn`
-//! (connections, replies) uses them.
+//! `head` (the request head and who may ask), `routes` (the route table), `openai` and
+//! `ollama` (request bodies into engine requests) and `llamacpp` (llama-server's own
+//! endpoints) are pure; `conn` (connections, replies) and `ollama_reply` (Ollama's replies)
+//! use them.
 
 pub mod conn;
 pub mod head;
 pub mod llamacpp;
+pub mod ollama;
+mod ollama_reply;
 pub mod openai;
 pub mod routes;
 

@@ -30,6 +30,39 @@ pub enum Route {
     Props,
     /// `OPTIONS` on any known path: a CORS preflight.
     Preflight,
+    /// `POST /api/chat` (Ollama's).
+    OllamaChat,
+    /// `POST /api/generate` (Ollama's).
+    OllamaGenerate,
+    /// `POST /api/show` (Ollama's).
+    OllamaShow,
+    /// `GET /api/tags` (Ollama's list of models).
+    OllamaTags,
+    /// `GET /api/ps` (Ollama's loaded models).
+    OllamaPs,
+    /// `GET /api/version` (Ollama's).
+    OllamaVersion,
+}
+
+impl Route {
+    /// Whether the request carries a body to read (a POST route).
+    pub fn takes_body(&self) -> bool {
+        matches!(
+            self,
+            Route::Chat
+                | Route::Completion
+                | Route::Tokenize
+                | Route::Detokenize
+                | Route::OllamaChat
+                | Route::OllamaGenerate
+                | Route::OllamaShow
+        )
+    }
+}
+
+/// Whether a path is under Ollama's API (`/api/`): its errors are Ollama's `{"error": "..."}`.
+pub fn is_ollama(path: &str) -> bool {
+    path.starts_with("/api/")
 }
 
 /// One row of the table: a path (a trailing `/` means "and anything under it"), the methods
@@ -70,6 +103,14 @@ pub const ROUTES: &[RouteRow] = &[
     row("/models/", Method::Get, true),
     row("/chat/completions", Method::Post, true),
     row("/completions", Method::Post, true),
+    // Ollama's API (the key rules are the same: a client that cannot send a key, such as Home
+    // Assistant's integration, is served under allowed_hosts without one; docs/http.md).
+    row("/api/chat", Method::Post, true),
+    row("/api/generate", Method::Post, true),
+    row("/api/show", Method::Post, true),
+    row("/api/tags", Method::Get, true),
+    row("/api/ps", Method::Get, true),
+    row("/api/version", Method::Get, true),
 ];
 
 /// The table row for a path.
@@ -126,6 +167,12 @@ pub fn route(method: Method, path: &str) -> Result<Route, HttpError> {
         "/models" => Route::Models,
         "/chat/completions" => Route::Chat,
         "/completions" => Route::Completion,
+        "/api/chat" => Route::OllamaChat,
+        "/api/generate" => Route::OllamaGenerate,
+        "/api/show" => Route::OllamaShow,
+        "/api/tags" => Route::OllamaTags,
+        "/api/ps" => Route::OllamaPs,
+        "/api/version" => Route::OllamaVersion,
         other => match other.strip_prefix("/models/") {
             Some(id) => Route::Model(id.to_string()),
             None => {
@@ -172,6 +219,14 @@ mod tests {
         assert_eq!(route(Method::Get, "/v1/models/").unwrap_err().status, 404);
         assert_eq!(route(Method::Get, "/v1/nope").unwrap_err().status, 404);
         assert_eq!(route(Method::Get, "/v1").unwrap_err().status, 404);
+        assert_eq!(route(Method::Post, "/api/chat").unwrap(), Route::OllamaChat);
+        assert_eq!(route(Method::Head, "/api/tags").unwrap(), Route::OllamaTags);
+        assert!(route(Method::Post, "/api/generate").unwrap().takes_body());
+        assert!(!route(Method::Get, "/api/version").unwrap().takes_body());
+        // Ollama's endpoints for managing models are not here; only under /api/ is Ollama's.
+        assert_eq!(route(Method::Post, "/api/pull").unwrap_err().status, 404);
+        assert_eq!(route(Method::Post, "/v1/api/chat").unwrap_err().status, 404);
+        assert!(is_ollama("/api/pull") && !is_ollama("/v1/chat/completions") && !is_ollama("/api"));
     }
 
     #[test]
