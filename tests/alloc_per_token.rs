@@ -421,12 +421,12 @@ fn serving_a_token_allocates_nothing() {
 }
 
 /// The same for a server-sent-event stream through the HTTP front (its whole transport: the
-/// accept loop, the connection thread, the reply, the drainer), 16 tokens against 64.
+/// accept loop, the connection thread, the reply, the drainer), 16 tokens against 64; and for
+/// Ollama's NDJSON stream through the same front.
 fn streaming_over_http_allocates_nothing_per_token() {
     use llama_tpu::server::http::conn::{accept_loop, HttpConfig, HttpListener};
     use llama_tpu::server::http::head::Policy;
-    use std::io::Write;
-    use std::net::{TcpListener, TcpStream};
+    use std::net::TcpListener;
 
     let engine = default_engine(512);
     let facts = ModelFacts {
@@ -461,7 +461,7 @@ fn streaming_over_http_allocates_nothing_per_token() {
     };
     let (s, o) = (Arc::clone(&shared), Arc::clone(&open));
     let accept = std::thread::spawn(move || accept_loop(HttpListener::Tcp(listener), s, config, o));
-    let request = |n: usize| {
+    let openai = |n: usize| {
         let body = format!(
             r#"{{"messages":[{{"role":"user","content":"Tell me a story about the sea."}}],"max_tokens":{n},"stream":true}}"#
         );
@@ -470,6 +470,43 @@ fn streaming_over_http_allocates_nothing_per_token() {
             body.len()
         )
     };
+    let ollama = |n: usize| {
+        let body = format!(
+            r#"{{"model":"m","messages":[{{"role":"user","content":"Tell me a story about the sea."}}],"options":{{"num_predict":{n}}}}}"#
+        );
+        format!(
+            "POST /api/chat HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let sse_end: &[u8] = b"data: [DONE]\n\n\r\n0\r\n\r\n";
+    // Ollama's last line ends with its last counter.
+    let ndjson_end: &[u8] = b"}\n\r\n0\r\n\r\n";
+    for (api, request, end) in [
+        ("SSE", &openai as &dyn Fn(usize) -> String, sse_end),
+        ("NDJSON", &ollama, ndjson_end),
+    ] {
+        stream_twice(api, request, end, addr, &shared, &open);
+    }
+    shared.stopping.store(true, Ordering::SeqCst);
+    accept.join().unwrap();
+    shared.queue.close();
+    engine_thread.join().unwrap().unwrap();
+}
+
+/// Streams 16 and 64 tokens a few times through the HTTP front at `addr` and checks that
+/// every stream after the first costs the same allocations, whatever its length.
+fn stream_twice(
+    api: &str,
+    request: &dyn Fn(usize) -> String,
+    end: &[u8],
+    addr: std::net::SocketAddr,
+    shared: &Shared,
+    open: &AtomicUsize,
+) {
+    use std::io::Write;
+    use std::net::TcpStream;
+
     let (ask16, ask64) = (request(16), request(64));
     let mut totals = Vec::new();
     for max_tokens in [16, 16, 64, 16, 64] {
@@ -493,11 +530,7 @@ fn streaming_over_http_allocates_nothing_per_token() {
             let take = n.min(len);
             tail[keep..].copy_from_slice(&chunk[n - take..n]);
         }
-        assert!(
-            tail.ends_with(b"data: [DONE]\n\n\r\n0\r\n\r\n"),
-            "{}",
-            String::from_utf8_lossy(&tail)
-        );
+        assert!(tail.ends_with(end), "{api}: {}", String::from_utf8_lossy(&tail));
         drop(client);
         while open.load(Ordering::Acquire) > 0 {
             std::thread::sleep(std::time::Duration::from_millis(1));
@@ -510,13 +543,9 @@ fn streaming_over_http_allocates_nothing_per_token() {
     for &(n, count) in &totals[1..] {
         assert_eq!(
             count, short,
-            "SSE: {n} tokens cost {count} allocations, 16 cost {short}: {totals:?}"
+            "{api}: {n} tokens cost {count} allocations, 16 cost {short}: {totals:?}"
         );
     }
-    shared.stopping.store(true, Ordering::SeqCst);
-    accept.join().unwrap();
-    shared.queue.close();
-    engine_thread.join().unwrap().unwrap();
 }
 
 fn the_counter_sees_allocations() {
