@@ -167,7 +167,7 @@ test: model test-data venv sim
 # with libseccomp, EPERM outside them). A call outside the filter fails its test here, not a box
 # in the field; each such call is also reported, and one a program shrugged off fails the run.
 # Needs systemd-analyze and python3-seccomp (Debian's, for /usr/bin/python3).
-CONFINED_TESTS := --test daemon --test http
+CONFINED_TESTS := --test daemon --test http --test ollama
 CONFINED_REPORT := .cache/confined-denied.log
 test-confined: model test-data venv
 	@/usr/bin/python3 -c 'import seccomp' 2>/dev/null || { echo "test-confined needs python3-seccomp (apt-get install python3-seccomp)" >&2; exit 1; }
