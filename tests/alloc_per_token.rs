@@ -341,6 +341,7 @@ fn serving_a_token_allocates_nothing() {
         backend: "cpu".into(),
         context_length: 512,
         has_chat_template: true,
+        tool_syntax: llama_tpu::chat::ToolSyntax::Generic,
         slots: 1,
     };
     let defaults = Defaults {
@@ -431,6 +432,7 @@ fn streaming_over_http_allocates_nothing_per_token() {
         backend: "cpu".into(),
         context_length: 512,
         has_chat_template: true,
+        tool_syntax: llama_tpu::chat::ToolSyntax::Generic,
         slots: 1,
     };
     let defaults = Defaults {

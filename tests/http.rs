@@ -1072,7 +1072,10 @@ fn the_wire_is_lenient_where_peers_are_and_exact_where_clients_look() {
         "{log}"
     );
     for (field, body) in [
-        ("tools", r#""tools":[{"type":"function","function":{"name":"f"}}]"#),
+        (
+            "tools[0].function.name",
+            r#""tools":[{"type":"function","function":{"name":"not a name"}}]"#,
+        ),
         ("response_format.type", r#""response_format":{"type":"xml"}"#),
         ("logit_bias", r#""logit_bias":{"15":3}"#),
         ("n", r#""n":3"#),

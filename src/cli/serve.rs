@@ -315,6 +315,7 @@ pub(super) fn serve(a: &ServeArgs) -> Result<(), CliError> {
         backend: info.backend.to_string(),
         context_length: info.context_length,
         has_chat_template: engine.template().is_some(),
+        tool_syntax: engine.tool_syntax(),
         slots: engine.slots(),
     };
     let shared = Arc::new(Shared::new(facts, config.queue_depth, config.defaults()?));
