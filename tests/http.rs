@@ -1040,6 +1040,7 @@ fn tokenize_detokenize_and_props_as_llama_server_has_them() {
     assert_eq!(props["default_generation_settings"]["n_ctx"], 4096, "{props}");
     assert_eq!(props["total_slots"], 1);
     assert_eq!(props["chat_template"], "chatml");
+    assert_eq!(props["tool_syntax"], "generic", "SmolLM2's template knows no tools");
     assert_eq!(props["default_generation_settings"]["params"]["temperature"], 0.0);
 }
 

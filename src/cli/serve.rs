@@ -307,6 +307,7 @@ pub(super) fn serve(a: &ServeArgs) -> Result<(), CliError> {
         }
     };
     let info = engine.info().clone();
+    let engine_template = engine.template();
     let facts = ModelFacts {
         model: model_settings.model.file_name().map_or_else(
             || model_settings.model.display().to_string(),
@@ -338,6 +339,12 @@ pub(super) fn serve(a: &ServeArgs) -> Result<(), CliError> {
         },
     )
     .map_err(|e| CliError::new(Exit::Failure, format!("cannot start the server threads: {e}")))?;
+    if let Some(template) = engine_template {
+        log::info!(
+            "chat template {template}; tool calls in the {} syntax",
+            shared.facts.tool_syntax.as_str()
+        );
+    }
     let serving = format!(
         "serving {} ({}, context {}) on {where_}{}{}",
         shared.facts.model,

@@ -30,7 +30,7 @@ fn main() {
         let can_call = match syntax {
             ToolSyntax::Hermes => answer.contains("<tool_call>"),
             ToolSyntax::Llama3 => answer.trim_start().starts_with('{'),
-            ToolSyntax::Generic => answer.starts_with('{'),
+            ToolSyntax::Generic => answer.trim_start().starts_with('{'),
         };
         if !can_call {
             assert!(calls.is_empty());

@@ -977,6 +977,7 @@ fn props(shared: &Shared, config: &HttpConfig) -> Value {
         "model_path": shared.facts.model,
         "modalities": {"vision": false, "audio": false},
         "chat_template": config.chat_template,
+        "tool_syntax": shared.facts.tool_syntax.as_str(),
         "bos_token": piece(config.tokenizer.bos),
         "eos_token": piece(config.tokenizer.eos),
         "build_info": format!("llama-tpu {}", env!("CARGO_PKG_VERSION")),
