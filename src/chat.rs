@@ -21,6 +21,8 @@ pub enum Role {
     User,
     /// The model.
     Assistant,
+    /// A tool's result, answering one of the assistant's calls.
+    Tool,
 }
 
 impl Role {
@@ -30,6 +32,7 @@ impl Role {
             Role::System => "system",
             Role::User => "user",
             Role::Assistant => "assistant",
+            Role::Tool => "tool",
         }
     }
 }
@@ -41,7 +44,8 @@ impl FromStr for Role {
             "system" => Ok(Role::System),
             "user" => Ok(Role::User),
             "assistant" => Ok(Role::Assistant),
-            other => Err(format!("unknown role '{other}' (known: system, user, assistant)")),
+            "tool" => Ok(Role::Tool),
+            other => Err(format!("unknown role '{other}' (known: system, user, assistant, tool)")),
         }
     }
 }
@@ -53,6 +57,11 @@ pub struct Message {
     pub role: Role,
     /// Text.
     pub content: String,
+    /// The tools the assistant called in this message (before the template renders it,
+    /// `server::tools::flatten` writes them into the content in the model's own syntax).
+    pub calls: Vec<ToolCall>,
+    /// For a tool's result: the id of the call it answers.
+    pub call_id: Option<String>,
 }
 
 impl Message {
@@ -61,6 +70,55 @@ impl Message {
         Message {
             role,
             content: content.into(),
+            calls: Vec::new(),
+            call_id: None,
+        }
+    }
+}
+
+/// A call of a tool, as the assistant made it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolCall {
+    /// The call's id (the client's, or one the daemon made).
+    pub id: String,
+    /// The tool's name.
+    pub name: String,
+    /// The arguments: a JSON object, as text.
+    pub arguments: String,
+}
+
+/// How a model writes a tool call, as its chat template teaches it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ToolSyntax {
+    /// The template knows no tools: llama-server's generic format (the tools described in
+    /// the system message, the answer a JSON object `{"tool_call": ...}` or
+    /// `{"response": ...}`).
+    Generic,
+    /// Hermes / Qwen: `<tool_call>\n{"name": ..., "arguments": ...}\n</tool_call>` after any
+    /// text, results in `<tool_response>` blocks of a user turn.
+    Hermes,
+    /// Llama-3.1's JSON calls: the whole answer `{"name": ..., "parameters": ...}`, results in
+    /// an `ipython` turn.
+    Llama3,
+}
+
+impl ToolSyntax {
+    /// The syntax a model's Jinja template teaches, for the template it renders with.
+    pub fn detect(template: ChatTemplate, jinja: Option<&str>) -> ToolSyntax {
+        let jinja = jinja.unwrap_or("");
+        match template {
+            ChatTemplate::ChatMl if jinja.contains("<tool_call>") => ToolSyntax::Hermes,
+            ChatTemplate::Llama3 if jinja.contains("tools") && jinja.contains("parameters") => ToolSyntax::Llama3,
+            _ => ToolSyntax::Generic,
+        }
+    }
+
+    /// The name said in logs and `/props`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ToolSyntax::Generic => "generic",
+            ToolSyntax::Hermes => "hermes",
+            ToolSyntax::Llama3 => "llama3",
         }
     }
 }
@@ -150,7 +208,15 @@ impl ChatTemplate {
             }
             ChatTemplate::Llama3 => {
                 marker(out, "<|start_header_id|>");
-                text(out, m.role.as_str());
+                // Llama-3.1 names a tool's result `ipython`.
+                text(
+                    out,
+                    if m.role == Role::Tool {
+                        "ipython"
+                    } else {
+                        m.role.as_str()
+                    },
+                );
                 marker(out, "<|end_header_id|>");
                 text(out, "\n\n");
                 text(out, m.content.trim());
@@ -158,7 +224,8 @@ impl ChatTemplate {
             }
             ChatTemplate::Llama2 => match m.role {
                 Role::System => state.system = Some(m.content.trim().to_string()),
-                Role::User => {
+                // Llama-2 has no tool turn: a result is told as the user's.
+                Role::User | Role::Tool => {
                     if state.user_seen {
                         marker(out, "<s>");
                     }

@@ -1040,6 +1040,7 @@ fn tokenize_detokenize_and_props_as_llama_server_has_them() {
     assert_eq!(props["default_generation_settings"]["n_ctx"], 4096, "{props}");
     assert_eq!(props["total_slots"], 1);
     assert_eq!(props["chat_template"], "chatml");
+    assert_eq!(props["tool_syntax"], "generic", "SmolLM2's template knows no tools");
     assert_eq!(props["default_generation_settings"]["params"]["temperature"], 0.0);
 }
 
@@ -1072,7 +1073,10 @@ fn the_wire_is_lenient_where_peers_are_and_exact_where_clients_look() {
         "{log}"
     );
     for (field, body) in [
-        ("tools", r#""tools":[{"type":"function","function":{"name":"f"}}]"#),
+        (
+            "tools[0].function.name",
+            r#""tools":[{"type":"function","function":{"name":"not a name"}}]"#,
+        ),
         ("response_format.type", r#""response_format":{"type":"xml"}"#),
         ("logit_bias", r#""logit_bias":{"15":3}"#),
         ("n", r#""n":3"#),

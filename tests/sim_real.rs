@@ -63,10 +63,7 @@ fn follows_the_cpu_backend(bmodel: &str, gguf: &str, tolerance: f32) {
     let bmodel = dir.join(bmodel);
     assert!(bmodel.exists(), "{} is missing: run `make sim-real`", bmodel.display());
     let tok = Tokenizer::from_file(&dir.join("hf/tokenizer.json")).unwrap();
-    let text = ChatTemplate::ChatMl.render(&[Message {
-        role: Role::User,
-        content: "What is the capital of France?".into(),
-    }]);
+    let text = ChatTemplate::ChatMl.render(&[Message::new(Role::User, "What is the capital of France?")]);
     let prompt = tok.encode(&text, true).unwrap();
 
     let t = Instant::now();

@@ -308,6 +308,7 @@ pub(super) fn serve(a: &ServeArgs) -> Result<(), CliError> {
     };
     let info = engine.info().clone();
     let file = std::fs::metadata(&model_settings.model).ok();
+    let engine_template = engine.template();
     let facts = ModelFacts {
         model: model_settings.model.file_name().map_or_else(
             || model_settings.model.display().to_string(),
@@ -316,6 +317,7 @@ pub(super) fn serve(a: &ServeArgs) -> Result<(), CliError> {
         backend: info.backend.to_string(),
         context_length: info.context_length,
         has_chat_template: engine.template().is_some(),
+        tool_syntax: engine.tool_syntax(),
         slots: engine.slots(),
         quantization: info.dtype.clone(),
         file_size: file.as_ref().map_or(0, std::fs::Metadata::len),
@@ -341,6 +343,12 @@ pub(super) fn serve(a: &ServeArgs) -> Result<(), CliError> {
         },
     )
     .map_err(|e| CliError::new(Exit::Failure, format!("cannot start the server threads: {e}")))?;
+    if let Some(template) = engine_template {
+        log::info!(
+            "chat template {template}; tool calls in the {} syntax",
+            shared.facts.tool_syntax.as_str()
+        );
+    }
     let serving = format!(
         "serving {} ({}, context {}) on {where_}{}{}",
         shared.facts.model,

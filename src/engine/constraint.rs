@@ -28,6 +28,9 @@ pub enum Shape {
     AnyJson,
     /// A document the schema accepts.
     Schema(Arc<Value>),
+    /// What a grammar in llguidance's Lark syntax accepts (tool calls: free text, then calls
+    /// whose JSON parts are schemas made with [`json_part`]).
+    Lark(Arc<str>),
 }
 
 /// Grammars for one model: the token trie (built on first use: about 0.1 s and 20 MB for a
@@ -65,25 +68,14 @@ impl Grammars {
     /// # Errors
     /// The schema uses something not supported (the message names it) or is not a schema.
     pub fn compile(&self, shape: &Shape) -> Result<Constraint, GrammarError> {
-        let mut schema = match shape {
-            Shape::AnyJson => any_json(),
-            Shape::Schema(s) => Value::clone(s),
+        let grammar = match shape {
+            Shape::AnyJson => TopLevelGrammar::from_json_schema(json_part(any_json())?),
+            Shape::Schema(s) => TopLevelGrammar::from_json_schema(json_part(Value::clone(s))?),
+            Shape::Lark(text) => TopLevelGrammar::from_lark(text.to_string()),
         };
-        let Some(object) = schema.as_object_mut() else {
-            return Err(GrammarError("a JSON schema must be an object".into()));
-        };
-        // Ours, not the client's: one space after `,` and `:` and no other whitespace (a small
-        // model left free loops on newlines), objects closed unless they say otherwise (as
-        // llama.cpp's schemas are), overlapping oneOf taken as anyOf (as llama.cpp does).
-        object.insert(
-            "x-guidance".into(),
-            json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": ",
-                   "coerce_one_of": true, "lenient": false}),
-        );
-        bound(&mut schema);
         let factory = self.factory()?;
         let parser = factory
-            .create_parser(TopLevelGrammar::from_json_schema(schema))
+            .create_parser(grammar)
             .map_err(|e| GrammarError(short(&e.to_string())))?;
         let matcher = Matcher::new(Ok(parser));
         if let Some(e) = matcher.get_error() {
@@ -91,6 +83,26 @@ impl Grammars {
         }
         Ok(Constraint { matcher })
     }
+}
+
+/// A client's schema as the grammar follows it: one space after `,` and `:` and no other
+/// whitespace (a small model left free loops on newlines), objects closed and numbers bounded
+/// where the schema is silent ([`bound`]), overlapping oneOf taken as anyOf (as llama.cpp
+/// does). A [`Shape::Lark`] grammar embeds its JSON parts (`%json {...}`) made with this.
+///
+/// # Errors
+/// The schema is not an object.
+pub fn json_part(mut schema: Value) -> Result<Value, GrammarError> {
+    let Some(object) = schema.as_object_mut() else {
+        return Err(GrammarError("a JSON schema must be an object".into()));
+    };
+    object.insert(
+        "x-guidance".into(),
+        json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": ",
+               "coerce_one_of": true, "lenient": false}),
+    );
+    bound(&mut schema);
+    Ok(schema)
 }
 
 /// An error message as a client should read it: the first line, at most 300 bytes.

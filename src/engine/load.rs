@@ -10,7 +10,7 @@ use std::sync::Arc;
 use crate::backend::cpu::{CpuBackend, CpuOptions};
 use crate::backend::sophon::SophonBackend;
 use crate::backend::{Backend, BackendError};
-use crate::chat::ChatTemplate;
+use crate::chat::{ChatTemplate, ToolSyntax};
 use crate::engine::Engine;
 use crate::model::{Gguf, MappedFile};
 use crate::tokenizer::Tokenizer;
@@ -199,10 +199,12 @@ pub fn load_engine(settings: &ModelSettings) -> Result<Engine, LoadError> {
     }
     let opened = open_gguf(&settings.model)?;
     let template = choose_template(settings.chat_template.as_deref(), Some(&opened.gguf))?;
+    let jinja = opened.gguf.str_opt("tokenizer.chat_template").ok().flatten();
+    let tool_syntax = template.map_or(ToolSyntax::Generic, |t| ToolSyntax::detect(t, jinja));
     // The model first: "unsupported architecture" says more than a missing tokenizer key.
     let backend = load_cpu(settings, &opened)?;
     let tokenizer = load_tokenizer(settings, &opened.gguf)?;
-    Ok(Engine::new(Box::new(backend), tokenizer, template))
+    Ok(Engine::new(Box::new(backend), tokenizer, template).with_tool_syntax(tool_syntax))
 }
 
 /// Opens the settings' bmodel on the TPU, failures classed by cause: no runtime or device
@@ -257,17 +259,16 @@ fn load_sophon(settings: &ModelSettings) -> Result<Engine, LoadError> {
         ));
     };
     let tokenizer = open_tokenizer(tokenizer_path)?;
+    let jinja = tokenizer_path
+        .parent()
+        .and_then(|dir| std::fs::read_to_string(dir.join("tokenizer_config.json")).ok())
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .and_then(|v| v.get("chat_template").and_then(|t| t.as_str()).map(str::to_string));
     let template = match &settings.chat_template {
         Some(_) => choose_template(settings.chat_template.as_deref(), None)?,
-        None => tokenizer_path
-            .parent()
-            .and_then(|dir| std::fs::read_to_string(dir.join("tokenizer_config.json")).ok())
-            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
-            .and_then(|v| {
-                v.get("chat_template")
-                    .and_then(|t| t.as_str())
-                    .and_then(ChatTemplate::detect)
-            })
+        None => jinja
+            .as_deref()
+            .and_then(ChatTemplate::detect)
             // A bare SentencePiece tokenizer.model is what the Llama-2 demos ship: its chat
             // format is Llama-2's.
             .or_else(|| {
@@ -289,7 +290,8 @@ fn load_sophon(settings: &ModelSettings) -> Result<Engine, LoadError> {
             ),
         ));
     }
-    Ok(Engine::new(Box::new(backend), tokenizer, template))
+    let tool_syntax = template.map_or(ToolSyntax::Generic, |t| ToolSyntax::detect(t, jinja.as_deref()));
+    Ok(Engine::new(Box::new(backend), tokenizer, template).with_tool_syntax(tool_syntax))
 }
 
 /// A GGUF on the CPU, with as many slots as asked (refused when their KV caches do not fit

@@ -14,7 +14,7 @@ pub mod load;
 pub mod slots;
 
 use crate::backend::{Backend, BackendError, BackendInfo, Next, Span};
-use crate::chat::{ChatTemplate, Message, Part, RenderState, Role};
+use crate::chat::{ChatTemplate, Message, Part, RenderState, Role, ToolSyntax};
 use crate::sampler::{Sampler, SamplerConfig};
 use crate::tokenizer::{TextStream, Tokenizer, TokenizerError};
 pub use constraint::Shape;
@@ -322,6 +322,7 @@ pub struct Engine {
     tokenizer: Arc<Tokenizer>,
     grammars: Arc<Grammars>,
     template: Option<ChatTemplate>,
+    tool_syntax: ToolSyntax,
     slots: Vec<Slot>,
     /// Counts admissions, for least-recently-used order.
     clock: u64,
@@ -362,7 +363,19 @@ impl Engine {
             grammars: Arc::new(Grammars::new(Arc::clone(&tokenizer))),
             tokenizer,
             template,
+            tool_syntax: ToolSyntax::Generic,
         }
+    }
+
+    /// The engine with the tool-call syntax its model's template teaches.
+    pub fn with_tool_syntax(mut self, syntax: ToolSyntax) -> Engine {
+        self.tool_syntax = syntax;
+        self
+    }
+
+    /// How the model writes a tool call.
+    pub fn tool_syntax(&self) -> ToolSyntax {
+        self.tool_syntax
     }
 
     /// What compiles answers' shapes for this model (the transports check a request's schema

@@ -22,6 +22,7 @@ pub mod refusal;
 pub mod serial;
 pub mod session;
 pub mod shared;
+pub mod tools;
 pub mod unix;
 
 use std::sync::atomic::Ordering;

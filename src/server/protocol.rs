@@ -12,6 +12,7 @@ use crate::chat::{Message, Role};
 pub const MAX_MESSAGES: usize = 1024;
 use crate::engine::{Shape, StopStrings};
 pub use crate::engine::{MAX_STOP, MAX_STOP_BYTES};
+use crate::server::tools::{self, ToolChoice};
 /// Longest `id` echoed back.
 pub const MAX_ID_BYTES: usize = 256;
 
@@ -101,6 +102,8 @@ pub struct Generate {
     pub stop: StopStrings,
     /// `json_schema`: the answer must be a JSON document this schema accepts (`{}`: any).
     pub shape: Option<Shape>,
+    /// `tools` and `tool_choice` (with `messages`).
+    pub tools: Option<crate::server::tools::Tools>,
 }
 
 /// Text-mode commands.
@@ -158,6 +161,9 @@ pub enum ProtocolError {
     /// An unknown `/command` or bad arguments.
     #[error("{0} (try /help)")]
     Command(String),
+    /// `tools`, `tool_choice` or a message's calls are wrong (the message names the field).
+    #[error("{0}")]
+    Tools(String),
 }
 
 impl ProtocolError {
@@ -167,7 +173,9 @@ impl ProtocolError {
             ProtocolError::InvalidUtf8 => "invalid_utf8",
             ProtocolError::InvalidJson(_) | ProtocolError::NotAnObject => "invalid_json",
             ProtocolError::UnknownField(_) => "unknown_field",
-            ProtocolError::BadField { .. } | ProtocolError::Misplaced { .. } => "invalid_field",
+            ProtocolError::BadField { .. } | ProtocolError::Misplaced { .. } | ProtocolError::Tools(_) => {
+                "invalid_field"
+            }
             ProtocolError::Prompt => "invalid_prompt",
             ProtocolError::UnknownType(_) => "unknown_type",
             ProtocolError::Command(_) => "unknown_command",
@@ -250,6 +258,8 @@ const GENERATE_FIELDS: &[&str] = &[
     "seed",
     "stop",
     "json_schema",
+    "tools",
+    "tool_choice",
 ];
 
 fn parse_generate(obj: Map<String, Value>) -> Result<Generate, ProtocolError> {
@@ -257,6 +267,8 @@ fn parse_generate(obj: Map<String, Value>) -> Result<Generate, ProtocolError> {
     let mut settings = Settings::default();
     let mut stop = StopStrings::new();
     let mut shape = None;
+    let mut tool_list = Vec::new();
+    let mut choice = Some(ToolChoice::Auto);
     for (key, value) in obj {
         let set_prompt = |p: Prompt, prompt: &mut Option<Prompt>| match prompt {
             Some(_) => Err(ProtocolError::Prompt),
@@ -278,20 +290,28 @@ fn parse_generate(obj: Map<String, Value>) -> Result<Generate, ProtocolError> {
                 s @ Value::Object(_) => shape = Some(Shape::Schema(std::sync::Arc::new(s))),
                 _ => return Err(bad("json_schema", "a JSON schema (an object; {} for any JSON value)")),
             },
+            "tools" if value.is_null() => {}
+            "tools" => tool_list = tools::parse_tools(value).map_err(ProtocolError::Tools)?,
+            "tool_choice" => choice = tools::parse_choice(&value).map_err(ProtocolError::Tools)?,
             _ => set_setting(&mut settings, &key, &value)?,
         }
     }
     let prompt = prompt.ok_or(ProtocolError::Prompt)?;
+    let tools = tools::offer(tool_list, choice).map_err(ProtocolError::Tools)?;
+    if tools.is_some() && matches!(prompt, Prompt::Text(_)) {
+        return Err(ProtocolError::Tools("'tools' need 'messages' (a chat)".into()));
+    }
     Ok(Generate {
         prompt,
         settings,
         stop,
         shape,
+        tools,
     })
 }
 
 fn parse_messages(value: Value) -> Result<Vec<Message>, ProtocolError> {
-    const WHAT: &str = "a list of {\"role\": \"system\"|\"user\"|\"assistant\", \"content\": string}";
+    const WHAT: &str = "a list of {\"role\": \"system\"|\"user\"|\"assistant\"|\"tool\", \"content\": string}";
     let Value::Array(items) = value else {
         return Err(bad("messages", WHAT));
     };
@@ -300,7 +320,8 @@ fn parse_messages(value: Value) -> Result<Vec<Message>, ProtocolError> {
     }
     items
         .into_iter()
-        .map(|item| {
+        .enumerate()
+        .map(|(i, item)| {
             let Value::Object(mut m) = item else {
                 return Err(bad("messages", WHAT));
             };
@@ -308,13 +329,32 @@ fn parse_messages(value: Value) -> Result<Vec<Message>, ProtocolError> {
                 Some(Value::String(r)) => r.parse::<Role>().map_err(|_| bad("messages", WHAT))?,
                 _ => return Err(bad("messages", WHAT)),
             };
+            let calls = match m.remove("tool_calls") {
+                Some(v) if role == Role::Assistant => {
+                    tools::parse_calls(v, &format!("messages[{i}].tool_calls")).map_err(ProtocolError::Tools)?
+                }
+                Some(_) => return Err(bad("messages", "tool_calls only on an assistant's message")),
+                None => Vec::new(),
+            };
             let content = match m.remove("content") {
                 Some(Value::String(c)) => c,
+                // An assistant that only called tools has no content.
+                Some(Value::Null) | None if !calls.is_empty() => String::new(),
                 _ => return Err(bad("messages", WHAT)),
+            };
+            let call_id = match m.remove("tool_call_id") {
+                Some(Value::String(id)) => Some(id),
+                None | Some(Value::Null) => None,
+                Some(_) => return Err(bad("messages", "tool_call_id a string")),
             };
             match m.keys().next() {
                 Some(extra) => Err(ProtocolError::UnknownField(format!("messages[].{extra}"))),
-                None => Ok(Message { role, content }),
+                None => Ok(Message {
+                    role,
+                    content,
+                    calls,
+                    call_id,
+                }),
             }
         })
         .collect()

@@ -22,6 +22,7 @@ use super::outbound::{Outbound, Pushed};
 use super::protocol::{self, Command, Generate, Line, Prompt, ProtocolError, RequestKind, Settings};
 use super::queue::{Job, Outcome, Refused, Reply};
 use super::shared::Shared;
+use super::tools::{self, CallReader};
 
 /// Ends every text-mode reply (answers, command output, errors): ASCII EOT. A script reads up
 /// to it; model output never contains it (control characters are removed from text-mode
@@ -328,7 +329,18 @@ impl Session {
                 if self.busy() {
                     return self.error(true, &id, "connection_busy", BUSY_MESSAGE);
                 }
-                let reply = JobReply::json(Arc::clone(&self.out), id.clone());
+                let mut reply = JobReply::json(Arc::clone(&self.out), id.clone());
+                let mut g = g;
+                if let Prompt::Messages(messages) = &mut g.prompt {
+                    let syntax = self.shared.facts.tool_syntax;
+                    match tools::prepare(syntax, g.tools.as_ref(), messages, g.shape.as_ref()) {
+                        Ok(shape) => g.shape = shape,
+                        Err(e) => return self.error(true, &id, "invalid_field", &e),
+                    }
+                    if g.tools.is_some() {
+                        reply.calls = Some(CallReader::new(syntax));
+                    }
+                }
                 self.submit(g, reply, Some(&id));
             }
             RequestKind::Ping => self.reply(&id, "pong", Map::new()),
@@ -402,17 +414,20 @@ impl Session {
             settings: Settings::default(),
             stop: crate::engine::StopStrings::new(),
             shape: None,
+            tools: None,
         };
         self.submit(turn, reply, None);
     }
 
     /// Queues a generation; `json` carries the id for a `queued` event (none in text mode).
     fn submit(&mut self, g: Generate, reply: JobReply, json: Option<&EventId>) {
+        // Tools were written into the messages and the shape by the caller.
         let Generate {
             prompt,
             settings,
             stop,
             shape,
+            tools: _,
         } = g;
         // A conversation that outgrows the context loses its oldest turns; raw text cannot.
         let (input, drop_old_turns) = match prompt {
@@ -583,6 +598,9 @@ struct JobReply {
     out: SharedOutput,
     mode: Mode,
     done: Arc<AtomicBool>,
+    /// With tools: what reads calls out of the answer, and the text it lets through.
+    calls: Option<CallReader>,
+    visible: String,
 }
 
 impl JobReply {
@@ -591,6 +609,8 @@ impl JobReply {
             out,
             mode: Mode::Json(id),
             done: Arc::default(),
+            calls: None,
+            visible: String::new(),
         }
     }
 
@@ -604,6 +624,8 @@ impl JobReply {
                 clean: String::with_capacity(1024),
             },
             done: Arc::default(),
+            calls: None,
+            visible: String::new(),
         }
     }
 }
@@ -616,7 +638,20 @@ impl Reply for JobReply {
 
     fn text(&mut self, piece: &str) -> bool {
         match &mut self.mode {
-            Mode::Json(id) => lock(&self.out).answer_event(|w| w.token(id, piece)),
+            Mode::Json(id) => {
+                let piece = match &mut self.calls {
+                    Some(reader) => {
+                        self.visible.clear();
+                        reader.push(piece, &mut self.visible);
+                        if self.visible.is_empty() {
+                            return !lock(&self.out).is_gone();
+                        }
+                        self.visible.as_str()
+                    }
+                    None => piece,
+                };
+                lock(&self.out).answer_event(|w| w.token(id, piece))
+            }
             Mode::Text { answer, clean, .. } => {
                 answer.push_str(piece);
                 // A model can emit terminal escape sequences and the end-of-reply byte; a
@@ -661,6 +696,25 @@ impl JobReply {
         self.done.store(true, Ordering::Release);
         match &mut self.mode {
             Mode::Json(id) => {
+                if let (Some(reader), Outcome::Done(_)) = (&mut self.calls, &outcome) {
+                    self.visible.clear();
+                    let calls = reader.finish(&mut self.visible);
+                    if !self.visible.is_empty() {
+                        out.event(|w| w.token(id, &self.visible));
+                    }
+                    if !calls.is_empty() {
+                        let calls: Vec<Value> = calls
+                            .into_iter()
+                            .enumerate()
+                            .map(|(i, c)| {
+                                serde_json::json!({"id": format!("call_{:08x}_{i}", fastrand::u32(..)), "name": c.name, "arguments": c.arguments})
+                            })
+                            .collect();
+                        let mut fields = Map::new();
+                        fields.insert("calls".into(), Value::Array(calls));
+                        out.event(|w| w.reply(id, "tool_calls", &fields));
+                    }
+                }
                 match outcome {
                     Outcome::Done(s) => out.event(|w| w.done(id, s)),
                     Outcome::Failed { code, message } => out.event(|w| w.error(id, code, message)),

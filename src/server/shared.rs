@@ -20,6 +20,8 @@ pub struct ModelFacts {
     pub context_length: usize,
     /// Whether chat requests can be served.
     pub has_chat_template: bool,
+    /// How the model writes a tool call (its template's syntax, or the generic format).
+    pub tool_syntax: crate::chat::ToolSyntax,
     /// KV caches: requests served at once.
     pub slots: usize,
     /// The weights' type as the backend names it (`Q4_1`, `f16`): Ollama's

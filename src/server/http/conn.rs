@@ -28,6 +28,7 @@ use crate::server::outbound::{Outbound, Pushed};
 use crate::server::protocol::Prompt;
 use crate::server::queue::{Job, Outcome, Refused, Reply};
 use crate::server::shared::Shared;
+use crate::server::tools::{self, CallReader, ReadCall};
 use crate::tokenizer::Tokenizer;
 
 /// Time a client has to send a whole request (head and body) once it has begun: a client
@@ -787,6 +788,24 @@ impl Connection {
         dialect: Dialect,
     ) -> bool {
         let keep = !head.close;
+        let mut api = api;
+        // Tools and earlier calls written into the conversation the way the model reads them.
+        let syntax = shared.facts.tool_syntax;
+        let prepared = match &mut api.prompt {
+            Prompt::Messages(messages) => tools::prepare(syntax, api.tools.as_ref(), messages, api.shape.as_ref()),
+            Prompt::Text(_) => Ok(api.shape.clone()),
+        };
+        match prepared {
+            Ok(shape) => api.shape = shape,
+            Err(e) => {
+                return self.reply(
+                    head,
+                    &Response::error(&HttpError::bad_field("invalid_field", e)),
+                    true,
+                    cors,
+                )
+            }
+        }
         let defaults = shared.defaults();
         let mut sampling = defaults.sampling.clone();
         crate::server::session::apply_settings(&mut sampling, &api.settings);
@@ -795,14 +814,12 @@ impl Connection {
         let refused = if let Err(e) = sampling.validate() {
             Some(HttpError::bad_field("invalid_field", e.to_string()))
         } else if let Some(e) = api.shape.as_ref().and_then(|s| config.grammars.compile(s).err()) {
-            let field = match dialect {
-                Dialect::OpenAi => "response_format",
-                Dialect::Ollama => "format",
+            let what = match (dialect, api.tools.is_some()) {
+                (_, true) => "tools: a tool's parameters cannot be followed",
+                (Dialect::OpenAi, false) => "response_format: the schema cannot be followed",
+                (Dialect::Ollama, false) => "format: the schema cannot be followed",
             };
-            Some(HttpError::bad_field(
-                "invalid_schema",
-                format!("{field}: the schema cannot be followed: {e}"),
-            ))
+            Some(HttpError::bad_field("invalid_schema", format!("{what}: {e}")))
         } else if matches!(api.prompt, Prompt::Messages(_)) && !shared.facts.has_chat_template {
             let instead = match dialect {
                 Dialect::OpenAi => "use /v1/completions",
@@ -848,13 +865,16 @@ impl Connection {
         };
         let (reply, pieces, start, heartbeat): (Box<dyn Reply>, _, _, &[u8]) = match dialect {
             Dialect::OpenAi => {
-                let reply = HttpReply::new(
+                let mut reply = HttpReply::new(
                     start,
                     &api,
                     Arc::clone(&done),
                     shared.facts.model.clone(),
                     cors.map(str::to_string),
                 );
+                if api.tools.is_some() {
+                    reply.calls = Some(CallReader::new(syntax));
+                }
                 let (pieces, start) = (Arc::clone(&reply.pieces), Arc::clone(&reply.start));
                 (Box::new(reply), pieces, start, b": waiting for the first token\n\n")
             }
@@ -1042,6 +1062,7 @@ fn props(shared: &Shared, config: &HttpConfig) -> Value {
         "model_path": shared.facts.model,
         "modalities": {"vision": false, "audio": false},
         "chat_template": config.chat_template,
+        "tool_syntax": shared.facts.tool_syntax.as_str(),
         "bos_token": piece(config.tokenizer.bos),
         "eos_token": piece(config.tokenizer.eos),
         "build_info": format!("llama-tpu {}", env!("CARGO_PKG_VERSION")),
@@ -1135,9 +1156,10 @@ fn frame_into(buf: &mut [u8], chunked: bool, payload: &[u8]) -> usize {
 /// OpenAI's `finish_reason` for the engine's reasons (`stop`: end of text or a stop string;
 /// `length`: max_tokens, the context, or a limit of the daemon's) and the daemon's own reason
 /// (`native_finish_reason`, as OpenRouter names a provider's own).
-pub(super) fn finish_reasons(s: &Summary) -> (&'static str, &'static str) {
+pub(super) fn finish_reasons(s: &Summary, called: bool) -> (&'static str, &'static str) {
     use crate::engine::FinishReason as F;
     let openai = match s.reason {
+        F::Eos | F::Stop if called => "tool_calls",
         F::Eos | F::Stop | F::Cancelled => "stop",
         F::Length | F::Context | F::TimeLimit | F::SlowClient => "length",
     };
@@ -1177,6 +1199,11 @@ struct HttpReply {
     done: Arc<AtomicBool>,
     /// Pieces of text the engine has handed over (counted before each is written).
     pieces: Arc<AtomicUsize>,
+    /// With tools: what reads calls out of the answer, the text it lets through, and the
+    /// calls read at the end.
+    calls: Option<CallReader>,
+    visible: String,
+    called: Vec<ReadCall>,
 }
 
 impl HttpReply {
@@ -1209,6 +1236,9 @@ impl HttpReply {
             framed: Vec::with_capacity(1024),
             done,
             pieces: Arc::new(AtomicUsize::new(0)),
+            calls: None,
+            visible: String::new(),
+            called: Vec::new(),
         };
         if reply.stream {
             let mut head = format!(
@@ -1291,7 +1321,7 @@ impl HttpReply {
 
     /// The bytes that end a stream.
     fn stream_end(&mut self, summary: &Summary) -> Vec<u8> {
-        let (reason, native) = finish_reasons(summary);
+        let (reason, native) = finish_reasons(summary, !self.called.is_empty());
         let mut all = Vec::new();
         self.chunk_start();
         match self.endpoint {
@@ -1329,6 +1359,77 @@ impl HttpReply {
 impl Reply for HttpReply {
     fn text(&mut self, piece: &str) -> bool {
         self.pieces.fetch_add(1, Ordering::AcqRel);
+        let Some(reader) = &mut self.calls else {
+            return self.content(piece);
+        };
+        // The visible text is moved out while it is sent, and back (no allocation).
+        let mut visible = std::mem::take(&mut self.visible);
+        visible.clear();
+        reader.push(piece, &mut visible);
+        let going = if visible.is_empty() {
+            !self.out.is_gone()
+        } else {
+            self.content(&visible)
+        };
+        self.visible = visible;
+        going
+    }
+
+    fn waiting(&mut self) -> Option<Instant> {
+        if !self.unsent.is_empty() && self.out.push(&self.unsent, false) == Pushed::Queued {
+            self.unsent.clear();
+        }
+        (!self.unsent.is_empty()).then(|| self.out.last_taken())
+    }
+
+    fn finish(&mut self, outcome: Outcome<'_>) {
+        if let (Some(reader), Outcome::Done(_)) = (&mut self.calls, &outcome) {
+            let mut rest = String::new();
+            self.called = reader.finish(&mut rest);
+            if !rest.is_empty() {
+                self.content(&rest);
+            }
+            if self.stream && !self.called.is_empty() && self.start.begin() {
+                // The calls as one delta each, whole (they are held until the answer ends).
+                let calls = self.tool_calls_json();
+                for (i, call) in calls.into_iter().enumerate() {
+                    let mut call = call;
+                    if let Some(o) = call.as_object_mut() {
+                        o.insert("index".into(), json!(i));
+                    }
+                    self.chunk_start();
+                    let _ = write!(
+                        self.scratch,
+                        "{{\"index\":0,\"delta\":{{\"tool_calls\":[{call}]}},\"logprobs\":null,\"finish_reason\":null}}]}}\n\n"
+                    );
+                    self.frame();
+                    let framed = std::mem::take(&mut self.framed);
+                    if self.out.push(&framed, false) != Pushed::Queued {
+                        self.unsent.extend_from_slice(&framed);
+                    }
+                    self.framed = framed;
+                }
+            }
+        }
+        self.end(outcome);
+    }
+}
+
+impl HttpReply {
+    /// The calls read out of the answer, as OpenAI writes them.
+    fn tool_calls_json(&self) -> Vec<Value> {
+        self.called
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                json!({"id": format!("call_{}_{i}", &self.id[self.id.len() - 8..]), "type": "function",
+                       "function": {"name": c.name, "arguments": c.arguments}})
+            })
+            .collect()
+    }
+
+    /// Text for the client: a chunk, or more of the whole answer. `false`: the client is gone.
+    fn content(&mut self, piece: &str) -> bool {
         if !self.stream {
             self.text.push_str(piece);
             return !self.out.is_gone();
@@ -1365,14 +1466,8 @@ impl Reply for HttpReply {
         true
     }
 
-    fn waiting(&mut self) -> Option<Instant> {
-        if !self.unsent.is_empty() && self.out.push(&self.unsent, false) == Pushed::Queued {
-            self.unsent.clear();
-        }
-        (!self.unsent.is_empty()).then(|| self.out.last_taken())
-    }
-
-    fn finish(&mut self, outcome: Outcome<'_>) {
+    /// Ends the reply: the stream's last chunks, an error, or the whole answer.
+    fn end(&mut self, outcome: Outcome<'_>) {
         // Decided, written and closed under the stream's lock: the connection thread cannot
         // start the stream or add a comment in between.
         // What waited goes first if it fits; a client that never made room for it does
@@ -1419,8 +1514,13 @@ impl Reply for HttpReply {
                 all
             }
             Outcome::Done(summary) => {
-                let (reason, native) = finish_reasons(summary);
+                let (reason, native) = finish_reasons(summary, !self.called.is_empty());
                 let choice = match self.endpoint {
+                    Endpoint::Chat if !self.called.is_empty() => {
+                        let content = (!self.text.is_empty()).then_some(&self.text);
+                        let calls = self.tool_calls_json();
+                        json!({"index": 0, "message": {"role": "assistant", "content": content, "refusal": null, "tool_calls": calls}, "logprobs": null, "finish_reason": reason, "native_finish_reason": native})
+                    }
                     Endpoint::Chat => {
                         json!({"index": 0, "message": {"role": "assistant", "content": self.text, "refusal": null}, "logprobs": null, "finish_reason": reason, "native_finish_reason": native})
                     }

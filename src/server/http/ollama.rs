@@ -209,6 +209,8 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<OllamaRequest, HttpError
         drop_old_turns: false,
         ignore_eos: false,
         shape,
+        // Ollama's tools are refused above.
+        tools: None,
         ignored,
     })))
 }
@@ -315,10 +317,7 @@ fn parse_message(i: usize, m: Map<String, Value>, ignored: &mut Vec<String>) -> 
         }
     }
     let role = role.ok_or_else(|| invalid(&format!("messages[{i}].role"), "given"))?;
-    Ok(Message {
-        role,
-        content: content.unwrap_or_default(),
-    })
+    Ok(Message::new(role, content.unwrap_or_default()))
 }
 
 /// The model as `/api/tags` and `/api/ps` list it, and `/api/show` details it: what is known
@@ -703,6 +702,7 @@ mod tests {
             context_length: 4096,
             has_chat_template: true,
             slots: 4,
+            tool_syntax: crate::chat::ToolSyntax::Generic,
             quantization: "Q4_1".into(),
             file_size: 1234,
             modified: Some(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_796_601_537)),

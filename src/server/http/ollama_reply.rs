@@ -143,7 +143,8 @@ impl OllamaReply {
 
     /// `"done":true,"done_reason":...` and Ollama's counters (nanoseconds), closing the object.
     fn end_fields(&mut self, s: &Summary) {
-        let (reason, _) = finish_reasons(s);
+        // No tool calls on this API: stop or length.
+        let (reason, _) = finish_reasons(s, false);
         // Ollama's prompt_eval counts the tokens computed (a prompt found in the cache is
         // not), over the time they took; eval counts every generated token, from the end of
         // the prompt to the last.

@@ -4,8 +4,8 @@
 //! Lenient where peers are: fields the daemon does not know are ignored (and named in
 //! [`ApiRequest::ignored`] for the log), as llama.cpp's server and vLLM do, since clients send
 //! their own (`cache_prompt`, `parallel_tool_calls`, ...). Strict where an answer would be
-//! wrong: fields it knows but cannot honor yet (`n > 1`, `tools`, `logit_bias`,
-//! `logprobs: true`, ...) are refused naming the field, never silently dropped.
+//! wrong: fields it knows but cannot honor yet (`n > 1`, `logit_bias`, `logprobs: true`,
+//! ...) are refused naming the field, never silently dropped.
 
 use serde_json::{Map, Value};
 
@@ -13,6 +13,7 @@ use super::HttpError;
 use crate::chat::{Message, Role};
 use crate::engine::{Shape, StopStrings};
 use crate::server::protocol::{self, Prompt, ProtocolError, Settings, MAX_MESSAGES};
+use crate::server::tools::{self, Tools};
 
 /// Which API a body is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +47,8 @@ pub struct ApiRequest {
     pub ignore_eos: bool,
     /// `response_format`: what the answer must be (a JSON document); `None`: text.
     pub shape: Option<Shape>,
+    /// `tools` and `tool_choice` (chat only; `None`: no tools, or `tool_choice: "none"`).
+    pub tools: Option<Tools>,
     /// Fields that were ignored, for the log (`messages[2].foo` inside messages).
     pub ignored: Vec<String>,
 }
@@ -53,7 +56,6 @@ pub struct ApiRequest {
 /// OpenAI fields for features the daemon does not have yet; each is accepted only in its
 /// "off" spelling (null, false, empty, `best_of: 1`).
 const UNSUPPORTED: &[&str] = &[
-    "tools",
     "functions",
     "logit_bias",
     "echo",
@@ -69,6 +71,11 @@ fn refuse(field: &str, why: &str) -> HttpError {
 
 fn invalid(field: &str, expected: &str) -> HttpError {
     HttpError::bad_field("invalid_field", format!("'{field}' must be {expected}"))
+}
+
+/// A field the tools' parser found wrong (its message names it).
+fn bad(message: String) -> HttpError {
+    HttpError::bad_field("invalid_field", message)
 }
 
 fn from_protocol(e: ProtocolError) -> HttpError {
@@ -100,6 +107,8 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, HttpError> {
     let mut drop_old_turns = false;
     let mut ignore_eos = false;
     let mut shape = None;
+    let mut tool_list = Vec::new();
+    let mut choice = Some(tools::ToolChoice::Auto);
     let mut ignored = Vec::new();
     for (key, value) in obj {
         let is_null = value.is_null();
@@ -145,9 +154,12 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, HttpError> {
             (_, "logprobs" | "top_logprobs") => return Err(refuse(&key, "is not supported")),
             (_, "response_format") => shape = parse_response_format(value)?,
             (_, "tools" | "functions") if is_null || value.as_array().is_some_and(Vec::is_empty) => {}
+            (Endpoint::Chat, "tools") => tool_list = tools::parse_tools(value).map_err(bad)?,
+            (Endpoint::Chat, "tool_choice") => choice = tools::parse_choice(&value).map_err(bad)?,
             // Without tools there is nothing to choose: only a demand for a call is refused.
             (_, "tool_choice" | "function_call") if is_null || value == "none" || value == "auto" => {}
-            (_, "tool_choice" | "function_call") => return Err(refuse(&key, "needs tools, which are not supported")),
+            (_, "tools" | "tool_choice") => return Err(refuse(&key, "is for /v1/chat/completions")),
+            (_, "function_call") => return Err(refuse(&key, "is not supported (use 'tools')")),
             (Endpoint::Chat, "drop_old_turns") => {
                 drop_old_turns = value
                     .as_bool()
@@ -184,6 +196,7 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, HttpError> {
             },
         )
     })?;
+    let tools = tools::offer(tool_list, choice).map_err(bad)?;
     Ok(ApiRequest {
         endpoint,
         prompt,
@@ -194,6 +207,7 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, HttpError> {
         drop_old_turns,
         ignore_eos,
         shape,
+        tools,
         ignored,
     })
 }
@@ -285,6 +299,8 @@ fn parse_messages(value: Value, ignored: &mut Vec<String>) -> Result<Vec<Message
             };
             let mut role = None;
             let mut content = None;
+            let mut calls = Vec::new();
+            let mut call_id = None;
             for (k, v) in m {
                 match k.as_str() {
                     "role" => {
@@ -292,19 +308,34 @@ fn parse_messages(value: Value, ignored: &mut Vec<String>) -> Result<Vec<Message
                             Some("system" | "developer") => Role::System,
                             Some("user") => Role::User,
                             Some("assistant") => Role::Assistant,
-                            Some(r @ ("tool" | "function")) => {
+                            Some("tool") => Role::Tool,
+                            Some("function") => {
                                 return Err(refuse(
                                     &format!("messages[{i}].role"),
-                                    &format!("'{r}' is not supported"),
+                                    "'function' is not supported (use 'tool')",
                                 ))
                             }
-                            _ => return Err(invalid(&format!("messages[{i}].role"), "system, user or assistant")),
+                            _ => {
+                                return Err(invalid(
+                                    &format!("messages[{i}].role"),
+                                    "system, user, assistant or tool",
+                                ))
+                            }
                         })
                     }
+                    // An assistant that only called tools has no content.
+                    "content" if v.is_null() => content = Some(String::new()),
                     "content" => content = Some(parse_content(i, v)?),
-                    "tool_calls" | "function_call" | "tool_call_id" | "audio"
-                        if !(v.is_null() || v.as_array().is_some_and(Vec::is_empty)) =>
-                    {
+                    "tool_calls" => calls = tools::parse_calls(v, &format!("messages[{i}].tool_calls")).map_err(bad)?,
+                    "tool_call_id" if v.is_null() => {}
+                    "tool_call_id" => {
+                        call_id = Some(
+                            v.as_str()
+                                .ok_or_else(|| invalid(&format!("messages[{i}].tool_call_id"), "a string"))?
+                                .to_string(),
+                        )
+                    }
+                    "function_call" | "audio" if !(v.is_null() || v.as_array().is_some_and(Vec::is_empty)) => {
                         return Err(refuse(&format!("messages[{i}].{k}"), "is not supported"))
                     }
                     // A participant's name, a refusal, clients' own annotations: the template
@@ -313,8 +344,23 @@ fn parse_messages(value: Value, ignored: &mut Vec<String>) -> Result<Vec<Message
                 }
             }
             let role = role.ok_or_else(|| invalid(&format!("messages[{i}].role"), "given"))?;
-            let content = content.ok_or_else(|| invalid(&format!("messages[{i}].content"), "given"))?;
-            Ok(Message { role, content })
+            let content = match content {
+                Some(c) => c,
+                None if !calls.is_empty() => String::new(),
+                None => return Err(invalid(&format!("messages[{i}].content"), "given")),
+            };
+            if !calls.is_empty() && role != Role::Assistant {
+                return Err(invalid(
+                    &format!("messages[{i}].tool_calls"),
+                    "on an assistant's message only",
+                ));
+            }
+            Ok(Message {
+                role,
+                content,
+                calls,
+                call_id,
+            })
         })
         .collect()
 }
@@ -393,7 +439,7 @@ mod tests {
             (r#"{"messages":[{"role":"user","content":"x"}],"n":2}"#, "'n'"),
             (
                 r#"{"messages":[{"role":"user","content":"x"}],"tools":[{"type":"function"}]}"#,
-                "'tools'",
+                "'tools[0].function'",
             ),
             (
                 r#"{"messages":[{"role":"user","content":"x"}],"logprobs":true}"#,
@@ -416,7 +462,10 @@ mod tests {
                 r#"{"messages":[{"role":"user","content":"x"}],"temperature":-1}"#,
                 "'temperature'",
             ),
-            (r#"{"messages":[{"role":"tool","content":"x"}]}"#, "messages[0].role"),
+            (
+                r#"{"messages":[{"role":"function","content":"x"}]}"#,
+                "messages[0].role",
+            ),
             (
                 r#"{"messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#,
                 "messages[0].content",
