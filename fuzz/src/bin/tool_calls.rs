@@ -7,7 +7,9 @@ use llama_tpu::server::tools::CallReader;
 fn main() {
     afl::fuzz!(|data: &[u8]| {
         // The first byte picks the syntax and the piece size, as the engine hands text over.
-        let Some((&pick, rest)) = data.split_first() else { return };
+        let Some((&pick, rest)) = data.split_first() else {
+            return;
+        };
         let Ok(answer) = std::str::from_utf8(rest) else { return };
         let syntax = [ToolSyntax::Generic, ToolSyntax::Hermes, ToolSyntax::Llama3][pick as usize % 3];
         let size = (pick as usize / 3) % 13 + 1;
