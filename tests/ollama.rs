@@ -128,6 +128,22 @@ fn the_ollama_package_chats_generates_and_lists() {
     assert_eq!(seen["ps"]["context_length"], 4096);
     assert_eq!(seen["api_version"]["version"], "0.6.4");
 
+    // Tools (the generic format: the default model's template knows none). Greedy, the model
+    // chose to call; the arguments were validated against the tool's schema by the script.
+    let call = &seen["tool_call"];
+    assert_eq!(call["done_reason"], "stop", "{call}");
+    let calls = call["calls"].as_array().unwrap();
+    if calls.is_empty() {
+        assert!(call["content"].as_str().is_some_and(|c| !c.is_empty()), "{call}");
+    } else {
+        assert_eq!(calls[0]["name"], "set_lamp", "{call}");
+        assert_eq!(call["content"], "", "a call is not text: {call}");
+        assert_eq!(&seen["tool_call_stream"], &call["calls"], "streamed as whole");
+        let after = &seen["tool_result"];
+        assert_eq!(after["done_reason"], "stop", "{after}");
+        assert!(after["content"].as_str().is_some_and(|c| !c.is_empty()), "{after}");
+    }
+
     let errors = &seen["errors"];
     let error = |name: &str, status: u64, needle: &str| {
         let e = &errors[name];
@@ -137,7 +153,7 @@ fn the_ollama_package_chats_generates_and_lists() {
             .unwrap_or_else(|| panic!("{name}: Ollama's error is a string: {e}"));
         assert!(text.contains(needle), "{name}: {e}");
     };
-    error("tools", 400, "'tools'");
+    error("tools", 400, "'tools[0].function.name'");
     error("unknown_model", 404, "llama3.2");
     error("bad_option", 400, "'options.top_p'");
     error("bad_schema", 400, "uniqueItems");

@@ -397,14 +397,28 @@ fn flatten(syntax: ToolSyntax, tools_on: bool, messages: &mut Vec<Message>) {
         .iter()
         .flat_map(|m| m.calls.iter().map(|c| (c.id.clone(), c.name.clone())))
         .collect();
-    let name_of = |id: &Option<String>| {
-        id.as_ref()
+    // A result without an id (Ollama's) answers the last calls in their order.
+    let mut unanswered: std::collections::VecDeque<String> = std::collections::VecDeque::new();
+    let name_of = |id: &Option<String>, unanswered: &mut std::collections::VecDeque<String>| {
+        let by_id = id
+            .as_ref()
+            .filter(|id| !id.is_empty())
             .and_then(|id| names.iter().find(|(i, _)| i == id))
-            .map(|(_, n)| n.clone())
+            .map(|(_, n)| n.clone());
+        let next = unanswered.pop_front();
+        by_id.or(next)
     };
     let mut out: Vec<Message> = Vec::with_capacity(messages.len());
     for mut m in messages.drain(..) {
         let calls = std::mem::take(&mut m.calls);
+        if !calls.is_empty() {
+            unanswered = calls.iter().map(|c| c.name.clone()).collect();
+        }
+        let tool_name = if m.role == Role::Tool {
+            name_of(&m.call_id, &mut unanswered)
+        } else {
+            None
+        };
         let arguments = |c: &ToolCall| serde_json::from_str::<Value>(&c.arguments).unwrap_or_else(|_| json!({}));
         match (syntax, m.role) {
             (ToolSyntax::Generic, Role::Assistant) if !calls.is_empty() && !tools_on => {
@@ -431,14 +445,14 @@ fn flatten(syntax: ToolSyntax, tools_on: bool, messages: &mut Vec<Message>) {
             }
             (ToolSyntax::Generic, Role::Tool) if tools_on => {
                 let response = json!({"tool_response": {
-                    "tool": name_of(&m.call_id), "tool_call_id": m.call_id, "content": m.content,
+                    "tool": tool_name, "tool_call_id": m.call_id, "content": m.content,
                 }});
                 m = Message::new(Role::User, response.to_string());
             }
             // Tools withdrawn (`tool_choice: "none"`): the answer is text, and the model reads
             // what happened as text too (JSON here leads a small model to answer in JSON).
             (ToolSyntax::Generic, Role::Tool) => {
-                let tool = name_of(&m.call_id).unwrap_or_else(|| "the tool".into());
+                let tool = tool_name.unwrap_or_else(|| "the tool".into());
                 m = Message::new(Role::User, format!("{tool} returned: {}", m.content));
             }
             (ToolSyntax::Hermes, Role::Assistant) => {

@@ -95,9 +95,28 @@ def error(call):
     return None
 
 
-tool = {"type": "function", "function": {"name": "f", "description": "d", "parameters": {"type": "object"}}}
+# Tools, as Home Assistant's "Control" sends them: the model chooses; a call comes back in
+# message.tool_calls (arguments an object), and its result goes back with role "tool".
+lamp = {"type": "object", "properties": {"room": {"type": "string", "enum": ["kitchen", "hall"]},
+                                         "on": {"type": "boolean"}}, "required": ["room", "on"]}
+tool = {"type": "function", "function": {"name": "set_lamp", "description": "Switch a lamp", "parameters": lamp}}
+ask = [{"role": "user", "content": "Turn on the kitchen lamp."}]
+r = client.chat(model=model, messages=ask, tools=[tool], options=greedy)
+calls = [{"name": c.function.name, "arguments": dict(c.function.arguments)} for c in r.message.tool_calls or []]
+for c in calls:
+    jsonschema.validate(c["arguments"], lamp)
+seen["tool_call"] = {"calls": calls, "content": r.message.content, "done_reason": r.done_reason}
+streamed = [c for part in client.chat(model=model, messages=ask, tools=[tool], options=greedy, stream=True)
+            for c in (part.message.tool_calls or [])]
+seen["tool_call_stream"] = [{"name": c.function.name, "arguments": dict(c.function.arguments)} for c in streamed]
+if r.message.tool_calls:
+    after = ask + [{"role": "assistant", "content": "", "tool_calls": r.message.tool_calls},
+                   {"role": "tool", "content": "The kitchen lamp is on.", "tool_name": calls[0]["name"]}]
+    seen["tool_result"] = fields(client.chat(model=model, messages=after, options=greedy))
+
+bad_tool = {"type": "function", "function": {"name": "not a name", "parameters": {"type": "object"}}}
 seen["errors"] = {
-    "tools": error(lambda: client.chat(model=model, messages=question, tools=[tool])),
+    "tools": error(lambda: client.chat(model=model, messages=question, tools=[bad_tool])),
     "unknown_model": error(lambda: client.show("llama3.2")),
     "bad_option": error(lambda: client.generate(model=model, prompt="x", options={"top_p": 2})),
     "bad_schema": error(lambda: client.generate(model=model, prompt="x",

@@ -879,13 +879,16 @@ impl Connection {
                 (Box::new(reply), pieces, start, b": waiting for the first token\n\n")
             }
             Dialect::Ollama => {
-                let reply = OllamaReply::new(
+                let mut reply = OllamaReply::new(
                     start,
                     &api,
                     Arc::clone(&done),
                     shared.facts.model.clone(),
                     cors.map(str::to_string),
                 );
+                if api.tools.is_some() {
+                    reply.calls = Some(CallReader::new(syntax));
+                }
                 let (pieces, start) = (Arc::clone(&reply.pieces), Arc::clone(&reply.start));
                 (Box::new(reply), pieces, start, ollama_reply::heartbeat(api.endpoint))
             }

@@ -20,6 +20,7 @@ use crate::chat::{Message, Role};
 use crate::engine::{Shape, StopStrings};
 use crate::server::protocol::{self, Prompt, ProtocolError, Settings, MAX_MESSAGES};
 use crate::server::shared::{Defaults, ModelFacts};
+use crate::server::tools::{self, ToolChoice};
 
 /// What `/api/version` answers. Ollama's clients that check it want at least this: VS Code's
 /// Copilot asks for 0.6.4; the `ollama` Python package and Home Assistant do not check it.
@@ -97,6 +98,7 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<OllamaRequest, HttpError
     let mut stream = true;
     let mut shape = None;
     let mut unload = false;
+    let mut tool_list = Vec::new();
     let mut ignored = Vec::new();
     for (key, value) in obj {
         match (endpoint, key.as_str()) {
@@ -136,9 +138,10 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<OllamaRequest, HttpError
             },
             // What the daemon cannot do, refused in its "on" spelling as Ollama refuses it for a
             // model without the capability.
-            (_, "tools") if !is_off(&value) => {
-                return Err(refuse("tools", "is not supported: this daemon does not call tools yet"))
+            (Endpoint::Chat, "tools") if !is_off(&value) => {
+                tool_list = tools::parse_tools(value).map_err(|e| HttpError::bad_field("invalid_field", e))?
             }
+            (Endpoint::Completion, "tools") if !is_off(&value) => return Err(refuse("tools", "is for /api/chat")),
             (_, "think") if !is_off(&value) => {
                 return Err(refuse("think", "is not supported: the model does not think aloud"))
             }
@@ -209,8 +212,8 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<OllamaRequest, HttpError
         drop_old_turns: false,
         ignore_eos: false,
         shape,
-        // Ollama's tools are refused above.
-        tools: None,
+        // Ollama has no tool_choice: the model chooses.
+        tools: tools::offer(tool_list, Some(ToolChoice::Auto)).map_err(|e| HttpError::bad_field("invalid_field", e))?,
         ignored,
     })))
 }
@@ -284,6 +287,7 @@ fn parse_messages(value: Value, ignored: &mut Vec<String>) -> Result<Vec<Message
 fn parse_message(i: usize, m: Map<String, Value>, ignored: &mut Vec<String>) -> Result<Message, HttpError> {
     let mut role = None;
     let mut content = None;
+    let mut calls = Vec::new();
     for (k, v) in m {
         match k.as_str() {
             "role" => {
@@ -291,13 +295,13 @@ fn parse_message(i: usize, m: Map<String, Value>, ignored: &mut Vec<String>) -> 
                     Some("system") => Role::System,
                     Some("user") => Role::User,
                     Some("assistant") => Role::Assistant,
-                    Some("tool") => {
-                        return Err(refuse(
+                    Some("tool") => Role::Tool,
+                    _ => {
+                        return Err(invalid(
                             &format!("messages[{i}].role"),
-                            "'tool' is not supported: this daemon does not call tools yet",
+                            "system, user, assistant or tool",
                         ))
                     }
-                    _ => return Err(invalid(&format!("messages[{i}].role"), "system, user or assistant")),
                 })
             }
             "content" if v.is_null() => {}
@@ -308,16 +312,28 @@ fn parse_message(i: usize, m: Map<String, Value>, ignored: &mut Vec<String>) -> 
                         .to_string(),
                 )
             }
-            "images" | "tool_calls" if !is_off(&v) => {
-                return Err(refuse(&format!("messages[{i}].{k}"), "is not supported"))
+            // Ollama's calls: `[{"function": {"name", "arguments": {...}}}]` (no ids: a result
+            // answers the calls in their order).
+            "tool_calls" if !is_off(&v) => {
+                calls = tools::parse_calls(v, &format!("messages[{i}].tool_calls"))
+                    .map_err(|e| HttpError::bad_field("invalid_field", e))?
             }
+            "images" if !is_off(&v) => return Err(refuse(&format!("messages[{i}].{k}"), "is not supported")),
             // `thinking` of an earlier answer, `tool_name`, clients' own: the template renders
             // role and content only.
             _ => ignored.push(format!("messages[{i}].{k}")),
         }
     }
     let role = role.ok_or_else(|| invalid(&format!("messages[{i}].role"), "given"))?;
-    Ok(Message::new(role, content.unwrap_or_default()))
+    if !calls.is_empty() && role != Role::Assistant {
+        return Err(invalid(
+            &format!("messages[{i}].tool_calls"),
+            "on an assistant's message only",
+        ));
+    }
+    let mut message = Message::new(role, content.unwrap_or_default());
+    message.calls = calls;
+    Ok(message)
 }
 
 /// The model as `/api/tags` and `/api/ps` list it, and `/api/show` details it: what is known
@@ -603,11 +619,11 @@ mod tests {
             (
                 Endpoint::Chat,
                 r#"{"model":"m","messages":[{"role":"user","content":"x"}],"tools":[{"type":"function"}]}"#,
-                "'tools'",
+                "'tools[0].function'",
             ),
             (
                 Endpoint::Chat,
-                r#"{"model":"m","messages":[{"role":"tool","content":"4"}]}"#,
+                r#"{"model":"m","messages":[{"role":"function","content":"4"}]}"#,
                 "messages[0].role",
             ),
             (

@@ -16,6 +16,7 @@ use super::HttpError;
 use crate::engine::Summary;
 use crate::server::outbound::{Outbound, Pushed};
 use crate::server::queue::{Outcome, Reply};
+use crate::server::tools::{CallReader, ReadCall};
 
 /// Ollama's content type for a whole body.
 const JSON: &str = "application/json; charset=utf-8";
@@ -92,6 +93,11 @@ pub(super) struct OllamaReply {
     pub(super) pieces: Arc<AtomicUsize>,
     /// When the request was read: `total_duration` counts from here.
     received: Instant,
+    /// With tools: what reads calls out of the answer, the text it lets through, and the
+    /// calls read at the end.
+    pub(super) calls: Option<CallReader>,
+    visible: String,
+    called: Vec<ReadCall>,
 }
 
 impl OllamaReply {
@@ -126,44 +132,29 @@ impl OllamaReply {
             done,
             pieces: Arc::new(AtomicUsize::new(0)),
             received: Instant::now(),
+            calls: None,
+            visible: String::new(),
+            called: Vec::new(),
         }
     }
 
-    /// Frames `scratch` into `framed` (one HTTP chunk when chunked).
-    fn frame(&mut self) {
-        self.framed.clear();
-        if self.start.chunked {
-            let _ = write!(self.framed, "{:x}\r\n", self.scratch.len());
-        }
-        self.framed.extend_from_slice(&self.scratch);
-        if self.start.chunked {
-            self.framed.extend_from_slice(b"\r\n");
-        }
+    /// `"tool_calls":[...]` as Ollama writes them (arguments an object, no ids).
+    fn write_calls(&mut self) {
+        let calls: Vec<serde_json::Value> = self
+            .called
+            .iter()
+            .map(|c| {
+                let arguments: serde_json::Value =
+                    serde_json::from_str(&c.arguments).unwrap_or_else(|_| serde_json::json!({}));
+                serde_json::json!({"function": {"name": c.name, "arguments": arguments}})
+            })
+            .collect();
+        self.scratch.extend_from_slice(b"\"tool_calls\":");
+        let _ = serde_json::to_writer(&mut self.scratch, &calls);
     }
 
-    /// `"done":true,"done_reason":...` and Ollama's counters (nanoseconds), closing the object.
-    fn end_fields(&mut self, s: &Summary) {
-        // No tool calls on this API: stop or length.
-        let (reason, _) = finish_reasons(s, false);
-        // Ollama's prompt_eval counts the tokens computed (a prompt found in the cache is
-        // not), over the time they took; eval counts every generated token, from the end of
-        // the prompt to the last.
-        let eval = s.time_to_first_token.saturating_sub(s.prompt_time) + s.generation_time;
-        let _ = write!(
-            self.scratch,
-            "\"done\":true,\"done_reason\":\"{reason}\",\"total_duration\":{},\"load_duration\":0,\"prompt_eval_count\":{},\"prompt_eval_duration\":{},\"eval_count\":{},\"eval_duration\":{}}}",
-            self.received.elapsed().as_nanos(),
-            s.prompt_tokens.saturating_sub(s.cached_tokens),
-            s.prompt_time.as_nanos(),
-            s.completion_tokens,
-            eval.as_nanos(),
-        );
-    }
-}
-
-impl Reply for OllamaReply {
-    fn text(&mut self, piece: &str) -> bool {
-        self.pieces.fetch_add(1, Ordering::AcqRel);
+    /// Text for the client: a line, or more of the whole answer. `false`: the client is gone.
+    fn content(&mut self, piece: &str) -> bool {
         if !self.stream {
             self.text.push_str(piece);
             return !self.out.is_gone();
@@ -198,6 +189,57 @@ impl Reply for OllamaReply {
         true
     }
 
+    /// Frames `scratch` into `framed` (one HTTP chunk when chunked).
+    fn frame(&mut self) {
+        self.framed.clear();
+        if self.start.chunked {
+            let _ = write!(self.framed, "{:x}\r\n", self.scratch.len());
+        }
+        self.framed.extend_from_slice(&self.scratch);
+        if self.start.chunked {
+            self.framed.extend_from_slice(b"\r\n");
+        }
+    }
+
+    /// `"done":true,"done_reason":...` and Ollama's counters (nanoseconds), closing the object.
+    fn end_fields(&mut self, s: &Summary) {
+        // Ollama says `stop` after tool calls too.
+        let (reason, _) = finish_reasons(s, false);
+        // Ollama's prompt_eval counts the tokens computed (a prompt found in the cache is
+        // not), over the time they took; eval counts every generated token, from the end of
+        // the prompt to the last.
+        let eval = s.time_to_first_token.saturating_sub(s.prompt_time) + s.generation_time;
+        let _ = write!(
+            self.scratch,
+            "\"done\":true,\"done_reason\":\"{reason}\",\"total_duration\":{},\"load_duration\":0,\"prompt_eval_count\":{},\"prompt_eval_duration\":{},\"eval_count\":{},\"eval_duration\":{}}}",
+            self.received.elapsed().as_nanos(),
+            s.prompt_tokens.saturating_sub(s.cached_tokens),
+            s.prompt_time.as_nanos(),
+            s.completion_tokens,
+            eval.as_nanos(),
+        );
+    }
+}
+
+impl Reply for OllamaReply {
+    fn text(&mut self, piece: &str) -> bool {
+        self.pieces.fetch_add(1, Ordering::AcqRel);
+        let Some(reader) = &mut self.calls else {
+            return self.content(piece);
+        };
+        // The visible text is moved out while it is sent, and back (no allocation).
+        let mut visible = std::mem::take(&mut self.visible);
+        visible.clear();
+        reader.push(piece, &mut visible);
+        let going = if visible.is_empty() {
+            !self.out.is_gone()
+        } else {
+            self.content(&visible)
+        };
+        self.visible = visible;
+        going
+    }
+
     fn waiting(&mut self) -> Option<Instant> {
         if !self.unsent.is_empty() && self.out.push(&self.unsent, false) == Pushed::Queued {
             self.unsent.clear();
@@ -206,6 +248,27 @@ impl Reply for OllamaReply {
     }
 
     fn finish(&mut self, outcome: Outcome<'_>) {
+        if let (Some(reader), Outcome::Done(_)) = (&mut self.calls, &outcome) {
+            let mut rest = String::new();
+            self.called = reader.finish(&mut rest);
+            if !rest.is_empty() {
+                self.content(&rest);
+            }
+            if self.stream && !self.called.is_empty() && self.start.begin() {
+                // The calls in one line of their own, as Ollama streams them.
+                line_start(&mut self.scratch, &self.model);
+                self.scratch
+                    .extend_from_slice(b"\"message\":{\"role\":\"assistant\",\"content\":\"\",");
+                self.write_calls();
+                self.scratch.extend_from_slice(b"},\"done\":false}\n");
+                self.frame();
+                let framed = std::mem::take(&mut self.framed);
+                if self.out.push(&framed, false) != Pushed::Queued {
+                    self.unsent.extend_from_slice(&framed);
+                }
+                self.framed = framed;
+            }
+        }
         // As the OpenAI reply: decided, written and closed under the stream's lock; what
         // waited goes first if it fits.
         if !self.unsent.is_empty() {
@@ -255,8 +318,14 @@ impl Reply for OllamaReply {
                         .extend_from_slice(b"\"message\":{\"role\":\"assistant\",\"content\":"),
                     Endpoint::Completion => self.scratch.extend_from_slice(b"\"response\":"),
                 }
-                let _ = serde_json::to_writer(&mut self.scratch, &self.text);
+                let text = std::mem::take(&mut self.text);
+                let _ = serde_json::to_writer(&mut self.scratch, &text);
                 match self.endpoint {
+                    Endpoint::Chat if !self.called.is_empty() => {
+                        self.scratch.push(b',');
+                        self.write_calls();
+                        self.scratch.extend_from_slice(b"},");
+                    }
                     Endpoint::Chat => self.scratch.extend_from_slice(b"},"),
                     Endpoint::Completion => self.scratch.push(b','),
                 }
