@@ -133,10 +133,11 @@ soak: build model
 
 # Coverage-guided fuzzing of everything that reads outside bytes (AFL++ through cargo-afl;
 # fuzz/README.md): a short run of each target in CI, the long one on demand.
+# The schema target compiles over the default model's vocabulary.
 FUZZ_SECONDS ?= 600
-fuzz-ci:
+fuzz-ci: model
 	fuzz/run.sh 30
-fuzz:
+fuzz: model
 	fuzz/run.sh $(FUZZ_SECONDS)
 
 # A real Llama-2 checkpoint compiled for the BM1684X (a workstation job: see sim/bmodel.sh).

@@ -9,7 +9,7 @@ cd "$(dirname "$0")"
 SECONDS_EACH=${1:-60}
 shift || true
 TARGETS=("$@")
-[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(framing protocol serial_editor gguf tokenizer_files contract http_head openai tool_calls ollama)
+[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(framing protocol serial_editor gguf tokenizer_files contract http_head openai tool_calls ollama schema)
 command -v cargo-afl >/dev/null || cargo install --quiet --locked cargo-afl@0.18.2
 # AFL++ itself, built once per machine by cargo-afl (under ~/.local/share/afl.rs).
 cargo afl config --build >/dev/null 2>&1 || true

@@ -12,7 +12,7 @@ mod common;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::Read;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicIsize, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use llama_tpu::backend::cpu::{CpuBackend, CpuOptions};
@@ -30,21 +30,26 @@ use llama_tpu::tokenizer::Tokenizer;
 struct Counting;
 
 static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
+/// Bytes allocated and not yet freed (what the process holds on the heap).
+static LIVE_BYTES: AtomicIsize = AtomicIsize::new(0);
 
 // SAFETY: forwards to the system allocator unchanged; only counts calls.
 #[allow(unsafe_code)]
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        LIVE_BYTES.fetch_add(layout.size() as isize, Ordering::Relaxed);
         // SAFETY: same contract as the caller's.
         unsafe { System.alloc(layout) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE_BYTES.fetch_sub(layout.size() as isize, Ordering::Relaxed);
         // SAFETY: same contract as the caller's.
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        LIVE_BYTES.fetch_add(new_size as isize - layout.size() as isize, Ordering::Relaxed);
         // SAFETY: same contract as the caller's.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
@@ -198,6 +203,138 @@ fn decoding_four_requests_at_once_allocates_nothing() {
         0,
         "{grew} allocations over {} steps of 4 tokens",
         c.counts.len() - WARM_UP
+    );
+}
+
+/// What a constrained answer's steps cost: allocations and the heap held after each step,
+/// and the answer's text.
+#[derive(Default)]
+struct Costs {
+    allocations: Vec<usize>,
+    held: Vec<isize>,
+    text: String,
+    summary: Option<Result<Summary, EngineError>>,
+}
+
+impl Clients for Costs {
+    fn text(&mut self, _: usize, piece: &str) -> Result<(), FinishReason> {
+        if self.text.len() + piece.len() <= self.text.capacity() {
+            self.text.push_str(piece);
+        }
+        Ok(())
+    }
+    fn cancelled(&self, _: usize) -> bool {
+        false
+    }
+    fn progress(&mut self) {
+        self.allocations.push(ALLOCATIONS.load(Ordering::Relaxed));
+        self.held.push(LIVE_BYTES.load(Ordering::Relaxed));
+    }
+    fn finished(&mut self, _: usize, result: Result<Summary, EngineError>) {
+        self.summary = Some(result);
+    }
+}
+
+/// Tokens of the constrained answer below; the windows compared are tokens 11 to 60 (after
+/// the grammar's first masks have built most of its lexer states: the first tokens cost up
+/// to about 1,100 allocations) and 150 to 199 (the 200th token's step ends the request).
+const CONSTRAINED_TOKENS: usize = 200;
+const SKIP: usize = 10;
+const WINDOW: usize = 50;
+
+/// Most allocations a constrained token may cost on average over a window: llguidance's
+/// step (a new mask bit set each time, its parser's and lexer's vectors). Measured on the
+/// default model: 15 to 20 for a token inside a string, 90 to 171 for one that ends an item
+/// or starts the next; a window's mean 24 (greedy, late) to 63 (sampled). The bound is above
+/// the costliest kind's, so any mix of tokens stays under it.
+const CONSTRAINED_ALLOCATIONS_PER_TOKEN: f64 = 200.0;
+
+/// Most heap bytes llguidance keeps per constrained token (its parser's history, rows it can
+/// roll back to: the one thing that grows with the answer, freed when it ends); measured 48
+/// greedy, about 290 sampled (new lexer states for new words included).
+const CONSTRAINED_HELD_BYTES_PER_TOKEN: f64 = 1024.0;
+
+/// A constrained answer (a JSON array of at least 300 strings, which 200 tokens cannot
+/// finish) allocates per token, in llguidance: a bounded number, and no more for the 190th
+/// token than for the 20th. The unconstrained path stays at zero (the tests above).
+fn a_constrained_token_allocates_a_bounded_amount_that_does_not_grow() {
+    use llama_tpu::engine::Shape;
+    let started = std::time::Instant::now();
+    let mut engine = default_engine(512);
+    let schema = serde_json::json!({"type": "array", "minItems": 300,
+                                    "items": {"type": "string", "minLength": 1, "maxLength": 12}});
+    let mut req = Request::new(Input::Text("Three hundred English words, as a JSON list: ".into()));
+    // Greedy: the answer falls into a pattern, so the two windows hold the same kinds of
+    // tokens and their costs compare.
+    req.sampling = SamplerConfig {
+        temperature: 0.0,
+        ..SamplerConfig::default()
+    };
+    req.max_tokens = Some(CONSTRAINED_TOKENS);
+    req.shape = Some(Shape::Schema(Arc::new(schema)));
+    engine.admit(req, None).unwrap();
+    let mut c = Costs {
+        allocations: Vec::with_capacity(1000),
+        held: Vec::with_capacity(1000),
+        text: String::with_capacity(4096),
+        summary: None,
+    };
+    while c.summary.is_none() {
+        engine.step(&mut c).unwrap();
+    }
+    let summary = c.summary.take().unwrap().unwrap();
+    assert_eq!(summary.reason, FinishReason::Length, "{summary:?}: {}", c.text);
+    assert_eq!(summary.completion_tokens, CONSTRAINED_TOKENS);
+    assert!(c.text.starts_with("[\""), "{}", c.text);
+    // One step per token (the prompt's last step makes the first): token t (from 1) came
+    // out of step `first + t - 1`, and cost what the count grew by over that step.
+    let first = c.allocations.len() - CONSTRAINED_TOKENS;
+    let cost = |t: usize| c.allocations[first + t - 1] - c.allocations[first + t - 2];
+    let early: Vec<usize> = (SKIP + 1..=SKIP + WINDOW).map(cost).collect();
+    let late: Vec<usize> = (CONSTRAINED_TOKENS - WINDOW..CONSTRAINED_TOKENS).map(cost).collect();
+    let mean = |w: &[usize]| w.iter().sum::<usize>() as f64 / w.len() as f64;
+    let quartile = |w: &[usize]| {
+        let mut w = w.to_vec();
+        w.sort_unstable();
+        w[w.len() / 4]
+    };
+    let held = |t: usize| c.held[first + t - 1];
+    let held_per_token =
+        (held(CONSTRAINED_TOKENS - 1) - held(2 * SKIP)) as f64 / (CONSTRAINED_TOKENS - 1 - 2 * SKIP) as f64;
+    eprintln!(
+        "constrained: allocations per token, tokens {}..={}: mean {:.1}, lower quartile {}, max {}; tokens {}..={}: \
+         mean {:.1}, lower quartile {}, max {}; heap held {held_per_token:.0} bytes more per token; {:.1} s; {:?}...",
+        SKIP + 1,
+        SKIP + WINDOW,
+        mean(&early),
+        quartile(&early),
+        early.iter().max().unwrap(),
+        CONSTRAINED_TOKENS - WINDOW,
+        CONSTRAINED_TOKENS - 1,
+        mean(&late),
+        quartile(&late),
+        late.iter().max().unwrap(),
+        started.elapsed().as_secs_f64(),
+        &c.text[..c.text.len().min(60)],
+    );
+    for (name, w) in [("early", &early), ("late", &late)] {
+        assert!(
+            mean(w) <= CONSTRAINED_ALLOCATIONS_PER_TOKEN,
+            "{name}: {:.1} allocations per token: {w:?}",
+            mean(w)
+        );
+    }
+    // No growth with the answer's length: the late tokens cost no more than the early ones,
+    // on average (within a fifth, for a different mix of tokens) and for the cheap majority
+    // (the lower quartile, tokens inside a string: within 3). A cost that grew with the
+    // output would move both.
+    assert!(
+        mean(&late) <= mean(&early) * 1.2 && quartile(&late) <= quartile(&early) + 3,
+        "allocations per token grew: early {early:?}, late {late:?}"
+    );
+    assert!(
+        held_per_token <= CONSTRAINED_HELD_BYTES_PER_TOKEN,
+        "the heap held grew {held_per_token:.0} bytes per token"
     );
 }
 
@@ -559,7 +696,7 @@ fn the_counter_sees_allocations() {
 }
 
 fn main() {
-    let tests: [(&str, fn()); 6] = [
+    let tests: [(&str, fn()); 7] = [
         ("the_counter_sees_allocations", the_counter_sees_allocations),
         ("decoding_a_token_allocates_nothing", decoding_a_token_allocates_nothing),
         (
@@ -569,6 +706,10 @@ fn main() {
         (
             "decoding_every_weight_type_allocates_nothing",
             decoding_every_weight_type_allocates_nothing,
+        ),
+        (
+            "a_constrained_token_allocates_a_bounded_amount_that_does_not_grow",
+            a_constrained_token_allocates_a_bounded_amount_that_does_not_grow,
         ),
         ("serving_a_token_allocates_nothing", serving_a_token_allocates_nothing),
         (

@@ -257,7 +257,8 @@ impl Constraint {
             .matcher
             .compute_mask()
             .map_err(|e| GrammarError(short(&e.to_string())))?;
-        for (word, chunk) in allowed.as_slice().iter().zip(logits.chunks_mut(32)) {
+        let words = allowed.as_slice();
+        for (word, chunk) in words.iter().zip(logits.chunks_mut(32)) {
             if *word == u32::MAX {
                 continue;
             }
@@ -266,6 +267,12 @@ impl Constraint {
                     *logit = f32::NEG_INFINITY;
                 }
             }
+        }
+        // A device may have more output rows than the tokenizer has tokens (a padded output
+        // layer: the Sophon path admits a tokenizer smaller than the model's logits); those
+        // are no tokens of the grammar's.
+        if let Some(past) = logits.get_mut(words.len() * 32..) {
+            past.fill(f32::NEG_INFINITY);
         }
         Ok(())
     }
@@ -311,6 +318,40 @@ mod tests {
             (i["multipleOf"].as_f64(), i["maximum"].as_f64()),
             (Some(3.0), Some(NUMBER_LIMIT))
         );
+    }
+
+    /// A vocabulary of 13 tokens (the mask's one word covers 32), under logits for 53: every
+    /// logit past the tokens is -inf, those the word covers and those past it (a device's
+    /// padded output rows), and the document's tokens are allowed.
+    #[test]
+    fn logits_past_the_vocabulary_are_never_allowed() {
+        let dir = std::env::temp_dir().join(format!("llama-tpu-constraint-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tokenizer.json");
+        let words = [
+            "</s>", "{", "}", "[", "]", "\"", "a", ",", ":", " ", "1", "true", "null",
+        ];
+        let vocab: serde_json::Map<String, Value> = words
+            .iter()
+            .enumerate()
+            .map(|(i, w)| (w.to_string(), json!(i)))
+            .collect();
+        let file = json!({"version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": [{"id": 0, "content": "</s>", "single_word": false, "lstrip": false,
+                              "rstrip": false, "normalized": false, "special": true}],
+            "normalizer": null, "pre_tokenizer": null, "post_processor": null, "decoder": null,
+            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "</s>"}});
+        std::fs::write(&path, file.to_string()).unwrap();
+        let tokenizer = Tokenizer::from_file(&path).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(tokenizer.vocab_size(), words.len());
+        let grammars = Grammars::new(Arc::new(tokenizer));
+        let mut c = grammars.compile(&Shape::AnyJson).unwrap();
+        let mut logits = vec![0.0; words.len() + 40];
+        c.mask(&mut logits).unwrap();
+        let allowed: Vec<usize> = (0..logits.len()).filter(|&i| logits[i].is_finite()).collect();
+        assert!(allowed.contains(&1) && allowed.contains(&11), "{allowed:?}");
+        assert!(allowed.iter().all(|&i| i < words.len()), "{allowed:?}");
     }
 
     #[test]
