@@ -69,7 +69,7 @@ impl Grammars {
     /// The schema uses something not supported (the message names it) or is not a schema.
     pub fn compile(&self, shape: &Shape) -> Result<Constraint, GrammarError> {
         let grammar = match shape {
-            Shape::AnyJson => TopLevelGrammar::from_json_schema(json_part(any_json())?),
+            Shape::AnyJson => TopLevelGrammar::from_json_schema(json_part(json!({}))?),
             Shape::Schema(s) => TopLevelGrammar::from_json_schema(json_part(Value::clone(s))?),
             Shape::Lark(text) => TopLevelGrammar::from_lark(text.to_string()),
         };
@@ -93,15 +93,30 @@ impl Grammars {
 /// # Errors
 /// The schema is not an object.
 pub fn json_part(mut schema: Value) -> Result<Value, GrammarError> {
+    if !schema.is_object() {
+        return Err(GrammarError("a JSON schema must be an object".into()));
+    }
+    let mut any = false;
+    bound(&mut schema, &mut any);
     let Some(object) = schema.as_object_mut() else {
         return Err(GrammarError("a JSON schema must be an object".into()));
     };
+    if any {
+        // What `{}` stands for, bounded like the rest, where the references find it.
+        let mut def = any_value();
+        bound(&mut def, &mut false);
+        match object.entry("$defs").or_insert_with(|| json!({})) {
+            Value::Object(defs) => {
+                defs.insert(ANY_NAME.into(), def);
+            }
+            _ => return Err(GrammarError("'$defs' must be an object".into())),
+        }
+    }
     object.insert(
         "x-guidance".into(),
         json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": ",
                "coerce_one_of": true, "lenient": false}),
     );
-    bound(&mut schema);
     Ok(schema)
 }
 
@@ -118,17 +133,38 @@ fn short(message: &str) -> String {
 /// The largest magnitude a number may be written with (15 digits before the point).
 const NUMBER_LIMIT: f64 = 999_999_999_999_999.0;
 
-/// Any JSON value, written as a schema with numbers bounded the way [`bound`] does.
+/// The name under `$defs` of "any JSON value".
+const ANY_NAME: &str = "llama_tpu_any";
+
+/// Any JSON value, as a schema (numbers bounded once it goes through [`json_part`]).
 fn any_json() -> Value {
-    json!({
-        "$defs": {"llama_tpu_any": {"anyOf": [
-            {"type": "string"}, {"type": "number"}, {"type": "boolean"}, {"type": "null"},
-            {"type": "array", "items": {"$ref": "#/$defs/llama_tpu_any"}},
-            {"type": "object", "additionalProperties": {"$ref": "#/$defs/llama_tpu_any"}},
-        ]}},
-        "$ref": "#/$defs/llama_tpu_any",
-    })
+    json!({"$ref": format!("#/$defs/{ANY_NAME}")})
 }
+
+/// The definition [`any_json`] refers to.
+fn any_value() -> Value {
+    let any = any_json();
+    json!({"anyOf": [
+        {"type": "string"}, {"type": "number"}, {"type": "boolean"}, {"type": "null"},
+        {"type": "array", "items": any},
+        {"type": "object", "additionalProperties": any},
+    ]})
+}
+
+/// Keys that say nothing of the value: a schema of only these (`{}` among them) allows any.
+const ANNOTATIONS: &[&str] = &[
+    "title",
+    "description",
+    "default",
+    "examples",
+    "$comment",
+    "$schema",
+    "$id",
+    "deprecated",
+    "readOnly",
+    "writeOnly",
+    "x-guidance",
+];
 
 /// Makes a schema something a model can always finish, without letting through a document
 /// the client's schema refuses:
@@ -138,41 +174,71 @@ fn any_json() -> Value {
 ///   at most 15 (where the schema gives no tighter bound): a small model otherwise writes
 ///   digits until the answer's limit (seen: `0.000000151569532883133333...`), and llama.cpp's
 ///   grammars bound them too (16 and 16).
-fn bound(schema: &mut Value) {
-    match schema {
-        Value::Object(o) => {
-            let types: Vec<&str> = match o.get("type") {
-                Some(Value::String(t)) => vec![t.as_str()],
-                Some(Value::Array(ts)) => ts.iter().filter_map(Value::as_str).collect(),
-                _ => Vec::new(),
-            };
-            let (object, number, integer) = (
-                types.contains(&"object") || o.contains_key("properties"),
-                types.contains(&"number"),
-                types.contains(&"integer"),
-            );
-            if object && !o.contains_key("additionalProperties") {
-                o.insert("additionalProperties".into(), Value::Bool(false));
-            }
-            if number || integer {
-                if !o.contains_key("minimum") && !o.contains_key("exclusiveMinimum") {
-                    o.insert("minimum".into(), json!(-NUMBER_LIMIT));
-                }
-                if !o.contains_key("maximum") && !o.contains_key("exclusiveMaximum") {
-                    o.insert("maximum".into(), json!(NUMBER_LIMIT));
-                }
-            }
-            if number && !integer && !o.contains_key("multipleOf") {
-                o.insert("multipleOf".into(), json!(0.000001));
-            }
-            for (key, v) in o.iter_mut() {
-                if key != "const" && key != "enum" && key != "default" && key != "examples" {
-                    bound(v);
-                }
-            }
+/// - a schema that says nothing of its value (`{}`, or a title alone) becomes "any JSON value",
+///   bounded the same way (`any` is set: the caller adds its definition); left as `{}`, a
+///   model could write any number of digits.
+fn bound(schema: &mut Value, any: &mut bool) {
+    let Value::Object(o) = schema else {
+        return;
+    };
+    if o.keys().all(|k| ANNOTATIONS.contains(&k.as_str())) {
+        let guidance = o.remove("x-guidance");
+        *schema = any_json();
+        if let (Some(g), Value::Object(o)) = (guidance, schema) {
+            o.insert("x-guidance".into(), g);
         }
-        Value::Array(a) => a.iter_mut().for_each(bound),
-        _ => {}
+        *any = true;
+        return;
+    }
+    let types: Vec<&str> = match o.get("type") {
+        Some(Value::String(t)) => vec![t.as_str()],
+        Some(Value::Array(ts)) => ts.iter().filter_map(Value::as_str).collect(),
+        _ => Vec::new(),
+    };
+    let (object, number, integer) = (
+        types.contains(&"object") || o.contains_key("properties"),
+        types.contains(&"number"),
+        types.contains(&"integer"),
+    );
+    if object && !o.contains_key("additionalProperties") {
+        o.insert("additionalProperties".into(), Value::Bool(false));
+    }
+    if number || integer {
+        if !o.contains_key("minimum") && !o.contains_key("exclusiveMinimum") {
+            o.insert("minimum".into(), json!(-NUMBER_LIMIT));
+        }
+        if !o.contains_key("maximum") && !o.contains_key("exclusiveMaximum") {
+            o.insert("maximum".into(), json!(NUMBER_LIMIT));
+        }
+    }
+    if number && !integer && !o.contains_key("multipleOf") {
+        o.insert("multipleOf".into(), json!(0.000001));
+    }
+    // Into the schemas a schema holds, by keyword (a property named `type` is not a keyword).
+    for (key, v) in o.iter_mut() {
+        match (key.as_str(), v) {
+            ("properties" | "$defs" | "definitions" | "patternProperties" | "dependentSchemas", Value::Object(m)) => {
+                m.values_mut().for_each(|s| bound(s, any))
+            }
+            ("anyOf" | "oneOf" | "allOf" | "prefixItems" | "items", Value::Array(a)) => {
+                a.iter_mut().for_each(|s| bound(s, any))
+            }
+            (
+                "items"
+                | "additionalProperties"
+                | "additionalItems"
+                | "not"
+                | "if"
+                | "then"
+                | "else"
+                | "contains"
+                | "propertyNames"
+                | "unevaluatedItems"
+                | "unevaluatedProperties",
+                v @ Value::Object(_),
+            ) => bound(v, any),
+            _ => {}
+        }
     }
 }
 
@@ -298,11 +364,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_schema_that_says_nothing_is_any_value_bounded() {
+        let s = json_part(
+            json!({"type": "object", "properties": {"x": {"description": "free"}, "type": {"type": "string"}},
+                                 "required": ["x"]}),
+        )
+        .unwrap();
+        assert_eq!(s["properties"]["x"], json!({"$ref": "#/$defs/llama_tpu_any"}));
+        assert_eq!(
+            s["properties"]["type"],
+            json!({"type": "string"}),
+            "a property named `type`"
+        );
+        let any = &s["$defs"]["llama_tpu_any"]["anyOf"];
+        assert_eq!(any[1]["maximum"].as_f64(), Some(NUMBER_LIMIT), "{any}");
+        let root = json_part(json!({})).unwrap();
+        assert_eq!(root["$ref"], "#/$defs/llama_tpu_any");
+        assert!(root["x-guidance"].is_object() && root["$defs"]["llama_tpu_any"].is_object());
+        assert!(json_part(json!({"properties": {"a": {}}, "$defs": 3})).is_err());
+        // Typed schemas are not touched beyond their bounds.
+        assert!(json_part(json!({"type": "string"})).unwrap().get("$defs").is_none());
+    }
+
+    #[test]
     fn objects_are_closed_and_numbers_bounded_unless_they_say() {
         let mut s = json!({"type": "object", "properties": {"a": {"type": "object"}, "b": {"const": {"type": "object"}},
                            "n": {"type": "number", "maximum": 5}, "i": {"type": "integer", "multipleOf": 3}},
                            "$defs": {"x": {"properties": {}, "additionalProperties": true}}});
-        bound(&mut s);
+        bound(&mut s, &mut false);
         assert_eq!(s["additionalProperties"], false);
         assert_eq!(s["properties"]["a"]["additionalProperties"], false);
         assert_eq!(s["properties"]["b"]["const"], json!({"type": "object"}));
