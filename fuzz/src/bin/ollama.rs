@@ -15,6 +15,7 @@ use llama_tpu::sampler::SamplerConfig;
 use llama_tpu::server::http::ollama::{self, OllamaRequest};
 use llama_tpu::server::http::openai::{ApiRequest, Endpoint};
 use llama_tpu::server::protocol::{Prompt, MAX_MESSAGES, MAX_STOP, MAX_STOP_BYTES};
+use llama_tpu::server::tools::ToolChoice;
 use serde_json::{Map, Value};
 
 /// Top-level fields the parser reads (anything else it ignores and names).
@@ -106,6 +107,12 @@ fn check(endpoint: Endpoint, r: &ApiRequest, obj: &Map<String, Value>) {
 
     assert_eq!(r.stream, obj.get("stream") != Some(&Value::Bool(false)), "stream");
     assert!(!r.include_usage && !r.drop_old_turns && !r.ignore_eos);
+    // Every tool sent is offered (on /api/chat; /api/generate refuses them), the model choosing.
+    let sent_tools = obj.get("tools").and_then(Value::as_array).map_or(0, Vec::len);
+    match &r.tools {
+        Some(t) => assert!(t.list.len() == sent_tools && t.choice == ToolChoice::Auto, "tools"),
+        None => assert_eq!(sent_tools, 0, "tools dropped"),
+    }
     match (obj.get("format"), &r.shape) {
         (None | Some(Value::Null), None) => {}
         (Some(Value::String(f)), None) if f.is_empty() => {}
@@ -124,6 +131,7 @@ fn check(endpoint: Endpoint, r: &ApiRequest, obj: &Map<String, Value>) {
                     Some("system") => Role::System,
                     Some("user") => Role::User,
                     Some("assistant") => Role::Assistant,
+                    Some("tool") => Role::Tool,
                     other => panic!("role {other:?} was accepted"),
                 };
                 assert_eq!(m.role, role);
