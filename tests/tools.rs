@@ -143,7 +143,7 @@ fn walk(
     text: &str,
 ) -> Result<Progress, String> {
     let mut messages = vec![Message::new(Role::User, "Weather in Paris?")];
-    let shape = tools::prepare(syntax, Some(tools), &mut messages, None)
+    let shape = tools::prepare(syntax, Some(tools), &mut messages, None, None)
         .unwrap()
         .unwrap();
     let mut constraint = grammars.compile(&shape).unwrap();
@@ -165,7 +165,7 @@ fn walk(
 /// Whether the model may end its answer here.
 fn may_end(tokenizer: &Tokenizer, grammars: &Grammars, syntax: ToolSyntax, tools: &Tools, text: &str) -> bool {
     let mut messages = vec![Message::new(Role::User, "Weather in Paris?")];
-    let shape = tools::prepare(syntax, Some(tools), &mut messages, None)
+    let shape = tools::prepare(syntax, Some(tools), &mut messages, None, None)
         .unwrap()
         .unwrap();
     let mut constraint = grammars.compile(&shape).unwrap();

@@ -55,7 +55,7 @@ pub struct ServeArgs {
     /// Tokenizer file (tokenizer.json, or a SentencePiece tokenizer.model) instead of the model's vocabulary.
     #[arg(long)]
     tokenizer: Option<PathBuf>,
-    /// Chat template (chatml, llama2, llama3).
+    /// Chat template (chatml, qwen2.5, llama2, llama3).
     #[arg(long)]
     chat_template: Option<String>,
     /// UNIX socket path [default: /run/llama-tpu/llama-tpu.sock].
@@ -318,6 +318,7 @@ pub(super) fn serve(a: &ServeArgs) -> Result<(), CliError> {
         context_length: info.context_length,
         has_chat_template: engine.template().is_some(),
         tool_syntax: engine.tool_syntax(),
+        default_system: engine.template().and_then(|t| t.default_system()),
         slots: engine.slots(),
         quantization: info.dtype.clone(),
         file_size: file.as_ref().map_or(0, std::fs::Metadata::len),

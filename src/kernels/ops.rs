@@ -9,6 +9,15 @@ pub fn rms_norm(out: &mut [f32], x: &[f32], weight: &[f32], eps: f32) {
     }
 }
 
+/// [`rms_norm`] in place (a head's query or key, Qwen3's per-head norm).
+pub fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
+    let ss: f32 = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let inv = 1.0 / (ss + eps).sqrt();
+    for (v, &w) in x.iter_mut().zip(weight) {
+        *v = *v * inv * w;
+    }
+}
+
 /// In-place softmax; returns nothing, `x` sums to 1 afterwards.
 pub fn softmax(x: &mut [f32]) {
     let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
@@ -54,9 +63,42 @@ pub fn rope_rotate(head: &mut [f32], angles: &[f32]) {
     }
 }
 
+/// Rotates one head by the angles of [`rope_angles`] in GPT-NeoX's layout: pair `i` is
+/// `(i, i + d/2)` (Qwen's; see [`crate::model::LlamaConfig::rope_neox`]).
+pub fn rope_rotate_neox(head: &mut [f32], angles: &[f32]) {
+    let (low, high) = head.split_at_mut(head.len() / 2);
+    for ((a, b), cs) in low.iter_mut().zip(high.iter_mut()).zip(angles.chunks_exact(2)) {
+        let (cos, sin) = (cs[0], cs[1]);
+        let (x, y) = (*a, *b);
+        *a = x * cos - y * sin;
+        *b = x * sin + y * cos;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn neox_rotation_is_the_normal_one_on_halves() {
+        let angles: Vec<f32> = {
+            let mut a = vec![0.0; 4];
+            rope_angles(3, &[0.5, 0.25], &mut a);
+            a
+        };
+        let head = [1.0f32, 2.0, 3.0, 4.0];
+        // NeoX pairs (0, 2) and (1, 3) are the normal pairs of [1, 3, 2, 4].
+        let mut neox = head;
+        rope_rotate_neox(&mut neox, &angles);
+        let mut normal = [1.0f32, 3.0, 2.0, 4.0];
+        rope_rotate(&mut normal, &angles);
+        assert_eq!(neox, [normal[0], normal[2], normal[1], normal[3]]);
+        let mut x = [3.0f32, 4.0];
+        rms_norm_in_place(&mut x, &[1.0, 2.0], 0.0);
+        let mut y = [0.0f32; 2];
+        rms_norm(&mut y, &[3.0, 4.0], &[1.0, 2.0], 0.0);
+        assert_eq!(x, y);
+    }
 
     #[test]
     fn softmax_sums_to_one_and_keeps_order() {

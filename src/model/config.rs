@@ -2,8 +2,10 @@
 
 use super::gguf::{Gguf, GgufError};
 
-/// Architectures whose GGUF files follow the llama layout (same tensors and metadata keys).
-pub const LLAMA_LIKE: &[&str] = &["llama", "mistral"];
+/// Architectures whose GGUF files follow the llama layout (same tensors and metadata keys);
+/// what sets them apart is in their tensors (Qwen2's Q/K/V biases, Qwen3's per-head Q/K norms:
+/// optional parts of a layer) and in [`LlamaConfig::rope_neox`].
+pub const LLAMA_LIKE: &[&str] = &["llama", "mistral", "qwen2", "qwen3"];
 
 /// Most layers accepted (the largest Llama has 126).
 const MAX_LAYERS: usize = 1024;
@@ -41,6 +43,11 @@ pub struct LlamaConfig {
     pub rope_scale: f32,
     /// Dimensions rotated by RoPE (normally `head_dim`).
     pub rope_dims: usize,
+    /// RoPE rotates the two halves of each head (`(i, i + d/2)`, GPT-NeoX's layout) instead
+    /// of neighbouring pairs. No GGUF key says so: llama.cpp's converter permutes the Q/K
+    /// weights of Llama checkpoints into the neighbouring-pairs layout but writes Qwen's as
+    /// they are, and llama.cpp decides by the architecture's name, as this does.
+    pub rope_neox: bool,
 }
 
 impl LlamaConfig {
@@ -86,18 +93,29 @@ impl LlamaConfig {
                 return invalid(format!("{what} {v} is larger than {cap}"));
             }
         }
-        if !dim.is_multiple_of(n_heads) {
-            return invalid(format!(
-                "hidden size {dim} is not a multiple of the head count {n_heads}"
-            ));
+        // Heads may be wider or narrower than hidden / heads (Qwen3: 16 x 128 over 1024), as
+        // the key length says; without it, they divide the hidden size.
+        let head_dim = match g.u64_opt(&key("attention.key_length"))? {
+            Some(v) => v as usize,
+            None if dim.is_multiple_of(n_heads) => dim / n_heads,
+            None => {
+                return invalid(format!(
+                    "hidden size {dim} is not a multiple of the head count {n_heads}"
+                ))
+            }
+        };
+        if head_dim == 0 || head_dim % 2 != 0 || head_dim > MAX_WIDTH {
+            return invalid(format!("head dim {head_dim} must be even and at most {MAX_WIDTH}"));
         }
-        let head_dim = g
-            .u64_opt(&key("attention.key_length"))?
-            .map_or(dim / n_heads, |v| v as usize);
-        if head_dim * n_heads != dim || head_dim % 2 != 0 {
-            return invalid(format!(
-                "head dim {head_dim} x {n_heads} heads does not give hidden size {dim}"
-            ));
+        if let Some(v) = g.u64_opt(&key("attention.value_length"))? {
+            if v as usize != head_dim {
+                return invalid(format!(
+                    "value length {v} differs from the key length {head_dim} (not supported)"
+                ));
+            }
+        }
+        if head_dim * n_heads > MAX_WIDTH {
+            return invalid(format!("{n_heads} heads of {head_dim} are wider than {MAX_WIDTH}"));
         }
         if !n_heads.is_multiple_of(n_kv_heads) {
             return invalid(format!("{n_heads} heads are not a multiple of {n_kv_heads} kv heads"));
@@ -124,7 +142,6 @@ impl LlamaConfig {
             return invalid("rms epsilon, rope base and rope scale must be positive".into());
         }
         Ok(LlamaConfig {
-            arch,
             n_layers,
             dim,
             ffn_dim,
@@ -137,7 +154,14 @@ impl LlamaConfig {
             rope_theta,
             rope_scale,
             rope_dims,
+            rope_neox: matches!(arch.as_str(), "qwen2" | "qwen3"),
+            arch,
         })
+    }
+
+    /// Width of the query projection (all heads), which is also the attention output's.
+    pub fn q_dim(&self) -> usize {
+        self.n_heads * self.head_dim
     }
 
     /// Width of the K and V projections.

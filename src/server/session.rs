@@ -333,7 +333,8 @@ impl Session {
                 let mut g = g;
                 if let Prompt::Messages(messages) = &mut g.prompt {
                     let syntax = self.shared.facts.tool_syntax;
-                    match tools::prepare(syntax, g.tools.as_ref(), messages, g.shape.as_ref()) {
+                    let default_system = self.shared.facts.default_system;
+                    match tools::prepare(syntax, g.tools.as_ref(), messages, g.shape.as_ref(), default_system) {
                         Ok(shape) => g.shape = shape,
                         Err(e) => return self.error(true, &id, "invalid_field", &e),
                     }

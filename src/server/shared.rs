@@ -22,6 +22,9 @@ pub struct ModelFacts {
     pub has_chat_template: bool,
     /// How the model writes a tool call (its template's syntax, or the generic format).
     pub tool_syntax: crate::chat::ToolSyntax,
+    /// The system message the chat template puts first when a conversation has none (tools
+    /// are told after it, as the template itself does).
+    pub default_system: Option<&'static str>,
     /// KV caches: requests served at once.
     pub slots: usize,
     /// The weights' type as the backend names it (`Q4_1`, `f16`): Ollama's

@@ -229,6 +229,7 @@ pub fn prepare(
     tools: Option<&Tools>,
     messages: &mut Vec<Message>,
     response: Option<&Shape>,
+    default_system: Option<&str>,
 ) -> Result<Option<Shape>, String> {
     flatten(syntax, tools.is_some(), messages);
     let Some(tools) = tools else {
@@ -247,7 +248,7 @@ pub fn prepare(
     let must_call = tools.choice != ToolChoice::Auto;
     match syntax {
         ToolSyntax::Generic => {
-            add_to_system(messages, &generic_instructions(&tools.list, must_call));
+            add_to_system(messages, &generic_instructions(&tools.list, must_call), default_system);
             let call = json!({
                 "type": "object",
                 "properties": {"tool_call": any_of(offered.iter().map(|t| call_schema(t, "arguments")).collect())},
@@ -268,7 +269,7 @@ pub fn prepare(
             Ok(Some(Shape::Schema(Arc::new(shape))))
         }
         ToolSyntax::Hermes => {
-            add_to_system(messages, &hermes_instructions(&tools.list));
+            add_to_system(messages, &hermes_instructions(&tools.list), default_system);
             let call = any_of(offered.iter().map(|t| call_schema(t, "arguments")).collect());
             let call = json_part(call).map_err(|e| e.0)?;
             let mut lark = String::from("%llguidance {}\n");
@@ -369,13 +370,18 @@ fn llama3_instructions(tools: &[Tool]) -> String {
     s
 }
 
-fn add_to_system(messages: &mut Vec<Message>, text: &str) {
+/// Adds `text` to the conversation's system message; without one, to the template's own
+/// (`default`: Qwen2.5's), as the template itself does with tools.
+fn add_to_system(messages: &mut Vec<Message>, text: &str, default: Option<&str>) {
     match messages.first_mut() {
         Some(m) if m.role == Role::System => {
             m.content.push_str("\n\n");
             m.content.push_str(text);
         }
-        _ => messages.insert(0, Message::new(Role::System, text)),
+        _ => {
+            let content = default.map_or_else(|| text.to_string(), |d| format!("{d}\n\n{text}"));
+            messages.insert(0, Message::new(Role::System, content));
+        }
     }
 }
 
@@ -816,7 +822,7 @@ mod tests {
     fn the_generic_format_describes_the_tools_and_shapes_the_answer() {
         let tools = offer(weather(), Some(ToolChoice::Auto)).unwrap();
         let mut messages = vec![Message::new(Role::User, "Weather in Paris?")];
-        let shape = prepare(ToolSyntax::Generic, tools.as_ref(), &mut messages, None).unwrap();
+        let shape = prepare(ToolSyntax::Generic, tools.as_ref(), &mut messages, None, None).unwrap();
         assert_eq!(messages[0].role, Role::System);
         assert!(messages[0].content.contains("\"name\":\"get_weather\""));
         assert!(messages[0].content.contains("either with `tool_call`"));
@@ -831,12 +837,32 @@ mod tests {
         // Required: a call only.
         let tools = offer(weather(), Some(ToolChoice::Required)).unwrap();
         let mut messages = vec![Message::new(Role::System, "Be brief."), Message::new(Role::User, "Hi")];
-        let Some(Shape::Schema(s)) = prepare(ToolSyntax::Generic, tools.as_ref(), &mut messages, None).unwrap() else {
+        let Some(Shape::Schema(s)) = prepare(ToolSyntax::Generic, tools.as_ref(), &mut messages, None, None).unwrap()
+        else {
             panic!()
         };
         assert_eq!(s["required"][0], "tool_call");
         assert!(messages[0].content.starts_with("Be brief.\n\n"));
         assert_eq!(messages.len(), 2);
+    }
+
+    #[test]
+    fn tools_follow_the_templates_own_system_message() {
+        let tools = offer(weather(), Some(ToolChoice::Auto)).unwrap();
+        let mut m = vec![Message::new(Role::User, "Weather?")];
+        let qwen = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.";
+        prepare(ToolSyntax::Hermes, tools.as_ref(), &mut m, None, Some(qwen)).unwrap();
+        assert!(
+            m[0].content.starts_with(&format!("{qwen}\n\n# Tools\n")),
+            "{}",
+            m[0].content
+        );
+        let mut m = vec![
+            Message::new(Role::System, "Be brief."),
+            Message::new(Role::User, "Weather?"),
+        ];
+        prepare(ToolSyntax::Hermes, tools.as_ref(), &mut m, None, Some(qwen)).unwrap();
+        assert!(m[0].content.starts_with("Be brief.\n\n# Tools\n"), "{}", m[0].content);
     }
 
     #[test]
@@ -855,12 +881,12 @@ mod tests {
             vec![Message::new(Role::User, "Weather?"), call, result, result2]
         };
         let mut m = history();
-        prepare(ToolSyntax::Generic, None, &mut m, None).unwrap();
+        prepare(ToolSyntax::Generic, None, &mut m, None, None).unwrap();
         assert_eq!(m[1].content, r#"I call get_weather with {"city": "Paris"}."#);
         assert_eq!(m[2].content, "get_weather returned: 18 C");
         let mut m = history();
         let tools = offer(weather(), Some(ToolChoice::Auto)).unwrap();
-        prepare(ToolSyntax::Generic, tools.as_ref(), &mut m, None).unwrap();
+        prepare(ToolSyntax::Generic, tools.as_ref(), &mut m, None, None).unwrap();
         assert_eq!(m[0].role, Role::System);
         assert_eq!(
             m[2].content,
@@ -872,7 +898,7 @@ mod tests {
             r#"{"tool_response":{"tool":"get_weather","tool_call_id":"call_1","content":"18 C"}}"#
         );
         let mut m = history();
-        prepare(ToolSyntax::Hermes, None, &mut m, None).unwrap();
+        prepare(ToolSyntax::Hermes, None, &mut m, None, None).unwrap();
         assert_eq!(
             m[1].content,
             "<tool_call>\n{\"name\":\"get_weather\",\"arguments\":{\"city\":\"Paris\"}}\n</tool_call>"
@@ -883,7 +909,7 @@ mod tests {
             "<tool_response>\n18 C\n</tool_response>\n<tool_response>\nsunny\n</tool_response>"
         );
         let mut m = history();
-        prepare(ToolSyntax::Llama3, None, &mut m, None).unwrap();
+        prepare(ToolSyntax::Llama3, None, &mut m, None, None).unwrap();
         assert_eq!(m[1].content, r#"{"name":"get_weather","parameters":{"city":"Paris"}}"#);
         assert_eq!(m[2].role, Role::Tool);
     }

@@ -20,6 +20,10 @@ use crate::model::gguf::{Gguf, Value};
 /// llama.cpp's pre-tokenizer regex for Llama-3 (`tokenizer.ggml.pre = llama-bpe`).
 const LLAMA3_REGEX: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// llama.cpp's pre-tokenizer regex for Qwen2 / Qwen2.5 / Qwen3 (`tokenizer.ggml.pre = qwen2`):
+/// Llama-3's with digits one by one.
+const QWEN2_REGEX: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
 fn invalid(m: impl Into<String>) -> TokenizerError {
     TokenizerError::Invalid(m.into())
 }
@@ -104,9 +108,16 @@ pub(super) fn build(g: &Gguf) -> Result<Tokenizer, TokenizerError> {
             let byte_level = ByteLevel::new(false, true, true);
             let pre_tok: PreTokenizerWrapper = match pre {
                 "smollm" => Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into(),
-                "llama-bpe" | "llama3" | "llama-v3" => Sequence::new(vec![
+                "llama-bpe" | "llama3" | "llama-v3" | "qwen2" | "deepseek-r1-qwen" => Sequence::new(vec![
                     Split::new(
-                        SplitPattern::Regex(LLAMA3_REGEX.into()),
+                        SplitPattern::Regex(
+                            if pre.contains("qwen") {
+                                QWEN2_REGEX
+                            } else {
+                                LLAMA3_REGEX
+                            }
+                            .into(),
+                        ),
                         SplitDelimiterBehavior::Isolated,
                         false,
                     )

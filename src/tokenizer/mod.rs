@@ -141,7 +141,12 @@ impl Tokenizer {
                     .is_some_and(|t| t.special)
             })
             .collect();
-        let find = |names: &[&str]| names.iter().find_map(|n| vocab.get(*n).copied());
+        // Only special tokens: Qwen's vocabulary has `<s>` as an ordinary piece of text.
+        let find = |names: &[&str]| {
+            names
+                .iter()
+                .find_map(|n| vocab.get(*n).copied().filter(|&id| special[id as usize]))
+        };
         let bos = find(&["<s>", "<|begin_of_text|>", "<|im_start|>"]);
         let eos = find(&["</s>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>"]);
         let kinds: Vec<TokenType> = special

@@ -77,6 +77,10 @@ pub enum CpuError {
         /// What the config implies.
         expected: Vec<u64>,
     },
+    /// A tensor of a part the CPU backend does not compute (a fused QKV, a bias it does not
+    /// add, experts): the model would be computed wrong, so it is refused.
+    #[error("tensor '{0}' belongs to a part of the model this backend does not compute")]
+    UnknownPart(String),
     /// The requested context cannot be had.
     #[error("{0}")]
     Context(String),
@@ -351,7 +355,7 @@ impl Compute {
 
     fn run_attention(&self, layer: usize, n_tokens: usize, worker: usize, next: &AtomicUsize) {
         let cfg = &self.cfg;
-        let (dim, hd, kvd) = (cfg.dim, cfg.head_dim, cfg.kv_dim());
+        let (qd, hd, kvd) = (cfg.q_dim(), cfg.head_dim, cfg.kv_dim());
         let group = cfg.heads_per_kv_head();
         let q = self.q.read().unwrap_or_else(|e| e.into_inner());
         let places = self.places.read().unwrap_or_else(|e| e.into_inner());
@@ -373,7 +377,7 @@ impl Compute {
             let base = self.kv_base(slot, layer);
             let layer_k = &kv.k[base..base + 2 * n * kvd];
             let layer_v = &kv.v[base..base + 2 * n * kvd];
-            let heads = t * dim + kv_head * group * hd..t * dim + (kv_head + 1) * group * hd;
+            let heads = t * qd + kv_head * group * hd..t * qd + (kv_head + 1) * group * hd;
             // Row p of this KV head starts at byte 2 * (p * kvd + kv_head * hd).
             let (keys, values) = (&layer_k[2 * kv_head * hd..], &layer_v[2 * kv_head * hd..]);
             let scores = &mut scores[..group * n];
@@ -457,7 +461,7 @@ impl CpuBackend {
             n => n,
         };
         let (dim, kvd, ffn, vocab) = (cfg.dim, cfg.kv_dim(), cfg.ffn_dim, cfg.vocab_size);
-        let widest = dim.max(ffn);
+        let widest = dim.max(ffn).max(cfg.q_dim());
         let per_chunk = batch.div_ceil(CHUNKS);
         let out_len = (batch * widest).max(slots * vocab);
         let kv_len = slots
@@ -494,7 +498,7 @@ impl CpuBackend {
                 })
                 .collect(),
             per_chunk,
-            q: RwLock::new(vec![0.0; batch * dim]),
+            q: RwLock::new(vec![0.0; batch * cfg.q_dim()]),
             places: RwLock::new(vec![Place::default(); batch]),
             kv: RwLock::new(KvCache {
                 k: kv_vec()?,
@@ -643,7 +647,12 @@ impl CpuBackend {
     fn forward_batch(&mut self, n: usize) {
         let c = Arc::clone(&self.compute);
         let cfg = &c.cfg;
-        let (dim, kvd, ffn, hd) = (cfg.dim, cfg.kv_dim(), cfg.ffn_dim, cfg.head_dim);
+        let (dim, kvd, ffn, hd, qd) = (cfg.dim, cfg.kv_dim(), cfg.ffn_dim, cfg.head_dim, cfg.q_dim());
+        let rotate = if cfg.rope_neox {
+            ops::rope_rotate_neox
+        } else {
+            ops::rope_rotate
+        };
         let tokens = &self.batch_tokens[..n];
         let embd = c.weights.token_embd.view(&c.file, &c.weights.interleaved);
         {
@@ -669,27 +678,39 @@ impl CpuBackend {
                 let mut q = c.q.write().unwrap_or_else(|e| e.into_inner());
                 let mut kv = c.kv.write().unwrap_or_else(|e| e.into_inner());
                 let places = c.places.read().unwrap_or_else(|e| e.into_inner());
-                for (t, p) in places[..n].iter().enumerate() {
-                    let qt = &mut q[t * dim..(t + 1) * dim];
-                    read_atomics(&c.out[0][t * dim..(t + 1) * dim], qt);
-                    let angles = &self.rope_angles[t * cfg.rope_dims..(t + 1) * cfg.rope_dims];
-                    for head in qt.chunks_exact_mut(hd) {
-                        ops::rope_rotate(&mut head[..cfg.rope_dims], angles);
+                // Each projection's optional parts in llama.cpp's order: bias, then the
+                // per-head norm, then RoPE.
+                let finish = |x: &mut [f32], bias: &Option<Vec<f32>>, norm: &Option<Vec<f32>>, angles: &[f32]| {
+                    if let Some(b) = bias {
+                        x.iter_mut().zip(b).for_each(|(v, b)| *v += b);
                     }
+                    for head in x.chunks_exact_mut(hd) {
+                        if let Some(w) = norm {
+                            ops::rms_norm_in_place(head, w, cfg.rms_eps);
+                        }
+                        rotate(&mut head[..cfg.rope_dims], angles);
+                    }
+                };
+                for (t, p) in places[..n].iter().enumerate() {
+                    let qt = &mut q[t * qd..(t + 1) * qd];
+                    read_atomics(&c.out[0][t * qd..(t + 1) * qd], qt);
+                    let angles = &self.rope_angles[t * cfg.rope_dims..(t + 1) * cfg.rope_dims];
+                    finish(qt, &lw.attn_q_bias, &lw.attn_q_norm, angles);
                     let at = c.kv_base(p.slot, l) + 2 * p.pos * kvd;
                     let kt = &mut self.kv_row[..kvd];
                     read_atomics(&c.out[1][t * kvd..(t + 1) * kvd], kt);
-                    for head in kt.chunks_exact_mut(hd) {
-                        ops::rope_rotate(&mut head[..cfg.rope_dims], angles);
-                    }
+                    finish(kt, &lw.attn_k_bias, &lw.attn_k_norm, angles);
                     store_f16(&mut kv.k[at..at + 2 * kvd], kt);
                     read_atomics(&c.out[2][t * kvd..(t + 1) * kvd], kt);
+                    if let Some(b) = &lw.attn_v_bias {
+                        kt.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+                    }
                     store_f16(&mut kv.v[at..at + 2 * kvd], kt);
                 }
             }
             self.pool.run(Job::Attention { layer: l, n_tokens: n });
             let output = [Some(lw.attn_output), None, None];
-            self.stage(Stage::Output { cols: dim }, n, &output);
+            self.stage(Stage::Output { cols: qd }, n, &output);
             self.matmul(n, output);
 
             // Feed-forward block.

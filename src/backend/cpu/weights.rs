@@ -60,7 +60,49 @@ pub struct LayerWeights {
     pub ffn_up: TensorRef,
     /// FFN down, `[ffn_dim] -> [dim]`.
     pub ffn_down: TensorRef,
+    /// Biases added to the query, key and value projections (Qwen2), `[q_dim]`, `[kv_dim]`.
+    pub attn_q_bias: Option<Vec<f32>>,
+    /// See `attn_q_bias`.
+    pub attn_k_bias: Option<Vec<f32>>,
+    /// See `attn_q_bias`.
+    pub attn_v_bias: Option<Vec<f32>>,
+    /// RMSNorm of each query and key head before RoPE (Qwen3), `[head_dim]`.
+    pub attn_q_norm: Option<Vec<f32>>,
+    /// See `attn_q_norm`.
+    pub attn_k_norm: Option<Vec<f32>>,
 }
+
+impl LayerWeights {
+    /// The optional vectors a layer may have.
+    fn optional_parts(&self) -> [&Option<Vec<f32>>; 5] {
+        [
+            &self.attn_q_bias,
+            &self.attn_k_bias,
+            &self.attn_v_bias,
+            &self.attn_q_norm,
+            &self.attn_k_norm,
+        ]
+    }
+}
+
+/// What may follow `blk.N.` in a tensor's name: every part the forward pass computes. A layer
+/// tensor named otherwise is refused ([`CpuError::UnknownPart`]) rather than ignored.
+const LAYER_PARTS: &[&str] = &[
+    "attn_norm.weight",
+    "attn_q.weight",
+    "attn_k.weight",
+    "attn_v.weight",
+    "attn_output.weight",
+    "ffn_norm.weight",
+    "ffn_gate.weight",
+    "ffn_up.weight",
+    "ffn_down.weight",
+    "attn_q.bias",
+    "attn_k.bias",
+    "attn_v.bias",
+    "attn_q_norm.weight",
+    "attn_k_norm.weight",
+];
 
 /// All weights. Matrices stay in the file mapping; only the small norm vectors are expanded
 /// to f32 (a few KiB per layer) so the per-token code has one form to read.
@@ -86,7 +128,14 @@ pub struct ModelWeights {
 impl ModelWeights {
     /// Bytes of what was expanded out of the file (norm vectors, RoPE frequencies).
     pub fn state_bytes(&self) -> usize {
-        let norms: usize = self.layers.iter().map(|l| l.attn_norm.len() + l.ffn_norm.len()).sum();
+        let norms: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                let optional: usize = l.optional_parts().iter().filter_map(|p| p.as_ref()).map(Vec::len).sum();
+                l.attn_norm.len() + l.ffn_norm.len() + optional
+            })
+            .sum();
         4 * (norms + self.output_norm.len() + self.rope_inv_freq.len()) + self.interleaved.len()
     }
 
@@ -209,7 +258,22 @@ impl ModelWeights {
             Ok(out)
         };
 
+        let optional = |name: &str, len: usize| -> Result<Option<Vec<f32>>, CpuError> {
+            match g.tensor(name) {
+                Some(_) => vector(name, len).map(Some),
+                None => Ok(None),
+            }
+        };
+        if let Some(t) = g.tensors.iter().find(|t| {
+            t.name
+                .strip_prefix("blk.")
+                .and_then(|rest| rest.split_once('.'))
+                .is_some_and(|(_, part)| !LAYER_PARTS.contains(&part))
+        }) {
+            return Err(CpuError::UnknownPart(t.name.clone()));
+        }
         let (dim, kv, ffn, vocab) = (cfg.dim, cfg.kv_dim(), cfg.ffn_dim, cfg.vocab_size);
+        let (q_dim, hd) = (cfg.q_dim(), cfg.head_dim);
         let token_embd = matrix("token_embd.weight", dim, vocab)?;
         let (output, tied_output) = match g.tensor("output.weight") {
             Some(_) => (matrix("output.weight", dim, vocab)?, false),
@@ -221,12 +285,18 @@ impl ModelWeights {
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
             let n = |s: &str| format!("blk.{i}.{s}.weight");
+            let bias = |s: &str| format!("blk.{i}.{s}.bias");
             layers.push(LayerWeights {
                 attn_norm: vector(&n("attn_norm"), dim)?,
-                attn_q: matrix(&n("attn_q"), dim, dim)?,
+                attn_q: matrix(&n("attn_q"), dim, q_dim)?,
                 attn_k: matrix(&n("attn_k"), dim, kv)?,
                 attn_v: matrix(&n("attn_v"), dim, kv)?,
-                attn_output: matrix(&n("attn_output"), dim, dim)?,
+                attn_output: matrix(&n("attn_output"), q_dim, dim)?,
+                attn_q_bias: optional(&bias("attn_q"), q_dim)?,
+                attn_k_bias: optional(&bias("attn_k"), kv)?,
+                attn_v_bias: optional(&bias("attn_v"), kv)?,
+                attn_q_norm: optional(&n("attn_q_norm"), hd)?,
+                attn_k_norm: optional(&n("attn_k_norm"), hd)?,
                 ffn_norm: vector(&n("ffn_norm"), dim)?,
                 ffn_gate: matrix(&n("ffn_gate"), dim, ffn)?,
                 ffn_up: matrix(&n("ffn_up"), dim, ffn)?,

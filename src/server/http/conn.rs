@@ -792,7 +792,13 @@ impl Connection {
         // Tools and earlier calls written into the conversation the way the model reads them.
         let syntax = shared.facts.tool_syntax;
         let prepared = match &mut api.prompt {
-            Prompt::Messages(messages) => tools::prepare(syntax, api.tools.as_ref(), messages, api.shape.as_ref()),
+            Prompt::Messages(messages) => tools::prepare(
+                syntax,
+                api.tools.as_ref(),
+                messages,
+                api.shape.as_ref(),
+                shared.facts.default_system,
+            ),
             Prompt::Text(_) => Ok(api.shape.clone()),
         };
         match prepared {

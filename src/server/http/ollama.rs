@@ -719,6 +719,7 @@ mod tests {
             has_chat_template: true,
             slots: 4,
             tool_syntax: crate::chat::ToolSyntax::Generic,
+            default_system: None,
             quantization: "Q4_1".into(),
             file_size: 1234,
             modified: Some(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_796_601_537)),
