@@ -208,9 +208,11 @@ impl Clients for Running<'_> {
             job.waiting = true;
             log::info!("slot {slot}: its client takes no more text; the request waits out of the batch");
         }
-        // A request whose client does not read never holds up another: the queue has jobs
-        // only while every slot is busy.
-        if self.shared.queue.waiting() > 0 {
+        // A request whose client does not read never holds up another. A job can sit in the
+        // queue for a moment while a slot is idle (pushed during this step, popped before
+        // the next): only with every slot busy does it need this one.
+        let every_slot_busy = jobs.iter().all(Option::is_some);
+        if every_slot_busy && self.shared.queue.waiting() > 0 {
             log::info!("slot {slot}: a queued request needs the slot; the request whose client does not read ends");
             return Err(FinishReason::SlowClient);
         }
