@@ -21,6 +21,10 @@ QWEN_SHA256  := 1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
 VOCAB_SDIST  := llama_cpp_python-0.3.36.tar.gz
 VOCAB_SHA256 := 832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 VOCAB_DIR    := .cache/llama-vocab
+# The models' own chat templates (from the same sdist) that tests/templates.rs renders with
+# jinja2 and compares with ours.
+TEMPLATES    := Qwen-Qwen2.5-7B-Instruct Qwen-Qwen3-0.6B meta-llama-Llama-3.1-8B-Instruct \
+                meta-llama-Llama-3.2-3B-Instruct meta-llama-Llama-3.3-70B-Instruct
 VENV         := .cache/venv
 BIN          := target/release/llama-tpu
 
@@ -63,7 +67,7 @@ help:
 	@echo "make bmodel     compile a Llama-2 checkpoint (HF=dir) to a BM1684X bmodel with the vendor's llm_convert.py"
 	@echo "make soak       2000 requests through the socket, HTTP and a serial line, memory/fds/threads checked flat"
 	@echo "make fuzz       the fuzz targets, FUZZ_SECONDS (600) each"
-	@echo "make fuzz-ci    the fuzz targets, 30 s each (CI)"
+	@echo "make fuzz-ci    the fuzz targets, 25 s each (CI)"
 	@echo "make install    make build, then make install-files"
 	@echo "make install-files  binary, systemd units, configuration, docs (PREFIX=$(PREFIX), DESTDIR, SYSCONFDIR, BIN)"
 	@echo "make cross-setup  the aarch64 toolchain: Debian's rustc and aarch64 std, zig and cargo-zigbuild, qemu-user"
@@ -120,16 +124,18 @@ $(QWEN_FILE): | $(VENV_DONE)
 	echo "$(QWEN_SHA256)  $@.part" | sha256sum --check --quiet
 	mv $@.part $@
 
-# llama.cpp's tokenizer test vectors (Llama-2 SentencePiece, Llama-3 BPE, Qwen2 BPE), from the
+# llama.cpp's tokenizer test vectors (Llama-2 SentencePiece, Llama-3 BPE, Qwen2 BPE) and chat
+# templates, from the
 # llama-cpp-python source package on PyPI, which vendors llama.cpp. The marker names what is
 # extracted: a longer list gets a new one.
-test-data: $(VOCAB_DIR)/.done-2
-$(VOCAB_DIR)/.done-2: | $(VENV_DONE)
+test-data: $(VOCAB_DIR)/.done-3
+$(VOCAB_DIR)/.done-3: | $(VENV_DONE)
 	mkdir -p $(VOCAB_DIR) .cache/pip
 	$(PYTHON) scripts/pypi_fetch.py llama-cpp-python $(VOCAB_SDIST) $(VOCAB_SHA256) .cache/pip >/dev/null
 	tar -xzf .cache/pip/llama_cpp_python-0.3.36.tar.gz -C $(VOCAB_DIR) --strip-components=4 --wildcards \
 		'*/vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf*' '*/vendor/llama.cpp/models/ggml-vocab-llama-bpe.gguf*' \
-		'*/vendor/llama.cpp/models/ggml-vocab-qwen2.gguf*'
+		'*/vendor/llama.cpp/models/ggml-vocab-qwen2.gguf*' \
+		$(foreach t,$(TEMPLATES),'*/vendor/llama.cpp/models/templates/$(t).jinja')
 	touch $@
 
 # The test command (README, CI). Tests run optimized (profile test-opt): they run real models.
@@ -155,7 +161,7 @@ soak: build model
 # The schema target compiles over the default model's vocabulary.
 FUZZ_SECONDS ?= 600
 fuzz-ci: model
-	fuzz/run.sh 30
+	fuzz/run.sh 25
 fuzz: model
 	fuzz/run.sh $(FUZZ_SECONDS)
 

@@ -107,8 +107,14 @@ impl ToolSyntax {
     pub fn detect(template: ChatTemplate, jinja: Option<&str>) -> ToolSyntax {
         let jinja = jinja.unwrap_or("");
         match template {
-            ChatTemplate::ChatMl | ChatTemplate::Qwen25 if jinja.contains("<tool_call>") => ToolSyntax::Hermes,
-            ChatTemplate::Llama3 if jinja.contains("tools") && jinja.contains("parameters") => ToolSyntax::Llama3,
+            ChatTemplate::ChatMl | ChatTemplate::Qwen25 | ChatTemplate::Qwen3 if jinja.contains("<tool_call>") => {
+                ToolSyntax::Hermes
+            }
+            ChatTemplate::Llama3 | ChatTemplate::Llama31 | ChatTemplate::Llama32
+                if jinja.contains("tools") && jinja.contains("parameters") =>
+            {
+                ToolSyntax::Llama3
+            }
             _ => ToolSyntax::Generic,
         }
     }
@@ -131,14 +137,22 @@ pub enum ChatTemplate {
     /// Qwen2.5's ChatML: a conversation without a system message gets Qwen's own
     /// ([`QWEN25_SYSTEM`]).
     Qwen25,
+    /// Qwen3's ChatML, thinking off: the assistant's turn opens with an empty
+    /// `<think>\n\n</think>\n\n`, as Qwen3's template writes it for `enable_thinking: false`.
+    Qwen3,
     /// Meta's Llama-2 chat: `[INST] <<SYS>>\n...\n<</SYS>>\n\nuser [/INST] answer </s><s>[INST] ...`.
     Llama2,
     /// Meta's Llama-3: `<|start_header_id|>role<|end_header_id|>\n\ncontent<|eot_id|>`.
     Llama3,
+    /// Llama-3.1's: Llama-3's with a system turn always first, opening with its knowledge
+    /// cut-off and a fixed date ("Today Date: 26 Jul 2024").
+    Llama31,
+    /// Llama-3.2's: the same with today's date (3.3's writes 3.1's fixed one).
+    Llama32,
 }
 
 /// Names accepted by `--chat-template`.
-pub const KNOWN: &[&str] = &["chatml", "qwen2.5", "llama2", "llama3"];
+pub const KNOWN: &[&str] = &["chatml", "qwen2.5", "qwen3", "llama2", "llama3", "llama3.1", "llama3.2"];
 
 /// The system message Qwen2.5's template puts first when a conversation has none.
 pub const QWEN25_SYSTEM: &str = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.";
@@ -154,8 +168,11 @@ impl FromStr for ChatTemplate {
         match s {
             "chatml" => Ok(ChatTemplate::ChatMl),
             "qwen2.5" => Ok(ChatTemplate::Qwen25),
+            "qwen3" => Ok(ChatTemplate::Qwen3),
             "llama2" => Ok(ChatTemplate::Llama2),
             "llama3" => Ok(ChatTemplate::Llama3),
+            "llama3.1" => Ok(ChatTemplate::Llama31),
+            "llama3.2" => Ok(ChatTemplate::Llama32),
             other => Err(UnknownTemplate(other.to_string())),
         }
     }
@@ -166,13 +183,28 @@ impl fmt::Display for ChatTemplate {
         f.write_str(match self {
             ChatTemplate::ChatMl => "chatml",
             ChatTemplate::Qwen25 => "qwen2.5",
+            ChatTemplate::Qwen3 => "qwen3",
             ChatTemplate::Llama2 => "llama2",
             ChatTemplate::Llama3 => "llama3",
+            ChatTemplate::Llama31 => "llama3.1",
+            ChatTemplate::Llama32 => "llama3.2",
         })
     }
 }
 
 impl ChatTemplate {
+    /// The date Llama-3.1 / 3.2 templates write: 3.1's fixed one, or today's (UTC), as
+    /// `strftime("%d %b %Y")` writes it.
+    fn today(self) -> String {
+        if self != ChatTemplate::Llama32 {
+            return "26 Jul 2024".into();
+        }
+        let days = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() / 86_400);
+        date_of_day(days)
+    }
+
     /// The system message the template puts first when a conversation has none.
     pub fn default_system(self) -> Option<&'static str> {
         match self {
@@ -183,10 +215,19 @@ impl ChatTemplate {
 
     /// Recognizes a model's Jinja template by its markers.
     pub fn detect(jinja: &str) -> Option<ChatTemplate> {
-        if jinja.contains("<|im_start|>") && jinja.contains(QWEN25_SYSTEM) {
+        if jinja.contains("<|im_start|>") && jinja.contains("enable_thinking") {
+            Some(ChatTemplate::Qwen3)
+        } else if jinja.contains("<|im_start|>") && jinja.contains(QWEN25_SYSTEM) {
             Some(ChatTemplate::Qwen25)
         } else if jinja.contains("<|im_start|>") {
             Some(ChatTemplate::ChatMl)
+        } else if jinja.contains("<|start_header_id|>") && jinja.contains("Cutting Knowledge Date") {
+            // 3.2's asks for the date (`strftime_now`); 3.1's writes a fixed one.
+            Some(if jinja.contains("strftime_now") {
+                ChatTemplate::Llama32
+            } else {
+                ChatTemplate::Llama31
+            })
         } else if jinja.contains("<|start_header_id|>") {
             Some(ChatTemplate::Llama3)
         } else if jinja.contains("[INST]") {
@@ -217,7 +258,7 @@ impl ChatTemplate {
     pub fn message(self, m: &Message, state: &mut RenderState, out: &mut Vec<Part>) {
         let first = !std::mem::replace(&mut state.started, true);
         match self {
-            ChatTemplate::ChatMl | ChatTemplate::Qwen25 => {
+            ChatTemplate::ChatMl | ChatTemplate::Qwen25 | ChatTemplate::Qwen3 => {
                 if self == ChatTemplate::Qwen25 && first && m.role != Role::System {
                     marker(out, "<|im_start|>");
                     text(out, "system\n");
@@ -232,7 +273,23 @@ impl ChatTemplate {
                 marker(out, "<|im_end|>");
                 text(out, "\n");
             }
-            ChatTemplate::Llama3 => {
+            ChatTemplate::Llama31 | ChatTemplate::Llama32 if first => {
+                // The system turn always comes first, with the dates.
+                marker(out, "<|start_header_id|>");
+                text(out, "system");
+                marker(out, "<|end_header_id|>");
+                text(out, "\n\nCutting Knowledge Date: December 2023\nToday Date: ");
+                text(out, &self.today());
+                text(out, "\n\n");
+                if m.role == Role::System {
+                    text(out, m.content.trim());
+                    marker(out, "<|eot_id|>");
+                } else {
+                    marker(out, "<|eot_id|>");
+                    ChatTemplate::Llama3.message(m, state, out);
+                }
+            }
+            ChatTemplate::Llama3 | ChatTemplate::Llama31 | ChatTemplate::Llama32 => {
                 marker(out, "<|start_header_id|>");
                 // Llama-3.1 names a tool's result `ipython`.
                 text(
@@ -282,7 +339,11 @@ impl ChatTemplate {
                 marker(out, "<|im_start|>");
                 text(out, "assistant\n");
             }
-            ChatTemplate::Llama3 => {
+            ChatTemplate::Qwen3 => {
+                marker(out, "<|im_start|>");
+                text(out, "assistant\n<think>\n\n</think>\n\n");
+            }
+            ChatTemplate::Llama3 | ChatTemplate::Llama31 | ChatTemplate::Llama32 => {
                 marker(out, "<|start_header_id|>");
                 text(out, "assistant");
                 marker(out, "<|end_header_id|>");
@@ -323,6 +384,24 @@ impl Part {
             Part::Text(t) => t,
         }
     }
+}
+
+/// Day `days` after 1970-01-01 as `07 Dec 2026` (the civil calendar from a day count, after
+/// Howard Hinnant's `civil_from_days`).
+fn date_of_day(days: u64) -> String {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    format!("{day:02} {} {year}", MONTHS[(month - 1) as usize])
 }
 
 fn marker(out: &mut Vec<Part>, m: &'static str) {
@@ -416,6 +495,43 @@ mod tests {
     }
 
     #[test]
+    fn llama31_opens_with_its_system_turn_and_dates() {
+        let asked = [Message::new(Role::User, "Hi")];
+        assert_eq!(
+            ChatTemplate::Llama31.render(&asked),
+            "<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+        );
+        let own = [
+            Message::new(Role::System, " Be brief. "),
+            Message::new(Role::User, "Hi"),
+        ];
+        assert!(ChatTemplate::Llama31
+            .render(&own)
+            .starts_with("<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\nBe brief.<|eot_id|><|start_header_id|>user"));
+        assert_eq!(date_of_day(0), "01 Jan 1970");
+        assert_eq!(date_of_day(19_930), "26 Jul 2024");
+        assert_eq!(date_of_day(20_794), "07 Dec 2026");
+        assert_eq!(date_of_day(11_016), "29 Feb 2000");
+        assert!(ChatTemplate::Llama32
+            .render(&asked)
+            .contains(&format!("Today Date: {}", ChatTemplate::Llama32.today())));
+        let j31 = "<|start_header_id|>Cutting Knowledge Date: December 2023 26 Jul 2024 tools parameters";
+        assert_eq!(ChatTemplate::detect(j31), Some(ChatTemplate::Llama31));
+        assert_eq!(ToolSyntax::detect(ChatTemplate::Llama31, Some(j31)), ToolSyntax::Llama3);
+        let j32 = "<|start_header_id|>Cutting Knowledge Date: {{ strftime_now('%d %b %Y') }}";
+        assert_eq!(ChatTemplate::detect(j32), Some(ChatTemplate::Llama32));
+    }
+
+    #[test]
+    fn qwen3_answers_with_thinking_off() {
+        let asked = [Message::new(Role::User, "Hi")];
+        assert_eq!(
+            ChatTemplate::Qwen3.render(&asked),
+            "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+        );
+    }
+
+    #[test]
     fn detection_and_names() {
         assert_eq!(
             ChatTemplate::detect("{% for m in messages %}<|im_start|>"),
@@ -428,7 +544,13 @@ mod tests {
         assert_eq!(ChatTemplate::detect("<|start_header_id|>"), Some(ChatTemplate::Llama3));
         assert_eq!(ChatTemplate::detect("{{ whatever }}"), None);
         let e = "vicuna".parse::<ChatTemplate>().unwrap_err().to_string();
-        assert!(e.contains("chatml, qwen2.5, llama2, llama3"), "{e}");
+        assert!(
+            e.contains("chatml, qwen2.5, qwen3, llama2, llama3, llama3.1, llama3.2"),
+            "{e}"
+        );
+        let qwen3 = "<|im_start|>{%- if enable_thinking is defined and enable_thinking is false %}<tool_call>";
+        assert_eq!(ChatTemplate::detect(qwen3), Some(ChatTemplate::Qwen3));
+        assert_eq!(ToolSyntax::detect(ChatTemplate::Qwen3, Some(qwen3)), ToolSyntax::Hermes);
         let qwen = format!("<|im_start|>system\\n{QWEN25_SYSTEM}<|im_end|><tool_call>");
         assert_eq!(ChatTemplate::detect(&qwen), Some(ChatTemplate::Qwen25));
         assert_eq!(

@@ -53,7 +53,11 @@ fn usage_errors_exit_2() {
         "hi",
     ]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("chatml, qwen2.5, llama2, llama3"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("chatml, qwen2.5, qwen3, llama2, llama3, llama3.1, llama3.2"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 fn bad_model(name: &str, bytes: &[u8]) -> (std::path::PathBuf, Output) {

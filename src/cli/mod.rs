@@ -143,7 +143,7 @@ pub struct ModelArgs {
     /// Tokenizer file (tokenizer.json, or a SentencePiece tokenizer.model) instead of the model's own vocabulary.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
-    /// Chat template (chatml, qwen2.5, llama2, llama3); default: recognized from the model.
+    /// Chat template (chatml, qwen2.5, qwen3, llama2, llama3, llama3.1, llama3.2); default: recognized from the model.
     #[arg(long)]
     pub chat_template: Option<String>,
     /// KV caches: conversations kept and served at once (1 to 64; default: `serve` 4 on the

@@ -55,7 +55,7 @@ pub struct ServeArgs {
     /// Tokenizer file (tokenizer.json, or a SentencePiece tokenizer.model) instead of the model's vocabulary.
     #[arg(long)]
     tokenizer: Option<PathBuf>,
-    /// Chat template (chatml, qwen2.5, llama2, llama3).
+    /// Chat template (chatml, qwen2.5, qwen3, llama2, llama3, llama3.1, llama3.2).
     #[arg(long)]
     chat_template: Option<String>,
     /// UNIX socket path [default: /run/llama-tpu/llama-tpu.sock].
