@@ -25,7 +25,7 @@ fi
 # The release binary's size, held under a limit (docs/performance.md, "Binary size": what it
 # costs and why it is not 3 MiB). A change that grows it on purpose raises the limit and says
 # by how much there.
-limit=${LLAMA_TPU_SIZE_LIMIT:-5300000}
+limit=${LLAMA_TPU_SIZE_LIMIT:-5600000}
 size=$(stat -c %s "$bin")
 if [ "$size" -gt "$limit" ]; then
     echo "FAIL: $size bytes, above the limit of $limit"; status=1
