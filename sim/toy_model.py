@@ -7,6 +7,9 @@ seed and a byte-level vocabulary. Written here:
 - `toy_kvN.gguf`: the weights for the CPU backend;
 - `hf_kvN/` (float16) and `hf_kvN_bf16/` (bfloat16): Hugging Face checkpoints, which
   sim/toy.sh gives to the vendor's own converter (tpu-mlir's llm_convert.py);
+- `toy_qwen2.gguf` / `hf_qwen2/` and `toy_qwen3.gguf` / `hf_qwen3/`: the same toy as Qwen2
+  (Q/K/V biases) and Qwen3 (per-head Q/K norms, attention wider than the hidden size), GQA,
+  for the converter too (`ARCHS`);
 - bmodels with the net interfaces, dtypes and address modes of the two older producers, each
   net written as an ONNX graph with onnx.helper and compiled by the vendor's
   model_transform.py -> model_deploy.py -> model_tool --combine, as their scripts do:
@@ -71,28 +74,48 @@ def representable(w):
     return np.where(np.abs(w) < 2.0 ** -14, 0.0, w).astype(np.float32)
 
 
-def make_weights(kv_heads):
-    rng = np.random.default_rng(SEED + kv_heads)
+# The architectures the toys come in (issue 25): Llama's layout plus the parts each adds.
+# Qwen2: biases on Q, K and V. Qwen3: each head's Q and K RMS-normalized before RoPE, and
+# twice the query heads (of the same width), so the attention is wider than the hidden size
+# as in Qwen3-0.6B (16 x 128 against 1024). Both rotate each head's halves (no Q/K permute in
+# their GGUF). Each draws from a seed of its own; Llama's weights stay what they were.
+ARCHS = {"llama": 0, "qwen2": 1000, "qwen3": 2000}
+
+
+def make_weights(kv_heads, arch="llama"):
+    rng = np.random.default_rng(SEED + kv_heads + ARCHS[arch])
+    heads = HEADS * 2 if arch == "qwen3" else HEADS
+    q_dim = heads * HEAD_DIM
 
     def matrix(rows, cols):
         return representable(rng.standard_normal((rows, cols)) * cols ** -0.5)
 
-    def norm():
-        return representable(1.0 + 0.1 * rng.standard_normal(HIDDEN))
+    def norm(n=HIDDEN):
+        return representable(1.0 + 0.1 * rng.standard_normal(n))
 
-    p = {"embed": representable(rng.standard_normal((VOCAB, HIDDEN))), "layers": []}
+    def bias(n):
+        # About as large as the projections' outputs, so a bias left out shows.
+        return representable(0.5 * rng.standard_normal(n))
+
+    p = {"arch": arch, "heads": heads, "embed": representable(rng.standard_normal((VOCAB, HIDDEN))),
+         "layers": []}
     for _ in range(LAYERS):
-        p["layers"].append({
+        layer = {
             "attn_norm": norm(),
-            "q": matrix(HIDDEN, HIDDEN),
+            "q": matrix(q_dim, HIDDEN),
             "k": matrix(kv_heads * HEAD_DIM, HIDDEN),
             "v": matrix(kv_heads * HEAD_DIM, HIDDEN),
-            "o": matrix(HIDDEN, HIDDEN),
+            "o": matrix(HIDDEN, q_dim),
             "ffn_norm": norm(),
             "gate": matrix(FFN, HIDDEN),
             "up": matrix(FFN, HIDDEN),
             "down": matrix(HIDDEN, FFN),
-        })
+        }
+        if arch == "qwen2":
+            layer.update(q_bias=bias(q_dim), k_bias=bias(kv_heads * HEAD_DIM), v_bias=bias(kv_heads * HEAD_DIM))
+        if arch == "qwen3":
+            layer.update(q_norm=norm(HEAD_DIM), k_norm=norm(HEAD_DIM))
+        p["layers"].append(layer)
     p["out_norm"] = norm()
     p["output"] = matrix(VOCAB, HIDDEN)
     return p
@@ -365,15 +388,19 @@ def compile_variant(out_dir, name, layout, dtype, kv_heads, p):
 
 
 def write_gguf(path, p, kv_heads):
+    """The GGUF as llama.cpp's convert_hf_to_gguf.py writes this architecture's."""
     import gguf
-    w = gguf.GGUFWriter(path, "llama")
-    w.add_name(f"toy-llama-kv{kv_heads}")
+    arch = p["arch"]
+    w = gguf.GGUFWriter(path, arch)
+    w.add_name(f"toy-{arch}-kv{kv_heads}")
     w.add_block_count(LAYERS)
     w.add_context_length(SEQ)
     w.add_embedding_length(HIDDEN)
     w.add_feed_forward_length(FFN)
-    w.add_head_count(HEADS)
+    w.add_head_count(p["heads"])
     w.add_head_count_kv(kv_heads)
+    w.add_key_length(HEAD_DIM)
+    w.add_value_length(HEAD_DIM)
     w.add_rope_freq_base(ROPE_THETA)
     w.add_layer_norm_rms_eps(EPS)
     w.add_tokenizer_model("gpt2")
@@ -389,16 +416,24 @@ def write_gguf(path, p, kv_heads):
     w.add_chat_template("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}")
 
     def permute(m, n_head):
-        # What llama.cpp's converter does to q/k rows: its RoPE pairs adjacent elements.
+        # What llama.cpp's converter does to a Llama's q/k rows: its RoPE pairs adjacent
+        # elements. Qwen's are written as they are (its RoPE rotates halves, as the checkpoint's).
+        if arch != "llama":
+            return m
         return m.reshape(n_head, 2, m.shape[0] // n_head // 2, m.shape[1]).swapaxes(1, 2).reshape(m.shape)
 
     w.add_tensor("token_embd.weight", p["embed"])
     for i, l in enumerate(p["layers"]):
         b = f"blk.{i}."
         w.add_tensor(b + "attn_norm.weight", l["attn_norm"])
-        w.add_tensor(b + "attn_q.weight", permute(l["q"], HEADS))
+        w.add_tensor(b + "attn_q.weight", permute(l["q"], p["heads"]))
         w.add_tensor(b + "attn_k.weight", permute(l["k"], kv_heads))
         w.add_tensor(b + "attn_v.weight", l["v"])
+        for part in ("q", "k", "v"):
+            if part + "_bias" in l:
+                w.add_tensor(b + f"attn_{part}.bias", l[part + "_bias"])
+            if part + "_norm" in l:
+                w.add_tensor(b + f"attn_{part}_norm.weight", l[part + "_norm"])
         w.add_tensor(b + "attn_output.weight", l["o"])
         w.add_tensor(b + "ffn_norm.weight", l["ffn_norm"])
         w.add_tensor(b + "ffn_gate.weight", l["gate"])
@@ -454,30 +489,41 @@ def save_safetensors(path, tensors, dtype):
 
 
 def write_hf_checkpoint(path, p, kv_heads, out_dir, dtype):
-    """The same weights as a Hugging Face LlamaForCausalLM folder (float16 or bfloat16
-    safetensors: the converter takes no float32), what `make bmodel` and the vendor's
-    llm_convert.py take."""
+    """The same weights as a Hugging Face LlamaForCausalLM (Qwen2ForCausalLM,
+    Qwen3ForCausalLM) folder (float16 or bfloat16 safetensors: the converter takes no
+    float32), what `make bmodel` and the vendor's llm_convert.py take."""
     import json
     os.makedirs(path, exist_ok=True)
     tensors = {"model.embed_tokens.weight": p["embed"], "model.norm.weight": p["out_norm"],
                "lm_head.weight": p["output"]}
-    names = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
-             "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
-             "down": "mlp.down_proj", "attn_norm": "input_layernorm",
-             "ffn_norm": "post_attention_layernorm"}
+    names = {"q": "self_attn.q_proj.weight", "k": "self_attn.k_proj.weight",
+             "v": "self_attn.v_proj.weight", "o": "self_attn.o_proj.weight",
+             "gate": "mlp.gate_proj.weight", "up": "mlp.up_proj.weight",
+             "down": "mlp.down_proj.weight", "attn_norm": "input_layernorm.weight",
+             "ffn_norm": "post_attention_layernorm.weight",
+             "q_bias": "self_attn.q_proj.bias", "k_bias": "self_attn.k_proj.bias",
+             "v_bias": "self_attn.v_proj.bias", "q_norm": "self_attn.q_norm.weight",
+             "k_norm": "self_attn.k_norm.weight"}
     for i, layer in enumerate(p["layers"]):
-        for key, name in names.items():
-            tensors[f"model.layers.{i}.{name}.weight"] = layer[key]
+        for key, value in layer.items():
+            tensors[f"model.layers.{i}.{names[key]}"] = value
     save_safetensors(os.path.join(path, "model.safetensors"), tensors, dtype)
+    arch = p["arch"]
+    kind = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[arch]
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-        "hidden_size": HIDDEN, "intermediate_size": FFN, "num_attention_heads": HEADS,
+        "architectures": [kind], "model_type": arch, "hidden_act": "silu",
+        "hidden_size": HIDDEN, "intermediate_size": FFN, "num_attention_heads": p["heads"],
         "num_key_value_heads": kv_heads, "num_hidden_layers": LAYERS, "head_dim": HEAD_DIM,
         "rms_norm_eps": EPS, "rope_theta": ROPE_THETA, "vocab_size": VOCAB,
         "max_position_embeddings": SEQ, "tie_word_embeddings": False,
         "torch_dtype": "bfloat16" if dtype == "bf16" else "float16",
         "bos_token_id": VOCAB - 2, "eos_token_id": VOCAB - 1,
     }
+    if arch == "qwen2":
+        config.update(use_sliding_window=False, sliding_window=SEQ, max_window_layers=LAYERS)
+    if arch == "qwen3":
+        config.update(attention_bias=False, use_sliding_window=False, sliding_window=None,
+                      max_window_layers=LAYERS)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=1)
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -495,6 +541,10 @@ def main():
         write_gguf(os.path.join(out_dir, f"toy_kv{kv_heads}.gguf"), p, kv_heads)
         write_hf_checkpoint(os.path.join(out_dir, f"hf_kv{kv_heads}"), p, kv_heads, out_dir, "f16")
         write_hf_checkpoint(os.path.join(out_dir, f"hf_kv{kv_heads}_bf16"), p, kv_heads, out_dir, "bf16")
+    for arch in ("qwen2", "qwen3"):
+        p = make_weights(2, arch)
+        write_gguf(os.path.join(out_dir, f"toy_{arch}.gguf"), p, 2)
+        write_hf_checkpoint(os.path.join(out_dir, f"hf_{arch}"), p, 2, out_dir, "f16")
     for spec in sys.argv[2:]:
         name, layout, dtype, kv_heads = spec.split(":")
         print(compile_variant(out_dir, name, layout, dtype, int(kv_heads), make_weights(int(kv_heads))))

@@ -4,12 +4,13 @@ bmodels run"): head_dim 128, grouped attention (2 query heads, 1 KV head), hidde
 sim/toy_model.py. Two commands, for sim/toy.sh:
 
   w4_model.py checkpoints OUT_DIR
-      writes hf_w4/ (float16) and hf_w4_bf16/ (bfloat16) Hugging Face checkpoints, which
+      writes hf_w4/ (float16) and hf_w4_bf16/ (bfloat16) Hugging Face checkpoints, and
+      hf_w4_qwen2/, hf_w4_qwen3/ (float16: the Qwen parts of toy_model.ARCHS), which
       llm_convert.py quantizes (-q w4f16 / w4bf16 --q_group_size 64: int4 in groups of 64
       along each output row, a scale and a zero point per group; lm_head and the embedding
       stay in half precision);
 
-  w4_model.py dequantize CONVERTER_WORK_DIR QUANT OUT.gguf [--group N] [--swap-zero-point]
+  w4_model.py dequantize CONVERTER_WORK_DIR QUANT OUT.gguf [--group N] [--swap-zero-point] [--arch A]
       reads what `llm_convert.py --debug` kept of the compiler's own quantization
       (block_N/block_N_tpu_lowered_bm1684x_QUANT_weight.npz: PROJ_uint, PROJ_scale_f16, PROJ_zp),
       dequantizes it, w = (q - zp) x scale (the even element in the low nibble), and writes
@@ -44,6 +45,9 @@ def checkpoints(out_dir):
     p = toy.make_weights(KV_HEADS)
     toy.write_hf_checkpoint(os.path.join(out_dir, "hf_w4"), p, KV_HEADS, out_dir, "f16")
     toy.write_hf_checkpoint(os.path.join(out_dir, "hf_w4_bf16"), p, KV_HEADS, out_dir, "bf16")
+    for arch in ("qwen2", "qwen3"):
+        p = toy.make_weights(KV_HEADS, arch)
+        toy.write_hf_checkpoint(os.path.join(out_dir, f"hf_w4_{arch}"), p, KV_HEADS, out_dir, "f16")
 
 
 def half(bits, quant):
@@ -79,9 +83,12 @@ def layer_weights(work, quant, i, group=None, swap_zero_point=False):
     return out
 
 
-def dequantize(work, quant, out, group=None, swap_zero_point=False):
+def dequantize(work, quant, out, group=None, swap_zero_point=False, arch="llama"):
+    """The projections the compiler quantized, dequantized; the rest (norms, biases, the
+    embedding and lm_head) stays in half precision in the bmodel: the checkpoint's values,
+    which half precision holds exactly."""
     realistic()
-    p = toy.make_weights(KV_HEADS)
+    p = toy.make_weights(KV_HEADS, arch)
     for i, layer in enumerate(p["layers"]):
         for key, w in layer_weights(work, quant, i, group, swap_zero_point).items():
             if w.shape != layer[key].shape:
@@ -96,7 +103,8 @@ def main():
     elif len(sys.argv) >= 5 and sys.argv[1] == "dequantize":
         rest = sys.argv[5:]
         group = int(rest[rest.index("--group") + 1]) if "--group" in rest else None
-        dequantize(sys.argv[2], sys.argv[3], sys.argv[4], group, "--swap-zero-point" in rest)
+        arch = rest[rest.index("--arch") + 1] if "--arch" in rest else "llama"
+        dequantize(sys.argv[2], sys.argv[3], sys.argv[4], group, "--swap-zero-point" in rest, arch)
     else:
         sys.exit(__doc__)
 
