@@ -184,7 +184,7 @@ bmodel:
 	@[ -n "$(HF)" ] || { echo "usage: make bmodel HF=<Llama-2 checkpoint folder> [SEQ=512] [QUANT=w4f16] [BMODEL_OUT=models/bmodel] [BMODEL_FLAGS=--do_sample]" >&2; exit 2; }
 	sim/bmodel.sh "$(HF)" $(SEQ) $(QUANT) $(BMODEL_OUT) $(BMODEL_FLAGS)
 
-test: model qwen-model test-data venv sim
+test: model qwen-model test-data venv sim toy-gguf
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
 	@# The simulator's C library prints to a buffered stdout, flushed at exit: after the
