@@ -25,9 +25,6 @@ mkdir -p .cache
 exec 9>"$OUT.lock"
 flock 9
 
-"$PY" -c "import torch, transformers, safetensors" 2>/dev/null \
-    || { echo "toy-gguf: $PY has no torch/transformers: run \`make sim\` (it makes the converter's venv)" >&2; exit 1; }
-
 golden_sha() { python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["gguf_sha256"])' "tests/data/$1_toy_llamacpp.json" 2>/dev/null || echo none; }
 # Every toy's file has its golden's sha256 (prints what differs).
 check() {
@@ -49,6 +46,8 @@ if [ "$(cat "$OUT/.stamp" 2>/dev/null)" = "$STAMP" ] && check quiet; then
 fi
 
 start=$(date +%s)
+"$PY" -c "import torch, transformers, safetensors" 2>/dev/null \
+    || { echo "toy-gguf: $PY has no torch/transformers: run \`make sim\` (it makes the converter's venv)" >&2; exit 1; }
 rm -rf "$OUT"
 mkdir -p "$OUT/llama.cpp"
 sdist=$(python3 scripts/pypi_fetch.py llama-cpp-python "$SDIST" "$SDIST_SHA256" .cache/pip)
