@@ -36,7 +36,7 @@ QEMU         := qemu-aarch64 -cpu cortex-a53
 
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 
-.PHONY: qwen-model soak fuzz fuzz-ci sim sim-real bmodel cross-test-ci deb deb-check cross-amd64 cross-test-glibc231 all build run demo model test-data venv test test-confined check-units check-docs bench clean help install install-files cross-setup cross cross-check cross-test
+.PHONY: toy-gguf qwen-model soak fuzz fuzz-ci sim sim-real bmodel cross-test-ci deb deb-check cross-amd64 cross-test-glibc231 all build run demo model test-data venv test test-confined check-units check-docs bench clean help install install-files cross-setup cross cross-check cross-test
 
 # make install: PREFIX and DESTDIR as usual; the configuration goes to SYSCONFDIR.
 PREFIX     ?= /usr/local
@@ -58,6 +58,7 @@ help:
 	@echo "make bench      prompt and generation speed on the default model (THREADS=n)"
 	@echo "make test       everything the tests need, then fmt, clippy, the whole test suite, check-units, check-docs"
 	@echo "make test-data  llama.cpp's tokenizer test vectors (from the llama-cpp-python source package) into .cache"
+	@echo "make toy-gguf   toy Qwen2, Qwen3, Llama-3.1 checkpoints converted by llama.cpp's convert_hf_to_gguf.py, sha256 checked"
 	@echo "make venv       the Python venv of the tests and downloads (.cache/venv: numpy, gguf, openai, selenium...)"
 	@echo "make test-confined  the socket and HTTP tests with the daemon under the unit's system-call filter (in make test)"
 	@echo "make check-units  systemd-analyze verify and security on the units as installed"
@@ -138,6 +139,14 @@ $(VOCAB_DIR)/.done-3: | $(VENV_DONE)
 		$(foreach t,$(TEMPLATES),'*/vendor/llama.cpp/models/templates/$(t).jinja')
 	touch $@
 
+# Toy Qwen2, Qwen3 and Llama-3.1 checkpoints (random weights, the families' real vocabularies)
+# converted to GGUF by llama.cpp's own convert_hf_to_gguf.py from the same sdist, into
+# .cache/hf-toys, each checked against the sha256 its golden records
+# (tests/data/*_toy_llamacpp.json: llama.cpp's logits for exactly that file; tests/arch_llamacpp.rs).
+# The converter is torch code: it runs in the venv `make sim` makes for the vendor's converter.
+toy-gguf: sim
+	scripts/toy_gguf.sh $(VOCAB_SDIST) $(VOCAB_SHA256)
+
 # The test command (README, CI). Tests run optimized (profile test-opt): they run real models.
 # The BM1684X simulator (tpu-mlir wheel), the vendor's compile tools in a Python 3.10 venv,
 # and the toy Llama bmodels the Sophon tests run (sim/toy.sh; once, into .cache).
@@ -175,7 +184,7 @@ bmodel:
 	@[ -n "$(HF)" ] || { echo "usage: make bmodel HF=<Llama-2 checkpoint folder> [SEQ=512] [QUANT=w4f16] [BMODEL_OUT=models/bmodel] [BMODEL_FLAGS=--do_sample]" >&2; exit 2; }
 	sim/bmodel.sh "$(HF)" $(SEQ) $(QUANT) $(BMODEL_OUT) $(BMODEL_FLAGS)
 
-test: model qwen-model test-data venv sim
+test: model qwen-model test-data venv sim toy-gguf
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
 	@# The simulator's C library prints to a buffered stdout, flushed at exit: after the

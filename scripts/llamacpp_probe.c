@@ -11,7 +11,9 @@
 //
 // `greedy` runs as llama-simple does: the prompt in one batch, then one token per decode, the
 // greedy choice each time, stopping after an end-of-generation token (which is listed) or N
-// tokens. Default context parameters (f16 KV cache, flash attention as llama.cpp decides).
+// tokens. Default context parameters (f16 KV cache, flash attention as llama.cpp decides), but
+// with PROBE_FLASH_ATTN=off in the environment flash attention is off (its CPU kernel sums V in
+// f16: scripts/llamacpp_golden.py records the toys without it, see there).
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -96,6 +98,8 @@ int main(int argc, char **argv) {
     cp.n_ctx = n + n_predict;
     cp.n_batch = n;
     cp.n_threads = cp.n_threads_batch = 2;
+    const char *fa = getenv("PROBE_FLASH_ATTN");
+    if (fa && strcmp(fa, "off") == 0) cp.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED;
     struct llama_context *ctx = llama_init_from_model(model, cp);
     if (!ctx) {
         fprintf(stderr, "cannot make a context\n");
