@@ -899,6 +899,7 @@ impl Connection {
                 drop_old_turns: api.drop_old_turns,
                 ignore_eos: api.ignore_eos,
                 shape: api.shape,
+                thinking: api.thinking.unwrap_or(defaults.thinking) && tools::leaves_room_to_think(api.tools.as_ref()),
             },
             time_limit: defaults.request_timeout,
             cancel: Arc::clone(&cancel),
@@ -1283,6 +1284,14 @@ impl Wire for OpenAiWire {
         }
     }
 
+    fn reasoning_event(&self, out: &mut Vec<u8>, piece: &str) {
+        // llama-server's and vLLM's field; a completion (no chat template) has no reasoning.
+        self.chunk_start(out);
+        out.extend_from_slice(b"{\"index\":0,\"delta\":{\"reasoning_content\":");
+        let _ = serde_json::to_writer(&mut *out, piece);
+        out.extend_from_slice(b"},\"logprobs\":null,\"finish_reason\":null}]}\n\n");
+    }
+
     fn calls_events(&self, core: &mut ReplyCore) {
         // The calls as one delta each, whole.
         for (i, mut call) in self.tool_calls_json(&core.called).into_iter().enumerate() {
@@ -1347,7 +1356,7 @@ impl Wire for OpenAiWire {
     fn whole(&self, core: &mut ReplyCore, summary: &Summary) -> Response {
         let (reason, native) = finish_reasons(summary, !core.called.is_empty());
         let text = &core.text;
-        let choice = match self.endpoint {
+        let mut choice = match self.endpoint {
             Endpoint::Chat if !core.called.is_empty() => {
                 let content = (!text.is_empty()).then_some(text);
                 let calls = self.tool_calls_json(&core.called);
@@ -1360,6 +1369,11 @@ impl Wire for OpenAiWire {
                 json!({"index": 0, "text": text, "logprobs": null, "finish_reason": reason, "native_finish_reason": native})
             }
         };
+        if !core.reasoning.is_empty() {
+            if let Some(message) = choice.get_mut("message").and_then(Value::as_object_mut) {
+                message.insert("reasoning_content".into(), json!(core.reasoning));
+            }
+        }
         let body = json!({
             "id": self.id, "object": self.object(), "created": self.created, "model": self.model,
             "choices": [choice], "usage": Self::usage(summary), "timings": Self::timings(summary),

@@ -140,6 +140,22 @@ impl Wire for OllamaWire {
         }
     }
 
+    fn reasoning_event(&self, out: &mut Vec<u8>, piece: &str) {
+        // Ollama's names: `message.thinking` in a chat, `thinking` beside `response`.
+        line_start(out, &self.model);
+        match self.endpoint {
+            Endpoint::Chat => {
+                out.extend_from_slice(b"\"message\":{\"role\":\"assistant\",\"content\":\"\",\"thinking\":")
+            }
+            Endpoint::Completion => out.extend_from_slice(b"\"response\":\"\",\"thinking\":"),
+        }
+        let _ = serde_json::to_writer(&mut *out, piece);
+        match self.endpoint {
+            Endpoint::Chat => out.extend_from_slice(b"},\"done\":false}\n"),
+            Endpoint::Completion => out.extend_from_slice(b",\"done\":false}\n"),
+        }
+    }
+
     fn calls_events(&self, core: &mut ReplyCore) {
         // The calls in one line of their own, as Ollama streams them.
         line_start(&mut core.scratch, &self.model);
@@ -180,6 +196,10 @@ impl Wire for OllamaWire {
             Endpoint::Completion => out.extend_from_slice(b"\"response\":"),
         }
         let _ = serde_json::to_writer(&mut *out, &core.text);
+        if !core.reasoning.is_empty() {
+            out.extend_from_slice(b",\"thinking\":");
+            let _ = serde_json::to_writer(&mut *out, &core.reasoning);
+        }
         match self.endpoint {
             Endpoint::Chat if !core.called.is_empty() => {
                 out.push(b',');

@@ -12,6 +12,7 @@ use std::time::Instant;
 use super::conn::{cors_headers, failure_status, Response, StreamStart, StreamState};
 use super::HttpError;
 use crate::engine::Summary;
+use crate::reasoning::Kind;
 use crate::server::outbound::{Outbound, Pushed};
 use crate::server::queue::{Outcome, Reply};
 use crate::server::tools::{CallReader, ReadCall};
@@ -24,6 +25,8 @@ pub(super) trait Wire: Send {
     fn first_event(&self, out: &mut Vec<u8>) -> bool;
     /// A piece of the streamed answer as one event, into `out` (cleared here).
     fn text_event(&self, out: &mut Vec<u8>, piece: &str);
+    /// A piece of the streamed reasoning (thinking on) as one event, into `out` (cleared here).
+    fn reasoning_event(&self, out: &mut Vec<u8>, piece: &str);
     /// The calls read out of a streamed answer, each event sent through
     /// [`ReplyCore::send_event`].
     fn calls_events(&self, core: &mut ReplyCore);
@@ -51,6 +54,8 @@ pub(super) struct ReplyCore {
     unsent: Vec<u8>,
     /// The whole answer (not streamed).
     pub(super) text: String,
+    /// The whole reasoning (not streamed; thinking on).
+    pub(super) reasoning: String,
     /// Where each event is built, and where it is framed (both reused).
     pub(super) scratch: Vec<u8>,
     pub(super) framed: Vec<u8>,
@@ -80,6 +85,7 @@ impl ReplyCore {
             start: Arc::new(start),
             unsent: Vec::with_capacity(1024),
             text: String::new(),
+            reasoning: String::new(),
             scratch: Vec::with_capacity(1024),
             framed: Vec::with_capacity(1024),
             done,
@@ -127,14 +133,26 @@ impl ReplyCore {
 
     /// Text for the client: an event, or more of the whole answer. `false`: the client is gone.
     fn content(&mut self, wire: &impl Wire, piece: &str) -> bool {
+        self.piece(wire, Kind::Content, piece)
+    }
+
+    /// A piece of the answer or of its reasoning (thinking on): an event, or more of the whole
+    /// answer or reasoning. `false`: the client is gone.
+    fn piece(&mut self, wire: &impl Wire, kind: Kind, piece: &str) -> bool {
         if !self.stream {
-            self.text.push_str(piece);
+            match kind {
+                Kind::Content => self.text.push_str(piece),
+                Kind::Reasoning => self.reasoning.push_str(piece),
+            }
             return !self.out.is_gone();
         }
         if !self.start.begin() {
             return false;
         }
-        wire.text_event(&mut self.scratch, piece);
+        match kind {
+            Kind::Content => wire.text_event(&mut self.scratch, piece),
+            Kind::Reasoning => wire.reasoning_event(&mut self.scratch, piece),
+        }
         self.send_event()
     }
 
@@ -253,6 +271,12 @@ impl<W: Wire> Reply for WireReply<W> {
         };
         self.core.visible = visible;
         going
+    }
+
+    fn reasoning(&mut self, piece: &str) -> bool {
+        self.core.pieces.fetch_add(1, Ordering::AcqRel);
+        // Tool calls are read from the content only.
+        self.core.piece(&self.wire, Kind::Reasoning, piece)
     }
 
     fn waiting(&mut self) -> Option<Instant> {

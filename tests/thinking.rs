@@ -1,0 +1,105 @@
+//! Thinking (issue 25): Qwen3's template with `enable_thinking`, the answer's `<think>` part
+//! kept apart from its content on every front. No thinking model is here, so the daemon runs
+//! the default model with the qwen3 template and a scripted answer (the test build's
+//! `LLAMA_TPU_FAULT_SCRIPT`: every free answer is the script's tokens, then an end), and
+//! clients read it: the `openai` package (`reasoning_content`, whole and streamed), the
+//! `ollama` package (`thinking`) and a socket client (token events marked `reasoning`),
+//! through `tests/reference/thinking_client.py`.
+mod common;
+
+use serde_json::Value;
+
+const SCRIPT: &str = "<think>\nx\n</think>\n\nParis";
+
+#[test]
+fn a_thinking_answer_reaches_every_client_apart_from_its_content() {
+    let d = common::HttpDaemon::start_with(
+        "thinking",
+        &[("LLAMA_TPU_FAULT_SCRIPT", SCRIPT)],
+        &["--chat-template", "qwen3"],
+    );
+    let socket = d.log.with_file_name("s.sock");
+    let seen = common::reference_script(
+        "thinking_client.py",
+        &[
+            &d.base_url(),
+            &format!("http://127.0.0.1:{}", d.port),
+            socket.to_str().unwrap(),
+        ],
+    );
+    eprintln!("{seen}");
+    let log = std::fs::read_to_string(&d.log).unwrap();
+    assert!(log.contains("fault injected: every answer is"), "{log}");
+
+    // Off by default: no reasoning is looked for, the whole answer is content.
+    assert_eq!(seen["off"]["content"], SCRIPT, "{seen}");
+    assert!(seen["off"]["reasoning"].is_null(), "{seen}");
+    // On, through chat_template_kwargs (llama-server's, vLLM's) or the top-level field.
+    for case in ["on", "on_top_level"] {
+        assert_eq!(seen[case]["reasoning"], "x", "{case}: {seen}");
+        assert_eq!(seen[case]["content"], "Paris", "{case}: {seen}");
+        assert_eq!(seen[case]["finish_reason"], "stop", "{case}: {seen}");
+    }
+    // The cue differs: on, the model opens its own think block; off, the template writes an
+    // empty one (more prompt tokens).
+    let prompt = |case: &str| seen[case]["prompt_tokens"].as_u64().unwrap();
+    assert!(prompt("off") > prompt("on"), "{seen}");
+    // Every token counts, reasoning or not.
+    assert_eq!(
+        seen["on"]["completion_tokens"], seen["off"]["completion_tokens"],
+        "{seen}"
+    );
+    assert_eq!(seen["on_stream"]["reasoning"], "x", "{seen}");
+    assert_eq!(seen["on_stream"]["content"], "Paris", "{seen}");
+    assert_eq!(
+        seen["on_stream"]["order"],
+        serde_json::json!(["reasoning", "content"]),
+        "{seen}"
+    );
+    assert_eq!(seen["off_stream"]["content"], SCRIPT, "{seen}");
+    assert_eq!(seen["off_stream"]["reasoning"], "", "{seen}");
+
+    // Stop strings look at the content only.
+    assert_eq!(seen["stop_in_reasoning"]["reasoning"], "x", "{seen}");
+    assert_eq!(seen["stop_in_reasoning"]["content"], "Paris", "{seen}");
+    assert_eq!(seen["stop_in_content"]["reasoning"], "x", "{seen}");
+    assert_eq!(seen["stop_in_content"]["content"], "", "{seen}");
+    assert_eq!(seen["stop_in_content"]["finish_reason"], "stop", "{seen}");
+    // max_tokens counts the reasoning: three tokens end inside it.
+    assert_eq!(seen["short"]["finish_reason"], "length", "{seen}");
+    assert_eq!(seen["short"]["completion_tokens"], 3, "{seen}");
+    assert_eq!(seen["short"]["content"], "", "{seen}");
+    // A JSON answer is written with thinking off: thinking-off's prompt, no reasoning.
+    assert_eq!(prompt("json_on"), prompt("off"), "{seen}");
+    assert!(seen["json_on"]["reasoning"].is_null(), "{seen}");
+    assert_eq!(seen["bad"]["status"], 400, "{seen}");
+    assert!(
+        seen["bad"]["message"].as_str().unwrap().contains("enable_thinking"),
+        "{seen}"
+    );
+
+    // Ollama's names.
+    for case in ["ollama_chat", "ollama_chat_stream"] {
+        assert_eq!(seen[case]["thinking"], "x", "{case}: {seen}");
+        assert_eq!(seen[case]["content"], "Paris", "{case}: {seen}");
+    }
+    assert_eq!(seen["ollama_generate"]["thinking"], "x", "{seen}");
+    assert_eq!(seen["ollama_generate"]["response"], "Paris", "{seen}");
+    assert_eq!(seen["ollama_off"]["content"], SCRIPT, "{seen}");
+    assert!(seen["ollama_off"]["thinking"].is_null(), "{seen}");
+
+    // The socket: token events, the reasoning's marked.
+    let events = seen["socket"].as_array().unwrap();
+    let text = |reasoning: bool| -> String {
+        events
+            .iter()
+            .filter(|e| e["event"] == "token" && (e["reasoning"] == true) == reasoning)
+            .map(|e| e["text"].as_str().unwrap())
+            .collect()
+    };
+    assert_eq!(text(true), "x", "{seen}");
+    assert_eq!(text(false), "Paris", "{seen}");
+    let done: &Value = events.last().unwrap();
+    assert_eq!(done["event"], "done", "{seen}");
+    assert_eq!(done["reason"], "eos", "{seen}");
+}
