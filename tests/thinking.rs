@@ -103,3 +103,63 @@ fn a_thinking_answer_reaches_every_client_apart_from_its_content() {
     assert_eq!(done["event"], "done", "{seen}");
     assert_eq!(done["reason"], "eos", "{seen}");
 }
+
+/// The daemon's default on (`serve --enable-thinking`, the configuration's `enable_thinking`):
+/// a request that does not say thinks, one that says no does not; `llama-tpu ask` prints the
+/// answer alone, the reasoning on stderr with `--verbose`.
+#[test]
+fn the_daemons_default_turns_thinking_on_and_ask_prints_the_answer() {
+    let d = common::HttpDaemon::start_with(
+        "thinking-default",
+        &[("LLAMA_TPU_FAULT_SCRIPT", SCRIPT)],
+        &["--chat-template", "qwen3", "--enable-thinking"],
+    );
+    let chat = |extra: &str| -> Value {
+        let body = format!(r#"{{"messages":[{{"role":"user","content":"Capital of France?"}}]{extra}}}"#);
+        post_json(d.port, "/v1/chat/completions", &body)
+    };
+    let on = chat("");
+    assert_eq!(on["choices"][0]["message"]["reasoning_content"], "x", "{on}");
+    assert_eq!(on["choices"][0]["message"]["content"], "Paris", "{on}");
+    let off = chat(r#","enable_thinking":false"#);
+    assert!(off["choices"][0]["message"].get("reasoning_content").is_none(), "{off}");
+    assert_eq!(off["choices"][0]["message"]["content"], SCRIPT, "{off}");
+
+    let socket = d.log.with_file_name("s.sock");
+    let ask = |verbose: bool| {
+        let mut c = common::bin(env!("CARGO_BIN_EXE_llama-tpu"));
+        c.arg("ask").arg("--socket").arg(&socket);
+        if verbose {
+            c.arg("--verbose");
+        }
+        let out = c.arg("Capital of France?").output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (answer, said) = ask(false);
+    assert_eq!(answer.trim_end(), "Paris", "{said}");
+    assert!(!said.contains('x'), "{said}");
+    let (answer, said) = ask(true);
+    assert_eq!(answer.trim_end(), "Paris", "{said}");
+    assert!(said.starts_with('x'), "{said}");
+}
+
+/// A POST's JSON reply, over a connection of its own.
+fn post_json(port: u16, path: &str, body: &str) -> Value {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    let (head, json) = reply.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{reply}");
+    serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {reply}"))
+}
