@@ -106,7 +106,7 @@ fn a_thinking_answer_reaches_every_client_apart_from_its_content() {
 
 /// The daemon's default on (`serve --enable-thinking`, the configuration's `enable_thinking`):
 /// a request that does not say thinks, one that says no does not; `llama-tpu ask` prints the
-/// answer alone, the reasoning on stderr with `--verbose`.
+/// answer alone, the reasoning on stderr with `--verbose`; a text-mode turn shows the answer.
 #[test]
 fn the_daemons_default_turns_thinking_on_and_ask_prints_the_answer() {
     let d = common::HttpDaemon::start_with(
@@ -145,6 +145,21 @@ fn the_daemons_default_turns_thinking_on_and_ask_prints_the_answer() {
     let (answer, said) = ask(true);
     assert_eq!(answer.trim_end(), "Paris", "{said}");
     assert!(said.starts_with('x'), "{said}");
+    // Text mode (a person on the socket or a serial console): the answer only.
+    use std::io::{Read, Write};
+    let mut person = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    person
+        .set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .unwrap();
+    person.write_all(b"Capital of France?\n").unwrap();
+    let mut reply = Vec::new();
+    let mut byte = [0u8; 1];
+    while reply.last() != Some(&0x04) {
+        let n = person.read(&mut byte).unwrap();
+        assert_eq!(n, 1, "closed after {:?}", String::from_utf8_lossy(&reply));
+        reply.push(byte[0]);
+    }
+    assert_eq!(String::from_utf8_lossy(&reply), "Paris\n\u{4}");
 }
 
 /// A POST's JSON reply, over a connection of its own.
