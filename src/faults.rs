@@ -106,6 +106,18 @@ pub fn heartbeat(normal: std::time::Duration) -> std::time::Duration {
     normal
 }
 
+/// The text every answer is made of instead of what the model samples:
+/// `LLAMA_TPU_FAULT_SCRIPT` in a test (a thinking model's answer from a model that does not
+/// think). The engine encodes it once and forces its tokens, then an end of generation, in
+/// every answer that has no shape (a JSON schema's grammar would refuse them).
+pub fn script() -> Option<String> {
+    #[cfg(feature = "fault-injection")]
+    if let Ok(text) = std::env::var("LLAMA_TPU_FAULT_SCRIPT") {
+        return Some(text);
+    }
+    None
+}
+
 /// Whether the fault point `name` is armed, and its number.
 #[cfg(feature = "fault-injection")]
 fn armed(name: &str) -> Option<u64> {

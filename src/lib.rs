@@ -35,6 +35,7 @@ pub mod engine;
 pub mod faults;
 pub mod kernels;
 pub mod model;
+pub mod reasoning;
 pub mod sampler;
 pub mod server;
 pub mod sys;

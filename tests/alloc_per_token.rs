@@ -1,6 +1,7 @@
 //! A counting global allocator proves the per-token loop allocates nothing: after warm-up,
 //! decoding a token (backend forward on two threads, sampling with every filter, stop-string
-//! scanning, UTF-8 streaming) performs zero heap allocations anywhere in the process; and
+//! scanning, UTF-8 streaming, a thinking answer's split into reasoning and content) performs
+//! zero heap allocations anywhere in the process; and
 //! serving one (the daemon's engine thread writing a JSON token event or console text to a
 //! client's socket) performs none either; nor does decoding with any weight type's kernels.
 //!
@@ -101,6 +102,7 @@ fn decoding_a_token_allocates_nothing() {
         drop_old_turns: false,
         ignore_eos: false,
         shape: None,
+        thinking: false,
     };
     for round in 0..2 {
         let mut counts: Vec<usize> = Vec::with_capacity(1000);
@@ -118,6 +120,82 @@ fn decoding_a_token_allocates_nothing() {
             grew,
             0,
             "round {round}: {grew} allocations over {} tokens",
+            counts.len() - WARM_UP
+        );
+    }
+}
+
+/// A thinking answer (Qwen3's template, `thinking` on) split into reasoning and content as it
+/// streams, with a stop string scanned in the content: nothing allocated per token either. The
+/// answer is the test build's scripted one (`LLAMA_TPU_FAULT_SCRIPT`), a long reasoning then
+/// a long content, so both parts run well past the warm-up.
+fn decoding_a_thinking_token_allocates_nothing() {
+    let script = format!(
+        "<think>\n{}\n</think>\n\n{}",
+        "the sea is wide, ".repeat(12),
+        "Paris is the capital. ".repeat(8)
+    );
+    // Read when the engine is made, then disarmed for the tests after this one.
+    std::env::set_var("LLAMA_TPU_FAULT_SCRIPT", &script);
+    let mut engine = {
+        let file = Arc::new(MappedFile::open(&common::default_model()).unwrap());
+        let gguf = Gguf::parse(&file).unwrap();
+        let tok = Tokenizer::from_gguf(&gguf).unwrap();
+        let opts = CpuOptions {
+            threads: 2,
+            context: Some(512),
+            ..CpuOptions::default()
+        };
+        let backend = CpuBackend::from_parts(Arc::clone(&file), &gguf, &opts).unwrap();
+        Engine::new(Box::new(backend), tok, Some(ChatTemplate::Qwen3))
+    };
+    std::env::remove_var("LLAMA_TPU_FAULT_SCRIPT");
+    let req = Request {
+        max_tokens: Some(300),
+        stop: llama_tpu::engine::stop_strings(["never said \u{1f409}"]).unwrap(),
+        thinking: true,
+        ..Request::new(Input::Chat(vec![llama_tpu::chat::Message::new(
+            llama_tpu::chat::Role::User,
+            "Where is Paris?",
+        )]))
+    };
+    struct Split<'a> {
+        reasoning: usize,
+        content: usize,
+        counts: &'a mut Vec<usize>,
+    }
+    impl llama_tpu::engine::Sink for Split<'_> {
+        fn text(&mut self, _: &str) -> bool {
+            self.content += 1;
+            self.counts.push(ALLOCATIONS.load(Ordering::Relaxed));
+            true
+        }
+        fn reasoning(&mut self, _: &str) -> bool {
+            self.reasoning += 1;
+            self.counts.push(ALLOCATIONS.load(Ordering::Relaxed));
+            true
+        }
+    }
+    for round in 0..2 {
+        let mut counts: Vec<usize> = Vec::with_capacity(1000);
+        let mut sink = Split {
+            reasoning: 0,
+            content: 0,
+            counts: &mut counts,
+        };
+        let cancel = AtomicBool::new(false);
+        let summary = engine.generate(&req, &cancel, &mut sink).unwrap();
+        let (reasoning, content) = (sink.reasoning, sink.content);
+        assert_eq!(summary.reason, FinishReason::Eos, "round {round}: the script ends");
+        assert!(
+            reasoning > 20 && content > 20,
+            "round {round}: {reasoning} reasoning and {content} content pieces"
+        );
+        let grew = grew_after_warm_up(&counts);
+        assert_eq!(
+            grew,
+            0,
+            "round {round}: {grew} allocations over {} pieces",
             counts.len() - WARM_UP
         );
     }
@@ -420,6 +498,7 @@ fn decoding_a_token_on_the_tpu_allocates_nothing() {
             drop_old_turns: false,
             ignore_eos: false,
             shape: None,
+            thinking: false,
         };
         let mut counts: Vec<usize> = Vec::with_capacity(1000);
         let cancel = AtomicBool::new(false);
@@ -698,9 +777,13 @@ fn the_counter_sees_allocations() {
 }
 
 fn main() {
-    let tests: [(&str, fn()); 7] = [
+    let tests: [(&str, fn()); 8] = [
         ("the_counter_sees_allocations", the_counter_sees_allocations),
         ("decoding_a_token_allocates_nothing", decoding_a_token_allocates_nothing),
+        (
+            "decoding_a_thinking_token_allocates_nothing",
+            decoding_a_thinking_token_allocates_nothing,
+        ),
         (
             "decoding_four_requests_at_once_allocates_nothing",
             decoding_four_requests_at_once_allocates_nothing,

@@ -279,7 +279,7 @@ fn a_queued_stream_has_its_head_at_once_and_lines_follow() {
     for (path, body, status) in [
         (
             "/api/chat",
-            r#"{"model":"m","messages":[{"role":"user","content":"x"}],"think":true}"#,
+            r#"{"model":"m","messages":[{"role":"user","content":"x"}],"think":"high"}"#,
             "400",
         ),
         ("/api/generate", r#"{"prompt":"x"}"#, "400"),

@@ -1,7 +1,9 @@
 //! The chat templates against the models' own (issue 25): Qwen2.5's, Qwen3's, Llama-3.1's,
 //! 3.2's and 3.3's Jinja templates (from llama.cpp's collection, `make test-data`) are
 //! recognized as the daemon's, and render the same conversations to the same text when the
-//! `jinja2` package runs them (tests/reference/render_templates.py).
+//! `jinja2` package runs them (tests/reference/render_templates.py), with `enable_thinking`
+//! off and on: Qwen3's cue, and its answers' `<think>` parts dropped before the last question
+//! and kept after it; the other templates ignore the flag.
 mod common;
 
 use std::path::Path;
@@ -22,6 +24,27 @@ fn conversations() -> Vec<Vec<Message>> {
             Message::new(Role::User, "Say hi."),
             Message::new(Role::Assistant, "Hi."),
             Message::new(Role::User, "Again, in French."),
+        ],
+        // An earlier answer's reasoning, which Qwen3's template drops.
+        vec![
+            Message::new(Role::User, "Hi"),
+            Message::new(Role::Assistant, "<think>\nA greeting.\n</think>\n\nHello!"),
+            Message::new(Role::User, "Capital of France?"),
+        ],
+        // A tool-call loop in progress (the results as `server::tools` writes them for Hermes):
+        // the answer after the last question keeps its reasoning.
+        vec![
+            Message::new(Role::User, "Weather in Paris?"),
+            Message::new(
+                Role::Assistant,
+                "<think>\nAsk the tool.\n\n</think>\n\n<tool_call>\n{\"name\": \"weather\", \"arguments\": {}}\n</tool_call>",
+            ),
+            Message::new(Role::User, "<tool_response>\n18 C\n</tool_response>"),
+        ],
+        // An answer to continue: the last message, after the last question.
+        vec![
+            Message::new(Role::User, "Hi"),
+            Message::new(Role::Assistant, "Hello"),
         ],
     ]
 }
@@ -73,6 +96,12 @@ fn the_models_own_templates_are_recognized_and_rendered_alike() {
         for (i, conversation) in conversations().iter().enumerate() {
             let theirs = seen[file]["rendered"][i].as_str().unwrap();
             assert_eq!(template.render(conversation), theirs, "{file}, conversation {i}");
+            let theirs = seen[file]["rendered_thinking"][i].as_str().unwrap();
+            assert_eq!(
+                template.render_thinking(conversation, true),
+                theirs,
+                "{file}, conversation {i}, thinking on"
+            );
         }
     }
 }

@@ -33,7 +33,7 @@ pub struct ClientArgs {
     /// Seed (default: the daemon's).
     #[arg(long)]
     seed: Option<u64>,
-    /// Print queue position and timings to stderr.
+    /// Print queue position, timings and a thinking model's reasoning to stderr.
     #[arg(short, long)]
     verbose: bool,
 }
@@ -110,6 +110,12 @@ fn stream_answer(
                 )
             })?;
             match event["event"].as_str() {
+                // A thinking model's reasoning (the daemon's enable_thinking): not the answer,
+                // nor part of the conversation; shown on stderr with --verbose.
+                Some("token") if event["reasoning"] == true && verbose => {
+                    eprint!("{}", event["text"].as_str().unwrap_or(""));
+                }
+                Some("token") if event["reasoning"] == true => {}
                 Some("token") => {
                     let text = event["text"].as_str().unwrap_or("");
                     answer.push_str(text);

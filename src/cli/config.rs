@@ -116,6 +116,8 @@ pub struct Generation {
     pub seed: Option<u64>,
     /// System message of text-mode conversations.
     pub system_prompt: Option<String>,
+    /// `enable_thinking` of requests that do not say (templates with a thinking mode only).
+    pub enable_thinking: bool,
 }
 
 impl Default for Config {
@@ -166,6 +168,7 @@ impl Default for Generation {
             repeat_last_n: s.repeat_last_n,
             seed: None,
             system_prompt: None,
+            enable_thinking: false,
         }
     }
 }
@@ -412,6 +415,7 @@ impl Config {
             seed: g.seed,
             max_tokens: (g.max_tokens > 0).then_some(g.max_tokens),
             system_prompt: g.system_prompt.clone().filter(|s| !s.is_empty()),
+            thinking: g.enable_thinking,
             request_timeout: (self.request_timeout > 0).then(|| Duration::from_secs(self.request_timeout)),
             client_stall_timeout: Duration::from_secs(self.client_stall_timeout),
             allow_uids: self.allow_uids.clone(),
@@ -488,6 +492,7 @@ mod tests {
             "repeat_last_n",
             "seed",
             "system_prompt",
+            "enable_thinking",
         ] {
             assert!(written.contains(&key), "{key} is not documented in llama-tpu.toml");
         }

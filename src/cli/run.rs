@@ -95,6 +95,7 @@ pub(super) fn run(a: &RunArgs) -> Result<(), CliError> {
         drop_old_turns: false,
         ignore_eos: false,
         shape: None,
+        thinking: false,
     };
 
     // Ctrl-C ends the generation (reason "cancelled"); a second one exits at once.

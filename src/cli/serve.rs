@@ -120,6 +120,10 @@ pub struct ServeArgs {
     /// System message of text-mode conversations.
     #[arg(long)]
     system_prompt: Option<String>,
+    /// Requests think first unless they say not to (`enable_thinking`; templates with a
+    /// thinking mode, Qwen3's, only) [default: off].
+    #[arg(long)]
+    enable_thinking: bool,
     /// Only check: exit 1 when no model is configured or its file is missing, 255 when the
     /// configuration is invalid, 0 otherwise (for systemd's ExecCondition=).
     #[arg(long)]
@@ -201,6 +205,9 @@ impl ServeArgs {
         }
         if self.system_prompt.is_some() {
             c.generation.system_prompt = self.system_prompt.clone();
+        }
+        if self.enable_thinking {
+            c.generation.enable_thinking = true;
         }
         c.validate()
             .map_err(|e| CliError::new(Exit::Usage, format!("{e} (from the command line)")))?;

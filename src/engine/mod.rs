@@ -15,6 +15,7 @@ pub mod slots;
 
 use crate::backend::{Backend, BackendError, BackendInfo, Next, Span};
 use crate::chat::{ChatTemplate, Message, Part, RenderState, Role, ToolSyntax};
+use crate::reasoning::{Kind, Splitter};
 use crate::sampler::{Sampler, SamplerConfig};
 use crate::tokenizer::{TextStream, Tokenizer, TokenizerError};
 pub use constraint::Shape;
@@ -61,6 +62,12 @@ pub struct Request {
     pub ignore_eos: bool,
     /// What the answer must be (a JSON document); `None`: free text.
     pub shape: Option<Shape>,
+    /// `enable_thinking`: a chat whose template has a thinking mode (Qwen3's) is cued to think
+    /// first, and its reasoning (`<think>...</think>`) goes out apart from the content
+    /// ([`Clients::reasoning`]). Ignored for other templates, prompts that are not a chat, and
+    /// answers that must be a JSON document (`shape` a schema: its grammar would constrain the
+    /// reasoning too, so they answer with thinking off).
+    pub thinking: bool,
 }
 
 impl Request {
@@ -75,6 +82,7 @@ impl Request {
             drop_old_turns: false,
             ignore_eos: false,
             shape: None,
+            thinking: false,
         }
     }
 }
@@ -197,6 +205,12 @@ pub trait Sink {
     /// A piece of valid UTF-8 text (one token's worth, or held-back text released).
     fn text(&mut self, piece: &str) -> bool;
 
+    /// A piece of the answer's reasoning ([`Request::thinking`]); a sink that does not tell
+    /// reasoning apart takes it as text.
+    fn reasoning(&mut self, piece: &str) -> bool {
+        self.text(piece)
+    }
+
     /// Called after every backend step (a prompt chunk or a token), so a watchdog can see that
     /// the device still answers even while no text comes out.
     fn progress(&mut self) {}
@@ -258,6 +272,15 @@ pub trait Clients {
     /// The request must stop, for the reason given.
     fn text(&mut self, slot: usize, piece: &str) -> Result<(), FinishReason>;
 
+    /// A piece of the reasoning of the request in `slot` ([`Request::thinking`]), as
+    /// [`Clients::text`]; clients that do not tell reasoning apart take it as text.
+    ///
+    /// # Errors
+    /// The request must stop, for the reason given.
+    fn reasoning(&mut self, slot: usize, piece: &str) -> Result<(), FinishReason> {
+        self.text(slot, piece)
+    }
+
     /// Whether the request in `slot` was cancelled (checked before every step).
     fn cancelled(&self, slot: usize) -> bool;
 
@@ -291,6 +314,8 @@ struct Run {
     pending: Option<u32>,
     /// Its client cannot take more text yet: it sits out the steps until it can.
     waiting: bool,
+    /// The answer is split into reasoning and content (thinking on, and the template thinks).
+    thinking: bool,
     summary: Summary,
 }
 
@@ -310,6 +335,8 @@ struct Slot {
     piece: String,
     /// Text not yet sent because it may be the start of a stop string.
     held: String,
+    /// Where the answer is between its reasoning and its content (thinking on).
+    split: Splitter,
     /// Where the answer is in the document it must be, for a constrained request.
     constraint: Option<Constraint>,
     run: Option<Run>,
@@ -328,6 +355,9 @@ pub struct Engine {
     clock: u64,
     /// The slot of the request admitted last.
     last_admitted: usize,
+    /// The test build's scripted answer ([`crate::faults::script`]): forced as every answer's
+    /// tokens, an end of generation after them. Empty: the model chooses.
+    script: Vec<u32>,
     /// The tokens and spans of the step being built (capacity for a full one, made once).
     step_tokens: Vec<u32>,
     step_spans: Vec<Span>,
@@ -349,6 +379,7 @@ impl Engine {
                 stream: TextStream::new(),
                 piece: String::with_capacity(TEXT_CAPACITY),
                 held: String::with_capacity(TEXT_CAPACITY),
+                split: Splitter::new(),
                 constraint: None,
                 run: None,
             })
@@ -361,6 +392,7 @@ impl Engine {
             last_admitted: 0,
             backend,
             grammars: Arc::new(Grammars::new(Arc::clone(&tokenizer))),
+            script: scripted_tokens(&tokenizer),
             tokenizer,
             template,
             tool_syntax: ToolSyntax::Generic,
@@ -439,12 +471,20 @@ impl Engine {
     /// # Errors
     /// Tokenizer failure, or chat input without a template.
     pub fn prompt_tokens(&self, input: &Input) -> Result<Vec<u32>, EngineError> {
+        self.prompt_tokens_thinking(input, false)
+    }
+
+    /// The same with thinking on or off ([`Request::thinking`]).
+    ///
+    /// # Errors
+    /// Tokenizer failure, or chat input without a template.
+    pub fn prompt_tokens_thinking(&self, input: &Input, thinking: bool) -> Result<Vec<u32>, EngineError> {
         Ok(match input {
             Input::Text(t) => self.tokenizer.encode(t, true)?,
             Input::Chat(messages) => {
                 let template = self.template.ok_or(EngineError::NoTemplate)?;
                 let mut parts = Vec::new();
-                template.render_parts(messages, &mut parts);
+                template.render_parts(messages, thinking, &mut parts);
                 let mut ids = self.bos();
                 self.encode_parts(&parts, &mut ids)?;
                 ids
@@ -469,11 +509,18 @@ impl Engine {
             )));
         }
         let context = self.backend.info().context_length;
+        // A JSON document's grammar would constrain the reasoning as well as the answer: such
+        // an answer is written with thinking off. (A Lark grammar is the tool layer's: it lets
+        // free text, and so a reasoning, come first, or the tool layer turns thinking off.)
+        let thinking = request.thinking
+            && !matches!(request.shape, Some(Shape::Schema(_) | Shape::AnyJson))
+            && matches!(request.input, Input::Chat(_))
+            && self.template.is_some_and(ChatTemplate::thinks);
         let (prompt, dropped_messages) = match &request.input {
             Input::Chat(messages) if request.drop_old_turns => {
-                self.fit_conversation(messages, answer_room(&request, context))?
+                self.fit_conversation(messages, answer_room(&request, context), thinking)?
             }
-            input => (self.prompt_tokens(input)?, 0),
+            input => (self.prompt_tokens_thinking(input, thinking)?, 0),
         };
         if prompt.is_empty() {
             return Err(EngineError::EmptyPrompt);
@@ -523,6 +570,7 @@ impl Engine {
         slot.sampler.reset(Some(&prompt));
         slot.stream.clear();
         slot.held.clear();
+        slot.split.reset();
         slot.constraint = constraint;
         slot.run = Some(Run {
             summary: Summary {
@@ -542,6 +590,7 @@ impl Engine {
             first_token_at: None,
             pending: None,
             waiting: false,
+            thinking,
         });
         Ok(i)
     }
@@ -703,6 +752,17 @@ impl Engine {
                 slot.sampler.sample(&mut slot.logits)
             }
         };
+        // A shaped answer stays the model's: its grammar would refuse the script.
+        let token = if self.script.is_empty() || run.request.shape.is_some() {
+            token
+        } else {
+            let eog = self.tokenizer.eog_tokens().first().copied();
+            self.script
+                .get(run.summary.completion_tokens)
+                .copied()
+                .or(eog)
+                .unwrap_or(token)
+        };
         slot.sampler.accept(token);
         if run.first_token_at.is_none() {
             let now = Instant::now();
@@ -720,8 +780,21 @@ impl Engine {
         run.summary.completion_tokens += 1;
         slot.piece.clear();
         slot.stream.push(self.tokenizer.token_bytes(token), &mut slot.piece);
-        let mut emit = |piece: &str| clients.text(i, piece);
-        match release_text(&mut slot.held, &slot.piece, &run.request.stop, &mut emit) {
+        let released = if run.thinking {
+            release_split(
+                &mut slot.split,
+                &mut slot.held,
+                &slot.piece,
+                &run.request.stop,
+                i,
+                clients,
+            )
+        } else {
+            release_text(&mut slot.held, &slot.piece, &run.request.stop, &mut |piece| {
+                clients.text(i, piece)
+            })
+        };
+        match released {
             Ok(false) => {}
             Ok(true) => return Some(FinishReason::Stop),
             Err(reason) => return Some(reason),
@@ -767,6 +840,11 @@ impl Engine {
             FinishReason::Stop | FinishReason::Cancelled | FinishReason::TimeLimit | FinishReason::SlowClient
         ) {
             slot.stream.finish();
+            if run.thinking {
+                // What the splitter held (an unfinished tag) is text of its kind; content
+                // still passes the stop strings.
+                let _ = finish_split(&mut slot.split, &mut slot.held, &run.request.stop, i, clients);
+            }
             if !slot.held.is_empty() {
                 let _ = clients.text(i, &slot.held);
             }
@@ -843,7 +921,12 @@ impl Engine {
     /// it) is tokenized once, for each way it can render (Llama-2 renders the first kept turn
     /// with the system message folded in), and the fit is found by adding lengths: a long
     /// conversation costs one pass of the tokenizer, not one per dropped turn.
-    fn fit_conversation(&self, messages: &[Message], room: usize) -> Result<(Vec<u32>, usize), EngineError> {
+    fn fit_conversation(
+        &self,
+        messages: &[Message],
+        room: usize,
+        thinking: bool,
+    ) -> Result<(Vec<u32>, usize), EngineError> {
         let template = self.template.ok_or(EngineError::NoTemplate)?;
         let context = self.backend.info().context_length;
         let keep_first = usize::from(messages.first().is_some_and(|m| m.role == Role::System));
@@ -864,14 +947,22 @@ impl Engine {
             self.encode_parts(parts, &mut ids)?;
             Ok(ids)
         };
+        // What each message is to Qwen3's template (after the last question, the last one) is
+        // the same whichever turns are dropped: the last turn is always kept.
+        let last_query = crate::chat::last_query(messages);
+        let place = |state: &mut RenderState, i: usize| {
+            state.after_last_query = last_query.is_some_and(|q| i > q);
+            state.last = i + 1 == messages.len();
+        };
         let mut head_state = RenderState::default();
         let mut head = self.bos();
         if keep_first == 1 {
+            place(&mut head_state, 0);
             template.message(&messages[0], &mut head_state, &mut parts);
             head.extend(encode(&parts)?);
         }
         parts.clear();
-        template.cue(&mut parts);
+        template.cue_thinking(thinking, &mut parts);
         let cue = encode(&parts)?;
         // Every turn once, in order: how it renders when the turns before it are kept. (What
         // a turn carries into the next depends only on that turn, as each turn after the
@@ -881,8 +972,9 @@ impl Engine {
         let mut state = head_state.clone();
         for turn in &turns {
             parts.clear();
-            for m in &messages[turn.clone()] {
-                template.message(m, &mut state, &mut parts);
+            for i in turn.clone() {
+                place(&mut state, i);
+                template.message(&messages[i], &mut state, &mut parts);
             }
             rest.push(encode(&parts)?);
         }
@@ -899,8 +991,9 @@ impl Engine {
             } else {
                 parts.clear();
                 let mut state = head_state.clone();
-                for m in &messages[turns[first].clone()] {
-                    template.message(m, &mut state, &mut parts);
+                for i in turns[first].clone() {
+                    place(&mut state, i);
+                    template.message(&messages[i], &mut state, &mut parts);
                 }
                 Some(encode(&parts)?)
             };
@@ -941,6 +1034,14 @@ impl Clients for One<'_> {
         }
     }
 
+    fn reasoning(&mut self, slot: usize, piece: &str) -> Result<(), FinishReason> {
+        if slot != self.slot || self.sink.reasoning(piece) {
+            Ok(())
+        } else {
+            Err(self.sink.refusal())
+        }
+    }
+
     fn cancelled(&self, slot: usize) -> bool {
         slot == self.slot && self.cancel.load(Ordering::Relaxed)
     }
@@ -953,6 +1054,85 @@ impl Clients for One<'_> {
         if slot == self.slot {
             self.result = Some(result);
         }
+    }
+}
+
+/// The tokens of the test build's scripted answer, if one is armed (none in a release build).
+fn scripted_tokens(tokenizer: &Tokenizer) -> Vec<u32> {
+    let Some(text) = crate::faults::script() else {
+        return Vec::new();
+    };
+    match tokenizer.encode(&text, false) {
+        Ok(ids) => {
+            log::warn!("fault injected: every answer is the {} tokens of {text:?}", ids.len());
+            ids
+        }
+        Err(e) => {
+            log::error!("fault injected: the script cannot be encoded: {e}");
+            Vec::new()
+        }
+    }
+}
+
+/// A piece of a thinking answer through its splitter: reasoning goes out as it comes, content
+/// through [`release_text`] (stop strings apply to the content only). `Ok(true)`: a stop string
+/// came.
+fn release_split(
+    split: &mut Splitter,
+    held: &mut String,
+    piece: &str,
+    stop: &[StopString],
+    slot: usize,
+    clients: &mut dyn Clients,
+) -> Result<bool, FinishReason> {
+    let mut stopped = false;
+    let sent = split.push(piece, &mut |kind, text| {
+        route(kind, text, held, stop, slot, clients, &mut stopped)
+    });
+    settle(sent, stopped)
+}
+
+/// What a thinking answer's splitter still holds, when the answer ends.
+fn finish_split(
+    split: &mut Splitter,
+    held: &mut String,
+    stop: &[StopString],
+    slot: usize,
+    clients: &mut dyn Clients,
+) -> Result<bool, FinishReason> {
+    let mut stopped = false;
+    let sent = split.finish(&mut |kind, text| route(kind, text, held, stop, slot, clients, &mut stopped));
+    settle(sent, stopped)
+}
+
+/// One run of a thinking answer to its client. A stop string in the content ends the split
+/// (`stopped`, and an error that [`settle`] takes back).
+fn route(
+    kind: Kind,
+    text: &str,
+    held: &mut String,
+    stop: &[StopString],
+    slot: usize,
+    clients: &mut dyn Clients,
+    stopped: &mut bool,
+) -> Result<(), FinishReason> {
+    match kind {
+        Kind::Reasoning => clients.reasoning(slot, text),
+        Kind::Content => {
+            if release_text(held, text, stop, &mut |piece| clients.text(slot, piece))? {
+                *stopped = true;
+                return Err(FinishReason::Stop);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn settle(sent: Result<(), FinishReason>, stopped: bool) -> Result<bool, FinishReason> {
+    match sent {
+        Ok(()) => Ok(false),
+        Err(_) if stopped => Ok(true),
+        Err(reason) => Err(reason),
     }
 }
 

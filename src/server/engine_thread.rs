@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::backend::BackendError;
 use crate::engine::{Clients, Engine, EngineError, FinishReason, Summary, MAX_SLOTS};
+use crate::reasoning::Kind;
 
 use super::queue::{Job, Outcome, Pop, Reply};
 use super::shared::Shared;
@@ -117,6 +118,23 @@ struct Running<'a> {
 }
 
 impl Running<'_> {
+    /// A piece of the answer (or of its reasoning) to the reply of the job in `slot`.
+    fn hand(&mut self, slot: usize, kind: Kind, piece: &str) -> Result<(), FinishReason> {
+        let mut jobs = self.shared.started_jobs.lock();
+        let Some(Some(job)) = jobs.get_mut(slot) else {
+            return Err(FinishReason::Cancelled);
+        };
+        let taken = match kind {
+            Kind::Content => job.reply.text(piece),
+            Kind::Reasoning => job.reply.reasoning(piece),
+        };
+        if taken {
+            Ok(())
+        } else {
+            Err(FinishReason::Cancelled)
+        }
+    }
+
     fn start(&mut self, engine: &mut Engine, job: Job) {
         let Job {
             mut request,
@@ -181,15 +199,11 @@ impl Running<'_> {
 
 impl Clients for Running<'_> {
     fn text(&mut self, slot: usize, piece: &str) -> Result<(), FinishReason> {
-        let mut jobs = self.shared.started_jobs.lock();
-        let Some(Some(job)) = jobs.get_mut(slot) else {
-            return Err(FinishReason::Cancelled);
-        };
-        if job.reply.text(piece) {
-            Ok(())
-        } else {
-            Err(FinishReason::Cancelled)
-        }
+        self.hand(slot, Kind::Content, piece)
+    }
+
+    fn reasoning(&mut self, slot: usize, piece: &str) -> Result<(), FinishReason> {
+        self.hand(slot, Kind::Reasoning, piece)
     }
 
     fn ready(&mut self, slot: usize) -> Result<bool, FinishReason> {

@@ -101,6 +101,15 @@ impl EventWriter {
         self.finish()
     }
 
+    /// `{"id":..,"event":"token","text":..,"reasoning":true}`: a piece of the answer's
+    /// reasoning (thinking on).
+    pub fn reasoning(&mut self, id: &EventId, text: &str) -> &[u8] {
+        self.start(id, "token");
+        self.string_field("text", text);
+        self.buf.extend_from_slice(b",\"reasoning\":true");
+        self.finish()
+    }
+
     /// `{"id":..,"event":"done","reason":..,"prompt_tokens":..,"completion_tokens":..,
     /// "cached_tokens":..,"time_to_first_token_ms":..,"tokens_per_second":..,"dropped_messages":..,
     /// "picker":..}`.

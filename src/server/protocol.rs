@@ -104,6 +104,8 @@ pub struct Generate {
     pub shape: Option<Shape>,
     /// `tools` and `tool_choice` (with `messages`).
     pub tools: Option<crate::server::tools::Tools>,
+    /// `enable_thinking`; `None`: the daemon's default.
+    pub thinking: Option<bool>,
 }
 
 /// Text-mode commands.
@@ -260,6 +262,7 @@ const GENERATE_FIELDS: &[&str] = &[
     "json_schema",
     "tools",
     "tool_choice",
+    "enable_thinking",
 ];
 
 fn parse_generate(obj: Map<String, Value>) -> Result<Generate, ProtocolError> {
@@ -269,6 +272,7 @@ fn parse_generate(obj: Map<String, Value>) -> Result<Generate, ProtocolError> {
     let mut shape = None;
     let mut tool_list = Vec::new();
     let mut choice = Some(ToolChoice::Auto);
+    let mut thinking = None;
     for (key, value) in obj {
         let set_prompt = |p: Prompt, prompt: &mut Option<Prompt>| match prompt {
             Some(_) => Err(ProtocolError::Prompt),
@@ -293,6 +297,11 @@ fn parse_generate(obj: Map<String, Value>) -> Result<Generate, ProtocolError> {
             "tools" if value.is_null() => {}
             "tools" => tool_list = tools::parse_tools(value).map_err(ProtocolError::Tools)?,
             "tool_choice" => choice = tools::parse_choice(&value).map_err(ProtocolError::Tools)?,
+            "enable_thinking" => match value {
+                Value::Null => thinking = None,
+                Value::Bool(b) => thinking = Some(b),
+                _ => return Err(bad("enable_thinking", "true or false")),
+            },
             _ => set_setting(&mut settings, &key, &value)?,
         }
     }
@@ -307,6 +316,7 @@ fn parse_generate(obj: Map<String, Value>) -> Result<Generate, ProtocolError> {
         stop,
         shape,
         tools,
+        thinking,
     })
 }
 
@@ -479,6 +489,17 @@ mod tests {
         assert_eq!(g.settings.top_k, Some(10));
         assert_eq!(g.settings.seed, Some(7));
         assert_eq!(g.stop.iter().map(|s| s.as_str()).collect::<Vec<_>>(), ["\n\n", "User:"]);
+        assert_eq!(g.thinking, None);
+        let thinking = |line: &str| match json(line).map(|r| r.kind) {
+            Ok(RequestKind::Generate(g)) => Ok(g.thinking),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => Err(e.to_string()),
+        };
+        assert_eq!(thinking(r#"{"prompt": "x", "enable_thinking": true}"#), Ok(Some(true)));
+        assert_eq!(thinking(r#"{"prompt": "x", "enable_thinking": null}"#), Ok(None));
+        assert!(thinking(r#"{"prompt": "x", "enable_thinking": "yes"}"#)
+            .unwrap_err()
+            .contains("enable_thinking"));
     }
 
     #[test]

@@ -32,6 +32,9 @@ pub trait Reply: Send {
     /// Text that does not fit the client's outbound buffer is kept, in order, until it has
     /// room (see [`Reply::waiting`]).
     fn text(&mut self, piece: &str) -> bool;
+    /// A piece of the answer's reasoning (thinking on: `engine::Request::thinking`), kept apart
+    /// from its text; as [`Reply::text`] otherwise.
+    fn reasoning(&mut self, piece: &str) -> bool;
     /// Whether text handed over still waits for room (the client stopped reading): `Some(t)`,
     /// the client having last taken bytes at `t`; `None` once everything is queued for it
     /// (what waited goes now if it fits). The engine makes no more text for the request
@@ -198,6 +201,9 @@ mod tests {
     struct Nothing;
     impl Reply for Nothing {
         fn text(&mut self, _: &str) -> bool {
+            true
+        }
+        fn reasoning(&mut self, _: &str) -> bool {
             true
         }
         fn finish(&mut self, _: Outcome<'_>) {}

@@ -416,6 +416,7 @@ impl Session {
             stop: crate::engine::StopStrings::new(),
             shape: None,
             tools: None,
+            thinking: None,
         };
         self.submit(turn, reply, None);
     }
@@ -428,7 +429,8 @@ impl Session {
             settings,
             stop,
             shape,
-            tools: _,
+            tools,
+            thinking,
         } = g;
         // A conversation that outgrows the context loses its oldest turns; raw text cannot.
         let (input, drop_old_turns) = match prompt {
@@ -457,6 +459,7 @@ impl Session {
             drop_old_turns,
             ignore_eos: false,
             shape,
+            thinking: thinking.unwrap_or(defaults.thinking) && tools::leaves_room_to_think(tools.as_ref()),
         };
         let cancel = Arc::new(AtomicBool::new(false));
         let done = Arc::clone(&reply.done);
@@ -635,6 +638,14 @@ impl Reply for JobReply {
     fn waiting(&mut self) -> Option<Instant> {
         let mut out = lock(&self.out);
         (!out.flush_unsent()).then(|| out.out.last_taken())
+    }
+
+    fn reasoning(&mut self, piece: &str) -> bool {
+        match &self.mode {
+            Mode::Json(id) => lock(&self.out).answer_event(|w| w.reasoning(id, piece)),
+            // A person reads the answer: the reasoning is not shown (nor kept in the history).
+            Mode::Text { .. } => !lock(&self.out).is_gone(),
+        }
     }
 
     fn text(&mut self, piece: &str) -> bool {

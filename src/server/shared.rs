@@ -53,6 +53,8 @@ pub struct Defaults {
     pub max_tokens: Option<usize>,
     /// The system message at the start of every text-mode conversation.
     pub system_prompt: Option<String>,
+    /// `enable_thinking` of requests that do not say.
+    pub thinking: bool,
     /// Longest time a request may run.
     pub request_timeout: Option<Duration>,
     /// How long a request whose client takes no bytes waits for it, out of the batch, before
@@ -72,6 +74,7 @@ impl Default for Defaults {
             seed: None,
             max_tokens: Some(512),
             system_prompt: None,
+            thinking: false,
             request_timeout: Some(Duration::from_secs(300)),
             client_stall_timeout: Duration::from_secs(DEFAULT_CLIENT_STALL_TIMEOUT),
             allow_uids: Vec::new(),

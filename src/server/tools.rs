@@ -54,6 +54,13 @@ pub struct Tools {
     pub choice: ToolChoice,
 }
 
+/// Whether an answer under these tools may think first (`enable_thinking`): not when it must
+/// call, since the call's grammar holds from the first token; with `auto` the model writes
+/// freely until it opens a call.
+pub fn leaves_room_to_think(tools: Option<&Tools>) -> bool {
+    tools.is_none_or(|t| t.choice == ToolChoice::Auto)
+}
+
 fn expected(field: &str, what: &str) -> String {
     format!("'{field}' must be {what}")
 }
@@ -749,6 +756,17 @@ mod tests {
             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]),
         )
         .unwrap()
+    }
+
+    #[test]
+    fn only_an_answer_that_may_write_freely_thinks() {
+        assert!(leaves_room_to_think(None));
+        let auto = offer(weather(), Some(ToolChoice::Auto)).unwrap();
+        assert!(leaves_room_to_think(auto.as_ref()));
+        let required = offer(weather(), Some(ToolChoice::Required)).unwrap();
+        assert!(!leaves_room_to_think(required.as_ref()));
+        let named = offer(weather(), Some(ToolChoice::Named("get_weather".into()))).unwrap();
+        assert!(!leaves_room_to_think(named.as_ref()));
     }
 
     fn read_all(syntax: ToolSyntax, pieces: &[&str]) -> (String, Vec<ReadCall>, Vec<String>) {

@@ -5,7 +5,8 @@
 //!   with the request's settings over its defaults), the stop strings within their caps;
 //! - it says what the body says, read again with serde_json alone: each option is its value (a
 //!   negative `seed` or `num_predict` is none), `stream` is true unless the body says false,
-//!   `format` gives any JSON for "json" and the body's schema for an object, the prompt is the
+//!   `format` gives any JSON for "json" and the body's schema for an object, `think` is the
+//!   body's true or false (none for null or absent), the prompt is the
 //!   messages (chat), the prompt as it is (`raw`) or a user turn after the system message;
 //! - nothing to generate (no messages, no prompt) is a load, and only that; the ignored fields
 //!   it names are fields (or options, or a message's fields) of the body it does not read.
@@ -113,6 +114,7 @@ fn check(endpoint: Endpoint, r: &ApiRequest, obj: &Map<String, Value>) {
         Some(t) => assert!(t.list.len() == sent_tools && t.choice == ToolChoice::Auto, "tools"),
         None => assert_eq!(sent_tools, 0, "tools dropped"),
     }
+    assert_eq!(r.thinking, obj.get("think").and_then(Value::as_bool), "think");
     match (obj.get("format"), &r.shape) {
         (None | Some(Value::Null), None) => {}
         (Some(Value::String(f)), None) if f.is_empty() => {}

@@ -6,8 +6,9 @@
 //! - it says what the body says, read again with serde_json alone: each setting is the field's
 //!   value (a null or `seed: -1` is none), `stream`, the stop strings, the prompt (chat: 1 to
 //!   `MAX_MESSAGES` messages with their roles and text; completion: the one string);
-//! - usage is asked only with a stream, `drop_old_turns` only on chat, and the ignored fields
-//!   it names are fields of the body it does not read.
+//! - usage is asked only with a stream, `drop_old_turns` and `enable_thinking` only on chat
+//!   (the latter as the body says, top-level or in `chat_template_kwargs`), and the ignored
+//!   fields it names are fields of the body it does not read.
 use llama_tpu::chat::Role;
 use llama_tpu::engine::MAX_ANSWER_TOKENS;
 use llama_tpu::sampler::{SamplerConfig, MAX_TEMPERATURE, MAX_TOP_K, REPEAT_PENALTY_RANGE};
@@ -199,9 +200,25 @@ fn check_against_body(endpoint: Endpoint, r: &ApiRequest, obj: &Map<String, Valu
             "schema"
         );
     }
-    // A name is a field of the body the parser does not read, or one of a message's.
+    // Thinking: what the chat body says, the later of its two spellings; none for a completion.
+    let kwargs = obj.get("chat_template_kwargs").and_then(Value::as_object);
+    match endpoint {
+        Endpoint::Chat => {
+            let said = |v: Option<&Value>| v.and_then(Value::as_bool);
+            let top = said(obj.get("enable_thinking"));
+            let inner = said(kwargs.and_then(|k| k.get("enable_thinking")));
+            if r.thinking.is_some() {
+                assert!(r.thinking == top || r.thinking == inner, "thinking {:?}", r.thinking);
+            } else {
+                assert!(top.is_none() && inner.is_none(), "thinking said but not read");
+            }
+        }
+        Endpoint::Completion => assert_eq!(r.thinking, None, "a completion has no template"),
+    }
+    // A name is a field of the body the parser does not read, or one of a message's, or (chat)
+    // a template argument other than enable_thinking.
     let own: &[&str] = match endpoint {
-        Endpoint::Chat => &["messages", "drop_old_turns"],
+        Endpoint::Chat => &["messages", "drop_old_turns", "enable_thinking", "chat_template_kwargs"],
         Endpoint::Completion => &["prompt"],
     };
     for name in &r.ignored {
@@ -211,7 +228,14 @@ fn check_against_body(endpoint: Endpoint, r: &ApiRequest, obj: &Map<String, Valu
             .and_then(|rest| rest.split_once("]."))
             .and_then(|(i, key)| Some((messages.get(i.parse::<usize>().ok()?)?.as_object()?, key)))
             .is_some_and(|(m, key)| m.contains_key(key) && key != "role" && key != "content");
-        assert!(top || inner, "ignored {name}: not a field sent, or one that is read");
+        let kwarg = endpoint == Endpoint::Chat
+            && name
+                .strip_prefix("chat_template_kwargs.")
+                .is_some_and(|k| k != "enable_thinking" && kwargs.is_some_and(|o| o.contains_key(k)));
+        assert!(
+            top || inner || kwarg,
+            "ignored {name}: not a field sent, or one that is read"
+        );
     }
 }
 

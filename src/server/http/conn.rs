@@ -19,8 +19,9 @@ use serde_json::{json, Value};
 
 use super::head::{self, Admitted, Head, Method, Policy};
 use super::ollama::{self, OllamaRequest};
-use super::ollama_reply::{self, OllamaReply};
+use super::ollama_reply::{self, OllamaWire};
 use super::openai::{self, ApiRequest, Endpoint};
+use super::reply::{ReplyCore, Wire, WireReply};
 use super::routes::{self, Route};
 use super::{llamacpp, HttpError};
 use crate::engine::{Input, Request, Summary};
@@ -869,34 +870,19 @@ impl Connection {
             keep: keep && (!api.stream || !head.http10),
             state: Mutex::new(StreamState::Pending),
         };
-        let (reply, pieces, start, heartbeat): (Box<dyn Reply>, _, _, &[u8]) = match dialect {
+        let calls = api.tools.is_some().then(|| CallReader::new(syntax));
+        let core = ReplyCore::new(start, api.stream, Arc::clone(&done), cors.map(str::to_string), calls);
+        let model = shared.facts.model.clone();
+        let (reply, (pieces, start), heartbeat): (Box<dyn Reply>, _, &[u8]) = match dialect {
             Dialect::OpenAi => {
-                let mut reply = HttpReply::new(
-                    start,
-                    &api,
-                    Arc::clone(&done),
-                    shared.facts.model.clone(),
-                    cors.map(str::to_string),
-                );
-                if api.tools.is_some() {
-                    reply.calls = Some(CallReader::new(syntax));
-                }
-                let (pieces, start) = (Arc::clone(&reply.pieces), Arc::clone(&reply.start));
-                (Box::new(reply), pieces, start, b": waiting for the first token\n\n")
+                let reply = WireReply::new(core, OpenAiWire::new(&api, model));
+                let watched = reply.watched();
+                (Box::new(reply), watched, b": waiting for the first token\n\n")
             }
             Dialect::Ollama => {
-                let mut reply = OllamaReply::new(
-                    start,
-                    &api,
-                    Arc::clone(&done),
-                    shared.facts.model.clone(),
-                    cors.map(str::to_string),
-                );
-                if api.tools.is_some() {
-                    reply.calls = Some(CallReader::new(syntax));
-                }
-                let (pieces, start) = (Arc::clone(&reply.pieces), Arc::clone(&reply.start));
-                (Box::new(reply), pieces, start, ollama_reply::heartbeat(api.endpoint))
+                let reply = WireReply::new(core, OllamaWire::new(&api, model));
+                let watched = reply.watched();
+                (Box::new(reply), watched, ollama_reply::heartbeat(api.endpoint))
             }
         };
         let input = match api.prompt {
@@ -913,6 +899,7 @@ impl Connection {
                 drop_old_turns: api.drop_old_turns,
                 ignore_eos: api.ignore_eos,
                 shape: api.shape,
+                thinking: api.thinking.unwrap_or(defaults.thinking) && tools::leaves_room_to_think(api.tools.as_ref()),
             },
             time_limit: defaults.request_timeout,
             cancel: Arc::clone(&cancel),
@@ -1185,96 +1172,32 @@ pub(super) fn failure_status(code: &str) -> u16 {
     }
 }
 
-/// A completion's reply: SSE chunks as text comes, or one JSON body at the end.
-struct HttpReply {
-    out: Arc<Outbound>,
+/// OpenAI's shapes of a completion's reply: SSE chunks as text comes, or one JSON body at the
+/// end; the [`Wire`] of its [`WireReply`].
+struct OpenAiWire {
     endpoint: Endpoint,
     stream: bool,
     include_usage: bool,
     id: String,
     created: u64,
     model: String,
-    /// The CORS origin to name, if any.
-    cors: Option<String>,
-    start: Arc<StreamStart>,
-    /// Chunks that did not fit the client's buffer yet (the engine waits for them).
-    unsent: Vec<u8>,
-    /// The whole answer (not streamed).
-    text: String,
-    /// Where each event is built, and where it is framed (both reused: no allocation per
-    /// token once grown).
-    scratch: Vec<u8>,
-    framed: Vec<u8>,
-    done: Arc<AtomicBool>,
-    /// Pieces of text the engine has handed over (counted before each is written).
-    pieces: Arc<AtomicUsize>,
-    /// With tools: what reads calls out of the answer, the text it lets through, and the
-    /// calls read at the end.
-    calls: Option<CallReader>,
-    visible: String,
-    called: Vec<ReadCall>,
 }
 
-impl HttpReply {
-    /// A reply through `start` (its head is filled in here for a stream).
-    fn new(
-        start: StreamStart,
-        api: &ApiRequest,
-        done: Arc<AtomicBool>,
-        model: String,
-        cors: Option<String>,
-    ) -> HttpReply {
+impl OpenAiWire {
+    fn new(api: &ApiRequest, model: String) -> OpenAiWire {
         let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let kind = match api.endpoint {
             Endpoint::Chat => "chatcmpl",
             Endpoint::Completion => "cmpl",
         };
-        let mut reply = HttpReply {
-            out: Arc::clone(&start.out),
+        OpenAiWire {
             endpoint: api.endpoint,
             stream: api.stream,
             include_usage: api.include_usage,
             id: format!("{kind}-{:016x}", fastrand::u64(..)),
             created,
             model,
-            start: Arc::new(start),
-            cors,
-            unsent: Vec::with_capacity(1024),
-            text: String::new(),
-            scratch: Vec::with_capacity(1024),
-            framed: Vec::with_capacity(1024),
-            done,
-            pieces: Arc::new(AtomicUsize::new(0)),
-            calls: None,
-            visible: String::new(),
-            called: Vec::new(),
-        };
-        if reply.stream {
-            let mut head = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\nX-Accel-Buffering: no\r\nConnection: {}\r\n{}{}\r\n",
-                if reply.start.keep { "keep-alive" } else { "close" },
-                if reply.start.chunked { "Transfer-Encoding: chunked\r\n" } else { "" },
-                cors_headers(reply.cors.as_deref()),
-            )
-            .into_bytes();
-            // The first event names the role (clients' stream helpers read it there).
-            reply.chunk_start();
-            match reply.endpoint {
-                Endpoint::Chat => reply.scratch.extend_from_slice(
-                    b"{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"logprobs\":null,\"finish_reason\":null}]}\n\n",
-                ),
-                Endpoint::Completion => reply
-                    .scratch
-                    .extend_from_slice(b"{\"index\":0,\"text\":\"\",\"logprobs\":null,\"finish_reason\":null}]}\n\n"),
-            }
-            reply.frame();
-            head.extend_from_slice(&reply.framed);
-            // Nothing else holds the start yet.
-            if let Some(start) = Arc::get_mut(&mut reply.start) {
-                start.head = head;
-            }
         }
-        reply
     }
 
     fn object(&self) -> &'static str {
@@ -1285,28 +1208,16 @@ impl HttpReply {
         }
     }
 
-    /// `data: {"id":..,"object":..,"created":..,"model":..,"choices":[` into scratch.
-    fn chunk_start(&mut self) {
-        self.scratch.clear();
-        self.scratch.extend_from_slice(b"data: {\"id\":\"");
-        self.scratch.extend_from_slice(self.id.as_bytes());
-        self.scratch.extend_from_slice(b"\",\"object\":\"");
-        self.scratch.extend_from_slice(self.object().as_bytes());
-        let _ = write!(self.scratch, "\",\"created\":{},\"model\":", self.created);
-        let _ = serde_json::to_writer(&mut self.scratch, &self.model);
-        self.scratch.extend_from_slice(b",\"choices\":[");
-    }
-
-    /// Frames `scratch` into `framed` (one HTTP chunk when chunked).
-    fn frame(&mut self) {
-        self.framed.clear();
-        if self.start.chunked {
-            let _ = write!(self.framed, "{:x}\r\n", self.scratch.len());
-        }
-        self.framed.extend_from_slice(&self.scratch);
-        if self.start.chunked {
-            self.framed.extend_from_slice(b"\r\n");
-        }
+    /// `data: {"id":..,"object":..,"created":..,"model":..,"choices":[` into `out`.
+    fn chunk_start(&self, out: &mut Vec<u8>) {
+        out.clear();
+        out.extend_from_slice(b"data: {\"id\":\"");
+        out.extend_from_slice(self.id.as_bytes());
+        out.extend_from_slice(b"\",\"object\":\"");
+        out.extend_from_slice(self.object().as_bytes());
+        let _ = write!(out, "\",\"created\":{},\"model\":", self.created);
+        let _ = serde_json::to_writer(&mut *out, &self.model);
+        out.extend_from_slice(b",\"choices\":[");
     }
 
     /// The usage object.
@@ -1328,106 +1239,9 @@ impl HttpReply {
         })
     }
 
-    /// The bytes that end a stream.
-    fn stream_end(&mut self, summary: &Summary) -> Vec<u8> {
-        let (reason, native) = finish_reasons(summary, !self.called.is_empty());
-        let mut all = Vec::new();
-        self.chunk_start();
-        match self.endpoint {
-            Endpoint::Chat => self
-                .scratch
-                .extend_from_slice(b"{\"index\":0,\"delta\":{},\"logprobs\":null,\"finish_reason\":"),
-            Endpoint::Completion => self
-                .scratch
-                .extend_from_slice(b"{\"index\":0,\"text\":\"\",\"logprobs\":null,\"finish_reason\":"),
-        }
-        let _ = write!(
-            self.scratch,
-            "\"{reason}\",\"native_finish_reason\":\"{native}\"}}],\"timings\":{}}}\n\n",
-            Self::timings(summary)
-        );
-        self.frame();
-        all.extend_from_slice(&self.framed);
-        if self.include_usage {
-            self.chunk_start();
-            let _ = write!(self.scratch, "],\"usage\":{}}}\n\n", Self::usage(summary));
-            self.frame();
-            all.extend_from_slice(&self.framed);
-        }
-        self.scratch.clear();
-        self.scratch.extend_from_slice(b"data: [DONE]\n\n");
-        self.frame();
-        all.extend_from_slice(&self.framed);
-        if self.start.chunked {
-            all.extend_from_slice(b"0\r\n\r\n");
-        }
-        all
-    }
-}
-
-impl Reply for HttpReply {
-    fn text(&mut self, piece: &str) -> bool {
-        self.pieces.fetch_add(1, Ordering::AcqRel);
-        let Some(reader) = &mut self.calls else {
-            return self.content(piece);
-        };
-        // The visible text is moved out while it is sent, and back (no allocation).
-        let mut visible = std::mem::take(&mut self.visible);
-        visible.clear();
-        reader.push(piece, &mut visible);
-        let going = if visible.is_empty() {
-            !self.out.is_gone()
-        } else {
-            self.content(&visible)
-        };
-        self.visible = visible;
-        going
-    }
-
-    fn waiting(&mut self) -> Option<Instant> {
-        if !self.unsent.is_empty() && self.out.push(&self.unsent, false) == Pushed::Queued {
-            self.unsent.clear();
-        }
-        (!self.unsent.is_empty()).then(|| self.out.last_taken())
-    }
-
-    fn finish(&mut self, outcome: Outcome<'_>) {
-        if let (Some(reader), Outcome::Done(_)) = (&mut self.calls, &outcome) {
-            let mut rest = String::new();
-            self.called = reader.finish(&mut rest);
-            if !rest.is_empty() {
-                self.content(&rest);
-            }
-            if self.stream && !self.called.is_empty() && self.start.begin() {
-                // The calls as one delta each, whole (they are held until the answer ends).
-                let calls = self.tool_calls_json();
-                for (i, call) in calls.into_iter().enumerate() {
-                    let mut call = call;
-                    if let Some(o) = call.as_object_mut() {
-                        o.insert("index".into(), json!(i));
-                    }
-                    self.chunk_start();
-                    let _ = write!(
-                        self.scratch,
-                        "{{\"index\":0,\"delta\":{{\"tool_calls\":[{call}]}},\"logprobs\":null,\"finish_reason\":null}}]}}\n\n"
-                    );
-                    self.frame();
-                    let framed = std::mem::take(&mut self.framed);
-                    if self.out.push(&framed, false) != Pushed::Queued {
-                        self.unsent.extend_from_slice(&framed);
-                    }
-                    self.framed = framed;
-                }
-            }
-        }
-        self.end(outcome);
-    }
-}
-
-impl HttpReply {
     /// The calls read out of the answer, as OpenAI writes them.
-    fn tool_calls_json(&self) -> Vec<Value> {
-        self.called
+    fn tool_calls_json(&self, called: &[ReadCall]) -> Vec<Value> {
+        called
             .iter()
             .enumerate()
             .map(|(i, c)| {
@@ -1436,133 +1250,136 @@ impl HttpReply {
             })
             .collect()
     }
+}
 
-    /// Text for the client: a chunk, or more of the whole answer. `false`: the client is gone.
-    fn content(&mut self, piece: &str) -> bool {
-        if !self.stream {
-            self.text.push_str(piece);
-            return !self.out.is_gone();
-        }
-        if !self.start.begin() {
-            return false;
-        }
-        self.chunk_start();
+impl Wire for OpenAiWire {
+    fn content_type(&self) -> &'static str {
+        "text/event-stream"
+    }
+
+    fn first_event(&self, out: &mut Vec<u8>) -> bool {
+        // The first event names the role (clients' stream helpers read it there).
+        self.chunk_start(out);
         match self.endpoint {
-            Endpoint::Chat => self.scratch.extend_from_slice(b"{\"index\":0,\"delta\":{\"content\":"),
-            Endpoint::Completion => self.scratch.extend_from_slice(b"{\"index\":0,\"text\":"),
-        }
-        let _ = serde_json::to_writer(&mut self.scratch, piece);
-        match self.endpoint {
-            Endpoint::Chat => self
-                .scratch
-                .extend_from_slice(b"},\"logprobs\":null,\"finish_reason\":null}]}\n\n"),
-            Endpoint::Completion => self
-                .scratch
-                .extend_from_slice(b",\"logprobs\":null,\"finish_reason\":null}]}\n\n"),
-        }
-        self.frame();
-        if self.unsent.is_empty() {
-            match self.out.push(&self.framed, false) {
-                Pushed::Queued => return true,
-                Pushed::Gone => return false,
-                Pushed::Full => {}
+            Endpoint::Chat => out.extend_from_slice(
+                b"{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"logprobs\":null,\"finish_reason\":null}]}\n\n",
+            ),
+            Endpoint::Completion => {
+                out.extend_from_slice(b"{\"index\":0,\"text\":\"\",\"logprobs\":null,\"finish_reason\":null}]}\n\n")
             }
-        } else if self.out.is_gone() {
-            return false;
         }
-        // Kept until the client makes room; the engine makes no more text meanwhile.
-        self.unsent.extend_from_slice(&self.framed);
         true
     }
 
-    /// Ends the reply: the stream's last chunks, an error, or the whole answer.
-    fn end(&mut self, outcome: Outcome<'_>) {
-        // Decided, written and closed under the stream's lock: the connection thread cannot
-        // start the stream or add a comment in between.
-        // What waited goes first if it fits; a client that never made room for it does
-        // without (its request ends slow_client or cancelled).
-        if !self.unsent.is_empty() {
-            let _ = self.out.push(&self.unsent, false);
-            self.unsent.clear();
+    fn text_event(&self, out: &mut Vec<u8>, piece: &str) {
+        self.chunk_start(out);
+        match self.endpoint {
+            Endpoint::Chat => out.extend_from_slice(b"{\"index\":0,\"delta\":{\"content\":"),
+            Endpoint::Completion => out.extend_from_slice(b"{\"index\":0,\"text\":"),
         }
-        let start = Arc::clone(&self.start);
-        let mut state = start.lock();
-        let started = *state == StreamState::Started;
-        let bytes = match outcome {
-            Outcome::Failed { code, message } => {
-                let status = failure_status(code);
-                let e = HttpError::new(
-                    status,
-                    if status == 400 {
-                        "invalid_request_error"
-                    } else {
-                        "server_error"
-                    },
-                    code,
-                    message.to_string(),
-                );
-                if started {
-                    // After the 200: an error event, and the stream ends.
-                    self.scratch.clear();
-                    self.scratch.extend_from_slice(b"data: ");
-                    self.scratch.extend_from_slice(e.body().as_bytes());
-                    self.scratch.extend_from_slice(b"\n\n");
-                    self.frame();
-                    let mut all = self.framed.clone();
-                    if self.start.chunked {
-                        all.extend_from_slice(b"0\r\n\r\n");
-                    }
-                    all
-                } else {
-                    Response::error(&e).bytes(self.start.keep, self.cors.as_deref())
-                }
+        let _ = serde_json::to_writer(&mut *out, piece);
+        match self.endpoint {
+            Endpoint::Chat => out.extend_from_slice(b"},\"logprobs\":null,\"finish_reason\":null}]}\n\n"),
+            Endpoint::Completion => out.extend_from_slice(b",\"logprobs\":null,\"finish_reason\":null}]}\n\n"),
+        }
+    }
+
+    fn reasoning_event(&self, out: &mut Vec<u8>, piece: &str) {
+        // llama-server's and vLLM's field; a completion (no chat template) has no reasoning.
+        self.chunk_start(out);
+        out.extend_from_slice(b"{\"index\":0,\"delta\":{\"reasoning_content\":");
+        let _ = serde_json::to_writer(&mut *out, piece);
+        out.extend_from_slice(b"},\"logprobs\":null,\"finish_reason\":null}]}\n\n");
+    }
+
+    fn calls_events(&self, core: &mut ReplyCore) {
+        // The calls as one delta each, whole.
+        for (i, mut call) in self.tool_calls_json(&core.called).into_iter().enumerate() {
+            if let Some(o) = call.as_object_mut() {
+                o.insert("index".into(), json!(i));
             }
-            Outcome::Done(summary) if self.stream => {
-                let mut all = if started { Vec::new() } else { start.head.clone() };
-                all.extend_from_slice(&self.stream_end(summary));
-                all
+            self.chunk_start(&mut core.scratch);
+            let _ = write!(
+                core.scratch,
+                "{{\"index\":0,\"delta\":{{\"tool_calls\":[{call}]}},\"logprobs\":null,\"finish_reason\":null}}]}}\n\n"
+            );
+            core.send_event();
+        }
+    }
+
+    fn error_type(&self, status: u16) -> &'static str {
+        if status == 400 {
+            "invalid_request_error"
+        } else {
+            "server_error"
+        }
+    }
+
+    fn error_event(&self, out: &mut Vec<u8>, e: &HttpError) {
+        out.clear();
+        out.extend_from_slice(b"data: ");
+        out.extend_from_slice(e.body().as_bytes());
+        out.extend_from_slice(b"\n\n");
+    }
+
+    fn error_response(&self, e: &HttpError) -> Response {
+        Response::error(e)
+    }
+
+    fn stream_end(&self, core: &mut ReplyCore, summary: &Summary, all: &mut Vec<u8>) {
+        let (reason, native) = finish_reasons(summary, !core.called.is_empty());
+        self.chunk_start(&mut core.scratch);
+        match self.endpoint {
+            Endpoint::Chat => core
+                .scratch
+                .extend_from_slice(b"{\"index\":0,\"delta\":{},\"logprobs\":null,\"finish_reason\":"),
+            Endpoint::Completion => core
+                .scratch
+                .extend_from_slice(b"{\"index\":0,\"text\":\"\",\"logprobs\":null,\"finish_reason\":"),
+        }
+        let _ = write!(
+            core.scratch,
+            "\"{reason}\",\"native_finish_reason\":\"{native}\"}}],\"timings\":{}}}\n\n",
+            Self::timings(summary)
+        );
+        core.frame_onto(all);
+        if self.include_usage {
+            self.chunk_start(&mut core.scratch);
+            let _ = write!(core.scratch, "],\"usage\":{}}}\n\n", Self::usage(summary));
+            core.frame_onto(all);
+        }
+        core.scratch.clear();
+        core.scratch.extend_from_slice(b"data: [DONE]\n\n");
+        core.frame_onto(all);
+    }
+
+    fn whole(&self, core: &mut ReplyCore, summary: &Summary) -> Response {
+        let (reason, native) = finish_reasons(summary, !core.called.is_empty());
+        let text = &core.text;
+        let mut choice = match self.endpoint {
+            Endpoint::Chat if !core.called.is_empty() => {
+                let content = (!text.is_empty()).then_some(text);
+                let calls = self.tool_calls_json(&core.called);
+                json!({"index": 0, "message": {"role": "assistant", "content": content, "refusal": null, "tool_calls": calls}, "logprobs": null, "finish_reason": reason, "native_finish_reason": native})
             }
-            Outcome::Done(summary) => {
-                let (reason, native) = finish_reasons(summary, !self.called.is_empty());
-                let choice = match self.endpoint {
-                    Endpoint::Chat if !self.called.is_empty() => {
-                        let content = (!self.text.is_empty()).then_some(&self.text);
-                        let calls = self.tool_calls_json();
-                        json!({"index": 0, "message": {"role": "assistant", "content": content, "refusal": null, "tool_calls": calls}, "logprobs": null, "finish_reason": reason, "native_finish_reason": native})
-                    }
-                    Endpoint::Chat => {
-                        json!({"index": 0, "message": {"role": "assistant", "content": self.text, "refusal": null}, "logprobs": null, "finish_reason": reason, "native_finish_reason": native})
-                    }
-                    Endpoint::Completion => {
-                        json!({"index": 0, "text": self.text, "logprobs": null, "finish_reason": reason, "native_finish_reason": native})
-                    }
-                };
-                let body = json!({
-                    "id": self.id, "object": self.object(), "created": self.created, "model": self.model,
-                    "choices": [choice], "usage": Self::usage(summary), "timings": Self::timings(summary),
-                })
-                .to_string();
-                Response::json(200, &body).bytes(self.start.keep, self.cors.as_deref())
+            Endpoint::Chat => {
+                json!({"index": 0, "message": {"role": "assistant", "content": text, "refusal": null}, "logprobs": null, "finish_reason": reason, "native_finish_reason": native})
+            }
+            Endpoint::Completion => {
+                json!({"index": 0, "text": text, "logprobs": null, "finish_reason": reason, "native_finish_reason": native})
             }
         };
-        if *state != StreamState::Ended {
-            match self.out.push(&bytes, true) {
-                Pushed::Queued => {}
-                Pushed::Full => {
-                    log::warn!(
-                        "http: a reply of {} bytes does not fit the client's outbound buffer; it is dropped",
-                        bytes.len()
-                    );
-                    self.out.mark_gone();
-                }
-                Pushed::Gone => self.out.mark_gone(),
+        if !core.reasoning.is_empty() {
+            if let Some(message) = choice.get_mut("message").and_then(Value::as_object_mut) {
+                message.insert("reasoning_content".into(), json!(core.reasoning));
             }
         }
-        // Done before closed: a client that reads the end and hangs up at once must not be
-        // taken for one that left early.
-        self.done.store(true, Ordering::Release);
-        self.out.close();
-        *state = StreamState::Ended;
+        let body = json!({
+            "id": self.id, "object": self.object(), "created": self.created, "model": self.model,
+            "choices": [choice], "usage": Self::usage(summary), "timings": Self::timings(summary),
+        })
+        .to_string();
+        Response::json(200, &body)
     }
 }
 

@@ -5,8 +5,8 @@
 //!
 //! `head` (the request head and who may ask), `routes` (the route table), `openai` and
 //! `ollama` (request bodies into engine requests) and `llamacpp` (llama-server's own
-//! endpoints) are pure; `conn` (connections, replies) and `ollama_reply` (Ollama's replies)
-//! use them.
+//! endpoints) are pure; `conn` (connections, OpenAI's replies), `ollama_reply` (Ollama's
+//! replies) and `reply` (what the two replies share) use them.
 
 pub mod conn;
 pub mod head;
@@ -14,6 +14,7 @@ pub mod llamacpp;
 pub mod ollama;
 mod ollama_reply;
 pub mod openai;
+mod reply;
 pub mod routes;
 
 use serde_json::json;

@@ -100,6 +100,7 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<OllamaRequest, HttpError
     let mut unload = false;
     let mut tool_list = Vec::new();
     let mut ignored = Vec::new();
+    let mut thinking = None;
     for (key, value) in obj {
         match (endpoint, key.as_str()) {
             // Not checked: one model is resident, whatever a client calls it.
@@ -142,9 +143,12 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<OllamaRequest, HttpError
                 tool_list = tools::parse_tools(value).map_err(|e| HttpError::bad_field("invalid_field", e))?
             }
             (Endpoint::Completion, "tools") if !is_off(&value) => return Err(refuse("tools", "is for /api/chat")),
-            (_, "think") if !is_off(&value) => {
-                return Err(refuse("think", "is not supported: the model does not think aloud"))
-            }
+            (_, "think") => match value {
+                Value::Null => thinking = None,
+                Value::Bool(b) => thinking = Some(b),
+                // gpt-oss's levels ("high", ...): no model served here has them.
+                _ => return Err(invalid("think", "true or false")),
+            },
             (_, "logprobs" | "top_logprobs") if !is_off(&value) => return Err(refuse(&key, "is not supported")),
             (Endpoint::Completion, "images") if !is_off(&value) => {
                 return Err(refuse("images", "is not supported: the model reads text only"))
@@ -170,7 +174,7 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<OllamaRequest, HttpError
             (Endpoint::Completion, "width" | "height" | "steps") if !is_off(&value) => {
                 return Err(refuse(&key, "is not supported: the model makes text"))
             }
-            (_, "tools" | "think" | "logprobs" | "top_logprobs")
+            (_, "tools" | "logprobs" | "top_logprobs")
             | (Endpoint::Completion, "images" | "suffix" | "template" | "context" | "width" | "height" | "steps") => {}
             // Fields newer than this daemon, clients' own.
             (_, _) => ignored.push(key),
@@ -214,6 +218,7 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<OllamaRequest, HttpError
         shape,
         // Ollama has no tool_choice: the model chooses.
         tools: tools::offer(tool_list, Some(ToolChoice::Auto)).map_err(|e| HttpError::bad_field("invalid_field", e))?,
+        thinking,
         ignored,
     })))
 }
@@ -417,7 +422,8 @@ pub fn version() -> Value {
 }
 
 /// `POST /api/show`: the model's details, its context length, the daemon's defaults as
-/// Ollama's `parameters`, and its capabilities (`completion`: no tools, images or thinking).
+/// Ollama's `parameters`, and its capabilities (`completion`, and `thinking` for a template with
+/// a thinking mode; no images).
 /// `template`: the chat template's name (`None`: the model has none).
 ///
 /// # Errors
@@ -460,6 +466,12 @@ pub fn show(body: &[u8], facts: &ModelFacts, defaults: &Defaults, template: Opti
         },
         "capabilities": ["completion"],
     });
+    let thinks = template
+        .and_then(|t| t.parse::<crate::chat::ChatTemplate>().ok())
+        .is_some_and(crate::chat::ChatTemplate::thinks);
+    if thinks {
+        r["capabilities"] = json!(["completion", "thinking"]);
+    }
     if let Some(t) = facts.modified {
         r["modified_at"] = Value::String(time_string(t));
     }
@@ -496,6 +508,7 @@ mod tests {
             other => panic!("{other:?}"),
         };
         assert_eq!(r.endpoint, Endpoint::Chat);
+        assert_eq!(r.thinking, Some(false));
         assert_eq!(
             r.prompt,
             Prompt::Messages(vec![
@@ -503,6 +516,12 @@ mod tests {
                 Message::new(Role::User, "Hi")
             ])
         );
+        assert_eq!(
+            generate(r#"{"model":"m","prompt":"x","think":true}"#).thinking,
+            Some(true)
+        );
+        assert_eq!(generate(r#"{"model":"m","prompt":"x","think":null}"#).thinking, None);
+        assert_eq!(generate(r#"{"model":"m","prompt":"x"}"#).thinking, None);
         assert!(r.stream, "Ollama streams unless told not to");
         let s = &r.settings;
         assert_eq!(
@@ -638,7 +657,7 @@ mod tests {
             ),
             (
                 Endpoint::Chat,
-                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"think":true}"#,
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"think":"high"}"#,
                 "'think'",
             ),
             (Endpoint::Chat, r#"{"model":"m","messages":"x"}"#, "'messages'"),
@@ -752,6 +771,8 @@ mod tests {
         assert_eq!(s["model_info"]["llama.context_length"], 4096);
         assert_eq!(s["model_info"]["llama-tpu.chat_template"], "chatml");
         assert_eq!(s["capabilities"], json!(["completion"]));
+        let s = show(br#"{"model":"SmolLM2.gguf"}"#, &facts(), &d, Some("qwen3")).unwrap();
+        assert_eq!(s["capabilities"], json!(["completion", "thinking"]));
         assert!(s["parameters"].as_str().unwrap().contains("num_predict 512"), "{s}");
         assert!(show(br#"{"name":"SmolLM2.gguf"}"#, &facts(), &d, None).is_ok());
         let e = show(br#"{"model":"llama3.2"}"#, &facts(), &d, None).unwrap_err();

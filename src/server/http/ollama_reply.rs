@@ -1,22 +1,18 @@
 //! Ollama's replies to `/api/chat` and `/api/generate`: one JSON object per line
 //! (`application/x-ndjson`) as text comes, the last with `done: true` and the counters, or with
-//! `"stream": false` one JSON body at the end. A [`Reply`] like the OpenAI one in `conn`, through
-//! the same [`StreamStart`] (the head goes out when the request is queued) and outbound buffer;
-//! every line is built in reused buffers (no allocation per token once grown).
+//! `"stream": false` one JSON body at the end: the [`Wire`] of a reply whose core (the stream's
+//! start, the outbound buffer, tool calls, the end) is the OpenAI one's, in `reply`.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use super::conn::{cors_headers, failure_status, finish_reasons, Response, StreamStart, StreamState};
+use super::conn::{finish_reasons, Response};
 use super::ollama::{error_body, write_time};
 use super::openai::{ApiRequest, Endpoint};
+use super::reply::{ReplyCore, Wire};
 use super::HttpError;
 use crate::engine::Summary;
-use crate::server::outbound::{Outbound, Pushed};
-use crate::server::queue::{Outcome, Reply};
-use crate::server::tools::{CallReader, ReadCall};
+use crate::server::tools::ReadCall;
 
 /// Ollama's content type for a whole body.
 const JSON: &str = "application/json; charset=utf-8";
@@ -71,77 +67,26 @@ fn empty_answer(out: &mut Vec<u8>, endpoint: Endpoint) {
     }
 }
 
-/// A completion's reply in Ollama's shapes.
-pub(super) struct OllamaReply {
-    out: Arc<Outbound>,
+/// Ollama's shapes of a completion's reply: the [`Wire`] of its [`WireReply`](super::reply::WireReply).
+pub(super) struct OllamaWire {
     endpoint: Endpoint,
-    stream: bool,
     model: String,
-    /// The CORS origin to name, if any.
-    cors: Option<String>,
-    /// The stream's start, shared with the connection thread.
-    pub(super) start: Arc<StreamStart>,
-    /// Lines that did not fit the client's buffer yet (the engine waits for them).
-    unsent: Vec<u8>,
-    /// The whole answer (not streamed).
-    text: String,
-    /// Where each line is built, and where it is framed (both reused).
-    scratch: Vec<u8>,
-    framed: Vec<u8>,
-    done: Arc<AtomicBool>,
-    /// Pieces of text the engine has handed over.
-    pub(super) pieces: Arc<AtomicUsize>,
     /// When the request was read: `total_duration` counts from here.
     received: Instant,
-    /// With tools: what reads calls out of the answer, the text it lets through, and the
-    /// calls read at the end.
-    pub(super) calls: Option<CallReader>,
-    visible: String,
-    called: Vec<ReadCall>,
 }
 
-impl OllamaReply {
-    /// A reply through `start` (its head is filled in here for a stream).
-    pub(super) fn new(
-        mut start: StreamStart,
-        api: &ApiRequest,
-        done: Arc<AtomicBool>,
-        model: String,
-        cors: Option<String>,
-    ) -> OllamaReply {
-        if api.stream {
-            start.head = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\nX-Accel-Buffering: no\r\nConnection: {}\r\n{}{}\r\n",
-                if start.keep { "keep-alive" } else { "close" },
-                if start.chunked { "Transfer-Encoding: chunked\r\n" } else { "" },
-                cors_headers(cors.as_deref()),
-            )
-            .into_bytes();
-        }
-        OllamaReply {
-            out: Arc::clone(&start.out),
+impl OllamaWire {
+    pub(super) fn new(api: &ApiRequest, model: String) -> OllamaWire {
+        OllamaWire {
             endpoint: api.endpoint,
-            stream: api.stream,
             model,
-            cors,
-            start: Arc::new(start),
-            unsent: Vec::with_capacity(1024),
-            text: String::new(),
-            scratch: Vec::with_capacity(1024),
-            framed: Vec::with_capacity(1024),
-            done,
-            pieces: Arc::new(AtomicUsize::new(0)),
             received: Instant::now(),
-            calls: None,
-            visible: String::new(),
-            called: Vec::new(),
         }
     }
 
-    /// `"tool_calls":[...]` as Ollama writes them (arguments an object, no ids).
-    fn write_calls(&mut self) {
-        let calls: Vec<serde_json::Value> = self
-            .called
+    /// `"tool_calls":[...]` as Ollama writes them (arguments an object, no ids), into `out`.
+    fn write_calls(out: &mut Vec<u8>, called: &[ReadCall]) {
+        let calls: Vec<serde_json::Value> = called
             .iter()
             .map(|c| {
                 let arguments: serde_json::Value =
@@ -149,60 +94,12 @@ impl OllamaReply {
                 serde_json::json!({"function": {"name": c.name, "arguments": arguments}})
             })
             .collect();
-        self.scratch.extend_from_slice(b"\"tool_calls\":");
-        let _ = serde_json::to_writer(&mut self.scratch, &calls);
-    }
-
-    /// Text for the client: a line, or more of the whole answer. `false`: the client is gone.
-    fn content(&mut self, piece: &str) -> bool {
-        if !self.stream {
-            self.text.push_str(piece);
-            return !self.out.is_gone();
-        }
-        if !self.start.begin() {
-            return false;
-        }
-        line_start(&mut self.scratch, &self.model);
-        match self.endpoint {
-            Endpoint::Chat => self
-                .scratch
-                .extend_from_slice(b"\"message\":{\"role\":\"assistant\",\"content\":"),
-            Endpoint::Completion => self.scratch.extend_from_slice(b"\"response\":"),
-        }
-        let _ = serde_json::to_writer(&mut self.scratch, piece);
-        match self.endpoint {
-            Endpoint::Chat => self.scratch.extend_from_slice(b"},\"done\":false}\n"),
-            Endpoint::Completion => self.scratch.extend_from_slice(b",\"done\":false}\n"),
-        }
-        self.frame();
-        if self.unsent.is_empty() {
-            match self.out.push(&self.framed, false) {
-                Pushed::Queued => return true,
-                Pushed::Gone => return false,
-                Pushed::Full => {}
-            }
-        } else if self.out.is_gone() {
-            return false;
-        }
-        // Kept until the client makes room; the engine makes no more text meanwhile.
-        self.unsent.extend_from_slice(&self.framed);
-        true
-    }
-
-    /// Frames `scratch` into `framed` (one HTTP chunk when chunked).
-    fn frame(&mut self) {
-        self.framed.clear();
-        if self.start.chunked {
-            let _ = write!(self.framed, "{:x}\r\n", self.scratch.len());
-        }
-        self.framed.extend_from_slice(&self.scratch);
-        if self.start.chunked {
-            self.framed.extend_from_slice(b"\r\n");
-        }
+        out.extend_from_slice(b"\"tool_calls\":");
+        let _ = serde_json::to_writer(out, &calls);
     }
 
     /// `"done":true,"done_reason":...` and Ollama's counters (nanoseconds), closing the object.
-    fn end_fields(&mut self, s: &Summary) {
+    fn end_fields(&self, out: &mut Vec<u8>, s: &Summary) {
         // Ollama says `stop` after tool calls too.
         let (reason, _) = finish_reasons(s, false);
         // Ollama's prompt_eval counts the tokens computed (a prompt found in the cache is
@@ -210,7 +107,7 @@ impl OllamaReply {
         // the prompt to the last.
         let eval = s.time_to_first_token.saturating_sub(s.prompt_time) + s.generation_time;
         let _ = write!(
-            self.scratch,
+            out,
             "\"done\":true,\"done_reason\":\"{reason}\",\"total_duration\":{},\"load_duration\":0,\"prompt_eval_count\":{},\"prompt_eval_duration\":{},\"eval_count\":{},\"eval_duration\":{}}}",
             self.received.elapsed().as_nanos(),
             s.prompt_tokens.saturating_sub(s.cached_tokens),
@@ -221,135 +118,99 @@ impl OllamaReply {
     }
 }
 
-impl Reply for OllamaReply {
-    fn text(&mut self, piece: &str) -> bool {
-        self.pieces.fetch_add(1, Ordering::AcqRel);
-        let Some(reader) = &mut self.calls else {
-            return self.content(piece);
-        };
-        // The visible text is moved out while it is sent, and back (no allocation).
-        let mut visible = std::mem::take(&mut self.visible);
-        visible.clear();
-        reader.push(piece, &mut visible);
-        let going = if visible.is_empty() {
-            !self.out.is_gone()
-        } else {
-            self.content(&visible)
-        };
-        self.visible = visible;
-        going
+impl Wire for OllamaWire {
+    fn content_type(&self) -> &'static str {
+        "application/x-ndjson"
     }
 
-    fn waiting(&mut self) -> Option<Instant> {
-        if !self.unsent.is_empty() && self.out.push(&self.unsent, false) == Pushed::Queued {
-            self.unsent.clear();
-        }
-        (!self.unsent.is_empty()).then(|| self.out.last_taken())
+    fn first_event(&self, _out: &mut Vec<u8>) -> bool {
+        false
     }
 
-    fn finish(&mut self, outcome: Outcome<'_>) {
-        if let (Some(reader), Outcome::Done(_)) = (&mut self.calls, &outcome) {
-            let mut rest = String::new();
-            self.called = reader.finish(&mut rest);
-            if !rest.is_empty() {
-                self.content(&rest);
-            }
-            if self.stream && !self.called.is_empty() && self.start.begin() {
-                // The calls in one line of their own, as Ollama streams them.
-                line_start(&mut self.scratch, &self.model);
-                self.scratch
-                    .extend_from_slice(b"\"message\":{\"role\":\"assistant\",\"content\":\"\",");
-                self.write_calls();
-                self.scratch.extend_from_slice(b"},\"done\":false}\n");
-                self.frame();
-                let framed = std::mem::take(&mut self.framed);
-                if self.out.push(&framed, false) != Pushed::Queued {
-                    self.unsent.extend_from_slice(&framed);
-                }
-                self.framed = framed;
-            }
+    fn text_event(&self, out: &mut Vec<u8>, piece: &str) {
+        line_start(out, &self.model);
+        match self.endpoint {
+            Endpoint::Chat => out.extend_from_slice(b"\"message\":{\"role\":\"assistant\",\"content\":"),
+            Endpoint::Completion => out.extend_from_slice(b"\"response\":"),
         }
-        // As the OpenAI reply: decided, written and closed under the stream's lock; what
-        // waited goes first if it fits.
-        if !self.unsent.is_empty() {
-            let _ = self.out.push(&self.unsent, false);
-            self.unsent.clear();
+        let _ = serde_json::to_writer(&mut *out, piece);
+        match self.endpoint {
+            Endpoint::Chat => out.extend_from_slice(b"},\"done\":false}\n"),
+            Endpoint::Completion => out.extend_from_slice(b",\"done\":false}\n"),
         }
-        let start = Arc::clone(&self.start);
-        let mut state = start.lock();
-        let started = *state == StreamState::Started;
-        let bytes = match outcome {
-            Outcome::Failed { code, message } => {
-                let status = failure_status(code);
-                let e = HttpError::new(status, "", code, message.to_string());
-                if started {
-                    // After the 200: an error line, and the stream ends.
-                    self.scratch.clear();
-                    self.scratch.extend_from_slice(error_body(&e).as_bytes());
-                    self.scratch.push(b'\n');
-                    self.frame();
-                    let mut all = self.framed.clone();
-                    if self.start.chunked {
-                        all.extend_from_slice(b"0\r\n\r\n");
-                    }
-                    all
-                } else {
-                    error_response(&e).bytes(self.start.keep, self.cors.as_deref())
-                }
+    }
+
+    fn reasoning_event(&self, out: &mut Vec<u8>, piece: &str) {
+        // Ollama's names: `message.thinking` in a chat, `thinking` beside `response`.
+        line_start(out, &self.model);
+        match self.endpoint {
+            Endpoint::Chat => {
+                out.extend_from_slice(b"\"message\":{\"role\":\"assistant\",\"content\":\"\",\"thinking\":")
             }
-            Outcome::Done(summary) if self.stream => {
-                let mut all = if started { Vec::new() } else { start.head.clone() };
-                line_start(&mut self.scratch, &self.model);
-                empty_answer(&mut self.scratch, self.endpoint);
-                self.end_fields(summary);
-                self.scratch.push(b'\n');
-                self.frame();
-                all.extend_from_slice(&self.framed);
-                if self.start.chunked {
-                    all.extend_from_slice(b"0\r\n\r\n");
-                }
-                all
-            }
-            Outcome::Done(summary) => {
-                line_start(&mut self.scratch, &self.model);
-                match self.endpoint {
-                    Endpoint::Chat => self
-                        .scratch
-                        .extend_from_slice(b"\"message\":{\"role\":\"assistant\",\"content\":"),
-                    Endpoint::Completion => self.scratch.extend_from_slice(b"\"response\":"),
-                }
-                let text = std::mem::take(&mut self.text);
-                let _ = serde_json::to_writer(&mut self.scratch, &text);
-                match self.endpoint {
-                    Endpoint::Chat if !self.called.is_empty() => {
-                        self.scratch.push(b',');
-                        self.write_calls();
-                        self.scratch.extend_from_slice(b"},");
-                    }
-                    Endpoint::Chat => self.scratch.extend_from_slice(b"},"),
-                    Endpoint::Completion => self.scratch.push(b','),
-                }
-                self.end_fields(summary);
-                Response::new(200, JSON, self.scratch.clone()).bytes(self.start.keep, self.cors.as_deref())
-            }
-        };
-        if *state != StreamState::Ended {
-            match self.out.push(&bytes, true) {
-                Pushed::Queued => {}
-                Pushed::Full => {
-                    log::warn!(
-                        "http: a reply of {} bytes does not fit the client's outbound buffer; it is dropped",
-                        bytes.len()
-                    );
-                    self.out.mark_gone();
-                }
-                Pushed::Gone => self.out.mark_gone(),
-            }
+            Endpoint::Completion => out.extend_from_slice(b"\"response\":\"\",\"thinking\":"),
         }
-        // Done before closed, as the OpenAI reply.
-        self.done.store(true, Ordering::Release);
-        self.out.close();
-        *state = StreamState::Ended;
+        let _ = serde_json::to_writer(&mut *out, piece);
+        match self.endpoint {
+            Endpoint::Chat => out.extend_from_slice(b"},\"done\":false}\n"),
+            Endpoint::Completion => out.extend_from_slice(b",\"done\":false}\n"),
+        }
+    }
+
+    fn calls_events(&self, core: &mut ReplyCore) {
+        // The calls in one line of their own, as Ollama streams them.
+        line_start(&mut core.scratch, &self.model);
+        core.scratch
+            .extend_from_slice(b"\"message\":{\"role\":\"assistant\",\"content\":\"\",");
+        Self::write_calls(&mut core.scratch, &core.called);
+        core.scratch.extend_from_slice(b"},\"done\":false}\n");
+        core.send_event();
+    }
+
+    fn error_type(&self, _status: u16) -> &'static str {
+        ""
+    }
+
+    fn error_event(&self, out: &mut Vec<u8>, e: &HttpError) {
+        out.clear();
+        out.extend_from_slice(error_body(e).as_bytes());
+        out.push(b'\n');
+    }
+
+    fn error_response(&self, e: &HttpError) -> Response {
+        error_response(e)
+    }
+
+    fn stream_end(&self, core: &mut ReplyCore, summary: &Summary, all: &mut Vec<u8>) {
+        line_start(&mut core.scratch, &self.model);
+        empty_answer(&mut core.scratch, self.endpoint);
+        self.end_fields(&mut core.scratch, summary);
+        core.scratch.push(b'\n');
+        core.frame_onto(all);
+    }
+
+    fn whole(&self, core: &mut ReplyCore, summary: &Summary) -> Response {
+        let out = &mut core.scratch;
+        line_start(out, &self.model);
+        match self.endpoint {
+            Endpoint::Chat => out.extend_from_slice(b"\"message\":{\"role\":\"assistant\",\"content\":"),
+            Endpoint::Completion => out.extend_from_slice(b"\"response\":"),
+        }
+        let _ = serde_json::to_writer(&mut *out, &core.text);
+        if !core.reasoning.is_empty() {
+            out.extend_from_slice(b",\"thinking\":");
+            let _ = serde_json::to_writer(&mut *out, &core.reasoning);
+        }
+        match self.endpoint {
+            Endpoint::Chat if !core.called.is_empty() => {
+                out.push(b',');
+                Self::write_calls(out, &core.called);
+                out.extend_from_slice(b"},");
+            }
+            Endpoint::Chat => out.extend_from_slice(b"},"),
+            Endpoint::Completion => out.push(b','),
+        }
+        self.end_fields(out, summary);
+        Response::new(200, JSON, out.clone())
     }
 }
 

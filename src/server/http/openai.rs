@@ -49,6 +49,9 @@ pub struct ApiRequest {
     pub shape: Option<Shape>,
     /// `tools` and `tool_choice` (chat only; `None`: no tools, or `tool_choice: "none"`).
     pub tools: Option<Tools>,
+    /// `enable_thinking` (chat only: llama-server's and vLLM's field, also inside
+    /// `chat_template_kwargs`; Ollama's `think`); `None`: the daemon's default.
+    pub thinking: Option<bool>,
     /// Fields that were ignored, for the log (`messages[2].foo` inside messages).
     pub ignored: Vec<String>,
 }
@@ -109,6 +112,7 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, HttpError> {
     let mut shape = None;
     let mut tool_list = Vec::new();
     let mut choice = Some(tools::ToolChoice::Auto);
+    let mut thinking = None;
     let mut ignored = Vec::new();
     for (key, value) in obj {
         let is_null = value.is_null();
@@ -165,6 +169,22 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, HttpError> {
                     .as_bool()
                     .ok_or_else(|| invalid("drop_old_turns", "true or false"))?
             }
+            (Endpoint::Chat, "enable_thinking") => thinking = parse_thinking("enable_thinking", &value)?,
+            (Endpoint::Chat, "chat_template_kwargs") => match value {
+                Value::Null => {}
+                Value::Object(kwargs) => {
+                    for (name, value) in kwargs {
+                        match name.as_str() {
+                            "enable_thinking" => {
+                                thinking = parse_thinking("chat_template_kwargs.enable_thinking", &value)?
+                            }
+                            // The daemon's templates take no other argument.
+                            _ => ignored.push(format!("chat_template_kwargs.{name}")),
+                        }
+                    }
+                }
+                _ => return Err(invalid("chat_template_kwargs", "an object")),
+            },
             (_, "ignore_eos") if is_null => {}
             (_, "ignore_eos") => ignore_eos = value.as_bool().ok_or_else(|| invalid("ignore_eos", "true or false"))?,
             // Features the daemon does not have: accepted only in their "off" spelling.
@@ -208,8 +228,18 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, HttpError> {
         ignore_eos,
         shape,
         tools,
+        thinking,
         ignored,
     })
+}
+
+/// `enable_thinking`: true, false, or null (the daemon's default).
+fn parse_thinking(field: &str, value: &Value) -> Result<Option<bool>, HttpError> {
+    match value {
+        Value::Null => Ok(None),
+        Value::Bool(b) => Ok(Some(*b)),
+        _ => Err(invalid(field, "true or false")),
+    }
 }
 
 /// `response_format`: `{"type": "text"}` (or null), `{"type": "json_object"}` (an object,
@@ -409,6 +439,31 @@ mod tests {
     }
 
     #[test]
+    fn enable_thinking_is_read_as_llama_server_and_vllm_take_it() {
+        let thinking = |extra: &str| {
+            let body = format!(r#"{{"messages":[{{"role":"user","content":"x"}}]{extra}}}"#);
+            parse(Endpoint::Chat, body.as_bytes()).unwrap().thinking
+        };
+        assert_eq!(thinking(""), None);
+        assert_eq!(thinking(r#","enable_thinking":true"#), Some(true));
+        assert_eq!(thinking(r#","enable_thinking":null"#), None);
+        assert_eq!(
+            thinking(r#","chat_template_kwargs":{"enable_thinking":false}"#),
+            Some(false)
+        );
+        let r = parse(
+            Endpoint::Chat,
+            br#"{"messages":[{"role":"user","content":"x"}],"chat_template_kwargs":{"enable_thinking":true,"custom":1}}"#,
+        )
+        .unwrap();
+        assert_eq!(r.thinking, Some(true));
+        assert_eq!(r.ignored, vec!["chat_template_kwargs.custom".to_string()]);
+        // A completion has no template: the field is ignored, as others' are.
+        let r = parse(Endpoint::Completion, br#"{"prompt":"x","enable_thinking":true}"#).unwrap();
+        assert_eq!((r.thinking, r.ignored), (None, vec!["enable_thinking".to_string()]));
+    }
+
+    #[test]
     fn what_the_openai_client_sends_is_read() {
         let r = chat(
             r#"{"model":"gpt-4o","messages":[{"role":"developer","content":"Be brief."},{"role":"user","content":[{"type":"text","text":"Hi "},{"type":"text","text":"there"}]}],
@@ -472,6 +527,18 @@ mod tests {
             ),
             (r#"{"prompt":"x"}"#, "'messages'"),
             (r#"{"model":"m"}"#, "'messages'"),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"enable_thinking":1}"#,
+                "'enable_thinking'",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"chat_template_kwargs":{"enable_thinking":"on"}}"#,
+                "'chat_template_kwargs.enable_thinking'",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"chat_template_kwargs":[]}"#,
+                "'chat_template_kwargs'",
+            ),
         ] {
             let e = chat(body).unwrap_err();
             assert_eq!(e.status, 400, "{body}");
