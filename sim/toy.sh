@@ -23,7 +23,7 @@
 #   w4f16/   -q w4f16 --q_group_size 64 --do_sample --use_block_with_kv
 #   w4bf16/  -q w4bf16 --q_group_size 64 --do_sample --use_block_with_kv --embedding_disk
 #            (no embedding nets: config/embedding.bin beside the bmodel)
-#   qwen2_w4f16/  -q w4f16 --q_group_size 64 on hf_w4_qwen2
+#   qwen2_w4f16/  -q w4f16 --q_group_size 64 on hf_w4_qwen2, SEQLEN 128
 #   qwen3_w4f16/  -q w4f16 --q_group_size 64 --do_sample --use_block_with_kv on hf_w4_qwen3 (4 query heads of 128 on hidden 256)
 # Prints the folder. Fails loudly.
 set -euo pipefail
@@ -68,7 +68,7 @@ if [ "$(cat "$OUT/.stamp" 2>/dev/null)" != "$STAMP" ]; then
         shift 3
         local dir=$OUT/work/$name
         rm -rf "$dir"
-        if ! sim/bmodel.sh "$OUT/$checkpoint" 512 "$quant" "$dir" --q_group_size 64 --debug "$@" > "$OUT/work/$name.log" 2>&1; then
+        if ! sim/bmodel.sh "$OUT/$checkpoint" "$seq" "$quant" "$dir" --q_group_size 64 --debug "$@" > "$OUT/work/$name.log" 2>&1; then
             tail -40 "$OUT/work/$name.log" >&2
             echo "llm_convert.py failed for $name (log $OUT/work/$name.log)" >&2
             exit 1
@@ -89,15 +89,16 @@ if [ "$(cat "$OUT/.stamp" 2>/dev/null)" != "$STAMP" ]; then
             "$PY" sim/w4_model.py dequantize "$work" "$quant" "$OUT/$name/wrong_zero_point.gguf" --swap-zero-point
         fi
     }
-    arch=llama
+    arch=llama seq=512
     w4 w4f16 hf_w4 w4f16 --do_sample --use_block_with_kv
     w4 w4bf16 hf_w4_bf16 w4bf16 --do_sample --use_block_with_kv --embedding_disk
     # Qwen2 and Qwen3 (issue 25): each architecture, quantization and head kind once (f16 with
     # --do_sample and without, W4F16 the other way round): --do_sample changes only the head
-    # nets after lm_head, the architecture only what is inside the block nets.
-    arch=qwen2
+    # nets after lm_head, the architecture only what is inside the block nets. The static
+    # Qwen2 one at SEQLEN 128: the simulator prefills every position of a static build.
+    arch=qwen2 seq=128
     w4 qwen2_w4f16 hf_w4_qwen2 w4f16
-    arch=qwen3
+    arch=qwen3 seq=512
     w4 qwen3_w4f16 hf_w4_qwen3 w4f16 --do_sample --use_block_with_kv
     rm -rf "$OUT/work"
     echo "$STAMP" > "$OUT/.stamp"
