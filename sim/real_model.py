@@ -1,23 +1,24 @@
-"""The default model (SmolLM2-135M-Instruct, a Llama) in the two forms `make sim-real` compares:
-a Hugging Face checkpoint for the vendor's llm_convert.py, and an F16 GGUF of exactly the same
-numbers for the CPU backend.
+"""A real model (the default SmolLM2-135M-Instruct, a Llama; Qwen2.5-Coder-0.5B-Instruct, a
+Qwen2) in the two forms `make sim-real` compares: a Hugging Face checkpoint for the vendor's
+llm_convert.py, and an F16 GGUF of exactly the same numbers for the CPU backend.
 
-    real_model.py MODEL.gguf OUT_DIR
-    real_model.py MODEL.gguf OUT_DIR --w4 CONVERTER_WORK_DIR QUANT OUT.gguf
+    real_model.py MODEL.gguf OUT_DIR NAME
+    real_model.py MODEL.gguf OUT_DIR NAME --w4 CONVERTER_WORK_DIR QUANT OUT.gguf
 
-From the Q4_1 GGUF: every tensor dequantized and rounded to float16; written as
-OUT_DIR/hf/model.safetensors (float16, Hugging Face names, the Q and K rows put back in
-Hugging Face's order: llama.cpp's converter permutes them for its interleaved RoPE) with its
-config.json, and as OUT_DIR/smollm2-135m-f16.gguf (2-D tensors F16, norms F32 holding the same
-float16 values, the GGUF's own metadata and vocabulary). The output layer is tied to the token
-embedding, as in the original.
+From the quantized GGUF: every tensor dequantized and rounded to float16; written as
+OUT_DIR/hf/model.safetensors (float16, Hugging Face names; a Llama's Q and K rows put back in
+Hugging Face's order: llama.cpp's converter permutes them for its interleaved RoPE, a Qwen's it
+leaves; Qwen2's Q/K/V biases) with its config.json, and as OUT_DIR/NAME-f16.gguf (2-D tensors
+F16, norms and biases F32 holding the same float16 values, the GGUF's own metadata and
+vocabulary). The output layer is tied to the token embedding when the GGUF has none (SmolLM2).
 
 With --w4: the GGUF of the bmodel that `llm_convert.py -q w4f16 --debug` made of that
-checkpoint: its int4 weights dequantized as sim/w4_model.py does (in f32: exact), the Q/K rows
-permuted back to llama.cpp's order, everything else the F16 GGUF's numbers.
+checkpoint: its int4 weights dequantized as sim/w4_model.py does (in f32: exact), a Llama's Q/K
+rows permuted back to llama.cpp's order, everything else the F16 GGUF's numbers.
 """
 import json
 import os
+import re
 import struct
 import sys
 
@@ -66,14 +67,20 @@ def permute(w, n_head):
 
 
 def main():
-    if len(sys.argv) not in (3, 7) or (len(sys.argv) == 7 and sys.argv[3] != "--w4"):
+    if len(sys.argv) not in (4, 8) or (len(sys.argv) == 8 and sys.argv[4] != "--w4"):
         sys.exit(__doc__)
-    src, out = sys.argv[1:3]
-    w4 = sys.argv[4:7] if len(sys.argv) == 7 else None
+    src, out, name = sys.argv[1:4]
+    w4 = sys.argv[5:8] if len(sys.argv) == 8 else None
     r = gguf.GGUFReader(src)
-    n_head = field(r, "llama.attention.head_count")
-    n_kv = field(r, "llama.attention.head_count_kv")
-    layers = field(r, "llama.block_count")
+    arch = field(r, "general.architecture")
+    if arch not in ("llama", "qwen2"):
+        sys.exit(f"{src}: architecture {arch}: this script knows llama and qwen2")
+    n_head = field(r, f"{arch}.attention.head_count")
+    n_kv = field(r, f"{arch}.attention.head_count_kv")
+    layers = field(r, f"{arch}.block_count")
+    # llama.cpp's converter permutes a Llama's Q/K rows (its RoPE pairs neighbours there), not
+    # a Qwen's (rotated by halves, as in the checkpoint).
+    permuted = arch == "llama"
     weights = {}
     for t in r.tensors:
         w = gguf.quants.dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)])
@@ -87,12 +94,12 @@ def main():
         for i in range(layers):
             for key, w in w4_model.layer_weights(work, quant, i).items():
                 name = f"blk.{i}.{short[key]}.weight"
-                if key in ("q", "k"):
+                if key in ("q", "k") and permuted:
                     w = permute(w, n_head if key == "q" else n_kv)
                 if w.shape != weights[name].shape:
                     sys.exit(f"{name}: dequantizes to {w.shape}, the GGUF's is {weights[name].shape}")
                 weights[name] = w.astype(np.float32)
-        write_gguf(r, weights, target, gguf.LlamaFileType.ALL_F32)
+        write_gguf(r, arch, weights, target, gguf.LlamaFileType.ALL_F32)
         print(target)
         return
 
@@ -104,11 +111,17 @@ def main():
     for i in range(layers):
         for short, long in names.items():
             w = weights[f"blk.{i}.{short}.weight"]
-            if short == "attn_q":
+            if short == "attn_q" and permuted:
                 w = unpermute(w, n_head)
-            elif short == "attn_k":
+            elif short == "attn_k" and permuted:
                 w = unpermute(w, n_kv)
             hf[f"model.layers.{i}.{long}.weight"] = w
+            bias = weights.get(f"blk.{i}.{short}.bias")
+            if bias is not None:
+                hf[f"model.layers.{i}.{long}.bias"] = bias
+    unknown = [t for t in weights if t.endswith(".bias") and not re.fullmatch(r"blk\.\d+\.attn_[qkv]\.bias", t)]
+    if unknown:
+        sys.exit(f"{src}: tensors this script does not carry over: {unknown[:4]}")
     tied = "output.weight" not in weights
     if not tied:
         hf["lm_head.weight"] = weights["output.weight"]
@@ -116,30 +129,34 @@ def main():
     save_safetensors(os.path.join(out, "hf", "model.safetensors"), hf)
     vocab = len(field(r, "tokenizer.ggml.tokens"))
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-        "hidden_size": field(r, "llama.embedding_length"),
-        "intermediate_size": field(r, "llama.feed_forward_length"),
+        "architectures": ["LlamaForCausalLM" if arch == "llama" else "Qwen2ForCausalLM"],
+        "model_type": arch, "hidden_act": "silu",
+        "hidden_size": field(r, f"{arch}.embedding_length"),
+        "intermediate_size": field(r, f"{arch}.feed_forward_length"),
         "num_attention_heads": n_head, "num_key_value_heads": n_kv, "num_hidden_layers": layers,
-        "head_dim": field(r, "llama.embedding_length") // n_head,
-        "rms_norm_eps": field(r, "llama.attention.layer_norm_rms_epsilon"),
-        "rope_theta": field(r, "llama.rope.freq_base"), "vocab_size": vocab,
-        "max_position_embeddings": field(r, "llama.context_length"),
+        "head_dim": field(r, f"{arch}.embedding_length") // n_head,
+        "rms_norm_eps": field(r, f"{arch}.attention.layer_norm_rms_epsilon"),
+        "rope_theta": field(r, f"{arch}.rope.freq_base"), "vocab_size": vocab,
+        "max_position_embeddings": field(r, f"{arch}.context_length"),
         "tie_word_embeddings": tied, "torch_dtype": "float16",
-        "bos_token_id": field(r, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": field(r, "tokenizer.ggml.eos_token_id"),
     }
+    if "tokenizer.ggml.bos_token_id" in r.fields:
+        config["bos_token_id"] = field(r, "tokenizer.ggml.bos_token_id")
+    if arch == "qwen2":
+        config.update(use_sliding_window=False, sliding_window=None, max_window_layers=layers)
     with open(os.path.join(out, "hf", "config.json"), "w") as f:
         json.dump(config, f, indent=1)
     with open(os.path.join(out, "hf", "tokenizer_config.json"), "w") as f:
         json.dump({"chat_template": field(r, "tokenizer.chat_template")}, f)
 
-    write_gguf(r, weights, os.path.join(out, "smollm2-135m-f16.gguf"), gguf.LlamaFileType.MOSTLY_F16)
+    write_gguf(r, arch, weights, os.path.join(out, f"{name}-f16.gguf"), gguf.LlamaFileType.MOSTLY_F16)
     print(out)
 
 
-def write_gguf(r, weights, path, file_type):
+def write_gguf(r, arch, weights, path, file_type):
     """The weights as a GGUF for the CPU backend: metadata and vocabulary copied from `r`."""
-    w = gguf.GGUFWriter(path, "llama")
+    w = gguf.GGUFWriter(path, arch)
     skip = {"GGUF.version", "GGUF.tensor_count", "GGUF.kv_count", "general.architecture", "general.file_type",
             "general.quantization_version"}
     for key, f in r.fields.items():
