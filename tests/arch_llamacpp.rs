@@ -14,6 +14,8 @@
 //!
 //! Needs `make toy-gguf` (`make test` runs it); fails, never skips, without it.
 mod common;
+#[path = "common/llamacpp.rs"]
+mod llamacpp;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -47,54 +49,10 @@ fn toy(name: &str) -> PathBuf {
     p
 }
 
-struct Step {
-    id: u32,
-    top: Vec<(u32, f32)>,
-}
-
-struct Case {
-    prompt: String,
-    prompt_ids: Vec<u32>,
-    steps: Vec<Step>,
-}
-
-struct Golden {
-    sha256: String,
-    cases: Vec<Case>,
-}
-
-fn golden(name: &str) -> Golden {
-    let p = root().join(format!("tests/data/{name}_toy_llamacpp.json"));
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
-    let ids = |v: &serde_json::Value| -> Vec<u32> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|i| i.as_u64().unwrap() as u32)
-            .collect()
-    };
-    let step = |s: &serde_json::Value| Step {
-        id: s["id"].as_u64().unwrap() as u32,
-        top: s["top"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| (p[0].as_u64().unwrap() as u32, p[1].as_f64().unwrap() as f32))
-            .collect(),
-    };
-    Golden {
-        sha256: v["gguf_sha256"].as_str().unwrap().into(),
-        cases: v["cases"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|c| Case {
-                prompt: c["prompt"].as_str().unwrap().into(),
-                prompt_ids: ids(&c["prompt_ids"]),
-                steps: c["steps"].as_array().unwrap().iter().map(step).collect(),
-            })
-            .collect(),
-    }
+/// The file llama.cpp's logits were recorded from, and the recorded cases.
+fn golden(name: &str) -> (String, Vec<llamacpp::Case>) {
+    let v = llamacpp::read(&format!("{name}_toy_llamacpp.json"));
+    (v["gguf_sha256"].as_str().unwrap().into(), llamacpp::cases(&v["cases"]))
 }
 
 fn open(name: &str) -> (Arc<MappedFile>, Gguf) {
@@ -128,7 +86,7 @@ fn toy_ggufs_are_the_files_llama_cpp_ran() {
         let got = String::from_utf8_lossy(&out.stdout)[..64].to_string();
         assert_eq!(
             got,
-            golden(name).sha256,
+            golden(name).0,
             "{}: not the file tests/data/{name}_toy_llamacpp.json was recorded from: run `make toy-gguf`",
             path.display()
         );
@@ -142,7 +100,7 @@ fn prompts_tokenize_as_llama_cpp_does_and_templates_are_recognized() {
     for (name, template) in TOYS {
         let (_, gguf) = open(name);
         let tok = Tokenizer::from_gguf(&gguf).unwrap();
-        for case in golden(name).cases {
+        for case in golden(name).1 {
             assert_eq!(
                 tok.encode(&case.prompt, true).unwrap(),
                 case.prompt_ids,
@@ -158,19 +116,15 @@ fn prompts_tokenize_as_llama_cpp_does_and_templates_are_recognized() {
     }
 }
 
-fn argmax(v: &[f32]) -> u32 {
-    (0..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap() as u32
-}
-
 /// Follows llama.cpp's greedy continuation of each prompt (its tokens: teacher forcing) and
 /// compares, at every step, each of the 20 logits llama.cpp ranks highest with ours (each
-/// within LOGIT_TOL, their mean within MEAN_TOL: an error spread over every logit, too small
+/// within `logit`, their mean within `mean`: an error spread over every logit, too small
 /// for the bound, moves the mean); nothing else of ours may rise above llama.cpp's 20th; our
 /// greedy token must be llama.cpp's at every step
 /// (no near-ties to excuse: the goldens' script only takes prompts whose every step has its
-/// top two at least 0.1 apart, five times LOGIT_TOL, so a bound kept implies the same token).
+/// top two at least 0.1 apart, five times `logit`, so a bound kept implies the same token).
 ///
-/// LOGIT_TOL, why not equal: the same F32 weights and an f16 KV cache on both sides, but not
+/// The bounds, why not equal: the same F32 weights and an f16 KV cache on both sides, but not
 /// the same arithmetic. llama.cpp multiplies Q with the f16 K cache, and the attention weights
 /// with the f16 V cache, in f16 (Q and the weights rounded to f16, relative 2^-11), where we
 /// keep them f32; every sum is ordered differently (SIMD widths, threads). The goldens are
@@ -183,63 +137,20 @@ fn argmax(v: &[f32]) -> u32 {
 /// normed with Q's weights (0.36 off at the first step).
 #[test]
 fn logits_and_greedy_tokens_follow_llama_cpp() {
-    const LOGIT_TOL: f32 = 0.02;
-    const MEAN_TOL: f32 = 0.0035;
+    let tol = llamacpp::Tolerances {
+        logit: 0.02,
+        mean: 0.0035,
+        tie: 0.0,
+    };
     // The best kernels this CPU runs, and the portable ones.
     for kernels in [Kernels::best(), Kernels::new(Isa::Scalar).unwrap()] {
         for (name, _) in TOYS {
             let mut b = backend(name, kernels);
-            let (mut worst, mut sum, mut compared, mut steps) = (0f32, 0f64, 0usize, 0usize);
-            let mut narrowest = f32::INFINITY;
-            for case in golden(name).cases {
-                let prompt = &case.prompt;
-                let Next::Logits(l) = b.prefill(&case.prompt_ids, 0).unwrap() else {
-                    unreachable!()
-                };
-                let mut logits = l.to_vec();
-                let mut pos = case.prompt_ids.len();
-                for (i, step) in case.steps.iter().enumerate() {
-                    let at = format!("{name} ({}), {prompt:?} step {i}", kernels.isa().name());
-                    assert_eq!(step.top[0].0, step.id, "{at}: the golden's best is its token");
-                    assert_eq!(step.top.len(), 20, "{at}");
-                    for &(t, v) in &step.top {
-                        let d = (logits[t as usize] - v).abs();
-                        assert!(
-                            d <= LOGIT_TOL,
-                            "{at}: token {t} scores {} here, {v} in llama.cpp",
-                            logits[t as usize]
-                        );
-                        worst = worst.max(d);
-                        sum += d as f64;
-                        compared += 1;
-                    }
-                    // Nothing outside llama.cpp's 20 climbs into them.
-                    let floor = step.top.last().unwrap().1;
-                    let above = (0..logits.len() as u32)
-                        .filter(|&t| logits[t as usize] > floor + LOGIT_TOL)
-                        .find(|t| !step.top.iter().any(|p| p.0 == *t));
-                    assert_eq!(above, None, "{at}: above llama.cpp's 20th ({floor}) here only");
-                    assert_eq!(argmax(&logits), step.id, "{at}: another greedy token");
-                    narrowest = narrowest.min(step.top[0].1 - step.top[1].1);
-                    steps += 1;
-                    if i + 1 < case.steps.len() {
-                        let Next::Logits(l) = b.decode(step.id, pos).unwrap() else {
-                            unreachable!()
-                        };
-                        logits.copy_from_slice(l);
-                        pos += 1;
-                    }
-                }
-            }
-            eprintln!(
-                "{name:6} {:12} {steps} steps: {compared} logits within {worst:.5} of llama.cpp's, \
-                 {:.5} on average; our token is llama.cpp's at each (its top two at least {narrowest:.4} apart)",
-                kernels.isa().name(),
-                sum / compared as f64
-            );
-            let mean = (sum / compared as f64) as f32;
-            assert!(mean <= MEAN_TOL, "{name}: logits differ by {mean} on average");
-            assert!(steps >= 45, "{name}: only {steps} steps checked");
+            let tok = Tokenizer::from_gguf(&open(name).1).unwrap();
+            let isa = kernels.isa().name();
+            let walked = llamacpp::walk(&mut b, &tok, &golden(name).1, &tol, &format!("{name} ({isa}), "));
+            eprintln!("{name:6} {isa:12} {walked}");
+            assert!(walked.steps >= 45, "{name}: only {} steps checked", walked.steps);
         }
     }
 }
@@ -249,7 +160,7 @@ fn logits_and_greedy_tokens_follow_llama_cpp() {
 #[test]
 fn a_prompt_in_one_batch_equals_its_tokens_one_by_one() {
     for (name, _) in TOYS {
-        for case in golden(name).cases {
+        for case in golden(name).1 {
             let ids = &case.prompt_ids;
             let mut whole = backend(name, Kernels::best());
             let Next::Logits(whole) = whole.prefill(ids, 0).unwrap() else {

@@ -2,12 +2,13 @@
 //! (tests/data/*_llamacpp.json, made by scripts/llamacpp_golden.py), and the engine's
 //! behaviour on it. Needs `make model`.
 mod common;
+#[path = "common/llamacpp.rs"]
+mod llamacpp;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use llama_tpu::backend::cpu::{CpuBackend, CpuOptions};
-use llama_tpu::backend::{Backend, Next};
 use llama_tpu::chat::{ChatTemplate, Message, Role};
 use llama_tpu::engine::{Engine, FinishReason, Input, Request, Summary};
 use llama_tpu::model::{Gguf, MappedFile};
@@ -59,93 +60,21 @@ fn greedy(input: Input, max_tokens: usize) -> Request {
     }
 }
 
-fn golden(name: &str) -> serde_json::Value {
-    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data")
-        .join(name);
-    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
-}
-
 #[test]
 fn token_ids_equal_llama_cpp_on_a_varied_text_set() {
     let (_, gguf) = open();
     let tok = Tokenizer::from_gguf(&gguf).unwrap();
-    let cases = golden("smollm2_tokens_llamacpp.json");
-    let cases = cases.as_array().unwrap();
-    assert!(cases.len() >= 30);
-    for c in cases {
-        let text = c["text"].as_str().unwrap();
-        let want: Vec<u32> = c["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
-        assert_eq!(tok.encode(text, true).unwrap(), want, "text {text:?}");
-        // And the ids decode back to the text (byte-level BPE is lossless).
-        assert_eq!(
-            tok.decode(&want),
-            text.replace("<|im_start|>", "")
-                .replace("<|im_end|>", "")
-                .replace("<|endoftext|>", "")
-        );
-    }
-}
-
-/// One step of llama.cpp's greedy continuation: the token it chose, and its highest logits
-/// (best first) from which it chose.
-struct Step {
-    id: u32,
-    top: Vec<(u32, f32)>,
-}
-
-/// A prompt of the greedy golden: llama.cpp's ids for it, the text of its continuation (the
-/// end-of-generation token left out) and its steps.
-struct Greedy {
-    prompt: String,
-    prompt_ids: Vec<u32>,
-    continuation: String,
-    steps: Vec<Step>,
-}
-
-fn greedy_golden() -> Vec<Greedy> {
-    let ids = |v: &serde_json::Value| -> Vec<u32> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|i| i.as_u64().unwrap() as u32)
-            .collect()
-    };
-    let step = |s: &serde_json::Value| Step {
-        id: s["id"].as_u64().unwrap() as u32,
-        top: s["top"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| (p[0].as_u64().unwrap() as u32, p[1].as_f64().unwrap() as f32))
-            .collect(),
-    };
-    golden("smollm2_greedy_llamacpp.json")
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| Greedy {
-            prompt: c["prompt"].as_str().unwrap().into(),
-            prompt_ids: ids(&c["prompt_ids"]),
-            continuation: c["continuation"].as_str().unwrap().into(),
-            steps: c["steps"].as_array().unwrap().iter().map(step).collect(),
-        })
-        .collect()
+    llamacpp::assert_token_ids(&tok, "smollm2_tokens_llamacpp.json");
 }
 
 /// Follows llama.cpp's own greedy continuation (its token ids: teacher forcing) and compares our
 /// logits at every step with the 20 highest llama.cpp recorded there
 /// (scripts/llamacpp_golden.py asks llama.cpp's C API):
-/// - each of those 20 within `LOGIT_TOL` of ours, and none of our other logits above
-///   llama.cpp's 20th by more than `LOGIT_TOL` (the top of the distribution is the same);
-/// - the mean difference over all of them within `MEAN_TOL` (an error spread over every logit,
+/// - each of those 20 within `logit` of ours, and none of our other logits above
+///   llama.cpp's 20th by more than `logit` (the top of the distribution is the same);
+/// - the mean difference over all of them within `mean` (an error spread over every logit,
 ///   too small for the per-logit bound, moves the mean);
-/// - our argmax is llama.cpp's token, except where llama.cpp's own top two are within `TIE`.
+/// - our argmax is llama.cpp's token, except where llama.cpp's own top two are within `tie`.
 ///
 /// Why not equal: the same Llama on the same weights (Q4_1, the output matrix Q8_0), not the
 /// same arithmetic. Both quantize activations to 8 bits per block of 32 before each product
@@ -168,10 +97,7 @@ fn greedy_golden() -> Vec<Greedy> {
 /// 90000; the numpy reference (tests/reference_forward.rs) checks the math that closely.
 #[test]
 fn greedy_decoding_follows_llama_cpp() {
-    const LOGIT_TOL: f32 = 2.0;
-    const MEAN_TOL: f32 = 0.23;
-    const TIE: f32 = 0.5;
-    let cases = greedy_golden();
+    let cases = llamacpp::cases(&llamacpp::read("smollm2_greedy_llamacpp.json"));
     let (file, gguf) = open();
     let tok = Tokenizer::from_gguf(&gguf).unwrap();
     let opts = CpuOptions {
@@ -180,79 +106,14 @@ fn greedy_decoding_follows_llama_cpp() {
         ..CpuOptions::default()
     };
     let mut b = CpuBackend::from_parts(file, &gguf, &opts).unwrap();
-    let (mut steps, mut ties, mut differ) = (0, 0, 0);
-    let (mut worst, mut sum, mut compared, mut widest) = (0f32, 0f64, 0, 0f32);
-    for case in &cases {
-        let prompt = &case.prompt;
-        assert_eq!(tok.encode(prompt, true).unwrap(), case.prompt_ids, "{prompt:?}");
-        let ids: Vec<u32> = case.steps.iter().map(|s| s.id).collect();
-        let text = ids.iter().filter(|&&t| !tok.is_eog(t)).copied().collect::<Vec<_>>();
-        assert_eq!(tok.decode(&text), case.continuation, "{prompt:?}");
-        let Next::Logits(l) = b.prefill(&case.prompt_ids, 0).unwrap() else {
-            unreachable!()
-        };
-        let mut logits = l.to_vec();
-        let mut pos = case.prompt_ids.len();
-        for (i, step) in case.steps.iter().enumerate() {
-            let theirs = &step.top;
-            let at = format!("{prompt:?} step {i} (after {:?})", tok.decode(&ids[..i]));
-            assert_eq!(theirs[0].0, step.id, "{at}: the golden's best is its token");
-            for &(t, v) in theirs {
-                let d = (logits[t as usize] - v).abs();
-                assert!(
-                    d <= LOGIT_TOL,
-                    "{at}: {:?} scores {} here, {v} in llama.cpp",
-                    tok.decode(&[t]),
-                    logits[t as usize]
-                );
-                worst = worst.max(d);
-                sum += d as f64;
-                compared += 1;
-            }
-            let floor = theirs.last().unwrap().1;
-            for t in 0..logits.len() as u32 {
-                assert!(
-                    logits[t as usize] <= floor + LOGIT_TOL || theirs.iter().any(|p| p.0 == t),
-                    "{at}: {:?} scores {} here, under llama.cpp's 20th ({floor}) there",
-                    tok.decode(&[t]),
-                    logits[t as usize]
-                );
-            }
-            let ours = (0..logits.len())
-                .max_by(|&a, &c| logits[a].total_cmp(&logits[c]))
-                .unwrap() as u32;
-            let gap = theirs[0].1 - theirs[1].1;
-            ties += (gap < TIE) as usize;
-            if ours != step.id {
-                assert!(
-                    gap < TIE,
-                    "{at}: we choose {:?}, llama.cpp {:?} by {gap}",
-                    tok.decode(&[ours]),
-                    tok.decode(&[step.id])
-                );
-                differ += 1;
-                widest = widest.max(gap);
-            }
-            steps += 1;
-            if i + 1 < case.steps.len() {
-                let Next::Logits(l) = b.decode(step.id, pos).unwrap() else {
-                    unreachable!()
-                };
-                logits.copy_from_slice(l);
-                pos += 1;
-            }
-        }
-    }
-    let mean = (sum / compared as f64) as f32;
-    eprintln!(
-        "{steps} steps of {} prompts: our token is llama.cpp's at {}, another at {differ} of \
-         the {ties} near-ties (llama.cpp's top two within {TIE}; the widest {widest}); \
-         {compared} logits differ by at most {worst}, {mean} on average",
-        cases.len(),
-        steps - differ
-    );
-    assert!(mean <= MEAN_TOL, "logits differ by {mean} on average");
-    assert!(steps >= 200, "only {steps} steps checked");
+    let tol = llamacpp::Tolerances {
+        logit: 2.0,
+        mean: 0.23,
+        tie: 0.5,
+    };
+    let walked = llamacpp::walk(&mut b, &tok, &cases, &tol, "");
+    eprintln!("{walked}");
+    assert!(walked.steps >= 200, "only {} steps checked", walked.steps);
 }
 
 #[test]
@@ -372,7 +233,7 @@ fn tokenizer_json_round_trip() {
     for id in 0..built.vocab_size() as u32 {
         assert_eq!(loaded.token_bytes(id), built.token_bytes(id), "token {id}");
     }
-    for c in golden("smollm2_tokens_llamacpp.json").as_array().unwrap() {
+    for c in llamacpp::read("smollm2_tokens_llamacpp.json").as_array().unwrap() {
         let text = c["text"].as_str().unwrap();
         assert_eq!(
             loaded.encode(text, true).unwrap(),
