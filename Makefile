@@ -143,8 +143,9 @@ $(VOCAB_DIR)/.done-3: | $(VENV_DONE)
 # converted to GGUF by llama.cpp's own convert_hf_to_gguf.py from the same sdist, into
 # .cache/hf-toys, each checked against the sha256 its golden records
 # (tests/data/*_toy_llamacpp.json: llama.cpp's logits for exactly that file; tests/arch_llamacpp.rs).
-# The converter is torch code: it runs in the venv `make sim` makes for the vendor's converter.
-toy-gguf: sim
+# The converter is torch code: it runs in the vendor's converter's venv (sim/converter-venv.sh,
+# which `make sim` shares; either makes it, under a lock), so the two can run side by side.
+toy-gguf:
 	scripts/toy_gguf.sh $(VOCAB_SDIST) $(VOCAB_SHA256)
 
 # The test command (README, CI). Tests run optimized (profile test-opt): they run real models.

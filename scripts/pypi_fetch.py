@@ -30,7 +30,8 @@ def main():
     if url is None:
         sys.exit(f"{filename} is not listed at {page_url}")
     os.makedirs(dest, exist_ok=True)
-    part = path + ".part"
+    # A name of its own: two make targets run side by side in CI may fetch the same file.
+    part = f"{path}.part{os.getpid()}"
     try:
         with urllib.request.urlopen(url.split("#")[0], timeout=600) as r, open(part, "wb") as f:
             while chunk := r.read(1 << 20):

@@ -9,7 +9,8 @@
 # llama-cpp-python's sdist (the one `make test-data` fetches, which vendors llama.cpp: the same
 # llama.cpp that recorded the goldens); scripts/hf_toys.py writes the Hugging Face folders
 # (numpy-seeded weights, the family's tokenizer rebuilt from llama.cpp's vocabulary). The
-# converter runs in the bmodel venv `make sim` makes (its torch: no second one).
+# converter runs in the venv of the vendor's converter (sim/converter-venv.sh: its torch, no
+# second one).
 #
 # Each GGUF must have the sha256 its golden records (tests/data/*_toy_llamacpp.json,
 # gguf_sha256): the goldens hold llama.cpp's logits for exactly those files. Nothing is
@@ -19,7 +20,6 @@ cd "$(dirname "$0")/.."
 [ $# -eq 2 ] || { sed -n '5p' "$0" >&2; exit 2; }
 SDIST=$1 SDIST_SHA256=$2
 OUT=.cache/hf-toys
-PY=.cache/bmodel-venv/bin/python
 TOYS=(qwen2 qwen3 llama3)
 mkdir -p .cache
 exec 9>"$OUT.lock"
@@ -46,8 +46,7 @@ if [ "$(cat "$OUT/.stamp" 2>/dev/null)" = "$STAMP" ] && check quiet; then
 fi
 
 start=$(date +%s)
-"$PY" -c "import torch, transformers, safetensors" 2>/dev/null \
-    || { echo "toy-gguf: $PY has no torch/transformers: run \`make sim\` (it makes the converter's venv)" >&2; exit 1; }
+PY=$(sim/converter-venv.sh)
 rm -rf "$OUT"
 mkdir -p "$OUT/llama.cpp"
 sdist=$(python3 scripts/pypi_fetch.py llama-cpp-python "$SDIST" "$SDIST_SHA256" .cache/pip)

@@ -23,12 +23,9 @@ shift 4
 FLAGS=("$@")
 [ -e "$CHECKPOINT/config.json" ] || { echo "$CHECKPOINT: not a Hugging Face checkpoint folder (no config.json)" >&2; exit 2; }
 command -v parallel >/dev/null || { echo "GNU parallel is missing (apt-get install parallel): llm_convert.py runs its compile jobs with it" >&2; exit 1; }
-# A venv of its own (a hard-linked copy of the tests' one, sim/venv.sh): torch stays out of the
-# one the tests use.
-PY=$(SIM_VENV=.cache/bmodel-venv sim/venv.sh)
-# The converter's model code is torch code: the real torch, as tpu-mlir 1.30.2 pins it.
-"$PY" -c "import torch" 2>/dev/null \
-    || "$(dirname "$PY")/pip" install --quiet --no-cache-dir torch==2.11.0 sentencepiece accelerate >&2
+# A venv of its own with torch (the converter's model code is torch code): torch stays out of
+# the one the tests use.
+PY=$(sim/converter-venv.sh)
 TPUC=$("$PY" -c "import os, tpu_mlir; print(os.path.dirname(tpu_mlir.__file__))")
 # llm_convert.py starts model_deploy.py and tpuc-opt in jobs of its own, each of which puts the
 # wheel's bundled glibc 2.35 first on LD_LIBRARY_PATH again (and crashes: "stack smashing
