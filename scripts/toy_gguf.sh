@@ -45,8 +45,9 @@ if [ "$(cat "$OUT/.stamp" 2>/dev/null)" = "$STAMP" ] && check quiet; then
     exit 0
 fi
 
-start=$(date +%s)
+# The venv first (it may be `make sim` making it beside us): the time printed is the conversion's.
 PY=$(sim/converter-venv.sh)
+start=$(date +%s)
 rm -rf "$OUT"
 mkdir -p "$OUT/llama.cpp"
 sdist=$(python3 scripts/pypi_fetch.py llama-cpp-python "$SDIST" "$SDIST_SHA256" .cache/pip)
