@@ -9,7 +9,8 @@
 //!   body's true or false (none for null or absent), the prompt is the
 //!   messages (chat), the prompt as it is (`raw`) or a user turn after the system message;
 //! - nothing to generate (no messages, no prompt) is a load, and only that; the ignored fields
-//!   it names are fields (or options, or a message's fields) of the body it does not read.
+//!   it names are fields (or options, or a message's fields) of the body the endpoint does not
+//!   read (a `prompt` sent to `/api/chat` is named).
 use llama_tpu::chat::Role;
 use llama_tpu::engine::{Shape, MAX_ANSWER_TOKENS};
 use llama_tpu::sampler::SamplerConfig;
@@ -19,13 +20,9 @@ use llama_tpu::server::protocol::{Prompt, MAX_MESSAGES, MAX_STOP, MAX_STOP_BYTES
 use llama_tpu::server::tools::ToolChoice;
 use serde_json::{Map, Value};
 
-/// Top-level fields the parser reads (anything else it ignores and names).
+/// Top-level fields the parser reads on both endpoints (anything else it ignores and names).
 const READ: &[&str] = &[
     "model",
-    "messages",
-    "prompt",
-    "system",
-    "raw",
     "stream",
     "format",
     "options",
@@ -34,13 +31,14 @@ const READ: &[&str] = &[
     "think",
     "logprobs",
     "top_logprobs",
-    "images",
-    "suffix",
-    "template",
-    "context",
-    "width",
-    "height",
-    "steps",
+];
+
+/// What only `/api/chat` reads: a `prompt` sent there is ignored and named, as Ollama ignores it.
+const READ_CHAT: &[&str] = &["messages"];
+
+/// What only `/api/generate` reads (or refuses in its "on" spelling).
+const READ_GENERATE: &[&str] = &[
+    "prompt", "system", "raw", "images", "suffix", "template", "context", "width", "height", "steps",
 ];
 
 /// Options mapped onto the sampler (the rest are ignored and named).
@@ -164,7 +162,11 @@ fn check(endpoint: Endpoint, r: &ApiRequest, obj: &Map<String, Value>) {
         (prompt, _) => panic!("{endpoint:?} gave {prompt:?}"),
     };
     for name in &r.ignored {
-        let top = obj.contains_key(name) && !READ.contains(&name.as_str());
+        let own = match endpoint {
+            Endpoint::Chat => READ_CHAT,
+            Endpoint::Completion => READ_GENERATE,
+        };
+        let top = obj.contains_key(name) && !READ.contains(&name.as_str()) && !own.contains(&name.as_str());
         let opt = name
             .strip_prefix("options.")
             .is_some_and(|k| option(obj, k).is_some() && !OPTIONS.contains(&k));

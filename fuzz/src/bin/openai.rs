@@ -7,7 +7,7 @@
 //!   value (a null or `seed: -1` is none), `stream`, the stop strings, the prompt (chat: 1 to
 //!   `MAX_MESSAGES` messages with their roles and text; completion: the one string);
 //! - usage is asked only with a stream, `drop_old_turns` and `enable_thinking` only on chat
-//!   (the latter as the body says, top-level or in `chat_template_kwargs`), and the ignored
+//!   (the latter as the body says, `chat_template_kwargs` over top-level), and the ignored
 //!   fields it names are fields of the body it does not read.
 use llama_tpu::chat::Role;
 use llama_tpu::engine::MAX_ANSWER_TOKENS;
@@ -115,14 +115,15 @@ fn check_against_body(endpoint: Endpoint, r: &ApiRequest, obj: &Map<String, Valu
     ] {
         assert_eq!(got, real(obj, key), "{key}");
     }
-    // vLLM's name, read after llama.cpp's (a null there is refused, not skipped).
+    // vLLM's name over llama.cpp's, in either order (a null there is refused, not skipped).
     let repeat = obj
         .get("repetition_penalty")
         .map(|_| real(obj, "repetition_penalty"))
         .unwrap_or_else(|| real(obj, "repeat_penalty"));
     assert_eq!(s.repeat_penalty, repeat, "repeat_penalty");
     assert_eq!(s.top_k, given(obj, "top_k").map(count), "top_k");
-    let tokens = given(obj, "max_tokens").or_else(|| given(obj, "max_completion_tokens"));
+    // OpenAI's newer name over the older, in whichever order the body has them.
+    let tokens = given(obj, "max_completion_tokens").or_else(|| given(obj, "max_tokens"));
     assert_eq!(s.max_tokens, tokens.map(count), "max_tokens");
     let seed = given(obj, "seed").filter(|v| v.as_i64() != Some(-1));
     assert_eq!(s.seed, seed.map(|v| v.as_u64().expect("an accepted seed")), "seed");
@@ -200,18 +201,15 @@ fn check_against_body(endpoint: Endpoint, r: &ApiRequest, obj: &Map<String, Valu
             "schema"
         );
     }
-    // Thinking: what the chat body says, the later of its two spellings; none for a completion.
+    // Thinking: what the chat body says, the template's argument over the top-level field
+    // (either order); none for a completion.
     let kwargs = obj.get("chat_template_kwargs").and_then(Value::as_object);
     match endpoint {
         Endpoint::Chat => {
             let said = |v: Option<&Value>| v.and_then(Value::as_bool);
             let top = said(obj.get("enable_thinking"));
             let inner = said(kwargs.and_then(|k| k.get("enable_thinking")));
-            if r.thinking.is_some() {
-                assert!(r.thinking == top || r.thinking == inner, "thinking {:?}", r.thinking);
-            } else {
-                assert!(top.is_none() && inner.is_none(), "thinking said but not read");
-            }
+            assert_eq!(r.thinking, inner.or(top), "thinking");
         }
         Endpoint::Completion => assert_eq!(r.thinking, None, "a completion has no template"),
     }

@@ -112,7 +112,10 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, HttpError> {
     let mut shape = None;
     let mut tool_list = Vec::new();
     let mut choice = Some(tools::ToolChoice::Auto);
-    let mut thinking = None;
+    // Fields with two spellings: each read, then one chosen whatever their order in the body.
+    let (mut max_tokens, mut max_completion_tokens) = (None, None);
+    let (mut repeat_penalty, mut repetition_penalty) = (None, None);
+    let (mut thinking, mut template_thinking) = (None, None);
     let mut ignored = Vec::new();
     for (key, value) in obj {
         let is_null = value.is_null();
@@ -128,8 +131,13 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, HttpError> {
             (_, "stream_options") => stream_options = Some(parse_stream_options(value)?),
             (_, "max_tokens" | "max_completion_tokens") if is_null => {}
             (_, "max_tokens" | "max_completion_tokens") => {
-                protocol::set_setting(&mut settings, "max_tokens", &value)
+                let mut read = Settings::default();
+                protocol::set_setting(&mut read, "max_tokens", &value)
                     .map_err(|_| invalid(&key, "a non-negative integer"))?;
+                match key.as_str() {
+                    "max_tokens" => max_tokens = read.max_tokens,
+                    _ => max_completion_tokens = read.max_tokens,
+                }
             }
             (
                 _,
@@ -139,14 +147,15 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, HttpError> {
             // llama.cpp's server and OpenAI's newer clients: -1 asks for a random seed.
             (_, "seed") if value.as_i64() == Some(-1) => {}
             // vLLM's name for llama.cpp's multiplicative penalty.
-            (_, "repetition_penalty") => {
-                protocol::set_setting(&mut settings, "repeat_penalty", &value).map_err(from_protocol)?;
+            (_, "repetition_penalty" | "repeat_penalty") => {
+                let mut read = Settings::default();
+                protocol::set_setting(&mut read, "repeat_penalty", &value).map_err(from_protocol)?;
+                match key.as_str() {
+                    "repeat_penalty" => repeat_penalty = read.repeat_penalty,
+                    _ => repetition_penalty = read.repeat_penalty,
+                }
             }
-            (
-                _,
-                "temperature" | "top_p" | "top_k" | "min_p" | "seed" | "repeat_penalty" | "frequency_penalty"
-                | "presence_penalty",
-            ) => {
+            (_, "temperature" | "top_p" | "top_k" | "min_p" | "seed" | "frequency_penalty" | "presence_penalty") => {
                 protocol::set_setting(&mut settings, &key, &value).map_err(from_protocol)?;
             }
             (_, "stop") if is_null => {}
@@ -176,7 +185,7 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, HttpError> {
                     for (name, value) in kwargs {
                         match name.as_str() {
                             "enable_thinking" => {
-                                thinking = parse_thinking("chat_template_kwargs.enable_thinking", &value)?
+                                template_thinking = parse_thinking("chat_template_kwargs.enable_thinking", &value)?
                             }
                             // The daemon's templates take no other argument.
                             _ => ignored.push(format!("chat_template_kwargs.{name}")),
@@ -202,6 +211,12 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, HttpError> {
             (_, _) => ignored.push(key),
         }
     }
+    // OpenAI's newer name and vLLM's rule: `max_completion_tokens` over `max_tokens`; vLLM's
+    // `repetition_penalty` over llama.cpp's name; the template's own arguments over the
+    // top-level `enable_thinking`.
+    settings.max_tokens = max_completion_tokens.or(max_tokens);
+    settings.repeat_penalty = repetition_penalty.or(repeat_penalty);
+    let thinking = template_thinking.or(thinking);
     let include_usage = match stream_options {
         Some(include) if stream => include,
         // Some clients send stream_options on every call; without a stream it means nothing.
@@ -461,6 +476,36 @@ mod tests {
         // A completion has no template: the field is ignored, as others' are.
         let r = parse(Endpoint::Completion, br#"{"prompt":"x","enable_thinking":true}"#).unwrap();
         assert_eq!((r.thinking, r.ignored), (None, vec!["enable_thinking".to_string()]));
+    }
+
+    /// Found by the `openai` fuzz target: with both spellings of a field, the later in the body
+    /// won. One spelling wins now, in either order.
+    #[test]
+    fn of_two_spellings_one_wins_whatever_the_order() {
+        let read = |a: &str, b: &str| {
+            let body = format!(r#"{{"messages":[{{"role":"user","content":"x"}}],{a},{b}}}"#);
+            parse(Endpoint::Chat, body.as_bytes()).unwrap()
+        };
+        let both = |a: &str, b: &str| (read(a, b), read(b, a));
+        let (r1, r2) = both(r#""max_tokens":8"#, r#""max_completion_tokens":9"#);
+        assert_eq!((r1.settings.max_tokens, r2.settings.max_tokens), (Some(9), Some(9)));
+        let (r1, r2) = both(r#""max_tokens":8"#, r#""max_completion_tokens":null"#);
+        assert_eq!((r1.settings.max_tokens, r2.settings.max_tokens), (Some(8), Some(8)));
+        let (r1, r2) = both(r#""repeat_penalty":1.1"#, r#""repetition_penalty":1.3"#);
+        assert_eq!(
+            (r1.settings.repeat_penalty, r2.settings.repeat_penalty),
+            (Some(1.3), Some(1.3))
+        );
+        let (r1, r2) = both(
+            r#""enable_thinking":true"#,
+            r#""chat_template_kwargs":{"enable_thinking":false}"#,
+        );
+        assert_eq!((r1.thinking, r2.thinking), (Some(false), Some(false)));
+        let (r1, r2) = both(
+            r#""enable_thinking":true"#,
+            r#""chat_template_kwargs":{"enable_thinking":null}"#,
+        );
+        assert_eq!((r1.thinking, r2.thinking), (Some(true), Some(true)));
     }
 
     #[test]
