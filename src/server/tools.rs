@@ -669,7 +669,13 @@ fn decode_json_string(s: &str, out: &mut String) -> (usize, bool) {
                     if s.len() < i + 12 {
                         return (i, false);
                     }
-                    let low = if &s[i + 6..i + 8] == "\\u" { hex(i + 8) } else { None };
+                    // Bytes, not a str slice: after a lone high surrogate any character may
+                    // follow, and a slice inside it would panic.
+                    let low = if bytes.get(i + 6..i + 8) == Some(b"\\u") {
+                        hex(i + 8)
+                    } else {
+                        None
+                    };
                     match low {
                         Some(low) if (0xDC00..0xE000).contains(&low) => {
                             let c = 0x10000 + ((first - 0xD800) << 10) + (low - 0xDC00);
@@ -756,6 +762,18 @@ mod tests {
             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]),
         )
         .unwrap()
+    }
+
+    /// Found by the `tool_calls` fuzz target: a lone high surrogate followed by a multi-byte
+    /// character sliced that character.
+    #[test]
+    fn a_lone_surrogate_before_any_character_decodes() {
+        let mut out = String::new();
+        assert_eq!(decode_json_string("\\udae9b\u{580}cdefgh\"", &mut out), (16, true));
+        assert_eq!(out, "\u{FFFD}b\u{580}cdefgh");
+        out.clear();
+        assert_eq!(decode_json_string("\\ud83d\\ude00\"", &mut out), (13, true));
+        assert_eq!(out, "\u{1F600}");
     }
 
     #[test]
