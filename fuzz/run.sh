@@ -2,7 +2,8 @@
 # Runs every fuzz target for SECONDS each (default 60) with AFL++ through cargo-afl, two at a
 # time (CI has two cores), from the seed corpus in fuzz/corpus; findings go to
 # .cache/fuzz/<target>/ (ignored). Fails, naming the target and the crashing input, if any
-# target found a crash or a hang. Prints each target's executions and paths found.
+# target found a crash or a hang, and prints each finding with its panic. Prints each target's
+# executions and paths found.
 #   fuzz/run.sh [SECONDS] [TARGET...]
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -42,7 +43,18 @@ for t in "${TARGETS[@]}"; do
     hangs=$(awk -F': *' '/^saved_hangs/ {print $2}' "$stats")
     echo "fuzz $t: ${SECONDS_EACH} s, $execs executions, $paths inputs in the corpus, $crashes crashes, $hangs hangs"
     if [ "$crashes" != 0 ] || [ "$hangs" != 0 ]; then
-        ls "$OUT/$t/default/crashes" "$OUT/$t/default/hangs" 2>/dev/null
+        # The findings themselves, so that a CI log alone says what to mend: each input
+        # (cat -v, cut at 600 bytes) and, for a crash, the target's panic replayed.
+        for f in "$OUT/$t/default/crashes"/id* "$OUT/$t/default/hangs"/id*; do
+            [ -e "$f" ] || continue
+            echo "-- $f ($(wc -c < "$f") bytes):"
+            head -c 600 "$f" | cat -v; echo
+            case $f in
+            */crashes/*)
+                replay=$(timeout 10 "target/release/$t" < "$f" 2>&1 >/dev/null) || true
+                grep -a -A4 -m1 panicked <<< "$replay" || true ;;
+            esac
+        done
         status=1
     fi
 done

@@ -13,5 +13,7 @@ fn main() {
                 let _ = t.encode("Hello world", true);
             }
         }
+        // AFL runs thousands of these processes: leave no directory behind each.
+        let _ = std::fs::remove_dir_all(&dir);
     });
 }
