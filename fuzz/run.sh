@@ -43,10 +43,16 @@ for t in "${TARGETS[@]}"; do
     hangs=$(awk -F': *' '/^saved_hangs/ {print $2}' "$stats")
     echo "fuzz $t: ${SECONDS_EACH} s, $execs executions, $paths inputs in the corpus, $crashes crashes, $hangs hangs"
     if [ "$crashes" != 0 ] || [ "$hangs" != 0 ]; then
-        # The findings themselves, so that a CI log alone says what to mend: each input
+        # The findings themselves, so that a CI log alone says what to mend: the first inputs
         # (cat -v, cut at 600 bytes) and, for a crash, the target's panic replayed.
+        shown=0
         for f in "$OUT/$t/default/crashes"/id* "$OUT/$t/default/hangs"/id*; do
             [ -e "$f" ] || continue
+            # Findings are mostly one fault mutated: the first three are enough to read.
+            if [ $((shown += 1)) -gt 3 ]; then
+                echo "-- and $((crashes + hangs - 3)) more in $OUT/$t/default"
+                break
+            fi
             echo "-- $f ($(wc -c < "$f") bytes):"
             head -c 600 "$f" | cat -v; echo
             case $f in

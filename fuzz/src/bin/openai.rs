@@ -5,7 +5,8 @@
 //!   `validate` passes with the request's settings over its defaults;
 //! - it says what the body says, read again with serde_json alone: each setting is the field's
 //!   value (a null or `seed: -1` is none), `stream`, the stop strings, the prompt (chat: 1 to
-//!   `MAX_MESSAGES` messages with their roles and text; completion: the one string);
+//!   `MAX_MESSAGES` messages with their roles and text, none for a null or absent content;
+//!   completion: the one string);
 //! - usage is asked only with a stream, `drop_old_turns` and `enable_thinking` only on chat
 //!   (the latter as the body says, `chat_template_kwargs` over top-level), and the ignored
 //!   fields it names are fields of the body it does not read.
@@ -164,11 +165,14 @@ fn check_against_body(endpoint: Endpoint, r: &ApiRequest, obj: &Map<String, Valu
                     Some("system" | "developer") => Role::System,
                     Some("user") => Role::User,
                     Some("assistant") => Role::Assistant,
+                    Some("tool") => Role::Tool,
                     other => panic!("role {other:?} was accepted"),
                 };
                 assert_eq!(m.role, role);
                 let content = match &v["content"] {
                     Value::String(s) => s.clone(),
+                    // No text: an assistant's message that only calls tools, or a null.
+                    Value::Null => String::new(),
                     // Text parts are paragraphs (an empty one before any text adds no line).
                     Value::Array(parts) => parts.iter().fold(String::new(), |mut all, p| {
                         if !all.is_empty() {
