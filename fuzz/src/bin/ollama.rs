@@ -161,11 +161,11 @@ fn check(endpoint: Endpoint, r: &ApiRequest, obj: &Map<String, Value>) {
         }
         (prompt, _) => panic!("{endpoint:?} gave {prompt:?}"),
     };
+    let own = match endpoint {
+        Endpoint::Chat => READ_CHAT,
+        Endpoint::Completion => READ_GENERATE,
+    };
     for name in &r.ignored {
-        let own = match endpoint {
-            Endpoint::Chat => READ_CHAT,
-            Endpoint::Completion => READ_GENERATE,
-        };
         let top = obj.contains_key(name) && !READ.contains(&name.as_str()) && !own.contains(&name.as_str());
         let opt = name
             .strip_prefix("options.")

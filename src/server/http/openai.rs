@@ -112,9 +112,9 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, HttpError> {
     let mut shape = None;
     let mut tool_list = Vec::new();
     let mut choice = Some(tools::ToolChoice::Auto);
-    // Fields with two spellings: each read, then one chosen whatever their order in the body.
-    let (mut max_tokens, mut max_completion_tokens) = (None, None);
-    let (mut repeat_penalty, mut repetition_penalty) = (None, None);
+    // Fields with two spellings: the older one is read apart, and the newer one wins whatever
+    // their order in the body.
+    let mut older = Settings::default();
     let (mut thinking, mut template_thinking) = (None, None);
     let mut ignored = Vec::new();
     for (key, value) in obj {
@@ -131,13 +131,9 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, HttpError> {
             (_, "stream_options") => stream_options = Some(parse_stream_options(value)?),
             (_, "max_tokens" | "max_completion_tokens") if is_null => {}
             (_, "max_tokens" | "max_completion_tokens") => {
-                let mut read = Settings::default();
-                protocol::set_setting(&mut read, "max_tokens", &value)
+                let into = if key == "max_tokens" { &mut older } else { &mut settings };
+                protocol::set_setting(into, "max_tokens", &value)
                     .map_err(|_| invalid(&key, "a non-negative integer"))?;
-                match key.as_str() {
-                    "max_tokens" => max_tokens = read.max_tokens,
-                    _ => max_completion_tokens = read.max_tokens,
-                }
             }
             (
                 _,
@@ -148,12 +144,12 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, HttpError> {
             (_, "seed") if value.as_i64() == Some(-1) => {}
             // vLLM's name for llama.cpp's multiplicative penalty.
             (_, "repetition_penalty" | "repeat_penalty") => {
-                let mut read = Settings::default();
-                protocol::set_setting(&mut read, "repeat_penalty", &value).map_err(from_protocol)?;
-                match key.as_str() {
-                    "repeat_penalty" => repeat_penalty = read.repeat_penalty,
-                    _ => repetition_penalty = read.repeat_penalty,
-                }
+                let into = if key == "repeat_penalty" {
+                    &mut older
+                } else {
+                    &mut settings
+                };
+                protocol::set_setting(into, "repeat_penalty", &value).map_err(from_protocol)?;
             }
             (_, "temperature" | "top_p" | "top_k" | "min_p" | "seed" | "frequency_penalty" | "presence_penalty") => {
                 protocol::set_setting(&mut settings, &key, &value).map_err(from_protocol)?;
@@ -214,8 +210,8 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, HttpError> {
     // OpenAI's newer name and vLLM's rule: `max_completion_tokens` over `max_tokens`; vLLM's
     // `repetition_penalty` over llama.cpp's name; the template's own arguments over the
     // top-level `enable_thinking`.
-    settings.max_tokens = max_completion_tokens.or(max_tokens);
-    settings.repeat_penalty = repetition_penalty.or(repeat_penalty);
+    settings.max_tokens = settings.max_tokens.or(older.max_tokens);
+    settings.repeat_penalty = settings.repeat_penalty.or(older.repeat_penalty);
     let thinking = template_thinking.or(thinking);
     let include_usage = match stream_options {
         Some(include) if stream => include,
